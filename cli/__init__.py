@@ -1,0 +1,1 @@
+"""The ``visinstruct`` command line."""

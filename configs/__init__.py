@@ -1,0 +1,29 @@
+"""Typed configs (dataclasses filled from YAML) and the YAML files that ship with visinstruct.
+
+Load one with ``load(IngestConfig, "configs/ingest/demo.yaml", overrides=["download.threads=8"])``.
+"""
+
+from pathlib import Path
+
+from visinstruct.configs.loader import ConfigError, apply_overrides, describe, from_dict, load, opt
+from visinstruct.configs.stages import (
+    CONFIGS,
+    BuildConfig,
+    ClipModelConfig,
+    DedupConfig,
+    DownloadConfig,
+    FilterConfig,
+    GenerateConfig,
+    IngestConfig,
+    ReadConfig,
+    ResizeConfig,
+    WriteConfig,
+)
+
+CONFIG_DIR = Path(__file__).parent  # the bundled YAML files live beside this module
+
+__all__ = [
+    "CONFIGS", "CONFIG_DIR", "BuildConfig", "ClipModelConfig", "ConfigError", "DedupConfig", "DownloadConfig",
+    "FilterConfig", "GenerateConfig", "IngestConfig", "ReadConfig", "ResizeConfig", "WriteConfig",
+    "apply_overrides", "describe", "from_dict", "load", "opt",
+]

@@ -1,0 +1,210 @@
+"""Typed configs: one per stage, one per job, one for a whole build. YAML only fills these.
+
+``visinstruct config show <name>`` prints every key with its type, default and description.
+Beam's own options (runner, project, workers...) are not here: they pass through to ``PipelineOptions``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from visinstruct.configs.loader import opt
+
+InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt", "folder", "coco", "llava"]
+ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
+ImageFormat = Literal["jpg", "png", "webp"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ValueError(f"'{name}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class ReadConfig:
+    """Where input rows come from (img2dataset's option names where they exist)."""
+
+    path: str = opt(doc="input file, glob or folder; local or any Beam filesystem (gs://...)")
+    format: InputFormat = opt("auto", "input format; 'auto' picks by extension")
+    url_col: str = opt("url", "column holding the image URL (or path)")
+    caption_col: str | None = opt("caption", "column holding the caption; null for none")
+    save_additional_columns: list[str] = opt(factory=list, doc="input columns kept in each sample's 'source'")
+    image_root: str | None = opt(None, "folder that relative image paths (COCO, LLaVA JSON) are resolved against")
+
+
+@dataclass
+class DownloadConfig:
+    """How images are fetched: concurrency, timeouts, retries, politeness and safety."""
+
+    threads: int = opt(64, "concurrent requests per worker")
+    timeout: float = opt(10.0, "seconds per request (connect and each read)")
+    retries: int = opt(2, "extra attempts for retryable failures (timeouts, 5xx, 429)")
+    backoff: float = opt(0.5, "first retry delay in seconds; doubles each attempt, with jitter")
+    max_backoff: float = opt(30.0, "longest delay between attempts, Retry-After included")
+    max_redirects: int = opt(5, "redirects followed before giving up")
+    max_bytes: int = opt(32 * 1024 * 1024, "largest body accepted, in bytes")
+    user_agent: str = opt("visinstruct/0.1 (+https://github.com/visinstruct/visinstruct)", "User-Agent header")
+    per_host_rps: float | None = opt(10.0, "requests per second to one host; null for no limit")
+    respect_optout: bool = opt(True, "skip images whose X-Robots-Tag opts out (see optout_values)")
+    optout_values: list[str] = opt(factory=lambda: ["noai", "noimageai", "noindex", "noml"],
+                                   doc="X-Robots-Tag directives that opt an image out")
+    check_robots_txt: bool = opt(False, "also honour each host's robots.txt (cached per host)")
+    allow_loopback: bool = opt(False, "allow 127.0.0.0/8 and ::1 (tests and demos only)")
+    allow_private: bool = opt(False, "allow private, link-local and cloud-metadata addresses")
+
+    def __post_init__(self):
+        for name in ("threads", "timeout", "max_bytes"):
+            _positive(name, getattr(self, name))
+        for name in ("retries", "backoff", "max_backoff", "max_redirects"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        _positive("per_host_rps", self.per_host_rps)
+
+
+@dataclass
+class ResizeConfig:
+    """Validation and resizing (img2dataset's resizer options)."""
+
+    image_size: int = opt(256, "target size in pixels")
+    resize_mode: ResizeMode = opt("border", "no, keep_ratio, keep_ratio_largest, center_crop or border")
+    resize_only_if_bigger: bool = opt(False, "never upscale")
+    min_image_size: int = opt(0, "reject images whose smaller side is below this")
+    max_image_area: int | None = opt(None, "reject images with more pixels than this (before resizing)")
+    max_aspect_ratio: float | None = opt(None, "reject images more elongated than this")
+    max_pixels: int = opt(89_478_485, "decompression-bomb guard: refuse to decode more pixels than this")
+    encode_format: ImageFormat = opt("jpg", "output image format")
+    encode_quality: int = opt(95, "JPEG/WebP quality (PNG: compression level 0-9)")
+
+    def __post_init__(self):
+        _positive("image_size", self.image_size)
+        _positive("min_image_size", self.min_image_size, allow_zero=True)
+        _positive("max_pixels", self.max_pixels)
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
+            raise ValueError(f"'max_aspect_ratio' must be >= 1, got {self.max_aspect_ratio}")
+        if not 0 <= self.encode_quality <= 100:
+            raise ValueError(f"'encode_quality' must be within 0-100, got {self.encode_quality}")
+
+
+@dataclass
+class DedupConfig:
+    """Duplicate removal across the whole input."""
+
+    urls: bool = opt(True, "drop repeated URLs before downloading")
+    sha256: bool = opt(True, "drop exact duplicate images (one deterministic winner: the smallest key)")
+    phash_max_distance: int | None = opt(None, "also drop near-duplicates within this Hamming distance")
+    reference_dir: str | None = opt(None, "drop images near-identical to any image here (eval sets)")
+
+    def __post_init__(self):
+        if self.phash_max_distance is not None and not 0 <= self.phash_max_distance <= 64:
+            raise ValueError(f"'phash_max_distance' must be within 0-64, got {self.phash_max_distance}")
+
+
+@dataclass
+class WriteConfig:
+    """The output dataset folder: WebDataset tars, parquet indexes, stats (see FORMAT.md)."""
+
+    path: str = opt(doc="output folder; local or any Beam filesystem")
+    shard_size: int = opt(10_000, "input rows per shard (img2dataset's number_sample_per_shard)")
+    resume: bool = opt(True, "skip shards whose _stats.json already exists")
+
+    def __post_init__(self):
+        _positive("shard_size", self.shard_size)
+
+
+@dataclass
+class IngestConfig:
+    """``visinstruct ingest``: URL lists or annotated datasets to deduplicated, resized shards."""
+
+    read: ReadConfig = opt(doc="input rows")
+    write: WriteConfig = opt(doc="output shards")
+    download: DownloadConfig = opt(factory=DownloadConfig, doc="fetching")
+    resize: ResizeConfig = opt(factory=ResizeConfig, doc="validation and resizing")
+    dedup: DedupConfig = opt(factory=DedupConfig, doc="duplicate removal")
+
+
+@dataclass
+class ClipModelConfig:
+    """A CLIP-like model for scoring image-text pairs."""
+
+    backend: Literal["open_clip", "transformers"] = opt("open_clip", "model library")
+    name: str = opt("ViT-B-32", "open_clip architecture or transformers model id / local path")
+    pretrained: str | None = opt(None, "open_clip pretrained tag or checkpoint path")
+    device: Device = opt("auto", "cuda when available, else cpu; or force one")
+    precision: Precision = opt("auto", "bf16 on CUDA, fp32 on CPU, unless forced")
+    min_batch_size: int = opt(1, "smallest batch RunInference forms")
+    max_batch_size: int = opt(64, "largest batch RunInference forms")
+    threads: int | None = opt(None, "torch CPU threads; null lets torch decide")
+
+    def __post_init__(self):
+        _positive("min_batch_size", self.min_batch_size)
+        if self.max_batch_size < self.min_batch_size:
+            raise ValueError("'max_batch_size' must be >= 'min_batch_size'")
+
+
+@dataclass
+class FilterConfig:
+    """``visinstruct filter``: score pairs with CLIP and keep them by threshold and/or top fraction."""
+
+    model: ClipModelConfig = opt(factory=ClipModelConfig, doc="scoring model")
+    threshold: float | None = opt(None, "keep pairs scoring at least this")
+    top_fraction: float | None = opt(None, "keep this fraction of best-scoring pairs (global, ties by key)")
+    store_embeddings: bool = opt(False, "write float16 image and text embeddings to the parquet index")
+    input: str | None = opt(None, "input shards (standalone runs)")
+    write: WriteConfig | None = opt(None, "output shards (standalone runs)")
+
+    def __post_init__(self):
+        if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
+            raise ValueError(f"'top_fraction' must be within (0, 1], got {self.top_fraction}")
+
+
+@dataclass
+class GenerateConfig:
+    """``visinstruct generate``: LLaVA-style conversations from captions and boxes with an LLM."""
+
+    backend: Literal["transformers", "vllm", "openai", "caption_only"] = opt("transformers", "LLM backend")
+    model: str = opt("HuggingFaceTB/SmolLM2-135M-Instruct", "model id, local path, or endpoint model name")
+    endpoint: str | None = opt(None, "base URL of an OpenAI-compatible server (backend: openai)")
+    api_key_env: str | None = opt("OPENAI_API_KEY", "environment variable holding the API key")
+    kinds: dict[str, float] = opt(factory=lambda: {"conversation": 1.0, "detailed": 1.0, "complex_reasoning": 1.0},
+                                  doc="conversation kinds and their sampling weights")
+    max_new_tokens: int = opt(512, "completion length bound")
+    temperature: float = opt(0.7, "sampling temperature")
+    top_p: float = opt(0.9, "nucleus sampling")
+    seed: int = opt(0, "base seed; each sample's seed derives from it and the sample key")
+    batch_size: int = opt(8, "prompts per batch (local backends)")
+    concurrency: int = opt(8, "requests in flight (openai backend)")
+    timeout: float = opt(120.0, "seconds per request (openai backend)")
+    retries: int = opt(3, "extra attempts on 429, 5xx and timeouts")
+    cache_dir: str | None = opt(None, "persistent response cache; reruns reuse answers")
+    input: str | None = opt(None, "input shards (standalone runs)")
+    write: WriteConfig | None = opt(None, "output shards (standalone runs)")
+
+    def __post_init__(self):
+        if not self.kinds or any(w < 0 for w in self.kinds.values()) or sum(self.kinds.values()) <= 0:
+            raise ValueError("'kinds' needs at least one kind with a positive weight")
+        for name in ("max_new_tokens", "batch_size", "concurrency", "timeout"):
+            _positive(name, getattr(self, name))
+
+
+@dataclass
+class BuildConfig:
+    """``visinstruct build``: ingest, filter, generate and write in one Beam graph. A null stage is skipped."""
+
+    read: ReadConfig = opt(doc="input rows")
+    write: WriteConfig = opt(doc="output shards")
+    download: DownloadConfig = opt(factory=DownloadConfig, doc="fetching")
+    resize: ResizeConfig = opt(factory=ResizeConfig, doc="validation and resizing")
+    dedup: DedupConfig = opt(factory=DedupConfig, doc="duplicate removal")
+    filter: FilterConfig | None = opt(None, "CLIP filtering; null to skip")
+    generate: GenerateConfig | None = opt(None, "conversation generation; null to skip")
+
+
+CONFIGS = {
+    "ingest": IngestConfig,
+    "filter": FilterConfig,
+    "generate": GenerateConfig,
+    "build": BuildConfig,
+    "write": WriteConfig,
+}

@@ -1,0 +1,1 @@
+"""User-facing pipelines composed from the stages in ``visinstruct.transforms``."""

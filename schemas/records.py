@@ -1,0 +1,309 @@
+"""The records that flow between stages, and the rows of the tables we write.
+
+Every record is a frozen dataclass; :mod:`visinstruct.schemas.arrow` derives its Arrow schema, so a record
+and its table cannot drift apart. Shapes:
+
+- :class:`ImageTextPair`: one input row as read (url or path, caption(s), boxes, tags, source columns).
+- :class:`FetchedImage`: the image of a pair after download, validation and resizing.
+- :class:`ClipScore`: a CLIP image-text score with the model that produced it.
+- :class:`Turn` lists: a conversation in LLaVA's format (``{"from": "human", "value": "<image>\\n..."}``).
+- :class:`GenerationInfo`: provenance of a generated conversation.
+- :class:`SampleMeta`: the ``KEY.json`` member of a shard sample.
+- :class:`Rejection`: a dead-letter row (stage, reason code, message, key, url, detail).
+- :class:`IndexRow` / :class:`ShardStats`: the per-shard parquet index and ``_stats.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from visinstruct.schemas.arrow import JsonDict, field_key, from_row, to_row
+
+SCHEMA_VERSION = 1
+IMAGE_TOKEN = "<image>"
+ROLES = ("human", "gpt")
+
+
+@dataclass(frozen=True)
+class Box:
+    """An object in an image: a category and a normalised ``[x1, y1, x2, y2]`` box (0 <= x1 <= x2 <= 1)."""
+
+    category: str
+    bbox: list[float]
+
+    def __post_init__(self):
+        if len(self.bbox) != 4:
+            raise ValueError(f"bbox needs 4 numbers (x1, y1, x2, y2), got {self.bbox!r}")
+        x1, y1, x2, y2 = self.bbox
+        if not (0.0 <= x1 <= x2 <= 1.0 and 0.0 <= y1 <= y2 <= 1.0):
+            raise ValueError(f"bbox must be normalised with x1 <= x2 and y1 <= y2, got {self.bbox!r}")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a LLaVA conversation; ``role`` is written as LLaVA's ``from``."""
+
+    role: str = field(metadata={"key": "from"})
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class ImageTextPair:
+    """One input record as read, before any download.
+
+    Attributes:
+        key: stable sample key (see :mod:`visinstruct.schemas.keys`).
+        url: image URL (http, https, or any Beam filesystem path); ``None`` when ``path`` is set.
+        path: local image path, for folder and annotation sources.
+        caption: the main caption.
+        captions: further captions (COCO has five per image).
+        boxes: objects with normalised boxes, when the source has them.
+        tags: free-form labels, when the source has them.
+        conversations: an existing conversation (LLaVA JSON inputs).
+        source: input columns kept as metadata (img2dataset's ``save_additional_columns``).
+    """
+
+    key: str
+    url: str | None = None
+    path: str | None = None
+    caption: str | None = None
+    captions: list[str] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    conversations: list[Turn] = field(default_factory=list)
+    source: JsonDict = field(default_factory=JsonDict)
+
+    @property
+    def location(self) -> str:
+        """What to fetch: the URL, or else the path."""
+        return self.url or self.path or ""
+
+
+@dataclass(frozen=True)
+class FetchedImage:
+    """An image after download, validation and resizing. ``format`` is the member extension (jpg/png/webp)."""
+
+    key: str
+    image: bytes
+    format: str
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+    sha256: str
+    phash: str
+
+
+@dataclass(frozen=True)
+class ClipScore:
+    """Cosine similarity of normalised CLIP embeddings, with the model that produced it."""
+
+    score: float
+    model: str
+    pretrained: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    """Provenance of a generated conversation."""
+
+    kind: str
+    model: str
+    template_sha256: str
+    seed: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SampleMeta:
+    """The ``KEY.json`` member of a sample; fields a stage has not produced are left out of the JSON.
+
+    Keys found in a JSON member that this class does not know (img2dataset writes ``status``, ``exif``...)
+    are kept in ``extra`` so that reading and rewriting a shard loses nothing.
+    """
+
+    key: str
+    schema_version: int = SCHEMA_VERSION
+    url: str | None = None
+    path: str | None = None
+    caption: str | None = None
+    captions: list[str] = field(default_factory=list)
+    source: JsonDict = field(default_factory=JsonDict)
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    sha256: str | None = None
+    phash: str | None = None
+    boxes: list[Box] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    clip: ClipScore | None = None
+    conversations: list[Turn] = field(default_factory=list)
+    generation: GenerationInfo | None = None
+    extra: JsonDict = field(default_factory=JsonDict)
+
+    @classmethod
+    def from_pair(cls, pair: ImageTextPair, image: FetchedImage | None = None) -> SampleMeta:
+        """The metadata of a sample made from an input pair and (optionally) its fetched image."""
+        sizes = {}
+        if image is not None:
+            sizes = {name: getattr(image, name) for name in
+                     ("width", "height", "original_width", "original_height", "sha256", "phash")}
+        return cls(key=pair.key, url=pair.url, path=pair.path, caption=pair.caption, captions=list(pair.captions),
+                   source=JsonDict(pair.source), boxes=list(pair.boxes), tags=list(pair.tags),
+                   conversations=list(pair.conversations), **sizes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict without empty fields; ``extra`` keys are merged back at the top level."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or (f.name != "schema_version" and value in ([], {})) or f.name == "extra":
+                continue
+            if f.name in ("boxes", "conversations"):
+                value = [to_row(v) for v in value]
+            elif f.name in ("clip", "generation"):
+                value = asdict(value)
+            out[field_key(f)] = value
+        for k, v in self.extra.items():
+            out.setdefault(k, v)
+        return out
+
+    def to_json(self) -> str:
+        """Compact, deterministic JSON (field order fixed by this class)."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SampleMeta:
+        """Parse a JSON member; raises ``ValueError`` naming the field when a value has the wrong shape."""
+        known = {field_key(f) for f in fields(cls)} - {"extra"}
+        row = {k: v for k, v in data.items() if k in known}
+        row["extra"] = {k: v for k, v in data.items() if k not in known}
+        if "key" not in row:
+            raise ValueError("sample JSON has no 'key'")
+        try:
+            meta = from_row(cls, row)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"sample {row.get('key')!r}: {e}") from e
+        _check_types(meta)
+        return meta
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SampleMeta:
+        return cls.from_dict(json.loads(text))
+
+
+def _check_types(meta: SampleMeta) -> None:
+    for name in ("width", "height", "original_width", "original_height"):
+        value = getattr(meta, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"sample {meta.key!r}: {name} must be a non-negative integer, got {value!r}")
+    for name in ("caption", "url", "sha256", "phash"):
+        value = getattr(meta, name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"sample {meta.key!r}: {name} must be a string, got {value!r}")
+    for turn in meta.conversations:
+        if not isinstance(turn.role, str) or not isinstance(turn.value, str):
+            raise ValueError(f"sample {meta.key!r}: conversation turns need string 'from' and 'value'")
+
+
+def conversation_problems(turns: list[Turn], max_chars: int | None = None) -> list[str]:
+    """Why a conversation is not valid LLaVA training data (empty list when it is).
+
+    Rules: at least one human/gpt exchange; turns alternate starting with ``human``; no empty turn;
+    ``<image>`` appears exactly once, in the first human turn; optional length bound per turn.
+    """
+    problems = []
+    if len(turns) < 2:
+        problems.append("needs at least one human turn and one gpt turn")
+    for i, turn in enumerate(turns):
+        expected = ROLES[i % 2]
+        if turn.role != expected:
+            problems.append(f"turn {i} is from {turn.role!r}, expected {expected!r}")
+        if not turn.value.strip():
+            problems.append(f"turn {i} is empty")
+        if max_chars is not None and len(turn.value) > max_chars:
+            problems.append(f"turn {i} is longer than {max_chars} characters")
+    count = sum(t.value.count(IMAGE_TOKEN) for t in turns)
+    if count != 1 or (turns and IMAGE_TOKEN not in turns[0].value):
+        problems.append(f"{IMAGE_TOKEN} must appear exactly once, in the first human turn (found {count})")
+    return problems
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A dead-letter row: a record some stage dropped, and why.
+
+    Attributes:
+        stage: ``read``, ``download``, ``decode``, ``resize``, ``dedup``, ``filter``, ``generate``, ``write``.
+        reason: a stable reason code (``http_404``, ``timeout``, ``too_small``, ``clip_below_threshold``...).
+        message: a human-readable explanation.
+        key: the sample key (``""`` when the input row was too malformed to have one).
+        url: the input URL or path, when known.
+        detail: what the stage had: the score, the raw LLM text, the offending row.
+    """
+
+    stage: str
+    reason: str
+    message: str
+    key: str = ""
+    url: str | None = None
+    detail: JsonDict = field(default_factory=JsonDict)
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where one member of a sample lies in its tar: the bytes ``[offset, offset + size)`` of the file data."""
+
+    name: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    """One row of a shard's parquet index: one per input row of the shard, written or not.
+
+    ``status`` is ``success`` or the reason code the row was rejected with.
+    """
+
+    key: str
+    status: str
+    url: str | None = None
+    path: str | None = None
+    caption: str | None = None
+    error_message: str | None = None
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    sha256: str | None = None
+    phash: str | None = None
+    members: list[Member] = field(default_factory=list)
+    clip_score: float | None = None
+    conversation_kind: str | None = None
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """The ``NNNNN_stats.json`` of a shard, written last: its presence marks the shard complete."""
+
+    shard: int
+    stage: str
+    inputs: int
+    written: int
+    rejected: int
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    tar_bytes: int = 0
+    duration_s: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if self.inputs != self.written + self.rejected:
+            raise ValueError(f"shard {self.shard}: inputs ({self.inputs}) != written ({self.written}) "
+                             f"+ rejected ({self.rejected})")
+        if sum(self.rejected_by_reason.values()) != self.rejected:
+            raise ValueError(f"shard {self.shard}: rejections by reason do not add up to {self.rejected}")

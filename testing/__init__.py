@@ -1,0 +1,1 @@
+"""Test and demo fixtures: a fault-injecting loopback image server, tiny models, sample data."""

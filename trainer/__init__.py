@@ -1,0 +1,1 @@
+"""Reference trainers (LLaVA-style and contrastive); arrives with its issues."""

@@ -1,0 +1,1 @@
+"""Beam stages: small typed DoFns and ModelHandlers over plain functions."""
