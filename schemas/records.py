@@ -146,8 +146,11 @@ class SampleMeta:
     extra: JsonDict = field(default_factory=JsonDict)
 
     @classmethod
-    def from_pair(cls, pair: ImageTextPair, image: FetchedImage | None = None) -> SampleMeta:
-        """The metadata of a sample made from an input pair and (optionally) its fetched image."""
+    def from_pair(cls, pair: ImageTextPair, image: Any = None) -> SampleMeta:
+        """The metadata of a sample made from an input pair and (optionally) its fetched image.
+
+        ``image`` is a :class:`FetchedImage` or anything with its size and hash attributes.
+        """
         sizes = {}
         if image is not None:
             sizes = {name: getattr(image, name) for name in

@@ -197,7 +197,11 @@ class Fetcher:
 
     def fetch_all(self, urls: list[str]) -> list[FetchResult]:
         """Fetch many URLs concurrently; results in the order of ``urls``."""
-        return list(self._executor.map(self.fetch, urls))
+        return self.map(self.fetch, urls)
+
+    def map(self, fn, items: list) -> list:
+        """``[fn(item) for item in items]`` on the fetch threads (fetch, decode and resize overlap there)."""
+        return list(self._executor.map(fn, items))
 
     def fetch(self, url: str) -> FetchResult:
         """Fetch one URL with retries; never raises."""
@@ -325,9 +329,6 @@ def _classify(e: Exception) -> FetchError:
     text = str(e)
     if isinstance(e, BlockedAddress) or isinstance(getattr(e, "reason", None), BlockedAddress):
         return FetchError("blocked_address", text)
-    inner = getattr(e, "reason", None)
-    if isinstance(inner, BlockedAddress):
-        return FetchError("blocked_address", str(inner))
     if isinstance(e, (urllib3.exceptions.TimeoutError,)) or "timed out" in text.lower():
         return FetchError("timeout", text, retryable=True)
     if isinstance(e, urllib3.exceptions.ProtocolError) and "IncompleteRead" in text:

@@ -1,0 +1,183 @@
+"""``visinstruct ingest``: image-text pairs in, deduplicated, resized WebDataset shards out.
+
+Graph (element shapes in comments)::
+
+    ReadPairs -> DropDuplicateUrls -> SkipCompleteShards -> GroupByShard -> DownloadShard -> drafts
+    drafts -> (key, sha256, phash) -> FindDuplicateImages -> losers
+    (drafts, losers) -> CoGroupByKey(shard) -> FinalizeShard -> ShardStats
+
+Only URLs and small hash records are shuffled; image bytes stay with the worker that downloaded them (in the
+shard's staging tar) until that shard is finalized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+
+import apache_beam as beam
+
+from visinstruct.configs import IngestConfig, ReadConfig, load
+from visinstruct.pipelines.options import pipeline_options
+from visinstruct.pipelines.report import summarize, write_report
+from visinstruct.schemas import IndexRow, JsonDict, Rejection, key_for_row, parse_key
+from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages
+from visinstruct.transforms.download import DownloadShard
+from visinstruct.transforms.images import process_image
+from visinstruct.transforms.read import BadRow, plan_units, read_unit
+from visinstruct.transforms.shards import read_table, shard_paths
+from visinstruct.transforms.write import FinalizeShard
+
+log = logging.getLogger(__name__)
+
+
+class _ReadUnit(beam.DoFn):
+    """``(unit, (format, [paths]))`` -> ``(unit, position, ImageTextPair | BadRow)``."""
+
+    def __init__(self, cfg: ReadConfig):
+        self.cfg = cfg
+
+    def process(self, element):
+        unit, (fmt, paths) = element
+        for position, item in enumerate(read_unit(fmt, paths, self.cfg)):
+            yield unit, position, item
+
+
+class _NumberRows(beam.DoFn):
+    """Give each row its global key from per-unit row counts (a side input): unit order, then position."""
+
+    def __init__(self, shard_size: int):
+        self.shard_size = shard_size
+        self.rows_read = beam.metrics.Metrics.counter("ingest", "rows_read")
+
+    def setup(self):
+        self._offsets = None
+
+    def process(self, element, counts):
+        if self._offsets is None:
+            offsets, total = {}, 0
+            for unit in sorted(counts):
+                offsets[unit], total = total, total + counts[unit]
+            self._offsets = offsets
+        unit, position, item = element
+        key = key_for_row(self._offsets[unit] + position, self.shard_size)
+        self.rows_read.inc()
+        if isinstance(item, BadRow):
+            yield Rejection("read", item.reason, item.message, key, item.url, JsonDict({"raw": item.raw}))
+        else:
+            yield replace(item, key=key)
+
+
+class ReadPairs(beam.PTransform):
+    """Input files -> keyed ``ImageTextPair`` and ``Rejection`` (malformed rows), keys from the input order."""
+
+    def __init__(self, cfg: ReadConfig, shard_size: int):
+        super().__init__()
+        self.cfg, self.shard_size = cfg, shard_size
+
+    def expand(self, pbegin):
+        units = plan_units(self.cfg)  # at construction: a bad path fails before anything runs
+        rows = (pbegin
+                | "Units" >> beam.Create(list(enumerate(units)))
+                | "SpreadUnits" >> beam.Reshuffle()
+                | "ReadUnits" >> beam.ParDo(_ReadUnit(self.cfg)))  # (unit, position, pair | BadRow)
+        counts = (rows
+                  | "UnitOf" >> beam.Map(lambda r: (r[0], 1))
+                  | "CountPerUnit" >> beam.CombinePerKey(sum))  # (unit, rows)
+        return rows | "NumberRows" >> beam.ParDo(_NumberRows(self.shard_size), counts=beam.pvalue.AsDict(counts))
+
+
+def complete_shards(out_dir: str) -> set[int]:
+    """Shards of ``out_dir`` whose ``_stats.json`` exists."""
+    from apache_beam.io.filesystems import FileSystems
+
+    pattern = FileSystems.join(out_dir, "*_stats.json") if "://" in out_dir else f"{out_dir.rstrip('/')}/*_stats.json"
+    try:
+        found = FileSystems.match([pattern])[0].metadata_list
+    except Exception:  # noqa: BLE001 - no folder yet: nothing is complete
+        return set()
+    names = (m.path.rsplit("/", 1)[-1] for m in found)
+    return {int(n[:-len("_stats.json")]) for n in names if n[:-len("_stats.json")].isdigit()}
+
+
+def _index_hashes(out_dir: str, shard: int):
+    """``(key, sha256, phash)`` of the written samples of a complete shard (resume keeps dedup global)."""
+    table = read_table(shard_paths(out_dir, shard)["parquet"], IndexRow)
+    for row in table.select(["key", "status", "sha256", "phash"]).to_pylist():
+        if row["status"] == "success":
+            yield row["key"], row["sha256"], row["phash"]
+
+
+def reference_hashes(folder: str | None, cfg: IngestConfig) -> list[tuple[str, str]]:
+    """``(file name, phash)`` of each image in a reference folder, processed like the samples."""
+    if not folder:
+        return []
+    from visinstruct.transforms.images import ImageRejected
+    from visinstruct.transforms.read import _folder_pairs
+
+    out = []
+    for pair in _folder_pairs(folder):
+        with open(pair.path, "rb") as f:
+            try:
+                out.append((pair.path, process_image(f.read(), cfg.resize).phash))
+            except ImageRejected as e:
+                log.warning("reference image %s skipped: %s", pair.path, e)
+    return out
+
+
+class Ingest(beam.PTransform):
+    """The whole ingest stage as one composable transform: ``PBegin`` -> ``ShardStats`` per shard written."""
+
+    def __init__(self, cfg: IngestConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, pbegin):
+        cfg, out = self.cfg, self.cfg.write.path
+        rows = pbegin | "ReadPairs" >> ReadPairs(cfg.read, cfg.write.shard_size)
+        if cfg.dedup.urls:
+            rows = rows | "DropDuplicateUrls" >> DropDuplicateUrls()
+        done = sorted(complete_shards(out)) if cfg.write.resume else []
+        drafts = (rows
+                  | "SkipCompleteShards" >> beam.Filter(lambda r, done: parse_key(r.key)[0] not in done, set(done))
+                  | "KeyByShard" >> beam.Map(lambda r: (parse_key(r.key)[0], r))  # (shard, pair | rejection)
+                  | "GroupByShard" >> beam.GroupByKey()  # (shard, [pair | rejection])
+                  | "DownloadShard" >> beam.ParDo(DownloadShard(cfg)))  # ShardDraft
+        new_hashes = drafts | "SuccessHashes" >> beam.FlatMap(
+            lambda d: [(r.key, r.sha256, r.phash) for r in d.rows if r.status == "success"])
+        old_hashes = (pbegin
+                      | "CompleteShards" >> beam.Create(done)
+                      | "CompleteShardHashes" >> beam.FlatMap(lambda s: _index_hashes(out, s)))
+        losers = ((new_hashes, old_hashes)
+                  | "AllHashes" >> beam.Flatten()  # (key, sha256, phash)
+                  | "FindDuplicateImages" >> FindDuplicateImages(
+                      cfg.dedup.phash_max_distance, reference_hashes(cfg.dedup.reference_dir, cfg),
+                      exact=cfg.dedup.sha256))  # (key, reason, winner)
+        return ({"draft": drafts | "DraftByShard" >> beam.Map(lambda d: (d.shard, d)),
+                 "losers": losers | "LoserByShard" >> beam.Map(lambda x: (parse_key(x[0])[0], x))}
+                | "JoinByShard" >> beam.CoGroupByKey()  # (shard, {"draft": [..], "losers": [..]})
+                | "FinalizeShard" >> beam.ParDo(FinalizeShard(out)))  # ShardStats
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="visinstruct ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML file filling IngestConfig")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser.parse_known_args(argv)
+
+
+def run(cfg: IngestConfig, beam_args: list[str] | None = None, pipeline: beam.Pipeline | None = None) -> dict:
+    """Run ingest and return the report (counts per shard and reason); tests pass their own pipeline."""
+    p = pipeline or beam.Pipeline(options=pipeline_options(beam_args))
+    _ = p | "Ingest" >> Ingest(cfg)
+    result = p.run()
+    result.wait_until_finish()
+    report = summarize(cfg.write.path, stage="ingest", result=result, expected_shards=None)
+    write_report(cfg.write.path, report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, beam_args = parse_args(argv)
+    return run(load(IngestConfig, args.config, args.overrides), beam_args)

@@ -1,0 +1,126 @@
+"""Validation, resizing (img2dataset's modes), deterministic encoding and hashing of single images."""
+
+import hashlib
+import io
+import zlib
+import struct
+
+import pytest
+from PIL import Image, ImageDraw
+
+from visinstruct.configs import ResizeConfig
+from visinstruct.transforms.images import ImageRejected, hamming, phash, process_image, target_size
+
+
+def photo(size=(400, 300), fmt="JPEG", mode="RGB") -> bytes:
+    img = Image.new(mode, size, (30, 60, 90) if mode == "RGB" else (30, 60, 90, 0))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2), fill=(250, 200, 10) + (() if mode == "RGB" else (255,)))
+    draw.rectangle((size[0] // 2, size[1] // 2, size[0] - 10, size[1] - 10), fill=(200, 20, 40) + (() if mode == "RGB" else (255,)))
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def decoded(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("no", (400, 300)),
+    ("keep_ratio", (341, 256)),
+    ("keep_ratio_largest", (256, 192)),
+    ("center_crop", (256, 256)),
+    ("border", (256, 256)),
+])
+def test_resize_modes_give_img2dataset_sizes(mode, expected):
+    out = process_image(photo(), ResizeConfig(image_size=256, resize_mode=mode))
+    assert (out.width, out.height) == expected == decoded(out.data).size
+    assert (out.original_width, out.original_height) == (400, 300)
+
+
+def test_border_pads_with_black_and_centres_the_image():
+    out = decoded(process_image(photo(), ResizeConfig(image_size=256, resize_mode="border")).data).convert("RGB")
+    assert max(out.getpixel((128, 5))) < 16  # top border (image is 256x192 inside)
+    assert max(out.getpixel((128, 250))) < 16
+    assert out.getpixel((128, 128)) != (0, 0, 0)
+
+
+def test_resize_only_if_bigger_never_upscales():
+    cfg = ResizeConfig(image_size=1024, resize_mode="keep_ratio", resize_only_if_bigger=True)
+    assert target_size(400, 300, cfg) == (400, 300)
+    assert target_size(400, 300, ResizeConfig(image_size=600, resize_mode="keep_ratio")) == (800, 600)
+
+
+def test_big_jpeg_downscale_uses_draft_and_keeps_original_size():
+    out = process_image(photo((4000, 3000)), ResizeConfig(image_size=256, resize_mode="keep_ratio"))
+    assert (out.width, out.height, out.original_width, out.original_height) == (341, 256, 4000, 3000)
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png", "webp"])
+def test_output_formats_decode_and_encoding_is_deterministic(fmt):
+    cfg = ResizeConfig(image_size=64, encode_format=fmt)
+    a, b = process_image(photo(fmt="PNG"), cfg), process_image(photo(fmt="PNG"), cfg)
+    assert a.data == b.data and a.format == fmt
+    assert decoded(a.data).format == {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt]
+
+
+def test_transparent_png_is_composited_on_white():
+    out = process_image(photo(fmt="PNG", mode="RGBA"), ResizeConfig(image_size=64, resize_mode="no",
+                                                                     encode_format="png"))
+    assert decoded(out.data).convert("RGB").getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_sha256_is_of_the_original_bytes():
+    data = photo()
+    assert process_image(data, ResizeConfig(image_size=64)).sha256 == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"<html><body>not an image</body></html>", "not_an_image"),
+    (b"", "not_an_image"),
+    (photo()[:2000], "truncated"),
+])
+def test_broken_inputs_are_rejected_with_a_reason(data, reason):
+    with pytest.raises(ImageRejected) as err:
+        process_image(data, ResizeConfig())
+    assert err.value.reason == reason
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A tiny PNG header claiming a huge image: decoding it would need width*height bytes."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    raw = zlib.compress(b"\x00" * (width + 1) * 16)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_rejected_before_decoding():
+    with pytest.raises(ImageRejected) as err:
+        process_image(png_bomb(50_000, 50_000), ResizeConfig())
+    assert err.value.reason == "decompression_bomb"
+    with pytest.raises(ImageRejected) as err:
+        process_image(photo((400, 300)), ResizeConfig(max_pixels=100 * 100))
+    assert err.value.reason == "decompression_bomb"
+
+
+@pytest.mark.parametrize("cfg, reason", [
+    (ResizeConfig(min_image_size=301), "too_small"),
+    (ResizeConfig(max_aspect_ratio=1.2), "bad_aspect_ratio"),
+    (ResizeConfig(max_image_area=400 * 300 - 1), "too_large"),
+])
+def test_size_bounds(cfg, reason):
+    with pytest.raises(ImageRejected) as err:
+        process_image(photo((400, 300)), cfg)
+    assert err.value.reason == reason
+    process_image(photo((400, 300)), ResizeConfig(min_image_size=300, max_aspect_ratio=1.34))
+
+
+def test_phash_is_stable_under_resizing_and_differs_between_images():
+    a = Image.open(io.BytesIO(photo((400, 300))))
+    b = a.resize((200, 150))
+    other = Image.open(io.BytesIO(photo((400, 300)))).transpose(Image.Transpose.ROTATE_180)
+    assert len(phash(a)) == 16
+    assert hamming(phash(a), phash(b)) <= 4
+    assert hamming(phash(a), phash(other)) > 10

@@ -1,0 +1,114 @@
+"""Duplicate removal across the whole input, over small ``(hash, key)`` records: no image bytes move.
+
+The winner of a group of duplicates is always the smallest key, so the result does not depend on the runner,
+the bundle order or the number of workers.
+
+- Duplicate URLs are dropped before downloading (:class:`DropDuplicateUrls`).
+- Exact duplicate images share a sha256 (:func:`exact_losers`).
+- Near-duplicates share a perceptual hash within a Hamming distance ``d``. By the pigeonhole principle two
+  64-bit hashes within distance ``d`` agree exactly on at least one of ``d + 1`` bands, so grouping by
+  ``(band, bits)`` finds every candidate pair without comparing all pairs (:func:`band_keys`). A key loses
+  when any smaller key lies within ``d`` of it.
+- Images near any image of a reference set (evaluation data that must not leak into training) are dropped
+  (:func:`reference_hits`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import apache_beam as beam
+
+from visinstruct.schemas import ImageTextPair, JsonDict, Rejection
+from visinstruct.transforms.images import hamming
+
+Loser = tuple[str, str, str]  # (key, reason, winner key or reference name)
+
+
+def exact_losers(keys: Iterable[str]) -> Iterator[Loser]:
+    """Every key but the smallest, as a ``duplicate_sha256`` loser."""
+    ordered = sorted(set(keys))
+    for key in ordered[1:]:
+        yield key, "duplicate_sha256", ordered[0]
+
+
+def band_keys(phash: str, distance: int) -> list[tuple[int, int]]:
+    """``(band, bits)`` of a 64-bit hash cut into ``distance + 1`` bands."""
+    value, bands = int(phash, 16), distance + 1
+    edges = [round(i * 64 / bands) for i in range(bands + 1)]
+    return [(i, (value >> edges[i]) & ((1 << (edges[i + 1] - edges[i])) - 1)) for i in range(bands)]
+
+
+def near_losers(members: Iterable[tuple[str, str]], distance: int) -> Iterator[Loser]:
+    """Within one band group of ``(key, phash)``: keys with a smaller key within ``distance`` bits."""
+    ordered = sorted(set(members))
+    for i, (key, h) in enumerate(ordered):
+        for other, oh in ordered[:i]:
+            if hamming(h, oh) <= distance:
+                yield key, "near_duplicate", other
+                break
+
+
+def reference_hits(phash: str, references: list[tuple[str, str]], distance: int) -> str | None:
+    """The name of the first reference image within ``distance`` bits of ``phash``, or ``None``."""
+    for name, ref in references:
+        if hamming(phash, ref) <= distance:
+            return name
+    return None
+
+
+class _UrlWinner(beam.DoFn):
+    def process(self, element):
+        _, pairs = element
+        pairs = sorted(pairs, key=lambda p: p.key)
+        yield pairs[0]
+        for pair in pairs[1:]:
+            yield Rejection("dedup", "duplicate_url", f"same URL as {pairs[0].key}", pair.key, pair.url,
+                            JsonDict({"duplicate_of": pairs[0].key}))
+
+
+class DropDuplicateUrls(beam.PTransform):
+    """``ImageTextPair | Rejection`` -> the same, with repeated URLs turned into ``duplicate_url`` rejections."""
+
+    def expand(self, rows):
+        tagged = rows | "SplitByUrl" >> beam.Partition(
+            lambda r, _: 0 if isinstance(r, ImageTextPair) and r.url else 1, 2)
+        winners = (tagged[0]
+                   | "KeyByUrl" >> beam.Map(lambda p: (p.url, p))  # (url, pair)
+                   | "GroupByUrl" >> beam.GroupByKey()  # (url, [pair])
+                   | "KeepFirstKey" >> beam.ParDo(_UrlWinner()))
+        return (winners, tagged[1]) | "MergeRows" >> beam.Flatten()
+
+
+class FindDuplicateImages(beam.PTransform):
+    """``(key, sha256, phash)`` records -> ``Loser`` records (exact, and near when ``distance`` is set)."""
+
+    def __init__(self, near_distance: int | None = None, references: list[tuple[str, str]] | None = None,
+                 exact: bool = True):
+        super().__init__()
+        self.near_distance, self.references, self.exact = near_distance, references or [], exact
+
+    def expand(self, hashes):
+        outputs = []
+        if self.exact:
+            outputs.append(hashes
+                           | "KeyBySha256" >> beam.Map(lambda h: (h[1], h[0]))  # (sha256, key)
+                           | "GroupBySha256" >> beam.GroupByKey()  # (sha256, [key])
+                           | "ExactLosers" >> beam.FlatMap(lambda kv: exact_losers(kv[1])))
+        d = self.near_distance
+        if d is not None:
+            outputs.append(hashes
+                           | "KeyByBand" >> beam.FlatMap(lambda h: [(b, (h[0], h[2])) for b in band_keys(h[2], d)])
+                           | "GroupByBand" >> beam.GroupByKey()  # ((band, bits), [(key, phash)])
+                           | "NearLosers" >> beam.FlatMap(lambda kv: near_losers(kv[1], d)))
+        if self.references:
+            refs, dist = self.references, d or 0
+            outputs.append(hashes | "NearReference" >> beam.FlatMap(
+                lambda h: [(h[0], "near_reference", name)] if (name := reference_hits(h[2], refs, dist)) else []))
+        if not outputs:
+            return hashes.pipeline | "NoDedup" >> beam.Create([])
+        # A key can lose several ways; keep one reason, deterministically (the smallest).
+        return (tuple(outputs) | "AllLosers" >> beam.Flatten()
+                | "KeyByLoser" >> beam.Map(lambda loser: (loser[0], loser))
+                | "OneReasonPerKey" >> beam.CombinePerKey(min)
+                | "DropLoserKey" >> beam.Values())

@@ -1,0 +1,133 @@
+"""Download, validate and resize the images of one URL shard, and write them to a staging tar.
+
+One worker handles one shard, as img2dataset does: URLs are shuffled between workers, image bytes never are.
+:func:`fetch_and_process` is the plain per-pair function; :class:`DownloadShard` is the Beam stage around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from visinstruct.configs import IngestConfig
+from visinstruct.schemas import ImageTextPair, IndexRow, JsonDict, Rejection, SampleMeta, shard_name
+from visinstruct.transforms.fetch import Fetcher
+from visinstruct.transforms.images import ImageRejected, ProcessedImage, process_image
+from visinstruct.transforms.shards import TarShardWriter, join
+
+log = logging.getLogger(__name__)
+STAGING = "_staging"
+
+
+@dataclass
+class ShardDraft:
+    """What :class:`DownloadShard` made of one shard: rows for every input, and the staging tar."""
+
+    shard: int
+    staging_tar: str
+    rows: list[IndexRow] = field(default_factory=list)  # one per input row, in key order
+    rejections: list[Rejection] = field(default_factory=list)
+    duration_s: float = 0.0
+
+
+def staging_path(out_dir: str, shard: int) -> str:
+    return join(out_dir, STAGING, f"{shard_name(shard)}.tar")
+
+
+def read_location(location: str) -> bytes:
+    """Bytes of a local path or a Beam filesystem URL (gs://...)."""
+    with FileSystems.open(location, mime_type="application/octet-stream", compression_type="uncompressed") as f:
+        return f.read()
+
+
+def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) -> ProcessedImage | Rejection:
+    """Fetch one pair's image and validate/resize it; every failure becomes a :class:`Rejection`."""
+    location = pair.location
+    if location.startswith(("http://", "https://")):
+        result = fetcher.fetch(location)
+        if not result.ok:
+            return Rejection("download", result.reason, result.message, pair.key, location,
+                             JsonDict({"attempts": result.attempts}))
+        data = result.data
+    else:
+        try:
+            data = read_location(location)
+        except (OSError, ValueError) as e:  # Beam filesystems raise BeamIOError (an IOError) or ValueError
+            return Rejection("download", "file_error", f"cannot read {location}: {e}"[:500], pair.key, location)
+    try:
+        return process_image(data, cfg.resize)
+    except ImageRejected as e:
+        return Rejection("decode", e.reason, str(e)[:500], pair.key, location)
+
+
+def rejected_row(rejection: Rejection, pair: ImageTextPair | None = None) -> IndexRow:
+    return IndexRow(key=rejection.key, status=rejection.reason, url=pair.url if pair else rejection.url,
+                    path=pair.path if pair else None, caption=pair.caption if pair else None,
+                    error_message=rejection.message)
+
+
+def sample_members(pair: ImageTextPair, image: ProcessedImage) -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in FORMAT.md's order: image, caption, metadata."""
+    meta = SampleMeta.from_pair(pair, image)
+    return [(image.format, image.data), ("txt", (pair.caption or "").encode("utf-8")),
+            ("json", meta.to_json().encode("utf-8"))]
+
+
+def build_draft(shard: int, rows: list[ImageTextPair | Rejection], fetcher: Fetcher, cfg: IngestConfig,
+                tar_path: str) -> ShardDraft:
+    """Fetch and process a shard's pairs concurrently, write the staging tar, account for every row."""
+    start = time.monotonic()
+    rows = sorted(rows, key=lambda r: r.key)
+    pairs = [r for r in rows if isinstance(r, ImageTextPair)]
+    outcomes = dict(zip((p.key for p in pairs), fetcher.map(lambda p: fetch_and_process(p, fetcher, cfg), pairs)))
+    draft = ShardDraft(shard, tar_path)
+    writer = TarShardWriter()
+    try:
+        for row in rows:
+            outcome = row if isinstance(row, Rejection) else outcomes[row.key]
+            pair = row if isinstance(row, ImageTextPair) else None
+            if isinstance(outcome, Rejection):
+                draft.rows.append(rejected_row(outcome, pair))
+                draft.rejections.append(outcome)
+                continue
+            members = writer.add(pair.key, sample_members(pair, outcome))
+            draft.rows.append(IndexRow(
+                key=pair.key, status="success", url=pair.url, path=pair.path, caption=pair.caption,
+                width=outcome.width, height=outcome.height, original_width=outcome.original_width,
+                original_height=outcome.original_height, sha256=outcome.sha256, phash=outcome.phash,
+                members=members))
+        writer.finish(tar_path)
+    except BaseException:
+        writer.abort()
+        raise
+    draft.duration_s = time.monotonic() - start
+    return draft
+
+
+class DownloadShard(beam.DoFn):
+    """``(shard, [ImageTextPair | Rejection])`` -> :class:`ShardDraft`; images go to a staging tar."""
+
+    def __init__(self, cfg: IngestConfig):
+        self.cfg = cfg
+        self.fetched = beam.metrics.Metrics.counter("ingest", "images_ok")
+        self.failed = beam.metrics.Metrics.counter("ingest", "images_rejected")
+
+    def setup(self):
+        self.fetcher = Fetcher(self.cfg.download)
+
+    def teardown(self):
+        self.fetcher.close()
+
+    def process(self, element):
+        shard, rows = element
+        draft = build_draft(shard, list(rows), self.fetcher, self.cfg, staging_path(self.cfg.write.path, shard))
+        ok = sum(r.status == "success" for r in draft.rows)
+        self.fetched.inc(ok)
+        self.failed.inc(len(draft.rows) - ok)
+        log.info("shard %s downloaded: %d ok, %d rejected in %.1fs", shard_name(shard), ok,
+                 len(draft.rows) - ok, draft.duration_s)
+        yield draft
