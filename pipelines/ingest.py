@@ -12,18 +12,17 @@ shard's staging tar) until that shard is finalized.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import replace
 
 import apache_beam as beam
 
-from visinstruct.configs import IngestConfig, ReadConfig, load
+from visinstruct.configs import IngestConfig, ReadConfig
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import summarize, write_report
 from visinstruct.schemas import IndexRow, JsonDict, Rejection, key_for_row, parse_key
 from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages
-from visinstruct.transforms.download import DownloadShard
+from visinstruct.transforms.download import STAGING, DownloadShard
 from visinstruct.transforms.images import process_image
 from visinstruct.transforms.read import BadRow, plan_units, read_unit
 from visinstruct.transforms.shards import read_table, shard_paths
@@ -160,11 +159,13 @@ class Ingest(beam.PTransform):
                 | "FinalizeShard" >> beam.ParDo(FinalizeShard(out)))  # ShardStats
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="visinstruct ingest", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file filling IngestConfig")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    return parser.parse_known_args(argv)
+def remove_empty_staging(out_dir: str) -> None:
+    """Drop the staging folder once every shard is final (local output; remote stores have no folders)."""
+    import os
+
+    folder = os.path.join(out_dir, STAGING)
+    if "://" not in out_dir and os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
 
 
 def run(cfg: IngestConfig, beam_args: list[str] | None = None, pipeline: beam.Pipeline | None = None) -> dict:
@@ -173,11 +174,8 @@ def run(cfg: IngestConfig, beam_args: list[str] | None = None, pipeline: beam.Pi
     _ = p | "Ingest" >> Ingest(cfg)
     result = p.run()
     result.wait_until_finish()
-    report = summarize(cfg.write.path, stage="ingest", result=result, expected_shards=None)
+    remove_empty_staging(cfg.write.path)
+    report = summarize(cfg.write.path, stage="ingest", result=result)
     write_report(cfg.write.path, report)
     return report
 
-
-def main(argv: list[str] | None = None) -> dict:
-    args, beam_args = parse_args(argv)
-    return run(load(IngestConfig, args.config, args.overrides), beam_args)

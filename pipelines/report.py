@@ -28,7 +28,7 @@ def counter_value(result, namespace: str, name: str) -> int | None:
     return sum((c.committed if c.committed is not None else c.attempted) for c in found)
 
 
-def summarize(out_dir: str, stage: str, result=None, expected_shards: int | None = None) -> dict:
+def summarize(out_dir: str, stage: str, result=None) -> dict:
     """Totals over every ``*_stats.json`` in ``out_dir`` for ``stage``, with a per-shard list."""
     pattern = join(out_dir, "*_stats.json")
     paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)

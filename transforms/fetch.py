@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
 import socket
 import threading
 import time
@@ -257,6 +258,7 @@ class Fetcher:
                 location = resp.headers.get("Location")
                 if not location:
                     raise FetchError("bad_redirect", f"HTTP {resp.status} without Location")
+                _discard(resp)
                 return location
             if resp.status != 200:
                 retryable = resp.status in RETRYABLE_STATUS
@@ -267,6 +269,9 @@ class Fetcher:
                 if directive:
                     raise FetchError("optout", f"X-Robots-Tag opts out: {directive}")
             return self._read_body(resp, deadline)
+        except FetchError:
+            _discard(resp)
+            raise
         finally:
             resp.release_conn()
 
@@ -324,17 +329,38 @@ class Fetcher:
         return body, url
 
 
+def _discard(resp: urllib3.BaseHTTPResponse) -> None:
+    """Make a connection whose body we will not read safe to reuse: drain a small body, else close it.
+
+    Returning it to the pool with unread bytes would make the next request read them as its status line.
+    """
+    length = resp.headers.get("Content-Length", "")
+    try:
+        if length.isdigit() and int(length) <= CHUNK:
+            resp.drain_conn()
+        else:
+            resp.close()
+    except (urllib3.exceptions.HTTPError, OSError):
+        resp.close()
+
+
 def _classify(e: Exception) -> FetchError:
     """A urllib3 exception as a FetchError with a stable reason code."""
-    text = str(e)
-    if isinstance(e, BlockedAddress) or isinstance(getattr(e, "reason", None), BlockedAddress):
+    text = re.sub(r"^\w*Connection\w*\(host=[^)]*\): ", "", str(e))  # urllib3 prefixes its connection repr
+    inner = getattr(e, "reason", None)  # MaxRetryError and friends wrap the real error
+    if isinstance(inner, Exception):
+        e = inner
+    if isinstance(e, BlockedAddress):
         return FetchError("blocked_address", text)
-    if isinstance(e, (urllib3.exceptions.TimeoutError,)) or "timed out" in text.lower():
+    if isinstance(e, urllib3.exceptions.NameResolutionError) or "cannot resolve" in text:
+        return FetchError("dns_error", text)
+    # NewConnectionError subclasses ConnectTimeoutError in urllib3 2.x: test it before the timeouts.
+    if isinstance(e, NewConnectionError):
+        return FetchError("connection_error", text, retryable=True)
+    if isinstance(e, urllib3.exceptions.TimeoutError) or "timed out" in text.lower():
         return FetchError("timeout", text, retryable=True)
     if isinstance(e, urllib3.exceptions.ProtocolError) and "IncompleteRead" in text:
         return FetchError("truncated", text, retryable=True)
-    if isinstance(e, urllib3.exceptions.NameResolutionError) or "resolve" in text:
-        return FetchError("dns_error", text)
     if isinstance(e, urllib3.exceptions.LocationParseError):
         return FetchError("invalid_url", text)
     return FetchError("connection_error", text, retryable=True)
