@@ -47,13 +47,13 @@ def read_location(location: str) -> bytes:
 def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) -> ProcessedImage | Rejection:
     """Fetch one pair's image and validate/resize it; every failure becomes a :class:`Rejection`."""
     location = pair.location
-    if location.startswith(("http://", "https://")):
+    if pair.url is not None:  # URLs come from untrusted lists: only the checked HTTP(S) fetcher reads them
         result = fetcher.fetch(location)
         if not result.ok:
             return Rejection("download", result.reason, result.message, pair.key, location,
                              JsonDict({"attempts": result.attempts}))
         data = result.data
-    else:
+    else:  # paths come from sources the user points at (folders, COCO, LLaVA JSON): local or gs://...
         try:
             data = read_location(location)
         except (OSError, ValueError) as e:  # Beam filesystems raise BeamIOError (an IOError) or ValueError

@@ -251,4 +251,5 @@ def llava_pairs(document, cfg: ReadConfig) -> Iterator[ImageTextPair | BadRow]:
             continue
         location = _resolve(str(entry["image"]), cfg)
         pair = ImageTextPair(key="", conversations=turns, source=JsonDict({"llava_id": entry.get("id")}))
-        yield replace(pair, url=location) if "://" in location else replace(pair, path=location)
+        yield replace(pair, url=location) if location.startswith(("http://", "https://")) else replace(
+            pair, path=location)

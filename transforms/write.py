@@ -47,10 +47,12 @@ def apply_losers(draft: ShardDraft, losers: list[tuple[str, str, str]]) -> Shard
     return replace(draft, rows=rows, rejections=sorted(rejections, key=lambda r: r.key))
 
 
-def write_shard_tar(draft: ShardDraft, tar_path: str) -> tuple[list[IndexRow], int]:
-    """Write the final tar from the staging tar, keeping only successful rows; rows get their new offsets."""
+def write_shard_tar(draft: ShardDraft, staged: set[str], tar_path: str) -> tuple[list[IndexRow], int]:
+    """Write the final tar from the staging tar (holding ``staged``), keeping only successful rows.
+
+    Returns the rows with their members' offsets in the final tar, and the tar's size.
+    """
     keep = {row.key for row in draft.rows if row.status == "success"}
-    staged = {row.key for row in draft.rows if row.members}
     source = draft.staging_tar if exists(draft.staging_tar) else tar_path  # a retry after the rename
     if keep == staged:  # nothing dropped: the staging tar is the final tar, offsets included
         if source != tar_path:
@@ -78,8 +80,9 @@ def finalize_shard(draft: ShardDraft, losers: list[tuple[str, str, str]], out_di
     paths = shard_paths(out_dir, draft.shard)
     if exists(paths["stats"]):
         return read_stats(paths["stats"])
+    staged = {row.key for row in draft.rows if row.members}
     draft = apply_losers(draft, losers)
-    rows, tar_bytes = write_shard_tar(draft, paths["tar"])
+    rows, tar_bytes = write_shard_tar(draft, staged, paths["tar"])
     write_table(paths["parquet"], rows, IndexRow, SCHEMA_VERSION)
     write_table(join(out_dir, REJECTED_DIR, f"{stage}-{shard_name(draft.shard)}.parquet"), draft.rejections,
                 Rejection, SCHEMA_VERSION)
