@@ -31,6 +31,8 @@ class ReadConfig:
     format: InputFormat = opt("auto", "input format; 'auto' picks by extension")
     url_col: str = opt("url", "column holding the image URL (or path)")
     caption_col: str | None = opt("caption", "column holding the caption; null for none")
+    boxes_col: str | None = opt(None, "column of object boxes: a list (or JSON text) of {category, bbox}")
+    tags_col: str | None = opt(None, "column of tags: a list (or JSON text) of strings")
     save_additional_columns: list[str] = opt(factory=list, doc="input columns kept in each sample's 'source'")
     image_root: str | None = opt(None, "folder that relative image paths (COCO, LLaVA JSON) are resolved against")
 

@@ -56,6 +56,17 @@ def test_malformed_rows_become_bad_rows_not_errors(tmp_path):
     assert [type(r).__name__ for r in rows(tmp_path / "bad.csv")] == ["ImageTextPair", "BadRow"]
 
 
+def test_boxes_and_tags_columns_as_lists_or_json_text(tmp_path):
+    boxes = [{"category": "dog", "bbox": [0.1, 0.2, 0.5, 0.9]}]
+    pq.write_table(pa.table({"url": ["http://x/1.jpg"], "boxes": [boxes], "tags": [["animal"]]}), tmp_path / "b.parquet")
+    (tmp_path / "b.csv").write_text('url,boxes,tags\nhttp://x/1.jpg,"[{""category"": ""dog"", ""bbox"": [0.1, 0.2, 0.5, 0.9]}]",'
+                                    '"[""animal""]"\nhttp://x/2.jpg,"[{""bbox"": [2, 0, 1, 1]}]",\n')
+    for name in ("b.parquet", "b.csv"):
+        first = rows(tmp_path / name, boxes_col="boxes", tags_col="tags")[0]
+        assert (first.boxes, first.tags) == ([Box("dog", [0.1, 0.2, 0.5, 0.9])], ["animal"])
+    assert rows(tmp_path / "b.csv", boxes_col="boxes")[1].reason == "bad_box"
+
+
 def test_unreadable_inputs_fail_with_one_line(tmp_path):
     with pytest.raises(InputError, match="no input file matches"):
         rows(tmp_path / "missing-*.parquet")

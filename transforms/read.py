@@ -110,7 +110,24 @@ def pair_from_row(row: dict, cfg: ReadConfig) -> ImageTextPair | BadRow:
         if caption is not None and not isinstance(caption, str):
             return BadRow("bad_caption", f"column {cfg.caption_col!r} is not text", raw, url.strip())
     source = JsonDict({c: row.get(c) for c in cfg.save_additional_columns if c in row})
-    return ImageTextPair(key="", url=url.strip(), caption=caption, source=source)
+    try:
+        boxes = [Box(str(b["category"]), [float(v) for v in b["bbox"]]) for b in _listish(row, cfg.boxes_col)]
+        tags = [str(t) for t in _listish(row, cfg.tags_col)]
+    except (KeyError, TypeError, ValueError) as e:
+        return BadRow("bad_box", f"boxes or tags do not parse: {e}", raw, url.strip())
+    return ImageTextPair(key="", url=url.strip(), caption=caption, boxes=boxes, tags=tags, source=source)
+
+
+def _listish(row: dict, column: str | None) -> list:
+    """A list-valued column: a real list (parquet, jsonl) or JSON text (csv, tsv); empty when absent."""
+    value = row.get(column) if column else None
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, list):
+        raise TypeError(f"column {column!r} holds {type(value).__name__}, not a list")
+    return value
 
 
 def _parquet_rows(path: str, _: str) -> Iterator[dict]:

@@ -1,0 +1,347 @@
+"""Bundled sample data for tests and demos: real VQA images, real photos, and synthetic shapes with exact labels.
+
+Everything here works offline and is deterministic:
+
+- :func:`easy_vqa_samples`: the easy-VQA dataset (64x64 PNGs of one coloured shape, with questions and answers),
+  read from the ``easy-vqa`` package.
+- :func:`photo_samples`: a dozen real photographs bundled with scikit-image, with captions written for them.
+- :func:`shapes_samples` / :func:`shapes_dataset`: images of coloured shapes whose captions and boxes are exact
+  by construction, in memory or written to disk in COCO's layout.
+
+``easy-vqa`` and ``scikit-image`` are in the ``dev`` extra; they are imported only by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from visinstruct.schemas import Box
+
+YES_NO = ("yes", "no")
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+
+SHAPES = ("circle", "square", "triangle")
+# Saturated, far-apart colours so that a test can tell them apart exactly; none is the background.
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (30, 70, 220),
+    "yellow": (235, 200, 20),
+    "purple": (140, 50, 170),
+    "orange": (245, 130, 20),
+}
+BACKGROUND = (255, 255, 255)
+# One COCO category per (colour, shape), named "red circle"; ids are 1-based as in COCO, colour-major.
+SHAPE_CATEGORIES = [f"{color} {shape}" for color in COLORS for shape in SHAPES]
+
+# (skimage.data function, caption). Only real photographs that ship inside scikit-image (no pooch download).
+_PHOTOS = [
+    ("astronaut", "a smiling astronaut in an orange spacesuit beside an American flag and a model space shuttle"),
+    ("camera", "a black and white photo of a man in a dark coat looking through a camera on a tripod"),
+    ("cat", "a close-up of a tabby cat's face with green eyes"),
+    ("coffee", "a cup of coffee on a red saucer with a spoon, on a wooden table"),
+    ("coins", "rows of old silver coins on a dark background"),
+    ("rocket", "a rocket standing on a launch pad between tall towers at dusk"),
+    ("stereo_motorcycle", "a red motorcycle parked in a garage next to shelves of boxes"),
+    ("hubble_deep_field", "hundreds of small distant galaxies scattered across a black sky"),
+    ("retina", "a photograph of the back of a human eye, with red blood vessels spreading over the retina"),
+    ("immunohistochemistry", "a microscope view of tissue stained brown and blue"),
+    ("page", "a printed page of a book about region-based image segmentation"),
+    ("brick", "a grey wall of long bricks laid in staggered rows"),
+]
+
+
+def _require(module: str, pip_name: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{module} is needed for this sample data: pip install '{pip_name}' "
+                          "(or the dev extra: pip install -e '.[dev]')") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# easy-VQA
+
+
+def easy_vqa_answers() -> list[str]:
+    """The 13 possible answers of easy-VQA (shapes, colours, yes and no), in the package's order."""
+    return list(_require("easy_vqa", "easy-vqa").get_answers())
+
+
+def _question_type(answer: str) -> str:
+    if answer in YES_NO:
+        return "yes/no"
+    return "shape" if answer in EASY_VQA_SHAPES else "color"
+
+
+def easy_vqa_samples(split: str = "train", limit: int | None = None) -> list[dict[str, Any]]:
+    """easy-VQA images with their questions, sorted by image id.
+
+    Args:
+        split: ``"train"`` (4,000 images) or ``"test"`` (1,000 images).
+        limit: keep only the first ``limit`` images (by id); ``None`` keeps all.
+
+    Returns:
+        One dict per image: ``image_path`` (a 64x64 RGB PNG), ``image_id`` (int), ``questions`` (a list of
+        ``(question, answer, type)`` in the file's order, ``type`` being ``"shape"``, ``"color"`` or ``"yes/no"``,
+        derived from the answer since the dataset stores none) and ``caption`` (:func:`easy_vqa_caption`, or
+        ``None`` when the questions do not pin both the colour and the shape).
+    """
+    easy_vqa = _require("easy_vqa", "easy-vqa")
+    if split == "train":
+        texts, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        texts, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    questions: dict[int, list[tuple[str, str, str]]] = {image_id: [] for image_id in paths}
+    for text, answer, image_id in zip(texts, answers, image_ids):
+        questions[image_id].append((text, answer, _question_type(answer)))
+    ids = sorted(paths)[:limit]
+    return [{"image_path": str(paths[i]), "image_id": i, "questions": questions[i],
+             "caption": easy_vqa_caption(questions[i])} for i in ids]
+
+
+# What the questions of one image say about its single shape. A negated question answered "no" asserts presence.
+_WHAT_COLOR_OF = re.compile(r"what (?:color is|is the color of) the (\w+)\?")
+_WHAT_IS_THE_COLOR_SHAPE = re.compile(r"what is the (\w+) shape\?")
+_PRESENCE = re.compile(
+    r"(?:is there|is|does the image)( not| no)? (?:contain )?(?:an? )?(\w+)(?: shape)?(?: in the image| present)?\?")
+
+
+def _facts(question: str, answer: str) -> list[str]:
+    """Words (colours or shapes) that a question and its answer say are in the image."""
+    if answer not in YES_NO:
+        found = [answer]
+        for pattern in (_WHAT_COLOR_OF, _WHAT_IS_THE_COLOR_SHAPE):
+            m = pattern.fullmatch(question)
+            if m and m.group(1) != "shape":
+                found.append(m.group(1))
+        return found
+    m = _PRESENCE.fullmatch(question)
+    if not m:
+        return []
+    negated, word = bool(m.group(1)), m.group(2)
+    return [word] if (answer == "yes") != negated else []
+
+
+def easy_vqa_caption(questions: Iterable[Sequence[str]]) -> str | None:
+    """A caption such as ``"a blue circle"`` for an easy-VQA image, derived from its questions and answers.
+
+    Every easy-VQA image holds exactly one shape, so the colour and the shape can be read off the answers to
+    "what shape/color..." questions, the object named in them ("what color is the triangle?" names the shape) and
+    yes/no questions answered so as to assert presence ("is there a red shape?" -> yes).
+
+    Args:
+        questions: ``(question, answer, ...)`` tuples of one image (extra items such as the type are ignored).
+
+    Returns:
+        ``"a <color> <shape>"``, or ``None`` when the questions do not pin down both (or contradict each other).
+    """
+    words = {w for q in questions for w in _facts(q[0], q[1])}
+    shapes = words & set(EASY_VQA_SHAPES)
+    colors = words - shapes - set(YES_NO)
+    if len(shapes) != 1 or len(colors) != 1:
+        return None
+    return f"a {colors.pop()} {shapes.pop()}"  # easy-VQA has no colour starting with a vowel
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real photographs
+
+
+def photo_samples() -> list[dict[str, Any]]:
+    """Twelve real photographs bundled with scikit-image, as RGB images with short captions.
+
+    Returns:
+        Dicts ``{"name": str, "image": PIL.Image.Image (RGB), "caption": str}``, in a fixed order; ``name`` is the
+        ``skimage.data`` function the photo comes from. Grayscale photos are converted to RGB.
+    """
+    data = _require("skimage.data", "scikit-image")
+    samples = []
+    for name, caption in _PHOTOS:
+        array = getattr(data, name)()
+        if isinstance(array, tuple):  # stereo_motorcycle returns (left, right, disparity)
+            array = array[0]
+        samples.append({"name": name, "image": Image.fromarray(array).convert("RGB"), "caption": caption})
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Synthetic shapes
+
+
+def _shape_mask(shape: str, size: tuple[int, int], x: int, y: int, side: int) -> Image.Image:
+    """A binary mask of one shape filling the square ``[x, x + side) x [y, y + side)`` (no anti-aliasing)."""
+    mask = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(mask)
+    right, bottom = x + side - 1, y + side - 1
+    if shape == "circle":
+        draw.ellipse([x, y, right, bottom], fill=255)
+    elif shape == "square":
+        draw.rectangle([x, y, right, bottom], fill=255)
+    else:  # an upright isosceles triangle: the centre of its box is inside it
+        draw.polygon([(x, bottom), (right, bottom), (x + (side - 1) // 2, y)], fill=255)
+    return mask
+
+
+def _place(rng: random.Random, size: tuple[int, int], taken: list[tuple[int, int, int, int]],
+           gap: int = 4) -> tuple[int, int, int] | None:
+    """A square ``(x, y, side)`` that keeps ``gap`` pixels away from every taken box, or ``None`` after 100 tries."""
+    width, height = size
+    low, high = max(8, min(size) // 6), max(9, min(size) // 3)
+    for _ in range(100):
+        side = rng.randint(low, high)
+        x, y = rng.randint(gap, width - side - gap), rng.randint(gap, height - side - gap)
+        if all(x + side + gap <= l or r + gap <= x or y + side + gap <= t or b + gap <= y for l, t, r, b in taken):
+            return x, y, side
+    return None
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def _shapes_sample(seed: int, index: int, size: tuple[int, int]) -> dict[str, Any]:
+    # One generator per image, seeded by a string (hashed with SHA-512, stable across runs and Python versions),
+    # so image i is the same whatever n is.
+    rng = random.Random(f"visinstruct-shapes:{seed}:{index}")
+    kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], rng.randint(1, 3))
+    image = Image.new("RGB", size, BACKGROUND)
+    objects, taken = [], []
+    for color, shape in kinds:
+        spot = _place(rng, size, taken)
+        if spot is None:
+            continue
+        mask = _shape_mask(shape, size, *spot)
+        left, top, right, bottom = mask.getbbox()  # the exact pixel extent; right and bottom exclusive
+        taken.append((left, top, right, bottom))
+        image.paste(COLORS[color], mask=mask)
+        area = mask.histogram()[255]  # the mask holds only 0 and 255
+        objects.append({"category": f"{color} {shape}", "pixels": (left, top, right, bottom), "area": area})
+    objects.sort(key=lambda o: o["pixels"])  # left to right: the order the caption names them in
+    width, height = size
+    boxes = [Box(o["category"], [o["pixels"][0] / width, o["pixels"][1] / height,
+                                 o["pixels"][2] / width, o["pixels"][3] / height]) for o in objects]
+    return {"image": image, "caption": _join([_a(o["category"]) for o in objects]), "boxes": boxes,
+            "_objects": objects}
+
+
+def shapes_samples(n: int = 16, seed: int = 0, size: tuple[int, int] = (256, 256)) -> list[dict[str, Any]]:
+    """Images of 1-3 non-overlapping coloured shapes with exact captions and boxes.
+
+    Shapes are circles, squares and upright triangles in one of the :data:`COLORS`, on a white background, drawn
+    without anti-aliasing, so every shape pixel has exactly its colour. No (colour, shape) repeats in an image.
+
+    Args:
+        n: number of images.
+        seed: image ``i`` depends only on ``(seed, i)``: the first images of a longer run are the same images.
+        size: ``(width, height)`` in pixels.
+
+    Returns:
+        Dicts ``{"image": PIL RGB image, "caption": "a red circle and a blue square", "boxes": [Box, ...]}``;
+        the caption names the shapes left to right, in the same order as ``boxes``; each box is the shape's exact
+        normalised pixel extent ``[left / W, top / H, right / W, bottom / H]`` (right and bottom exclusive) and its
+        category is ``"<colour> <shape>"``.
+    """
+    samples = [_shapes_sample(seed, i, size) for i in range(n)]
+    for sample in samples:
+        del sample["_objects"]
+    return samples
+
+
+def write_images(samples: Iterable[dict[str, Any]], out_dir: str | Path, fmt: str = "jpg",
+                 names: Sequence[str] | None = None) -> list[Path]:
+    """Write each sample's ``image`` to ``out_dir``, deterministically (same image, same bytes).
+
+    Args:
+        samples: dicts with an ``image`` (PIL).
+        out_dir: created if missing.
+        fmt: ``jpg`` (quality 95), ``png`` or ``webp`` (lossless).
+        names: file stems; by default each sample's ``name``, else its zero-padded position (``000000``).
+
+    Returns:
+        The written paths, in the samples' order.
+    """
+    options = {"jpg": ("JPEG", {"quality": 95}), "png": ("PNG", {}), "webp": ("WEBP", {"lossless": True})}
+    if fmt not in options:
+        raise ValueError(f"fmt must be one of {sorted(options)}, got {fmt!r}")
+    pil_format, kwargs = options[fmt]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, sample in enumerate(samples):
+        stem = names[i] if names is not None else sample.get("name") or f"{i:06d}"
+        path = out / f"{stem}.{fmt}"
+        sample["image"].convert("RGB").save(path, pil_format, **kwargs)
+        paths.append(path)
+    return paths
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def shapes_dataset(out_dir: str | Path, n: int = 16, seed: int = 0, size: tuple[int, int] = (256, 256),
+                   fmt: str = "png") -> Path:
+    """Write :func:`shapes_samples` to disk in COCO's layout; the same arguments give byte-identical files.
+
+    Layout (mirrors COCO's ``train2017/`` + ``annotations/instances_*.json`` + ``annotations/captions_*.json``)::
+
+        out_dir/images/000001.png          image id 1 (ids are 1-based, as in COCO)
+        out_dir/annotations/instances.json COCO detection: images, annotations, categories
+        out_dir/annotations/captions.json  COCO captions: images, annotations of {id, image_id, caption}
+
+    ``file_name`` is relative to ``out_dir/images`` (COCO's convention; pass that folder as the image root).
+    Each instance has ``bbox`` in COCO pixels ``[x, y, width, height]`` (the exact extent of the shape),
+    ``area`` (its pixel count) and ``iscrowd: 0``. There is one category per colour and shape, named
+    ``"red circle"`` with ``supercategory`` the shape, so the category name alone says what a box holds.
+    One caption per image, naming the shapes left to right.
+
+    Args:
+        out_dir: created if missing.
+        n: number of images.
+        seed: see :func:`shapes_samples`.
+        size: ``(width, height)``.
+        fmt: image format; ``png`` (default) keeps the colours exact, ``jpg`` does not.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+    """
+    out = Path(out_dir)
+    samples = [_shapes_sample(seed, i, size) for i in range(n)]
+    file_names = write_images(samples, out / "images", fmt, names=[f"{i + 1:06d}" for i in range(n)])
+    images = [{"id": i + 1, "file_name": p.name, "width": size[0], "height": size[1]}
+              for i, p in enumerate(file_names)]
+    category_ids = {name: i + 1 for i, name in enumerate(SHAPE_CATEGORIES)}
+    instances, captions = [], []
+    for image_id, sample in enumerate(samples, start=1):
+        captions.append({"id": image_id, "image_id": image_id, "caption": sample["caption"]})
+        for obj in sample["_objects"]:
+            left, top, right, bottom = obj["pixels"]
+            instances.append({"id": len(instances) + 1, "image_id": image_id,
+                              "category_id": category_ids[obj["category"]],
+                              "bbox": [left, top, right - left, bottom - top], "area": obj["area"], "iscrowd": 0})
+    info = {"description": f"visinstruct synthetic shapes (seed {seed})", "version": "1.0"}
+    categories = [{"id": category_ids[name], "name": name, "supercategory": name.split(" ")[1]}
+                  for name in SHAPE_CATEGORIES]
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    _write_json(out / "annotations" / "instances.json", {"info": info, "licenses": [], "images": images,
+                                                         "annotations": instances, "categories": categories})
+    _write_json(out / "annotations" / "captions.json", {"info": info, "licenses": [], "images": images,
+                                                        "annotations": captions})
+    return out

@@ -1,0 +1,22 @@
+"""`make demo` stays true: the demo runs end to end on bundled data and its counts add up."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from visinstruct.pipelines.demo import BROKEN, WRONG_CAPTIONS, run_demo
+
+
+@pytest.mark.timeout(600)
+def test_demo_runs_end_to_end_and_accounts_for_every_url(tmp_path):
+    reports = run_demo(tmp_path, ["--runner=FnApiRunner"])
+    ingest = reports["ingest"]
+    urls = pq.read_table(tmp_path / "urls.parquet").to_pylist()
+    assert ingest["accounted"] and ingest["inputs"] == len(urls)
+    assert ingest["rejected"] == len(BROKEN) + 1  # every broken URL, and the repeated one
+    assert ingest["written"] == len(urls) - len(BROKEN) - 1
+    origins = {r["origin"] for r in urls}
+    assert {"easy_vqa", "shapes", "photo", "wrong_caption", "broken"} <= origins
+    assert sum(r["origin"] == "wrong_caption" for r in urls) == WRONG_CAPTIONS
+    assert json.loads((tmp_path / "demo_report.json").read_text())["ingest"]["written"] == ingest["written"]
