@@ -71,7 +71,6 @@ setup(
     entry_points={"console_scripts": ["visinstruct=visinstruct.cli.main:main"]},
     classifiers=[
         "Programming Language :: Python :: 3.11",
-        "License :: OSI Approved :: Apache Software License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"visinstruct {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (Beam's progress too)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only the final report")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         module.add_parser(sub)
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.quiet:  # our own progress lines (one per shard), without Beam's INFO chatter
+        logging.getLogger("visinstruct").setLevel(logging.INFO)
     try:
         return args.run(args, beam_args)
     except (ConfigError, UserError, FileNotFoundError) as e:

@@ -110,6 +110,8 @@ class WriteConfig:
     path: str = opt(doc="output folder; local or any Beam filesystem")
     shard_size: int = opt(10_000, "input rows per shard (img2dataset's number_sample_per_shard)")
     resume: bool = opt(True, "skip shards whose _stats.json already exists")
+    retry_failed: bool = opt(False, "in complete shards, download again only the rows that failed with a "
+                                    "retryable error (timeouts, connection errors, 5xx, 429) and rewrite those shards")
 
     def __post_init__(self):
         _positive("shard_size", self.shard_size)

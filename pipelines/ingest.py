@@ -22,7 +22,7 @@ from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import summarize, write_report
 from visinstruct.schemas import IndexRow, JsonDict, Rejection, key_for_row, parse_key
 from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages
-from visinstruct.transforms.download import STAGING, DownloadShard
+from visinstruct.transforms.download import RETRYABLE_REASONS, STAGING, DownloadShard
 from visinstruct.transforms.images import process_image
 from visinstruct.transforms.read import BadRow, plan_units, read_unit
 from visinstruct.transforms.shards import read_table, shard_paths
@@ -108,6 +108,12 @@ def _index_hashes(out_dir: str, shard: int):
             yield row["key"], row["sha256"], row["phash"]
 
 
+def has_retryable_failures(out_dir: str, shard: int) -> bool:
+    """Whether a complete shard has rows that another download attempt may fix."""
+    statuses = read_table(shard_paths(out_dir, shard)["parquet"], IndexRow).column("status").to_pylist()
+    return any(status in RETRYABLE_REASONS for status in statuses)
+
+
 def reference_hashes(folder: str | None, cfg: IngestConfig) -> list[tuple[str, str]]:
     """``(file name, phash)`` of each image in a reference folder, processed like the samples."""
     if not folder:
@@ -137,12 +143,14 @@ class Ingest(beam.PTransform):
         rows = pbegin | "ReadPairs" >> ReadPairs(cfg.read, cfg.write.shard_size)
         if cfg.dedup.urls:
             rows = rows | "DropDuplicateUrls" >> DropDuplicateUrls()
-        done = sorted(complete_shards(out)) if cfg.write.resume else []
+        complete = complete_shards(out) if cfg.write.resume else set()
+        retry = frozenset(s for s in complete if has_retryable_failures(out, s)) if cfg.write.retry_failed else frozenset()
+        done = sorted(complete - retry)
         drafts = (rows
                   | "SkipCompleteShards" >> beam.Filter(lambda r, done: parse_key(r.key)[0] not in done, set(done))
                   | "KeyByShard" >> beam.Map(lambda r: (parse_key(r.key)[0], r))  # (shard, pair | rejection)
                   | "GroupByShard" >> beam.GroupByKey()  # (shard, [pair | rejection])
-                  | "DownloadShard" >> beam.ParDo(DownloadShard(cfg)))  # ShardDraft
+                  | "DownloadShard" >> beam.ParDo(DownloadShard(cfg, retry)))  # ShardDraft
         new_hashes = drafts | "SuccessHashes" >> beam.FlatMap(
             lambda d: [(r.key, r.sha256, r.phash) for r in d.rows if r.status == "success"])
         old_hashes = (pbegin

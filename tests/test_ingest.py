@@ -172,3 +172,18 @@ def test_index_offsets_point_at_member_bytes(server, tmp_path):
         assert json.loads(members["json"])["key"] == row["key"]
         assert members["txt"].decode() == row["caption"]
         assert Image.open(io.BytesIO(members["jpg"])).size == (row["width"], row["height"])
+
+
+def test_retry_mode_downloads_only_the_retryable_failures_again(server, tmp_path):
+    flaky = server.fault_url("flaky", n=2)  # fails both attempts of a run, then succeeds
+    urls = [server.url("/photo0.jpg"), flaky, server.fault_url("404"), server.url("/photo1.jpg"),
+            server.url("/photo2.jpg")]
+    report, out = ingest(tmp_path, urls)
+    assert list(statuses(out).values()) == ["success", "http_503", "http_404", "success", "success"]
+    untouched = (out / "00001.tar").read_bytes()
+    before = [server.hits(u) for u in urls]
+    report, out = ingest(tmp_path, urls, write={"retry_failed": True, "shard_size": 4})
+    assert [server.hits(u) - b for u, b in zip(urls, before)] == [0, 1, 0, 0, 0]  # only the retryable row
+    assert list(statuses(out).values()) == ["success", "success", "http_404", "success", "success"]
+    assert report["written"] == 4 and report["accounted"] and (out / "00001.tar").read_bytes() == untouched
+    assert [s["__key__"] for s in read_shards(out)] == ["000000000", "000000001", "000000003", "000010000"]

@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.configs import IngestConfig
-from visinstruct.schemas import ImageTextPair, IndexRow, JsonDict, Rejection, SampleMeta, shard_name
+from visinstruct.schemas import ImageTextPair, IndexRow, JsonDict, Rejection, SampleMeta, from_table, shard_name
 from visinstruct.transforms.fetch import Fetcher
 from visinstruct.transforms.images import ImageRejected, ProcessedImage, process_image
-from visinstruct.transforms.shards import TarShardWriter, join
+from visinstruct.transforms.shards import TarShardWriter, exists, join, read_table, read_tar_samples, shard_paths
+
+REJECTED_DIR = "rejected"
 
 log = logging.getLogger(__name__)
 STAGING = "_staging"
+# Failures another attempt may fix: what `write.retry_failed` downloads again.
+RETRYABLE_REASONS = frozenset({"timeout", "connection_error", "truncated", "dns_error", "empty_body", "http_408",
+                               "http_425", "http_429", "http_500", "http_502", "http_503", "http_504"})
+Previous = dict[str, "tuple[IndexRow, dict[str, bytes]] | Rejection"]
 
 
 @dataclass
@@ -77,17 +83,44 @@ def sample_members(pair: ImageTextPair, image: ProcessedImage) -> list[tuple[str
             ("json", meta.to_json().encode("utf-8"))]
 
 
+def load_previous(out_dir: str, shard: int) -> Previous:
+    """What a complete shard already holds, except rows that failed with a retryable reason.
+
+    Successes map to ``(index row, {ext: bytes})`` read from the tar; other failures to their rejection.
+    """
+    paths = shard_paths(out_dir, shard)
+    samples = dict(read_tar_samples(paths["tar"]))
+    rejected = read_table(join(out_dir, REJECTED_DIR, f"ingest-{shard_name(shard)}.parquet"), Rejection)
+    rejections = {r.key: r for r in from_table(Rejection, rejected)}
+    previous: Previous = {}
+    for row in from_table(IndexRow, read_table(paths["parquet"], IndexRow)):
+        if row.status == "success":
+            previous[row.key] = (row, samples[row.key])
+        elif row.status not in RETRYABLE_REASONS:
+            previous[row.key] = rejections[row.key]
+    return previous
+
+
 def build_draft(shard: int, rows: list[ImageTextPair | Rejection], fetcher: Fetcher, cfg: IngestConfig,
-                tar_path: str) -> ShardDraft:
-    """Fetch and process a shard's pairs concurrently, write the staging tar, account for every row."""
+                tar_path: str, previous: Previous | None = None) -> ShardDraft:
+    """Fetch and process a shard's pairs concurrently, write the staging tar, account for every row.
+
+    Rows found in ``previous`` (a retry of a complete shard) are reused instead of downloaded.
+    """
     start = time.monotonic()
-    rows = sorted(rows, key=lambda r: r.key)
-    pairs = [r for r in rows if isinstance(r, ImageTextPair)]
+    previous = previous or {}
+    rows = sorted((previous.get(r.key) if isinstance(previous.get(r.key), Rejection) else r for r in rows),
+                  key=lambda r: r.key)
+    pairs = [r for r in rows if isinstance(r, ImageTextPair) and r.key not in previous]
     outcomes = dict(zip((p.key for p in pairs), fetcher.map(lambda p: fetch_and_process(p, fetcher, cfg), pairs)))
     draft = ShardDraft(shard, tar_path)
     writer = TarShardWriter()
     try:
         for row in rows:
+            if row.key in previous and not isinstance(row, Rejection):
+                kept, sample = previous[row.key]
+                draft.rows.append(replace(kept, members=writer.add(row.key, list(sample.items()))))
+                continue
             outcome = row if isinstance(row, Rejection) else outcomes[row.key]
             pair = row if isinstance(row, ImageTextPair) else None
             if isinstance(outcome, Rejection):
@@ -111,8 +144,8 @@ def build_draft(shard: int, rows: list[ImageTextPair | Rejection], fetcher: Fetc
 class DownloadShard(beam.DoFn):
     """``(shard, [ImageTextPair | Rejection])`` -> :class:`ShardDraft`; images go to a staging tar."""
 
-    def __init__(self, cfg: IngestConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: IngestConfig, retry_shards: frozenset[int] = frozenset()):
+        self.cfg, self.retry_shards = cfg, retry_shards
         self.fetched = beam.metrics.Metrics.counter("ingest", "images_ok")
         self.failed = beam.metrics.Metrics.counter("ingest", "images_rejected")
 
@@ -124,7 +157,13 @@ class DownloadShard(beam.DoFn):
 
     def process(self, element):
         shard, rows = element
-        draft = build_draft(shard, list(rows), self.fetcher, self.cfg, staging_path(self.cfg.write.path, shard))
+        out, previous = self.cfg.write.path, None
+        if shard in self.retry_shards:
+            previous = load_previous(out, shard)
+            stats = shard_paths(out, shard)["stats"]
+            if exists(stats):  # the shard is being rewritten: until its new stats land it is incomplete
+                FileSystems.delete([stats])
+        draft = build_draft(shard, list(rows), self.fetcher, self.cfg, staging_path(out, shard), previous)
         ok = sum(r.status == "success" for r in draft.rows)
         self.fetched.inc(ok)
         self.failed.inc(len(draft.rows) - ok)

@@ -14,7 +14,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.schemas import SCHEMA_VERSION, IndexRow, JsonDict, Rejection, ShardStats, parse_key, shard_name
-from visinstruct.transforms.download import ShardDraft
+from visinstruct.transforms.download import REJECTED_DIR, ShardDraft
 from visinstruct.transforms.shards import (
     TarShardWriter,
     exists,
@@ -27,7 +27,6 @@ from visinstruct.transforms.shards import (
 )
 
 log = logging.getLogger(__name__)
-REJECTED_DIR = "rejected"
 DEDUP_MESSAGES = {"duplicate_sha256": "same image bytes as {}", "near_duplicate": "near-identical to {}",
                   "near_reference": "near-identical to reference image {}"}
 
