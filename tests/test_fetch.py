@@ -163,3 +163,10 @@ def test_header_parsers():
     assert optout_directive(["googlebot: noindex", "noimageai"], agents, optouts) == "noimageai"
     assert parse_retry_after("7") == 7.0 and parse_retry_after(None) is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past: no wait
+
+
+def test_a_dripping_body_is_cut_off_at_the_deadline(server):
+    start = time.monotonic()
+    result = fetcher(retries=0, timeout=0.5).fetch(server.fault_url("slow", seconds=5, pieces=50))
+    assert result.reason == "timeout"
+    assert time.monotonic() - start < 1.5  # the deadline is the whole attempt, not each read

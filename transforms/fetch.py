@@ -287,7 +287,7 @@ class Fetcher:
                 if time.monotonic() > deadline:
                     resp.close()
                     raise FetchError("timeout", f"body not complete within {self.cfg.timeout}s", retryable=True)
-                chunk = resp.read(CHUNK)
+                chunk = resp.read1(CHUNK)  # at most one recv: the deadline is checked between pieces
                 if not chunk:
                     break
                 size += len(chunk)
