@@ -13,10 +13,10 @@ import os
 import sys
 
 from visinstruct import __version__
-from visinstruct.cli import config_cmd, demo_cmd, ingest_cmd
+from visinstruct.cli import config_cmd, demo_cmd, filter_cmd, ingest_cmd
 from visinstruct.configs import ConfigError
 
-COMMANDS = [ingest_cmd, demo_cmd, config_cmd]
+COMMANDS = [ingest_cmd, filter_cmd, demo_cmd, config_cmd]
 
 
 class UserError(Exception):

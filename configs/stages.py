@@ -140,9 +140,17 @@ class ClipModelConfig:
     min_batch_size: int = opt(1, "smallest batch RunInference forms")
     max_batch_size: int = opt(64, "largest batch RunInference forms")
     threads: int | None = opt(None, "torch CPU threads; null lets torch decide")
+    config_file: str | None = opt(None, "open_clip model config JSON to register first, named <name>.json "
+                                        "(custom architectures, e.g. from `visinstruct train-clip`)")
+    model_copies: int | None = opt(None, "models per machine, shared across processes (one per GPU on Dataflow)")
+    large_model: bool = opt(False, "share one model across all processes of a machine")
+    decode_threads: int = opt(4, "threads decoding and preprocessing images ahead of the model")
+    accelerator: str | None = opt(None, "Beam resource hint for the scoring step only, e.g. "
+                                        "'type:nvidia-l4;count:1;install-nvidia-driver'")
 
     def __post_init__(self):
         _positive("min_batch_size", self.min_batch_size)
+        _positive("decode_threads", self.decode_threads)
         if self.max_batch_size < self.min_batch_size:
             raise ValueError("'max_batch_size' must be >= 'min_batch_size'")
 
@@ -155,7 +163,7 @@ class FilterConfig:
     threshold: float | None = opt(None, "keep pairs scoring at least this")
     top_fraction: float | None = opt(None, "keep this fraction of best-scoring pairs (global, ties by key)")
     store_embeddings: bool = opt(False, "write float16 image and text embeddings to the parquet index")
-    input: str | None = opt(None, "input shards (standalone runs)")
+    input: str | None = opt(None, "input shards (standalone runs): a folder, glob or brace pattern of tars")
     write: WriteConfig | None = opt(None, "output shards (standalone runs)")
 
     def __post_init__(self):

@@ -287,6 +287,8 @@ class IndexRow:
     phash: str | None = None
     members: list[Member] = field(default_factory=list)
     clip_score: float | None = None
+    clip_image_embedding: bytes | None = None  # float16, normalised (filter.store_embeddings)
+    clip_text_embedding: bytes | None = None
     conversation_kind: str | None = None
 
 

@@ -1,0 +1,63 @@
+"""``visinstruct filter --config FILE [--input SHARDS] [--out DIR] [--dry-run] [beam options]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from visinstruct.configs import FilterConfig, load
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("filter", help="score image-text pairs with CLIP; keep by threshold or top fraction",
+                            description="Read shards (ours or img2dataset's), score every pair with CLIP through "
+                                        "RunInference, write filtered shards and dead-letter rows. Unknown options "
+                                        "go to Beam.")
+    parser.add_argument("--config", required=True, help="YAML file (see `visinstruct config show filter`)")
+    parser.add_argument("--input", help="input shards: a folder or a glob of .tar files (overrides input)")
+    parser.add_argument("--out", help="output folder (overrides write.path)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="write no shards; report the score distribution and what each threshold keeps")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.set_defaults(run=run, accepts_beam_args=True)
+
+
+def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from visinstruct.cli.main import UserError
+    from visinstruct.pipelines import filter as clip_filter
+    from visinstruct.pipelines.report import format_report
+
+    overrides = list(args.overrides)
+    if args.input:
+        overrides.append(f"input={args.input}")
+    if args.out:
+        overrides.append(f"write.path={args.out}")
+    cfg = load(FilterConfig, args.config, overrides)
+    if not cfg.input or cfg.write is None:
+        raise UserError("filter needs input shards (input: or --input) and an output folder (write.path: or --out)")
+    if cfg.threshold is None and cfg.top_fraction is None and not args.dry_run:
+        raise UserError("set threshold and/or top_fraction, or use --dry-run to choose them")
+    try:
+        inputs = clip_filter.input_shards(cfg.input)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    report = clip_filter.run(cfg, inputs, beam_args, dry_run=args.dry_run)
+    if args.dry_run:
+        print(format_distribution(report))
+        return 0
+    print(format_report(report))
+    return 0 if report.get("accounted", True) else 1
+
+
+def format_distribution(report: dict) -> str:
+    if not report.get("pairs"):
+        return f"filter --dry-run: no pair could be scored ({json.dumps(report.get('unscored', {}))})"
+    lines = [f"filter --dry-run: {report['pairs']} pairs scored, min {report['min']:.4f}, max {report['max']:.4f}",
+             "  quantiles: " + ", ".join(f"{k} {v:.4f}" for k, v in report["quantiles"].items()),
+             "  threshold -> pairs kept:"]
+    lines += [f"    >= {t}: {n} ({n / report['pairs']:.0%})" for t, n in report["kept_by_threshold"].items()]
+    lines.append("  top fraction -> threshold:")
+    lines += [f"    {float(f):.0%}: {t:.4f}" for f, t in report["threshold_for_fraction"].items()]
+    if report.get("unscored"):
+        lines.append(f"  not scored: {json.dumps(report['unscored'])}")
+    return "\n".join(lines)

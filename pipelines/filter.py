@@ -1,0 +1,160 @@
+"""``visinstruct filter``: score every image-text pair with CLIP and keep pairs by threshold and/or top fraction.
+
+Graph (element shapes in comments)::
+
+    tar paths -> ReadShardSamples -> DecodeForClip -> RunInference(CLIP) -> scores
+    scores -> TopFractionCut (global, exact) -> Decide -> (shard, Decision)
+    (decisions, rejections) -> CoGroupByKey(shard) -> RewriteShard -> ShardStats
+
+Reads our shards and img2dataset's. ``dry_run`` writes nothing and reports the score distribution and what
+each candidate threshold or fraction would keep, since thresholds do not carry over between models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+from visinstruct.configs import FilterConfig
+from visinstruct.pipelines.options import pipeline_options
+from visinstruct.pipelines.report import summarize, write_report
+from visinstruct.transforms.clip import make_handler
+from visinstruct.transforms.filter_stages import (
+    Decision,
+    DecodeForClip,
+    ReadShardSamples,
+    failed_batch_rejections,
+    rewrite_shard,
+)
+from visinstruct.transforms.select import HistogramFn, TopFractionCut, distribution, ranks_within
+from visinstruct.transforms.shards import join, read_bytes, write_bytes
+
+log = logging.getLogger(__name__)
+DRY_RUN_THRESHOLDS = [round(0.10 + 0.02 * i, 2) for i in range(16)]
+DRY_RUN_FRACTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+DRY_RUN_NAME = "filter_dry_run.json"
+
+
+def decide(scored, cfg: FilterConfig, cut) -> tuple[str, Decision]:
+    """``((path, key), ClipOutput)`` -> ``(path, Decision)``: threshold first, then the top fraction."""
+    (path, key), output = scored
+    score, reason = output.score, None
+    if cfg.threshold is not None and score < cfg.threshold:
+        reason = "clip_below_threshold"
+    elif cfg.top_fraction is not None and not ranks_within(score, key, cut):
+        reason = "clip_not_top_fraction"
+    embed = lambda v: None if v is None else v.tobytes()  # noqa: E731
+    return path, Decision(key, score, reason is None, reason, embed(output.image_embedding),
+                          embed(output.text_embedding))
+
+
+class _RewriteShard(beam.DoFn):
+    def __init__(self, cfg: FilterConfig, positions: dict[str, int]):
+        self.cfg, self.positions = cfg, positions
+
+    def process(self, element):
+        path, groups = element
+        decisions = {d.key: d for d in groups["decisions"]}
+        rejections = {r.key: r for r in groups["rejections"] if r.key}
+        stats = rewrite_shard(path, self.positions[path], decisions, rejections, self.cfg.write.path,
+                              self.cfg.model.name, self.cfg.model.pretrained)
+        for reason, count in stats.rejected_by_reason.items():
+            beam.metrics.Metrics.counter("filter", f"dropped_{reason}").inc(count)
+        log.info("shard %05d: kept %d of %d", stats.shard, stats.written, stats.inputs)
+        yield stats
+
+
+class ScorePairs(beam.PTransform):
+    """Tar paths -> ``((path, key), ClipOutput)``, with a ``rejected`` side: ``(path, Rejection)``."""
+
+    def __init__(self, cfg: FilterConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, paths):
+        model = self.cfg.model
+        handler = make_handler(model, with_embeddings=self.cfg.store_embeddings)
+        read = paths | "ReadShardSamples" >> beam.ParDo(ReadShardSamples()).with_outputs("rejected", main="samples")
+        decoded = read.samples | "DecodeForClip" >> beam.ParDo(
+            DecodeForClip(handler.preprocessor(), model.decode_threads)).with_outputs("rejected", main="images")
+        inference = RunInference(KeyedModelHandler(handler))
+        if model.accelerator:  # a GPU for this step only; reading and writing stay on CPU workers
+            inference = inference.with_resource_hints(accelerator=model.accelerator)
+        results, failed = decoded.images | "ScoreWithClip" >> inference.with_exception_handling()
+        scored = results | "Unwrap" >> beam.MapTuple(lambda key, result: (key, result.inference))
+        failures = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_rejections)
+        rejected = (read.rejected, decoded.rejected, failures) | "AllRejected" >> beam.Flatten()
+        return scored, rejected
+
+
+class Filter(beam.PTransform):
+    """The whole filter stage: tar paths -> ``ShardStats`` of the filtered shards written."""
+
+    def __init__(self, cfg: FilterConfig, inputs: list[str]):
+        super().__init__()
+        self.cfg, self.inputs = cfg, inputs
+
+    def expand(self, pbegin):
+        cfg = self.cfg
+        paths = pbegin | "Shards" >> beam.Create(self.inputs) | "SpreadShards" >> beam.Reshuffle()
+        scored, rejected = paths | "Score" >> ScorePairs(cfg)
+        cut = beam.pvalue.AsSingleton(pbegin | "NoCut" >> beam.Create([None]))
+        if cfg.top_fraction is not None:
+            cut = beam.pvalue.AsSingleton(
+                scored | "KeyScore" >> beam.Map(lambda s: (s[0][1], s[1].score))  # (key, score)
+                | "TopFractionCut" >> TopFractionCut(cfg.top_fraction))
+        decisions = scored | "Decide" >> beam.Map(decide, cfg=cfg, cut=cut)  # (path, Decision)
+        positions = {path: i for i, path in enumerate(self.inputs)}
+        return ({"decisions": decisions, "rejections": rejected}
+                | "JoinByShard" >> beam.CoGroupByKey()  # (path, {"decisions": [..], "rejections": [..]})
+                | "RewriteShard" >> beam.ParDo(_RewriteShard(cfg, positions)))
+
+
+class ScoreDistribution(beam.PTransform):
+    """Tar paths -> one dry-run report (dict), writing no shards."""
+
+    def __init__(self, cfg: FilterConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, paths):
+        scored, rejected = paths | "Score" >> ScorePairs(self.cfg)
+        hist = scored | "Scores" >> beam.Map(lambda s: s[1].score) | "Histogram" >> beam.CombineGlobally(HistogramFn())
+        failures = rejected | "Reason" >> beam.Map(lambda r: r[1].reason) | "CountReasons" >> beam.combiners.Count.PerElement()
+        return hist | "Report" >> beam.Map(
+            lambda h, failed: distribution(h, DRY_RUN_THRESHOLDS, DRY_RUN_FRACTIONS) | {"unscored": dict(failed)},
+            failed=beam.pvalue.AsList(failures))
+
+
+def input_shards(pattern: str) -> list[str]:
+    """The tars a filter run reads: a folder's ``*.tar``, or a glob; sorted. Raises ValueError when none."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if not any(c in pattern for c in "*?[") and not pattern.endswith(".tar"):
+        pattern = pattern.rstrip("/") + "/*.tar"
+    found = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    if not found:
+        raise ValueError(f"{pattern}: no shards (.tar files) match")
+    return found
+
+
+def run(cfg: FilterConfig, inputs: list[str], beam_args: list[str] | None = None, dry_run: bool = False) -> dict:
+    """Run the filter on tar paths; returns the run report, or the score distribution when ``dry_run``."""
+    if cfg.write is None:
+        raise ValueError("filter needs write.path (the output folder; a dry run writes its report there)")
+    p = beam.Pipeline(options=pipeline_options(beam_args))
+    if dry_run:
+        path = join(cfg.write.path, DRY_RUN_NAME)
+        _ = (p | "Shards" >> beam.Create(inputs) | "ScoreDistribution" >> ScoreDistribution(cfg)
+             | "WriteReport" >> beam.Map(lambda r: write_bytes(path, (json.dumps(r, indent=1) + "\n").encode())))
+        p.run().wait_until_finish()
+        return json.loads(read_bytes(path))
+    _ = p | "Filter" >> Filter(cfg, inputs)
+    result = p.run()
+    result.wait_until_finish()
+    report = summarize(cfg.write.path, stage="filter", result=result)
+    write_report(cfg.write.path, report)
+    return report

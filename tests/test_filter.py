@@ -1,0 +1,218 @@
+"""The CLIP filter: scores equal a direct computation, selection keeps exactly the right keys, nothing is lost."""
+
+import io
+import json
+import math
+import tarfile
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from visinstruct.configs import FilterConfig, IngestConfig, from_dict
+from visinstruct.pipelines import filter as clip_filter
+from visinstruct.pipelines.ingest import run as ingest
+from visinstruct.schemas import SampleMeta
+from visinstruct.testing import sample_data
+from visinstruct.testing.tiny_models import TINY_OPEN_CLIP_CONFIG, TINY_OPEN_CLIP_NAME, tiny_hf_clip, tiny_open_clip
+from visinstruct.transforms.select import TopFractionCut, ranks_within, top_count
+
+pytestmark = pytest.mark.timeout(600)
+RUNNER = ["--runner=FnApiRunner"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Ingested shards of shapes and photos (14 samples, 3 shards) plus a hand-made shard with a corrupt image."""
+    root = tmp_path_factory.mktemp("filter")
+    images = root / "images"
+    samples = sample_data.shapes_samples(8, seed=1) + sample_data.photo_samples()[:6]
+    for i, s in enumerate(samples):
+        s["image"].save(images / f"{i:02d}.png" if images.exists() else _mkdir(images) / f"{i:02d}.png")
+        (images / f"{i:02d}.txt").write_text(s["caption"])
+    cfg = from_dict(IngestConfig, {"read": {"path": str(images)}, "write": {"path": str(root / "in"), "shard_size": 5},
+                                   "resize": {"image_size": 96}})
+    assert ingest(cfg, RUNNER)["written"] == 14
+    with tarfile.open(root / "in" / "00007.tar", "w") as tar:  # one good sample, one corrupt image
+        for key, jpg in (("000070000", _jpeg()), ("000070001", _jpeg()[:300] + b"\x00" * 500)):
+            for ext, data in (("jpg", jpg), ("txt", b"a test card")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path
+
+
+def _jpeg():
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    model, _, _ = tiny_open_clip(seed=7)
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    (folder / f"{TINY_OPEN_CLIP_NAME}.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    return folder
+
+
+def open_clip_cfg(checkpoint, out, **selection) -> FilterConfig:
+    return from_dict(FilterConfig, {"model": {"name": TINY_OPEN_CLIP_NAME, "pretrained": str(checkpoint / "tiny.pt"),
+                                              "config_file": str(checkpoint / f"{TINY_OPEN_CLIP_NAME}.json"),
+                                              "max_batch_size": 4, "decode_threads": 2},
+                                    "write": {"path": str(out)}, **selection})
+
+
+def input_samples(shards):
+    tars = [str(p) for p in sorted((shards / "in").glob("*.tar"))]
+    return tars, [s for s in wds.WebDataset(tars, shardshuffle=False) if s["__key__"] != "000070001"]
+
+
+def direct_open_clip_scores(shards) -> dict[str, float]:
+    model, preprocess, tokenizer = tiny_open_clip(seed=7)
+    _, samples = input_samples(shards)
+    scores = {}
+    with torch.no_grad():
+        for s in samples:
+            image = preprocess(Image.open(io.BytesIO(s["jpg"])).convert("RGB")).unsqueeze(0)
+            a = torch.nn.functional.normalize(model.encode_image(image), dim=-1)
+            b = torch.nn.functional.normalize(model.encode_text(tokenizer([s["txt"].decode()])), dim=-1)
+            scores[s["__key__"]] = float((a * b).sum())
+    return scores
+
+
+def written(out) -> dict[str, SampleMeta]:
+    metas = [SampleMeta.from_json(s["json"]) for s in
+             wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False)]
+    return {m.key: m for m in metas}
+
+
+def test_threshold_keeps_exactly_the_pairs_scoring_at_least_it(shards, tiny_checkpoint, tmp_path):
+    direct = direct_open_clip_scores(shards)
+    threshold = float(np.median(list(direct.values())))
+    tars, _ = input_samples(shards)
+    report = clip_filter.run(open_clip_cfg(tiny_checkpoint, tmp_path, threshold=threshold), tars, RUNNER)
+    kept = written(tmp_path)
+    assert set(kept) == {k for k, s in direct.items() if s >= threshold}
+    for key, meta in kept.items():
+        assert abs(meta.clip.score - direct[key]) < 1e-5
+        assert meta.clip.model == TINY_OPEN_CLIP_NAME and meta.clip.pretrained.endswith("tiny.pt")
+    index = pq.read_table(sorted(tmp_path.glob("*.parquet"))).to_pylist()
+    assert {r["key"]: r["clip_score"] for r in index if r["clip_score"] is not None}.keys() == direct.keys()
+    for row in index:
+        if row["key"] in direct:
+            assert abs(row["clip_score"] - direct[row["key"]]) < 1e-5
+    # kept + dropped = input, the corrupt image is dead-lettered, not fatal
+    assert report["inputs"] == report["rows_read"] == 16 and report["accounted"]
+    assert report["written"] == len(kept)
+    assert report["rejected_by_reason"] == {"clip_below_threshold": 15 - len(kept), "decode_error": 1}
+    rejected = pq.read_table(tmp_path / "rejected").to_pylist()
+    assert {r["key"] for r in rejected if r["reason"] == "decode_error"} == {"000070001"}
+    assert all(json.loads(r["detail"])["score"] < threshold for r in rejected if r["reason"] == "clip_below_threshold")
+
+
+def test_top_fraction_keeps_the_best_ranked_keys(shards, tiny_checkpoint, tmp_path):
+    direct = direct_open_clip_scores(shards)
+    tars, _ = input_samples(shards)
+    clip_filter.run(open_clip_cfg(tiny_checkpoint, tmp_path, top_fraction=0.3, store_embeddings=True), tars, RUNNER)
+    ranked = sorted(direct, key=lambda k: (-direct[k], k))
+    assert set(written(tmp_path)) == set(ranked[:math.ceil(0.3 * len(ranked))])
+    row = next(r for r in pq.read_table(sorted(tmp_path.glob("*.parquet"))).to_pylist() if r["clip_score"])
+    embedding = np.frombuffer(row["clip_image_embedding"], np.float16)
+    assert embedding.shape == (TINY_OPEN_CLIP_CONFIG["embed_dim"],) and abs(np.linalg.norm(embedding) - 1) < 1e-2
+
+
+def test_dry_run_reports_the_distribution_and_writes_no_shards(shards, tiny_checkpoint, tmp_path):
+    direct = direct_open_clip_scores(shards)
+    tars, _ = input_samples(shards)
+    report = clip_filter.run(open_clip_cfg(tiny_checkpoint, tmp_path), tars, RUNNER, dry_run=True)
+    assert report["pairs"] == len(direct) and report["unscored"] == {"decode_error": 1}
+    assert abs(report["min"] - min(direct.values())) < 1e-3 and abs(report["max"] - max(direct.values())) < 1e-3
+    kept = list(report["kept_by_threshold"].values())
+    assert kept == sorted(kept, reverse=True)
+    assert not list(tmp_path.glob("*.tar"))
+
+
+def test_transformers_clip_scores_equal_a_direct_computation(shards, tmp_path):
+    model, processor = tiny_hf_clip(save_dir=tmp_path / "hf-clip", seed=3)
+    tars, samples = input_samples(shards)
+    cfg = from_dict(FilterConfig, {"model": {"backend": "transformers", "name": str(tmp_path / "hf-clip")},
+                                   "threshold": -1.0, "write": {"path": str(tmp_path / "out")}})
+    clip_filter.run(cfg, tars, RUNNER)
+    kept = written(tmp_path / "out")
+    assert len(kept) == 15
+    with torch.no_grad():
+        for s in samples[:5]:
+            pixels = processor(images=Image.open(io.BytesIO(s["jpg"])).convert("RGB"), return_tensors="pt")
+            tokens = processor.tokenizer([s["txt"].decode()], padding="max_length", truncation=True, return_tensors="pt")
+            a = model.get_image_features(**pixels)
+            b = model.get_text_features(**tokens)
+            a = a if torch.is_tensor(a) else a.pooler_output
+            b = b if torch.is_tensor(b) else b.pooler_output
+            score = float(torch.nn.functional.cosine_similarity(a, b))
+            assert abs(kept[s["__key__"]].clip.score - score) < 1e-5
+
+
+@pytest.mark.parametrize("fraction, expected", [
+    (0.5, ["a", "b", "c"]),  # b and c tie at 0.5 with d: the smaller keys win
+    (0.25, ["a", "b"]),
+    (1.0, ["a", "b", "c", "d", "e", "f"]),
+    (0.01, ["a"]),
+])
+def test_top_fraction_is_exact_and_breaks_ties_by_key(fraction, expected):
+    scores = [("d", 0.5), ("a", 0.9), ("f", -0.2), ("c", 0.5), ("b", 0.5), ("e", 0.1)]
+    with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+        pairs = p | beam.Create(scores)
+        cut = pairs | TopFractionCut(fraction)
+        kept = pairs | beam.Filter(lambda ks, c: ranks_within(ks[1], ks[0], c), c=beam.pvalue.AsSingleton(cut))
+        assert_that(kept | beam.Map(lambda ks: ks[0]), equal_to(expected))
+    assert top_count(0.3, 10) == 3 and top_count(0.25, 6) == 2
+
+
+@pytest.mark.skip(reason="needs the contrastive trainer (issue: CLIP and LiT trainer) to train a CLIP that knows "
+                         "easy-vqa; lands with it")
+def test_filter_separates_matching_from_mismatched_captions_with_a_trained_model():
+    pass
+
+
+def test_cli_filters_img2dataset_shards_keeping_their_fields(tiny_checkpoint, tmp_path, capsys):
+    from visinstruct.cli.main import main
+
+    shards = tmp_path / "i2d"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:  # img2dataset's layout and JSON fields
+        for i in range(4):
+            key = f"00000000{i}"
+            meta = {"url": f"http://x/{i}.jpg", "key": key, "status": "success", "error_message": None,
+                    "width": 40, "height": 30, "original_width": 400, "original_height": 300, "exif": "{}",
+                    "sha256": "ab" * 32, "caption": f"picture {i}"}
+            for ext, data in (("jpg", _jpeg()), ("txt", meta["caption"].encode()), ("json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    config = tmp_path / "filter.yaml"
+    config.write_text(f"model:\n  name: {TINY_OPEN_CLIP_NAME}\n  pretrained: {tiny_checkpoint / 'tiny.pt'}\n"
+                      f"  config_file: {tiny_checkpoint / (TINY_OPEN_CLIP_NAME + '.json')}\ntop_fraction: 0.5\n")
+    args = ["filter", "--config", str(config), "--input", str(shards), "--out", str(tmp_path / "out"),
+            "--runner=FnApiRunner"]
+    assert main(args + ["--dry-run"]) == 0
+    assert "4 pairs scored" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "filter: 4 rows in 1 shards -> 2 written, 2 rejected" in capsys.readouterr().out
+    kept = written(tmp_path / "out")
+    assert len(kept) == 2
+    for meta in kept.values():
+        assert meta.extra["status"] == "success" and meta.extra["exif"] == "{}" and meta.clip is not None
+    assert main(["filter", "--config", str(config), "--input", str(tmp_path / "nothing"), "--out", "x"]) == 2

@@ -1,0 +1,227 @@
+"""CLIP scoring through Beam's RunInference: model handlers for open_clip and transformers CLIP/SigLIP.
+
+A handler scores ``(image_tensor, caption)`` examples: the cosine similarity of the normalised image and text
+embeddings, optionally with the embeddings themselves. Images arrive already decoded and preprocessed (see
+:class:`~visinstruct.transforms.filter_stages.DecodeForClip`, which does it on a thread pool ahead of the
+model); :meth:`ClipHandler.preprocessor` gives that stage the model's own transform without loading weights.
+
+Beam does the batching (``min_batch_size``/``max_batch_size``), shares one model per process across threads,
+and with ``model_copies`` (or ``large_model``) across processes, as Dataflow runs several per VM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from visinstruct.configs import ClipModelConfig
+
+log = logging.getLogger(__name__)
+Example = tuple[np.ndarray, str]  # (preprocessed image, CHW float32; caption)
+
+
+@dataclass(frozen=True)
+class ClipOutput:
+    """What a handler returns per example."""
+
+    score: float
+    image_embedding: np.ndarray | None = None
+    text_embedding: np.ndarray | None = None
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but torch sees no CUDA device (is the CUDA build installed?)")
+    return requested
+
+
+def pick_dtype(precision: str, device: str):
+    import torch
+
+    if precision == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cosine_scores(image_features, text_features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row-wise cosine similarity of two feature batches, computed in float32; returns numpy arrays."""
+    import torch
+
+    image = torch.nn.functional.normalize(image_features.float(), dim=-1)
+    text = torch.nn.functional.normalize(text_features.float(), dim=-1)
+    scores = (image * text).sum(dim=-1)
+    return scores.cpu().numpy(), image.cpu().numpy(), text.cpu().numpy()
+
+
+class ClipHandler(ModelHandler[Example, ClipOutput, Any]):
+    """Shared machinery: device, precision, threads, batching, embeddings on request."""
+
+    def __init__(self, cfg: ClipModelConfig, with_embeddings: bool = False):
+        super().__init__(min_batch_size=cfg.min_batch_size, max_batch_size=cfg.max_batch_size,
+                         large_model=cfg.large_model, model_copies=cfg.model_copies)
+        self.cfg, self.with_embeddings = cfg, with_embeddings
+
+    # Subclasses: build the model (on self.device, eval mode), encode images and texts.
+    def _build(self, device: str) -> Any:
+        raise NotImplementedError
+
+    def _encode(self, model: Any, images, texts: list[str]):
+        raise NotImplementedError
+
+    def preprocessor(self) -> Callable:
+        """A picklable ``PIL.Image -> CHW float32 numpy`` transform matching the model, without its weights."""
+        raise NotImplementedError
+
+    def load_model(self) -> Any:
+        import torch
+
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        device = pick_device(self.cfg.device)
+        model = self._build(device)
+        model.eval()
+        model.visinstruct_device = device
+        log.info("loaded CLIP %s (%s) on %s", self.cfg.name, self.cfg.pretrained, device)
+        return model
+
+    def run_inference(self, batch: Sequence[Example], model: Any, inference_args=None) -> Iterable[PredictionResult]:
+        import torch
+
+        device = model.visinstruct_device
+        dtype = pick_dtype(self.cfg.precision, device)
+        images = torch.from_numpy(np.stack([image for image, _ in batch])).to(device)
+        texts = [caption for _, caption in batch]
+        with torch.inference_mode(), torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+            image_features, text_features = self._encode(model, images, texts)
+        scores, image_emb, text_emb = cosine_scores(image_features, text_features)
+        for i, example in enumerate(batch):
+            output = ClipOutput(float(scores[i]), image_emb[i].astype(np.float16) if self.with_embeddings else None,
+                                text_emb[i].astype(np.float16) if self.with_embeddings else None)
+            yield PredictionResult(example, output, self.model_id())
+
+    def model_id(self) -> str:
+        return f"{self.cfg.name}:{self.cfg.pretrained}" if self.cfg.pretrained else self.cfg.name
+
+    def get_metrics_namespace(self) -> str:
+        return "clip"
+
+
+class _OpenClipPreprocess:
+    """Picklable wrapper around open_clip's eval transform (built lazily in each worker)."""
+
+    def __init__(self, size, mean, std, resize_mode):
+        self.args, self._transform = (size, mean, std, resize_mode), None
+
+    def __call__(self, image) -> np.ndarray:
+        if self._transform is None:
+            import open_clip
+
+            size, mean, std, resize_mode = self.args
+            self._transform = open_clip.image_transform(size, is_train=False, mean=mean, std=std,
+                                                        resize_mode=resize_mode)
+        return self._transform(image).numpy()
+
+    def __getstate__(self):
+        return {"args": self.args, "_transform": None}
+
+
+class OpenClipHandler(ClipHandler):
+    """Any open_clip architecture, with a pretrained tag, a local checkpoint path, or random weights (None).
+
+    ``cfg.config_file`` registers a model config JSON first (custom architectures such as those
+    ``visinstruct train-clip`` writes); open_clip names it after the file stem, which must equal ``cfg.name``.
+    """
+
+    def _register(self) -> None:
+        if self.cfg.config_file:
+            import open_clip
+
+            stem = os.path.splitext(os.path.basename(self.cfg.config_file))[0]
+            if stem != self.cfg.name:
+                raise ValueError(f"model.config_file must be named {self.cfg.name}.json (open_clip names models "
+                                 f"after the file), got {self.cfg.config_file}")
+            open_clip.add_model_config(self.cfg.config_file)
+
+    def preprocessor(self) -> Callable:
+        import open_clip
+
+        self._register()
+        config = open_clip.get_model_config(self.cfg.name)
+        if config is None:
+            raise ValueError(f"open_clip knows no model {self.cfg.name!r} (set model.config_file for a custom one)")
+        pretrained_cfg = {}
+        if self.cfg.pretrained and not os.path.exists(self.cfg.pretrained):
+            pretrained_cfg = open_clip.get_pretrained_cfg(self.cfg.name, self.cfg.pretrained) or {}
+        vision = config.get("vision_cfg", {})
+        mean = pretrained_cfg.get("mean") or vision.get("image_mean") or open_clip.OPENAI_DATASET_MEAN
+        std = pretrained_cfg.get("std") or vision.get("image_std") or open_clip.OPENAI_DATASET_STD
+        resize_mode = pretrained_cfg.get("resize_mode") or vision.get("image_resize_mode") or "shortest"
+        return _OpenClipPreprocess(vision.get("image_size", 224), tuple(mean), tuple(std), resize_mode)
+
+    def _build(self, device: str):
+        import open_clip
+
+        self._register()
+        model = open_clip.create_model(self.cfg.name, pretrained=self.cfg.pretrained, device=device)
+        model.visinstruct_tokenizer = open_clip.get_tokenizer(self.cfg.name)
+        return model
+
+    def _encode(self, model, images, texts):
+        tokens = model.visinstruct_tokenizer(texts).to(images.device)
+        return model.encode_image(images), model.encode_text(tokens)
+
+
+class _HfPreprocess:
+    def __init__(self, name: str):
+        self.name, self._processor = name, None
+
+    def __call__(self, image) -> np.ndarray:
+        if self._processor is None:
+            from transformers import AutoImageProcessor
+
+            self._processor = AutoImageProcessor.from_pretrained(self.name)
+        return self._processor(images=image, return_tensors="np")["pixel_values"][0].astype(np.float32)
+
+    def __getstate__(self):
+        return {"name": self.name, "_processor": None}
+
+
+class HfClipHandler(ClipHandler):
+    """transformers CLIP or SigLIP (``AutoModel``) by hub id or local path."""
+
+    def preprocessor(self) -> Callable:
+        return _HfPreprocess(self.cfg.name)
+
+    def _build(self, device: str):
+        from transformers import AutoModel, AutoTokenizer
+
+        model = AutoModel.from_pretrained(self.cfg.name).to(device)
+        model.visinstruct_tokenizer = AutoTokenizer.from_pretrained(self.cfg.name)
+        return model
+
+    def _encode(self, model, images, texts):
+        tokenizer = model.visinstruct_tokenizer
+        # SigLIP was trained on max_length padding and pools differently without it; CLIP does not mind.
+        tokens = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").to(images.device)
+        image = model.get_image_features(pixel_values=images.to(model.dtype))
+        text = model.get_text_features(**tokens)
+        return _features(image), _features(text)
+
+
+def _features(output):
+    """transformers 5 may return a ModelOutput where 4.x returned a tensor."""
+    return output if hasattr(output, "float") else output.pooler_output
+
+
+def make_handler(cfg: ClipModelConfig, with_embeddings: bool = False) -> ClipHandler:
+    return {"open_clip": OpenClipHandler, "transformers": HfClipHandler}[cfg.backend](cfg, with_embeddings)
