@@ -25,6 +25,7 @@ demo: install
 	$(BIN)/visinstruct demo --out demo_out
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --timeout=600 --durations=15 tests
 
 lint: install

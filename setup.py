@@ -42,8 +42,10 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "gpu": ["vllm"],
-    "gcp": ["apache-beam[gcp]>=2.77,<3"],
+    "gcp": ["apache-beam[gcp]>=2.77,<3", "build"],  # Beam builds the --setup_file sdist with `build`
     "dev": [
+        "apache-beam[gcp]>=2.77,<3",  # DataflowRunner --dry_run=True graph tests, offline
+        "build",
         "pytest>=8",
         "pytest-timeout",
         "ruff",

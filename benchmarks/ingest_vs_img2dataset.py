@@ -14,6 +14,7 @@ import argparse
 import datetime
 import glob
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -33,7 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance
 
-GENERATOR_VERSION = 1  # bump when the image recipe changes, so cached images are rebuilt
+GENERATOR_VERSION = 2  # bump when the image recipe changes, so cached images are rebuilt
+# No two images closer than this (our phash, as ingest computes it); tests use phash_max_distance 4 and 6.
+MIN_PHASH_DISTANCE = 6
 ASPECTS = [(4, 3), (3, 2), (16, 9), (1, 1), (3, 4), (2, 3)]
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore"}
 BIN = os.path.dirname(sys.executable)  # the venv's console scripts: visinstruct and img2dataset
@@ -41,9 +44,8 @@ BIN = os.path.dirname(sys.executable)  # the venv's console scripts: visinstruct
 # -- data -------------------------------------------------------------------------------------------------------------
 
 
-def make_image(source: Image.Image, seed: int) -> Image.Image:
+def make_image(source: Image.Image, rng: np.random.Generator) -> Image.Image:
     """One photo-sized variant of ``source``: a random crop, 640-1600 px wide, flipped, colour-jittered, grained."""
-    rng = np.random.default_rng(seed)
     aw, ah = ASPECTS[rng.integers(len(ASPECTS))]
     width = int(rng.integers(640, 1601))
     height = width * ah // aw
@@ -62,14 +64,6 @@ def make_image(source: Image.Image, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def _generate_one(job: tuple[str, int, int]) -> None:
-    path, index, seed = job
-    photos = _photos()
-    img = make_image(photos[index % len(photos)]["image"], seed * 1_000_003 + index)
-    img.save(path + ".tmp", "JPEG", quality=90)
-    os.replace(path + ".tmp", path)
-
-
 _PHOTO_CACHE: list = []
 
 
@@ -81,67 +75,98 @@ def _photos() -> list[dict]:
     return _PHOTO_CACHE
 
 
-def generate_images(folder: str, n: int, seed: int) -> tuple[list[str], list[str]]:
-    """Paths and captions of N JPEGs, generated in parallel once and reused while ``manifest.json`` matches."""
+def generate_one(job: tuple[str, int, int, int, int]) -> dict:
+    """Writes image ``index`` (variant ``attempt``) and returns its attempt and the phash our ingest will compute."""
+    from visinstruct.configs import ResizeConfig
+    from visinstruct.transforms.images import process_image
+
+    folder, seed, index, attempt, image_size = job
+    photos = _photos()
+    img = make_image(photos[index % len(photos)]["image"], np.random.default_rng([seed, index, attempt]))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    path = os.path.join(folder, f"{index:06d}.jpg")
+    with open(path + ".tmp", "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(path + ".tmp", path)
+    processed = process_image(buf.getvalue(), ResizeConfig(image_size=image_size, resize_mode="border"))
+    return {"attempt": attempt, "phash": processed.phash}
+
+
+def spread_apart(folder: str, seed: int, image_size: int, entries: list[dict]) -> int:
+    """Regenerates, in index order, every image whose phash is within ``MIN_PHASH_DISTANCE`` of an earlier one.
+
+    Crops of one photo sometimes nearly coincide; our ingest can drop those as near-duplicates, img2dataset
+    cannot, so they would make the two tools write different counts. Returns how many images were redone.
+    """
+    kept, redone = np.zeros(len(entries), dtype=np.uint64), 0
+    for i, entry in enumerate(entries):
+        while i and nearest_distance(int(entry["phash"], 16), kept[:i]) <= MIN_PHASH_DISTANCE:
+            if entry["attempt"] >= 50:
+                raise SystemExit(f"image {i}: no variant far enough from the others after 50 attempts")
+            entry = entries[i] = generate_one((folder, seed, i, entry["attempt"] + 1, image_size))
+            redone += 1
+        kept[i] = int(entry["phash"], 16)
+    return redone
+
+
+def generate_images(folder: str, n: int, seed: int, image_size: int) -> tuple[list[str], list[str]]:
+    """Paths and phashes of N distinct JPEGs, generated in parallel once and reused while the manifest matches."""
     manifest_path = os.path.join(folder, "manifest.json")
-    recipe = {"version": GENERATOR_VERSION, "seed": seed}
+    recipe = {"version": GENERATOR_VERSION, "seed": seed, "image_size": image_size}
     manifest = {}
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
-    paths = [os.path.join(folder, f"{i:06d}.jpg") for i in range(n)]
+    if manifest.get("recipe") != recipe:  # another recipe: nothing cached is valid
+        shutil.rmtree(folder, ignore_errors=True)
+        manifest = {"recipe": recipe, "images": []}
     os.makedirs(folder, exist_ok=True)
-    if manifest.get("recipe") != recipe:  # a different recipe: nothing cached is valid
-        for old in glob.glob(os.path.join(folder, "*.jpg")):
-            os.unlink(old)
-    todo = [(p, i, seed) for i, p in enumerate(paths) if not os.path.exists(p)]
-    if todo:
-        print(f"generating {len(todo)} images in {folder} ...", flush=True)
+    entries = manifest["images"][:n]
+    if len(entries) < n:
+        print(f"generating {n - len(entries)} images in {folder} ...", flush=True)
         start = time.perf_counter()
+        jobs = [(folder, seed, i, 0, image_size) for i in range(len(entries), n)]
         with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
-            pool.map(_generate_one, todo, chunksize=16)
-        print(f"  done in {time.perf_counter() - start:.1f}s", flush=True)
-    with open(manifest_path, "w") as f:
-        json.dump({"recipe": recipe}, f)
-    photos = _photos()
-    return paths, [photos[i % len(photos)]["caption"] for i in range(n)]
+            entries += pool.map(generate_one, jobs, chunksize=16)
+        redone = spread_apart(folder, seed, image_size, entries)
+        print(f"  done in {time.perf_counter() - start:.1f}s ({redone} regenerated as near-duplicates)", flush=True)
+        manifest["images"] = entries + manifest["images"][n:]
+        with open(manifest_path, "w") as f:
+            json.dump(manifest, f)
+    return [os.path.join(folder, f"{i:06d}.jpg") for i in range(n)], [e["phash"] for e in entries]
 
 
-def describe_images(paths: list[str]) -> dict:
+def describe_images(paths: list[str], phashes: list[str]) -> dict:
     """Sizes of the generated files, and a check that every image is distinct in bytes and in content."""
-    from visinstruct.transforms.images import phash
-
-    digests, hashes, sizes, dims = set(), [], [], []
+    digests, sizes, dims = set(), [], []
     for path in paths:
         with open(path, "rb") as f:
             data = f.read()
         digests.add(hashlib.sha256(data).hexdigest())
         sizes.append(len(data))
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             dims.append(img.size)
-            img.draft("RGB", (img.width // 8, img.height // 8))  # the phash needs a 32x32 thumbnail only
-            hashes.append(phash(img.convert("RGB")))
-    if len(digests) != len(paths):
-        raise SystemExit(f"only {len(digests)} distinct files among {len(paths)}: fix the generator")
-    nearest = nearest_phash_distances(hashes)
-    return {"count": len(paths), "distinct_sha256": len(digests), "distinct_phash": len(set(hashes)),
-            "min_phash_distance": int(nearest.min()), "with_phash_neighbour_within_4": int((nearest <= 4).sum()),
+    values = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
+    nearest = min((nearest_distance(int(v), np.delete(values, i)) for i, v in enumerate(values)), default=64)
+    if len(digests) != len(paths) or nearest <= MIN_PHASH_DISTANCE:
+        raise SystemExit(f"{len(digests)} distinct files of {len(paths)}, nearest phashes {nearest} apart: "
+                         f"delete {os.path.dirname(paths[0])} and rerun")
+    return {"count": len(paths), "distinct_sha256": len(digests), "min_phash_distance": nearest,
             "mean_kib": round(sum(sizes) / len(sizes) / 1024, 1),
             "widths": [min(w for w, _ in dims), max(w for w, _ in dims)],
             "mean_megapixels": round(sum(w * h for w, h in dims) / len(dims) / 1e6, 3)}
 
 
-def nearest_phash_distances(hashes: list[str]) -> np.ndarray:
-    """For each hash, the Hamming distance to its nearest other hash (64 when there is no other)."""
-    values = np.array([int(h, 16) for h in hashes], dtype=np.uint64)
-    popcount = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
-    nearest = np.full(len(values), 64)
-    for lo in range(0, len(values), 128):
-        xor = values[lo:lo + 128, None] ^ values[None, :]  # (rows, all)
-        dist = popcount[xor.view(np.uint8)].reshape(*xor.shape, 8).sum(axis=-1)
-        dist[np.arange(len(dist)), np.arange(lo, lo + len(dist))] = 64  # not against itself
-        nearest[lo:lo + 128] = dist.min(axis=1)
-    return nearest
+_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
+
+
+def nearest_distance(value: int, others: np.ndarray) -> int:
+    """The smallest Hamming distance between a 64-bit hash and an array of them (64 for an empty array)."""
+    if not len(others):
+        return 64
+    xor = others ^ np.uint64(value)
+    return int(_POPCOUNT[xor.view(np.uint8)].reshape(-1, 8).sum(axis=1).min())
 
 
 # -- server -----------------------------------------------------------------------------------------------------------
@@ -188,26 +213,29 @@ def serve(folder: str, names: list[str], latency: float, port_pipe, stop) -> Non
 
 # -- the two tools ----------------------------------------------------------------------------------------------------
 
+TOOLS = ("img2dataset", "visinstruct")
 
-def ingest_config(args, url_list: str, out: str) -> dict:
+
+def ingest_config(args, url_list: str, out: str, shard_size: int) -> dict:
+    """Our config: img2dataset's settings where both have one (no retries, 10 s timeout, no rate limit)."""
     return {
         "read": {"path": url_list, "url_col": "url", "caption_col": "caption"},
         "download": {"threads": args.threads, "timeout": 10, "retries": 0, "per_host_rps": None,
                      "allow_loopback": True},
         "resize": {"image_size": args.image_size, "resize_mode": "border", "encode_format": "jpg",
                    "encode_quality": args.quality},
-        "write": {"path": out, "shard_size": args.shard_size},
+        "write": {"path": out, "shard_size": shard_size},
     }
 
 
-def commands(args, url_list: str, config_path: str, outs: dict[str, str]) -> dict[str, list[str]]:
+def commands(args, url_list: str, config_path: str, outs: dict[str, str], shard_size: int) -> dict[str, list[str]]:
     """The two command lines: same image size, mode, quality, shard size, processes and threads per process."""
     return {
         "img2dataset": [
             os.path.join(BIN, "img2dataset"), f"--url_list={url_list}", "--input_format=parquet", "--url_col=url",
             "--caption_col=caption", f"--output_folder={outs['img2dataset']}", "--output_format=webdataset",
             f"--processes_count={args.processes}", f"--thread_count={args.threads}",
-            f"--number_sample_per_shard={args.shard_size}", f"--image_size={args.image_size}",
+            f"--number_sample_per_shard={shard_size}", f"--image_size={args.image_size}",
             "--resize_mode=border", "--encode_format=jpg", f"--encode_quality={args.quality}",
             "--distributor=multiprocessing", "--timeout=10", "--retries=0"],
         "visinstruct": [
@@ -216,8 +244,20 @@ def commands(args, url_list: str, config_path: str, outs: dict[str, str]) -> dic
     }
 
 
+def prepare_workload(args, work: str, name: str, urls: list[str], captions: list[str], shard_size: int) -> dict:
+    """Writes a URL list and our config for the first ``len(urls)`` images; returns both tools' commands."""
+    url_list = os.path.join(work, f"urls-{name}.parquet")
+    pq.write_table(pa.table({"url": urls, "caption": captions}), url_list)
+    outs = {tool: os.path.join(work, f"out-{name}-{tool}") for tool in TOOLS}
+    config_path = os.path.join(work, f"ingest-{name}.json")  # JSON is YAML: the config loader reads it
+    with open(config_path, "w") as f:
+        json.dump(ingest_config(args, url_list, outs["visinstruct"], shard_size), f, indent=1)
+    return {"inputs": len(urls), "shard_size": shard_size, "outs": outs,
+            "commands": commands(args, url_list, config_path, outs, shard_size)}
+
+
 def count_written(folder: str) -> dict:
-    """Images (``.jpg`` members) and samples in the top-level tars of an output folder."""
+    """Images (``.jpg`` members) in the top-level tars of an output folder, and the number of tars."""
     images, shards = 0, 0
     for path in sorted(glob.glob(os.path.join(folder, "*.tar"))):
         shards += 1
@@ -226,19 +266,30 @@ def count_written(folder: str) -> dict:
     return {"images": images, "shards": shards}
 
 
-def run_tool(name: str, cmd: list[str], out: str, log_dir: str, round_no: int) -> dict:
-    """Run one command from a fresh output folder; wall time includes interpreter start-up and teardown."""
+def run_tool(tool: str, workload: str, spec: dict, log_dir: str, round_no: int) -> dict:
+    """Runs one command from a fresh output folder; wall time includes interpreter start-up and teardown."""
+    out = spec["outs"][tool]
     shutil.rmtree(out, ignore_errors=True)
-    log_path = os.path.join(log_dir, f"{name}-round{round_no}.log")
+    log_path = os.path.join(log_dir, f"{workload}-{tool}-round{round_no}.log")
     with open(log_path, "w") as log:
         start = time.perf_counter()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV).returncode
+        rc = subprocess.run(spec["commands"][tool], stdout=log, stderr=subprocess.STDOUT, env=ENV).returncode
         wall = time.perf_counter() - start
-    result = {"tool": name, "round": round_no, "wall_s": round(wall, 3), "rc": rc, **count_written(out),
-              "log": log_path}
-    print(f"  round {round_no} {name:<12} {wall:7.2f}s  rc={rc}  images={result['images']} "
-          f"shards={result['shards']}", flush=True)
+    result = {"tool": tool, "workload": workload, "round": round_no, "wall_s": round(wall, 3), "rc": rc,
+              **count_written(out), "log": log_path}
+    print(f"  round {round_no} {workload:<7} {tool:<12} {wall:7.2f}s  rc={rc}  images={result['images']}/"
+          f"{spec['inputs']}  shards={result['shards']}", flush=True)
     return result
+
+
+def run_rounds(workloads: dict[str, dict], repeats: int, log_dir: str) -> list[dict]:
+    """Every workload for both tools, each round; the tool that goes first alternates between rounds."""
+    runs = []
+    for round_no in range(1, repeats + 1):
+        order = TOOLS if round_no % 2 else TOOLS[::-1]
+        for workload, spec in workloads.items():
+            runs += [run_tool(tool, workload, spec, log_dir, round_no) for tool in order]
+    return runs
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
@@ -250,33 +301,52 @@ def machine() -> dict:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    versions = {p: metadata.version(p) for p in ("img2dataset", "apache-beam", "pillow", "opencv-python-headless",
-                                                 "urllib3") if _installed(p)}
+    versions = {}
+    for package in ("img2dataset", "apache-beam", "pillow", "opencv-python-headless", "urllib3", "webdataset"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
     return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_gib, 1),
             "platform": platform.platform(), "python": platform.python_version(), "versions": versions}
 
 
-def _installed(package: str) -> bool:
-    try:
-        metadata.version(package)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
-
-
-def summarize(runs: list[dict], n: int) -> dict:
+def summarize(runs: list[dict], workloads: dict[str, dict]) -> dict:
+    """Medians per tool and workload; images/s of the whole command, and beyond the start-up run if there is one."""
     summary = {}
-    for tool in ("img2dataset", "visinstruct"):
-        mine = [r for r in runs if r["tool"] == tool]
-        wall = statistics.median(r["wall_s"] for r in mine)
-        images = min(r["images"] for r in mine)
-        summary[tool] = {"median_wall_s": round(wall, 3), "walls_s": [r["wall_s"] for r in mine],
-                         "images_written_min": images, "images_written": [r["images"] for r in mine],
-                         "images_per_s": round(images / wall, 1), "all_rc_zero": all(r["rc"] == 0 for r in mine)}
-    summary["ratio_ours_over_img2dataset"] = round(
-        summary["visinstruct"]["images_per_s"] / summary["img2dataset"]["images_per_s"], 3)
-    summary["inputs"] = n
+    for tool in TOOLS:
+        entry = {}
+        for workload in workloads:
+            mine = [r for r in runs if r["tool"] == tool and r["workload"] == workload]
+            entry[workload] = {"median_wall_s": round(statistics.median(r["wall_s"] for r in mine), 3),
+                               "walls_s": [r["wall_s"] for r in mine], "images": [r["images"] for r in mine],
+                               "all_rc_zero": all(r["rc"] == 0 for r in mine)}
+        full = entry["full"]
+        full["images_per_s"] = round(min(full["images"]) / full["median_wall_s"], 1)
+        if "startup" in entry:  # throughput once both tools are up: extra images over extra seconds
+            base = entry["startup"]
+            extra_s = full["median_wall_s"] - base["median_wall_s"]
+            entry["marginal_images_per_s"] = round((min(full["images"]) - min(base["images"])) / extra_s, 1)
+        summary[tool] = entry
+    ours, theirs = summary["visinstruct"], summary["img2dataset"]
+    summary["ratio_ours_over_img2dataset"] = round(ours["full"]["images_per_s"] / theirs["full"]["images_per_s"], 3)
+    if "startup" in workloads:
+        summary["marginal_ratio"] = round(ours["marginal_images_per_s"] / theirs["marginal_images_per_s"], 3)
     return summary
+
+
+def print_summary(summary: dict, n: int, json_path: str) -> None:
+    for tool in TOOLS:
+        s = summary[tool]
+        line = (f"{tool:<12} median {s['full']['median_wall_s']:7.2f}s  {min(s['full']['images'])}/{n} images  "
+                f"{s['full']['images_per_s']:7.1f} images/s")
+        if "startup" in s:
+            line += (f"   start-up run {s['startup']['median_wall_s']:.2f}s, "
+                     f"after start-up {s['marginal_images_per_s']:.1f} images/s")
+        print(line)
+    print(f"ratio visinstruct/img2dataset: {summary['ratio_ours_over_img2dataset']:.2f} whole command"
+          + (f", {summary['marginal_ratio']:.2f} after start-up" if "marginal_ratio" in summary else "")
+          + f"  (result: {json_path})")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -289,6 +359,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=250, help="samples per shard (default 250)")
     parser.add_argument("--image-size", type=int, default=256, help="output side in pixels (default 256)")
     parser.add_argument("--quality", type=int, default=95, help="output JPEG quality, both tools (default 95)")
+    parser.add_argument("--startup-n", type=int, default=16,
+                        help="also time a run of this many images (one shard per process) to separate start-up "
+                             "cost from throughput; 0 to skip (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="image generator seed (default 0)")
     parser.add_argument("--workdir", default="/tmp/visinstruct-bench-ingest", help="cache, URL list, outputs, logs")
     parser.add_argument("--json", help="result file (default WORKDIR/result-N<n>.json)")
@@ -300,47 +373,38 @@ def main(argv: list[str] | None = None) -> dict:
     work = os.path.abspath(args.workdir)
     image_dir, log_dir = os.path.join(work, "images"), os.path.join(work, "logs")
     os.makedirs(log_dir, exist_ok=True)
-    paths, captions = generate_images(image_dir, args.n, args.seed)
-    data = describe_images(paths)
+    paths, phashes = generate_images(image_dir, args.n, args.seed, args.image_size)
+    data = describe_images(paths, phashes)
     print(f"data: {json.dumps(data)}", flush=True)
+    photos = _photos()
+    captions = [photos[i % len(photos)]["caption"] for i in range(args.n)]
+    names = [os.path.basename(p) for p in paths]
 
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     stop = ctx.Event()
-    names = [os.path.basename(p) for p in paths]
     server = ctx.Process(target=serve, args=(image_dir, names, args.latency, send, stop), daemon=True)
     server.start()
     try:
-        port = receive.recv()
-        url_list = os.path.join(work, f"urls-{args.n}.parquet")
-        urls = [f"http://127.0.0.1:{port}/{name}" for name in names]
-        pq.write_table(pa.table({"url": urls, "caption": captions}), url_list)
-        outs = {tool: os.path.join(work, f"out-{tool}") for tool in ("img2dataset", "visinstruct")}
-        config_path = os.path.join(work, "ingest.json")  # JSON is YAML: the config loader reads it
-        with open(config_path, "w") as f:
-            json.dump(ingest_config(args, url_list, outs["visinstruct"]), f, indent=1)
-        cmds = commands(args, url_list, config_path, outs)
-        runs = []
-        for round_no in range(1, args.repeats + 1):
-            order = ["img2dataset", "visinstruct"] if round_no % 2 else ["visinstruct", "img2dataset"]
-            for tool in order:
-                runs.append(run_tool(tool, cmds[tool], outs[tool], log_dir, round_no))
+        urls = [f"http://127.0.0.1:{receive.recv()}/{name}" for name in names]
+        workloads = {"full": prepare_workload(args, work, "full", urls, captions, args.shard_size)}
+        if args.startup_n:
+            k = args.startup_n
+            workloads["startup"] = prepare_workload(args, work, "startup", urls[:k], captions[:k],
+                                                    max(1, k // args.processes))
+        runs = run_rounds(workloads, args.repeats, log_dir)
     finally:
         stop.set()
         server.join(timeout=10)
 
-    summary = summarize(runs, args.n)
+    summary = summarize(runs, workloads)
     result = {"benchmark": "ingest_vs_img2dataset", "date": datetime.datetime.now(datetime.UTC).isoformat(
-        timespec="seconds"), "args": vars(args), "machine": machine(), "data": data, "commands": cmds,
-        "summary": summary, "runs": runs}
+        timespec="seconds"), "argv": sys.argv, "args": vars(args), "machine": machine(), "data": data,
+        "commands": {name: spec["commands"] for name, spec in workloads.items()}, "summary": summary, "runs": runs}
     json_path = args.json or os.path.join(work, f"result-N{args.n}.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
-    for tool in ("img2dataset", "visinstruct"):
-        s = summary[tool]
-        print(f"{tool:<12} median {s['median_wall_s']:7.2f}s  {s['images_written_min']}/{args.n} images  "
-              f"{s['images_per_s']:7.1f} images/s")
-    print(f"ratio visinstruct/img2dataset: {summary['ratio_ours_over_img2dataset']:.2f}  (result: {json_path})")
+    print_summary(summary, args.n, json_path)
     return result
 
 

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from visinstruct.cli.main import UserError
+    from visinstruct.cli.errors import UserError
     from visinstruct.pipelines import filter as clip_filter
     from visinstruct.pipelines.report import format_report
 

@@ -13,14 +13,12 @@ import os
 import sys
 
 from visinstruct import __version__
-from visinstruct.cli import config_cmd, demo_cmd, filter_cmd, ingest_cmd
+from visinstruct.cli import config_cmd, demo_cmd, filter_cmd, ingest_cmd, shards_cmd
+from visinstruct.cli.errors import UserError
 from visinstruct.configs import ConfigError
 
-COMMANDS = [ingest_cmd, filter_cmd, demo_cmd, config_cmd]
+COMMANDS = [ingest_cmd, filter_cmd, demo_cmd, config_cmd, shards_cmd]
 
-
-class UserError(Exception):
-    """An error caused by the input or the command line; printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only the final report")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
-        module.add_parser(sub)
+        register = getattr(module, "add_parsers", None) or module.add_parser  # a module may add several commands
+        register(sub)
     return parser
 
 

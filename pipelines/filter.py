@@ -123,7 +123,8 @@ class ScoreDistribution(beam.PTransform):
     def expand(self, paths):
         scored, rejected = paths | "Score" >> ScorePairs(self.cfg)
         hist = scored | "Scores" >> beam.Map(lambda s: s[1].score) | "Histogram" >> beam.CombineGlobally(HistogramFn())
-        failures = rejected | "Reason" >> beam.Map(lambda r: r[1].reason) | "CountReasons" >> beam.combiners.Count.PerElement()
+        failures = (rejected | "Reason" >> beam.Map(lambda r: r[1].reason)
+                    | "CountReasons" >> beam.combiners.Count.PerElement())
         return hist | "Report" >> beam.Map(
             lambda h, failed: distribution(h, DRY_RUN_THRESHOLDS, DRY_RUN_FRACTIONS) | {"unscored": dict(failed)},
             failed=beam.pvalue.AsList(failures))

@@ -144,7 +144,7 @@ class Ingest(beam.PTransform):
         if cfg.dedup.urls:
             rows = rows | "DropDuplicateUrls" >> DropDuplicateUrls()
         complete = complete_shards(out) if cfg.write.resume else set()
-        retry = frozenset(s for s in complete if has_retryable_failures(out, s)) if cfg.write.retry_failed else frozenset()
+        retry = frozenset(s for s in complete if cfg.write.retry_failed and has_retryable_failures(out, s))
         done = sorted(complete - retry)
         drafts = (rows
                   | "SkipCompleteShards" >> beam.Filter(lambda r, done: parse_key(r.key)[0] not in done, set(done))

@@ -203,7 +203,8 @@ def _place(rng: random.Random, size: tuple[int, int], taken: list[tuple[int, int
     for _ in range(100):
         side = rng.randint(low, high)
         x, y = rng.randint(gap, width - side - gap), rng.randint(gap, height - side - gap)
-        if all(x + side + gap <= l or r + gap <= x or y + side + gap <= t or b + gap <= y for l, t, r, b in taken):
+        if all(x + side + gap <= left or right + gap <= x or y + side + gap <= top or bottom + gap <= y
+               for left, top, right, bottom in taken):
             return x, y, side
     return None
 

@@ -89,7 +89,8 @@ def test_redirect_to_a_blocked_address_is_refused(server):
     server.reset_log()
     result = fetcher().fetch(server.fault_url("redirect_to", url=target))
     assert result.reason == "blocked_address"
-    assert [r.path for r in server.requests] == [server.fault_url("redirect_to", url=target).split(str(server.port), 1)[1]]
+    first_hop = server.fault_url("redirect_to", url=target).split(str(server.port), 1)[1]
+    assert [r.path for r in server.requests] == [first_hop]
 
 
 @pytest.mark.parametrize("ip, loopback, private, allowed", [

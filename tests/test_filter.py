@@ -156,7 +156,8 @@ def test_transformers_clip_scores_equal_a_direct_computation(shards, tmp_path):
     with torch.no_grad():
         for s in samples[:5]:
             pixels = processor(images=Image.open(io.BytesIO(s["jpg"])).convert("RGB"), return_tensors="pt")
-            tokens = processor.tokenizer([s["txt"].decode()], padding="max_length", truncation=True, return_tensors="pt")
+            tokens = processor.tokenizer([s["txt"].decode()], padding="max_length", truncation=True,
+                                         return_tensors="pt")
             a = model.get_image_features(**pixels)
             b = model.get_text_features(**tokens)
             a = a if torch.is_tensor(a) else a.pooler_output
@@ -198,7 +199,8 @@ def test_cli_filters_img2dataset_shards_keeping_their_fields(tiny_checkpoint, tm
             meta = {"url": f"http://x/{i}.jpg", "key": key, "status": "success", "error_message": None,
                     "width": 40, "height": 30, "original_width": 400, "original_height": 300, "exif": "{}",
                     "sha256": "ab" * 32, "caption": f"picture {i}"}
-            for ext, data in (("jpg", _jpeg()), ("txt", meta["caption"].encode()), ("json", json.dumps(meta).encode())):
+            members = (("jpg", _jpeg()), ("txt", meta["caption"].encode()), ("json", json.dumps(meta).encode()))
+            for ext, data in members:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

@@ -2,8 +2,8 @@
 
 import hashlib
 import io
-import zlib
 import struct
+import zlib
 
 import pytest
 from PIL import Image, ImageDraw
@@ -15,8 +15,9 @@ from visinstruct.transforms.images import ImageRejected, hamming, phash, process
 def photo(size=(400, 300), fmt="JPEG", mode="RGB") -> bytes:
     img = Image.new(mode, size, (30, 60, 90) if mode == "RGB" else (30, 60, 90, 0))
     draw = ImageDraw.Draw(img)
-    draw.ellipse((size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2), fill=(250, 200, 10) + (() if mode == "RGB" else (255,)))
-    draw.rectangle((size[0] // 2, size[1] // 2, size[0] - 10, size[1] - 10), fill=(200, 20, 40) + (() if mode == "RGB" else (255,)))
+    alpha = () if mode == "RGB" else (255,)
+    draw.ellipse((size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2), fill=(250, 200, 10) + alpha)
+    draw.rectangle((size[0] // 2, size[1] // 2, size[0] - 10, size[1] - 10), fill=(200, 20, 40) + alpha)
     buf = io.BytesIO()
     img.save(buf, fmt)
     return buf.getvalue()

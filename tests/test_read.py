@@ -36,7 +36,8 @@ def test_csv_tsv_jsonl_txt_parquet_give_the_same_pairs(tmp_path):
         assert got == expected == [("http://x/1.jpg", "one", {"license": "cc"}), ("http://x/2.jpg", "two",
                                                                                  {"license": "pd"})]
     (tmp_path / "a.txt").write_text("http://x/1.jpg\n\nhttp://x/2.jpg\n")
-    assert [(p.url, p.caption) for p in rows(tmp_path / "a.txt")] == [("http://x/1.jpg", None), ("http://x/2.jpg", None)]
+    got = [(p.url, p.caption) for p in rows(tmp_path / "a.txt")]
+    assert got == [("http://x/1.jpg", None), ("http://x/2.jpg", None)]
 
 
 def test_custom_column_names_and_globs_in_name_order(tmp_path):
@@ -58,9 +59,11 @@ def test_malformed_rows_become_bad_rows_not_errors(tmp_path):
 
 def test_boxes_and_tags_columns_as_lists_or_json_text(tmp_path):
     boxes = [{"category": "dog", "bbox": [0.1, 0.2, 0.5, 0.9]}]
-    pq.write_table(pa.table({"url": ["http://x/1.jpg"], "boxes": [boxes], "tags": [["animal"]]}), tmp_path / "b.parquet")
-    (tmp_path / "b.csv").write_text('url,boxes,tags\nhttp://x/1.jpg,"[{""category"": ""dog"", ""bbox"": [0.1, 0.2, 0.5, 0.9]}]",'
-                                    '"[""animal""]"\nhttp://x/2.jpg,"[{""bbox"": [2, 0, 1, 1]}]",\n')
+    pq.write_table(pa.table({"url": ["http://x/1.jpg"], "boxes": [boxes], "tags": [["animal"]]}),
+                   tmp_path / "b.parquet")
+    (tmp_path / "b.csv").write_text(
+        'url,boxes,tags\nhttp://x/1.jpg,"[{""category"": ""dog"", ""bbox"": [0.1, 0.2, 0.5, 0.9]}]",'
+        '"[""animal""]"\nhttp://x/2.jpg,"[{""bbox"": [2, 0, 1, 1]}]",\n')
     for name in ("b.parquet", "b.csv"):
         first = rows(tmp_path / name, boxes_col="boxes", tags_col="tags")[0]
         assert (first.boxes, first.tags) == ([Box("dog", [0.1, 0.2, 0.5, 0.9])], ["animal"])

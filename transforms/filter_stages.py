@@ -27,7 +27,14 @@ from visinstruct.schemas import (
     SampleMeta,
     ShardStats,
 )
-from visinstruct.transforms.shards import TarShardWriter, UnsafeMember, join, read_tar_samples, write_stats, write_table
+from visinstruct.transforms.shards import (
+    TarShardWriter,
+    UnsafeMember,
+    join,
+    read_tar_samples,
+    write_stats,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -133,8 +140,8 @@ class DecodeForClip(beam.DoFn):
         yield from self._ready(drain=False)
 
     def finish_bundle(self):
-        from apache_beam.utils.windowed_value import WindowedValue
         from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
 
         for out in self._ready(drain=True):
             if isinstance(out, beam.pvalue.TaggedOutput):

@@ -169,11 +169,24 @@ def write_table(path: str, records: list, cls: type, schema_version: int) -> Non
     write_bytes(path, sink.getvalue().to_pybytes())
 
 
-def read_table(path: str, cls: type) -> pa.Table:
-    """A parquet table written by :func:`write_table`, checked against the record's schema."""
-    table = pq.read_table(pa.BufferReader(read_bytes(path)))
+def read_table(path: str, cls: type, columns: list[str] | None = None) -> pa.Table:
+    """A parquet table of ``cls`` records (only ``columns``, when given), cast to the record's schema.
+
+    A file written before a nullable field was added to the record reads with that column all null, so newer
+    code reads older datasets (resume, takedown, stats). A missing required column raises ``ValueError``.
+    """
     expected = arrow_schema(cls)
-    return table.select(expected.names).cast(expected) if table.schema.names != expected.names else table
+    if columns is not None:
+        expected = pa.schema([expected.field(name) for name in columns], metadata=expected.metadata)
+    file = pq.ParquetFile(pa.BufferReader(read_bytes(path)))
+    present = [name for name in expected.names if name in file.schema_arrow.names]
+    table = file.read(columns=present)
+    for f in expected:
+        if f.name not in present:
+            if not f.nullable:
+                raise ValueError(f"{path}: no column {f.name!r}")
+            table = table.append_column(f, pa.nulls(len(table), f.type))
+    return table.select(expected.names).cast(expected)
 
 
 def write_stats(path: str, stats: ShardStats) -> None:

@@ -1,0 +1,132 @@
+"""``visinstruct ls|stats|show|validate PATH``: read-only commands over a folder, glob or brace list of shards.
+
+The work is done by plain functions in :mod:`visinstruct.cli.shards` (ls), :mod:`~visinstruct.cli.show`,
+:mod:`~visinstruct.cli.stats` and :mod:`~visinstruct.cli.validate`; they load (with Beam's filesystems) only when a
+command runs, so that ``visinstruct --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+
+from visinstruct.cli.errors import UserError
+
+PATH_HELP = ("shards: a folder, a .tar file, a glob ('shards/*.tar') or a brace pattern "
+             "('shards/{00000..00099}.tar'); local or any Beam filesystem (gs://...). Quote globs and braces.")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``ls``, ``stats``, ``show`` and ``validate``."""
+    ls = sub.add_parser("ls", help="list shards: samples written, inputs, rejected, size, complete, stages run",
+                        description="One line per shard, from the parquet indexes (tars are counted only when a "
+                                    "shard has no index).")
+    ls.add_argument("path", metavar="PATH", help=PATH_HELP)
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.set_defaults(run=run_ls)
+
+    stats = sub.add_parser("stats", help="dataset summary from the parquet indexes (never opens a tar)",
+                           description="Counts, rejections by stage and reason, image sizes, caption lengths, CLIP "
+                                       "scores and conversation kinds, read from the indexes and dead-letter tables.")
+    stats.add_argument("path", metavar="PATH", help=PATH_HELP)
+    stats.add_argument("--json", action="store_true", help="print JSON instead of the report")
+    stats.set_defaults(run=run_stats)
+
+    show = sub.add_parser("show", help="print one sample and write its image to a file",
+                          description="Pick a sample by KEY, by --index over written samples in shard order, or "
+                                      "--random; the first sample when none is given.")
+    show.add_argument("path", metavar="PATH", help=PATH_HELP)
+    show.add_argument("key", metavar="KEY", nargs="?", help="sample key, e.g. 000420007")
+    pick = show.add_mutually_exclusive_group()
+    pick.add_argument("--index", type=int, metavar="N", help="the N-th written sample (from 0)")
+    pick.add_argument("--random", action="store_true", help="a random sample (see --seed)")
+    show.add_argument("--seed", type=int, metavar="S", help="seed for --random, to show the same sample again")
+    show.add_argument("--out", metavar="DIR", default=os.path.join(tempfile.gettempdir(), "visinstruct-show"),
+                      help="folder to write the image to (default: %(default)s)")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+    show.set_defaults(run=run_show)
+
+    validate = sub.add_parser("validate", help="check shards against the format; exit status 1 on any problem",
+                              description="Stream every tar (safe member names, complete samples, JSON schema, "
+                                          "images decode) and compare it with its parquet index and _stats.json.")
+    validate.add_argument("path", metavar="PATH", help=PATH_HELP)
+    validate.add_argument("--json", action="store_true", help="print JSON (every problem) instead of text")
+    validate.set_defaults(run=run_validate)
+
+
+class _Counter:
+    """``validate: 12/100 shards`` rewritten in place on stderr; silent unless stderr is a terminal."""
+
+    def __init__(self, command: str, args: argparse.Namespace):
+        self.command = command
+        self.enabled = sys.stderr.isatty() and not getattr(args, "quiet", False)
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        end = "\n" if done == total else ""
+        print(f"\r{self.command}: {done}/{total} shards", end=end, file=sys.stderr, flush=True)
+
+
+def _user_errors(function):
+    """Run ``function``; a :class:`ShardError` (no shards, a bad key, an unreadable index) becomes a user error."""
+    from visinstruct.cli.shards import ShardError
+
+    try:
+        return function()
+    except ShardError as e:
+        raise UserError(str(e)) from e
+
+
+def _resolve(args: argparse.Namespace) -> list[str]:
+    from visinstruct.cli.shards import resolve_shards
+
+    return _user_errors(lambda: resolve_shards(args.path))
+
+
+def run_ls(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from visinstruct.cli.shards import format_listing, list_shards
+
+    paths = _resolve(args)
+    rows = _user_errors(lambda: list_shards(paths, _Counter("ls", args)))
+    print(json.dumps(rows, indent=1) if args.json else format_listing(rows))
+    return 0
+
+
+def run_stats(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from visinstruct.cli.stats import dataset_stats, format_stats
+
+    paths = _resolve(args)
+    stats = _user_errors(lambda: dataset_stats(paths, _Counter("stats", args)))
+    print(json.dumps(stats, indent=1) if args.json else format_stats(stats))
+    return 0
+
+
+def run_show(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from visinstruct.cli.show import format_sample, show_sample
+
+    if args.key is not None and (args.index is not None or args.random):
+        raise UserError("give a KEY, --index or --random, not several")
+    if args.seed is not None and not args.random:
+        raise UserError("--seed goes with --random")
+    # An unseeded --random still gets a seed, printed, so the same sample can be shown again.
+    seed = (args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)) if args.random else None
+    paths = _resolve(args)
+    sample = _user_errors(lambda: show_sample(paths, key=args.key, index=args.index, random_seed=seed,
+                                              out_dir=args.out))
+    sample["seed"] = seed
+    print(json.dumps(sample, indent=1, ensure_ascii=False) if args.json else format_sample(sample))
+    return 0
+
+
+def run_validate(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from visinstruct.cli.validate import format_report, validate
+
+    paths = _resolve(args)
+    report = validate(paths, _Counter("validate", args))
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
+    return 0 if report.ok else 1

@@ -1,0 +1,289 @@
+"""``validate``: check shards against FORMAT.md and report every problem found, never extracting anything.
+
+Each shard's tar is streamed once: members are checked for safe names before any data is read, each sample's
+JSON is parsed against :class:`SampleMeta` and its image decoded; then the parquet index and ``_stats.json`` are
+compared with what the tar holds. Problem codes (stable, for scripts and tests):
+
+=======================  ===================================================================================
+tar_missing              the index or stats name a shard whose tar is gone
+bad_tar                  the tar cannot be read (corrupt header, garbage after the last member)
+truncated                the tar ends early: inside a member, or without the end-of-archive blocks
+unsafe_name              a member name that could escape a folder (``../x``, ``/x``); never extracted
+link_member              a symlink, hard link, device or folder member; never extracted
+members_not_adjacent     a sample's members are split by another sample's
+duplicate_member         a sample has the same member twice
+missing_member           a sample lacks its image, ``.txt`` or ``.json``
+bad_json                 the ``.json`` member is not JSON
+bad_metadata             the JSON does not fit :class:`SampleMeta` (wrong types, bad boxes, no key)
+key_mismatch             the JSON's ``key`` is not the members' key
+bad_conversation         a conversation that is not valid training data (``conversation_problems``)
+bad_image                the image does not decode
+image_size_mismatch      the decoded size is not the JSON's ``width`` x ``height``
+duplicate_key            a key appears twice, in one index or across shards
+index_missing            no parquet index beside the tar
+bad_index                the index cannot be read
+key_not_in_tar           the index says written, the tar has no such sample
+key_not_in_index         the tar holds a sample the index does not list as written
+index_offset_mismatch    the index's member names, offsets or sizes do not point at the member data
+incomplete               no ``_stats.json``: the shard was never finished
+bad_stats                ``_stats.json`` cannot be read or its counts do not add up
+stats_mismatch           ``_stats.json`` disagrees with the tar or the index
+=======================  ===================================================================================
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from apache_beam.io.filesystems import FileSystems
+
+from visinstruct.cli.shards import (
+    IMAGE_EXTENSIONS,
+    Progress,
+    ShardError,
+    ShardFiles,
+    file_size,
+    read_index,
+    shard_files,
+)
+from visinstruct.schemas import IndexRow, Member, SampleMeta, conversation_problems, from_table
+from visinstruct.transforms.shards import UnsafeMember, check_member, read_stats
+
+END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE  # two zero blocks close every tar
+TarSamples = dict[str, list[Member]]  # key -> where its members' data lie, in tar order
+
+
+class Problem(NamedTuple):
+    """One thing wrong with a shard; ``key`` is ``None`` when the problem is not about one sample."""
+
+    shard: str
+    key: str | None
+    code: str
+    message: str
+
+
+@dataclass
+class Report:
+    """What ``validate`` checked and the problems it found."""
+
+    shards: int = 0
+    samples: int = 0
+    images: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, shard: str, key: str | None, code: str, message: str) -> None:
+        self.problems.append(Problem(shard, key, code, message))
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "shards": self.shards, "samples": self.samples, "images": self.images,
+                "problems": [p._asdict() for p in self.problems],
+                "problems_by_code": dict(Counter(p.code for p in self.problems).most_common())}
+
+
+def validate(paths: list[str], progress: Progress | None = None) -> Report:
+    """Check every shard of ``paths`` (tar paths from :func:`~visinstruct.cli.shards.resolve_shards`)."""
+    report, seen_keys = Report(), {}
+    for done, tar in enumerate(paths, 1):
+        files = shard_files(tar)
+        samples = _check_tar(files, report)
+        rows = _check_index(files, samples, report)
+        _check_stats(files, samples, rows, report)
+        for key in samples or ([r.key for r in rows if r.status == "success"] if rows else []):
+            if key in seen_keys:
+                report.add(files.name, key, "duplicate_key", f"key {key} is also in shard {seen_keys[key]}")
+            seen_keys.setdefault(key, files.name)
+        report.shards += 1
+        if progress:
+            progress(done, len(paths))
+    return report
+
+
+def _check_tar(files: ShardFiles, report: Report) -> TarSamples | None:
+    """Stream the tar, checking each sample; ``None`` when it is missing or unreadable to the end."""
+    size = file_size(files.tar)
+    if size is None:
+        report.add(files.name, None, "tar_missing", f"{files.tar} does not exist")
+        return None
+    samples: TarSamples = {}
+    key, current = None, {}
+    try:
+        with FileSystems.open(files.tar, mime_type="application/x-tar", compression_type="uncompressed") as f, \
+                tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                try:
+                    check_member(info)
+                except UnsafeMember as e:  # skipped before its data is read: nothing unsafe is ever opened
+                    report.add(files.name, None, "link_member" if not info.isfile() else "unsafe_name", str(e))
+                    continue
+                stem, _, ext = posixpath.basename(info.name).partition(".")
+                if stem != key:
+                    if key is not None:
+                        _check_sample(files.name, key, current, report)
+                    if stem in samples:
+                        report.add(files.name, stem, "members_not_adjacent",
+                                   f"{info.name} comes after members of another sample")
+                    key, current = stem, {}
+                    samples.setdefault(key, [])
+                if ext in current:
+                    report.add(files.name, key, "duplicate_member", f"{info.name} appears twice")
+                current[ext] = tar.extractfile(info).read()
+                samples[key].append(Member(info.name, info.offset_data, info.size))
+            end = tar.offset  # where the end-of-archive blocks must start
+    except tarfile.TarError as e:  # stream mode turns every header and data error into ReadError
+        code = "truncated" if "unexpected end" in str(e) else "bad_tar"
+        report.add(files.name, key, code, f"{files.tar}: {e}")
+        return None
+    if not _check_end(files, end, size, report):
+        return None  # the last sample may be cut short: reporting its missing members would only repeat that
+    if key is not None:
+        _check_sample(files.name, key, current, report)
+    return samples
+
+
+def _check_end(files: ShardFiles, end: int, size: int, report: Report) -> bool:
+    """tarfile stops quietly at a bad or cut header; only the end-of-archive blocks prove the tar is whole."""
+    with FileSystems.open(files.tar, mime_type="application/x-tar", compression_type="uncompressed") as f:
+        f.seek(end)
+        tail = f.read(END_OF_ARCHIVE)
+    if len(tail) == END_OF_ARCHIVE and not tail.strip(b"\0"):
+        return True
+    if len(tail) < tarfile.BLOCKSIZE or (len(tail) < END_OF_ARCHIVE and not tail.strip(b"\0")):
+        report.add(files.name, None, "truncated", f"{files.tar} ends at byte {size} without the end-of-archive "
+                                                  f"blocks: the file was cut short")
+    else:
+        report.add(files.name, None, "bad_tar", f"{files.tar}: unreadable header at byte {end}")
+    return False
+
+
+def _check_sample(shard: str, key: str, sample: dict[str, bytes], report: Report) -> None:
+    report.samples += 1
+    images = [ext for ext in IMAGE_EXTENSIONS if ext in sample]
+    missing = ["an image (jpg/png/webp)"] * (not images) + [f".{e}" for e in ("txt", "json") if e not in sample]
+    if missing:
+        report.add(shard, key, "missing_member", f"sample {key} has no {' and no '.join(missing)}")
+    meta = _check_meta(shard, key, sample["json"], report) if "json" in sample else None
+    if images:
+        _check_image(shard, key, sample[images[0]], meta, report)
+
+
+def _check_meta(shard: str, key: str, data: bytes, report: Report) -> SampleMeta | None:
+    try:
+        parsed = json.loads(data)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
+        report.add(shard, key, "bad_json", f"{key}.json: {e}")
+        return None
+    try:
+        if not isinstance(parsed, dict):
+            raise ValueError(f"expected a JSON object, got {type(parsed).__name__}")
+        meta = SampleMeta.from_dict(parsed)
+    except ValueError as e:
+        report.add(shard, key, "bad_metadata", f"{key}.json: {e}")
+        return None
+    if meta.key != key:
+        report.add(shard, key, "key_mismatch", f"{key}.json says key {meta.key!r}")
+    if meta.conversations:
+        problems = conversation_problems(meta.conversations)
+        if problems:
+            report.add(shard, key, "bad_conversation", f"{key}.json: {'; '.join(problems)}")
+    return meta
+
+
+def _check_image(shard: str, key: str, data: bytes, meta: SampleMeta | None, report: Report) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            size = image.size
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, ValueError...)
+        report.add(shard, key, "bad_image", f"image of {key} does not decode: {type(e).__name__}: {e}")
+        return
+    report.images += 1
+    if meta is not None and meta.width is not None and (meta.width, meta.height) != size:
+        report.add(shard, key, "image_size_mismatch",
+                   f"image of {key} is {size[0]}x{size[1]}, its JSON says {meta.width}x{meta.height}")
+
+
+def _check_index(files: ShardFiles, samples: TarSamples | None, report: Report) -> list[IndexRow] | None:
+    """The index rows, after comparing written keys and member offsets with the tar (when it was readable)."""
+    try:
+        table = read_index(files.index)
+        rows = None if table is None else from_table(IndexRow, table)
+    except (ShardError, ValueError, TypeError) as e:
+        report.add(files.name, None, "bad_index", str(e))
+        return None
+    if rows is None:
+        report.add(files.name, None, "index_missing", f"{files.index} does not exist")
+        return None
+    for key, n in Counter(r.key for r in rows).items():
+        if n > 1:
+            report.add(files.name, key, "duplicate_key", f"key {key} has {n} rows in the index")
+    if samples is None:  # nothing trustworthy to compare with: the tar problem is already reported
+        return rows
+    written = {r.key: r for r in rows if r.status == "success"}
+    for key in sorted(written.keys() - samples.keys()):
+        report.add(files.name, key, "key_not_in_tar", f"the index lists {key} as written; the tar has no such sample")
+    for key in sorted(samples.keys() - written.keys()):
+        status = next((r.status for r in rows if r.key == key), None)
+        why = f"has it as {status}" if status else "has no row for it"
+        report.add(files.name, key, "key_not_in_index", f"the tar holds {key}; the index {why}")
+    for key in sorted(written.keys() & samples.keys()):
+        indexed = sorted((m.name, m.offset, m.size) for m in written[key].members)
+        actual = sorted((m.name, m.offset, m.size) for m in samples[key])
+        if indexed != actual:
+            wrong = next((a, b) for a, b in zip(indexed + [None] * len(actual), actual + [None] * len(indexed))
+                         if a != b)
+            report.add(files.name, key, "index_offset_mismatch",
+                       f"index has {_member(wrong[0])}, the tar has {_member(wrong[1])}")
+    return rows
+
+
+def _member(member: tuple[str, int, int] | None) -> str:
+    return "nothing" if member is None else f"{member[0]} at byte {member[1]} ({member[2]} bytes)"
+
+
+def _check_stats(files: ShardFiles, samples: TarSamples | None, rows: list[IndexRow] | None,
+                 report: Report) -> None:
+    if not FileSystems.exists(files.stats):
+        report.add(files.name, None, "incomplete", f"no {files.stats}: the shard was never finished")
+        return
+    try:
+        stats = read_stats(files.stats)
+    except (ValueError, TypeError, KeyError) as e:  # ShardStats refuses counts that do not add up
+        report.add(files.name, None, "bad_stats", f"{files.stats}: {e}")
+        return
+    checks = []
+    if samples is not None:
+        checks += [("written", stats.written, len(samples), "samples in the tar"),
+                   ("tar_bytes", stats.tar_bytes, file_size(files.tar), "bytes in the tar")]
+    if rows is not None:
+        reasons = dict(Counter(r.status for r in rows if r.status != "success"))
+        checks += [("inputs", stats.inputs, len(rows), "rows in the index"),
+                   ("rejected_by_reason", dict(stats.rejected_by_reason), reasons, "rejected rows in the index")]
+    for name, claimed, actual, what in checks:
+        if claimed != actual:
+            report.add(files.name, None, "stats_mismatch", f"_stats.json says {name} {claimed}; {what}: {actual}")
+
+
+def format_report(report: Report, limit: int | None = 200) -> str:
+    """The problems one per line (the first ``limit`` of them), then a summary line with counts by code."""
+    lines = []
+    for p in report.problems[:limit]:
+        lines.append(f"{p.shard}  {p.key or '-':<12} {p.code:<22} {p.message}")
+    if limit is not None and len(report.problems) > limit:
+        lines.append(f"... and {len(report.problems) - limit} more (use --json for all)")
+    checked = f"{report.shards} shards, {report.samples} samples, {report.images} images checked"
+    if report.ok:
+        return "\n".join(lines + [f"ok: {checked}, no problems"])
+    by_code = ", ".join(f"{code} {n}" for code, n in Counter(p.code for p in report.problems).most_common())
+    return "\n".join(lines + [f"FAILED: {checked}, {len(report.problems)} problems ({by_code})"])
