@@ -175,29 +175,43 @@ class FilterConfig:
 class GenerateConfig:
     """``visinstruct generate``: LLaVA-style conversations from captions and boxes with an LLM."""
 
-    backend: Literal["transformers", "vllm", "openai", "caption_only"] = opt("transformers", "LLM backend")
-    model: str = opt("HuggingFaceTB/SmolLM2-135M-Instruct", "model id, local path, or endpoint model name")
-    endpoint: str | None = opt(None, "base URL of an OpenAI-compatible server (backend: openai)")
-    api_key_env: str | None = opt("OPENAI_API_KEY", "environment variable holding the API key")
+    backend: Literal["transformers", "vllm", "openai", "caption_only"] = opt(
+        "transformers", "LLM backend; caption_only writes stage-1 data with no LLM")
+    model: str = opt("HuggingFaceTB/SmolLM2-135M-Instruct", "hub id, local folder, .gguf file, or endpoint model")
+    endpoint: str | None = opt(None, "base URL of an OpenAI-compatible server, e.g. http://host:8000/v1")
+    api_key_env: str | None = opt("OPENAI_API_KEY", "environment variable holding the API key (never written)")
+    templates: str | None = opt(None, "prompt template YAML; null for the bundled configs/prompts/llava.yaml")
     kinds: dict[str, float] = opt(factory=lambda: {"conversation": 1.0, "detailed": 1.0, "complex_reasoning": 1.0},
                                   doc="conversation kinds and their sampling weights")
-    max_new_tokens: int = opt(512, "completion length bound")
-    temperature: float = opt(0.7, "sampling temperature")
+    llm_fraction: float = opt(1.0, "share of samples sent to the LLM (a stable subset); the rest get "
+                                   "caption-only data")
+    max_new_tokens: int = opt(384, "completion length bound")
+    temperature: float = opt(0.7, "sampling temperature; 0 for greedy")
     top_p: float = opt(0.9, "nucleus sampling")
     seed: int = opt(0, "base seed; each sample's seed derives from it and the sample key")
+    retry_new_seed: bool = opt(True, "ask once more, with another seed, when a reply is rejected")
+    min_chars: int = opt(2, "shortest accepted turn")
+    max_chars: int = opt(2000, "longest accepted turn")
     batch_size: int = opt(8, "prompts per batch (local backends)")
+    device: Device = opt("auto", "transformers backend: cuda when available, else cpu")
+    large_model: bool = opt(False, "share one model across the processes of a machine")
     concurrency: int = opt(8, "requests in flight (openai backend)")
     timeout: float = opt(120.0, "seconds per request (openai backend)")
-    retries: int = opt(3, "extra attempts on 429, 5xx and timeouts")
+    retries: int = opt(3, "extra attempts on 429, 5xx and timeouts (openai backend)")
     cache_dir: str | None = opt(None, "persistent response cache; reruns reuse answers")
-    input: str | None = opt(None, "input shards (standalone runs)")
+    accelerator: str | None = opt(None, "Beam resource hint for the generation step only")
+    input: str | None = opt(None, "input shards (standalone runs): a folder or glob of .tar files")
     write: WriteConfig | None = opt(None, "output shards (standalone runs)")
 
     def __post_init__(self):
         if not self.kinds or any(w < 0 for w in self.kinds.values()) or sum(self.kinds.values()) <= 0:
             raise ValueError("'kinds' needs at least one kind with a positive weight")
-        for name in ("max_new_tokens", "batch_size", "concurrency", "timeout"):
+        for name in ("max_new_tokens", "batch_size", "concurrency", "timeout", "max_chars"):
             _positive(name, getattr(self, name))
+        if not 0 <= self.llm_fraction <= 1:
+            raise ValueError(f"'llm_fraction' must be within 0-1, got {self.llm_fraction}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("'temperature' must be >= 0 and 'top_p' within (0, 1]")
 
 
 @dataclass

@@ -23,12 +23,14 @@ from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import summarize, write_report
 from visinstruct.transforms.clip import make_handler
 from visinstruct.transforms.filter_stages import (
+    STAGE,
     Decision,
     DecodeForClip,
     ReadShardSamples,
     failed_batch_rejections,
-    rewrite_shard,
+    filter_judge,
 )
+from visinstruct.transforms.rewrite import rewrite_shard
 from visinstruct.transforms.select import HistogramFn, TopFractionCut, distribution, ranks_within
 from visinstruct.transforms.shards import join, read_bytes, write_bytes
 
@@ -59,8 +61,8 @@ class _RewriteShard(beam.DoFn):
         path, groups = element
         decisions = {d.key: d for d in groups["decisions"]}
         rejections = {r.key: r for r in groups["rejections"] if r.key}
-        stats = rewrite_shard(path, self.positions[path], decisions, rejections, self.cfg.write.path,
-                              self.cfg.model.name, self.cfg.model.pretrained)
+        judge = filter_judge(decisions, rejections, self.cfg.model.name, self.cfg.model.pretrained)
+        stats = rewrite_shard(path, self.positions[path], self.cfg.write.path, STAGE, judge)
         for reason, count in stats.rejected_by_reason.items():
             beam.metrics.Metrics.counter("filter", f"dropped_{reason}").inc(count)
         log.info("shard %05d: kept %d of %d", stats.shard, stats.written, stats.inputs)

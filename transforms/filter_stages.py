@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import time
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -18,26 +16,10 @@ import apache_beam as beam
 import numpy as np
 from PIL import Image
 
-from visinstruct.schemas import (
-    SCHEMA_VERSION,
-    ClipScore,
-    IndexRow,
-    JsonDict,
-    Rejection,
-    SampleMeta,
-    ShardStats,
-)
-from visinstruct.transforms.shards import (
-    TarShardWriter,
-    UnsafeMember,
-    join,
-    read_tar_samples,
-    write_stats,
-    write_table,
-)
+from visinstruct.schemas import ClipScore, JsonDict, Rejection, SampleMeta
+from visinstruct.transforms.rewrite import Judge, Judgement, image_member, iter_samples, sample_meta
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 STAGE = "filter"
 
 
@@ -53,35 +35,6 @@ class Decision:
     text_embedding: bytes | None = None
 
 
-def shard_id(path: str, position: int) -> int:
-    """Output shard id: the input tar's numeric stem (``00042.tar`` -> 42), else its position in the input."""
-    stem = os.path.basename(path).split(".", 1)[0]
-    return int(stem) if stem.isdigit() else position
-
-
-def iter_samples(path: str):
-    """``(key, members)`` of a tar, then a final ``(None, Rejection)`` if the tar is truncated or unsafe."""
-    try:
-        for key, members in read_tar_samples(path):
-            yield key, members
-    except (UnsafeMember, OSError, EOFError, ValueError) as e:  # tarfile.ReadError is an OSError... mostly
-        yield None, Rejection(STAGE, "corrupt_shard", f"{type(e).__name__}: {e}"[:500], "", path)
-    except Exception as e:  # noqa: BLE001 - tarfile raises StreamError/ReadError (not OSError) too
-        yield None, Rejection(STAGE, "corrupt_shard", f"{type(e).__name__}: {e}"[:500], "", path)
-
-
-def sample_caption(members: dict[str, bytes]) -> str:
-    if "txt" in members:
-        return members["txt"].decode("utf-8", "replace")
-    if "json" in members:
-        return SampleMeta.from_json(members["json"]).caption or ""
-    return ""
-
-
-def image_member(members: dict[str, bytes]) -> str | None:
-    return next((ext for ext in IMAGE_EXTS if ext in members), None)
-
-
 class ReadShardSamples(beam.DoFn):
     """``tar path`` -> ``((path, key), (image bytes, caption))``; tagged ``rejected``: ``(path, Rejection)``."""
 
@@ -89,7 +42,7 @@ class ReadShardSamples(beam.DoFn):
         self.rows_read = beam.metrics.Metrics.counter(STAGE, "rows_read")
 
     def process(self, path):
-        for key, members in iter_samples(path):
+        for key, members in iter_samples(path, STAGE):
             if key is None:
                 yield beam.pvalue.TaggedOutput("rejected", (path, members))
                 continue
@@ -99,7 +52,12 @@ class ReadShardSamples(beam.DoFn):
                 yield beam.pvalue.TaggedOutput("rejected", (path, Rejection(
                     STAGE, "no_image", f"sample has no image member ({', '.join(members)})", key, path)))
                 continue
-            yield (path, key), (members[ext], sample_caption(members))
+            try:
+                caption = sample_meta(key, members).caption or ""
+            except ValueError as e:
+                yield beam.pvalue.TaggedOutput("rejected", (path, Rejection(STAGE, "bad_metadata", str(e)[:500], key)))
+                continue
+            yield (path, key), (members[ext], caption)
 
 
 class DecodeForClip(beam.DoFn):
@@ -157,56 +115,21 @@ def failed_batch_rejections(failure) -> list[tuple[str, Rejection]]:
     return [(path, Rejection(STAGE, "inference_error", message, key, path)) for (path, key), _ in batch]
 
 
-def rewrite_shard(path: str, position: int, decisions: dict[str, Decision], rejections: dict[str, Rejection],
-                  out_dir: str, model: str, pretrained: str | None) -> ShardStats:
-    """Write the filtered shard: kept samples with their CLIP score in the JSON; an index row for every input."""
-    start = time.monotonic()
-    shard = shard_id(path, position)
-    stem = f"{shard:05d}"
-    writer, rows, dead = TarShardWriter(), [], []
-    try:
-        for key, members in iter_samples(path):
-            if key is None:
-                dead.append(members)
-                continue
-            row, rejection = _filter_sample(key, members, decisions, rejections, writer, model, pretrained)
-            rows.append(row)
-            if rejection is not None:
-                dead.append(rejection)
-        tar_bytes = writer.finish(join(out_dir, f"{stem}.tar"))
-    except BaseException:
-        writer.abort()
-        raise
-    write_table(join(out_dir, f"{stem}.parquet"), rows, IndexRow, SCHEMA_VERSION)
-    write_table(join(out_dir, "rejected", f"{STAGE}-{stem}.parquet"), dead, Rejection, SCHEMA_VERSION)
-    reasons = Counter(r.status for r in rows if r.status != "success")
-    written = sum(r.status == "success" for r in rows)
-    stats = ShardStats(shard=shard, stage=STAGE, inputs=len(rows), written=written, rejected=len(rows) - written,
-                       rejected_by_reason=dict(reasons), tar_bytes=tar_bytes,
-                       duration_s=round(time.monotonic() - start, 3))
-    write_stats(join(out_dir, f"{stem}_stats.json"), stats)
-    return stats
+def filter_judge(decisions: dict[str, Decision], rejections: dict[str, Rejection], model: str,
+                 pretrained: str | None) -> Judge:
+    """The filter's verdict per sample: its decision (score in the JSON either way), or why it was not scored."""
 
-
-def _filter_sample(key, members, decisions, rejections, writer, model, pretrained):
-    meta = SampleMeta.from_json(members["json"]) if "json" in members else SampleMeta(
-        key=key, caption=sample_caption(members))
-    decision = decisions.get(key)
-    if decision is not None:
+    def judge(key: str, meta: SampleMeta) -> Judgement:
+        decision = decisions.get(key)
+        if decision is None:
+            return Judgement(rejection=rejections.get(key) or Rejection(
+                STAGE, "not_scored", "no score reached the writer", key, meta.url or meta.path))
         meta = replace(meta, clip=ClipScore(round(decision.score, 6), model, pretrained))
-    base = IndexRow(key=key, status="success", url=meta.url, path=meta.path, caption=meta.caption,
-                    width=meta.width, height=meta.height, original_width=meta.original_width,
-                    original_height=meta.original_height, sha256=meta.sha256, phash=meta.phash,
-                    clip_score=meta.clip.score if meta.clip else None,
-                    clip_image_embedding=decision.image_embedding if decision else None,
-                    clip_text_embedding=decision.text_embedding if decision else None)
-    if decision is not None and decision.kept:
-        members = dict(members, json=meta.to_json().encode("utf-8"))
-        return replace(base, members=writer.add(key, list(members.items()))), None
-    if decision is not None:
+        index = {"clip_image_embedding": decision.image_embedding, "clip_text_embedding": decision.text_embedding}
+        if decision.kept:
+            return Judgement(meta=meta, index=index)
         rejection = Rejection(STAGE, decision.reason, f"CLIP score {decision.score:.4f} ({decision.reason})", key,
                               meta.url or meta.path, JsonDict({"score": decision.score, "model": model}))
-    else:
-        rejection = rejections.get(key) or Rejection(STAGE, "not_scored", "no score reached the writer", key,
-                                                     meta.url or meta.path)
-    return replace(base, status=rejection.reason, error_message=rejection.message), rejection
+        return Judgement(rejection=rejection, index=index | {"clip_score": meta.clip.score})
+
+    return judge

@@ -1,0 +1,250 @@
+"""LLM backends behind one interface, a persistent response cache, and the RunInference handler for generation.
+
+Backends take :class:`ChatRequest` batches and return :class:`ChatResult` lists (never raising per sample):
+
+- ``transformers``: any causal LM by hub id, local folder or ``.gguf`` file, its chat template, batched
+  generation. Sampling is seeded per sample (each row draws from its own generator), so a sample's answer does
+  not depend on which samples share its batch;
+- ``vllm``: the vllm package on GPU workers, with per-request seeds;
+- ``openai``: any OpenAI-compatible endpoint (:mod:`visinstruct.transforms.llm_openai`).
+
+:class:`GenerationHandler` checks every reply (:mod:`~visinstruct.transforms.conversations`), optionally asks
+once more with another seed, and keeps answers in a :class:`ResponseCache` so reruns only pay for new samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from visinstruct.configs import GenerateConfig
+from visinstruct.schemas import SampleMeta, Turn
+from visinstruct.transforms.conversations import Bounds, Verdict, read_reply
+from visinstruct.transforms.llm_openai import ChatRequest, ChatResult, OpenAIChatClient
+from visinstruct.transforms.prompts import derive_seed, request_fingerprint
+from visinstruct.transforms.shards import exists, join, read_bytes, write_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One sample's generation job: where it comes from, what to ask, and how to read the reply."""
+
+    path: str
+    key: str
+    kind: str
+    format: str  # "qa" or "description"
+    question: str | None  # the instruction of a description kind
+    meta: SampleMeta
+    request: ChatRequest
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A plan's result: the reply that was kept (or the last one), its verdict, and what it cost."""
+
+    result: ChatResult
+    verdict: Verdict
+    attempts: int
+    cached: bool
+    seed: int | None
+
+
+class ResponseCache:
+    """Replies stored one small JSON file each, by request fingerprint, on any Beam filesystem."""
+
+    def __init__(self, folder: str | None):
+        self.folder = folder
+
+    def _path(self, fingerprint: str) -> str:
+        return join(self.folder, fingerprint[:2], f"{fingerprint}.json")
+
+    def get(self, fingerprint: str) -> ChatResult | None:
+        if not self.folder or not exists(self._path(fingerprint)):
+            return None
+        return ChatResult(**json.loads(read_bytes(self._path(fingerprint))))
+
+    def put(self, fingerprint: str, result: ChatResult) -> None:
+        if self.folder and result.ok:  # failures are not cached: a rerun should try them again
+            write_bytes(self._path(fingerprint), json.dumps(result.__dict__).encode())
+
+
+class TransformersBackend:
+    """A local causal LM: batched generation with its chat template, CPU or GPU."""
+
+    def __init__(self, cfg: GenerateConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        source, extra = cfg.model, {}
+        if cfg.model.endswith(".gguf"):  # transformers reads GGUF (with the gguf package) from its folder
+            source, extra = os.path.dirname(cfg.model) or ".", {"gguf_file": os.path.basename(cfg.model)}
+        self.tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device).eval()
+        self.device = device
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        texts = [self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
+                 for r in requests]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        sampler = PerRowSampler([r.seed or 0 for r in requests], requests[0].temperature, requests[0].top_p)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=max(r.max_tokens for r in requests), do_sample=False,
+                                      logits_processor=LogitsProcessorList([sampler]) if sampler.active else None,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        results = []
+        width = batch["input_ids"].shape[1]
+        for i, request in enumerate(requests):
+            new = out[i, width:].tolist()
+            if self.tokenizer.eos_token_id in new:
+                new = new[:new.index(self.tokenizer.eos_token_id)]
+            text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+            results.append(ChatResult(request.key, text, int(batch["attention_mask"][i].sum()), len(new),
+                                      None if text else "empty_completion", None if text else "empty reply"))
+        return results
+
+
+class PerRowSampler:
+    """Temperature/top-p sampling with one generator per row, as a logits processor under greedy search.
+
+    Each step it draws a token per row from that row's own ``torch.Generator`` and leaves only that token
+    possible, so greedy search picks it. A row's tokens depend on its seed alone, not on its batch.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.active = temperature > 0
+        self.temperature, self.top_p = temperature, top_p
+        if self.active:
+            import torch
+
+            self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1).cpu()
+        out = torch.full_like(scores, float("-inf"))
+        for row, generator in enumerate(self.generators):
+            p, order = probs[row].sort(descending=True)
+            keep = p.cumsum(0) - p < self.top_p  # the smallest prefix whose mass reaches top_p
+            token = order[keep][torch.multinomial(p[keep], 1, generator=generator)]
+            out[row, token] = 0.0
+        return out
+
+
+class VllmBackend:
+    """vLLM on a GPU worker (``pip install visinstruct[gpu]``); seeds are per request."""
+
+    def __init__(self, cfg: GenerateConfig):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ImportError("backend 'vllm' needs the gpu extra: pip install 'visinstruct[gpu]'") from None
+        self.llm = LLM(model=cfg.model, seed=cfg.seed)
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=r.seed)
+                  for r in requests]
+        outputs = self.llm.chat([r.messages for r in requests], params, use_tqdm=False)
+        results = []
+        for request, output in zip(requests, outputs):
+            text = output.outputs[0].text.strip()
+            completion = output.outputs[0]
+            results.append(ChatResult(request.key, text, len(output.prompt_token_ids), len(completion.token_ids),
+                                      None if text else "empty_completion", None if text else "empty reply",
+                                      finish_reason=completion.finish_reason))
+        return results
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible endpoint, with bounded concurrency and retries (see ``llm_openai``)."""
+
+    def __init__(self, cfg: GenerateConfig):
+        if not cfg.endpoint:
+            raise ValueError("backend 'openai' needs endpoint (e.g. http://127.0.0.1:8000/v1)")
+        self.client = OpenAIChatClient(cfg.endpoint, cfg.model, api_key_env=cfg.api_key_env, timeout=cfg.timeout,
+                                       retries=cfg.retries, concurrency=cfg.concurrency)
+
+    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        return self.client.complete_all(list(requests))
+
+
+BACKENDS = {"transformers": TransformersBackend, "vllm": VllmBackend, "openai": OpenAIBackend}
+
+
+class GenerationHandler(ModelHandler[Plan, Outcome, object]):
+    """RunInference handler: cache lookup, batched generation, checking, one retry with another seed."""
+
+    def __init__(self, cfg: GenerateConfig, vocabulary: list[str]):
+        super().__init__(min_batch_size=1, max_batch_size=cfg.batch_size, large_model=cfg.large_model)
+        self.cfg, self.vocabulary = cfg, vocabulary
+        self.bounds = Bounds(cfg.min_chars, cfg.max_chars)
+
+    def load_model(self):
+        return BACKENDS[self.cfg.backend](self.cfg)
+
+    def get_metrics_namespace(self) -> str:
+        return "generate"
+
+    def _ask(self, backend, plans: list[Plan], cache: ResponseCache) -> list[tuple[ChatResult, bool]]:
+        """Replies for ``plans`` (from the cache where possible), each with whether it was cached."""
+        fingerprints = [request_fingerprint(self.cfg.model, p.request.messages, _sampling(p.request))
+                        for p in plans]
+        found = [cache.get(fp) for fp in fingerprints]
+        missing = [i for i, r in enumerate(found) if r is None]
+        if missing:
+            beam.metrics.Metrics.counter("generate", "backend_calls").inc(len(missing))
+            fresh = backend.generate([plans[i].request for i in missing])
+            for i, result in zip(missing, fresh):
+                cache.put(fingerprints[i], result)
+                found[i] = result
+        return [(replace(r, key=p.key), i not in missing) for i, (p, r) in enumerate(zip(plans, found))]
+
+    def _judge(self, plan: Plan, result: ChatResult) -> Verdict:
+        if not result.ok:
+            return Verdict(None, result.reason, result.message)
+        return read_reply(plan.format, result.text, plan.meta, plan.question, self.vocabulary, self.bounds)
+
+    def run_inference(self, batch: Sequence[Plan], backend, inference_args=None) -> Iterable[PredictionResult]:
+        cache = ResponseCache(self.cfg.cache_dir)
+        answers = self._ask(backend, list(batch), cache)
+        outcomes = [Outcome(r, self._judge(p, r), 1, cached, p.request.seed) for p, (r, cached) in zip(batch, answers)]
+        retry = [i for i, o in enumerate(outcomes) if o.verdict.turns is None] if self.cfg.retry_new_seed else []
+        if retry:
+            again = [_reseeded(batch[i]) for i in retry]
+            for i, plan, (result, cached) in zip(retry, again, self._ask(backend, again, cache)):
+                outcomes[i] = Outcome(result, self._judge(plan, result), 2, cached, plan.request.seed)
+        for plan, outcome in zip(batch, outcomes):
+            yield PredictionResult(plan, outcome, self.cfg.model)
+
+
+def _sampling(request: ChatRequest) -> dict:
+    return {"max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
+            "seed": request.seed}
+
+
+def _reseeded(plan: Plan) -> Plan:
+    seed = derive_seed(plan.request.seed or 0, plan.key, "retry")
+    return replace(plan, request=replace(plan.request, seed=seed))
+
+
+def turns_json(turns: list[Turn]) -> list[dict]:
+    return [{"from": t.role, "value": t.value} for t in turns]

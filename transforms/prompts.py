@@ -1,0 +1,123 @@
+"""Prompt templates and per-sample plans for conversation generation: plain functions, no Beam.
+
+Everything a sample gets is derived from its key and the base seed, so the same input and config give the same
+plan (kind, seed, question) on any runner, in any order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from visinstruct.configs import CONFIG_DIR
+from visinstruct.schemas import IMAGE_TOKEN, SampleMeta, Turn
+
+DEFAULT_TEMPLATES = CONFIG_DIR / "prompts" / "llava.yaml"
+KINDS = ("conversation", "detailed", "complex_reasoning")
+
+
+@dataclass(frozen=True)
+class KindTemplate:
+    name: str
+    system: str
+    context: str  # "captions" or "captions_and_boxes"
+    format: str  # "qa" or "description"
+    examples: list[dict]
+    questions: list[str]
+
+
+@dataclass(frozen=True)
+class Templates:
+    kinds: dict[str, KindTemplate]
+    brief_questions: list[str]
+    object_vocabulary: list[str]
+    sha256: str  # of the template file's text: provenance of every generated sample
+
+
+def load_templates(path: str | Path | None = None) -> Templates:
+    """Read a template file (default: the bundled ``configs/prompts/llava.yaml``)."""
+    path = Path(path or DEFAULT_TEMPLATES)
+    text = path.read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    rules = data.get("rules", "").strip()
+    kinds = {}
+    for name, spec in data["kinds"].items():
+        kinds[name] = KindTemplate(name=name, system=spec["system"].replace("{rules}", rules).strip(),
+                                   context=spec.get("context", "captions"), format=spec.get("format", "qa"),
+                                   examples=list(spec.get("examples", [])), questions=list(spec.get("questions", [])))
+        if kinds[name].format == "description" and not kinds[name].questions:
+            raise ValueError(f"{path}: kind {name!r} has format 'description' but no questions to draw from")
+    return Templates(kinds, list(data["brief_questions"]), [w.lower() for w in data.get("object_vocabulary", [])],
+                     hashlib.sha256(text.encode()).hexdigest())
+
+
+def derive_seed(base: int, key: str, salt: str = "") -> int:
+    """A 31-bit seed from the base seed and the sample key (stable across runs and machines)."""
+    return int(hashlib.sha256(f"{base}:{key}:{salt}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def _unit(base: int, key: str, salt: str) -> float:
+    return derive_seed(base, key, salt) / 0x80000000
+
+
+def choose_kind(key: str, weights: dict[str, float], base: int) -> str:
+    """A kind drawn by weight, deterministically per key."""
+    names = sorted(k for k, w in weights.items() if w > 0)
+    total = sum(weights[k] for k in names)
+    point, acc = _unit(base, key, "kind") * total, 0.0
+    for name in names:
+        acc += weights[name]
+        if point < acc:
+            return name
+    return names[-1]
+
+
+def uses_llm(key: str, fraction: float, base: int) -> bool:
+    """Whether this sample goes to the LLM (else it gets caption-only data); a stable subset of ``fraction``."""
+    return fraction >= 1.0 or _unit(base, key, "llm") < fraction
+
+
+def pick(items: list[str], key: str, base: int, salt: str) -> str:
+    return items[derive_seed(base, key, salt) % len(items)]
+
+
+def format_context(meta: SampleMeta, with_boxes: bool) -> str:
+    """What the model is told about the image: captions, then (optionally) objects with boxes, then tags."""
+    captions = [c for c in [meta.caption, *meta.captions] if c]
+    if not with_boxes:
+        return "\n".join(captions)
+    lines = ["Captions:", *captions]
+    if meta.boxes:
+        lines.append("Objects:")
+        lines += [f"{b.category}: [{', '.join(f'{v:.2f}' for v in b.bbox)}]" for b in meta.boxes]
+    if meta.tags:
+        lines.append("Tags: " + ", ".join(meta.tags))
+    return "\n".join(lines)
+
+
+def build_messages(template: KindTemplate, meta: SampleMeta) -> list[dict]:
+    """OpenAI-style chat messages: system, worked examples as earlier turns, then this sample's context."""
+    messages = [{"role": "system", "content": template.system}]
+    for example in template.examples:
+        messages.append({"role": "user", "content": example["context"].strip()})
+        messages.append({"role": "assistant", "content": example["reply"].strip()})
+    messages.append({"role": "user", "content": format_context(meta, template.context == "captions_and_boxes")})
+    return messages
+
+
+def caption_only(meta: SampleMeta, templates: Templates, base: int) -> list[Turn] | None:
+    """Stage-1 data with no LLM: a brief-description instruction drawn per key, answered by the caption."""
+    if not meta.caption or not meta.caption.strip():
+        return None
+    question = pick(templates.brief_questions, meta.key, base, "brief")
+    return [Turn("human", f"{IMAGE_TOKEN}\n{question}"), Turn("gpt", meta.caption.strip())]
+
+
+def request_fingerprint(model: str, messages: list[dict], sampling: dict) -> str:
+    """The cache key of one generation: model, exact prompt and sampling parameters (seed included)."""
+    blob = json.dumps({"model": model, "messages": messages, "sampling": sampling}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
