@@ -1,0 +1,199 @@
+"""Conversation generation: reply checking, deterministic plans, backends, and the stage end to end."""
+
+import json
+import re
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from visinstruct.configs import GenerateConfig, IngestConfig, from_dict
+from visinstruct.pipelines import generate
+from visinstruct.pipelines.ingest import run as ingest
+from visinstruct.schemas import Box, SampleMeta, Turn
+from visinstruct.testing.openai_server import OpenAIServer
+from visinstruct.testing.sample_data import shapes_dataset
+from visinstruct.transforms.conversations import Bounds, parse_qa, read_reply
+from visinstruct.transforms.prompts import caption_only, choose_kind, derive_seed, load_templates, uses_llm
+
+pytestmark = pytest.mark.timeout(600)
+RUNNER = ["--runner=FnApiRunner"]
+META = SampleMeta(key="000000001", caption="a red circle and a blue square",
+                  boxes=[Box("red circle", [0.1, 0.4, 0.3, 0.6]), Box("blue square", [0.6, 0.35, 0.85, 0.6])])
+VOCAB = load_templates().object_vocabulary
+
+
+def verdict(reply, fmt="qa", question=None):
+    return read_reply(fmt, reply, META, question, VOCAB, Bounds())
+
+
+def test_qa_replies_become_llava_turns():
+    reply = ("**Question 1:** What shapes are there?\nAnswer: A red circle and a blue square.\n\n"
+             "Q: Where is the circle?\nA: On the left,\nnext to the square.")
+    assert parse_qa(reply) == [("What shapes are there?", "A red circle and a blue square."),
+                               ("Where is the circle?", "On the left, next to the square.")]
+    assert verdict(reply).turns == [Turn("human", "<image>\nWhat shapes are there?"),
+                                    Turn("gpt", "A red circle and a blue square."),
+                                    Turn("human", "Where is the circle?"),
+                                    Turn("gpt", "On the left, next to the square.")]
+    description = verdict("Description: A red circle sits left of a blue square.", "description", "Describe it.")
+    assert description.turns == [Turn("human", "<image>\nDescribe it."),
+                                 Turn("gpt", "A red circle sits left of a blue square.")]
+
+
+@pytest.mark.parametrize("reply, reason", [
+    ("The picture is nice.", "unparseable"),
+    ("Question: What is it?\nAnswer: I'm sorry, I cannot see images.", "refusal"),
+    ("Question: What is it?\nAnswer: As the caption says, a red circle.", "mentions_context"),
+    ("Question: Where is it?\nAnswer: At [0.10, 0.40] on the left.", "mentions_context"),
+    ("Question: Where is it?\nAnswer: The bounding box is on the left.", "mentions_context"),
+    ("Question: What colour?\nAnswer: Red.\nQuestion: What colour?\nAnswer: Blue.", "duplicate_question"),
+    ("Question: What is there?\nAnswer: A red circle next to a sleeping cat.", "unknown_object"),
+    ("Question: What is there?\nAnswer: A triangle.", "unknown_object"),
+    ("Question: Colour?\nAnswer: R", "bad_length"),
+])
+def test_bad_replies_are_rejected_with_their_reason(reply, reason):
+    assert verdict(reply).reason == reason
+
+
+def test_objects_in_the_context_are_allowed_in_plural_too():
+    assert verdict("Question: How many shapes?\nAnswer: Two: a circle and a square, no other squares.").turns
+
+
+def test_plans_are_deterministic_per_key():
+    templates = load_templates()
+    weights = {"conversation": 1.0, "detailed": 2.0, "complex_reasoning": 1.0}
+    kinds = [choose_kind(f"{i:09d}", weights, 0) for i in range(2000)]
+    assert kinds == [choose_kind(f"{i:09d}", weights, 0) for i in range(2000)]
+    assert 0.45 < kinds.count("detailed") / 2000 < 0.55
+    assert derive_seed(0, "000000001") == derive_seed(0, "000000001") != derive_seed(1, "000000001")
+    assert sum(uses_llm(f"{i:09d}", 0.25, 0) for i in range(2000)) in range(440, 560)
+    turns = caption_only(META, templates, 0)
+    assert turns == caption_only(META, templates, 0) and turns[1] == Turn("gpt", META.caption)
+    assert turns[0].value.startswith("<image>\n") and turns[0].value[8:] in templates.brief_questions
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    coco = shapes_dataset(root / "shapes", n=9, seed=5)
+    cfg = from_dict(IngestConfig, {"read": {"path": str(coco / "annotations" / "*.json"), "format": "coco",
+                                            "image_root": str(coco / "images")},
+                                   "write": {"path": str(root / "in"), "shard_size": 4},
+                                   "resize": {"image_size": 64}})
+    assert ingest(cfg, RUNNER)["written"] == 9
+    return sorted(str(p) for p in (root / "in").glob("*.tar"))
+
+
+def samples(out) -> dict[str, SampleMeta]:
+    tars = [str(p) for p in sorted(out.glob("*.tar"))]
+    return {s["__key__"]: SampleMeta.from_json(s["json"]) for s in wds.WebDataset(tars, shardshuffle=False)}
+
+
+def tree(out) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and not p.name.endswith(("_stats.json", "run_report.json"))}
+
+
+def test_caption_only_data_is_deterministic(shards, tmp_path):
+    for out in ("a", "b"):
+        cfg = from_dict(GenerateConfig, {"backend": "caption_only", "write": {"path": str(tmp_path / out)}})
+        report = generate.run(cfg, shards, RUNNER)
+        assert report["written"] == 9 and report["backend_calls"] == 0 and report["accounted"]
+    assert tree(tmp_path / "a") == tree(tmp_path / "b")
+    for meta in samples(tmp_path / "a").values():
+        assert meta.conversations[1].value == meta.caption and meta.generation.kind == "caption_only"
+
+
+def scripted(request: dict) -> str:
+    """A well-behaved model, except for samples whose captions carry a fault marker or a bad answer."""
+    context = request["messages"][-1]["content"]
+    if "Objects:" in context and request["messages"][0]["content"].find("one rich paragraph") >= 0:
+        return "Several coloured shapes are spread over a white background."
+    if "triangle" in context:
+        return "Question: What is in the picture?\nAnswer: I'm sorry, I cannot see pictures."
+    return "Question: What colours are the shapes?\nAnswer: They are bright.\nQuestion: Is the background plain?\nAnswer: Yes, it is plain white."
+
+
+def test_openai_backend_end_to_end_with_faults_retries_cache_and_no_key_leak(shards, tmp_path, monkeypatch, caplog):
+    secret = "sk-test-SECRET-4242"
+    monkeypatch.setenv("VI_TEST_KEY", secret)
+    settings = {"backend": "openai", "model": "scripted", "api_key_env": "VI_TEST_KEY", "retries": 2,
+                "timeout": 5.0, "temperature": 0.0, "cache_dir": str(tmp_path / "cache"),
+                "write": {"path": str(tmp_path / "out")}}
+    with OpenAIServer(responder=scripted, require_key=secret) as srv:
+        cfg = from_dict(GenerateConfig, settings | {"endpoint": srv.base_url})
+        report = generate.run(cfg, shards, RUNNER)
+        calls = srv.calls
+    kept = samples(tmp_path / "out")
+    rejected = pq.read_table(tmp_path / "out" / "rejected").to_pylist()
+    assert report["inputs"] == report["rows_read"] == 9 and report["written"] + report["rejected"] == 9
+    assert report["written"] == len(kept) and len(rejected) == report["rejected"]
+    for meta in kept.values():
+        assert meta.conversations[0].value.startswith("<image>\n") and meta.generation.model == "scripted"
+        assert meta.generation.completion_tokens > 0 and len(meta.generation.template_sha256) == 64
+    for row in rejected:  # every drop keeps the raw reply for a person to read
+        assert row["stage"] == "generate" and json.loads(row["detail"])["raw"]
+    assert {r["reason"] for r in rejected} <= {"refusal"}
+    assert report["backend_calls"] == calls
+    # A rerun with the cache makes no backend call and writes the same shards.
+    with OpenAIServer(responder=scripted, require_key=secret) as srv:
+        cfg = from_dict(GenerateConfig, settings | {"endpoint": srv.base_url, "write": {"path": str(tmp_path / "again")}})
+        again = generate.run(cfg, shards, RUNNER)
+        assert srv.calls == 0
+    assert again["backend_calls"] == 0 and tree(tmp_path / "again") == tree(tmp_path / "out")
+    everything = b"".join(tree(tmp_path / "out").values()) + caplog.text.encode() + json.dumps(report).encode()
+    assert secret.encode() not in everything
+
+
+def test_openai_faults_end_written_after_retry_or_dead_lettered(tmp_path, monkeypatch):
+    from visinstruct.transforms.llm import GenerationHandler, Plan
+    from visinstruct.transforms.llm_openai import ChatRequest
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    good = "Question: What is there?\nAnswer: A red circle and a blue square."
+    with OpenAIServer(responder=lambda r: good) as srv:
+        cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": srv.base_url, "model": "m", "retries": 1,
+                                         "timeout": 1.0, "retry_new_seed": False})
+        handler = GenerationHandler(cfg, VOCAB)
+        backend = handler.load_model()
+        markers = ["", "[[fault:429:1:0.1]]", "[[fault:500:1]]", "[[fault:500]]", "[[fault:hang]]",
+                   "[[fault:malformed]]", "[[fault:empty]]", "[[fault:401]]"]
+        plans = [Plan("p", f"{i:09d}", "conversation", "qa", None, META,
+                      ChatRequest(f"{i:09d}", [{"role": "user", "content": f"sample {i} {m}"}], seed=i))
+                 for i, m in enumerate(markers)]
+        outcomes = [r.inference for r in handler.run_inference(plans, backend)]
+    assert [o.verdict.reason for o in outcomes] == [None, None, None, "http_500", "timeout", "malformed_response",
+                                                     "empty_completion", "http_401"]
+
+
+def test_transformers_sampling_is_seeded_per_sample_not_per_batch(tmp_path):
+    from visinstruct.testing.tiny_models import tiny_causal_lm
+    from visinstruct.transforms.llm import TransformersBackend
+    from visinstruct.transforms.llm_openai import ChatRequest
+
+    tiny_causal_lm(save_dir=tmp_path / "lm", seed=1)
+    backend = TransformersBackend(from_dict(GenerateConfig, {"model": str(tmp_path / "lm"), "device": "cpu"}))
+
+    def ask(key, text, seed):
+        return ChatRequest(key, [{"role": "user", "content": text}], max_tokens=12, temperature=1.0, seed=seed)
+
+    alone = backend.generate([ask("a", "hello there", 5)])[0]
+    batched = backend.generate([ask("b", "a much longer prompt that pads the other row", 9), ask("a", "hello there", 5)])
+    assert alone.text == batched[1].text and alone.completion_tokens > 0
+    assert backend.generate([ask("a", "hello there", 6)])[0].text != alone.text
+
+
+@pytest.mark.slow
+def test_real_smollm2_writes_conversations_for_shapes_with_boxes(shards, tmp_path):
+    from visinstruct.testing.smollm2 import smollm2_gguf_path
+
+    cfg = from_dict(GenerateConfig, {"backend": "transformers", "model": str(smollm2_gguf_path()), "batch_size": 9,
+                                     "max_new_tokens": 120, "temperature": 0.0, "retry_new_seed": False,
+                                     "write": {"path": str(tmp_path / "out")}})
+    report = generate.run(cfg, shards[:1], RUNNER)
+    assert report["inputs"] == 4 and report["accounted"] and report["backend_calls"] == 4
+    assert report["completion_tokens"] > 0
+    rejected = pq.read_table(tmp_path / "out" / "rejected").to_pylist()
+    for row in rejected:
+        assert re.fullmatch(r"[a-z_0-9]+", row["reason"]) and json.loads(row["detail"])["raw"] is not None
