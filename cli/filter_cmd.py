@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from visinstruct.configs import FilterConfig, load
+from visinstruct.cli.errors import UserError
+from visinstruct.cli.jobs import add_job_arguments, load_job
+from visinstruct.configs import FilterConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,34 +15,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             description="Read shards (ours or img2dataset's), score every pair with CLIP through "
                                         "RunInference, write filtered shards and dead-letter rows. Unknown options "
                                         "go to Beam.")
-    parser.add_argument("--config", required=True, help="YAML file (see `visinstruct config show filter`)")
-    parser.add_argument("--input", help="input shards: a folder or a glob of .tar files (overrides input)")
-    parser.add_argument("--out", help="output folder (overrides write.path)")
+    add_job_arguments(parser, "filter")
     parser.add_argument("--dry-run", action="store_true",
                         help="write no shards; report the score distribution and what each threshold keeps")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.set_defaults(run=run, accepts_beam_args=True)
+    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from visinstruct.cli.errors import UserError
     from visinstruct.pipelines import filter as clip_filter
     from visinstruct.pipelines.report import format_report
 
-    overrides = list(args.overrides)
-    if args.input:
-        overrides.append(f"input={args.input}")
-    if args.out:
-        overrides.append(f"write.path={args.out}")
-    cfg = load(FilterConfig, args.config, overrides)
-    if not cfg.input or cfg.write is None:
-        raise UserError("filter needs input shards (input: or --input) and an output folder (write.path: or --out)")
+    cfg, inputs = load_job(FilterConfig, args)
     if cfg.threshold is None and cfg.top_fraction is None and not args.dry_run:
         raise UserError("set threshold and/or top_fraction, or use --dry-run to choose them")
-    try:
-        inputs = clip_filter.input_shards(cfg.input)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     report = clip_filter.run(cfg, inputs, beam_args, dry_run=args.dry_run)
     if args.dry_run:
         print(format_distribution(report))

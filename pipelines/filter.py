@@ -132,18 +132,6 @@ class ScoreDistribution(beam.PTransform):
             failed=beam.pvalue.AsList(failures))
 
 
-def input_shards(pattern: str) -> list[str]:
-    """The tars a filter run reads: a folder's ``*.tar``, or a glob; sorted. Raises ValueError when none."""
-    from apache_beam.io.filesystems import FileSystems
-
-    if not any(c in pattern for c in "*?[") and not pattern.endswith(".tar"):
-        pattern = pattern.rstrip("/") + "/*.tar"
-    found = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-    if not found:
-        raise ValueError(f"{pattern}: no shards (.tar files) match")
-    return found
-
-
 def run(cfg: FilterConfig, inputs: list[str], beam_args: list[str] | None = None, dry_run: bool = False) -> dict:
     """Run the filter on tar paths; returns the run report, or the score distribution when ``dry_run``."""
     if cfg.write is None:

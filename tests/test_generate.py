@@ -47,6 +47,7 @@ def test_qa_replies_become_llava_turns():
     ("Question: What is it?\nAnswer: As the caption says, a red circle.", "mentions_context"),
     ("Question: Where is it?\nAnswer: At [0.10, 0.40] on the left.", "mentions_context"),
     ("Question: Where is it?\nAnswer: The bounding box is on the left.", "mentions_context"),
+    ("Question: How tall is it?\nAnswer: Its sides are 0.73 long.", "mentions_context"),
     ("Question: What colour?\nAnswer: Red.\nQuestion: What colour?\nAnswer: Blue.", "duplicate_question"),
     ("Question: What is there?\nAnswer: A red circle next to a sleeping cat.", "unknown_object"),
     ("Question: What is there?\nAnswer: A triangle.", "unknown_object"),
@@ -197,3 +198,16 @@ def test_real_smollm2_writes_conversations_for_shapes_with_boxes(shards, tmp_pat
     rejected = pq.read_table(tmp_path / "out" / "rejected").to_pylist()
     for row in rejected:
         assert re.fullmatch(r"[a-z_0-9]+", row["reason"]) and json.loads(row["detail"])["raw"] is not None
+
+
+def test_cli_generates_caption_only_data_and_reports_one_line_errors(shards, tmp_path, capsys):
+    from visinstruct.cli.main import main
+
+    config = tmp_path / "gen.yaml"
+    config.write_text("backend: caption_only\n")
+    folder = str(shards[0]).rsplit("/", 1)[0]
+    assert main(["generate", "--config", str(config), "--input", folder, "--out", str(tmp_path / "out"),
+                 "--runner=FnApiRunner"]) == 0
+    assert "generate: 9 rows in 3 shards -> 9 written, 0 rejected" in capsys.readouterr().out
+    assert main(["generate", "--config", str(config), "--input", str(tmp_path / "none"), "--out", "x"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

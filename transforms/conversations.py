@@ -29,7 +29,8 @@ _CONTEXT = re.compile(
     r"\b(?:captions?|bounding[ -]box(?:es)?|boxes|coordinates?|labels? (?:say|says|given)|"
     r"(?:given|provided) (?:description|information|text|context|details)|"
     r"according to the (?:description|information|text|context)|as (?:described|mentioned) (?:above|earlier))\b"
-    r"|\[\s*-?\d*\.\d+\s*,\s*-?\d*\.\d+", re.IGNORECASE)
+    r"|\[\s*-?\d*\.\d+\s*,\s*-?\d*\.\d+"  # a coordinate list
+    r"|(?<![\d.])0?\.\d{2,}\b", re.IGNORECASE)  # a bare coordinate such as 0.73: boxes are given to 2 decimals
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,40 @@
+"""What the commands that rewrite shards (filter, generate) share: input, output and config arguments."""
+
+from __future__ import annotations
+
+import argparse
+
+from apache_beam.io.filesystems import FileSystems
+
+from visinstruct.cli.errors import UserError
+from visinstruct.configs import load
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--config", required=True, help=f"YAML file (see `visinstruct config show {name}`)")
+    parser.add_argument("--input", help="input shards: a folder, a glob or a brace pattern of .tar files")
+    parser.add_argument("--out", help="output folder (overrides write.path)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
+    parser.set_defaults(accepts_beam_args=True)
+
+
+def load_job(cls: type, args: argparse.Namespace):
+    """The job's config (with ``--input``/``--out`` applied) and its input tars, or a one-line UserError."""
+    from visinstruct.cli.shards import ShardError, resolve_shards
+
+    overrides = list(args.overrides)
+    if args.input:
+        overrides.append(f"input={args.input}")
+    if args.out:
+        overrides.append(f"write.path={args.out}")
+    cfg = load(cls, args.config, overrides)
+    if not cfg.input or cfg.write is None:
+        raise UserError("needs input shards (input: or --input) and an output folder (write.path: or --out)")
+    try:
+        inputs = [p for p in resolve_shards(cfg.input) if FileSystems.exists(p)]
+    except ShardError as e:
+        raise UserError(str(e)) from None
+    if not inputs:
+        raise UserError(f"{cfg.input}: no .tar shards to read")
+    return cfg, inputs
