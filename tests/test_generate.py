@@ -113,7 +113,8 @@ def scripted(request: dict) -> str:
         return "Several coloured shapes are spread over a white background."
     if "triangle" in context:
         return "Question: What is in the picture?\nAnswer: I'm sorry, I cannot see pictures."
-    return "Question: What colours are the shapes?\nAnswer: They are bright.\nQuestion: Is the background plain?\nAnswer: Yes, it is plain white."
+    return ("Question: What colours are the shapes?\nAnswer: They are bright.\n"
+            "Question: Is the background plain?\nAnswer: Yes, it is plain white.")
 
 
 def test_openai_backend_end_to_end_with_faults_retries_cache_and_no_key_leak(shards, tmp_path, monkeypatch, caplog):
@@ -139,7 +140,8 @@ def test_openai_backend_end_to_end_with_faults_retries_cache_and_no_key_leak(sha
     assert report["backend_calls"] == calls
     # A rerun with the cache makes no backend call and writes the same shards.
     with OpenAIServer(responder=scripted, require_key=secret) as srv:
-        cfg = from_dict(GenerateConfig, settings | {"endpoint": srv.base_url, "write": {"path": str(tmp_path / "again")}})
+        again_settings = settings | {"endpoint": srv.base_url, "write": {"path": str(tmp_path / "again")}}
+        cfg = from_dict(GenerateConfig, again_settings)
         again = generate.run(cfg, shards, RUNNER)
         assert srv.calls == 0
     assert again["backend_calls"] == 0 and tree(tmp_path / "again") == tree(tmp_path / "out")
@@ -180,7 +182,8 @@ def test_transformers_sampling_is_seeded_per_sample_not_per_batch(tmp_path):
         return ChatRequest(key, [{"role": "user", "content": text}], max_tokens=12, temperature=1.0, seed=seed)
 
     alone = backend.generate([ask("a", "hello there", 5)])[0]
-    batched = backend.generate([ask("b", "a much longer prompt that pads the other row", 9), ask("a", "hello there", 5)])
+    batched = backend.generate([ask("b", "a much longer prompt that pads the other row", 9),
+                                ask("a", "hello there", 5)])
     assert alone.text == batched[1].text and alone.completion_tokens > 0
     assert backend.generate([ask("a", "hello there", 6)])[0].text != alone.text
 
