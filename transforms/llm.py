@@ -227,7 +227,9 @@ class GenerationHandler(ModelHandler[Plan, Outcome, object]):
         cache = ResponseCache(self.cfg.cache_dir)
         answers = self._ask(backend, list(batch), cache)
         outcomes = [Outcome(r, self._judge(p, r), 1, cached, p.request.seed) for p, (r, cached) in zip(batch, answers)]
-        retry = [i for i, o in enumerate(outcomes) if o.verdict.turns is None] if self.cfg.retry_new_seed else []
+        # Another seed changes nothing under greedy decoding (temperature 0), so only sampling runs retry.
+        retrying = self.cfg.retry_new_seed and self.cfg.temperature > 0
+        retry = [i for i, o in enumerate(outcomes) if o.verdict.turns is None] if retrying else []
         if retry:
             again = [_reseeded(batch[i]) for i in retry]
             for i, plan, (result, cached) in zip(retry, again, self._ask(backend, again, cache)):
