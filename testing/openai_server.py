@@ -34,18 +34,17 @@ with ``finish_reason: "length"``.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from visinstruct.testing.loopback import CLIENT_GONE, LoopbackHTTPServer, LoopbackService
+
 FAULT_MARKER = re.compile(r"\[\[fault:([a-z0-9]+)((?::[0-9.]+)*)\]\]")
-_CLIENT_GONE = (ConnectionError, TimeoutError)  # a client that gives up mid-answer is normal here
 _SLOW_PIECES = 10
 
 
@@ -94,46 +93,9 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    """Keeps every open connection so that ``stop()`` can cut them; quiet about clients that went away."""
-
-    daemon_threads = True
-    block_on_close = False  # stop() must not wait for handlers that hang on purpose
-
-    def __init__(self, address: tuple[str, int], app: OpenAIServer):
-        self.app = app
-        self._sockets: set[socket.socket] = set()
-        self._sockets_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def process_request(self, request, client_address):
-        with self._sockets_lock:
-            self._sockets.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self._sockets_lock:
-            self._sockets.discard(request)
-        super().shutdown_request(request)
-
-    def cut_connections(self) -> None:
-        """Shuts every open connection down, so handlers blocked on a read or a write return at once."""
-        with self._sockets_lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by its handler
-
-    def handle_error(self, request, client_address):
-        if not self.app._stopping.is_set():
-            super().handle_error(request, client_address)
-
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so the client's connection reuse is exercised
-    server: _HTTPServer
+    server: LoopbackHTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class names it so
         """Stays silent: tests read ``OpenAIServer.requests`` instead of stderr."""
@@ -141,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         try:
             super().handle()
-        except _CLIENT_GONE:
+        except CLIENT_GONE:
             self.close_connection = True
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -161,7 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
         record = app._begin(self.path, self.command, dict(self.headers.items()), body)
         try:
             self._route(app, body, bad_json)
-        except _CLIENT_GONE:
+        except CLIENT_GONE:
             raise
         except Exception as e:  # a responder's bug: every route calls it before sending, so a 500 still fits
             self._error(500, f"the responder raised {e!r}", "server_error")
@@ -253,7 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
 
 
-class OpenAIServer:
+class OpenAIServer(LoopbackService):
     """A threaded OpenAI-protocol server on an ephemeral loopback port; see the module docstring for its faults.
 
     Attributes:
@@ -263,6 +225,8 @@ class OpenAIServer:
         model: The model id ``/v1/models`` lists (any model name is accepted in requests).
         port: The bound port, once started.
     """
+
+    handler = _Handler
 
     FAULT_KINDS = ("slow", "hang", "drop", "malformed", "nochoices", "empty", "nousage", "leak")
 
@@ -280,51 +244,13 @@ class OpenAIServer:
         Raises:
             ValueError: If ``host`` is not an IPv4 loopback address.
         """
-        try:
-            loopback = ipaddress.IPv4Address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise ValueError(f"OpenAIServer binds only IPv4 loopback addresses such as 127.0.0.1, not {host!r}")
+        super().__init__(host)
         self.responder = responder or echo_responder
-        self.latency, self.require_key, self.model, self.host = latency, require_key, model, host
-        self.port: int | None = None
+        self.latency, self.require_key, self.model = latency, require_key, model
         self._log: list[ChatRequestRecord] = []
         self._counts: dict[tuple[str, str], int] = {}
         self._in_flight = self._peak = self._completions = 0
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> OpenAIServer:
-        """Binds an ephemeral port and serves in a daemon thread; returns self."""
-        if self._httpd is not None:
-            raise RuntimeError("OpenAIServer is already running")
-        self._stopping.clear()
-        self._httpd = _HTTPServer((self.host, 0), self)
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"OpenAIServer:{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stops serving and cuts open connections; returns promptly even with hanging or slow answers open."""
-        if self._httpd is None:
-            return
-        self._stopping.set()  # wakes hang, slow and latency waits
-        self._httpd.shutdown()
-        self._httpd.cut_connections()
-        self._httpd.server_close()
-        self._thread.join(timeout=2.0)
-        self._httpd = self._thread = None
-
-    def __enter__(self) -> OpenAIServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     @property
     def base_url(self) -> str:

@@ -50,19 +50,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import ipaddress
 import random
 import re
-import socket
-import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from PIL import Image, ImageDraw
+
+from visinstruct.testing.loopback import CLIENT_GONE, LoopbackHTTPServer, LoopbackService
 
 DEFAULT_SIZE = (64, 48)
 DEFAULT_ROBOTS_TXT = "User-agent: *\nDisallow: /private/\n"
@@ -98,8 +97,6 @@ FAULT_PATHS = {
 _FAULT_DEFAULTS = {"n": 2, "seconds": 1.0, "megabytes": 1}
 
 _PIL_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
-# A client that gives up mid-response is the normal case here, never an error worth a traceback.
-_CLIENT_GONE = (ConnectionError, TimeoutError)
 _CHUNK = 64 * 1024
 
 
@@ -184,49 +181,11 @@ class _Resource:
     headers: dict[str, str]
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    """Keeps every open connection so that ``stop()`` can cut them, and keeps quiet about vanished clients."""
-
-    daemon_threads = True
-    block_on_close = False  # stop() must not wait for handlers that hang on purpose
-
-    def __init__(self, address: tuple[str, int], app: ImageServer):
-        self.app = app
-        self._sockets: set[socket.socket] = set()
-        self._sockets_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def process_request(self, request, client_address):
-        with self._sockets_lock:
-            self._sockets.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self._sockets_lock:
-            self._sockets.discard(request)
-        super().shutdown_request(request)
-
-    def cut_connections(self) -> None:
-        """Shuts every open connection down, so handler threads blocked on a read or a write return at once."""
-        with self._sockets_lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by its handler
-
-    def handle_error(self, request, client_address):
-        if isinstance(sys.exc_info()[1], _CLIENT_GONE) or self.app._stopping.is_set():
-            return
-        super().handle_error(request, client_address)
-
-
 class _Handler(BaseHTTPRequestHandler):
     """Serves registered resources first, then the dynamic fault routes in ``_ROUTES``."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, so Content-Length (or closing) delimits every body
-    server: _HTTPServer
+    server: LoopbackHTTPServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class names it so
         """Stays silent: tests read ``ImageServer.requests`` instead of stderr."""
@@ -234,7 +193,7 @@ class _Handler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         try:
             super().handle()
-        except _CLIENT_GONE:
+        except CLIENT_GONE:
             self.close_connection = True
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -388,7 +347,7 @@ _ROUTES = [
 ]
 
 
-class ImageServer:
+class ImageServer(LoopbackService):
     """A threaded HTTP server on an ephemeral loopback port; see the module docstring for its routes.
 
     Attributes:
@@ -397,6 +356,8 @@ class ImageServer:
         images: The default test image by format, ``{"jpeg": ..., "png": ..., "webp": ...}``.
         port: The bound port, once started.
     """
+
+    handler = _Handler
 
     def __init__(self, latency: float = 0.0, host: str = "127.0.0.1"):
         """Prepares the server; ``start()`` (or ``with``) binds it.
@@ -408,21 +369,13 @@ class ImageServer:
         Raises:
             ValueError: If ``host`` is not an IPv4 loopback address.
         """
-        try:
-            loopback = ipaddress.IPv4Address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise ValueError(f"ImageServer binds only IPv4 loopback addresses such as 127.0.0.1, not {host!r}")
-        self.host, self.latency, self.robots_txt, self.port = host, latency, DEFAULT_ROBOTS_TXT, None
+        super().__init__(host)
+        self.latency, self.robots_txt = latency, DEFAULT_ROBOTS_TXT
         self.images = {fmt: encode_test_image(fmt) for fmt in ("jpeg", "png", "webp")}
         self._resources: dict[str, _Resource] = {}
         self._log: list[RequestRecord] = []
         self._counts: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._add_builtin_resources()
 
     def _add_builtin_resources(self) -> None:
@@ -439,36 +392,6 @@ class ImageServer:
         self.add("/wrongtype/octet", jpeg, "application/octet-stream")
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
-
-    def start(self) -> ImageServer:
-        """Binds an ephemeral port and serves in a daemon thread; returns self."""
-        if self._httpd is not None:
-            raise RuntimeError("ImageServer is already running")
-        self._stopping.clear()
-        self._httpd = _HTTPServer((self.host, 0), self)
-        self.port = self._httpd.server_address[1]
-        # A short poll interval keeps shutdown() quick.
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"ImageServer:{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stops serving and cuts open connections; returns promptly even with hanging or slow responses open."""
-        if self._httpd is None:
-            return
-        self._stopping.set()  # wakes /hang, /slow and latency waits
-        self._httpd.shutdown()
-        self._httpd.cut_connections()
-        self._httpd.server_close()
-        self._thread.join(timeout=2.0)
-        self._httpd = self._thread = None
-
-    def __enter__(self) -> ImageServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # -- resources and URLs ----------------------------------------------------------------------------------------
 
