@@ -55,6 +55,23 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive, no access log on stderr (tests read the servers' request logs), and a client that
+    hangs up mid-response just ends the connection."""
+
+    protocol_version = "HTTP/1.1"
+    server: LoopbackHTTPServer
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class names it so
+        pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except CLIENT_GONE:
+            self.close_connection = True
+
+
 class LoopbackService:
     """A server on an IPv4 loopback address and an ephemeral port, started and stopped from tests."""
 

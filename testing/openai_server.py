@@ -39,10 +39,9 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from visinstruct.testing.loopback import CLIENT_GONE, LoopbackHTTPServer, LoopbackService
+from visinstruct.testing.loopback import CLIENT_GONE, LoopbackService, QuietHandler
 
 FAULT_MARKER = re.compile(r"\[\[fault:([a-z0-9]+)((?::[0-9.]+)*)\]\]")
 _SLOW_PIECES = 10
@@ -93,19 +92,7 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, so the client's connection reuse is exercised
-    server: LoopbackHTTPServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class names it so
-        """Stays silent: tests read ``OpenAIServer.requests`` instead of stderr."""
-
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except CLIENT_GONE:
-            self.close_connection = True
-
+class _Handler(QuietHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self._serve(None)
 

@@ -55,13 +55,12 @@ import re
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from PIL import Image, ImageDraw
 
-from visinstruct.testing.loopback import CLIENT_GONE, LoopbackHTTPServer, LoopbackService
+from visinstruct.testing.loopback import LoopbackService, QuietHandler
 
 DEFAULT_SIZE = (64, 48)
 DEFAULT_ROBOTS_TXT = "User-agent: *\nDisallow: /private/\n"
@@ -181,20 +180,8 @@ class _Resource:
     headers: dict[str, str]
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     """Serves registered resources first, then the dynamic fault routes in ``_ROUTES``."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive, so Content-Length (or closing) delimits every body
-    server: LoopbackHTTPServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class names it so
-        """Stays silent: tests read ``ImageServer.requests`` instead of stderr."""
-
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except CLIENT_GONE:
-            self.close_connection = True
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         app = self.server.app
