@@ -20,7 +20,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from visinstruct.configs import FilterConfig
 from visinstruct.pipelines.options import pipeline_options
-from visinstruct.pipelines.report import summarize, write_report
+from visinstruct.pipelines.report import check_inputs, input_rows, summarize, write_report
 from visinstruct.transforms.clip import make_handler
 from visinstruct.transforms.filter_stages import (
     STAGE,
@@ -62,7 +62,7 @@ class _RewriteShard(beam.DoFn):
         decisions = {d.key: d for d in groups["decisions"]}
         rejections = {r.key: r for r in groups["rejections"] if r.key}
         judge = filter_judge(decisions, rejections, self.cfg.model.name, self.cfg.model.pretrained)
-        stats = rewrite_shard(path, self.positions[path], self.cfg.write.path, STAGE, judge)
+        stats = rewrite_shard(path, self.positions.get(path), self.cfg.write.path, STAGE, judge)
         for reason, count in stats.rejected_by_reason.items():
             beam.metrics.Metrics.counter("filter", f"dropped_{reason}").inc(count)
         log.info("shard %05d: kept %d of %d", stats.shard, stats.written, stats.inputs)
@@ -92,27 +92,39 @@ class ScorePairs(beam.PTransform):
         return scored, rejected
 
 
+class FilterShards(beam.PTransform):
+    """Tar paths -> ``ShardStats`` of the filtered shards (``write.path``; it may be the input folder itself)."""
+
+    def __init__(self, cfg: FilterConfig, positions: dict[str, int] | None = None):
+        super().__init__()
+        self.cfg, self.positions = cfg, positions or {}
+
+    def expand(self, paths):
+        cfg = self.cfg
+        scored, rejected = paths | "Score" >> ScorePairs(cfg)
+        cut = beam.pvalue.AsSingleton(paths.pipeline | "NoCut" >> beam.Create([None]))
+        if cfg.top_fraction is not None:
+            cut = beam.pvalue.AsSingleton(
+                scored | "KeyScore" >> beam.Map(lambda s: (s[0][1], s[1].score))  # (key, score)
+                | "TopFractionCut" >> TopFractionCut(cfg.top_fraction))
+        decisions = scored | "Decide" >> beam.Map(decide, cfg=cfg, cut=cut)  # (path, Decision)
+        every_shard = paths | "EveryShard" >> beam.Map(lambda p: (p, p))  # shards with no sample still get written
+        return ({"decisions": decisions, "rejections": rejected, "paths": every_shard}
+                | "JoinByShard" >> beam.CoGroupByKey()  # (path, {"decisions": [..], "rejections": [..], ...})
+                | "RewriteShard" >> beam.ParDo(_RewriteShard(cfg, self.positions)))
+
+
 class Filter(beam.PTransform):
-    """The whole filter stage: tar paths -> ``ShardStats`` of the filtered shards written."""
+    """The whole filter stage over a list of tars: ``PBegin`` -> ``ShardStats``."""
 
     def __init__(self, cfg: FilterConfig, inputs: list[str]):
         super().__init__()
         self.cfg, self.inputs = cfg, inputs
 
     def expand(self, pbegin):
-        cfg = self.cfg
-        paths = pbegin | "Shards" >> beam.Create(self.inputs) | "SpreadShards" >> beam.Reshuffle()
-        scored, rejected = paths | "Score" >> ScorePairs(cfg)
-        cut = beam.pvalue.AsSingleton(pbegin | "NoCut" >> beam.Create([None]))
-        if cfg.top_fraction is not None:
-            cut = beam.pvalue.AsSingleton(
-                scored | "KeyScore" >> beam.Map(lambda s: (s[0][1], s[1].score))  # (key, score)
-                | "TopFractionCut" >> TopFractionCut(cfg.top_fraction))
-        decisions = scored | "Decide" >> beam.Map(decide, cfg=cfg, cut=cut)  # (path, Decision)
         positions = {path: i for i, path in enumerate(self.inputs)}
-        return ({"decisions": decisions, "rejections": rejected}
-                | "JoinByShard" >> beam.CoGroupByKey()  # (path, {"decisions": [..], "rejections": [..]})
-                | "RewriteShard" >> beam.ParDo(_RewriteShard(cfg, positions)))
+        return (pbegin | "Shards" >> beam.Create(self.inputs) | "SpreadShards" >> beam.Reshuffle()
+                | "FilterShards" >> FilterShards(self.cfg, positions))
 
 
 class ScoreDistribution(beam.PTransform):
@@ -136,6 +148,7 @@ def run(cfg: FilterConfig, inputs: list[str], beam_args: list[str] | None = None
     """Run the filter on tar paths; returns the run report, or the score distribution when ``dry_run``."""
     if cfg.write is None:
         raise ValueError("filter needs write.path (the output folder; a dry run writes its report there)")
+    rows_before = input_rows(inputs)  # read before the run: it may rewrite these shards in place
     p = beam.Pipeline(options=pipeline_options(beam_args))
     if dry_run:
         path = join(cfg.write.path, DRY_RUN_NAME)
@@ -146,6 +159,6 @@ def run(cfg: FilterConfig, inputs: list[str], beam_args: list[str] | None = None
     _ = p | "Filter" >> Filter(cfg, inputs)
     result = p.run()
     result.wait_until_finish()
-    report = summarize(cfg.write.path, stage="filter", result=result)
+    report = check_inputs(summarize(cfg.write.path, stage="filter", result=result), rows_before)
     write_report(cfg.write.path, report)
     return report

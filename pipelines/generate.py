@@ -20,7 +20,7 @@ from apache_beam.ml.inference.base import RunInference
 
 from visinstruct.configs import GenerateConfig
 from visinstruct.pipelines.options import pipeline_options
-from visinstruct.pipelines.report import counter_value, summarize, write_report
+from visinstruct.pipelines.report import check_inputs, counter_value, input_rows, summarize, write_report
 from visinstruct.schemas import GenerationInfo, JsonDict, Rejection, SampleMeta
 from visinstruct.transforms.llm import GenerationHandler, Outcome, Plan
 from visinstruct.transforms.llm_openai import ChatRequest
@@ -123,7 +123,7 @@ class _RewriteShard(beam.DoFn):
             return judgements.get(key) or Judgement(rejection=Rejection(
                 STAGE, "not_generated", "no result reached the writer", key, meta.url or meta.path))
 
-        stats = rewrite_shard(path, self.positions[path], self.cfg.write.path, STAGE, judge)
+        stats = rewrite_shard(path, self.positions.get(path), self.cfg.write.path, STAGE, judge)
         for reason, count in stats.rejected_by_reason.items():
             beam.metrics.Metrics.counter(STAGE, f"dropped_{reason}").inc(count)
         tokens = [j.meta.generation for j in judgements.values() if j.meta is not None and j.meta.generation]
@@ -133,12 +133,12 @@ class _RewriteShard(beam.DoFn):
         yield stats
 
 
-class Generate(beam.PTransform):
-    """The whole generation stage: tar paths -> ``ShardStats`` of the shards written."""
+class GenerateShards(beam.PTransform):
+    """Tar paths -> ``ShardStats`` of the shards written (``write.path``; it may be the input folder itself)."""
 
-    def __init__(self, cfg: GenerateConfig, inputs: list[str]):
+    def __init__(self, cfg: GenerateConfig, positions: dict[str, int] | None = None):
         super().__init__()
-        self.cfg, self.inputs = cfg, inputs
+        self.cfg, self.positions = cfg, positions or {}
         self.templates = load_templates(cfg.templates)  # fail at construction on a bad file or unknown kind
         unknown = set(cfg.kinds) - set(self.templates.kinds)
         if unknown:
@@ -155,30 +155,42 @@ class Generate(beam.PTransform):
             lambda r: (r.example.path, (r.example.key, judge_outcome(r.example, r.inference, cfg.model, sha))))
         return [generated, failed.failed_inferences | "FailedBatches" >> beam.FlatMap(crashed_batch)]
 
-    def expand(self, pbegin):
+    def expand(self, paths):
         cfg, sha = self.cfg, self.templates.sha256
-        planned = (pbegin | "Shards" >> beam.Create(self.inputs) | "SpreadShards" >> beam.Reshuffle()
-                   | "PlanSamples" >> beam.ParDo(PlanSamples(cfg)).with_outputs("done", main="plans"))
+        planned = paths | "PlanSamples" >> beam.ParDo(PlanSamples(cfg)).with_outputs("done", main="plans")
         judgements = [planned.done]
         if cfg.backend != CAPTION_ONLY:  # RunInference loads its model even for an empty input
             judgements += self._generate(planned.plans, sha)
         judgements = tuple(judgements) | "AllJudgements" >> beam.Flatten()  # (path, (key, Judgement))
-        positions = {path: i for i, path in enumerate(self.inputs)}
-        every_shard = pbegin | "AllShards" >> beam.Create([(p, p) for p in self.inputs])
+        every_shard = paths | "EveryShard" >> beam.Map(lambda p: (p, p))
         return ({"judgements": judgements, "paths": every_shard}
                 | "JoinByShard" >> beam.CoGroupByKey()  # (path, {"judgements": [(key, J)], "paths": [path]})
-                | "RewriteShard" >> beam.ParDo(_RewriteShard(cfg, positions)))
+                | "RewriteShard" >> beam.ParDo(_RewriteShard(cfg, self.positions)))
+
+
+class Generate(beam.PTransform):
+    """The whole generation stage over a list of tars: ``PBegin`` -> ``ShardStats``."""
+
+    def __init__(self, cfg: GenerateConfig, inputs: list[str]):
+        super().__init__()
+        self.cfg, self.inputs = cfg, inputs
+        self.shards = GenerateShards(cfg, {path: i for i, path in enumerate(inputs)})
+
+    def expand(self, pbegin):
+        return (pbegin | "Shards" >> beam.Create(self.inputs) | "SpreadShards" >> beam.Reshuffle()
+                | "GenerateShards" >> self.shards)
 
 
 def run(cfg: GenerateConfig, inputs: list[str], beam_args: list[str] | None = None) -> dict:
     """Run generation over tar paths; returns the run report (with tokens spent)."""
     if cfg.write is None:
         raise ValueError("generate needs write.path (the output folder)")
+    rows_before = input_rows(inputs)  # read before the run: it may rewrite these shards in place
     p = beam.Pipeline(options=pipeline_options(beam_args))
     _ = p | "Generate" >> Generate(cfg, inputs)
     result = p.run()
     result.wait_until_finish()
-    report = summarize(cfg.write.path, stage=STAGE, result=result)
+    report = check_inputs(summarize(cfg.write.path, stage=STAGE, result=result), rows_before)
     for name in ("backend_calls", "prompt_tokens", "completion_tokens"):
         report[name] = counter_value(result, STAGE, name) or 0
     write_report(cfg.write.path, report)

@@ -55,6 +55,30 @@ def summarize(out_dir: str, stage: str, result=None) -> dict:
     return report
 
 
+def input_rows(tars: list[str]) -> int | None:
+    """Input rows of shards a stage reads, from their ``_stats.json``; ``None`` when any is missing or foreign.
+
+    A stage that rewrites shards must end with as many input rows as it started from (earlier stages' drops are
+    carried in the index), which is the accounting check of filter and generate.
+    """
+    total = 0
+    for tar in tars:
+        stats = tar[: -len(".tar")] + "_stats.json"
+        try:
+            total += read_stats(stats).inputs
+        except (OSError, ValueError, TypeError, KeyError):  # absent, or img2dataset's own stats format
+            return None
+    return total
+
+
+def check_inputs(report: dict, rows_before: int | None) -> dict:
+    """Account a rewriting stage: its output keeps every input row (or, for foreign shards, every sample read)."""
+    if rows_before is not None:
+        report["inputs_before"] = rows_before
+        report["accounted"] = rows_before == report["inputs"]
+    return report
+
+
 def write_report(out_dir: str, report: dict) -> str:
     path = join(out_dir, REPORT_NAME)
     write_bytes(path, (json.dumps(report, indent=1) + "\n").encode())

@@ -218,3 +218,19 @@ def test_cli_filters_img2dataset_shards_keeping_their_fields(tiny_checkpoint, tm
     for meta in kept.values():
         assert meta.extra["status"] == "success" and meta.extra["exif"] == "{}" and meta.clip is not None
     assert main(["filter", "--config", str(config), "--input", str(tmp_path / "nothing"), "--out", "x"]) == 2
+
+
+def test_earlier_rejections_stay_in_the_index_and_inputs_are_accounted(tiny_checkpoint, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (50, 40), (60 * i, 90, 200)).save(images / f"{i}.png")
+    (images / "3.jpg").write_bytes(b"not an image at all")  # ingest rejects it: decode, not_an_image
+    assert ingest(from_dict(IngestConfig, {"read": {"path": str(images)},
+                                           "write": {"path": str(tmp_path / "in")}}), RUNNER)["rejected"] == 1
+    tars = [str(tmp_path / "in" / "00000.tar")]
+    report = clip_filter.run(open_clip_cfg(tiny_checkpoint, tmp_path / "out", threshold=-1.0), tars, RUNNER)
+    assert report["inputs_before"] == report["inputs"] == 4 and report["accounted"]
+    rows = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["success", "success", "success", "not_an_image"]
+    assert report["rejected_by_reason"] == {"not_an_image": 1}

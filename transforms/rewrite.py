@@ -14,11 +14,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, SampleMeta, ShardStats
+from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, SampleMeta, ShardStats, from_table
 from visinstruct.transforms.shards import (
     TarShardWriter,
     UnsafeMember,
+    exists,
     join,
+    read_table,
     read_tar_samples,
     write_stats,
     write_table,
@@ -39,10 +41,14 @@ class Judgement:
 Judge = Callable[[str, SampleMeta], Judgement]
 
 
-def shard_id(path: str, position: int) -> int:
+def shard_id(path: str, position: int | None) -> int:
     """Output shard id: the input tar's numeric stem (``00042.tar`` -> 42), else its position in the input."""
     stem = os.path.basename(path).split(".", 1)[0]
-    return int(stem) if stem.isdigit() else position
+    if stem.isdigit():
+        return int(stem)
+    if position is None:
+        raise ValueError(f"{path}: shard names must be numbers (00042.tar) when read from a pipeline")
+    return position
 
 
 def iter_samples(path: str, stage: str) -> Iterator[tuple[str | None, dict | Rejection]]:
@@ -77,6 +83,22 @@ def index_row(meta: SampleMeta, **extra) -> IndexRow:
     return IndexRow(**(fields | extra))
 
 
+def carried_rows(tar_path: str, seen: set[str]) -> list[IndexRow]:
+    """Rows an earlier stage rejected (they have no sample in the tar), from the input shard's index.
+
+    The index keeps one row per *input row* of the shard across every stage, so ``inputs`` stays the number
+    of rows the dataset started from and every drop, whichever stage made it, stays on record.
+    """
+    index = tar_path[: -len(".tar")] + ".parquet" if tar_path.endswith(".tar") else None
+    if index is None or not exists(index):
+        return []
+    try:
+        earlier = from_table(IndexRow, read_table(index, IndexRow))
+    except (ValueError, KeyError, OSError):  # not our index (another tool's parquet): nothing to carry
+        return []
+    return [row for row in earlier if row.status != "success" and row.key not in seen]
+
+
 def rewrite_shard(path: str, position: int, out_dir: str, stage: str, judge: Judge) -> ShardStats:
     """Write the stage's version of one input shard into ``out_dir``; returns its stats."""
     start = time.monotonic()
@@ -107,6 +129,7 @@ def rewrite_shard(path: str, position: int, out_dir: str, stage: str, judge: Jud
     except BaseException:
         writer.abort()
         raise
+    rows = sorted(rows + carried_rows(path, {r.key for r in rows}), key=lambda r: r.key)
     write_table(join(out_dir, f"{stem}.parquet"), rows, IndexRow, SCHEMA_VERSION)
     write_table(join(out_dir, "rejected", f"{stage}-{stem}.parquet"), dead, Rejection, SCHEMA_VERSION)
     reasons = Counter(r.status for r in rows if r.status != "success")
