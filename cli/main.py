@@ -13,11 +13,20 @@ import os
 import sys
 
 from visinstruct import __version__
-from visinstruct.cli import config_cmd, demo_cmd, filter_cmd, generate_cmd, ingest_cmd, shards_cmd
+from visinstruct.cli import (
+    build_cmd,
+    config_cmd,
+    demo_cmd,
+    filter_cmd,
+    generate_cmd,
+    ingest_cmd,
+    shards_cmd,
+    train_clip_cmd,
+)
 from visinstruct.cli.errors import UserError
 from visinstruct.configs import ConfigError
 
-COMMANDS = [ingest_cmd, filter_cmd, generate_cmd, demo_cmd, config_cmd, shards_cmd]
+COMMANDS = [build_cmd, ingest_cmd, filter_cmd, generate_cmd, demo_cmd, config_cmd, shards_cmd, train_clip_cmd]
 
 
 

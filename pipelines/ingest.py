@@ -25,7 +25,7 @@ from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages
 from visinstruct.transforms.download import RETRYABLE_REASONS, STAGING, DownloadShard
 from visinstruct.transforms.images import process_image
 from visinstruct.transforms.read import BadRow, plan_units, read_unit
-from visinstruct.transforms.shards import read_table, shard_paths
+from visinstruct.transforms.shards import read_stats, read_table, shard_paths
 from visinstruct.transforms.write import FinalizeShard
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,8 @@ class ReadPairs(beam.PTransform):
         return rows | "NumberRows" >> beam.ParDo(_NumberRows(self.shard_size), counts=beam.pvalue.AsDict(counts))
 
 
-def complete_shards(out_dir: str) -> set[int]:
-    """Shards of ``out_dir`` whose ``_stats.json`` exists."""
+def complete_shards(out_dir: str, stages: set[str] | None = None) -> set[int]:
+    """Shards of ``out_dir`` whose ``_stats.json`` exists (and names one of ``stages``, when given)."""
     from apache_beam.io.filesystems import FileSystems
 
     pattern = FileSystems.join(out_dir, "*_stats.json") if "://" in out_dir else f"{out_dir.rstrip('/')}/*_stats.json"
@@ -96,8 +96,12 @@ def complete_shards(out_dir: str) -> set[int]:
         found = FileSystems.match([pattern])[0].metadata_list
     except Exception:  # noqa: BLE001 - no folder yet: nothing is complete
         return set()
-    names = (m.path.rsplit("/", 1)[-1] for m in found)
-    return {int(n[:-len("_stats.json")]) for n in names if n[:-len("_stats.json")].isdigit()}
+    complete = set()
+    for meta in found:
+        stem = meta.path.rsplit("/", 1)[-1][: -len("_stats.json")]
+        if stem.isdigit() and (stages is None or read_stats(meta.path).stage in stages):
+            complete.add(int(stem))
+    return complete
 
 
 def _index_hashes(out_dir: str, shard: int):
@@ -134,16 +138,17 @@ def reference_hashes(folder: str | None, cfg: IngestConfig) -> list[tuple[str, s
 class Ingest(beam.PTransform):
     """The whole ingest stage as one composable transform: ``PBegin`` -> ``ShardStats`` per shard written."""
 
-    def __init__(self, cfg: IngestConfig):
+    def __init__(self, cfg: IngestConfig, complete_at: set[str] | None = None):
+        """``complete_at``: the stages whose stats mark a shard complete (a build: only its last stage)."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.complete_at = cfg, complete_at
 
     def expand(self, pbegin):
         cfg, out = self.cfg, self.cfg.write.path
         rows = pbegin | "ReadPairs" >> ReadPairs(cfg.read, cfg.write.shard_size)
         if cfg.dedup.urls:
             rows = rows | "DropDuplicateUrls" >> DropDuplicateUrls()
-        complete = complete_shards(out) if cfg.write.resume else set()
+        complete = complete_shards(out, self.complete_at) if cfg.write.resume else set()
         retry = frozenset(s for s in complete if cfg.write.retry_failed and has_retryable_failures(out, s))
         done = sorted(complete - retry)
         drafts = (rows

@@ -160,9 +160,9 @@ class DownloadShard(beam.DoFn):
         out, previous = self.cfg.write.path, None
         if shard in self.retry_shards:
             previous = load_previous(out, shard)
-            stats = shard_paths(out, shard)["stats"]
-            if exists(stats):  # the shard is being rewritten: until its new stats land it is incomplete
-                FileSystems.delete([stats])
+        stats = shard_paths(out, shard)["stats"]
+        if exists(stats):  # a retry, or a build redoing a shard its later stages never finished
+            FileSystems.delete([stats])  # until the new stats land, the shard is incomplete
         draft = build_draft(shard, list(rows), self.fetcher, self.cfg, staging_path(out, shard), previous)
         ok = sum(r.status == "success" for r in draft.rows)
         self.fetched.inc(ok)

@@ -1,0 +1,27 @@
+"""``visinstruct build --config FILE [--set KEY=VALUE] [beam options]``: every stage in one Beam graph."""
+
+from __future__ import annotations
+
+import argparse
+
+from visinstruct.configs import BuildConfig, load
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("build", help="ingest, filter and generate in one Beam graph",
+                            description="URL lists (or folders, COCO, LLaVA JSON) to training-ready shards: ingest, "
+                                        "CLIP filter and conversation generation composed in one pipeline; a null "
+                                        "stage in the config is skipped. Unknown options go to Beam.")
+    parser.add_argument("--config", required=True, help="YAML file (see `visinstruct config show build`)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable), e.g. --set filter.threshold=0.3")
+    parser.set_defaults(run=run, accepts_beam_args=True)
+
+
+def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from visinstruct.pipelines.build import format_build_report
+    from visinstruct.pipelines.build import run as run_build
+
+    report = run_build(load(BuildConfig, args.config, args.overrides), beam_args)
+    print(format_build_report(report))
+    return 0 if report["accounted"] and report["stages_add_up"] else 1

@@ -1,0 +1,140 @@
+"""``visinstruct build``: ingest, CLIP filter and generation composed in one Beam graph.
+
+Graph::
+
+    Ingest -> (shard paths) -> FilterShards (in place) -> (shard paths) -> GenerateShards (in place) -> ShardStats
+
+Each stage hands the next the paths of the shards it finished, and rewrites them where they are: no image bytes
+are shuffled between stages and no intermediate copy of the dataset is written. Each shard's index keeps one row
+per input row across all stages; each stage's drops go to ``rejected/<stage>-NNNNN.parquet``. A shard counts as
+complete only once the last stage has written its stats, so an interrupted build redoes unfinished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import replace
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from visinstruct.configs import BuildConfig, IngestConfig
+from visinstruct.pipelines.filter import FilterShards
+from visinstruct.pipelines.generate import GenerateShards
+from visinstruct.pipelines.ingest import Ingest, remove_empty_staging
+from visinstruct.pipelines.options import pipeline_options
+from visinstruct.pipelines.report import counter_value, summarize, write_report
+from visinstruct.schemas import IndexRow, shard_name
+from visinstruct.transforms.shards import join, read_bytes, read_table
+
+INGEST_STAGES = ("read", "download", "decode", "dedup")
+
+
+def stages_of(cfg: BuildConfig) -> list[str]:
+    return ["ingest"] + (["filter"] if cfg.filter else []) + (["generate"] if cfg.generate else [])
+
+
+class Build(beam.PTransform):
+    """The whole build: ``PBegin`` -> ``ShardStats`` of the last stage, one per shard."""
+
+    def __init__(self, cfg: BuildConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, pbegin):
+        cfg, out = self.cfg, self.cfg.write.path
+        ingest_cfg = IngestConfig(read=cfg.read, write=cfg.write, download=cfg.download, resize=cfg.resize,
+                                  dedup=cfg.dedup)
+        stats = pbegin | "Ingest" >> Ingest(ingest_cfg, complete_at={stages_of(cfg)[-1]})
+        if cfg.filter:
+            paths = stats | "IngestedShards" >> beam.Map(lambda s: join(out, f"{shard_name(s.shard)}.tar"))
+            stats = paths | "Filter" >> FilterShards(replace(cfg.filter, write=cfg.write))
+        if cfg.generate:
+            paths = stats | "FilteredShards" >> beam.Map(lambda s: join(out, f"{shard_name(s.shard)}.tar"))
+            stats = paths | "Generate" >> GenerateShards(replace(cfg.generate, write=cfg.write))
+        return stats
+
+
+def stage_counts(out_dir: str, stages: list[str], inputs: int) -> list[dict]:
+    """Rows into and out of each stage, from the dead-letter tables (which stage dropped what, and why)."""
+    pattern = join(out_dir, "rejected", "*.parquet")
+    tables = [pq.read_table(FileSystems.open(m.path)) for m in FileSystems.match([pattern])[0].metadata_list]
+    dropped: dict[str, Counter] = {stage: Counter() for stage in stages}
+    for table in tables:
+        for row in table.select(["stage", "reason"]).to_pylist():
+            stage = "ingest" if row["stage"] in INGEST_STAGES else row["stage"]
+            if stage in dropped:
+                dropped[stage][row["reason"]] += 1
+    counts, remaining = [], inputs
+    for stage in stages:
+        out = remaining - sum(dropped[stage].values())
+        counts.append({"stage": stage, "in": remaining, "out": out,
+                       "dropped_by_reason": dict(dropped[stage].most_common())})
+        remaining = out
+    return counts
+
+
+def clip_distribution(out_dir: str) -> dict | None:
+    """Quantiles of the CLIP scores in the indexes (kept and dropped pairs alike)."""
+    pattern = join(out_dir, "*.parquet")
+    scores = []
+    for meta in FileSystems.match([pattern])[0].metadata_list:
+        if meta.path.rsplit("/", 1)[-1][:5].isdigit():
+            column = read_table(meta.path, IndexRow, ["clip_score"]).column(0).to_pylist()
+            scores += [s for s in column if s is not None]
+    if not scores:
+        return None
+    q = np.quantile(np.array(scores), [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    return {"pairs": len(scores), **{k: round(float(v), 4) for k, v in zip(("min", "p10", "p25", "p50", "p75",
+                                                                              "p90", "max"), q)}}
+
+
+def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> dict:
+    """Run the build; returns the run report (also written as ``run_report.json`` next to the shards)."""
+    start = time.monotonic()
+    p = beam.Pipeline(options=pipeline_options(beam_args))
+    _ = p | "Build" >> Build(cfg)
+    result = p.run()
+    result.wait_until_finish()
+    seconds = time.monotonic() - start
+    out, stages = cfg.write.path, stages_of(cfg)
+    remove_empty_staging(out)
+    report = summarize(out, stage=stages[-1])
+    rows_read = counter_value(result, "ingest", "rows_read")
+    report.update(
+        stages=stage_counts(out, stages, report["inputs"]), rows_read=rows_read,
+        accounted=rows_read is None or rows_read == report["inputs"], seconds=round(seconds, 1),
+        rows_per_second=round(report["inputs"] / seconds, 2) if seconds else None, clip=clip_distribution(out),
+        llm_calls=counter_value(result, "generate", "backend_calls") or 0,
+        prompt_tokens=counter_value(result, "generate", "prompt_tokens") or 0,
+        completion_tokens=counter_value(result, "generate", "completion_tokens") or 0)
+    report["stages_add_up"] = report["stages"][-1]["out"] == report["written"]
+    write_report(out, report)
+    return report
+
+
+def format_build_report(report: dict) -> str:
+    """The short table printed at the end of a build."""
+    lines = [f"build: {report['inputs']} rows -> {report['written']} samples in {report['shards']} shards "
+             f"({report['seconds']} s, {report['rows_per_second']} rows/s)",
+             f"  {'stage':<10} {'in':>7} {'out':>7}  dropped"]
+    for s in report["stages"]:
+        reasons = ", ".join(f"{r} {n}" for r, n in s["dropped_by_reason"].items()) or "-"
+        lines.append(f"  {s['stage']:<10} {s['in']:>7} {s['out']:>7}  {reasons}")
+    if report.get("clip"):
+        c = report["clip"]
+        lines.append(f"  CLIP scores: min {c['min']}, median {c['p50']}, max {c['max']} over {c['pairs']} pairs")
+    if report.get("llm_calls"):
+        lines.append(f"  LLM: {report['llm_calls']} calls, {report['prompt_tokens']} prompt + "
+                     f"{report['completion_tokens']} completion tokens")
+    state = "ok" if report["accounted"] and report["stages_add_up"] else "MISMATCH"
+    lines.append(f"  accounting: {state}; report {join(report['output'], 'run_report.json')}")
+    return "\n".join(lines)
+
+
+def load_report(out_dir: str) -> dict:
+    return json.loads(read_bytes(join(out_dir, "run_report.json")))
