@@ -54,3 +54,24 @@ def test_ingest_translates_for_dataflow(tmp_path):
     names = set(leaf_hints(p))
     for stage in ("ReadUnits", "GroupByShard", "DownloadShard", "FindDuplicateImages", "FinalizeShard"):
         assert any(stage in name for name in names), stage
+
+
+def test_build_translates_with_every_stage_and_gpus_only_on_model_steps(tmp_path):
+    from visinstruct.configs import BuildConfig
+    from visinstruct.pipelines.build import Build
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text("https://example.com/a.jpg\n")
+    cfg = from_dict(BuildConfig, {
+        "read": {"path": str(urls)}, "write": {"path": "gs://demo-bucket/dataset", "resume": False},
+        "filter": {"model": {"name": "ViT-B-32", "accelerator": ACCELERATOR}, "threshold": 0.28},
+        "generate": {"backend": "vllm", "model": "Qwen/Qwen2.5-7B-Instruct", "accelerator": ACCELERATOR}})
+    p = dataflow_pipeline()
+    _ = p | "Build" >> Build(cfg)
+    assert p.run().state == "DONE"
+    hints = leaf_hints(p)
+    for stage in ("Ingest/", "DownloadShard", "Filter/", "ScoreWithClip", "Generate/", "GenerateWithLLM",
+                  "RewriteShard"):
+        assert any(stage in name for name in hints), stage
+    gpu = {name for name, h in hints.items() if h.get("beam:resources:accelerator:v1")}
+    assert gpu and all("ScoreWithClip" in name or "GenerateWithLLM" in name for name in gpu)
