@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -38,7 +39,7 @@ GENERATOR_VERSION = 2  # bump when the image recipe changes, so cached images ar
 # No two images closer than this (our phash, as ingest computes it); tests use phash_max_distance 4 and 6.
 MIN_PHASH_DISTANCE = 6
 ASPECTS = [(4, 3), (3, 2), (16, 9), (1, 1), (3, 4), (2, 3)]
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore"}
+ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
 BIN = os.path.dirname(sys.executable)  # the venv's console scripts: visinstruct and img2dataset
 
 # -- data -------------------------------------------------------------------------------------------------------------
@@ -193,8 +194,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    # socketserver's default listen backlog is 5: a client opening 64 connections at once (img2dataset opens one
-    # per image) would see dropped SYNs and 1 s retransmits, which measures the server, not the client.
+    # socketserver's default listen backlog is 5: 64 threads each opening a connection per image (img2dataset's
+    # urllib does) then see dropped SYNs and 1 s retransmits (measured: 64 of 2,000 requests over 1 s with 5, none
+    # with 1024), which would time the server, not the client.
     request_queue_size = 1024
 
 
@@ -272,14 +274,20 @@ def run_tool(tool: str, workload: str, spec: dict, log_dir: str, round_no: int) 
     shutil.rmtree(out, ignore_errors=True)
     log_path = os.path.join(log_dir, f"{workload}-{tool}-round{round_no}.log")
     with open(log_path, "w") as log:
-        start = time.perf_counter()
+        cpu_start, start = _children_cpu_s(), time.perf_counter()
         rc = subprocess.run(spec["commands"][tool], stdout=log, stderr=subprocess.STDOUT, env=ENV).returncode
-        wall = time.perf_counter() - start
-    result = {"tool": tool, "workload": workload, "round": round_no, "wall_s": round(wall, 3), "rc": rc,
-              **count_written(out), "log": log_path}
-    print(f"  round {round_no} {workload:<7} {tool:<12} {wall:7.2f}s  rc={rc}  images={result['images']}/"
-          f"{spec['inputs']}  shards={result['shards']}", flush=True)
+        wall, cpu = time.perf_counter() - start, _children_cpu_s() - cpu_start
+    result = {"tool": tool, "workload": workload, "round": round_no, "wall_s": round(wall, 3),
+              "cpu_s": round(cpu, 2), "rc": rc, **count_written(out), "log": log_path}
+    print(f"  round {round_no} {workload:<7} {tool:<12} {wall:7.2f}s wall {cpu:7.2f}s CPU  rc={rc}  "
+          f"images={result['images']}/{spec['inputs']}  shards={result['shards']}", flush=True)
     return result
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of every finished descendant (their workers too, once reaped)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_rounds(workloads: dict[str, dict], repeats: int, log_dir: str) -> list[dict]:
@@ -311,6 +319,21 @@ def machine() -> dict:
             "platform": platform.platform(), "python": platform.python_version(), "versions": versions}
 
 
+def busy_cpus(seconds: float = 3.0) -> float | None:
+    """CPUs kept busy by other processes while this benchmark waits (from /proc/stat); None off Linux."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    if not os.path.exists("/proc/stat"):
+        return None
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return round((1 - (idle1 - idle0) / max(1, total1 - total0)) * os.cpu_count(), 2)
+
+
 def summarize(runs: list[dict], workloads: dict[str, dict]) -> dict:
     """Medians per tool and workload; images/s of the whole command, and beyond the start-up run if there is one."""
     summary = {}
@@ -319,14 +342,18 @@ def summarize(runs: list[dict], workloads: dict[str, dict]) -> dict:
         for workload in workloads:
             mine = [r for r in runs if r["tool"] == tool and r["workload"] == workload]
             entry[workload] = {"median_wall_s": round(statistics.median(r["wall_s"] for r in mine), 3),
+                               "median_cpu_s": round(statistics.median(r["cpu_s"] for r in mine), 2),
                                "walls_s": [r["wall_s"] for r in mine], "images": [r["images"] for r in mine],
                                "all_rc_zero": all(r["rc"] == 0 for r in mine)}
         full = entry["full"]
         full["images_per_s"] = round(min(full["images"]) / full["median_wall_s"], 1)
+        full["cpu_ms_per_image"] = round(1000 * full["median_cpu_s"] / max(1, min(full["images"])), 2)
         if "startup" in entry:  # throughput once both tools are up: extra images over extra seconds
             base = entry["startup"]
-            extra_s = full["median_wall_s"] - base["median_wall_s"]
-            entry["marginal_images_per_s"] = round((min(full["images"]) - min(base["images"])) / extra_s, 1)
+            extra_images = min(full["images"]) - min(base["images"])
+            entry["marginal_images_per_s"] = round(extra_images / (full["median_wall_s"] - base["median_wall_s"]), 1)
+            entry["marginal_cpu_ms_per_image"] = round(
+                1000 * (full["median_cpu_s"] - base["median_cpu_s"]) / max(1, extra_images), 2)
         summary[tool] = entry
     ours, theirs = summary["visinstruct"], summary["img2dataset"]
     summary["ratio_ours_over_img2dataset"] = round(ours["full"]["images_per_s"] / theirs["full"]["images_per_s"], 3)
@@ -339,10 +366,11 @@ def print_summary(summary: dict, n: int, json_path: str) -> None:
     for tool in TOOLS:
         s = summary[tool]
         line = (f"{tool:<12} median {s['full']['median_wall_s']:7.2f}s  {min(s['full']['images'])}/{n} images  "
-                f"{s['full']['images_per_s']:7.1f} images/s")
+                f"{s['full']['images_per_s']:7.1f} images/s  CPU {s['full']['median_cpu_s']:.1f}s "
+                f"({s['full']['cpu_ms_per_image']:.1f} ms/image)")
         if "startup" in s:
-            line += (f"   start-up run {s['startup']['median_wall_s']:.2f}s, "
-                     f"after start-up {s['marginal_images_per_s']:.1f} images/s")
+            line += (f"\n{'':<12} start-up run {s['startup']['median_wall_s']:.2f}s; after start-up "
+                     f"{s['marginal_images_per_s']:.1f} images/s, CPU {s['marginal_cpu_ms_per_image']:.1f} ms/image")
         print(line)
     print(f"ratio visinstruct/img2dataset: {summary['ratio_ours_over_img2dataset']:.2f} whole command"
           + (f", {summary['marginal_ratio']:.2f} after start-up" if "marginal_ratio" in summary else "")
@@ -386,21 +414,30 @@ def main(argv: list[str] | None = None) -> dict:
     server = ctx.Process(target=serve, args=(image_dir, names, args.latency, send, stop), daemon=True)
     server.start()
     try:
-        urls = [f"http://127.0.0.1:{receive.recv()}/{name}" for name in names]
+        if not receive.poll(120):
+            raise SystemExit("the image server did not start within 120 s")
+        port = receive.recv()
+        urls = [f"http://127.0.0.1:{port}/{name}" for name in names]
         workloads = {"full": prepare_workload(args, work, "full", urls, captions, args.shard_size)}
         if args.startup_n:
             k = args.startup_n
             workloads["startup"] = prepare_workload(args, work, "startup", urls[:k], captions[:k],
                                                     max(1, k // args.processes))
+        load = {"before": busy_cpus()}
+        if load["before"] > 0.2:
+            print(f"warning: {load['before']:.2f} CPUs busy with other work before timing", flush=True)
         runs = run_rounds(workloads, args.repeats, log_dir)
+        load["after"] = busy_cpus()
     finally:
         stop.set()
         server.join(timeout=10)
 
     summary = summarize(runs, workloads)
-    result = {"benchmark": "ingest_vs_img2dataset", "date": datetime.datetime.now(datetime.UTC).isoformat(
-        timespec="seconds"), "argv": sys.argv, "args": vars(args), "machine": machine(), "data": data,
-        "commands": {name: spec["commands"] for name, spec in workloads.items()}, "summary": summary, "runs": runs}
+    result = {"benchmark": "ingest_vs_img2dataset",
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "argv": sys.argv,
+              "args": vars(args), "machine": machine(), "busy_cpus_when_idle": load, "data": data,
+              "commands": {name: spec["commands"] for name, spec in workloads.items()}, "summary": summary,
+              "runs": runs}
     json_path = args.json or os.path.join(work, f"result-N{args.n}.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)

@@ -1,8 +1,9 @@
-"""``visinstruct ls|stats|show|validate PATH``: read-only commands over a folder, glob or brace list of shards.
+"""``visinstruct ls|stats|show|validate|export|gallery|remove PATH``: commands over a folder, glob or brace list.
 
 The work is done by plain functions in :mod:`visinstruct.cli.shards` (ls), :mod:`~visinstruct.cli.show`,
-:mod:`~visinstruct.cli.stats` and :mod:`~visinstruct.cli.validate`; they load (with Beam's filesystems) only when a
-command runs, so that ``visinstruct --help`` stays quick.
+:mod:`~visinstruct.cli.stats`, :mod:`~visinstruct.cli.validate`, :mod:`~visinstruct.cli.export`,
+:mod:`~visinstruct.cli.gallery` and :mod:`~visinstruct.cli.remove`; they load (with Beam's filesystems) only when
+a command runs, so that ``visinstruct --help`` stays quick. Only ``remove`` changes a dataset.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ PATH_HELP = ("shards: a folder, a .tar file, a glob ('shards/*.tar') or a brace 
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Register ``ls``, ``stats``, ``show`` and ``validate``."""
+    """Register ``ls``, ``stats``, ``show``, ``validate``, ``export``, ``gallery`` and ``remove``."""
     ls = sub.add_parser("ls", help="list shards: samples written, inputs, rejected, size, complete, stages run",
                         description="One line per shard, from the parquet indexes (tars are counted only when a "
                                     "shard has no index).")
@@ -56,6 +57,51 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     validate.add_argument("path", metavar="PATH", help=PATH_HELP)
     validate.add_argument("--json", action="store_true", help="print JSON (every problem) instead of text")
     validate.set_defaults(run=run_validate)
+    _add_writing_parsers(sub)
+
+
+def _add_writing_parsers(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="write samples as LLaVA's training JSON + images, or a parquet table",
+                            description="--format llava: OUT/llava.json (a list of {id, image, conversations}) and "
+                                        "OUT/images/KEY.EXT, for LLaVA's --data_path and --image_folder; only "
+                                        "samples with a valid conversation, unless --caption-only. --format "
+                                        "parquet: OUT/samples.parquet, one row per written sample, image bytes "
+                                        "included.")
+    export.add_argument("path", metavar="PATH", help=PATH_HELP)
+    export.add_argument("out", metavar="OUT", help="folder to write to (refused when it holds files)")
+    export.add_argument("--format", choices=("llava", "parquet"), default="llava", help="default: %(default)s")
+    export.add_argument("--caption-only", action="store_true",
+                        help="llava: a sample without a conversation but with a caption is exported as "
+                             "'<image>\\nDescribe the image briefly.' answered by its caption")
+    export.add_argument("--overwrite", action="store_true", help="write into OUT even when it holds files")
+    export.add_argument("--json", action="store_true", help="print the report as JSON")
+    export.set_defaults(run=run_export)
+
+    gallery = sub.add_parser("gallery", help="an HTML page of thumbnails, captions, scores, conversations and "
+                                             "rejections, and a PNG contact sheet",
+                             description="Samples are spread evenly over the dataset (or picked with --seed); "
+                                         "the page is one self-contained file.")
+    gallery.add_argument("path", metavar="PATH", help=PATH_HELP)
+    gallery.add_argument("-o", "--output", metavar="HTML", default="gallery.html", help="default: %(default)s")
+    gallery.add_argument("--sheet", metavar="PNG", help="contact sheet path (default: the page's name with .png)")
+    gallery.add_argument("--limit", type=int, default=48, metavar="N",
+                         help="show at most N samples and N rejected rows (default: %(default)s)")
+    gallery.add_argument("--seed", type=int, metavar="S", help="pick samples at random with this seed")
+    gallery.add_argument("--thumb", type=int, default=160, metavar="PX", help="thumbnail size (default: %(default)s)")
+    gallery.add_argument("--json", action="store_true", help="print the report as JSON")
+    gallery.set_defaults(run=run_gallery)
+
+    remove = sub.add_parser("remove", help="takedown: remove samples by URL or sha256, rewriting only their shards",
+                            description="Lists hold one entry a line (blank lines and # comments skipped). URLs "
+                                        "match exactly after stripping whitespace, sha256 digests in any case. "
+                                        "A removed sample keeps an index row with status 'takedown' and a "
+                                        "dead-letter row in rejected/remove-NNNNN.parquet, so counts still add up.")
+    remove.add_argument("path", metavar="PATH", help=PATH_HELP)
+    remove.add_argument("--urls", metavar="FILE", help="file of URLs (or local paths) to remove")
+    remove.add_argument("--sha256", metavar="FILE", help="file of sha256 digests of the original image bytes")
+    remove.add_argument("--dry-run", action="store_true", help="report what would be removed, change nothing")
+    remove.add_argument("--json", action="store_true", help="print the report as JSON")
+    remove.set_defaults(run=run_remove)
 
 
 class _Counter:
@@ -130,3 +176,43 @@ def run_validate(args: argparse.Namespace, beam_args: list[str]) -> int:
     report = validate(paths, _Counter("validate", args))
     print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
     return 0 if report.ok else 1
+
+
+def run_export(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from visinstruct.cli.export import export_llava, export_parquet, format_export
+
+    if args.caption_only and args.format != "llava":
+        raise UserError("--caption-only goes with --format llava")
+    paths = _resolve(args)
+    progress = _Counter("export", args)
+    if args.format == "llava":
+        report = _user_errors(lambda: export_llava(paths, args.out, args.caption_only, args.overwrite, progress))
+    else:
+        report = _user_errors(lambda: export_parquet(paths, args.out, args.overwrite, progress))
+    print(json.dumps(report, indent=1) if args.json else format_export(report))
+    return 0
+
+
+def run_gallery(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from visinstruct.cli.gallery import gallery
+
+    if args.limit < 1 or args.thumb < 16:
+        raise UserError("--limit must be at least 1 and --thumb at least 16")
+    sheet = args.sheet or os.path.splitext(args.output)[0] + ".png"
+    paths = _resolve(args)
+    report = _user_errors(lambda: gallery(paths, args.output, sheet, args.limit, args.seed, args.thumb,
+                                          _Counter("gallery", args)))
+    sheet_note = f"; contact sheet {report['sheet']}" if report["sheet"] else ""
+    print(json.dumps(report, indent=1) if args.json else f"{report['html']}: {report['shown']} of {report['written']} "
+          f"samples, {report['rejected_shown']} of {report['rejected']} rejected rows{sheet_note}")
+    return 0
+
+
+def run_remove(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from visinstruct.cli.remove import format_removal, load_takedown, remove_samples
+
+    takedown = _user_errors(lambda: load_takedown(args.urls, args.sha256))
+    paths = _resolve(args)
+    report = _user_errors(lambda: remove_samples(paths, takedown, _Counter("remove", args), args.dry_run))
+    print(json.dumps(report, indent=1) if args.json else format_removal(report))
+    return 0

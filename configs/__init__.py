@@ -19,11 +19,24 @@ from visinstruct.configs.stages import (
     ResizeConfig,
     WriteConfig,
 )
+from visinstruct.configs.train import (
+    ClipArchConfig,
+    ClipEvalConfig,
+    ClipTrainConfig,
+    LockConfig,
+    OptimConfig,
+    StreamConfig,
+)
+
+# stages.py holds the pipelines' configs; the trainers' join the registry here (train.py imports stages.py).
+CONFIGS["train-clip"] = ClipTrainConfig
 
 CONFIG_DIR = Path(__file__).parent  # the bundled YAML files live beside this module
 
 __all__ = [
-    "CONFIGS", "CONFIG_DIR", "BuildConfig", "ClipModelConfig", "ConfigError", "DedupConfig", "DownloadConfig",
-    "FilterConfig", "GenerateConfig", "IngestConfig", "ReadConfig", "ResizeConfig", "WriteConfig",
+    "CONFIGS", "CONFIG_DIR", "BuildConfig", "ClipArchConfig", "ClipEvalConfig", "ClipModelConfig", "ClipTrainConfig",
+    "ConfigError", "DedupConfig", "DownloadConfig", "FilterConfig", "GenerateConfig", "IngestConfig",
+    "LockConfig", "OptimConfig",
+    "ReadConfig", "ResizeConfig", "StreamConfig", "WriteConfig",
     "apply_overrides", "describe", "from_dict", "load", "opt",
 ]

@@ -1,0 +1,190 @@
+"""``export``: written samples out of the shards, as LLaVA's training layout or as one flat parquet table.
+
+``--format llava`` writes what LLaVA's ``train.py`` reads (``--data_path OUT/llava.json --image_folder
+OUT/images``)::
+
+    OUT/images/KEY.jpg          the image member as it is in the tar (jpg, png or webp)
+    OUT/llava.json              [{"id": KEY, "image": "KEY.jpg", "conversations": [{"from", "value"}, ...]}, ...]
+
+Only samples with a valid conversation (``conversation_problems``) are exported; with ``caption_only`` a sample
+that has none but has a caption gets ``human: <image>\\nDescribe the image briefly.`` / ``gpt: CAPTION``. The JSON
+is written last, when every image it names exists.
+
+``--format parquet`` writes ``OUT/samples.parquet``: one row per written sample (key, shard, url, path, caption,
+sizes, sha256, phash, clip_score, conversations as LLaVA JSON text, the whole JSON member as ``metadata``, the
+image bytes and their format), one row group per shard.
+
+Nothing in a tar names an output file: image files are named by keys checked to be plain digit strings, and by
+an extension from a fixed list, so nothing is written outside OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from visinstruct.cli.shards import IMAGE_EXTENSIONS, Progress, ShardError, match_paths, shard_files, tar_samples
+from visinstruct.schemas import IMAGE_TOKEN, SampleMeta, Turn, conversation_problems, parse_key, to_row
+from visinstruct.transforms.shards import atomic_write, join, write_bytes
+
+FORMATS = ("llava", "parquet")
+LLAVA_JSON = "llava.json"
+IMAGE_DIR = "images"
+PARQUET_FILE = "samples.parquet"
+BRIEF_PROMPT = f"{IMAGE_TOKEN}\nDescribe the image briefly."
+PARQUET_SCHEMA = pa.schema([
+    ("key", pa.string()), ("shard", pa.string()), ("url", pa.string()), ("path", pa.string()),
+    ("caption", pa.string()), ("width", pa.int64()), ("height", pa.int64()), ("original_width", pa.int64()),
+    ("original_height", pa.int64()), ("sha256", pa.string()), ("phash", pa.string()), ("clip_score", pa.float64()),
+    ("conversations", pa.string()), ("metadata", pa.string()), ("image", pa.binary()), ("image_format", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A written sample as export needs it; ``key`` is safe to name a file with."""
+
+    key: str
+    shard: str
+    meta: SampleMeta
+    image: bytes
+    image_format: str
+
+
+def safe_key(key: str) -> bool:
+    """Whether a key from a tar may name a file: ASCII digits only, as :func:`~visinstruct.schemas.make_key` makes."""
+    try:
+        parse_key(key)
+    except ValueError:
+        return False
+    return key.isascii()
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    """Refuse an OUT that already holds files (an export there would mix with them) unless ``overwrite``."""
+    if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
+        raise ShardError(f"{out} is a file; export writes to a folder")
+    found = match_paths(join(out, "*"))
+    if found and not overwrite:
+        raise ShardError(f"{out} is not empty ({len(found)} entries); choose another folder or pass --overwrite")
+
+
+def written_samples(paths: list[str], skipped: Counter, progress: Progress | None = None) -> Iterator[Sample]:
+    """Every written sample of ``paths`` in shard order; what cannot be exported is counted in ``skipped``.
+
+    Skipped: keys that are not safe file names (``unsafe_key``), a key seen in an earlier shard
+    (``duplicate_key``), no image member (``no_image``), a JSON member that does not parse (``bad_json``).
+    """
+    seen = set()
+    for done, tar in enumerate(paths, 1):
+        files = shard_files(tar)
+        for key, members in tar_samples(files):
+            ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+            reason = ("unsafe_key" if not safe_key(key) else "duplicate_key" if key in seen
+                      else "no_image" if ext is None else None)
+            try:
+                meta = SampleMeta.from_json(members["json"]) if "json" in members else SampleMeta(
+                    key=key, caption=members.get("txt", b"").decode("utf-8", "replace") or None)
+            except ValueError:  # includes JSON syntax errors: validate says more
+                reason = reason or "bad_json"
+            if reason:
+                skipped[reason] += 1
+                continue
+            seen.add(key)
+            yield Sample(key, files.name, meta, members[ext], ext)
+        if progress:
+            progress(done, len(paths))
+
+
+def llava_conversation(meta: SampleMeta, caption_only: bool) -> tuple[list[Turn] | None, str | None]:
+    """The turns to export for a sample and ``None``, or ``None`` and why it is not exported."""
+    if meta.conversations:
+        if conversation_problems(meta.conversations):
+            return None, "bad_conversation"
+        return meta.conversations, None
+    if caption_only and meta.caption and meta.caption.strip():
+        return [Turn("human", BRIEF_PROMPT), Turn("gpt", meta.caption.strip())], None
+    return None, "no_caption" if caption_only else "no_conversation"
+
+
+def export_llava(paths: list[str], out: str, caption_only: bool = False, overwrite: bool = False,
+                 progress: Progress | None = None) -> dict:
+    """Write LLaVA's layout to ``out`` (see the module docstring).
+
+    Returns:
+        format, out, json (its path), image_folder, exported, skipped (``{reason: n}``), shards.
+    """
+    check_out(out, overwrite)
+    skipped: Counter = Counter()
+    entries = []
+    for sample in written_samples(paths, skipped, progress):
+        turns, reason = llava_conversation(sample.meta, caption_only)
+        if turns is None:
+            skipped[reason] += 1
+            continue
+        image = f"{sample.key}.{sample.image_format}"  # a checked key and an extension from a fixed list
+        write_bytes(join(out, IMAGE_DIR, image), sample.image)
+        entries.append({"id": sample.key, "image": image, "conversations": [to_row(t) for t in turns]})
+    if not entries:
+        hint = " (pass --caption-only to export captions)" if skipped.get("no_conversation") else ""
+        raise ShardError(f"nothing to export from {len(paths)} shards: {_reasons(skipped)}{hint}")
+    json_path = join(out, LLAVA_JSON)
+    # One entry a line: compact for 600k-entry files, yet greppable and diffable.
+    text = "[\n" + ",\n".join(json.dumps(e, ensure_ascii=False) for e in entries) + "\n]\n"
+    write_bytes(json_path, text.encode("utf-8"))
+    return {"format": "llava", "out": out, "json": json_path, "image_folder": join(out, IMAGE_DIR),
+            "exported": len(entries), "skipped": dict(skipped.most_common()), "shards": len(paths)}
+
+
+def export_parquet(paths: list[str], out: str, overwrite: bool = False, progress: Progress | None = None) -> dict:
+    """Write every written sample to ``out/samples.parquet`` (see the module docstring), one row group a shard.
+
+    Returns:
+        format, out, parquet (its path), exported, skipped (``{reason: n}``), shards.
+    """
+    check_out(out, overwrite)
+    skipped: Counter = Counter()
+    path, exported = join(out, PARQUET_FILE), 0
+    with atomic_write(path) as f, pq.ParquetWriter(f, PARQUET_SCHEMA, compression="zstd") as writer:
+        batch, shard = [], None
+        for sample in written_samples(paths, skipped, progress):
+            if batch and sample.shard != shard:
+                writer.write_table(pa.Table.from_pylist(batch, PARQUET_SCHEMA))
+                batch = []
+            shard = sample.shard
+            batch.append(_flat_row(sample))
+            exported += 1
+        writer.write_table(pa.Table.from_pylist(batch, PARQUET_SCHEMA))
+    return {"format": "parquet", "out": out, "parquet": path, "exported": exported,
+            "skipped": dict(skipped.most_common()), "shards": len(paths)}
+
+
+def _flat_row(sample: Sample) -> dict:
+    meta = sample.meta
+    conversations = [to_row(t) for t in meta.conversations]
+    return {"key": sample.key, "shard": sample.shard, "url": meta.url, "path": meta.path, "caption": meta.caption,
+            "width": meta.width, "height": meta.height, "original_width": meta.original_width,
+            "original_height": meta.original_height, "sha256": meta.sha256, "phash": meta.phash,
+            "clip_score": meta.clip.score if meta.clip else None,
+            "conversations": json.dumps(conversations, ensure_ascii=False) if conversations else None,
+            "metadata": meta.to_json(), "image": sample.image, "image_format": sample.image_format}
+
+
+def _reasons(skipped: Counter) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()) or "no written samples"
+
+
+def format_export(report: dict) -> str:
+    """The export report for the terminal."""
+    where = (f"{report['json']} (images in {report['image_folder']})" if report["format"] == "llava"
+             else report["parquet"])
+    lines = [f"exported {report['exported']} samples from {report['shards']} shards to {where}"]
+    if report["skipped"]:
+        lines.append(f"skipped {sum(report['skipped'].values())}: {_reasons(Counter(report['skipped']))}")
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""Held-out evaluation of a CLIP model: recall@k both ways, and how well its cosine tells pairs from mismatches.
+
+Captions repeat in datasets such as easy-VQA ("a blue circle" describes many images), so a retrieval counts as
+correct when the retrieved caption is the query's caption as text (image to text: the gallery is the distinct
+captions), or the retrieved image's caption is the query text (text to image). With unique captions this is the
+usual definition. The AUC is what the filter needs: the probability that an image scores higher with its own
+caption than with a shuffled one, the shuffled captions being those of other samples, never equal to its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+
+def auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve: P(a positive scores above a negative), ties counting one half (Mann-Whitney U)."""
+    positive, negative = np.asarray(positive, np.float64), np.sort(np.asarray(negative, np.float64))
+    if not len(positive) or not len(negative):
+        raise ValueError("auc needs at least one positive and one negative score")
+    below = np.searchsorted(negative, positive, side="left")
+    ties = np.searchsorted(negative, positive, side="right") - below
+    return float((below + ties / 2).sum() / (len(positive) * len(negative)))
+
+
+def retrieval_recall(image: np.ndarray, text: np.ndarray, captions: list[str], ks: Iterable[int] = (1, 5)) -> dict:
+    """Recall@k from images to captions and from captions to images (see the module docstring for duplicates).
+
+    Args:
+        image, text: ``[N, D]`` L2-normalised embeddings; row ``i`` of both is sample ``i``.
+        captions: the ``N`` captions (equal strings are equal captions).
+
+    Returns:
+        ``{"image_to_text_r1": ..., "text_to_image_r1": ..., ...}`` for each k, as fractions.
+    """
+    # one text embedding per distinct caption (its first sample's), and each sample's caption as an index into them
+    _, first, index = np.unique(np.asarray(captions, dtype=object), return_index=True, return_inverse=True)
+    to_text = np.argsort(-(image @ text[first].T), axis=1, kind="stable")  # [N, distinct]
+    to_image = np.argsort(-(text @ image.T), axis=1, kind="stable")  # [N, N]
+    result = {}
+    for k in ks:
+        result[f"image_to_text_r{k}"] = float((to_text[:, :k] == index[:, None]).any(axis=1).mean())
+        result[f"text_to_image_r{k}"] = float((index[to_image[:, :k]] == index[:, None]).any(axis=1).mean())
+    return result
+
+
+def shuffled_pairs(captions: list[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)`` of sample ``i``'s image with sample ``j``'s caption, ``j`` a random other sample whose
+    caption differs from ``i``'s. Samples with no such ``j`` (every caption alike) are left out.
+    """
+    captions_array = np.asarray(captions, dtype=object)
+    rng = np.random.default_rng(seed)
+    n = len(captions)
+    images, texts = [], []
+    for i, j in enumerate(rng.permutation(n)):
+        for step in range(n):  # the permutation's pick, or the next sample along with another caption
+            candidate = (j + step) % n
+            if captions_array[candidate] != captions_array[i]:
+                images.append(i)
+                texts.append(candidate)
+                break
+    return np.array(images, dtype=int), np.array(texts, dtype=int)
+
+
+def matching_auc(image: np.ndarray, text: np.ndarray, captions: list[str], seed: int = 0) -> float:
+    """AUC of the cosine of matching pairs against the same images with shuffled, different captions."""
+    images, texts = shuffled_pairs(captions, seed)
+    matching = (image * text).sum(axis=1)
+    mismatched = (image[images] * text[texts]).sum(axis=1)
+    return auc(matching, mismatched)
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, batches: Iterable[dict], device: str, dtype: torch.dtype) -> tuple:
+    """Normalised image and text embeddings (float32 numpy) and the captions of batches from ``trainer.data``."""
+    images, texts, captions = [], [], []
+    device_type = torch.device(device).type  # autocast wants "cuda", not "cuda:1"
+    for batch in batches:
+        with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
+            image = model.encode_image(batch["image"].to(device), normalize=True)
+            text = model.encode_text(batch["text"].to(device), normalize=True)
+        images.append(image.float().cpu().numpy())
+        texts.append(text.float().cpu().numpy())
+        captions += batch["caption"]
+    if not captions:
+        raise ValueError("no held-out sample to evaluate on (do the eval shards have images and captions?)")
+    return np.concatenate(images), np.concatenate(texts), captions
+
+
+def evaluate_embeddings(image: np.ndarray, text: np.ndarray, captions: list[str], seed: int = 0) -> dict:
+    """Every metric of the module on embeddings: recall@1/5 both ways, ``matching_auc``, and the sample count."""
+    return {**retrieval_recall(image, text, captions), "matching_auc": matching_auc(image, text, captions, seed),
+            "samples": len(captions)}

@@ -1,0 +1,261 @@
+"""Stream training batches from our shards with webdataset: endless, deterministic from a seed, resumable.
+
+Shared by the contrastive and the LLaVA trainers. A batch is a dict::
+
+    {"key": [str], "caption": [str], "image": tensor [B, 3, H, W], "text": text_transform(captions) or captions}
+
+How the stream is cut (each DataLoader worker runs :meth:`ShardStream._worker_batches` on its own):
+
+- per epoch ``e``, the shard list is split across processes (as ``wds.split_by_node``: process ``r`` of ``W``
+  takes shards ``r, r + W, ...``), then across workers the same way, then shuffled in a buffer of ``shard_shuffle``
+  shards; samples are shuffled in a buffer of ``shuffle_buffer``; seeds derive from ``(seed, e, rank, worker)``.
+  ``resampled`` draws ``len(shards) // (W * workers)`` shards with replacement per epoch instead, as open_clip does
+  for few or uneven shards.
+- batches never cross an epoch; a worker's last incomplete batch of an epoch is dropped (so every process's batch
+  has ``batch_size`` samples, which gathering negatives across processes needs). Workers then start their next
+  epoch on their own: the stream never ends, and the trainer counts steps, not epochs.
+- images are decoded only for batches that are delivered; a sample without an image or caption is skipped.
+
+What resume restores (:meth:`ShardStream.state_dict`): for each worker, its epoch and the batches it delivered
+within it. A restored stream rebuilds that epoch and discards those batches before decoding (they are still read
+from the tars: the cost of a resume is up to one epoch of reading, per worker). DataLoader takes batches from its
+workers in strict rotation, and these streams never end, so the stream also restores which worker is next: with
+the same shards, seed, batch size, world size and worker count, the batches after a resume are the very batches
+an uninterrupted run gets. With another world size or worker count the stream restarts its epochs from zero (a
+warning says so). Random augmentation (``augment``) draws from each worker's torch RNG, which is not replayed.
+
+webdataset's own ``WebDataset(resampled=True)`` seeds its resampler from the clock and the process id, so the
+pipeline is spelled out here with ``wds.DataPipeline`` and the same stages, seeded.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import itertools
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def shard_list(spec: str) -> list[str]:
+    """The tars a spec names, sorted: a folder's ``*.tar``, a glob, a brace pattern, or ``::``-joined specs.
+
+    Raises:
+        FileNotFoundError: when nothing matches (a typo should not train on zero shards).
+    """
+    urls = []
+    for part in wds.shardlists.expand_urls(spec):
+        if os.path.isdir(part):
+            urls += sorted(glob.glob(os.path.join(part, "*.tar")))
+        elif any(c in part for c in "*?["):
+            urls += sorted(glob.glob(part))
+        elif os.path.exists(part) or "://" in part or part.startswith("pipe:"):
+            urls.append(part)
+    if not urls:
+        raise FileNotFoundError(f"{spec}: no shards (.tar files) match")
+    return urls
+
+
+def caption_of(sample: dict[str, Any], source: str = "auto") -> str | None:
+    """A sample's caption: its ``.txt`` member, or the first gpt turn of its ``.json`` conversations.
+
+    Args:
+        sample: a raw webdataset sample (member extension -> bytes).
+        source: ``txt``, ``conversation`` or ``auto`` (txt when present and not blank, else conversations).
+
+    Returns:
+        The stripped caption, or None when the sample has none from that source.
+    """
+    if source in ("auto", "txt") and sample.get("txt") is not None:
+        text = sample["txt"].decode("utf-8").strip()
+        if text or source == "txt":
+            return text or None
+    if source in ("auto", "conversation") and sample.get("json") is not None:
+        turns = json.loads(sample["json"]).get("conversations") or []
+        reply = next((t.get("value", "") for t in turns if t.get("from") == "gpt"), "").strip()
+        return reply or None
+    return None
+
+
+def _image_member(sample: dict[str, Any]) -> str | None:
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+
+
+def decode_batch(raw: list[dict[str, Any]], image_transform: Callable, text_transform: Callable | None,
+                 caption: str) -> dict[str, Any]:
+    """Decode and collate raw samples. A corrupt image raises, naming the sample (training data is validated)."""
+    images, captions = [], []
+    for sample in raw:
+        try:
+            image = Image.open(io.BytesIO(sample[_image_member(sample)])).convert("RGB")
+        except Exception as e:
+            where = f"{sample.get('__url__')}: sample {sample['__key__']}"
+            raise ValueError(f"{where}: cannot decode its image: {e}") from e
+        images.append(image_transform(image))
+        captions.append(text_of(sample, caption))
+    return {"key": [s["__key__"] for s in raw], "caption": captions, "image": torch.stack(images),
+            "text": text_transform(captions) if text_transform is not None else captions}
+
+
+def text_of(sample: dict[str, Any], caption: str | Callable[[dict[str, Any]], Any]) -> Any:
+    """A raw sample's text: :func:`caption_of` by source name, or ``caption(sample)`` (the LLaVA trainer's
+    conversations); None when it has none."""
+    return caption(sample) if callable(caption) else caption_of(sample, caption)
+
+
+def _usable(sample: dict[str, Any], caption: str | Callable) -> bool:
+    return _image_member(sample) is not None and text_of(sample, caption) is not None
+
+
+def _every(src: Iterator, start: int, step: int) -> Iterator:
+    """Items ``start, start + step, ...``: a process's or a worker's share of the shards."""
+    return itertools.islice(src, start, None, step)
+
+
+def _seed(*parts: int) -> int:
+    return wds.utils.make_seed(*parts)  # ints only: Python's hash of an int does not vary between runs
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless, seeded batches from shards for a step-counting trainer; see the module docstring.
+
+    Args:
+        urls: the shards (:func:`shard_list`).
+        batch_size: samples per batch (per process).
+        image_transform: ``PIL.Image -> tensor [3, H, W]`` (applied in the workers).
+        text_transform: ``list[str] -> anything`` (a tokenizer), or None to deliver the captions as they are.
+        caption: ``auto``, ``txt`` or ``conversation`` (:func:`caption_of`), or a function of the raw sample giving
+            its text (None skips the sample): :func:`text_of`.
+        seed: the whole order is a function of it.
+        shard_shuffle: shards in the shard shuffle buffer (0: sorted order).
+        shuffle_buffer: samples in the sample shuffle buffer (0: stream order).
+        resampled: draw shards with replacement (no split across processes).
+        num_workers: DataLoader worker processes (0: decode in this process).
+        rank, world_size: this process among all; None reads torchrun's ``RANK`` and ``WORLD_SIZE``.
+    """
+
+    def __init__(self, urls: list[str], batch_size: int, image_transform: Callable,
+                 text_transform: Callable | None = None, caption: str = "auto", seed: int = 0,
+                 shard_shuffle: int = 100, shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        self.urls, self.batch_size, self.caption, self.seed = list(urls), batch_size, caption, seed
+        self.image_transform, self.text_transform = image_transform, text_transform
+        self.shard_shuffle, self.shuffle_buffer, self.resampled = shard_shuffle, shuffle_buffer, resampled
+        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        per_process = len(self.urls) // self.world_size
+        if not resampled and per_process == 0:
+            raise ValueError(f"{len(self.urls)} shards cannot be split across {self.world_size} processes "
+                             "(use more shards, or data.resampled)")
+        # A worker without a shard would idle; cap the workers so that each has at least one.
+        self.num_workers = num_workers if resampled else min(num_workers, per_process)
+        self.workers = max(1, self.num_workers)
+        self.start = {w: (0, 0) for w in range(self.workers)}  # logical worker -> (epoch, batches to skip)
+        self.first = 0  # the logical worker that physical worker 0 plays (the one whose batch comes next)
+        self.position = dict(self.start)  # logical worker -> (epoch, batches delivered in it)
+        self.delivered = 0
+        self._batches: Iterator | None = None
+
+    def _epoch_samples(self, epoch: int, worker: int) -> Iterator[dict[str, Any]]:
+        """Raw samples of one worker's share of one epoch, shuffled."""
+        seed = _seed(self.seed, epoch, self.rank, worker)
+        if self.resampled:
+            count = max(1, len(self.urls) // (self.world_size * self.workers))
+            stages = [wds.ResampledShards(self.urls, nshards=count, seed=seed, deterministic=True,
+                                          worker_seed=lambda: 0)]
+        else:
+            # wds.split_by_node's split, by the rank given (a spawned process need not have torchrun's variables)
+            stages = [wds.SimpleShardList(self.urls), functools.partial(_every, start=self.rank, step=self.world_size),
+                      functools.partial(_every, start=worker, step=self.workers)]
+            if self.shard_shuffle:
+                stages.append(wds.shuffle(self.shard_shuffle, initial=self.shard_shuffle, seed=seed))
+        stages.append(wds.tarfile_to_samples())
+        if self.shuffle_buffer:
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed + 1))
+        stages.append(wds.select(functools.partial(_usable, caption=self.caption)))
+        return iter(wds.DataPipeline(*stages))
+
+    def _worker_batches(self) -> Iterator[dict[str, Any]]:
+        """One worker's endless batches, each tagged with ``(logical worker, epoch, batches so far in it)``."""
+        info = torch.utils.data.get_worker_info()
+        worker = ((info.id if info else 0) + self.first) % self.workers
+        epoch, skip = self.start[worker]
+        while True:
+            raw_batches = _batches_of(self._epoch_samples(epoch, worker), self.batch_size)
+            done = skip
+            for raw in itertools.islice(raw_batches, skip, None):
+                done += 1
+                batch = decode_batch(raw, self.image_transform, self.text_transform, self.caption)
+                yield {**batch, "position": (worker, epoch, done)}
+            if done == 0:
+                raise ValueError(f"process {self.rank}, worker {worker}: epoch {epoch} has no complete batch of "
+                                 f"{self.batch_size} samples (use fewer workers or processes, or a smaller batch)")
+            epoch, skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._worker_batches()
+
+    def __next__(self) -> dict[str, Any]:
+        """The next batch for the trainer (starting the DataLoader workers on first use)."""
+        if self._batches is None:
+            self._batches = iter(self) if self.num_workers == 0 else iter(torch.utils.data.DataLoader(
+                self, batch_size=None, num_workers=self.num_workers, prefetch_factor=4))
+        batch = next(self._batches)
+        worker, epoch, done = batch.pop("position")
+        self.position[worker] = (epoch, done)
+        self.delivered += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (left to the garbage collector, they linger for seconds)."""
+        self._batches = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: enough to continue with exactly the batches an uninterrupted run gets."""
+        return {"workers": self.workers, "world_size": self.world_size, "rank": self.rank,
+                "position": {w: list(p) for w, p in self.position.items()},
+                "next_worker": (self.first + self.delivered) % self.workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`; call before the first batch."""
+        if self._batches is not None:
+            raise RuntimeError("load_state_dict must come before the first batch")
+        if (state["workers"], state["world_size"]) != (self.workers, self.world_size):
+            log.warning("data position saved with %d processes x %d workers, resuming with %d x %d: the data stream "
+                        "restarts at epoch 0", state["world_size"], state["workers"], self.world_size, self.workers)
+            return
+        self.start = {int(w): tuple(p) for w, p in state["position"].items()}
+        self.position = dict(self.start)
+        self.first = state["next_worker"]
+
+
+def _batches_of(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """Complete batches of raw samples; the incomplete rest is dropped."""
+    while len(batch := list(itertools.islice(samples, size))) == size:
+        yield batch
+
+
+def iterate_once(urls: list[str], batch_size: int, image_transform: Callable, text_transform: Callable | None = None,
+                 caption: str = "auto", limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """One pass over shards in their order, in this process (evaluation): the last batch may be smaller.
+
+    Args:
+        limit: stop after this many usable samples.
+    """
+    stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(),
+              wds.select(functools.partial(_usable, caption=caption))]
+    samples = itertools.islice(iter(wds.DataPipeline(*stages)), limit)
+    while raw := list(itertools.islice(samples, batch_size)):
+        yield decode_batch(raw, image_transform, text_transform, caption)
