@@ -187,3 +187,16 @@ def test_retry_mode_downloads_only_the_retryable_failures_again(server, tmp_path
     assert list(statuses(out).values()) == ["success", "success", "http_404", "success", "success"]
     assert report["written"] == 4 and report["accounted"] and (out / "00001.tar").read_bytes() == untouched
     assert [s["__key__"] for s in read_shards(out)] == ["000000000", "000000001", "000000003", "000010000"]
+
+
+def test_retry_after_a_takedown_keeps_the_takedown(server, tmp_path):
+    from visinstruct.cli.remove import load_takedown, remove_samples
+
+    urls = [server.url("/photo0.jpg"), server.fault_url("500"), server.url("/photo1.jpg")]
+    _, out = ingest(tmp_path, urls)
+    (tmp_path / "takedown.txt").write_text(urls[0] + "\n")
+    remove_samples([str(out / "00000.tar")], load_takedown(urls_file=str(tmp_path / "takedown.txt")))
+    assert list(statuses(out).values()) == ["takedown", "http_500", "success"]
+    report, out = ingest(tmp_path, urls, write={"retry_failed": True})  # the 500 is retried, the takedown kept
+    assert list(statuses(out).values()) == ["takedown", "http_500", "success"] and report["accounted"]
+    assert [s["__key__"] for s in read_shards(out)] == ["000000002"]

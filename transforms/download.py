@@ -90,14 +90,17 @@ def load_previous(out_dir: str, shard: int) -> Previous:
     """
     paths = shard_paths(out_dir, shard)
     samples = dict(read_tar_samples(paths["tar"]))
-    rejected = read_table(join(out_dir, REJECTED_DIR, f"ingest-{shard_name(shard)}.parquet"), Rejection)
-    rejections = {r.key: r for r in from_table(Rejection, rejected)}
+    rejections = {}  # every stage's dead letters for this shard (ingest, and later ones such as remove)
+    pattern = join(out_dir, REJECTED_DIR, f"*-{shard_name(shard)}.parquet")
+    for meta in FileSystems.match([pattern])[0].metadata_list:
+        rejections.update({r.key: r for r in from_table(Rejection, read_table(meta.path, Rejection))})
     previous: Previous = {}
     for row in from_table(IndexRow, read_table(paths["parquet"], IndexRow)):
         if row.status == "success":
             previous[row.key] = (row, samples[row.key])
         elif row.status not in RETRYABLE_REASONS:
-            previous[row.key] = rejections[row.key]
+            previous[row.key] = rejections.get(row.key) or Rejection(
+                "unknown", row.status, row.error_message or row.status, row.key, row.url or row.path)
     return previous
 
 
