@@ -102,11 +102,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--http-samples", type=int, default=200)
     parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--only", choices=["transformers", "openai"], help="run one part only")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="gen-bench-"))
     try:
-        result = {"transformers_smollm2": bench_transformers(make_shards(root / "a", args.samples), root / "a", args),
-                  "openai_http": bench_openai(make_shards(root / "b", args.http_samples), root / "b", args)}
+        result = {}
+        if args.only != "openai":
+            shards = make_shards(root / "a", args.samples)
+            result["transformers_smollm2"] = bench_transformers(shards, root / "a", args)
+        if args.only != "transformers":
+            result["openai_http"] = bench_openai(make_shards(root / "b", args.http_samples), root / "b", args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(result, indent=1))
