@@ -5,7 +5,9 @@
 Steps: make N distinct photo-sized JPEGs from the 12 scikit-image photos (cached in ``--workdir``), serve them
 from a threaded HTTP server in its own process (so serving never holds either client's GIL), write one parquet
 URL list, then run both tools' command lines on it with the same resize settings, processes and threads,
-alternating which goes first, and count the images each wrote. Results go to stdout and ``--json``.
+alternating which goes first, and count the images each wrote. A ``--startup-n`` image list separates start-up cost
+from throughput; CPU time (command plus workers) is recorded beside wall time, since it shrugs off other load.
+Results go to stdout and ``--json``.
 """
 
 from __future__ import annotations
