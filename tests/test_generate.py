@@ -193,7 +193,7 @@ def test_real_smollm2_writes_conversations_for_shapes_with_boxes(shards, tmp_pat
     from visinstruct.testing.smollm2 import smollm2_gguf_path
 
     cfg = from_dict(GenerateConfig, {"backend": "transformers", "model": str(smollm2_gguf_path()), "batch_size": 9,
-                                     "max_new_tokens": 120, "temperature": 0.0, "retry_new_seed": False,
+                                     "max_new_tokens": 64, "temperature": 0.0, "retry_new_seed": False,
                                      "write": {"path": str(tmp_path / "out")}})
     report = generate.run(cfg, shards[:1], RUNNER)
     assert report["inputs"] == 4 and report["accounted"] and report["backend_calls"] == 4
