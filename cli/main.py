@@ -15,6 +15,7 @@ import sys
 from visinstruct import __version__
 from visinstruct.cli import (
     build_cmd,
+    chat_cmd,
     config_cmd,
     demo_cmd,
     filter_cmd,
@@ -22,11 +23,13 @@ from visinstruct.cli import (
     ingest_cmd,
     shards_cmd,
     train_clip_cmd,
+    train_cmd,
 )
 from visinstruct.cli.errors import UserError
 from visinstruct.configs import ConfigError
 
-COMMANDS = [build_cmd, ingest_cmd, filter_cmd, generate_cmd, demo_cmd, config_cmd, shards_cmd, train_clip_cmd]
+COMMANDS = [build_cmd, ingest_cmd, filter_cmd, generate_cmd, demo_cmd, config_cmd, shards_cmd, train_clip_cmd,
+            train_cmd, chat_cmd]
 
 
 

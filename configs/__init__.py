@@ -27,16 +27,25 @@ from visinstruct.configs.train import (
     OptimConfig,
     StreamConfig,
 )
+from visinstruct.configs.train_llava import (
+    LanguageModelConfig,
+    LlavaEvalConfig,
+    LlavaModelConfig,
+    LlavaTrainConfig,
+    TextConfig,
+    VisionTowerConfig,
+)
 
 # stages.py holds the pipelines' configs; the trainers' join the registry here (train.py imports stages.py).
 CONFIGS["train-clip"] = ClipTrainConfig
+CONFIGS["train"] = LlavaTrainConfig
 
 CONFIG_DIR = Path(__file__).parent  # the bundled YAML files live beside this module
 
 __all__ = [
     "CONFIGS", "CONFIG_DIR", "BuildConfig", "ClipArchConfig", "ClipEvalConfig", "ClipModelConfig", "ClipTrainConfig",
     "ConfigError", "DedupConfig", "DownloadConfig", "FilterConfig", "GenerateConfig", "IngestConfig",
-    "LockConfig", "OptimConfig",
-    "ReadConfig", "ResizeConfig", "StreamConfig", "WriteConfig",
+    "LanguageModelConfig", "LlavaEvalConfig", "LlavaModelConfig", "LlavaTrainConfig", "LockConfig", "OptimConfig",
+    "ReadConfig", "ResizeConfig", "StreamConfig", "TextConfig", "VisionTowerConfig", "WriteConfig",
     "apply_overrides", "describe", "from_dict", "load", "opt",
 ]

@@ -1,8 +1,11 @@
 """Shared test set-up: offline, quiet, deterministic, and unable to reach anything but this machine."""
 
 import ipaddress
+import json
 import os
 import socket
+
+import pytest
 
 # Set before anything imports transformers, albumentations or google-auth: no hub, no update checks, and no
 # probe of the cloud metadata server (google-auth pings 169.254.169.254 when it looks for credentials).
@@ -40,3 +43,17 @@ def _guarded_connect_ex(self, address):
 
 socket.socket.connect = _guarded_connect
 socket.socket.connect_ex = _guarded_connect_ex
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random open_clip saved as our filter loads trained models: ``tiny.pt`` plus ``<name>.json``."""
+    import torch
+
+    from visinstruct.testing.tiny_models import TINY_OPEN_CLIP_CONFIG, TINY_OPEN_CLIP_NAME, tiny_open_clip
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    model, _, _ = tiny_open_clip(seed=7)
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    (folder / f"{TINY_OPEN_CLIP_NAME}.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    return folder

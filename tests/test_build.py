@@ -1,10 +1,8 @@
 """The whole build in one Beam graph, through a loopback server, on several local processes."""
 
-import json
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 import webdataset as wds
 
 from visinstruct.cli.validate import validate
@@ -14,39 +12,30 @@ from visinstruct.pipelines.build import run as build
 from visinstruct.pipelines.demo import demo_rows, write_url_list
 from visinstruct.schemas import SampleMeta
 from visinstruct.testing.server import ImageServer
-from visinstruct.testing.tiny_models import TINY_OPEN_CLIP_CONFIG, TINY_OPEN_CLIP_NAME, tiny_open_clip
+from visinstruct.testing.tiny_models import TINY_OPEN_CLIP_NAME
 
 pytestmark = pytest.mark.timeout(600)
 MULTI = ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 
 
-@pytest.fixture(scope="module")
-def clip_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("clip")
-    model, _, _ = tiny_open_clip(seed=3)
-    torch.save(model.state_dict(), folder / "tiny.pt")
-    (folder / f"{TINY_OPEN_CLIP_NAME}.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
-    return folder
-
-
-def build_config(tmp_path, url_list, clip_checkpoint) -> BuildConfig:
+def build_config(tmp_path, url_list, tiny_checkpoint) -> BuildConfig:
     return from_dict(BuildConfig, {
         "read": {"path": str(url_list), "boxes_col": "boxes", "save_additional_columns": ["origin"]},
         "download": {"allow_loopback": True, "timeout": 2.0, "retries": 1, "backoff": 0.01, "per_host_rps": None},
         "resize": {"image_size": 64},
-        "filter": {"model": {"name": TINY_OPEN_CLIP_NAME, "pretrained": str(clip_checkpoint / "tiny.pt"),
-                             "config_file": str(clip_checkpoint / f"{TINY_OPEN_CLIP_NAME}.json"),
+        "filter": {"model": {"name": TINY_OPEN_CLIP_NAME, "pretrained": str(tiny_checkpoint / "tiny.pt"),
+                             "config_file": str(tiny_checkpoint / f"{TINY_OPEN_CLIP_NAME}.json"),
                              "max_batch_size": 16}, "top_fraction": 0.75},
         "generate": {"backend": "caption_only"},
         "write": {"path": str(tmp_path / "dataset"), "shard_size": 16},
     })
 
 
-def test_build_runs_every_stage_and_the_counts_add_up_stage_by_stage(tmp_path, clip_checkpoint):
+def test_build_runs_every_stage_and_the_counts_add_up_stage_by_stage(tmp_path, tiny_checkpoint):
     with ImageServer() as srv:
         rows = demo_rows(srv, easy_vqa=16, shapes=8)
         write_url_list(rows, tmp_path / "urls.parquet")
-        report = build(build_config(tmp_path, tmp_path / "urls.parquet", clip_checkpoint), MULTI)
+        report = build(build_config(tmp_path, tmp_path / "urls.parquet", tiny_checkpoint), MULTI)
     print(format_build_report(report))
     out = tmp_path / "dataset"
     stages = {s["stage"]: s for s in report["stages"]}

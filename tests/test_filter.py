@@ -59,15 +59,6 @@ def _jpeg():
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    model, _, _ = tiny_open_clip(seed=7)
-    torch.save(model.state_dict(), folder / "tiny.pt")
-    (folder / f"{TINY_OPEN_CLIP_NAME}.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
-    return folder
-
-
 def open_clip_cfg(checkpoint, out, **selection) -> FilterConfig:
     return from_dict(FilterConfig, {"model": {"name": TINY_OPEN_CLIP_NAME, "pretrained": str(checkpoint / "tiny.pt"),
                                               "config_file": str(checkpoint / f"{TINY_OPEN_CLIP_NAME}.json"),

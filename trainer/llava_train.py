@@ -1,0 +1,327 @@
+"""``visinstruct train``: a LLaVA-style model (transformers' ``LlavaForConditionalGeneration``) trained on our shards.
+
+It reads top to bottom, as nanoGPT's ``train.py`` does: start the processes, build the model and freeze what the
+stage does not train, stream batches, then an explicit loop (micro-batches of forward, masked next-token loss and
+backward; clip; step). One process on a CPU, or several under ``torchrun`` (DDP; NCCL on CUDA, gloo on CPU); bf16
+autocast on CUDA. Stage 1 trains the projector on captions; stage 2 the projector and the LM on conversations.
+The process set-up, optimizer and schedule are the contrastive trainer's (``trainer/clip_train.py``).
+
+The output folder (``cfg.out``)::
+
+    model/             save_pretrained of the model and its processor (model.safetensors, config.json, tokenizer,
+                       processor and chat template): LlavaForConditionalGeneration.from_pretrained, AutoProcessor,
+                       vLLM and ``visinstruct chat`` load it; plus train_config.yaml and trainer_state.json (step)
+    resume.pt          step, optimizer state, and each process's torch RNG state and data position
+    train_config.yaml  this run's config (model/ carries it too)
+    metrics.jsonl      one JSON line per log step and per evaluation
+    eval.json          the last evaluation (mean loss per assistant token on the held-out shards)
+    tensorboard/       with ``tensorboard: true``
+
+The learning rate is a function of the step (warm-up, then cosine), so the schedule's state is the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from visinstruct.configs import LlavaTrainConfig
+from visinstruct.trainer.clip_train import (
+    Processes,
+    _atomic_save,
+    _gather,
+    _mean_over_processes,
+    _rng_state,
+    _write_metrics,
+    autocast_dtype,
+    lr_at,
+    make_optimizer,
+    start_processes,
+    train_mode,
+)
+from visinstruct.trainer.llava_data import (
+    IGNORE_INDEX,
+    ConversationEncoder,
+    encoder_for,
+    held_out_batches,
+    make_stream,
+)
+from visinstruct.trainer.llava_model import CHECKPOINT_DIR, build_llava, set_trainable
+
+log = logging.getLogger(__name__)
+RESUME_FILE, STATE_FILE = "resume.pt", "trainer_state.json"
+
+
+@dataclass
+class Run:
+    """Everything the loop, the checkpoints and the evaluation share."""
+
+    cfg: LlavaTrainConfig
+    procs: Processes
+    model: torch.nn.Module  # the model itself (checkpoints, evaluation)
+    ddp: torch.nn.Module  # what the loop calls: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    stream: Any  # trainer.data.ShardStream
+    locked: list[torch.nn.Module]  # modules kept in eval mode (a frozen vision tower)
+    processor: Any  # LlavaProcessor: saved with every checkpoint
+    encoder: ConversationEncoder
+    board: Any = None  # a TensorBoard SummaryWriter (rank 0, with cfg.tensorboard)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy summed over the labelled positions, and how many there are.
+
+    Position ``t`` predicts token ``t + 1``; labels of -100 (human turns, image tokens, padding) add nothing.
+    """
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+def batch_loss(model: torch.nn.Module, batch: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_loss`` of one batch from the stream (``batch["text"]`` is the encoder's padded batch)."""
+    text = {k: v.to(device) for k, v in batch["text"].items()}
+    out = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
+                pixel_values=batch["image"].to(device))
+    return token_loss(out.logits, text["labels"])
+
+
+def setup(cfg: LlavaTrainConfig, procs: Processes) -> Run:
+    """Build the model, freeze what the stage does not train, and create the optimizer and the data stream."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per save and load would bury the log lines
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader workers fork after the tokenizer ran
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, processor = build_llava(cfg.model, cfg.seed)
+    encoder = encoder_for(model, processor, cfg.text)
+    processor.chat_template = processor.tokenizer.chat_template = encoder.template  # the checkpoint carries it
+    locked = set_trainable(model, cfg.stage, cfg.model.vision.freeze)
+    if cfg.model.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.to(procs.device)
+    _prepare_output(cfg, procs)
+    stream = make_stream(cfg, processor, encoder, procs.rank, procs.world_size)
+    torch.manual_seed(cfg.seed + 1 + procs.rank)  # training's own draws (dropout...); a resume restores them
+    ddp = model if procs.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[procs.device] if procs.device_type == "cuda" else None)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("train stage %d: %d of %d parameters trainable, %d image tokens, %d process(es) x %d x batch %d, "
+             "%d steps", cfg.stage, trainable, sum(p.numel() for p in model.parameters()),
+             model.config.image_seq_length, procs.world_size, cfg.grad_accum, cfg.data.batch_size, cfg.steps)
+    return Run(cfg, procs, model, ddp, make_optimizer(model, cfg.optim), stream, locked, processor, encoder,
+               _tensorboard(cfg) if procs.rank == 0 else None)
+
+
+def _tensorboard(cfg: LlavaTrainConfig):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ModuleNotFoundError("tensorboard: true needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(str(Path(cfg.out) / "tensorboard"))
+
+
+def _prepare_output(cfg: LlavaTrainConfig, procs: Processes) -> None:
+    if procs.rank == 0:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    if procs.world_size > 1:
+        dist.barrier()  # the other processes read out/ (resume.pt) next
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    """Write model/ (through a temporary folder), then resume.pt; every process contributes its RNG and position."""
+    states = _gather({"rng": _rng_state(run.procs), "data": run.stream.state_dict()}, run.procs)
+    if run.procs.rank != 0:
+        return
+    out = Path(run.cfg.out)
+    tmp, final, old = out / f"{CHECKPOINT_DIR}.tmp", out / CHECKPOINT_DIR, out / f"{CHECKPOINT_DIR}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.model.save_pretrained(tmp)
+    run.processor.save_pretrained(tmp)
+    (tmp / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
+    if final.exists():  # a folder cannot be replaced in one rename: move the old one aside first
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    _atomic_save({"step": step, "optimizer": run.optimizer.state_dict(), "processes": states}, out / RESUME_FILE)
+    log.info("step %d: saved %s", step, final)
+
+
+def restore(run: Run) -> int:
+    """Continue from ``out/resume.pt`` when ``cfg.resume`` and it exists; returns the step to start from."""
+    from transformers import LlavaForConditionalGeneration
+
+    out, procs = Path(run.cfg.out), run.procs
+    if not (run.cfg.resume and (out / RESUME_FILE).exists()):
+        return 0
+    state = torch.load(out / RESUME_FILE, map_location="cpu", weights_only=True)
+    saved = json.loads((out / CHECKPOINT_DIR / STATE_FILE).read_text())["step"]
+    if saved != state["step"]:
+        raise RuntimeError(f"{out}: {CHECKPOINT_DIR}/ is from step {saved} but {RESUME_FILE} from step "
+                           f"{state['step']} (interrupted while saving?): delete {RESUME_FILE} to start over")
+    weights = LlavaForConditionalGeneration.from_pretrained(out / CHECKPOINT_DIR, dtype=torch.float32).state_dict()
+    run.model.load_state_dict(weights)
+    run.optimizer.load_state_dict(state["optimizer"])
+    if len(state["processes"]) == procs.world_size:
+        mine = state["processes"][procs.rank]
+        torch.set_rng_state(mine["rng"]["torch"])
+        if "cuda" in mine["rng"] and procs.device_type == "cuda":
+            torch.cuda.set_rng_state(mine["rng"]["cuda"])
+        run.stream.load_state_dict(mine["data"])
+    else:
+        log.warning("resume.pt holds %d processes' RNG and data state, this run has %d: the data stream restarts",
+                    len(state["processes"]), procs.world_size)
+    log.info("resumed from %s at step %d", out, state["step"])
+    return state["step"]
+
+
+def evaluate(run: Run, step: int) -> dict:
+    """Mean loss per assistant token on ``cfg.eval.shards``, logged (rank 0 calls it)."""
+    cfg, procs = run.cfg, run.procs
+    dtype = autocast_dtype(cfg, procs)
+    total, tokens, samples = 0.0, 0, 0
+    run.model.eval()
+    with torch.no_grad():
+        for batch in held_out_batches(cfg, run.processor, run.encoder):
+            with torch.autocast(device_type=procs.device_type, dtype=dtype, enabled=dtype != torch.float32):
+                loss, count = batch_loss(run.model, batch, procs.device)
+            total, tokens, samples = total + float(loss), tokens + int(count), samples + len(batch["key"])
+    train_mode(run.model, run.locked)
+    metrics = {"loss": total / max(tokens, 1), "tokens": tokens, "samples": samples}
+    log.info("eval step %d: held-out loss %.4f (%d samples, %d assistant tokens)", step, metrics["loss"], samples,
+             tokens)
+    _write_metrics(cfg, {"step": step, "eval": metrics})
+    if run.board is not None:
+        run.board.add_scalar("eval/loss", metrics["loss"], step)
+    return metrics
+
+
+def train(cfg: LlavaTrainConfig, stop_at: int | None = None) -> dict:
+    """Train (or continue training) as ``cfg`` says.
+
+    Args:
+        cfg: the run's config.
+        stop_at: stop after this step, saving a resume point, as if interrupted (time-sliced jobs; tests).
+
+    Returns:
+        ``{"step", "seconds", "samples_per_second", "tokens_per_second", "loss", "eval", "checkpoint"}``:
+        ``seconds`` is this run's time in the loop; ``eval`` the evaluation after the last step (None without
+        eval shards, or when this run did not reach the last step).
+    """
+    procs = start_processes(cfg)
+    try:
+        run = setup(cfg, procs)
+        step = restore(run)
+        summary = _loop(run, step, min(cfg.steps, stop_at) if stop_at is not None else cfg.steps)
+        if procs.rank == 0 and cfg.eval.shards and summary["step"] == cfg.steps and step < cfg.steps:
+            summary["eval"] = evaluate(run, cfg.steps)  # the other processes wait at the barrier below
+            (Path(cfg.out) / "eval.json").write_text(json.dumps(summary["eval"], indent=1) + "\n")
+        if procs.world_size > 1:
+            dist.barrier()
+        if run.board is not None:
+            run.board.close()
+        return {**summary, "checkpoint": str(Path(cfg.out) / CHECKPOINT_DIR)}
+    finally:
+        if procs.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _loop(run: Run, step: int, last: int) -> dict:
+    """Steps ``step + 1 .. last``: the explicit training loop. Saves at ``save_every`` and at ``last``."""
+    cfg, procs, model = run.cfg, run.procs, run.model
+    dtype = autocast_dtype(cfg, procs)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    first, started, loss = step, time.time(), None
+    window, totals = torch.zeros(2), torch.zeros(2)  # samples and non-padding tokens: since the last log line, in all
+    window_start = started
+    train_mode(model, run.locked)
+    while step < last:
+        lr = lr_at(step, cfg)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        run.optimizer.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=procs.device)
+        for micro in range(cfg.grad_accum):
+            batch = next(run.stream)
+            # DDP averages gradients across processes on every backward; only the last micro-batch needs it
+            syncing = micro == cfg.grad_accum - 1 or procs.world_size == 1
+            with contextlib.nullcontext() if syncing else run.ddp.no_sync():
+                with torch.autocast(device_type=procs.device_type, dtype=dtype, enabled=dtype != torch.float32):
+                    total, count = batch_loss(run.ddp, batch, procs.device)
+                micro_loss = total / count.clamp(min=1)
+                (micro_loss / cfg.grad_accum).backward()
+            loss += micro_loss.detach() / cfg.grad_accum
+            seen = torch.tensor([len(batch["key"]), int(batch["text"]["attention_mask"].sum())])
+            window, totals = window + seen, totals + seen
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+        run.optimizer.step()
+        step += 1
+        if step % cfg.log_every == 0 or step == last:
+            window_start = _log_step(run, step, lr, loss, window, window_start, started, first)
+            window.zero_()
+        if cfg.eval.shards and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+            if procs.rank == 0:
+                evaluate(run, step)
+            if procs.world_size > 1:
+                dist.barrier()
+        if step == last or (cfg.save_every and step % cfg.save_every == 0):
+            save_checkpoint(run, step)
+    seconds = max(time.time() - started, 1e-9)
+    totals = _sum_over_processes(totals, procs)
+    return {"step": step, "seconds": seconds, "eval": None, "samples_per_second": float(totals[0]) / seconds,
+            "tokens_per_second": float(totals[1]) / seconds,
+            "loss": None if loss is None else _mean_over_processes(loss, procs)}
+
+
+def _log_step(run: Run, step: int, lr: float, loss: torch.Tensor, window: torch.Tensor, window_start: float,
+              started: float, first: int) -> float:
+    """One log line (and metrics.jsonl record) from rank 0: loss, lr, throughput, progress; returns the time."""
+    cfg, procs = run.cfg, run.procs
+    loss_value, (samples, tokens) = _mean_over_processes(loss, procs), _sum_over_processes(window, procs).tolist()
+    now = time.time()
+    rate, token_rate = samples / (now - window_start), tokens / (now - window_start)
+    eta = (now - started) / (step - first) * (cfg.steps - step)
+    if procs.rank == 0:
+        log.info("step %d/%d (%.0f%%) loss %.4f lr %.2e | %.1f samples/s %.0f tokens/s | elapsed %s, eta %s", step,
+                 cfg.steps, 100 * step / cfg.steps, loss_value, lr, rate, token_rate, _clock(now - started),
+                 _clock(eta))
+        _write_metrics(cfg, {"step": step, "loss": loss_value, "lr": lr, "samples_per_s": rate,
+                             "tokens_per_s": token_rate, "elapsed_s": now - started})
+        if run.board is not None:
+            for name, value in (("loss", loss_value), ("lr", lr), ("samples_per_s", rate), ("tokens_per_s",
+                                                                                           token_rate)):
+                run.board.add_scalar(f"train/{name}", value, step)
+    return now
+
+
+def _sum_over_processes(value: torch.Tensor, procs: Processes) -> torch.Tensor:
+    if procs.world_size > 1:
+        value = value.to(procs.device)  # NCCL reduces CUDA tensors only
+        dist.all_reduce(value)
+    return value.cpu()
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
