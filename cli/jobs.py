@@ -38,3 +38,23 @@ def load_job(cls: type, args: argparse.Namespace):
     if not inputs:
         raise UserError(f"{cfg.input}: no .tar shards to read")
     return cfg, inputs
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--config``, ``--out`` and ``--set`` of the training commands."""
+    parser.add_argument("--config", required=True, help=f"YAML file (see `visinstruct config show {name}`)")
+    parser.add_argument("--out", help="output folder (overrides out)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key (repeatable), e.g. --set steps=200")
+
+
+def load_train(cls: type, args: argparse.Namespace):
+    """A training config with ``--out`` and ``--set`` applied."""
+    return load(cls, args.config, list(args.overrides) + ([f"out={args.out}"] if args.out else []))
+
+
+def is_main_process() -> bool:
+    """Under torchrun only rank 0 prints the summary."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-from visinstruct.configs import ClipTrainConfig, load
+from visinstruct.cli.jobs import add_train_arguments, is_main_process, load_train
+from visinstruct.configs import ClipTrainConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,20 +15,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             description="Contrastive training of an open_clip model on our shards: full CLIP, LiT "
                                         "(image tower locked) or the reverse. Writes a checkpoint open_clip and "
                                         "`visinstruct filter` load. Under torchrun, one process per device (DDP).")
-    parser.add_argument("--config", required=True, help="YAML file (see `visinstruct config show train-clip`)")
-    parser.add_argument("--out", help="output folder (overrides out)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key (repeatable), e.g. --set steps=200")
+    add_train_arguments(parser, "train-clip")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
-    cfg = load(ClipTrainConfig, args.config, overrides)
+    cfg = load_train(ClipTrainConfig, args)
     from visinstruct.trainer.clip_train import train  # torch and open_clip load only for this command
 
     summary = train(cfg)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+    if not is_main_process():
         return 0
     if summary["eval"] is not None:
         print(json.dumps({"step": summary["step"], "seconds": round(summary["seconds"], 1), **summary["eval"]}))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from visinstruct.configs import LlavaTrainConfig, load
+from visinstruct.cli.jobs import add_train_arguments, load_train
+from visinstruct.configs import LlavaTrainConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,16 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                         "turns only. Writes OUT/model, which transformers, vLLM and `visinstruct "
                                         "chat` load; a rerun continues from OUT/resume.pt. Under torchrun, one "
                                         "process per device (DDP).")
-    parser.add_argument("--config", required=True, help="YAML file (see `visinstruct config show train`)")
-    parser.add_argument("--out", help="output folder (overrides out)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key (repeatable), e.g. --set steps=200")
+    add_train_arguments(parser, "train")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
-    cfg = load(LlavaTrainConfig, args.config, overrides)
+    cfg = load_train(LlavaTrainConfig, args)
     from visinstruct.trainer.llava_train import train  # torch and transformers load only for this command
 
     summary = train(cfg)
