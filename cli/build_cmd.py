@@ -1,4 +1,5 @@
-"""``visinstruct build --config FILE [--set KEY=VALUE] [beam options]``: every stage in one Beam graph."""
+"""``visinstruct build --config FILE [--input SHARDS] [--out DIR] [--set KEY=VALUE] [beam options]``: every stage
+in one Beam graph."""
 
 from __future__ import annotations
 
@@ -11,17 +12,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("build", help="ingest, filter and generate in one Beam graph",
                             description="URL lists (or folders, COCO, LLaVA JSON) to training-ready shards: ingest, "
                                         "CLIP filter and conversation generation composed in one pipeline; a null "
-                                        "stage in the config is skipped. Unknown options go to Beam.")
+                                        "stage in the config is skipped, and --input starts from existing shards "
+                                        "instead of ingesting. Unknown options go to Beam.")
     parser.add_argument("--config", required=True, help="YAML file (see `visinstruct config show build`)")
+    parser.add_argument("--input", help="start from these shards (folder, glob or brace pattern of .tar files) "
+                                        "instead of ingesting; sets read: null")
+    parser.add_argument("--out", help="output folder (overrides write.path)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set filter.threshold=0.3")
     parser.set_defaults(run=run, accepts_beam_args=True)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from apache_beam.io.filesystems import FileSystems
+
+    from visinstruct.cli.errors import UserError
+    from visinstruct.cli.shards import ShardError, resolve_shards
     from visinstruct.pipelines.build import format_build_report
     from visinstruct.pipelines.build import run as run_build
 
-    report = run_build(load(BuildConfig, args.config, args.overrides), beam_args)
+    overrides = list(args.overrides)
+    overrides += ["read=null", f"input={args.input}"] if args.input else []
+    overrides += [f"write.path={args.out}"] if args.out else []
+    cfg = load(BuildConfig, args.config, overrides)
+    inputs = None
+    if cfg.input is not None:
+        try:
+            inputs = [p for p in resolve_shards(cfg.input) if FileSystems.exists(p)]
+        except ShardError as e:
+            raise UserError(str(e)) from None
+        if not inputs:
+            raise UserError(f"{cfg.input}: no .tar shards to read")
+    report = run_build(cfg, beam_args, inputs)
     print(format_build_report(report))
     return 0 if report["accounted"] and report["stages_add_up"] else 1

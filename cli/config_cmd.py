@@ -12,6 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     show = actions.add_parser("show", help="every key of a config with its type, default and description")
     show.add_argument("name", choices=sorted(CONFIGS))
+    actions.add_parser("reference", help="every key of every config as Markdown (CONFIG.md)")
     check = actions.add_parser("check", help="load a YAML file and report the first problem, if any")
     check.add_argument("name", choices=sorted(CONFIGS))
     check.add_argument("path")
@@ -21,6 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    if args.action == "reference":
+        from visinstruct.configs.reference import markdown_reference
+
+        print(markdown_reference(CONFIGS), end="")
+        return 0
     cls = CONFIGS[args.name]
     if args.action == "show":
         rows = describe(cls)

@@ -24,6 +24,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     cfg, inputs = load_job(GenerateConfig, args)
     report = generate.run(cfg, inputs, beam_args)
     print(format_report(report))
-    print(f"  LLM calls: {report['backend_calls']}, tokens: {report['prompt_tokens']} prompt + "
-          f"{report['completion_tokens']} completion")
+    print(f"  LLM calls: {report['backend_calls']}, tokens spent: {report['prompt_tokens_spent']} prompt + "
+          f"{report['completion_tokens_spent']} completion ({report['completion_tokens']} completion tokens in "
+          "written samples)")
     return 0 if report.get("accounted", True) else 1

@@ -30,4 +30,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         print(json.dumps({"step": summary["step"], "seconds": round(summary["seconds"], 1), **summary["eval"]}))
     print(f"train-clip: step {summary['step']}, checkpoint {summary['checkpoint']} "
           f"(model.name {cfg.model.name}, model.config_file {summary['config_file']})")
+    if summary["eval"] is not None:
+        print(f"train-clip: filter.threshold {summary['eval']['threshold']} best separates held-out matching pairs "
+              f"from shuffled ones ({summary['eval']['threshold_balanced_accuracy']:.1%} balanced accuracy)")
     return 0

@@ -218,13 +218,21 @@ class GenerateConfig:
 class BuildConfig:
     """``visinstruct build``: ingest, filter, generate and write in one Beam graph. A null stage is skipped."""
 
-    read: ReadConfig = opt(doc="input rows")
     write: WriteConfig = opt(doc="output shards")
+    read: ReadConfig | None = opt(None, "input rows to ingest; null to start from existing shards (input)")
+    input: str | None = opt(None, "existing shards to start from instead of ingesting (a folder, glob or brace "
+                                  "pattern of .tar files; ours or img2dataset's); needs read: null")
     download: DownloadConfig = opt(factory=DownloadConfig, doc="fetching")
     resize: ResizeConfig = opt(factory=ResizeConfig, doc="validation and resizing")
     dedup: DedupConfig = opt(factory=DedupConfig, doc="duplicate removal")
     filter: FilterConfig | None = opt(None, "CLIP filtering; null to skip")
     generate: GenerateConfig | None = opt(None, "conversation generation; null to skip")
+
+    def __post_init__(self):
+        if (self.read is None) == (self.input is None):
+            raise ValueError("give either 'read' (ingest a URL list) or 'input' (start from existing shards)")
+        if self.read is None and self.filter is None and self.generate is None:
+            raise ValueError("starting from existing shards ('input') needs a 'filter' or 'generate' stage")
 
 
 CONFIGS = {

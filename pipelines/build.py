@@ -4,6 +4,10 @@ Graph::
 
     Ingest -> (shard paths) -> FilterShards (in place) -> (shard paths) -> GenerateShards (in place) -> ShardStats
 
+or, from existing shards (``read: null``, ``input: ...``)::
+
+    tar paths -> FilterShards (into write.path) -> (shard paths) -> GenerateShards (in place) -> ShardStats
+
 Each stage hands the next the paths of the shards it finished, and rewrites them where they are: no image bytes
 are shuffled between stages and no intermediate copy of the dataset is written. Each shard's index keeps one row
 per input row across all stages; each stage's drops go to ``rejected/<stage>-NNNNN.parquet``. A shard counts as
@@ -24,43 +28,60 @@ from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.configs import BuildConfig, IngestConfig
 from visinstruct.pipelines.filter import FilterShards
-from visinstruct.pipelines.generate import GenerateShards
+from visinstruct.pipelines.generate import TOKEN_COUNTERS, GenerateShards
 from visinstruct.pipelines.ingest import Ingest, remove_empty_staging
 from visinstruct.pipelines.options import pipeline_options
-from visinstruct.pipelines.report import counter_value, summarize, write_report
+from visinstruct.pipelines.report import counter_value, input_rows, summarize, write_report
 from visinstruct.schemas import IndexRow, shard_name
 from visinstruct.transforms.shards import join, read_bytes, read_table
+from visinstruct.transforms.timing import BUSY_US
 
 INGEST_STAGES = ("read", "download", "decode", "dedup")
 
 
 def stages_of(cfg: BuildConfig) -> list[str]:
-    return ["ingest"] + (["filter"] if cfg.filter else []) + (["generate"] if cfg.generate else [])
+    return ((["ingest"] if cfg.read else []) + (["filter"] if cfg.filter else [])
+            + (["generate"] if cfg.generate else []))
 
 
 class Build(beam.PTransform):
-    """The whole build: ``PBegin`` -> ``ShardStats`` of the last stage, one per shard."""
+    """The whole build: ``PBegin`` -> ``ShardStats`` of the last stage, one per shard.
 
-    def __init__(self, cfg: BuildConfig):
+    ``inputs`` are the tars to start from when ``cfg.read`` is null (the CLI resolves ``cfg.input`` into them);
+    the first stage writes them to ``write.path`` as shards numbered in their order.
+    """
+
+    def __init__(self, cfg: BuildConfig, inputs: list[str] | None = None):
         super().__init__()
-        self.cfg = cfg
+        if cfg.read is None and not inputs:
+            raise ValueError("a build from existing shards needs the input tars")
+        self.cfg, self.inputs = cfg, inputs or []
 
     def expand(self, pbegin):
         cfg, out = self.cfg, self.cfg.write.path
-        ingest_cfg = IngestConfig(read=cfg.read, write=cfg.write, download=cfg.download, resize=cfg.resize,
-                                  dedup=cfg.dedup)
-        stats = pbegin | "Ingest" >> Ingest(ingest_cfg, complete_at={stages_of(cfg)[-1]})
-        if cfg.filter:
+        positions = {}
+        if cfg.read is not None:
+            ingest_cfg = IngestConfig(read=cfg.read, write=cfg.write, download=cfg.download, resize=cfg.resize,
+                                      dedup=cfg.dedup)
+            stats = pbegin | "Ingest" >> Ingest(ingest_cfg, complete_at={stages_of(cfg)[-1]})
             paths = stats | "IngestedShards" >> beam.Map(lambda s: join(out, f"{shard_name(s.shard)}.tar"))
-            stats = paths | "Filter" >> FilterShards(replace(cfg.filter, write=cfg.write))
-        if cfg.generate:
+        else:
+            positions = {path: i for i, path in enumerate(self.inputs)}
+            paths = pbegin | "InputShards" >> beam.Create(self.inputs) | "SpreadShards" >> beam.Reshuffle()
+        if cfg.filter:
+            stats = paths | "Filter" >> FilterShards(replace(cfg.filter, write=cfg.write), positions)
             paths = stats | "FilteredShards" >> beam.Map(lambda s: join(out, f"{shard_name(s.shard)}.tar"))
-            stats = paths | "Generate" >> GenerateShards(replace(cfg.generate, write=cfg.write))
+            positions = {}  # generation rewrites the filter's output in place
+        if cfg.generate:
+            stats = paths | "Generate" >> GenerateShards(replace(cfg.generate, write=cfg.write), positions)
         return stats
 
 
 def stage_counts(out_dir: str, stages: list[str], inputs: int) -> list[dict]:
-    """Rows into and out of each stage, from the dead-letter tables (which stage dropped what, and why)."""
+    """Rows into and out of each stage, from the dead-letter tables (which stage dropped what, and why).
+
+    ``inputs`` are the rows that reached the first stage (a build from existing shards starts from their samples).
+    """
     pattern = join(out_dir, "rejected", "*.parquet")
     tables = [pq.read_table(FileSystems.open(m.path)) for m in FileSystems.match([pattern])[0].metadata_list]
     dropped: dict[str, Counter] = {stage: Counter() for stage in stages}
@@ -93,25 +114,38 @@ def clip_distribution(out_dir: str) -> dict | None:
                                                                               "p90", "max"), q)}}
 
 
-def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> dict:
-    """Run the build; returns the run report (also written as ``run_report.json`` next to the shards)."""
+def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] | None = None) -> dict:
+    """Run the build; returns the run report (also written as ``run_report.json`` next to the shards).
+
+    ``inputs``: the tars to start from when ``cfg.read`` is null.
+    """
+    rows_before = input_rows(inputs) if inputs else None  # read first: the build may rewrite them in place
     start = time.monotonic()
     p = beam.Pipeline(options=pipeline_options(beam_args))
-    _ = p | "Build" >> Build(cfg)
+    _ = p | "Build" >> Build(cfg, inputs)
     result = p.run()
     result.wait_until_finish()
     seconds = time.monotonic() - start
     out, stages = cfg.write.path, stages_of(cfg)
-    remove_empty_staging(out)
+    if cfg.read is not None:
+        remove_empty_staging(out)
     report = summarize(out, stage=stages[-1])
-    rows_read = counter_value(result, "ingest", "rows_read")
+    rows_read = counter_value(result, stages[0], "rows_read")  # rows into the first stage
+    if cfg.read is not None:  # every row read is in the index, written or rejected
+        accounted = rows_read is None or rows_read == report["inputs"]
+    else:  # the input shards' rows, earlier rejections included, all end in the output's index
+        accounted = rows_before is None or rows_before == report["inputs"]
+        report["inputs_before"] = rows_before
+    first_in = report["inputs"] if cfg.read is not None or rows_read is None else rows_read
     report.update(
-        stages=stage_counts(out, stages, report["inputs"]), rows_read=rows_read,
-        accounted=rows_read is None or rows_read == report["inputs"], seconds=round(seconds, 1),
+        stages=stage_counts(out, stages, first_in), rows_read=rows_read, accounted=accounted,
+        carried_rejections=report["inputs"] - first_in, seconds=round(seconds, 1),
         rows_per_second=round(report["inputs"] / seconds, 2) if seconds else None, clip=clip_distribution(out),
-        llm_calls=counter_value(result, "generate", "backend_calls") or 0,
-        prompt_tokens=counter_value(result, "generate", "prompt_tokens") or 0,
-        completion_tokens=counter_value(result, "generate", "completion_tokens") or 0)
+        **{name: counter_value(result, "generate", name) or 0 for name in TOKEN_COUNTERS})
+    for stage in report["stages"]:  # seconds of work per stage, summed over workers (stages overlap in one graph)
+        busy_s = (counter_value(result, stage["stage"], BUSY_US) or 0) / 1e6
+        stage.update(busy_seconds=round(busy_s, 3), rows_per_busy_second=round(stage["in"] / busy_s, 1)
+                     if busy_s else None)
     report["stages_add_up"] = report["stages"][-1]["out"] == report["written"]
     write_report(out, report)
     return report
@@ -119,18 +153,24 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None) -> dict:
 
 def format_build_report(report: dict) -> str:
     """The short table printed at the end of a build."""
+    carried = report.get("carried_rejections")
     lines = [f"build: {report['inputs']} rows -> {report['written']} samples in {report['shards']} shards "
-             f"({report['seconds']} s, {report['rows_per_second']} rows/s)",
-             f"  {'stage':<10} {'in':>7} {'out':>7}  dropped"]
+             f"({report['seconds']} s, {report['rows_per_second']} rows/s)"
+             + (f"; {carried} rows were rejected before this build" if carried else ""),
+             f"  {'stage':<10} {'in':>7} {'out':>7} {'busy s':>8} {'rows/s':>8}  dropped"]
     for s in report["stages"]:
         reasons = ", ".join(f"{r} {n}" for r, n in s["dropped_by_reason"].items()) or "-"
-        lines.append(f"  {s['stage']:<10} {s['in']:>7} {s['out']:>7}  {reasons}")
+        rate = "-" if s.get("rows_per_busy_second") is None else s["rows_per_busy_second"]
+        lines.append(f"  {s['stage']:<10} {s['in']:>7} {s['out']:>7} {s.get('busy_seconds', '-'):>8} {rate:>8}  "
+                     f"{reasons}")
     if report.get("clip"):
         c = report["clip"]
         lines.append(f"  CLIP scores: min {c['min']}, median {c['p50']}, max {c['max']} over {c['pairs']} pairs")
-    if report.get("llm_calls"):
-        lines.append(f"  LLM: {report['llm_calls']} calls, {report['prompt_tokens']} prompt + "
-                     f"{report['completion_tokens']} completion tokens")
+    if report.get("backend_calls"):
+        lines.append(f"  LLM: {report['backend_calls']} calls spent {report['prompt_tokens_spent']} prompt + "
+                     f"{report['completion_tokens_spent']} completion tokens; the written samples hold "
+                     f"{report['completion_tokens']} of those completion tokens")
+    lines.append("  (busy s: seconds of work per stage summed over workers and threads; stages overlap in one graph)")
     state = "ok" if report["accounted"] and report["stages_add_up"] else "MISMATCH"
     lines.append(f"  accounting: {state}; report {join(report['output'], 'run_report.json')}")
     return "\n".join(lines)

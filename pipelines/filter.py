@@ -33,6 +33,7 @@ from visinstruct.transforms.filter_stages import (
 from visinstruct.transforms.rewrite import rewrite_shard
 from visinstruct.transforms.select import HistogramFn, TopFractionCut, distribution, ranks_within
 from visinstruct.transforms.shards import join, read_bytes, write_bytes
+from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
 DRY_RUN_THRESHOLDS = [round(0.10 + 0.02 * i, 2) for i in range(16)]
@@ -62,7 +63,8 @@ class _RewriteShard(beam.DoFn):
         decisions = {d.key: d for d in groups["decisions"]}
         rejections = {r.key: r for r in groups["rejections"] if r.key}
         judge = filter_judge(decisions, rejections, self.cfg.model.name, self.cfg.model.pretrained)
-        stats = rewrite_shard(path, self.positions.get(path), self.cfg.write.path, STAGE, judge)
+        with busy(STAGE):
+            stats = rewrite_shard(path, self.positions.get(path), self.cfg.write.path, STAGE, judge)
         for reason, count in stats.rejected_by_reason.items():
             beam.metrics.Metrics.counter("filter", f"dropped_{reason}").inc(count)
         log.info("shard %05d: kept %d of %d", stats.shard, stats.written, stats.inputs)

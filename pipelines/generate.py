@@ -35,6 +35,7 @@ from visinstruct.transforms.prompts import (
     uses_llm,
 )
 from visinstruct.transforms.rewrite import Judgement, image_member, iter_samples, rewrite_shard, sample_meta
+from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
 STAGE = "generate"
@@ -104,7 +105,8 @@ class PlanSamples(beam.DoFn):
                                                           meta.url or meta.path))
                 yield beam.pvalue.TaggedOutput("done", (path, (key, judgement)))
                 continue
-            plan = plan_sample(path, meta, self.cfg, self.templates)
+            with busy(STAGE):
+                plan = plan_sample(path, meta, self.cfg, self.templates)
             if isinstance(plan, Judgement):
                 yield beam.pvalue.TaggedOutput("done", (path, (key, plan)))
             else:
@@ -123,7 +125,8 @@ class _RewriteShard(beam.DoFn):
             return judgements.get(key) or Judgement(rejection=Rejection(
                 STAGE, "not_generated", "no result reached the writer", key, meta.url or meta.path))
 
-        stats = rewrite_shard(path, self.positions.get(path), self.cfg.write.path, STAGE, judge)
+        with busy(STAGE):
+            stats = rewrite_shard(path, self.positions.get(path), self.cfg.write.path, STAGE, judge)
         for reason, count in stats.rejected_by_reason.items():
             beam.metrics.Metrics.counter(STAGE, f"dropped_{reason}").inc(count)
         tokens = [j.meta.generation for j in judgements.values() if j.meta is not None and j.meta.generation]
@@ -181,6 +184,11 @@ class Generate(beam.PTransform):
                 | "GenerateShards" >> self.shards)
 
 
+# Calls to the backend and the tokens they spent (cached answers cost nothing), and the tokens of written samples.
+TOKEN_COUNTERS = ("backend_calls", "prompt_tokens_spent", "completion_tokens_spent", "prompt_tokens",
+                  "completion_tokens")
+
+
 def run(cfg: GenerateConfig, inputs: list[str], beam_args: list[str] | None = None) -> dict:
     """Run generation over tar paths; returns the run report (with tokens spent)."""
     if cfg.write is None:
@@ -191,7 +199,7 @@ def run(cfg: GenerateConfig, inputs: list[str], beam_args: list[str] | None = No
     result = p.run()
     result.wait_until_finish()
     report = check_inputs(summarize(cfg.write.path, stage=STAGE, result=result), rows_before)
-    for name in ("backend_calls", "prompt_tokens", "completion_tokens"):
+    for name in TOKEN_COUNTERS:
         report[name] = counter_value(result, STAGE, name) or 0
     write_report(cfg.write.path, report)
     return report

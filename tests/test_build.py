@@ -1,5 +1,7 @@
 """The whole build in one Beam graph, through a loopback server, on several local processes."""
 
+from dataclasses import asdict as to_plain
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
@@ -43,6 +45,8 @@ def test_build_runs_every_stage_and_the_counts_add_up_stage_by_stage(tmp_path, t
     assert stages["ingest"]["in"] == report["inputs"] == report["rows_read"] == len(rows)
     assert stages["ingest"]["out"] == stages["filter"]["in"] and stages["filter"]["out"] == stages["generate"]["in"]
     assert stages["generate"]["out"] == report["written"] and report["accounted"] and report["stages_add_up"]
+    for stage in stages.values():  # every stage reports the work it did, and its rate
+        assert stage["busy_seconds"] > 0 and stage["rows_per_busy_second"] > 0
     assert sum(stages["ingest"]["dropped_by_reason"].values()) == 8  # 7 broken URLs and one repeated
     kept_by_filter = stages["filter"]["out"]
     assert kept_by_filter == -(-3 * stages["filter"]["in"] // 4)  # the top 75%, rounded up
@@ -57,3 +61,35 @@ def test_build_runs_every_stage_and_the_counts_add_up_stage_by_stage(tmp_path, t
     problems = validate([str(p) for p in sorted(out.glob("*.tar"))])
     assert not problems.problems, problems.problems
     assert not (out / "_staging").exists()
+
+
+def test_build_from_existing_shards_filters_and_generates_into_a_new_folder(tmp_path, tiny_checkpoint):
+    import json
+
+    import yaml
+
+    from visinstruct.cli.main import main
+    from visinstruct.configs import IngestConfig
+    from visinstruct.pipelines.ingest import run as ingest
+
+    with ImageServer() as srv:
+        rows = demo_rows(srv, easy_vqa=12, shapes=6)
+        write_url_list(rows, tmp_path / "urls.parquet")
+        cfg = build_config(tmp_path, tmp_path / "urls.parquet", tiny_checkpoint)
+        ingested = ingest(IngestConfig(read=cfg.read, write=replace(cfg.write, path=str(tmp_path / "ingested")),
+                                       download=cfg.download, resize=cfg.resize), MULTI)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ingested").glob("*.tar")}
+    settings = {"write": {"path": "unused", "shard_size": 16}, "read": {"path": "ignored.parquet"},
+                "filter": {"model": to_plain(cfg.filter.model), "threshold": -1.0},
+                "generate": {"backend": "caption_only"}}
+    (tmp_path / "build.yaml").write_text(yaml.safe_dump(settings))
+    assert main(["build", "--config", str(tmp_path / "build.yaml"), "--input", str(tmp_path / "ingested"),
+                 "--out", str(tmp_path / "built"), *MULTI]) == 0
+    report = json.loads((tmp_path / "built" / "run_report.json").read_text())
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert list(stages) == ["filter", "generate"] and report["accounted"] and report["stages_add_up"]
+    assert stages["filter"]["in"] == ingested["written"] == report["rows_read"]  # the samples of the input
+    assert report["carried_rejections"] == ingested["rejected"]  # earlier drops stay in the index
+    assert report["inputs"] == report["inputs_before"] == len(rows) and report["written"] == ingested["written"]
+    assert not validate([str(p) for p in sorted((tmp_path / "built").glob("*.tar"))]).problems
+    assert before == {p.name: p.read_bytes() for p in (tmp_path / "ingested").glob("*.tar")}  # input untouched

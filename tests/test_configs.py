@@ -114,3 +114,16 @@ def test_cli_reports_a_bad_config_in_one_line_with_status_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"visinstruct config: error: {path}: unknown key 'download.timout' (did you mean 'download.timeout'?)"]
+
+
+def test_config_md_lists_every_key_as_the_classes_define_it():
+    """CONFIG.md is generated (`visinstruct config reference > CONFIG.md`): it must not drift from the classes."""
+    from pathlib import Path
+
+    from visinstruct.configs import CONFIGS, describe
+    from visinstruct.configs.reference import markdown_reference
+
+    text = (Path(__file__).parents[1] / "CONFIG.md").read_text(encoding="utf-8")
+    assert text == markdown_reference(CONFIGS), "CONFIG.md is stale: run `visinstruct config reference > CONFIG.md`"
+    for name, cls in CONFIGS.items():
+        assert f"## {name}\n" in text and all(f"`{key}`" in text for key, *_ in describe(cls))

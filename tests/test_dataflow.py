@@ -56,16 +56,21 @@ def test_ingest_translates_for_dataflow(tmp_path):
         assert any(stage in name for name in names), stage
 
 
-def test_build_translates_with_every_stage_and_gpus_only_on_model_steps(tmp_path):
-    from visinstruct.configs import BuildConfig
+@pytest.mark.parametrize("source", ["dict", "bundled dataflow.yaml"])
+def test_build_translates_with_every_stage_and_gpus_only_on_model_steps(tmp_path, source):
+    from visinstruct.configs import CONFIG_DIR, BuildConfig, load
     from visinstruct.pipelines.build import Build
 
     urls = tmp_path / "urls.txt"
     urls.write_text("https://example.com/a.jpg\n")
-    cfg = from_dict(BuildConfig, {
-        "read": {"path": str(urls)}, "write": {"path": "gs://demo-bucket/dataset", "resume": False},
-        "filter": {"model": {"name": "ViT-B-32", "accelerator": ACCELERATOR}, "threshold": 0.28},
-        "generate": {"backend": "vllm", "model": "Qwen/Qwen2.5-7B-Instruct", "accelerator": ACCELERATOR}})
+    if source == "dict":
+        cfg = from_dict(BuildConfig, {
+            "read": {"path": str(urls)}, "write": {"path": "gs://demo-bucket/dataset", "resume": False},
+            "filter": {"model": {"name": "ViT-B-32", "accelerator": ACCELERATOR}, "threshold": 0.28},
+            "generate": {"backend": "vllm", "model": "Qwen/Qwen2.5-7B-Instruct", "accelerator": ACCELERATOR}})
+    else:  # what the README tells Dataflow users to run (a local URL list: the dry run reads no bucket)
+        cfg = load(BuildConfig, CONFIG_DIR / "build" / "dataflow.yaml", [f"read.path={urls}", "write.resume=false"])
+        assert cfg.filter.model.accelerator and cfg.generate.accelerator and cfg.generate.backend == "vllm"
     p = dataflow_pipeline()
     _ = p | "Build" >> Build(cfg)
     assert p.run().state == "DONE"

@@ -1,4 +1,4 @@
-"""`make demo` stays true: the demo runs end to end on bundled data and its counts add up."""
+"""`make demo` stays true: the demo runs every step end to end on bundled data, and its counts add up."""
 
 import json
 
@@ -6,25 +6,51 @@ import pyarrow.parquet as pq
 import pytest
 
 from visinstruct.cli.main import main
-from visinstruct.pipelines.demo import BROKEN, WRONG_CAPTIONS
+from visinstruct.cli.validate import validate
+from visinstruct.pipelines.demo import BROKEN, wrong_caption
+
+
+def test_a_wrong_caption_names_a_colour_the_image_does_not_have():
+    assert wrong_caption("a blue circle") == "a gray circle"
+    assert wrong_caption("a red square and a green circle") == "a yellow square and a green circle"
+    with pytest.raises(ValueError, match="no colour"):
+        wrong_caption("a circle")
 
 
 @pytest.mark.timeout(1200)  # SmolLM2 on a busy 2-core machine can take minutes
-def test_demo_runs_end_to_end_and_accounts_for_every_url(tmp_path):
+def test_demo_runs_every_step_and_accounts_for_every_url(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--runner=FnApiRunner"]) == 0  # what `make demo` runs
+    printed = capsys.readouterr().out
     reports = json.loads((tmp_path / "demo_report.json").read_text())
-    ingest = reports["ingest"]
     urls = pq.read_table(tmp_path / "urls.parquet").to_pylist()
-    assert ingest["accounted"] and ingest["inputs"] == len(urls)
-    assert ingest["rejected"] == len(BROKEN) + 1  # every broken URL, and the repeated one
-    assert ingest["written"] == len(urls) - len(BROKEN) - 1
-    origins = {r["origin"] for r in urls}
-    assert {"easy_vqa", "shapes", "photo", "wrong_caption", "broken"} <= origins
-    assert sum(r["origin"] == "wrong_caption" for r in urls) == WRONG_CAPTIONS
-    generated = reports["generate"]
-    # the index keeps every input row: ingest's drops are carried, generation's are added
-    assert generated["accounted"] and generated["inputs"] == generated["inputs_before"] == ingest["inputs"]
-    assert generated["written"] + generated["rejected"] == ingest["inputs"]
-    assert generated["written"] <= ingest["written"] and generated["rejected"] >= ingest["rejected"]
-    assert generated["backend_calls"] >= 1 and generated["completion_tokens"] > 0  # SmolLM2 answered some
+
+    # the CLIP trained on the spot tells held-out captions from shuffled ones, and picked the filter's threshold
+    clip = reports["train_clip"]
+    assert clip["matching_auc"] >= 0.9 and clip["threshold_balanced_accuracy"] >= 0.85
+    assert reports["clip_data_train"]["accounted"] and reports["clip_data_train"]["written"] > 1000
+
+    build = reports["build"]
+    stages = {s["stage"]: s for s in build["stages"]}
+    assert list(stages) == ["ingest", "filter", "generate"]
+    assert build["accounted"] and build["stages_add_up"] and build["rows_read"] == build["inputs"] == len(urls)
+    assert stages["ingest"]["in"] == len(urls)
+    assert sum(stages["ingest"]["dropped_by_reason"].values()) == len(BROKEN) + 1  # and one repeated URL
+    assert stages["ingest"]["out"] == stages["filter"]["in"] and stages["filter"]["out"] == stages["generate"]["in"]
+    assert stages["generate"]["out"] == build["written"] and build["written"] + build["rejected"] == len(urls)
+    assert set(stages["filter"]["dropped_by_reason"]) == {"clip_below_threshold"}
+    by_origin = build["kept_by_origin"]
+    assert by_origin["wrong_caption"]["urls"] >= 8 and by_origin["wrong_caption"]["kept"] == 0  # every one dropped
+    for origin in ("easy_vqa", "shapes"):  # and the matching pairs it knows mostly kept
+        assert by_origin[origin]["kept"] >= 0.8 * by_origin[origin]["urls"], by_origin
+    assert by_origin["broken"]["kept"] == 0 and by_origin["duplicate_url"]["kept"] == 0
+    assert build["backend_calls"] >= 1 and build["completion_tokens_spent"] > 0  # SmolLM2 answered some
+    assert all(s["busy_seconds"] > 0 for s in stages.values())
+
+    dataset = sorted(str(p) for p in (tmp_path / "dataset").glob("*.tar"))
+    assert not validate(dataset).problems
+    assert reports["train"]["last_loss"] < reports["train"]["first_loss"]
+    assert (tmp_path / "llava" / "model" / "config.json").exists()
     assert (tmp_path / "gallery.html").stat().st_size > 10_000 and (tmp_path / "gallery.png").exists()
+    # it ends with where everything is and the build's table
+    assert "everything is in" in printed and printed.rstrip().endswith("run_report.json")
+    assert "kept by origin" in printed

@@ -138,6 +138,9 @@ def test_openai_backend_end_to_end_with_faults_retries_cache_and_no_key_leak(sha
         assert row["stage"] == "generate" and json.loads(row["detail"])["raw"]
     assert {r["reason"] for r in rejected} <= {"refusal"}
     assert report["backend_calls"] == calls
+    # tokens spent count every call; the written samples hold those of their own answers
+    assert report["completion_tokens"] == sum(m.generation.completion_tokens for m in kept.values())
+    assert report["completion_tokens_spent"] >= report["completion_tokens"] > 0
     # A rerun with the cache makes no backend call and writes the same shards.
     with OpenAIServer(responder=scripted, require_key=secret) as srv:
         again_settings = settings | {"endpoint": srv.base_url, "write": {"path": str(tmp_path / "again")}}
@@ -197,7 +200,7 @@ def test_real_smollm2_writes_conversations_for_shapes_with_boxes(shards, tmp_pat
                                      "write": {"path": str(tmp_path / "out")}})
     report = generate.run(cfg, shards[:1], RUNNER)
     assert report["inputs"] == 4 and report["accounted"] and report["backend_calls"] == 4
-    assert report["completion_tokens"] > 0
+    assert report["completion_tokens_spent"] > 0 and report["completion_tokens_spent"] >= report["completion_tokens"]
     rejected = pq.read_table(tmp_path / "out" / "rejected").to_pylist()
     for row in rejected:
         assert re.fullmatch(r"[a-z_0-9]+", row["reason"]) and json.loads(row["detail"])["raw"] is not None

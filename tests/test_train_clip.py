@@ -20,7 +20,7 @@ from visinstruct.configs import CONFIG_DIR, ClipTrainConfig, FilterConfig, Inges
 from visinstruct.testing import sample_data
 from visinstruct.testing.tiny_models import tiny_open_clip
 from visinstruct.trainer import clip_train
-from visinstruct.trainer.clip_eval import auc, retrieval_recall, shuffled_pairs
+from visinstruct.trainer.clip_eval import auc, retrieval_recall, separating_threshold, shuffled_pairs
 from visinstruct.trainer.data import ShardStream, caption_of, shard_list
 from visinstruct.trainer.losses import clip_loss
 
@@ -82,6 +82,7 @@ def test_a_small_clip_from_scratch_tells_held_out_captions_from_shuffled_ones(tr
     metrics = json.loads((trained / "eval.json").read_text())
     assert metrics["samples"] > 200
     assert metrics["matching_auc"] >= 0.9
+    assert 0 < metrics["threshold"] < 1 and metrics["threshold_balanced_accuracy"] >= 0.85
     # 25 distinct captions: chance is 0.04 at R@1 and 0.2 at R@5
     assert metrics["image_to_text_r1"] >= 0.5 and metrics["text_to_image_r1"] >= 0.5
     assert metrics["image_to_text_r5"] >= 0.9 and metrics["text_to_image_r5"] >= 0.9
@@ -288,3 +289,12 @@ def test_auc_counts_ties_as_half_and_recall_treats_equal_captions_as_one():
     images, texts = shuffled_pairs(["a", "b", "b", "c"], seed=1)
     assert len(images) == 4 and all(["a", "b", "b", "c"][i] != ["a", "b", "b", "c"][j] for i, j in zip(images, texts))
 
+
+def test_the_suggested_threshold_separates_matching_from_shuffled_scores_best():
+    assert separating_threshold([0.5, 0.6, 0.7], [0.1, 0.2]) == (0.35, 1.0)  # halfway across the gap
+    threshold, accuracy = separating_threshold([0.3, 0.6, 0.7, 0.8], [0.1, 0.2, 0.4])
+    assert threshold == 0.5 and accuracy == (3 / 4 + 1.0) / 2  # keeping the 0.3 would keep the 0.4: 0.83 < 0.875
+    # the balance does not depend on how many of each there are: 100 negatives at 0.45 do not move it up
+    assert separating_threshold([0.5, 0.9], [0.1] * 100 + [0.45])[0] == 0.475
+    with pytest.raises(ValueError):
+        separating_threshold([0.5], [])

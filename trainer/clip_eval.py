@@ -64,12 +64,34 @@ def shuffled_pairs(captions: list[str], seed: int = 0) -> tuple[np.ndarray, np.n
     return np.array(images, dtype=int), np.array(texts, dtype=int)
 
 
+def separating_threshold(positive: np.ndarray, negative: np.ndarray) -> tuple[float, float]:
+    """The score threshold that best tells positives (kept when ``score >= threshold``) from negatives.
+
+    Best means the highest balanced accuracy, ``(kept positives + dropped negatives) / 2`` as fractions, so the
+    answer does not lean on how many of each there are. The threshold sits halfway between the two scores it
+    separates. Returns ``(threshold, balanced_accuracy)``.
+    """
+    positive, negative = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
+    if not len(positive) or not len(negative):
+        raise ValueError("separating_threshold needs at least one positive and one negative score")
+    candidates = np.unique(np.concatenate([positive, negative]))
+    cuts = np.concatenate([[candidates[0] - 1e-3], (candidates[1:] + candidates[:-1]) / 2, [candidates[-1] + 1e-3]])
+    kept = 1.0 - np.searchsorted(np.sort(positive), cuts, side="left") / len(positive)
+    dropped = np.searchsorted(np.sort(negative), cuts, side="left") / len(negative)
+    balanced = (kept + dropped) / 2
+    best = int(np.argmax(balanced))  # the lowest threshold among equals: keep more when it costs nothing
+    return float(cuts[best]), float(balanced[best])
+
+
+def matching_scores(image: np.ndarray, text: np.ndarray, captions: list[str], seed: int = 0) -> tuple:
+    """Cosines of matching pairs, and of the same images with shuffled, different captions."""
+    images, texts = shuffled_pairs(captions, seed)
+    return (image * text).sum(axis=1), (image[images] * text[texts]).sum(axis=1)
+
+
 def matching_auc(image: np.ndarray, text: np.ndarray, captions: list[str], seed: int = 0) -> float:
     """AUC of the cosine of matching pairs against the same images with shuffled, different captions."""
-    images, texts = shuffled_pairs(captions, seed)
-    matching = (image * text).sum(axis=1)
-    mismatched = (image[images] * text[texts]).sum(axis=1)
-    return auc(matching, mismatched)
+    return auc(*matching_scores(image, text, captions, seed))
 
 
 @torch.no_grad()
@@ -90,6 +112,10 @@ def embed(model: torch.nn.Module, batches: Iterable[dict], device: str, dtype: t
 
 
 def evaluate_embeddings(image: np.ndarray, text: np.ndarray, captions: list[str], seed: int = 0) -> dict:
-    """Every metric of the module on embeddings: recall@1/5 both ways, ``matching_auc``, and the sample count."""
-    return {**retrieval_recall(image, text, captions), "matching_auc": matching_auc(image, text, captions, seed),
-            "samples": len(captions)}
+    """Every metric of the module on embeddings: recall@1/5 both ways, ``matching_auc``, the filter threshold that
+    best separates matching from shuffled pairs (``threshold``, with its ``threshold_balanced_accuracy``), and the
+    sample count."""
+    matching, mismatched = matching_scores(image, text, captions, seed)
+    threshold, accuracy = separating_threshold(matching, mismatched)
+    return {**retrieval_recall(image, text, captions), "matching_auc": auc(matching, mismatched),
+            "threshold": round(threshold, 4), "threshold_balanced_accuracy": accuracy, "samples": len(captions)}

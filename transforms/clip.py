@@ -21,6 +21,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from visinstruct.configs import ClipModelConfig
+from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
 Example = tuple[np.ndarray, str]  # (preprocessed image, CHW float32; caption)
@@ -99,11 +100,13 @@ class ClipHandler(ModelHandler[Example, ClipOutput, Any]):
 
         device = model.visinstruct_device
         dtype = pick_dtype(self.cfg.precision, device)
-        images = torch.from_numpy(np.stack([image for image, _ in batch])).to(device)
-        texts = [caption for _, caption in batch]
-        with torch.inference_mode(), torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
-            image_features, text_features = self._encode(model, images, texts)
-        scores, image_emb, text_emb = cosine_scores(image_features, text_features)
+        with busy("filter"):
+            images = torch.from_numpy(np.stack([image for image, _ in batch])).to(device)
+            texts = [caption for _, caption in batch]
+            autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+            with torch.inference_mode(), autocast:
+                image_features, text_features = self._encode(model, images, texts)
+            scores, image_emb, text_emb = cosine_scores(image_features, text_features)
         for i, example in enumerate(batch):
             output = ClipOutput(float(scores[i]), image_emb[i].astype(np.float16) if self.with_embeddings else None,
                                 text_emb[i].astype(np.float16) if self.with_embeddings else None)

@@ -18,6 +18,7 @@ from visinstruct.schemas import ImageTextPair, IndexRow, JsonDict, Rejection, Sa
 from visinstruct.transforms.fetch import Fetcher
 from visinstruct.transforms.images import ImageRejected, ProcessedImage, process_image
 from visinstruct.transforms.shards import TarShardWriter, exists, join, read_table, read_tar_samples, shard_paths
+from visinstruct.transforms.timing import add_busy
 
 REJECTED_DIR = "rejected"
 
@@ -168,6 +169,7 @@ class DownloadShard(beam.DoFn):
             FileSystems.delete([stats])  # until the new stats land, the shard is incomplete
         draft = build_draft(shard, list(rows), self.fetcher, self.cfg, staging_path(out, shard), previous)
         ok = sum(r.status == "success" for r in draft.rows)
+        add_busy("ingest", draft.duration_s)
         self.fetched.inc(ok)
         self.failed.inc(len(draft.rows) - ok)
         log.info("shard %s downloaded: %d ok, %d rejected in %.1fs", shard_name(shard), ok,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ from PIL import Image
 
 from visinstruct.schemas import ClipScore, JsonDict, Rejection, SampleMeta
 from visinstruct.transforms.rewrite import Judge, Judgement, image_member, iter_samples, sample_meta
+from visinstruct.transforms.timing import add_busy
 
 log = logging.getLogger(__name__)
 STAGE = "filter"
@@ -79,15 +81,18 @@ class DecodeForClip(beam.DoFn):
     def start_bundle(self):
         self.pending = deque()
 
-    def _decode(self, data: bytes) -> np.ndarray:
+    def _decode(self, data: bytes) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
         with Image.open(io.BytesIO(data)) as img:
-            return self.preprocess(img.convert("RGB"))
+            return self.preprocess(img.convert("RGB")), time.perf_counter() - start
 
     def _ready(self, drain: bool):
         while self.pending and (drain or len(self.pending) > 2 * self.threads or self.pending[0][1].done()):
             (path, key), future, caption = self.pending.popleft()
             try:
-                yield (path, key), (future.result(), caption)
+                image, seconds = future.result()
+                add_busy(STAGE, seconds)  # here, not in the decoding thread: metrics are per DoFn thread
+                yield (path, key), (image, caption)
             except Exception as e:  # noqa: BLE001 - any decoder error is the sample's fault, not the stage's
                 yield beam.pvalue.TaggedOutput("rejected", (path, Rejection(
                     STAGE, "decode_error", f"{type(e).__name__}: {e}"[:500], key, path)))

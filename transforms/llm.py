@@ -29,6 +29,7 @@ from visinstruct.transforms.conversations import Bounds, Verdict, read_reply
 from visinstruct.transforms.llm_openai import ChatRequest, ChatResult, OpenAIChatClient
 from visinstruct.transforms.prompts import derive_seed, request_fingerprint
 from visinstruct.transforms.shards import exists, join, read_bytes, write_bytes
+from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,10 @@ class GenerationHandler(ModelHandler[Plan, Outcome, object]):
         if missing:
             beam.metrics.Metrics.counter("generate", "backend_calls").inc(len(missing))
             fresh = backend.generate([plans[i].request for i in missing])
+            # tokens spent on every call, kept answer or not (the written samples' own counts are in their JSON)
+            beam.metrics.Metrics.counter("generate", "prompt_tokens_spent").inc(sum(r.prompt_tokens for r in fresh))
+            beam.metrics.Metrics.counter("generate", "completion_tokens_spent").inc(
+                sum(r.completion_tokens for r in fresh))
             for i, result in zip(missing, fresh):
                 cache.put(fingerprints[i], result)
                 found[i] = result
@@ -228,6 +233,12 @@ class GenerationHandler(ModelHandler[Plan, Outcome, object]):
         return read_reply(plan.format, result.text, plan.meta, plan.question, self.vocabulary, self.bounds)
 
     def run_inference(self, batch: Sequence[Plan], backend, inference_args=None) -> Iterable[PredictionResult]:
+        with busy("generate"):
+            outcomes = self._generate(backend, batch)
+        for plan, outcome in zip(batch, outcomes):
+            yield PredictionResult(plan, outcome, self.cfg.model)
+
+    def _generate(self, backend, batch: Sequence[Plan]) -> list[Outcome]:
         cache = ResponseCache(self.cfg.cache_dir)
         answers = self._ask(backend, list(batch), cache)
         outcomes = [Outcome(r, self._judge(p, r), 1, cached, p.request.seed) for p, (r, cached) in zip(batch, answers)]
@@ -238,8 +249,7 @@ class GenerationHandler(ModelHandler[Plan, Outcome, object]):
             again = [_reseeded(batch[i]) for i in retry]
             for i, plan, (result, cached) in zip(retry, again, self._ask(backend, again, cache)):
                 outcomes[i] = Outcome(result, self._judge(plan, result), 2, cached, plan.request.seed)
-        for plan, outcome in zip(batch, outcomes):
-            yield PredictionResult(plan, outcome, self.cfg.model)
+        return outcomes
 
 
 def _sampling(request: ChatRequest) -> dict:

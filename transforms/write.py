@@ -25,6 +25,7 @@ from visinstruct.transforms.shards import (
     write_stats,
     write_table,
 )
+from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
 DEDUP_MESSAGES = {"duplicate_sha256": "same image bytes as {}", "near_duplicate": "near-identical to {}",
@@ -110,7 +111,8 @@ class FinalizeShard(beam.DoFn):
         if not drafts:  # losers of an already complete shard: it was finalized with the same decisions
             return
         losers = [loser for loser in groups["losers"] if parse_key(loser[0])[0] == shard]
-        stats = finalize_shard(drafts[0], losers, self.out_dir, self.stage)
+        with busy(self.stage):
+            stats = finalize_shard(drafts[0], losers, self.out_dir, self.stage)
         self.written.inc(stats.written)
         self.rejected.inc(stats.rejected)
         for reason, count in stats.rejected_by_reason.items():
