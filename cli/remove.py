@@ -19,60 +19,32 @@ journal names.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.cli.shards import Progress, ShardError, ShardFiles, read_index, shard_files, tar_samples
 from visinstruct.schemas import SCHEMA_VERSION, IndexRow, JsonDict, Rejection, ShardStats, from_table
-from visinstruct.transforms.shards import TarShardWriter, join, read_bytes, read_table, write_stats, write_table
+from visinstruct.transforms import takedown as takedown_lists
+from visinstruct.transforms.shards import TarShardWriter, join, read_table, write_stats, write_table
+from visinstruct.transforms.takedown import Takedown, TakedownError
 
 log = logging.getLogger(__name__)
 STAGE = "remove"
-REASON = "takedown"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+REASON = takedown_lists.REASON
 _COLUMNS = ["key", "status", "url", "path", "sha256"]
 
 
-@dataclass(frozen=True)
-class Takedown:
-    """What to remove: URLs (compared after stripping whitespace) and sha256 hex digests (lower case)."""
-
-    urls: frozenset[str] = frozenset()
-    sha256: frozenset[str] = frozenset()
-
-    def match(self, url: str | None, sha256: str | None) -> str | None:
-        """``"url"`` or ``"sha256"`` when a row matches, else ``None``."""
-        if url is not None and url.strip() in self.urls:
-            return "url"
-        if sha256 is not None and sha256.strip().lower() in self.sha256:
-            return "sha256"
-        return None
-
-
-def read_list(path: str) -> list[str]:
-    """The entries of a takedown list: one per line, whitespace stripped; blank lines and ``#`` comments skipped."""
-    if not FileSystems.exists(path):
-        raise ShardError(f"no such takedown list: {path}")
-    try:
-        text = read_bytes(path).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:  # Beam's filesystems raise BeamIOError, an OSError
-        raise ShardError(f"cannot read {path}: {e}".splitlines()[0]) from e
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-
-
 def load_takedown(urls_file: str | None = None, sha256_file: str | None = None) -> Takedown:
-    """A :class:`Takedown` from a file of URLs and/or a file of sha256 digests; refuses a malformed digest."""
+    """The takedown lists of ``--urls`` and ``--sha256`` (see :mod:`visinstruct.transforms.takedown`)."""
     if not urls_file and not sha256_file:
         raise ShardError("give --urls FILE or --sha256 FILE (or both)")
-    digests = [d.lower() for d in read_list(sha256_file)] if sha256_file else []
-    bad = [d for d in digests if not _SHA256.fullmatch(d)]
-    if bad:  # a URL list passed as --sha256 would otherwise silently match nothing
-        raise ShardError(f"{sha256_file}: {bad[0]!r} is not a sha256 hex digest ({len(bad)} such lines)")
-    return Takedown(frozenset(read_list(urls_file)) if urls_file else frozenset(), frozenset(digests))
+    try:
+        return takedown_lists.load_takedown(urls_file, sha256_file)
+    except TakedownError as e:
+        raise ShardError(str(e)) from None
 
 
 def remove_samples(paths: list[str], takedown: Takedown, progress: Progress | None = None,

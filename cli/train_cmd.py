@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from visinstruct.cli.jobs import add_train_arguments, load_train
+from visinstruct.cli.jobs import add_train_arguments, is_main_process, load_train
 from visinstruct.configs import LlavaTrainConfig
 
 
@@ -27,6 +27,8 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from visinstruct.trainer.llava_train import train  # torch and transformers load only for this command
 
     summary = train(cfg)
+    if not is_main_process():
+        return 0
     if summary["eval"] is not None:
         print(json.dumps({"step": summary["step"], "seconds": round(summary["seconds"], 1), **summary["eval"]}))
     print(f"train: step {summary['step']}, checkpoint {summary['checkpoint']} "

@@ -97,6 +97,10 @@ class DedupConfig:
     sha256: bool = opt(True, "drop exact duplicate images (one deterministic winner: the smallest key)")
     phash_max_distance: int | None = opt(None, "also drop near-duplicates within this Hamming distance")
     reference_dir: str | None = opt(None, "drop images near-identical to any image here (eval sets)")
+    takedown_lists: list[str] = opt(factory=list, doc="takedown lists (paths or globs): listed URLs are never "
+                                    "downloaded and images with a listed sha256 are dropped, reason 'takedown'; text "
+                                    "files (a URL or sha256 per line) or parquet tables with url/sha256 columns, "
+                                    "such as an earlier dataset's indexes (their rows with status takedown)")
 
     def __post_init__(self):
         if self.phash_max_distance is not None and not 0 <= self.phash_max_distance <= 64:

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import apache_beam as beam
 
-from visinstruct.configs import IngestConfig, ReadConfig
+from visinstruct.configs import ConfigError, IngestConfig, ReadConfig
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import summarize, write_report
 from visinstruct.schemas import IndexRow, JsonDict, Rejection, key_for_row, parse_key
@@ -26,6 +26,7 @@ from visinstruct.transforms.download import RETRYABLE_REASONS, STAGING, Download
 from visinstruct.transforms.images import process_image
 from visinstruct.transforms.read import BadRow, plan_units, read_unit
 from visinstruct.transforms.shards import read_stats, read_table, shard_paths
+from visinstruct.transforms.takedown import TakedownError, load_takedown_lists
 from visinstruct.transforms.write import FinalizeShard
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,10 @@ class Ingest(beam.PTransform):
 
     def expand(self, pbegin):
         cfg, out = self.cfg, self.cfg.write.path
+        try:  # at construction: a missing or malformed list fails before anything runs (workers load it again)
+            load_takedown_lists(cfg.dedup.takedown_lists)
+        except TakedownError as e:
+            raise ConfigError(f"dedup.takedown_lists: {e}") from None
         rows = pbegin | "ReadPairs" >> ReadPairs(cfg.read, cfg.write.shard_size)
         if cfg.dedup.urls:
             rows = rows | "DropDuplicateUrls" >> DropDuplicateUrls()

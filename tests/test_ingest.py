@@ -200,3 +200,37 @@ def test_retry_after_a_takedown_keeps_the_takedown(server, tmp_path):
     report, out = ingest(tmp_path, urls, write={"retry_failed": True})  # the 500 is retried, the takedown kept
     assert list(statuses(out).values()) == ["takedown", "http_500", "success"] and report["accounted"]
     assert [s["__key__"] for s in read_shards(out)] == ["000000002"]
+
+
+def test_takedown_lists_keep_urls_undownloaded_and_listed_images_out(server, tmp_path):
+    import hashlib
+
+    urls = [server.url("/photo0.jpg"), server.url("/photo1.jpg"), server.url("/photo2.jpg"), server.url("/photo3.jpg")]
+    listed_bytes = encode_test_image("jpeg", (100, 50))  # what /photo2.jpg serves, under any URL
+    (tmp_path / "takedown.txt").write_text(f"# opt-outs\n{urls[0]}\n\n{hashlib.sha256(listed_bytes).hexdigest()}\n")
+    before = server.hits("/photo0.jpg")
+    report, out = ingest(tmp_path, urls, dedup={"takedown_lists": [str(tmp_path / "takedown.txt")]})
+    assert list(statuses(out).values()) == ["takedown", "success", "takedown", "success"] and report["accounted"]
+    assert report["rejected_by_reason"] == {"takedown": 2}
+    rejected = pq.read_table(out / "rejected").to_pylist()
+    assert {(r["stage"], r["reason"], r["url"]) for r in rejected} == {("dedup", "takedown", urls[0]),
+                                                                        ("dedup", "takedown", urls[2])}
+    assert [s["__key__"] for s in read_shards(out)] == ["000000001", "000000003"]
+    assert server.hits("/photo0.jpg") == before  # a listed URL is never requested
+
+    # an earlier dataset's indexes carry its removals (rows with status takedown) into a rebuild
+    from visinstruct.cli.remove import load_takedown, remove_samples
+
+    _, first = ingest(tmp_path, urls, out="first")
+    (tmp_path / "remove.txt").write_text(urls[3] + "\n")
+    remove_samples([str(first / "00000.tar")], load_takedown(urls_file=str(tmp_path / "remove.txt")))
+    _, rebuilt = ingest(tmp_path, urls, out="rebuilt", dedup={"takedown_lists": [str(first / "0*.parquet")]})
+    assert list(statuses(rebuilt).values()) == ["success", "success", "success", "takedown"]
+
+
+def test_a_missing_takedown_list_fails_before_anything_runs(server, tmp_path):
+    from visinstruct.configs import ConfigError
+
+    with pytest.raises(ConfigError, match="dedup.takedown_lists: no takedown list matches"):
+        ingest(tmp_path, [server.url("/photo0.jpg")], dedup={"takedown_lists": [str(tmp_path / "nope.txt")]})
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.tar"))

@@ -292,7 +292,7 @@ def test_train_runs_under_torchrun_with_two_gloo_processes(shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("train: step 4,") == 2  # both processes finished
+    assert proc.stdout.count("train: step 4,") == 1  # rank 0 prints the summary; both ranks saved state below
     resume = torch.load(tmp_path / "out" / "resume.pt", weights_only=True)
     assert [p["data"]["rank"] for p in resume["processes"]] == [0, 1]
     assert "step 4/4" in proc.stderr and sorted(logged_losses(tmp_path / "out")) == [2, 4]

@@ -18,6 +18,8 @@ from visinstruct.schemas import ImageTextPair, IndexRow, JsonDict, Rejection, Sa
 from visinstruct.transforms.fetch import Fetcher
 from visinstruct.transforms.images import ImageRejected, ProcessedImage, process_image
 from visinstruct.transforms.shards import TarShardWriter, exists, join, read_table, read_tar_samples, shard_paths
+from visinstruct.transforms.takedown import REASON as TAKEDOWN
+from visinstruct.transforms.takedown import Takedown, load_takedown_lists
 from visinstruct.transforms.timing import add_busy
 
 REJECTED_DIR = "rejected"
@@ -105,28 +107,42 @@ def load_previous(out_dir: str, shard: int) -> Previous:
     return previous
 
 
+def taken_down(key: str, location: str | None, how: str) -> Rejection:
+    what = "URL" if how == "url" else "image's sha256"
+    return Rejection("dedup", TAKEDOWN, f"the {what} is on a takedown list", key, location)
+
+
 def build_draft(shard: int, rows: list[ImageTextPair | Rejection], fetcher: Fetcher, cfg: IngestConfig,
-                tar_path: str, previous: Previous | None = None) -> ShardDraft:
+                tar_path: str, previous: Previous | None = None, takedown: Takedown | None = None) -> ShardDraft:
     """Fetch and process a shard's pairs concurrently, write the staging tar, account for every row.
 
-    Rows found in ``previous`` (a retry of a complete shard) are reused instead of downloaded.
+    Rows found in ``previous`` (a retry of a complete shard) are reused instead of downloaded. Pairs whose URL
+    ``takedown`` lists are not downloaded; images whose sha256 it lists are dropped (also reused ones).
     """
     start = time.monotonic()
-    previous = previous or {}
+    previous, takedown = previous or {}, takedown or Takedown()
     rows = sorted((previous.get(r.key) if isinstance(previous.get(r.key), Rejection) else r for r in rows),
                   key=lambda r: r.key)
+    if takedown:
+        rows = [taken_down(r.key, r.url, "url") if isinstance(r, ImageTextPair) and takedown.match(r.url, None)
+                else r for r in rows]
     pairs = [r for r in rows if isinstance(r, ImageTextPair) and r.key not in previous]
     outcomes = dict(zip((p.key for p in pairs), fetcher.map(lambda p: fetch_and_process(p, fetcher, cfg), pairs)))
     draft = ShardDraft(shard, tar_path)
     writer = TarShardWriter()
     try:
         for row in rows:
-            if row.key in previous and not isinstance(row, Rejection):
-                kept, sample = previous[row.key]
-                draft.rows.append(replace(kept, members=writer.add(row.key, list(sample.items()))))
-                continue
-            outcome = row if isinstance(row, Rejection) else outcomes[row.key]
             pair = row if isinstance(row, ImageTextPair) else None
+            if pair is not None and pair.key in previous:  # a retry reuses what the shard holds
+                kept, sample = previous[pair.key]
+                if not takedown.match(None, kept.sha256):
+                    draft.rows.append(replace(kept, members=writer.add(pair.key, list(sample.items()))))
+                    continue
+                outcome = taken_down(pair.key, pair.location, "sha256")
+            else:
+                outcome = row if pair is None else outcomes[pair.key]
+                if isinstance(outcome, ProcessedImage) and takedown.match(None, outcome.sha256):
+                    outcome = taken_down(pair.key, pair.location, "sha256")
             if isinstance(outcome, Rejection):
                 draft.rows.append(rejected_row(outcome, pair))
                 draft.rejections.append(outcome)
@@ -155,6 +171,7 @@ class DownloadShard(beam.DoFn):
 
     def setup(self):
         self.fetcher = Fetcher(self.cfg.download)
+        self.takedown = load_takedown_lists(self.cfg.dedup.takedown_lists)
 
     def teardown(self):
         self.fetcher.close()
@@ -167,7 +184,8 @@ class DownloadShard(beam.DoFn):
         stats = shard_paths(out, shard)["stats"]
         if exists(stats):  # a retry, or a build redoing a shard its later stages never finished
             FileSystems.delete([stats])  # until the new stats land, the shard is incomplete
-        draft = build_draft(shard, list(rows), self.fetcher, self.cfg, staging_path(out, shard), previous)
+        draft = build_draft(shard, list(rows), self.fetcher, self.cfg, staging_path(out, shard), previous,
+                            self.takedown)
         ok = sum(r.status == "success" for r in draft.rows)
         add_busy("ingest", draft.duration_s)
         self.fetched.inc(ok)
