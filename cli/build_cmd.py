@@ -24,10 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from apache_beam.io.filesystems import FileSystems
-
-    from visinstruct.cli.errors import UserError
-    from visinstruct.cli.shards import ShardError, resolve_shards
+    from visinstruct.cli.jobs import input_shards
     from visinstruct.pipelines.build import format_build_report
     from visinstruct.pipelines.build import run as run_build
 
@@ -35,14 +32,6 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     overrides += ["read=null", f"input={args.input}"] if args.input else []
     overrides += [f"write.path={args.out}"] if args.out else []
     cfg = load(BuildConfig, args.config, overrides)
-    inputs = None
-    if cfg.input is not None:
-        try:
-            inputs = [p for p in resolve_shards(cfg.input) if FileSystems.exists(p)]
-        except ShardError as e:
-            raise UserError(str(e)) from None
-        if not inputs:
-            raise UserError(f"{cfg.input}: no .tar shards to read")
-    report = run_build(cfg, beam_args, inputs)
+    report = run_build(cfg, beam_args, input_shards(cfg.input) if cfg.input is not None else None)
     print(format_build_report(report))
     return 0 if report["accounted"] and report["stages_add_up"] else 1

@@ -21,8 +21,6 @@ def add_job_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def load_job(cls: type, args: argparse.Namespace):
     """The job's config (with ``--input``/``--out`` applied) and its input tars, or a one-line UserError."""
-    from visinstruct.cli.shards import ShardError, resolve_shards
-
     overrides = list(args.overrides)
     if args.input:
         overrides.append(f"input={args.input}")
@@ -31,13 +29,20 @@ def load_job(cls: type, args: argparse.Namespace):
     cfg = load(cls, args.config, overrides)
     if not cfg.input or cfg.write is None:
         raise UserError("needs input shards (input: or --input) and an output folder (write.path: or --out)")
+    return cfg, input_shards(cfg.input)
+
+
+def input_shards(spec: str) -> list[str]:
+    """The tars an ``input:`` spec names (folder, glob or brace pattern), or a one-line UserError when none."""
+    from visinstruct.cli.shards import ShardError, resolve_shards
+
     try:
-        inputs = [p for p in resolve_shards(cfg.input) if FileSystems.exists(p)]
+        inputs = [p for p in resolve_shards(spec) if FileSystems.exists(p)]
     except ShardError as e:
         raise UserError(str(e)) from None
     if not inputs:
-        raise UserError(f"{cfg.input}: no .tar shards to read")
-    return cfg, inputs
+        raise UserError(f"{spec}: no .tar shards to read")
+    return inputs
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, name: str) -> None:

@@ -13,7 +13,7 @@ The output folder (``cfg.out``)::
     resume.pt          step, optimizer state, and each process's torch RNG state and data position
     train_config.yaml  this run's config (model.pt carries it too)
     metrics.jsonl      one JSON line per log step and per evaluation
-    eval.json          the last evaluation (recall@1/5 both ways, matching AUC)
+    eval.json          the last evaluation (recall@1/5 both ways, matching AUC, a filter threshold)
 
 A locked tower's parameters are frozen (never given to the optimizer, so they stay bit-identical) and the tower
 runs in eval mode, so batch-norm statistics and dropout do not change it either.
@@ -24,8 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,48 +31,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
-from visinstruct.configs import ClipTrainConfig, LockConfig, OptimConfig
+from visinstruct.configs import ClipTrainConfig, LockConfig
+from visinstruct.trainer import common
 from visinstruct.trainer.clip_eval import embed, evaluate_embeddings
+from visinstruct.trainer.common import METRICS_FILE, RESUME_FILE, make_optimizer  # noqa: F401 (re-exported)
 from visinstruct.trainer.data import ShardStream, iterate_once, shard_list
 from visinstruct.trainer.losses import clamp_logit_scale, clip_loss
 
 log = logging.getLogger(__name__)
-MODEL_FILE, RESUME_FILE, METRICS_FILE = "model.pt", "resume.pt", "metrics.jsonl"
-
-
-@dataclass
-class Processes:
-    """This process among those of the run."""
-
-    rank: int
-    world_size: int
-    device: str  # "cpu" or "cuda:<local rank>"
-
-    @property
-    def device_type(self) -> str:
-        return self.device.split(":")[0]
-
-
-def start_processes(cfg: ClipTrainConfig) -> Processes:
-    """Pick the device and, under torchrun (``WORLD_SIZE`` > 1), join the process group."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device is 'cuda' but torch sees no CUDA device")
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    world_size, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    device = f"cuda:{local_rank}" if cuda else "cpu"
-    if cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Processes(int(os.environ.get("RANK", 0)), world_size, device)
-
-
-def autocast_dtype(cfg: ClipTrainConfig, procs: Processes) -> torch.dtype:
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and procs.device_type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
+MODEL_FILE = "model.pt"
 
 
 def build_model(cfg: ClipTrainConfig):
@@ -118,61 +84,11 @@ def lock_tower(model: torch.nn.Module, lock: LockConfig) -> list[torch.nn.Module
     return []
 
 
-def train_mode(model: torch.nn.Module, locked: list[torch.nn.Module]) -> None:
-    model.train()
-    for module in locked:
-        module.eval()
-
-
-def make_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only; matrices decay, gains, biases and the temperature do not."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": o.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-
-
-def lr_at(step: int, cfg: ClipTrainConfig) -> float:
-    """Learning rate of step ``step`` (0-based): linear warm-up to ``lr``, then cosine decay to ``min_lr``."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, cfg.steps - o.warmup_steps)
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _gather(obj, procs: Processes) -> list:
-    if procs.world_size == 1:
-        return [obj]
-    gathered = [None] * procs.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _rng_state(procs: Processes) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if procs.device_type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
 @dataclass
-class Run:
+class Run(common.BaseRun):
     """Everything the loop, the checkpoints and the evaluation share."""
 
     cfg: ClipTrainConfig
-    procs: Processes
-    model: torch.nn.Module  # the model itself (checkpoints, evaluation)
-    ddp: torch.nn.Module  # what the loop calls: the model, or its DDP wrapper
-    optimizer: torch.optim.Optimizer
-    stream: ShardStream
-    locked: list[torch.nn.Module]  # modules kept in eval mode
     model_config: dict
     eval_transform: object
     tokenizer: object
@@ -180,39 +96,24 @@ class Run:
 
 def save_checkpoint(run: Run, step: int) -> None:
     """Write model.pt, then resume.pt (each atomically); every process contributes its RNG and data position."""
-    states = _gather({"rng": _rng_state(run.procs), "data": run.stream.state_dict()}, run.procs)
+    states = common.process_states(run)
     if run.procs.rank != 0:
         return
     out = Path(run.cfg.out)
-    _atomic_save({"state_dict": run.model.state_dict(), "step": step, "model_name": run.cfg.model.name,
-                  "model_config": run.model_config, "train_config": dataclasses.asdict(run.cfg)}, out / MODEL_FILE)
-    _atomic_save({"step": step, "optimizer": run.optimizer.state_dict(), "processes": states}, out / RESUME_FILE)
+    common.atomic_save({"state_dict": run.model.state_dict(), "step": step, "model_name": run.cfg.model.name,
+                        "model_config": run.model_config, "train_config": dataclasses.asdict(run.cfg)},
+                       out / MODEL_FILE)
+    common.save_resume(run, step, states)
     log.info("step %d: saved %s", step, out / MODEL_FILE)
 
 
 def restore(run: Run) -> int:
     """Continue from ``out/resume.pt`` when ``cfg.resume`` and it exists; returns the step to start from."""
-    out, procs = Path(run.cfg.out), run.procs
-    if not (run.cfg.resume and (out / RESUME_FILE).exists()):
+    state = common.read_resume(run)
+    if state is None:
         return 0
-    state = torch.load(out / RESUME_FILE, map_location="cpu", weights_only=True)
-    weights = torch.load(out / MODEL_FILE, map_location="cpu", weights_only=True)
-    if weights["step"] != state["step"]:
-        raise RuntimeError(f"{out}: {MODEL_FILE} is from step {weights['step']} but {RESUME_FILE} from step "
-                           f"{state['step']} (interrupted while saving?): delete {RESUME_FILE} to start over")
-    run.model.load_state_dict(weights["state_dict"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if len(state["processes"]) == procs.world_size:
-        mine = state["processes"][procs.rank]
-        torch.set_rng_state(mine["rng"]["torch"])
-        if "cuda" in mine["rng"] and procs.device_type == "cuda":
-            torch.cuda.set_rng_state(mine["rng"]["cuda"])
-        run.stream.load_state_dict(mine["data"])
-    else:
-        log.warning("resume.pt holds %d processes' RNG and data state, this run has %d: the data stream restarts",
-                    len(state["processes"]), procs.world_size)
-    log.info("resumed from %s at step %d", out, state["step"])
-    return state["step"]
+    weights = torch.load(Path(run.cfg.out) / MODEL_FILE, map_location="cpu", weights_only=True)
+    return common.resume_from(run, state, MODEL_FILE, weights["step"], lambda: weights["state_dict"])
 
 
 def evaluate(run: Run, step: int) -> dict:
@@ -221,36 +122,23 @@ def evaluate(run: Run, step: int) -> dict:
     run.model.eval()
     batches = iterate_once(shard_list(cfg.eval.shards), cfg.eval.batch_size, run.eval_transform, run.tokenizer,
                            cfg.data.caption, limit=cfg.eval.max_samples)
-    image, text, captions = embed(run.model, batches, run.procs.device, autocast_dtype(cfg, run.procs))
+    image, text, captions = embed(run.model, batches, run.procs.device, common.autocast_dtype(cfg, run.procs))
     metrics = evaluate_embeddings(image, text, captions, seed=cfg.seed)
     log.info("eval step %d: image->text R@1 %.3f R@5 %.3f, text->image R@1 %.3f R@5 %.3f, matching AUC %.4f "
-             "(%d samples)", step, metrics["image_to_text_r1"], metrics["image_to_text_r5"],
-             metrics["text_to_image_r1"], metrics["text_to_image_r5"], metrics["matching_auc"], metrics["samples"])
-    _write_metrics(cfg, {"step": step, "eval": metrics})
-    train_mode(run.model, run.locked)
+             "(%d samples); threshold %.4f separates matching from shuffled pairs at %.3f balanced accuracy", step,
+             metrics["image_to_text_r1"], metrics["image_to_text_r5"], metrics["text_to_image_r1"],
+             metrics["text_to_image_r5"], metrics["matching_auc"], metrics["samples"], metrics["threshold"],
+             metrics["threshold_balanced_accuracy"])
+    common.write_metrics(cfg, {"step": step, "eval": metrics})
+    common.train_mode(run.model, run.locked)
     return metrics
 
 
-def _write_metrics(cfg: ClipTrainConfig, record: dict) -> None:
-    with open(Path(cfg.out) / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _prepare_output(cfg: ClipTrainConfig, model_config: dict, procs: Processes) -> None:
-    if procs.rank == 0:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{cfg.model.name}.json").write_text(json.dumps(model_config, indent=1) + "\n")
-        (out / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    if procs.world_size > 1:
-        dist.barrier()  # the other processes read out/ (resume.pt) next
-
-
 def train(cfg: ClipTrainConfig, stop_at: int | None = None) -> dict:
-    """Train (or continue training) as ``cfg`` says.
+    """Train (or continue training) the open_clip model as ``cfg`` says.
 
     Args:
-        cfg: the run's config.
+        cfg: the run's config (``visinstruct config show train-clip`` lists its keys).
         stop_at: stop after this step, saving a resume point, as if interrupted (time-sliced jobs; tests).
 
     Returns:
@@ -258,18 +146,14 @@ def train(cfg: ClipTrainConfig, stop_at: int | None = None) -> dict:
         this run's time in the loop; ``eval`` the evaluation after the last step (None without eval shards, or when
         this run did not reach the last step).
     """
-    procs = start_processes(cfg)
+    procs = common.start_processes(cfg)
     run = None
     try:
         run = setup(cfg, procs)
         step = restore(run)
         summary = _loop(run, step, min(cfg.steps, stop_at) if stop_at is not None else cfg.steps)
         run.stream.close()
-        if procs.rank == 0 and cfg.eval.shards and summary["step"] == cfg.steps and step < cfg.steps:
-            summary["eval"] = evaluate(run, cfg.steps)  # the other processes wait at the barrier below
-            (Path(cfg.out) / "eval.json").write_text(json.dumps(summary["eval"], indent=1) + "\n")
-        if procs.world_size > 1:
-            dist.barrier()
+        common.evaluate_at_end(run, step, summary, evaluate)
         return {**summary, "checkpoint": str(Path(cfg.out) / MODEL_FILE),
                 "config_file": str(Path(cfg.out) / f"{cfg.model.name}.json")}
     finally:
@@ -279,12 +163,12 @@ def train(cfg: ClipTrainConfig, stop_at: int | None = None) -> dict:
             dist.destroy_process_group()
 
 
-def setup(cfg: ClipTrainConfig, procs: Processes) -> Run:
+def setup(cfg: ClipTrainConfig, procs: common.Processes) -> Run:
     """Build the model, lock a tower, and create the optimizer and the data stream."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, model_config, train_transform, eval_transform, tokenizer = build_model(cfg)
-    _prepare_output(cfg, model_config, procs)
+    common.prepare_output(cfg, procs, {f"{cfg.model.name}.json": json.dumps(model_config, indent=1) + "\n"})
     locked = lock_tower(model, cfg.lock)
     model.to(procs.device)
     d = cfg.data
@@ -292,26 +176,25 @@ def setup(cfg: ClipTrainConfig, procs: Processes) -> Run:
                          tokenizer, d.caption, cfg.seed, d.shard_shuffle, d.shuffle_buffer, d.resampled,
                          d.num_workers, procs.rank, procs.world_size)
     torch.manual_seed(cfg.seed + 1 + procs.rank)  # training's own draws (dropout...); a resume restores them
-    ddp = model if procs.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[procs.device] if procs.device_type == "cuda" else None)
+    ddp = common.wrap_ddp(model, procs)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("train-clip %s: %d of %d parameters trainable (lock: %s), %d process(es) x batch %d, %d steps",
              cfg.model.name, trainable, sum(p.numel() for p in model.parameters()), cfg.lock.tower,
              procs.world_size, d.batch_size, cfg.steps)
-    return Run(cfg, procs, model, ddp, make_optimizer(model, cfg.optim), stream, locked, model_config,
+    return Run(cfg, procs, model, ddp, common.make_optimizer(model, cfg.optim), stream, locked, model_config,
                eval_transform, tokenizer)
 
 
 def _loop(run: Run, step: int, last: int) -> dict:
     """Steps ``step + 1 .. last``: the explicit training loop. Saves at ``save_every`` and at ``last``."""
     cfg, procs, model = run.cfg, run.procs, run.model
-    dtype = autocast_dtype(cfg, procs)
+    dtype = common.autocast_dtype(cfg, procs)
     trainable = [p for p in model.parameters() if p.requires_grad]
     first, started = step, time.time()
     window, window_start, loss = 0, started, None
-    train_mode(model, run.locked)
+    common.train_mode(model, run.locked)
     while step < last:
-        lr = lr_at(step, cfg)
+        lr = common.lr_at(step, cfg)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         batch = next(run.stream)
@@ -326,31 +209,18 @@ def _loop(run: Run, step: int, last: int) -> dict:
         clamp_logit_scale(model)
         step, window = step + 1, window + 1
         if step % cfg.log_every == 0 or step == last:
-            loss_value, now = _mean_over_processes(loss.detach(), procs), time.time()
+            loss_value, now = common.mean_over_processes(loss.detach(), procs), time.time()
             rate = window * cfg.data.batch_size * procs.world_size / (now - window_start)
             temperature = 1 / model.logit_scale.exp().item()
             if procs.rank == 0:
                 log.info("step %d/%d loss %.4f lr %.2e %.0f samples/s temperature %.4f", step, cfg.steps,
                          loss_value, lr, rate, temperature)
-                _write_metrics(cfg, {"step": step, "loss": loss_value, "lr": lr, "samples_per_s": rate,
-                                     "temperature": temperature})
+                common.write_metrics(cfg, {"step": step, "loss": loss_value, "lr": lr, "samples_per_s": rate,
+                                           "temperature": temperature})
             window, window_start = 0, now
-        if cfg.eval.shards and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-            if procs.rank == 0:
-                evaluate(run, step)
-            if procs.world_size > 1:
-                dist.barrier()
-        if step == last or (cfg.save_every and step % cfg.save_every == 0):
-            save_checkpoint(run, step)
+        common.after_step(run, step, last, evaluate, save_checkpoint)
     seconds = time.time() - started
     return {"step": step, "seconds": seconds, "eval": None,
             "samples_per_second": (step - first) * cfg.data.batch_size * procs.world_size / max(seconds, 1e-9),
-            "loss": None if loss is None else _mean_over_processes(loss.detach(), procs)}
+            "loss": None if loss is None else common.mean_over_processes(loss.detach(), procs)}
 
-
-def _mean_over_processes(value: torch.Tensor, procs: Processes) -> float:
-    if procs.world_size > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= procs.world_size
-    return float(value)

@@ -27,11 +27,12 @@ VISION_CLASSES = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionMod
 CHECKPOINT_DIR = "model"  # a run's checkpoint: OUT/model
 
 
-def byte_level_tokenizer(model_max_length: int = 4096):
+def byte_level_tokenizer(model_max_length: int = 4096, chat_template: str | None = None):
     """A byte-level tokenizer for new LMs: every UTF-8 byte is a token, plus ChatML's special tokens.
 
-    Ids: 0 ``<|endoftext|>`` (padding), 1 ``<|im_start|>`` (bos), 2 ``<|im_end|>`` (eos), then the 256 bytes; no
-    merges, so any text round-trips and the vocabulary stays tiny (a from-scratch LM on a CPU learns it fast).
+    Ids: 0 ``<|endoftext|>`` (padding and unknown), 1 ``<|im_start|>`` (bos), 2 ``<|im_end|>`` (eos), then the 256
+    bytes; no merges, so any text round-trips and the vocabulary stays tiny (a from-scratch LM on a CPU learns it
+    fast). The chat template is ChatML's unless ``chat_template`` is given.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -45,7 +46,8 @@ def byte_level_tokenizer(model_max_length: int = 4096):
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token="<|endoftext|>",
-                                   chat_template=CHATML_TEMPLATE, model_max_length=model_max_length)
+                                   chat_template=CHATML_TEMPLATE if chat_template is None else chat_template,
+                                   model_max_length=model_max_length)
 
 
 def _from_pretrained_args(source: str) -> tuple[str, dict]:

@@ -4,7 +4,8 @@ It reads top to bottom, as nanoGPT's ``train.py`` does: start the processes, bui
 stage does not train, stream batches, then an explicit loop (micro-batches of forward, masked next-token loss and
 backward; clip; step). One process on a CPU, or several under ``torchrun`` (DDP; NCCL on CUDA, gloo on CPU); bf16
 autocast on CUDA. Stage 1 trains the projector on captions; stage 2 the projector and the LM on conversations.
-The process set-up, optimizer and schedule are the contrastive trainer's (``trainer/clip_train.py``).
+The process set-up, optimizer, schedule and resume bookkeeping are shared with the contrastive trainer
+(``trainer/common.py``).
 
 The output folder (``cfg.out``)::
 
@@ -23,7 +24,6 @@ The learning rate is a function of the step (warm-up, then cosine), so the sched
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -36,22 +36,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 
 from visinstruct.configs import LlavaTrainConfig
-from visinstruct.trainer.clip_train import (
-    Processes,
-    _atomic_save,
-    _gather,
-    _mean_over_processes,
-    _rng_state,
-    _write_metrics,
-    autocast_dtype,
-    lr_at,
-    make_optimizer,
-    start_processes,
-    train_mode,
-)
+from visinstruct.trainer import common
+from visinstruct.trainer.common import RESUME_FILE  # noqa: F401 (re-exported)
 from visinstruct.trainer.llava_data import (
     IGNORE_INDEX,
     ConversationEncoder,
@@ -62,20 +50,14 @@ from visinstruct.trainer.llava_data import (
 from visinstruct.trainer.llava_model import CHECKPOINT_DIR, build_llava, set_trainable
 
 log = logging.getLogger(__name__)
-RESUME_FILE, STATE_FILE = "resume.pt", "trainer_state.json"
+STATE_FILE = "trainer_state.json"
 
 
 @dataclass
-class Run:
-    """Everything the loop, the checkpoints and the evaluation share."""
+class Run(common.BaseRun):
+    """Everything the loop, the checkpoints and the evaluation share (``locked``: a frozen vision tower)."""
 
     cfg: LlavaTrainConfig
-    procs: Processes
-    model: torch.nn.Module  # the model itself (checkpoints, evaluation)
-    ddp: torch.nn.Module  # what the loop calls: the model, or its DDP wrapper
-    optimizer: torch.optim.Optimizer
-    stream: Any  # trainer.data.ShardStream
-    locked: list[torch.nn.Module]  # modules kept in eval mode (a frozen vision tower)
     processor: Any  # LlavaProcessor: saved with every checkpoint
     encoder: ConversationEncoder
     board: Any = None  # a TensorBoard SummaryWriter (rank 0, with cfg.tensorboard)
@@ -100,7 +82,7 @@ def batch_loss(model: torch.nn.Module, batch: dict, device: str) -> tuple[torch.
     return token_loss(out.logits, text["labels"])
 
 
-def setup(cfg: LlavaTrainConfig, procs: Processes) -> Run:
+def setup(cfg: LlavaTrainConfig, procs: common.Processes) -> Run:
     """Build the model, freeze what the stage does not train, and create the optimizer and the data stream."""
     from transformers.utils import logging as hf_logging
 
@@ -115,16 +97,15 @@ def setup(cfg: LlavaTrainConfig, procs: Processes) -> Run:
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.to(procs.device)
-    _prepare_output(cfg, procs)
+    common.prepare_output(cfg, procs)
     stream = make_stream(cfg, processor, encoder, procs.rank, procs.world_size)
     torch.manual_seed(cfg.seed + 1 + procs.rank)  # training's own draws (dropout...); a resume restores them
-    ddp = model if procs.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[procs.device] if procs.device_type == "cuda" else None)
+    ddp = common.wrap_ddp(model, procs)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("train stage %d: %d of %d parameters trainable, %d image tokens, %d process(es) x %d x batch %d, "
              "%d steps", cfg.stage, trainable, sum(p.numel() for p in model.parameters()),
              model.config.image_seq_length, procs.world_size, cfg.grad_accum, cfg.data.batch_size, cfg.steps)
-    return Run(cfg, procs, model, ddp, make_optimizer(model, cfg.optim), stream, locked, processor, encoder,
+    return Run(cfg, procs, model, ddp, common.make_optimizer(model, cfg.optim), stream, locked, processor, encoder,
                _tensorboard(cfg) if procs.rank == 0 else None)
 
 
@@ -138,17 +119,9 @@ def _tensorboard(cfg: LlavaTrainConfig):
     return SummaryWriter(str(Path(cfg.out) / "tensorboard"))
 
 
-def _prepare_output(cfg: LlavaTrainConfig, procs: Processes) -> None:
-    if procs.rank == 0:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    if procs.world_size > 1:
-        dist.barrier()  # the other processes read out/ (resume.pt) next
-
-
 def save_checkpoint(run: Run, step: int) -> None:
     """Write model/ (through a temporary folder), then resume.pt; every process contributes its RNG and position."""
-    states = _gather({"rng": _rng_state(run.procs), "data": run.stream.state_dict()}, run.procs)
+    states = common.process_states(run)
     if run.procs.rank != 0:
         return
     out = Path(run.cfg.out)
@@ -156,14 +129,14 @@ def save_checkpoint(run: Run, step: int) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     run.model.save_pretrained(tmp)
     run.processor.save_pretrained(tmp)
-    (tmp / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(run.cfg), sort_keys=False))
+    (tmp / common.CONFIG_FILE).write_text(common.config_yaml(run.cfg))
     (tmp / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
     if final.exists():  # a folder cannot be replaced in one rename: move the old one aside first
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-    _atomic_save({"step": step, "optimizer": run.optimizer.state_dict(), "processes": states}, out / RESUME_FILE)
+    common.save_resume(run, step, states)
     log.info("step %d: saved %s", step, final)
 
 
@@ -171,34 +144,19 @@ def restore(run: Run) -> int:
     """Continue from ``out/resume.pt`` when ``cfg.resume`` and it exists; returns the step to start from."""
     from transformers import LlavaForConditionalGeneration
 
-    out, procs = Path(run.cfg.out), run.procs
-    if not (run.cfg.resume and (out / RESUME_FILE).exists()):
+    state = common.read_resume(run)
+    if state is None:
         return 0
-    state = torch.load(out / RESUME_FILE, map_location="cpu", weights_only=True)
-    saved = json.loads((out / CHECKPOINT_DIR / STATE_FILE).read_text())["step"]
-    if saved != state["step"]:
-        raise RuntimeError(f"{out}: {CHECKPOINT_DIR}/ is from step {saved} but {RESUME_FILE} from step "
-                           f"{state['step']} (interrupted while saving?): delete {RESUME_FILE} to start over")
-    weights = LlavaForConditionalGeneration.from_pretrained(out / CHECKPOINT_DIR, dtype=torch.float32).state_dict()
-    run.model.load_state_dict(weights)
-    run.optimizer.load_state_dict(state["optimizer"])
-    if len(state["processes"]) == procs.world_size:
-        mine = state["processes"][procs.rank]
-        torch.set_rng_state(mine["rng"]["torch"])
-        if "cuda" in mine["rng"] and procs.device_type == "cuda":
-            torch.cuda.set_rng_state(mine["rng"]["cuda"])
-        run.stream.load_state_dict(mine["data"])
-    else:
-        log.warning("resume.pt holds %d processes' RNG and data state, this run has %d: the data stream restarts",
-                    len(state["processes"]), procs.world_size)
-    log.info("resumed from %s at step %d", out, state["step"])
-    return state["step"]
+    folder = Path(run.cfg.out) / CHECKPOINT_DIR
+    saved = json.loads((folder / STATE_FILE).read_text())["step"]  # read first: model/ may be half-written
+    weights = lambda: LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).state_dict()
+    return common.resume_from(run, state, f"{CHECKPOINT_DIR}/", saved, weights)
 
 
 def evaluate(run: Run, step: int) -> dict:
     """Mean loss per assistant token on ``cfg.eval.shards``, logged (rank 0 calls it)."""
     cfg, procs = run.cfg, run.procs
-    dtype = autocast_dtype(cfg, procs)
+    dtype = common.autocast_dtype(cfg, procs)
     total, tokens, samples = 0.0, 0, 0
     run.model.eval()
     with torch.no_grad():
@@ -206,21 +164,21 @@ def evaluate(run: Run, step: int) -> dict:
             with torch.autocast(device_type=procs.device_type, dtype=dtype, enabled=dtype != torch.float32):
                 loss, count = batch_loss(run.model, batch, procs.device)
             total, tokens, samples = total + float(loss), tokens + int(count), samples + len(batch["key"])
-    train_mode(run.model, run.locked)
+    common.train_mode(run.model, run.locked)
     metrics = {"loss": total / max(tokens, 1), "tokens": tokens, "samples": samples}
     log.info("eval step %d: held-out loss %.4f (%d samples, %d assistant tokens)", step, metrics["loss"], samples,
              tokens)
-    _write_metrics(cfg, {"step": step, "eval": metrics})
+    common.write_metrics(cfg, {"step": step, "eval": metrics})
     if run.board is not None:
         run.board.add_scalar("eval/loss", metrics["loss"], step)
     return metrics
 
 
 def train(cfg: LlavaTrainConfig, stop_at: int | None = None) -> dict:
-    """Train (or continue training) as ``cfg`` says.
+    """Train (or continue training) the LLaVA-style model as ``cfg`` says.
 
     Args:
-        cfg: the run's config.
+        cfg: the run's config, whose keys ``visinstruct config show train`` lists.
         stop_at: stop after this step, saving a resume point, as if interrupted (time-sliced jobs; tests).
 
     Returns:
@@ -228,16 +186,12 @@ def train(cfg: LlavaTrainConfig, stop_at: int | None = None) -> dict:
         ``seconds`` is this run's time in the loop; ``eval`` the evaluation after the last step (None without
         eval shards, or when this run did not reach the last step).
     """
-    procs = start_processes(cfg)
+    procs = common.start_processes(cfg)
     try:
         run = setup(cfg, procs)
         step = restore(run)
         summary = _loop(run, step, min(cfg.steps, stop_at) if stop_at is not None else cfg.steps)
-        if procs.rank == 0 and cfg.eval.shards and summary["step"] == cfg.steps and step < cfg.steps:
-            summary["eval"] = evaluate(run, cfg.steps)  # the other processes wait at the barrier below
-            (Path(cfg.out) / "eval.json").write_text(json.dumps(summary["eval"], indent=1) + "\n")
-        if procs.world_size > 1:
-            dist.barrier()
+        common.evaluate_at_end(run, step, summary, evaluate)
         if run.board is not None:
             run.board.close()
         return {**summary, "checkpoint": str(Path(cfg.out) / CHECKPOINT_DIR)}
@@ -249,14 +203,14 @@ def train(cfg: LlavaTrainConfig, stop_at: int | None = None) -> dict:
 def _loop(run: Run, step: int, last: int) -> dict:
     """Steps ``step + 1 .. last``: the explicit training loop. Saves at ``save_every`` and at ``last``."""
     cfg, procs, model = run.cfg, run.procs, run.model
-    dtype = autocast_dtype(cfg, procs)
+    dtype = common.autocast_dtype(cfg, procs)
     trainable = [p for p in model.parameters() if p.requires_grad]
     first, started, loss = step, time.time(), None
     window, totals = torch.zeros(2), torch.zeros(2)  # samples and non-padding tokens: since the last log line, in all
     window_start = started
-    train_mode(model, run.locked)
+    common.train_mode(model, run.locked)
     while step < last:
-        lr = lr_at(step, cfg)
+        lr = common.lr_at(step, cfg)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         run.optimizer.zero_grad(set_to_none=True)
@@ -280,25 +234,20 @@ def _loop(run: Run, step: int, last: int) -> dict:
         if step % cfg.log_every == 0 or step == last:
             window_start = _log_step(run, step, lr, loss, window, window_start, started, first)
             window.zero_()
-        if cfg.eval.shards and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-            if procs.rank == 0:
-                evaluate(run, step)
-            if procs.world_size > 1:
-                dist.barrier()
-        if step == last or (cfg.save_every and step % cfg.save_every == 0):
-            save_checkpoint(run, step)
+        common.after_step(run, step, last, evaluate, save_checkpoint)
     seconds = max(time.time() - started, 1e-9)
     totals = _sum_over_processes(totals, procs)
     return {"step": step, "seconds": seconds, "eval": None, "samples_per_second": float(totals[0]) / seconds,
             "tokens_per_second": float(totals[1]) / seconds,
-            "loss": None if loss is None else _mean_over_processes(loss, procs)}
+            "loss": None if loss is None else common.mean_over_processes(loss, procs)}
 
 
 def _log_step(run: Run, step: int, lr: float, loss: torch.Tensor, window: torch.Tensor, window_start: float,
               started: float, first: int) -> float:
     """One log line (and metrics.jsonl record) from rank 0: loss, lr, throughput, progress; returns the time."""
     cfg, procs = run.cfg, run.procs
-    loss_value, (samples, tokens) = _mean_over_processes(loss, procs), _sum_over_processes(window, procs).tolist()
+    loss_value = common.mean_over_processes(loss, procs)
+    samples, tokens = _sum_over_processes(window, procs).tolist()
     now = time.time()
     rate, token_rate = samples / (now - window_start), tokens / (now - window_start)
     eta = (now - started) / (step - first) * (cfg.steps - step)
@@ -306,8 +255,8 @@ def _log_step(run: Run, step: int, lr: float, loss: torch.Tensor, window: torch.
         log.info("step %d/%d (%.0f%%) loss %.4f lr %.2e | %.1f samples/s %.0f tokens/s | elapsed %s, eta %s", step,
                  cfg.steps, 100 * step / cfg.steps, loss_value, lr, rate, token_rate, _clock(now - started),
                  _clock(eta))
-        _write_metrics(cfg, {"step": step, "loss": loss_value, "lr": lr, "samples_per_s": rate,
-                             "tokens_per_s": token_rate, "elapsed_s": now - started})
+        common.write_metrics(cfg, {"step": step, "loss": loss_value, "lr": lr, "samples_per_s": rate,
+                                   "tokens_per_s": token_rate, "elapsed_s": now - started})
         if run.board is not None:
             for name, value in (("loss", loss_value), ("lr", lr), ("samples_per_s", rate), ("tokens_per_s",
                                                                                            token_rate)):
@@ -315,7 +264,7 @@ def _log_step(run: Run, step: int, lr: float, loss: torch.Tensor, window: torch.
     return now
 
 
-def _sum_over_processes(value: torch.Tensor, procs: Processes) -> torch.Tensor:
+def _sum_over_processes(value: torch.Tensor, procs: common.Processes) -> torch.Tensor:
     if procs.world_size > 1:
         value = value.to(procs.device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(value)
