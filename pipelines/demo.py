@@ -170,6 +170,22 @@ def kept_by_origin(url_list: Path, dataset: Path) -> dict[str, dict[str, int]]:
     return {o: {"urls": n, "kept": kept[o]} for o, n in total.items()}
 
 
+def start_over(out: Path) -> bool:
+    """Remove what an earlier demo wrote in ``out`` (only the names the demo writes); returns whether any was there.
+
+    Each step resumes where it can (a complete shard is skipped, a finished CLIP run is not trained again), which a
+    rerun of the demo should not do: it shows every step running.
+    """
+    import shutil
+
+    names = [n.rstrip("/") for n in LAYOUT] + ["clip_train_urls.parquet", "clip_eval_urls.parquet", "llm_cache",
+                                               "gallery.png"]
+    found = [out / n for n in names if (out / n).exists()]
+    for path in found:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return bool(found)
+
+
 def _step(title: str) -> float:
     print(f"\ndemo: {title}", flush=True)
     return time.monotonic()
@@ -181,6 +197,8 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if start_over(out):
+        print(f"demo: {out} held an earlier demo run; removed it to start over")
     reports: dict = {}
     with ImageServer() as srv:
         rows = demo_rows(srv)

@@ -21,6 +21,21 @@ def dataflow_pipeline() -> beam.Pipeline:
         "--temp_location=gs://demo-bucket/tmp", "--experiments=use_runner_v2", "--no_auth"]))
 
 
+def unpickled_dofns(pipeline: beam.Pipeline) -> list[str]:
+    """Class names of every DoFn in the translated graph, each unpickled from its payload as a worker would."""
+    from apache_beam.internal import pickler
+    from apache_beam.portability import common_urns
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    names = []
+    for transform in pipeline.to_runner_api().components.transforms.values():
+        if transform.spec.urn == common_urns.primitives.PAR_DO.urn:
+            payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
+            fn = pickler.loads(payload.do_fn.payload)[0]  # (dofn, args, kwargs, side inputs, windowing)
+            names.append(type(fn).__name__)
+    return names
+
+
 def leaf_hints(pipeline: beam.Pipeline) -> dict[str, dict]:
     proto = pipeline.to_runner_api()
     envs = proto.components.environments
@@ -80,3 +95,7 @@ def test_build_translates_with_every_stage_and_gpus_only_on_model_steps(tmp_path
         assert any(stage in name for name in hints), stage
     gpu = {name for name, h in hints.items() if h.get("beam:resources:accelerator:v1")}
     assert gpu and all("ScoreWithClip" in name or "GenerateWithLLM" in name for name in gpu)
+    dofns = unpickled_dofns(p)  # every DoFn comes back from its pickle, ours among them
+    ours_all = ("DownloadShard", "FinalizeShard", "ReadShardSamples", "DecodeForClip", "PlanSamples", "_RewriteShard")
+    for ours in ours_all:
+        assert ours in dofns, (ours, sorted(set(dofns)))

@@ -7,7 +7,7 @@ import pytest
 
 from visinstruct.cli.main import main
 from visinstruct.cli.validate import validate
-from visinstruct.pipelines.demo import BROKEN, wrong_caption
+from visinstruct.pipelines.demo import BROKEN, start_over, wrong_caption
 
 
 def test_a_wrong_caption_names_a_colour_the_image_does_not_have():
@@ -15,6 +15,17 @@ def test_a_wrong_caption_names_a_colour_the_image_does_not_have():
     assert wrong_caption("a red square and a green circle") == "a yellow square and a green circle"
     with pytest.raises(ValueError, match="no colour"):
         wrong_caption("a circle")
+
+
+def test_a_rerun_starts_over_and_removes_only_what_the_demo_wrote(tmp_path):
+    for folder in ("clip", "dataset", "llava", "llm_cache"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x").write_text("earlier run")
+    (tmp_path / "demo_report.json").write_text("{}")
+    (tmp_path / "my_notes.txt").write_text("the user's")
+    assert start_over(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_notes.txt"]
+    assert not start_over(tmp_path)
 
 
 @pytest.mark.timeout(1200)  # SmolLM2 on a busy 2-core machine can take minutes
