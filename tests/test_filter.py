@@ -219,3 +219,24 @@ def test_earlier_rejections_stay_in_the_index_and_inputs_are_accounted(tiny_chec
     rows = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["success", "success", "success", "not_an_image"]
     assert report["rejected_by_reason"] == {"not_an_image": 1}
+
+
+def test_each_model_copy_goes_to_the_gpu_with_the_most_free_memory(monkeypatch):
+    """Device choice on machines this suite never runs on: torch's CUDA queries answer as on a 3-GPU worker."""
+    import torch
+
+    from visinstruct.transforms.devices import device_type, pick_device, pick_dtype
+
+    free = {0: 2 << 30, 1: 30 << 30, 2: 30 << 30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(free))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free[i], 80 << 30))
+    assert pick_device("auto") == pick_device("cuda") == "cuda:1"  # most free; a tie goes to the first
+    assert pick_device("cuda:2") == "cuda:2" and pick_device("cpu") == "cpu"
+    assert device_type("cuda:1") == "cuda" and pick_dtype("auto", "cuda:1") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu" and pick_dtype("auto", "cpu") == torch.float32
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        pick_device("cuda")

@@ -21,6 +21,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from visinstruct.configs import ClipModelConfig
+from visinstruct.transforms.devices import device_type, pick_device, pick_dtype
 from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
@@ -34,24 +35,6 @@ class ClipOutput:
     score: float
     image_embedding: np.ndarray | None = None
     text_embedding: np.ndarray | None = None
-
-
-def pick_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device is 'cuda' but torch sees no CUDA device (is the CUDA build installed?)")
-    return requested
-
-
-def pick_dtype(precision: str, device: str):
-    import torch
-
-    if precision == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def cosine_scores(image_features, text_features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -103,7 +86,7 @@ class ClipHandler(ModelHandler[Example, ClipOutput, Any]):
         with busy("filter"):
             images = torch.from_numpy(np.stack([image for image, _ in batch])).to(device)
             texts = [caption for _, caption in batch]
-            autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+            autocast = torch.autocast(device_type=device_type(device), dtype=dtype, enabled=dtype != torch.float32)
             with torch.inference_mode(), autocast:
                 image_features, text_features = self._encode(model, images, texts)
             scores, image_emb, text_emb = cosine_scores(image_features, text_features)

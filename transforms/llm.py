@@ -26,6 +26,7 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from visinstruct.configs import GenerateConfig
 from visinstruct.schemas import SampleMeta, Turn
 from visinstruct.transforms.conversations import Bounds, Verdict, read_reply
+from visinstruct.transforms.devices import pick_device, pick_dtype
 from visinstruct.transforms.llm_openai import ChatRequest, ChatResult, OpenAIChatClient
 from visinstruct.transforms.prompts import derive_seed, request_fingerprint
 from visinstruct.transforms.shards import exists, join, read_bytes, write_bytes
@@ -81,12 +82,11 @@ class TransformersBackend:
     """A local causal LM: batched generation with its chat template, CPU or GPU."""
 
     def __init__(self, cfg: GenerateConfig):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        device = pick_device(cfg.device)
+        dtype = pick_dtype("auto", device)
         source, extra = cfg.model, {}
         if cfg.model.endswith(".gguf"):  # transformers reads GGUF (with the gguf package) from its folder
             source, extra = os.path.dirname(cfg.model) or ".", {"gguf_file": os.path.basename(cfg.model)}
