@@ -48,6 +48,7 @@ LAYOUT = {
     "clip_data/": "the CLIP's training and held-out shards (ingested from the same server)",
     "clip/": "the CLIP trained on the spot: model.pt, its open_clip config, metrics.jsonl, eval.json",
     "dataset/": "the build's output: tars, parquet indexes, _stats.json, rejected/, run_report.json",
+    "llm_cache/": "SmolLM2's accepted answers by prompt (generate.cache_dir: a rerun of the build reuses them)",
     "llava/": "the LLaVA reference model trained briefly on dataset/ (model/ loads with transformers)",
     "gallery.html": "samples with their scores and conversations, and rejected examples with their reasons",
     "demo_report.json": "every step's report",
@@ -178,8 +179,7 @@ def start_over(out: Path) -> bool:
     """
     import shutil
 
-    names = [n.rstrip("/") for n in LAYOUT] + ["clip_train_urls.parquet", "clip_eval_urls.parquet", "llm_cache",
-                                               "gallery.png"]
+    names = [n.rstrip("/") for n in LAYOUT] + ["clip_train_urls.parquet", "clip_eval_urls.parquet", "gallery.png"]
     found = [out / n for n in names if (out / n).exists()]
     for path in found:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
