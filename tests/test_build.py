@@ -93,3 +93,17 @@ def test_build_from_existing_shards_filters_and_generates_into_a_new_folder(tmp_
     assert report["inputs"] == report["inputs_before"] == len(rows) and report["written"] == ingested["written"]
     assert not validate([str(p) for p in sorted((tmp_path / "built").glob("*.tar"))]).problems
     assert before == {p.name: p.read_bytes() for p in (tmp_path / "ingested").glob("*.tar")}  # input untouched
+
+
+def test_build_says_in_one_line_what_is_missing(tmp_path, capsys):
+    from visinstruct.cli.main import main
+
+    (tmp_path / "neither.yaml").write_text(f"write: {{path: {tmp_path / 'out'}}}\n")
+    assert main(["build", "--config", str(tmp_path / "neither.yaml")]) == 2
+    assert "give either 'read' (ingest a URL list) or 'input'" in capsys.readouterr().err
+    assert main(["build", "--config", str(tmp_path / "neither.yaml"), "--input", str(tmp_path)]) == 2
+    assert "starting from existing shards ('input') needs a 'filter' or 'generate' stage" in capsys.readouterr().err
+    captions = f"write: {{path: {tmp_path / 'out'}}}\ngenerate: {{backend: caption_only}}\n"
+    (tmp_path / "captions.yaml").write_text(captions)
+    assert main(["build", "--config", str(tmp_path / "captions.yaml"), "--input", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"no such file or folder: {tmp_path / 'nope'}")
