@@ -221,11 +221,11 @@ TOOLS = ("img2dataset", "visinstruct")
 
 
 def ingest_config(args, url_list: str, out: str, shard_size: int) -> dict:
-    """Our config: img2dataset's settings where both have one (no retries, 10 s timeout, no rate limit)."""
+    """Our config: img2dataset's settings where both have one (no retries, 10 s timeout, no rate limit or robots)."""
     return {
         "read": {"path": url_list, "url_col": "url", "caption_col": "caption"},
         "download": {"threads": args.threads, "timeout": 10, "retries": 0, "per_host_rps": None,
-                     "allow_loopback": True},
+                     "allow_loopback": True, "check_robots_txt": False},
         "resize": {"image_size": args.image_size, "resize_mode": "border", "encode_format": "jpg",
                    "encode_quality": args.quality},
         "write": {"path": out, "shard_size": shard_size},

@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from visinstruct.cli.jobs import input_shards
+    from visinstruct.cli.checks import expected_errors, preflight
+    from visinstruct.cli.jobs import finish, input_shards
     from visinstruct.pipelines.build import format_build_report
     from visinstruct.pipelines.build import run as run_build
 
@@ -32,6 +33,9 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     overrides += ["read=null", f"input={args.input}"] if args.input else []
     overrides += [f"write.path={args.out}"] if args.out else []
     cfg = load(BuildConfig, args.config, overrides)
-    report = run_build(cfg, beam_args, input_shards(cfg.input) if cfg.input is not None else None)
+    inputs = input_shards(cfg.input) if cfg.input is not None else None
+    preflight(cfg, beam_args)
+    with expected_errors():
+        report = run_build(cfg, beam_args, inputs)
     print(format_build_report(report))
-    return 0 if report["accounted"] and report["stages_add_up"] else 1
+    return finish("build", report, report["stages"][-1]["stage"], {"filter": "filter.", "generate": "generate."})

@@ -19,6 +19,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pathlib import Path
 
     from visinstruct.cli.gallery import gallery
+    from visinstruct.cli.jobs import finish
     from visinstruct.pipelines.build import format_build_report
     from visinstruct.pipelines.demo import print_layout, run_demo  # needs the dev extra (easy-vqa, scikit-image)
 
@@ -30,4 +31,4 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     print()
     print(format_build_report(reports["build"]))
     build = reports["build"]
-    return 0 if build["accounted"] and build["stages_add_up"] else 1
+    return finish("demo", build, build["stages"][-1]["stage"], {"filter": "filter.", "generate": "generate."})

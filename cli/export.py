@@ -24,16 +24,26 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from visinstruct.cli.shards import IMAGE_EXTENSIONS, Progress, ShardError, match_paths, shard_files, tar_samples
-from visinstruct.schemas import IMAGE_TOKEN, SampleMeta, Turn, conversation_problems, parse_key, to_row
+from visinstruct.cli.shards import (
+    IMAGE_EXTENSIONS,
+    Progress,
+    ShardError,
+    Unread,
+    describe_losses,
+    match_paths,
+    samples_noting_losses,
+    shard_files,
+)
+from visinstruct.schemas import IMAGE_TOKEN, SampleMeta, Turn, conversation_problems, to_row
 from visinstruct.transforms.shards import atomic_write, join, write_bytes
 
 FORMATS = ("llava", "parquet")
+MAX_KEY_CHARS = 64
 LLAVA_JSON = "llava.json"
 IMAGE_DIR = "images"
 PARQUET_FILE = "samples.parquet"
@@ -58,12 +68,9 @@ class Sample:
 
 
 def safe_key(key: str) -> bool:
-    """Whether a key from a tar may name a file: ASCII digits only, as :func:`~visinstruct.schemas.make_key` makes."""
-    try:
-        parse_key(key)
-    except ValueError:
-        return False
-    return key.isascii()
+    """Whether a key from a tar may name a file: ASCII digits only, as our keys and img2dataset's are (img2dataset's
+    have fewer digits than ours when a shard holds fewer than 1,000 samples)."""
+    return 0 < len(key) <= MAX_KEY_CHARS and key.isascii() and key.isdigit()
 
 
 def check_out(out: str, overwrite: bool) -> None:
@@ -75,16 +82,20 @@ def check_out(out: str, overwrite: bool) -> None:
         raise ShardError(f"{out} is not empty ({len(found)} entries); choose another folder or pass --overwrite")
 
 
-def written_samples(paths: list[str], skipped: Counter, progress: Progress | None = None) -> Iterator[Sample]:
+def written_samples(paths: list[str], skipped: Counter, progress: Progress | None = None,
+                    losses: list[Unread] | None = None) -> Iterator[Sample]:
     """Every written sample of ``paths`` in shard order; what cannot be exported is counted in ``skipped``.
 
     Skipped: keys that are not safe file names (``unsafe_key``), a key seen in an earlier shard
-    (``duplicate_key``), no image member (``no_image``), a JSON member that does not parse (``bad_json``).
+    (``duplicate_key``), no image member (``no_image``), a JSON member that does not parse (``bad_json``), and
+    samples the index lists as written but the tar does not give (``missing_in_tar``: a tar cut short), which are
+    also described shard by shard in ``losses``.
     """
-    seen = set()
+    seen, losses = set(), losses if losses is not None else []
     for done, tar in enumerate(paths, 1):
         files = shard_files(tar)
-        for key, members in tar_samples(files):
+        before = len(losses)
+        for key, members in samples_noting_losses(files, losses):
             ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
             reason = ("unsafe_key" if not safe_key(key) else "duplicate_key" if key in seen
                       else "no_image" if ext is None else None)
@@ -98,6 +109,9 @@ def written_samples(paths: list[str], skipped: Counter, progress: Progress | Non
                 continue
             seen.add(key)
             yield Sample(key, files.name, meta, members[ext], ext)
+        missing = sum(u.missing or 0 for u in losses[before:])
+        if missing:
+            skipped["missing_in_tar"] += missing
         if progress:
             progress(done, len(paths))
 
@@ -122,8 +136,8 @@ def export_llava(paths: list[str], out: str, caption_only: bool = False, overwri
     """
     check_out(out, overwrite)
     skipped: Counter = Counter()
-    entries = []
-    for sample in written_samples(paths, skipped, progress):
+    entries, losses = [], []
+    for sample in written_samples(paths, skipped, progress, losses):
         turns, reason = llava_conversation(sample.meta, caption_only)
         if turns is None:
             skipped[reason] += 1
@@ -133,13 +147,15 @@ def export_llava(paths: list[str], out: str, caption_only: bool = False, overwri
         entries.append({"id": sample.key, "image": image, "conversations": [to_row(t) for t in turns]})
     if not entries:
         hint = " (pass --caption-only to export captions)" if skipped.get("no_conversation") else ""
+        hint += f"; {describe_losses(losses)}" if losses else ""
         raise ShardError(f"nothing to export from {len(paths)} shards: {_reasons(skipped)}{hint}")
     json_path = join(out, LLAVA_JSON)
     # One entry a line: compact for 600k-entry files, yet greppable and diffable.
     text = "[\n" + ",\n".join(json.dumps(e, ensure_ascii=False) for e in entries) + "\n]\n"
     write_bytes(json_path, text.encode("utf-8"))
     return {"format": "llava", "out": out, "json": json_path, "image_folder": join(out, IMAGE_DIR),
-            "exported": len(entries), "skipped": dict(skipped.most_common()), "shards": len(paths)}
+            "exported": len(entries), "skipped": dict(skipped.most_common()), "shards": len(paths),
+            **_unread(losses)}
 
 
 def export_parquet(paths: list[str], out: str, overwrite: bool = False, progress: Progress | None = None) -> dict:
@@ -150,10 +166,10 @@ def export_parquet(paths: list[str], out: str, overwrite: bool = False, progress
     """
     check_out(out, overwrite)
     skipped: Counter = Counter()
-    path, exported = join(out, PARQUET_FILE), 0
+    path, exported, losses = join(out, PARQUET_FILE), 0, []
     with atomic_write(path) as f, pq.ParquetWriter(f, PARQUET_SCHEMA, compression="zstd") as writer:
         batch, shard = [], None
-        for sample in written_samples(paths, skipped, progress):
+        for sample in written_samples(paths, skipped, progress, losses):
             if batch and sample.shard != shard:
                 writer.write_table(pa.Table.from_pylist(batch, PARQUET_SCHEMA))
                 batch = []
@@ -162,7 +178,12 @@ def export_parquet(paths: list[str], out: str, overwrite: bool = False, progress
             exported += 1
         writer.write_table(pa.Table.from_pylist(batch, PARQUET_SCHEMA))
     return {"format": "parquet", "out": out, "parquet": path, "exported": exported,
-            "skipped": dict(skipped.most_common()), "shards": len(paths)}
+            "skipped": dict(skipped.most_common()), "shards": len(paths), **_unread(losses)}
+
+
+def _unread(losses: list[Unread]) -> dict:
+    """The report's account of what could not be read: ``unread`` (per shard) and a one-line ``unread_summary``."""
+    return {"unread": [asdict(u) for u in losses], "unread_summary": describe_losses(losses) if losses else None}
 
 
 def _flat_row(sample: Sample) -> dict:
@@ -187,4 +208,6 @@ def format_export(report: dict) -> str:
     lines = [f"exported {report['exported']} samples from {report['shards']} shards to {where}"]
     if report["skipped"]:
         lines.append(f"skipped {sum(report['skipped'].values())}: {_reasons(Counter(report['skipped']))}")
+    if report.get("unread_summary"):
+        lines.append(f"NOT READ: {report['unread_summary']}")
     return "\n".join(lines)

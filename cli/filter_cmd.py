@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from visinstruct.cli.checks import expected_errors, preflight
 from visinstruct.cli.errors import UserError
-from visinstruct.cli.jobs import add_job_arguments, load_job
+from visinstruct.cli.jobs import add_job_arguments, finish, load_job
 from visinstruct.configs import FilterConfig
 
 
@@ -28,12 +30,17 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     cfg, inputs = load_job(FilterConfig, args)
     if cfg.threshold is None and cfg.top_fraction is None and not args.dry_run:
         raise UserError("set threshold and/or top_fraction, or use --dry-run to choose them")
-    report = clip_filter.run(cfg, inputs, beam_args, dry_run=args.dry_run)
+    preflight(cfg, beam_args)
+    with expected_errors():
+        report = clip_filter.run(cfg, inputs, beam_args, dry_run=args.dry_run)
     if args.dry_run:
         print(format_distribution(report))
-        return 0
+        if report.get("pairs"):
+            return 0
+        print("visinstruct filter: failed: no pair could be scored (the reasons are above)", file=sys.stderr)
+        return 1
     print(format_report(report))
-    return 0 if report.get("accounted", True) else 1
+    return finish("filter", report, "filter")
 
 
 def format_distribution(report: dict) -> str:

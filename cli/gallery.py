@@ -65,6 +65,7 @@ class Card:
     meta: SampleMeta | None
     caption: str | None
     thumbnail: object  # PIL.Image.Image, or None
+    unread: str | None = None  # why the sample could not be read from its tar (cut short...), or None
 
 
 def gallery(paths: list[str], html_path: str, sheet_path: str | None = None, limit: int = 48,
@@ -105,10 +106,12 @@ def gallery(paths: list[str], html_path: str, sheet_path: str | None = None, lim
     if sheet_path and thumbnails:
         with atomic_write(sheet_path) as f:
             contact_sheet(thumbnails, [c.key for c in cards if c.thumbnail is not None], thumb).save(f, "PNG")
+    unread = [card.unread for card in cards if card.unread]
     return {"html": html_path, "sheet": sheet_path if sheet_path and thumbnails else None, "shards": len(paths),
             "written": len(written), "shown": len(cards), "rejected": len(rejected), "rejected_shown": len(shown),
             "rejected_by_reason": dict(Counter(row.status for _, row in rejected).most_common()),
-            "broken_images": len(cards) - len(thumbnails)}
+            "broken_images": len(cards) - len(thumbnails) - len(unread), "unread": len(unread),
+            "unread_reason": unread[0] if unread else None}
 
 
 def _pick(total: int, limit: int, seed: int | None) -> list[int]:
@@ -122,7 +125,11 @@ def _pick(total: int, limit: int, seed: int | None) -> list[int]:
 
 def _card(files: ShardFiles, row: IndexRow | str, thumb: int) -> Card:
     key = row.key if isinstance(row, IndexRow) else row
-    sample = _read_sample(files, key, row)
+    try:
+        sample = _read_sample(files, key, row)
+    except (ShardError, OSError) as e:  # indexed but not readable (a tar cut short, or gone): said, not hidden
+        return Card(key, files.name, None, row.caption if isinstance(row, IndexRow) else None, None,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
     try:
         meta = SampleMeta.from_json(sample["json"]) if "json" in sample else None
     except ValueError:  # validate reports it; the card still shows the image
@@ -193,6 +200,7 @@ def _card_html(card: Card) -> str:
     meta = card.meta
     image = (f'<img src="{data_uri(card.thumbnail)}" width="{card.thumbnail.width}" '
              f'height="{card.thumbnail.height}" alt="{esc(card.key)}">' if card.thumbnail is not None
+             else f'<p class="broken">not read from the tar: {esc(card.unread)}</p>' if card.unread
              else '<p class="broken">image does not decode</p>')
     facts = [f"shard {esc(card.shard)}"]
     if meta and meta.width:
@@ -211,8 +219,11 @@ def render_page(paths: list[str], cards: list[Card], rejected: list[tuple[ShardF
     """The gallery page as HTML text."""
     esc = html.escape
     total_rejected = sum(reasons.values())
+    unread = sum(card.unread is not None for card in cards)
     summary = (f"{written} written and {total_rejected} rejected in {len(paths)} shards; showing {len(cards)} "
-               f"samples and {len(rejected)} rejected rows.")
+               f"samples and {len(rejected)} rejected rows."
+               + (f" {unread} of the samples shown could not be read from their tars: run validate." if unread
+                  else ""))
     reason_text = ", ".join(f"{esc(reason)} {n}" for reason, n in reasons.most_common()) or "none"
     rows = "".join(
         f"<tr><td>{esc(files.name)}</td><td class=\"key\">{esc(row.key)}</td><td>{esc(r.stage if r else '-')}"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from visinstruct.cli.jobs import add_job_arguments, load_job
+from visinstruct.cli.checks import expected_errors, preflight
+from visinstruct.cli.jobs import add_job_arguments, finish, load_job
 from visinstruct.configs import GenerateConfig
 
 
@@ -22,9 +23,11 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from visinstruct.pipelines.report import format_report
 
     cfg, inputs = load_job(GenerateConfig, args)
-    report = generate.run(cfg, inputs, beam_args)
+    preflight(cfg, beam_args)
+    with expected_errors():
+        report = generate.run(cfg, inputs, beam_args)
     print(format_report(report))
     print(f"  LLM calls: {report['backend_calls']}, tokens spent: {report['prompt_tokens_spent']} prompt + "
           f"{report['completion_tokens_spent']} completion ({report['completion_tokens']} completion tokens in "
           "written samples)")
-    return 0 if report.get("accounted", True) else 1
+    return finish("generate", report, "generate")

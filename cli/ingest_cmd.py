@@ -18,10 +18,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from visinstruct.cli.checks import expected_errors, preflight
+    from visinstruct.cli.jobs import finish
     from visinstruct.pipelines.ingest import run as run_ingest  # Beam loads only when a pipeline runs
     from visinstruct.pipelines.report import format_report
 
     cfg = load(IngestConfig, args.config, args.overrides)
-    report = run_ingest(cfg, beam_args)
+    preflight(cfg, beam_args)
+    with expected_errors():
+        report = run_ingest(cfg, beam_args)
     print(format_report(report))
-    return 0 if report.get("accounted", True) else 1
+    return finish("ingest", report, "ingest")

@@ -63,3 +63,19 @@ def is_main_process() -> bool:
     import os
 
     return os.environ.get("RANK", "0") == "0"
+
+
+def finish(command: str, report: dict, stage: str, prefixes: dict[str, str] | None = None) -> int:
+    """The exit status of a pipeline command: 0, or 1 with one line on stderr saying what failed and what to change.
+
+    A run that wrote nothing or whose rows do not add up has failed, whatever Beam says (see ``failure_summary``).
+    """
+    import sys
+
+    from visinstruct.pipelines.report import failure_summary
+
+    line = failure_summary(report, stage, prefixes)
+    if line is None:
+        return 0
+    print(f"visinstruct {command}: failed: {line}", file=sys.stderr)
+    return 1

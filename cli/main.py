@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from visinstruct import __version__
 from visinstruct.cli import (
@@ -26,11 +27,11 @@ from visinstruct.cli import (
     train_cmd,
 )
 from visinstruct.cli.errors import UserError
+from visinstruct.cli.exit import finish
 from visinstruct.configs import ConfigError
 
 COMMANDS = [build_cmd, ingest_cmd, filter_cmd, generate_cmd, demo_cmd, config_cmd, shards_cmd, train_clip_cmd,
             train_cmd, chat_cmd]
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit status."""
+    """Entry point of the console script; returns the exit status.
+
+    Called without ``argv`` (the console script), it ends the process through :func:`finish` once the command
+    returned, so native libraries' teardown cannot abort a run that succeeded (see ``cli/exit.py``). Called with
+    ``argv`` (tests, notebooks), it returns the status.
+    """
+    status = run_command(argv)
+    if argv is None:
+        finish(status)
+    return status
+
+
+def run_command(argv: list[str] | None) -> int:
+    """Parse ``argv`` and run the command, turning expected errors into one line; returns the exit status."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (via img2dataset) phones home
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
@@ -58,12 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if beam_args and not getattr(args, "accepts_beam_args", False):
-        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+        print(f"visinstruct {args.command}: error: unrecognized arguments: {' '.join(beam_args)} "
+              f"(see visinstruct {args.command} --help)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.quiet:  # our own progress lines (one per shard), without Beam's INFO chatter
         logging.getLogger("visinstruct").setLevel(logging.INFO)
     try:
+        if beam_args:
+            check_beam_args(args.command, beam_args, parser)
         return args.run(args, beam_args)
     except (ConfigError, UserError, FileNotFoundError) as e:
         print(f"visinstruct {args.command}: error: {e}", file=sys.stderr)
@@ -74,6 +92,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"visinstruct {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the last resort: a bug (ours or a library's) is one line unless -v asks for more
+        if args.verbose:
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"visinstruct {args.command}: internal error: {type(e).__name__}: {first} "
+              f"({'traceback above' if args.verbose else 'run with -v for the traceback'})", file=sys.stderr)
+        return 1
+
+
+def check_beam_args(command: str, beam_args: list[str], parser: argparse.ArgumentParser) -> None:
+    """Refuse options neither the command nor Beam knows, with a "did you mean" where one fits.
+
+    Beam itself only logs "Discarding unparseable args" and runs on, so a mistyped flag (or an img2dataset habit
+    such as ``--output_folder``) would silently send the output elsewhere.
+    """
+    from visinstruct.cli.suggest import unknown_option_message
+    from visinstruct.pipelines.options import unknown_options
+
+    unknown = unknown_options(beam_args)
+    if unknown:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        flags = [s for a in sub.choices[command]._actions for s in a.option_strings]  # noqa: SLF001
+        raise UserError(unknown_option_message(command, unknown[0], beam_args, flags))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.schemas import IndexRow
-from visinstruct.transforms.shards import UnsafeMember, read_stats, read_table, read_tar_samples
+from visinstruct.transforms.shards import IMG2DATASET_STAGE, UnsafeMember, read_stats, read_table, read_tar_samples
 
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 GLOB_CHARS = "*?["
@@ -85,6 +85,51 @@ def tar_samples(files: ShardFiles) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield from read_tar_samples(files.tar)
     except (tarfile.TarError, UnsafeMember, OSError) as e:
         raise ShardError(f"shard {files.name}: unreadable tar ({e}); run validate".splitlines()[0]) from e
+
+
+@dataclass(frozen=True)
+class Unread:
+    """What a command could not read from one shard: ``missing`` indexed samples (``None`` when the shard has no
+    index to tell) and the error that stopped the reading (``None`` when the tar just lacks them)."""
+
+    shard: str
+    missing: int | None
+    error: str | None
+
+
+def samples_noting_losses(files: ShardFiles, losses: list[Unread]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The samples a tar gives, up to where it stops being readable; then, when the tar does not give every
+    sample its index lists as written (or cannot be read to its end), an :class:`Unread` appended to ``losses``.
+
+    Commands that read many shards (``export``) go on past a bad one and say at the end what they could not read,
+    instead of stopping at the first or quietly writing fewer samples.
+    """
+    read, error = set(), None
+    try:
+        for key, members in read_tar_samples(files.tar):
+            read.add(key)
+            yield key, members
+    except (tarfile.TarError, UnsafeMember, OSError) as e:  # OSError: Beam's BeamIOError for a missing tar
+        error = str(e).splitlines()[0] if str(e) else type(e).__name__
+    index = read_index(files.index, ["key", "status"])
+    if index is None:
+        if error:
+            losses.append(Unread(files.name, None, error))
+        return
+    written = {row["key"] for row in index.to_pylist() if row["status"] == "success"}
+    missing = len(written - read)
+    if missing or error:
+        losses.append(Unread(files.name, missing, error))
+
+
+def describe_losses(losses: list[Unread]) -> str:
+    """One line: how many indexed samples could not be read, from which shards, and the first reason."""
+    known = sum(u.missing or 0 for u in losses)
+    unknown = sum(u.missing is None for u in losses)
+    count = f"{known} indexed samples" + (f" (and {unknown} unindexed shards)" if unknown else "")
+    first = losses[0]
+    why = first.error or "the tar lacks them"
+    return (f"{count} could not be read from {len(losses)} shards (shard {first.shard}: {why}); run validate")
 
 
 def match_paths(pattern: str) -> list:
@@ -223,7 +268,9 @@ def _list_shard(files: ShardFiles) -> dict:
             raise ShardError(f"shard {files.name}: bad stats file ({e}); run validate".splitlines()[0]) from e
         if index is None:
             row["inputs"], row["rejected"] = stats.inputs, stats.rejected
-        if stats.stage not in row["stages"]:  # the stats name the last stage that wrote the shard
+        if stats.stage == IMG2DATASET_STAGE:  # written by img2dataset, not by our ingest
+            row["stages"][0] = IMG2DATASET_STAGE
+        elif stats.stage not in row["stages"]:  # the stats name the last stage that wrote the shard
             row["stages"].append(stats.stage)
     return row
 

@@ -190,7 +190,7 @@ def run_export(args: argparse.Namespace, beam_args: list[str]) -> int:
     else:
         report = _user_errors(lambda: export_parquet(paths, args.out, args.overwrite, progress))
     print(json.dumps(report, indent=1) if args.json else format_export(report))
-    return 0
+    return 1 if report["unread"] else 0  # indexed samples that could not be read: the export is incomplete
 
 
 def run_gallery(args: argparse.Namespace, beam_args: list[str]) -> int:
@@ -203,9 +203,11 @@ def run_gallery(args: argparse.Namespace, beam_args: list[str]) -> int:
     report = _user_errors(lambda: gallery(paths, args.output, sheet, args.limit, args.seed, args.thumb,
                                           _Counter("gallery", args)))
     sheet_note = f"; contact sheet {report['sheet']}" if report["sheet"] else ""
+    unread = (f"\nNOT READ: {report['unread']} of the samples picked could not be read from their tars "
+              f"({report['unread_reason']}); run validate") if report["unread"] else ""
     print(json.dumps(report, indent=1) if args.json else f"{report['html']}: {report['shown']} of {report['written']} "
-          f"samples, {report['rejected_shown']} of {report['rejected']} rejected rows{sheet_note}")
-    return 0
+          f"samples, {report['rejected_shown']} of {report['rejected']} rejected rows{sheet_note}{unread}")
+    return 1 if report["unread"] else 0
 
 
 def run_remove(args: argparse.Namespace, beam_args: list[str]) -> int:

@@ -100,7 +100,11 @@ def _read_sample(files: ShardFiles, key: str, row: IndexRow | str) -> dict[str, 
         with FileSystems.open(files.tar, mime_type="application/x-tar", compression_type="uncompressed") as f:
             for member in sorted(row.members, key=lambda m: m.offset):
                 f.seek(member.offset)
-                sample[member.name.partition(".")[2]] = f.read(member.size)
+                data = f.read(member.size)
+                if len(data) != member.size:  # the index points past the end: the tar was cut short
+                    raise ShardError(f"sample {key}: {member.name} lies past the end of {files.tar} (the tar is "
+                                     "cut short); run validate")
+                sample[member.name.partition(".")[2]] = data
         return sample
     for found, sample in tar_samples(files):
         if found == key:

@@ -23,6 +23,15 @@ def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
         raise ValueError(f"'{name}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _check_color(name: str, value: str) -> None:
+    from PIL import ImageColor  # lazy: configs import without the image stack
+
+    try:
+        ImageColor.getrgb(value)
+    except (ValueError, AttributeError, TypeError):
+        raise ValueError(f"'{name}' must be a colour name, #rrggbb or rgb(r, g, b), got {value!r}") from None
+
+
 @dataclass
 class ReadConfig:
     """Where input rows come from (img2dataset's option names where they exist)."""
@@ -53,14 +62,17 @@ class DownloadConfig:
     respect_optout: bool = opt(True, "skip images whose X-Robots-Tag opts out (see optout_values)")
     optout_values: list[str] = opt(factory=lambda: ["noai", "noimageai", "noindex", "noml"],
                                    doc="X-Robots-Tag directives that opt an image out")
-    check_robots_txt: bool = opt(False, "also honour each host's robots.txt (cached per host)")
+    check_robots_txt: bool = opt(True, "honour each host's robots.txt (one cached request per host and worker; "
+                                       "5xx or no answer: disallow, RFC 9309)")
     allow_loopback: bool = opt(False, "allow 127.0.0.0/8 and ::1 (tests and demos only)")
     allow_private: bool = opt(False, "allow private, link-local and cloud-metadata addresses")
+    progress_interval: float = opt(30.0, "seconds between progress lines of a downloading shard (rows done, ok, "
+                                         "rejected, rate); 0 logs every row")
 
     def __post_init__(self):
         for name in ("threads", "timeout", "max_bytes"):
             _positive(name, getattr(self, name))
-        for name in ("retries", "backoff", "max_backoff", "max_redirects"):
+        for name in ("retries", "backoff", "max_backoff", "max_redirects", "progress_interval"):
             _positive(name, getattr(self, name), allow_zero=True)
         _positive("per_host_rps", self.per_host_rps)
 
@@ -72,9 +84,13 @@ class ResizeConfig:
     image_size: int = opt(256, "target size in pixels")
     resize_mode: ResizeMode = opt("border", "no, keep_ratio, keep_ratio_largest, center_crop or border")
     resize_only_if_bigger: bool = opt(False, "never upscale")
-    min_image_size: int = opt(0, "reject images whose smaller side is below this")
+    border_color: str = opt("white", "what 'border' pads with: a colour name, #rrggbb or rgb(r, g, b) (img2dataset: "
+                                     "white)")
+    min_image_size: int = opt(32, "reject images whose smaller side is below this (icons, tracking pixels; "
+                                  "img2dataset: 0)")
     max_image_area: int | None = opt(None, "reject images with more pixels than this (before resizing)")
-    max_aspect_ratio: float | None = opt(None, "reject images more elongated than this")
+    max_aspect_ratio: float | None = opt(3.0, "reject images more elongated than this (banners, strips; "
+                                              "DataComp's basic filter: 3; img2dataset: none)")
     max_pixels: int = opt(89_478_485, "decompression-bomb guard: refuse to decode more pixels than this")
     encode_format: ImageFormat = opt("jpg", "output image format")
     encode_quality: int = opt(95, "JPEG/WebP quality (PNG: compression level 0-9)")
@@ -85,6 +101,7 @@ class ResizeConfig:
         _positive("max_pixels", self.max_pixels)
         if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
             raise ValueError(f"'max_aspect_ratio' must be >= 1, got {self.max_aspect_ratio}")
+        _check_color("border_color", self.border_color)
         if not 0 <= self.encode_quality <= 100:
             raise ValueError(f"'encode_quality' must be within 0-100, got {self.encode_quality}")
 
@@ -113,9 +130,12 @@ class WriteConfig:
 
     path: str = opt(doc="output folder; local or any Beam filesystem")
     shard_size: int = opt(10_000, "input rows per shard (img2dataset's number_sample_per_shard)")
-    resume: bool = opt(True, "skip shards whose _stats.json already exists")
+    resume: bool = opt(True, "skip shards whose _stats.json already exists, except shards whose rows all failed "
+                             "for a reason a rerun may fix (retryable or caused by the settings, e.g. "
+                             "blocked_address), and reuse downloads a killed run finished (_staging/)")
     retry_failed: bool = opt(False, "in complete shards, download again only the rows that failed with a "
-                                    "retryable error (timeouts, connection errors, 5xx, 429) and rewrite those shards")
+                                    "retryable error (timeouts, connection errors, 5xx, 429) or one the settings "
+                                    "caused (blocked_address, internal_error...) and rewrite those shards")
 
     def __post_init__(self):
         _positive("shard_size", self.shard_size)

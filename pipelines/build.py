@@ -136,6 +136,9 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] 
     else:  # the input shards' rows, earlier rejections included, all end in the output's index
         accounted = rows_before is None or rows_before == report["inputs"]
         report["inputs_before"] = rows_before
+        if report["shards"] < len(inputs):  # an input shard it could not read at all: a dead letter, no output
+            report["shards_unwritten"] = len(inputs) - report["shards"]
+            accounted = False
     first_in = report["inputs"] if cfg.read is not None or rows_read is None else rows_read
     report.update(
         stages=stage_counts(out, stages, first_in), rows_read=rows_read, accounted=accounted,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
@@ -21,6 +22,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from visinstruct.configs import FilterConfig
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import check_inputs, input_rows, summarize, write_report
+from visinstruct.schemas import Rejection
 from visinstruct.transforms.clip import make_handler
 from visinstruct.transforms.filter_stages import (
     STAGE,
@@ -88,10 +90,24 @@ class ScorePairs(beam.PTransform):
         if model.accelerator:  # a GPU for this step only; reading and writing stay on CPU workers
             inference = inference.with_resource_hints(accelerator=model.accelerator)
         results, failed = decoded.images | "ScoreWithClip" >> inference.with_exception_handling()
-        scored = results | "Unwrap" >> beam.MapTuple(lambda key, result: (key, result.inference))
+        outputs = (results | "Unwrap" >> beam.MapTuple(lambda key, result: (key, result.inference))
+                   | "SplitUnscored" >> beam.ParDo(_SplitUnscored()).with_outputs("rejected", main="scored"))
         failures = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_rejections)
-        rejected = (read.rejected, decoded.rejected, failures) | "AllRejected" >> beam.Flatten()
-        return scored, rejected
+        rejected = (read.rejected, decoded.rejected, outputs.rejected, failures) | "AllRejected" >> beam.Flatten()
+        return outputs.scored, rejected  # ((path, key), ClipOutput), (path, Rejection)
+
+
+class _SplitUnscored(beam.DoFn):
+    """Examples the model could not score alone (``ClipOutput.error``) or scored NaN or infinite -> ``rejected``:
+    ``(path, Rejection)``. A NaN would otherwise reach the histogram and the threshold and fail the job there."""
+
+    def process(self, element):
+        (path, key), output = element
+        if output.error is None and math.isfinite(output.score):
+            yield element
+            return
+        message = output.error or f"the model scored this pair {output.score}"
+        yield beam.pvalue.TaggedOutput("rejected", (path, Rejection(STAGE, "inference_error", message, key, path)))
 
 
 class FilterShards(beam.PTransform):
@@ -161,6 +177,6 @@ def run(cfg: FilterConfig, inputs: list[str], beam_args: list[str] | None = None
     _ = p | "Filter" >> Filter(cfg, inputs)
     result = p.run()
     result.wait_until_finish()
-    report = check_inputs(summarize(cfg.write.path, stage="filter", result=result), rows_before)
+    report = check_inputs(summarize(cfg.write.path, stage="filter", result=result), rows_before, len(inputs))
     write_report(cfg.write.path, report)
     return report

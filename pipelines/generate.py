@@ -8,12 +8,18 @@ Graph (element shapes in comments)::
 
 Image bytes never leave the tar: the LLM reads text only (captions, boxes, tags) and each output shard is
 written by re-reading its input tar.
+
+Every per-sample step (planning and prompt building, reading the backend's result, judging, the writer's judge)
+runs through :func:`visinstruct.transforms.guard.guarded`: what one sample raises becomes its ``internal_error``
+dead-letter row and the bundle goes on.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
+from functools import partial
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
@@ -22,6 +28,7 @@ from visinstruct.configs import GenerateConfig
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import check_inputs, counter_value, input_rows, summarize, write_report
 from visinstruct.schemas import GenerationInfo, JsonDict, Rejection, SampleMeta
+from visinstruct.transforms.guard import guarded
 from visinstruct.transforms.llm import GenerationHandler, Outcome, Plan
 from visinstruct.transforms.llm_openai import ChatRequest
 from visinstruct.transforms.prompts import (
@@ -40,6 +47,7 @@ from visinstruct.transforms.timing import busy
 log = logging.getLogger(__name__)
 STAGE = "generate"
 CAPTION_ONLY = "caption_only"
+RAW_LIMIT = 100_000  # characters of a rejected reply kept in its dead-letter row (a reply may be megabytes)
 
 
 def plan_sample(path: str, meta: SampleMeta, cfg: GenerateConfig, templates: Templates) -> Plan | Judgement:
@@ -54,21 +62,53 @@ def plan_sample(path: str, meta: SampleMeta, cfg: GenerateConfig, templates: Tem
     kind = choose_kind(meta.key, cfg.kinds, cfg.seed)
     template = templates.kinds[kind]
     question = pick(template.questions, meta.key, cfg.seed, "question") if template.format == "description" else None
-    request = ChatRequest(key=meta.key, messages=build_messages(template, meta), max_tokens=cfg.max_new_tokens,
+    messages = build_messages(template, meta)
+    try:  # what no backend can send (lone surrogates from JSON escapes): this sample's problem, not the batch's
+        json.dumps(messages, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return Judgement(rejection=Rejection(STAGE, "bad_characters", f"the prompt cannot be encoded: {e}"[:500],
+                                             meta.key, safe_text(meta.url or meta.path)))
+    request = ChatRequest(key=meta.key, messages=messages, max_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_p=cfg.top_p, seed=derive_seed(cfg.seed, meta.key))
     return Plan(path, meta.key, kind, template.format, question, meta, request)
+
+
+def safe_text(text: str | None, limit: int | None = None) -> str | None:
+    """``text`` as valid UTF-8 (lone surrogates written as ``\\udxxx``), cut to ``limit`` characters."""
+    if text is None:
+        return None
+    text = text[:limit] if limit is not None else text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def judge_outcome(plan: Plan, outcome: Outcome, model: str, templates_sha: str) -> Judgement:
     """A generation outcome as the sample's judgement: conversations and provenance, or a dead-letter row."""
     result, verdict = outcome.result, outcome.verdict
     if verdict.turns is None:
-        detail = JsonDict({"raw": result.text, "kind": plan.kind, "attempts": outcome.attempts, "seed": outcome.seed})
-        return Judgement(rejection=Rejection(STAGE, verdict.reason, verdict.message or verdict.reason, plan.key,
-                                             plan.meta.url or plan.meta.path, detail))
+        raw = result.text if isinstance(result.text, str) else None
+        detail = JsonDict({"raw": safe_text(raw, RAW_LIMIT), "raw_chars": len(raw or ""), "kind": plan.kind,
+                           "attempts": outcome.attempts, "seed": outcome.seed,
+                           "finish_reason": result.finish_reason})
+        return Judgement(rejection=Rejection(STAGE, verdict.reason or "internal_error",
+                                             safe_text(verdict.message or verdict.reason, 500), plan.key,
+                                             safe_text(plan.meta.url or plan.meta.path), detail))
     info = GenerationInfo(plan.kind, model, templates_sha, outcome.seed or 0, result.prompt_tokens,
                           result.completion_tokens)
     return Judgement(meta=replace(plan.meta, conversations=verdict.turns, generation=info))
+
+
+def guarded_judgement(fn, key: str, url: str | None) -> Judgement:
+    """``fn()``'s judgement, or this sample's ``internal_error`` dead-letter judgement when it raises."""
+    out = guarded(STAGE, fn, key, safe_text(url))
+    return out if isinstance(out, Judgement) else Judgement(rejection=out)
+
+
+def judged(result, model: str, templates_sha: str) -> tuple[str, tuple[str, Judgement]]:
+    """RunInference's ``PredictionResult`` as ``(path, (key, Judgement))``, guarded per sample."""
+    plan = result.example
+    judgement = guarded_judgement(partial(judge_outcome, plan, result.inference, model, templates_sha), plan.key,
+                                  plan.meta.url or plan.meta.path)
+    return plan.path, (plan.key, judgement)
 
 
 def crashed_batch(failure) -> list[tuple[str, tuple[str, Judgement]]]:
@@ -94,23 +134,25 @@ class PlanSamples(beam.DoFn):
             if key is None:  # a truncated tar: the writer reads it the same way and records it
                 continue
             self.rows_read.inc()
-            try:
-                meta = sample_meta(key, members)
-            except ValueError as e:
-                yield beam.pvalue.TaggedOutput("done", (path, (key, Judgement(rejection=Rejection(
-                    STAGE, "bad_metadata", str(e)[:500], key)))))
-                continue
-            if image_member(members) is None:
-                judgement = Judgement(rejection=Rejection(STAGE, "no_image", "sample has no image member", key,
-                                                          meta.url or meta.path))
-                yield beam.pvalue.TaggedOutput("done", (path, (key, judgement)))
-                continue
             with busy(STAGE):
-                plan = plan_sample(path, meta, self.cfg, self.templates)
+                plan = guarded(STAGE, partial(self._plan, path, key, members), key)
+            if isinstance(plan, Rejection):
+                plan = Judgement(rejection=plan)
             if isinstance(plan, Judgement):
                 yield beam.pvalue.TaggedOutput("done", (path, (key, plan)))
             else:
                 yield plan
+
+    def _plan(self, path: str, key: str, members: dict) -> Plan | Judgement:
+        """One sample's plan, or its judgement when it has no usable metadata or image, or needs no LLM."""
+        try:
+            meta = sample_meta(key, members)
+        except ValueError as e:
+            return Judgement(rejection=Rejection(STAGE, "bad_metadata", safe_text(str(e), 500), key))
+        if image_member(members) is None:
+            return Judgement(rejection=Rejection(STAGE, "no_image", "sample has no image member", key,
+                                                 safe_text(meta.url or meta.path)))
+        return plan_sample(path, meta, self.cfg, self.templates)
 
 
 class _RewriteShard(beam.DoFn):
@@ -121,9 +163,12 @@ class _RewriteShard(beam.DoFn):
         path, groups = element
         judgements = dict(groups["judgements"])
 
-        def judge(key: str, meta: SampleMeta) -> Judgement:
+        def lookup(key: str, meta: SampleMeta) -> Judgement:
             return judgements.get(key) or Judgement(rejection=Rejection(
                 STAGE, "not_generated", "no result reached the writer", key, meta.url or meta.path))
+
+        def judge(key: str, meta: SampleMeta) -> Judgement:
+            return guarded_judgement(partial(lookup, key, meta), key, meta.url or meta.path)
 
         with busy(STAGE):
             stats = rewrite_shard(path, self.positions.get(path), self.cfg.write.path, STAGE, judge)
@@ -154,8 +199,7 @@ class GenerateShards(beam.PTransform):
         if cfg.accelerator:  # a GPU for this step only
             inference = inference.with_resource_hints(accelerator=cfg.accelerator)
         results, failed = plans | "GenerateWithLLM" >> inference.with_exception_handling()
-        generated = results | "Judge" >> beam.Map(
-            lambda r: (r.example.path, (r.example.key, judge_outcome(r.example, r.inference, cfg.model, sha))))
+        generated = results | "Judge" >> beam.Map(judged, cfg.model, sha)  # (path, (key, Judgement))
         return [generated, failed.failed_inferences | "FailedBatches" >> beam.FlatMap(crashed_batch)]
 
     def expand(self, paths):
@@ -198,7 +242,7 @@ def run(cfg: GenerateConfig, inputs: list[str], beam_args: list[str] | None = No
     _ = p | "Generate" >> Generate(cfg, inputs)
     result = p.run()
     result.wait_until_finish()
-    report = check_inputs(summarize(cfg.write.path, stage=STAGE, result=result), rows_before)
+    report = check_inputs(summarize(cfg.write.path, stage=STAGE, result=result), rows_before, len(inputs))
     for name in TOKEN_COUNTERS:
         report[name] = counter_value(result, STAGE, name) or 0
     write_report(cfg.write.path, report)

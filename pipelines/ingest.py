@@ -20,9 +20,10 @@ import apache_beam as beam
 from visinstruct.configs import ConfigError, IngestConfig, ReadConfig
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import summarize, write_report
-from visinstruct.schemas import IndexRow, JsonDict, Rejection, key_for_row, parse_key
+from visinstruct.schemas import ImageTextPair, IndexRow, JsonDict, Rejection, key_for_row, parse_key, shard_name
 from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages
-from visinstruct.transforms.download import RETRYABLE_REASONS, STAGING, DownloadShard
+from visinstruct.transforms.download import NOT_FINAL_REASONS, STAGING, DownloadShard, all_not_final
+from visinstruct.transforms.guard import INTERNAL_ERROR, MESSAGE_LIMIT, count_internal_error, guarded, internal_error
 from visinstruct.transforms.images import process_image
 from visinstruct.transforms.read import BadRow, plan_units, read_unit
 from visinstruct.transforms.shards import read_stats, read_table, shard_paths
@@ -33,15 +34,29 @@ log = logging.getLogger(__name__)
 
 
 class _ReadUnit(beam.DoFn):
-    """``(unit, (format, [paths]))`` -> ``(unit, position, ImageTextPair | BadRow)``."""
+    """``(unit, (format, [paths]))`` -> ``(unit, position, ImageTextPair | BadRow)``.
+
+    A reader that raises midway (a file damaged past its header) cannot go on with that file: its rows so far are
+    kept and the failure becomes one more row, an ``internal_error`` naming where reading stopped, instead of a
+    failed bundle that Beam retries until the job fails.
+    """
 
     def __init__(self, cfg: ReadConfig):
         self.cfg = cfg
 
     def process(self, element):
         unit, (fmt, paths) = element
-        for position, item in enumerate(read_unit(fmt, paths, self.cfg)):
-            yield unit, position, item
+        position = 0
+        try:
+            for item in read_unit(fmt, paths, self.cfg):
+                yield unit, position, item
+                position += 1
+        except Exception as e:  # noqa: BLE001 - see the class docstring; the guard's row, for a whole file
+            rejection = internal_error("read", e, url=paths[0])
+            log.warning("reading %s stopped after %d rows: %s", paths[0], position, rejection.message)
+            count_internal_error("read")
+            message = f"reading stopped after {position} rows of {', '.join(paths)[:200]}: {rejection.message}"
+            yield unit, position, BadRow(INTERNAL_ERROR, message[:MESSAGE_LIMIT], "", paths[0])
 
 
 class _NumberRows(beam.DoFn):
@@ -63,10 +78,13 @@ class _NumberRows(beam.DoFn):
         unit, position, item = element
         key = key_for_row(self._offsets[unit] + position, self.shard_size)
         self.rows_read.inc()
-        if isinstance(item, BadRow):
-            yield Rejection("read", item.reason, item.message, key, item.url, JsonDict({"raw": item.raw}))
-        else:
-            yield replace(item, key=key)
+        yield guarded("read", lambda: _keyed(item, key), key, getattr(item, "url", None))
+
+
+def _keyed(item, key: str) -> ImageTextPair | Rejection:
+    if isinstance(item, BadRow):
+        return Rejection("read", item.reason, item.message, key, item.url, JsonDict({"raw": item.raw}))
+    return replace(item, key=key)
 
 
 class ReadPairs(beam.PTransform):
@@ -89,7 +107,12 @@ class ReadPairs(beam.PTransform):
 
 
 def complete_shards(out_dir: str, stages: set[str] | None = None) -> set[int]:
-    """Shards of ``out_dir`` whose ``_stats.json`` exists (and names one of ``stages``, when given)."""
+    """Shards of ``out_dir`` whose ``_stats.json`` exists (and names one of ``stages``, when given).
+
+    A shard whose rows ALL failed for reasons a rerun may fix (``NOT_FINAL_REASONS``: retryable, or caused by
+    the settings, such as ``blocked_address`` when loopback was not allowed) is not complete: it says what went
+    wrong with the run, not with its images, so a rerun (with corrected settings) does it again, and says so.
+    """
     from apache_beam.io.filesystems import FileSystems
 
     pattern = FileSystems.join(out_dir, "*_stats.json") if "://" in out_dir else f"{out_dir.rstrip('/')}/*_stats.json"
@@ -98,10 +121,19 @@ def complete_shards(out_dir: str, stages: set[str] | None = None) -> set[int]:
     except Exception:  # noqa: BLE001 - no folder yet: nothing is complete
         return set()
     complete = set()
-    for meta in found:
+    for meta in sorted(found, key=lambda m: m.path):
         stem = meta.path.rsplit("/", 1)[-1][: -len("_stats.json")]
-        if stem.isdigit() and (stages is None or read_stats(meta.path).stage in stages):
-            complete.add(int(stem))
+        if not stem.isdigit():
+            continue
+        stats = read_stats(meta.path)
+        if stages is not None and stats.stage not in stages:
+            continue
+        if stats.written == 0 and all_not_final(stats.rejected_by_reason):
+            reasons = ", ".join(f"{r} {n}" for r, n in sorted(stats.rejected_by_reason.items()))
+            log.info("shard %s: doing it again: all %d rows failed for reasons a rerun may fix (%s)",
+                     shard_name(int(stem)), stats.inputs, reasons)
+            continue
+        complete.add(int(stem))
     return complete
 
 
@@ -114,9 +146,9 @@ def _index_hashes(out_dir: str, shard: int):
 
 
 def has_retryable_failures(out_dir: str, shard: int) -> bool:
-    """Whether a complete shard has rows that another download attempt may fix."""
+    """Whether a complete shard has rows that another attempt (or corrected settings) may fix."""
     statuses = read_table(shard_paths(out_dir, shard)["parquet"], IndexRow).column("status").to_pylist()
-    return any(status in RETRYABLE_REASONS for status in statuses)
+    return any(status in NOT_FINAL_REASONS for status in statuses)
 
 
 def reference_hashes(folder: str | None, cfg: IngestConfig) -> list[tuple[str, str]]:

@@ -71,11 +71,15 @@ def input_rows(tars: list[str]) -> int | None:
     return total
 
 
-def check_inputs(report: dict, rows_before: int | None) -> dict:
-    """Account a rewriting stage: its output keeps every input row (or, for foreign shards, every sample read)."""
+def check_inputs(report: dict, rows_before: int | None, shards_before: int | None = None) -> dict:
+    """Account a rewriting stage: its output keeps every input row (or, for foreign shards, every sample read),
+    and every input shard (one it could not read at all is a dead letter, ``unreadable_shard``, and no output)."""
     if rows_before is not None:
         report["inputs_before"] = rows_before
         report["accounted"] = rows_before == report["inputs"]
+    if shards_before is not None and report["shards"] < shards_before:
+        report["shards_unwritten"] = shards_before - report["shards"]
+        report["accounted"] = False
     return report
 
 
@@ -97,3 +101,115 @@ def format_report(report: dict) -> str:
         lines.append(f"  {reason:<{width}}  {count:>8}")
     lines.append(f"  output: {report['output']} ({report['tar_bytes'] / 1e6:.1f} MB of tars)")
     return "\n".join(lines)
+
+
+# What a person changes when a reason drops every row. ``{filter}``/``{generate}`` become the key prefix of that
+# stage's section: empty in a standalone filter/generate config, ``filter.``/``generate.`` in a build config.
+REASON_HINTS = {
+    "blocked_address": "the URLs resolve to loopback or private addresses, refused by default: set "
+                       "download.allow_loopback: true (tests, demos) or download.allow_private: true if intended",
+    "missing_url": "no URL in those rows: check that read.url_col names the input's URL column",
+    "missing_column": "the input has no such column: check read.url_col and read.caption_col",
+    "bad_url": "that column holds no URL text: check that read.url_col names the input's URL column",
+    "field_too_long": "rows or URLs too long to be real: check read.format and read.url_col",
+    "unreadable_file": "the input file cannot be read: check read.path and read.format",
+    "robots_unreachable": "the hosts' robots.txt did not answer, which RFC 9309 reads as disallow: check the "
+                          "hosts (download.check_robots_txt: false only where you may crawl anyway)",
+    "bad_aspect_ratio": "images more elongated than resize.max_aspect_ratio: raise it (or null)",
+    "decompression_bomb": "images with more pixels than resize.max_pixels",
+    "invalid_url": "not http(s) URLs: check that read.url_col names the input's URL column",
+    "file_error": "local image files could not be read: check the paths and read.image_root",
+    "malformed_row": "rows the reader cannot parse: check read.format and the file",
+    "dns_error": "host names do not resolve: check the URLs and this machine's DNS",
+    "connection_error": "hosts refused the connection: check the URLs and the network",
+    "timeout": "hosts did not answer in time: raise download.timeout or lower download.threads",
+    "http_403": "the hosts refuse access: check the URLs and download.user_agent",
+    "http_404": "the URLs no longer exist",
+    "http_429": "rate-limited: lower download.per_host_rps",
+    "robots_txt": "robots.txt disallows these paths",
+    "optout": "the images opt out of AI use (X-Robots-Tag), honoured by download.respect_optout",
+    "not_an_image": "the URLs do not serve images: check that read.url_col names the image URL column",
+    "too_small": "images smaller than resize.min_image_size: lower it",
+    "too_large": "bodies over download.max_bytes: raise it",
+    "clip_below_threshold": "every pair scored under {filter}threshold: lower it (see `visinstruct filter "
+                            "--dry-run`) or use {filter}top_fraction",
+    "inference_error": "the model failed on whole batches: see the messages in rejected/",
+    "internal_error": "a bug in visinstruct: the exception of each row is in rejected/ (please report it)",
+}
+GENERATE_HINTS = {  # reasons the LLM stage gives, which mean something else there than in a download
+    "connection_error": "the LLM server did not answer: check {generate}endpoint and that the server is up",
+    "timeout": "the LLM server did not answer in time: raise {generate}timeout or check the server",
+    "http_404": "the LLM server has no such route or model: check {generate}endpoint and {generate}model",
+    "http_401": "the LLM server refused the key: check the variable {generate}api_key_env names",
+    "empty_completion": "the LLM returned empty replies: check {generate}model and {generate}max_new_tokens",
+    "truncated_reply": "replies cut at the token limit: raise {generate}max_new_tokens",
+    "inference_error": "the LLM backend failed on whole batches: check {generate}backend and {generate}model",
+}
+TOP_REASONS = 3
+
+
+def reason_hint(reason: str, stage: str, prefixes: dict[str, str] | None = None) -> str | None:
+    """What to change when ``reason`` (given by ``stage``) dropped rows, with config keys spelled for the config."""
+    hint = (GENERATE_HINTS.get(reason) if stage == "generate" else None) or REASON_HINTS.get(reason)
+    if hint is None and reason.startswith("http_5"):
+        hint = ("the LLM server fails: check its log and {generate}model" if stage == "generate"
+                else "the hosts answer with server errors: retry later (write.retry_failed: true)")
+    if hint is None:
+        return None
+    prefixes = {"filter": "", "generate": ""} | (prefixes or {})
+    return hint.format(**prefixes)
+
+
+def llm_unanswered(report: dict, stage: str) -> int:
+    """Rows the LLM failed for a reason a rerun or a config change fixes, when no written sample holds a reply.
+
+    A generation run whose LLM was down for its whole length still writes its caption-only share; it failed all
+    the same.
+    """
+    if report.get("completion_tokens", 1):  # not a generation run, or some written sample holds a reply
+        return 0
+    from visinstruct.transforms.llm import CONFIG_REASONS, RETRYABLE_REASONS  # lazy: loads Beam's ML modules
+
+    drops = next((s["dropped_by_reason"] for s in report.get("stages", []) if s["stage"] == "generate"), None)
+    if drops is None:
+        drops = report["rejected_by_reason"] if stage == "generate" else {}
+    return sum(n for reason, n in drops.items() if reason in RETRYABLE_REASONS | CONFIG_REASONS)
+
+
+def failure_summary(report: dict, stage: str, prefixes: dict[str, str] | None = None) -> str | None:
+    """One line saying why a run failed, or ``None`` when it wrote samples and its accounting adds up.
+
+    A run fails when it wrote nothing (every row rejected, or no row at all) or when its rows do not add up. The
+    line names the top reasons, each with what to change; a build's ``stages`` say which stage gave each reason.
+
+    Args:
+        report: a run report (``summarize``'s keys; ``accounted``, ``stages_add_up``, ``stages`` when present).
+        stage: the stage that gave the report's reasons (a build's per-stage counts take precedence).
+        prefixes: config key prefixes of the stages' sections, e.g. ``{"filter": "filter."}`` in a build.
+    """
+    problems = []
+    if report.get("shards_unwritten"):
+        problems.append(f"{report['shards_unwritten']} input shards could not be read and were not written "
+                        "(their dead letters in rejected/ say why; `visinstruct validate` checks the input)")
+    elif not report.get("accounted", True) or not report.get("stages_add_up", True):
+        read = report.get("rows_read", report.get("inputs_before"))
+        problems.append(f"rows do not add up ({read if read is not None else '?'} in, {report['written']} written "
+                        f"+ {report['rejected']} rejected; see run_report.json)")
+    unanswered = llm_unanswered(report, stage)
+    if unanswered and report["written"]:
+        problems.append(f"the LLM answered none of the {unanswered} samples sent to it (the rest are caption-only)")
+    if report["written"] == 0:
+        problems.append(f"no sample written: all {report['inputs']} rows rejected" if report["inputs"]
+                        else "no input row reached the output")
+    if not problems:
+        return None
+    if report.get("stages"):
+        ranked = [(s["stage"], r, n) for s in report["stages"] for r, n in s["dropped_by_reason"].items()]
+    else:
+        ranked = [(stage, r, n) for r, n in report["rejected_by_reason"].items()]
+    ranked.sort(key=lambda x: (-x[2], x[1]))
+    parts = []
+    for by, reason, count in ranked[:TOP_REASONS]:
+        hint = reason_hint(reason, by, prefixes)
+        parts.append(f"{reason} {count}" + (f" ({hint})" if hint else ""))
+    return "; ".join(problems) + (" - top reasons: " + ", ".join(parts) if parts else "")

@@ -24,7 +24,8 @@ Registered resources (``add``/``add_image``; they win over every route below):
   ``/wrongtype/octet``         default JPEG bytes served as ``application/octet-stream``
 
 Dynamic routes:
-  ``/robots.txt``              ``srv.robots_txt`` (default ``DEFAULT_ROBOTS_TXT``: disallow ``/private/``); None: 404
+  ``/robots.txt``              ``srv.robots_txt`` (default ``DEFAULT_ROBOTS_TXT``: disallow ``/private/``); None: 404;
+                               ``srv.robots_status`` (default None) answers that status instead (503: unreachable)
   ``/status/<code>``           that status with a short text body (404, 500, 503, ...)
   ``/flaky/<n>/<token>``       first n requests per token get 503 (``?status=500`` to change), then the default JPEG
   ``/ratelimit/<n>/<token>``   first n requests per token get 429 with ``Retry-After: <s>`` (``?retry_after=<s>``,
@@ -242,6 +243,8 @@ class _Handler(QuietHandler):
     # -- routes: each takes the query dict and the regex groups ----------------------------------------------------
 
     def _robots(self, query: dict) -> None:
+        if self.server.app.robots_status is not None:
+            return self._status(query, str(self.server.app.robots_status))
         text = self.server.app.robots_txt
         if text is None:
             return self._text(404, "404 Not Found\n")
@@ -340,6 +343,7 @@ class ImageServer(LoopbackService):
     Attributes:
         latency: Seconds every response waits before it starts (simulates a far-away host); may change while running.
         robots_txt: Body of ``/robots.txt``, or None for a 404; may change while running.
+        robots_status: A status ``/robots.txt`` answers instead of its body (e.g. 503), or None; may change.
         images: The default test image by format, ``{"jpeg": ..., "png": ..., "webp": ...}``.
         port: The bound port, once started.
     """
@@ -358,6 +362,7 @@ class ImageServer(LoopbackService):
         """
         super().__init__(host)
         self.latency, self.robots_txt = latency, DEFAULT_ROBOTS_TXT
+        self.robots_status: int | None = None
         self.images = {fmt: encode_test_image(fmt) for fmt in ("jpeg", "png", "webp")}
         self._resources: dict[str, _Resource] = {}
         self._log: list[RequestRecord] = []

@@ -90,7 +90,7 @@ def test_redirect_to_a_blocked_address_is_refused(server):
     result = fetcher().fetch(server.fault_url("redirect_to", url=target))
     assert result.reason == "blocked_address"
     first_hop = server.fault_url("redirect_to", url=target).split(str(server.port), 1)[1]
-    assert [r.path for r in server.requests] == [first_hop]
+    assert [r.path for r in server.requests] == ["/robots.txt", first_hop]
 
 
 @pytest.mark.parametrize("ip, loopback, private, allowed", [
@@ -110,18 +110,43 @@ def test_redirect_to_a_blocked_address_is_refused(server):
     ("0.0.0.0", True, False, False),
     ("224.0.0.1", True, False, False),
     ("10.1.2.3", False, True, True),
+    # IPv6 forms that carry an IPv4 address to its destination are judged by that address (class 10)
+    ("::ffff:10.0.0.1", True, False, False),  # IPv4-mapped
+    ("::127.0.0.1", False, False, False),  # IPv4-compatible (deprecated, still routed by some stacks)
+    ("::a00:1", True, False, False),
+    ("::ffff:0:a00:1", True, False, False),  # SIIT IPv4-translated
+    ("64:ff9b::7f00:1", False, False, False),  # NAT64 well-known prefix
+    ("64:ff9b::a9fe:a9fe", True, False, False),  # NAT64 of the metadata address
+    ("64:ff9b::808:808", False, False, True),  # NAT64 of a public address is public
+    ("64:ff9b:1::a00:1", True, False, False),  # local-use NAT64: private whatever it embeds
+    ("64:ff9b:1::808:808", True, False, False),
+    ("2002:7f00:1::", False, False, False),  # 6to4 of 127.0.0.1
+    ("2002:a9fe:a9fe::1", True, False, False),  # 6to4 of 169.254.169.254
+    ("2002:808:808::1", False, False, True),  # 6to4 of a public address
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", True, False, False),  # Teredo, client 10.0.0.1
+    ("2001:0:a00:1:8000:63bf:f7f6:f7f7", True, False, False),  # Teredo, server 10.0.0.1
+    ("2001:db8::5efe:a00:1", True, False, False),  # ISATAP interface id carrying 10.0.0.1
+    ("fe80::5efe:808:808", True, False, False),  # ISATAP id of a public address behind a link-local prefix
+    ("fd00::5efe:8.8.8.8", True, False, False),  # ... behind a private prefix
+    ("ff02::5efe:808:808", True, False, False),  # ... behind a multicast prefix
+    ("2606:4700::5efe:808:808", False, False, True),  # a public prefix carrying a public address stays public
+    ("::", True, False, False),  # unspecified: reaches this machine, like 0.0.0.0
+    ("::7f00:1", True, False, True),  # allowed loopback stays allowed in its embedded forms
+    ("64:ff9b::7f00:1", True, False, True),
+    ("100::1", True, False, False),  # discard-only and other reserved blocks
+    ("240.0.0.1", True, False, False),
 ])
 def test_address_policy(ip, loopback, private, allowed):
     assert address_allowed(ip, loopback, private) is allowed
 
 
-def test_robots_txt_is_honoured_when_enabled_and_fetched_once(server):
+def test_robots_txt_is_honoured_by_default_and_fetched_once(server):
+    assert DownloadConfig().check_robots_txt
     server.reset_log()
-    f = fetcher(check_robots_txt=True)
-    assert f.fetch(server.fault_url("private")).reason == "robots_txt"
-    assert f.fetch(server.url("/image.png")).ok
+    assert all(r.ok for r in fetcher().fetch_all([server.url("/image.png")] * 16))  # 8 threads, one new origin
     assert server.hits("/robots.txt") == 1
-    assert fetcher().fetch(server.fault_url("private")).ok  # off by default
+    assert fetcher().fetch(server.fault_url("private")).reason == "robots_txt"
+    assert fetcher(check_robots_txt=False).fetch(server.fault_url("private")).ok
 
 
 def test_optout_can_be_switched_off(server):
@@ -171,3 +196,52 @@ def test_a_dripping_body_is_cut_off_at_the_deadline(server):
     result = fetcher(retries=0, timeout=0.5).fetch(server.fault_url("slow", seconds=5, pieces=50))
     assert result.reason == "timeout"
     assert time.monotonic() - start < 1.5  # the deadline is the whole attempt, not each read
+
+
+@pytest.mark.parametrize("host", [
+    "2130706433", "0x7f000001", "0x7f.1", "0177.0.0.1", "017700000001", "127.1", "127.0.1", "0x7f.0.0.1",
+    "127.0.0.1.", "localhost.", "LOCALHOST", "foo.localhost", "[::ffff:127.0.0.1]", "[::127.0.0.1]",
+    "[64:ff9b::7f00:1]", "[2002:7f00:1::]", "[::1]", "evil.example@127.0.0.1",
+    "167772161", "0xa.0.0.1", "012.0.0.1", "0xa9fea9fe", "[::ffff:a9fe:a9fe]", "0", "0.0.0.0", "[::]",
+])
+def test_every_form_of_a_loopback_or_private_host_is_refused_before_a_request(server, host):
+    server.reset_log()
+    result = fetcher(allow_loopback=False).fetch(f"http://{host}:{server.port}/image.jpg")
+    assert (result.reason, result.attempts) == ("blocked_address", 1), result.message
+    assert server.requests == []  # neither the image nor robots.txt was asked for
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "017700000001", "127.1", "[::ffff:127.0.0.1]"])
+def test_the_numeric_forms_really_reach_loopback_when_it_is_allowed(server, host):
+    # The refusal above is not a parser quirk: these hosts are 127.0.0.1 to the resolver and the socket.
+    assert fetcher().fetch(f"http://{host}:{server.port}/image.jpg").data == encode_test_image("jpeg")
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("", "invalid_url"), ("file:///etc/passwd", "invalid_url"), ("ftp://example.com/x.jpg", "invalid_url"),
+    ("javascript:alert(1)", "invalid_url"), ("data:image/png;base64,iVBORw0KGgo=", "invalid_url"),
+    ("gopher://127.0.0.1:70/_GET", "invalid_url"), ("http://", "invalid_url"), ("http://[::1/x", "invalid_url"),
+    ("http://example.com:99999/x", "invalid_url"), ("http://x/\x00.jpg", "invalid_url"),
+    ("http://x/a\r\nHost: evil", "invalid_url"), ("http://" + "a" * 10_000 + ".com/", "invalid_url"),
+    ("http://xn--a.example/", "dns_error"), ("http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ/", "invalid_url"), ("http://a..b/", "invalid_url"),
+    ("http://bücher.invalid/x.jpg", "dns_error"), ("http://\udcff.example/", "invalid_url"),
+])
+def test_hostile_urls_end_with_a_reason_and_never_raise(url, reason):
+    result = fetcher(retries=0).fetch(url)
+    assert (result.ok, result.reason) == (False, reason), result.message
+
+
+@pytest.mark.parametrize("status, reason", [(503, "robots_unreachable"), (500, "robots_unreachable"),
+                                            (429, "robots_unreachable"), (404, None), (403, None), (401, None)])
+def test_robots_txt_5xx_disallows_and_4xx_allows_as_rfc_9309_says(server, status, reason):
+    server.robots_status = status
+    try:
+        server.reset_log()
+        f = fetcher(retries=1)
+        results = [f.fetch(server.url("/image.jpg")), f.fetch(server.url("/image.png"))]
+        assert [r.reason for r in results] == [reason, reason]
+        retried = 2 if status in (429, 500, 503) else 1  # a retryable status gets the fetcher's retries
+        assert server.hits("/robots.txt") == retried  # then the verdict is cached for the origin
+        assert server.hits("/image.jpg") == (0 if reason else 1)
+    finally:
+        server.robots_status = None

@@ -13,7 +13,7 @@ from visinstruct.pipelines.ingest import run as ingest
 from visinstruct.schemas import Box, SampleMeta, Turn
 from visinstruct.testing.openai_server import OpenAIServer
 from visinstruct.testing.sample_data import shapes_dataset
-from visinstruct.transforms.conversations import Bounds, parse_qa, read_reply
+from visinstruct.transforms.conversations import Bounds, parse_qa, read_reply, repetition
 from visinstruct.transforms.prompts import caption_only, choose_kind, derive_seed, load_templates, uses_llm
 
 pytestmark = pytest.mark.timeout(600)
@@ -47,7 +47,13 @@ def test_qa_replies_become_llava_turns():
     ("Question: What is it?\nAnswer: As the caption says, a red circle.", "mentions_context"),
     ("Question: Where is it?\nAnswer: At [0.10, 0.40] on the left.", "mentions_context"),
     ("Question: Where is it?\nAnswer: The bounding box is on the left.", "mentions_context"),
-    ("Question: How tall is it?\nAnswer: Its sides are 0.73 long.", "mentions_context"),
+    ("Question: Where is the square?\nAnswer: Its left edge is at 0.60.", "mentions_context"),
+    ("Question: Where is it?\nAnswer: It spans (0.10, 0.40) to the middle.", "mentions_context"),
+    ("Question: What is it?\nAnswer: According to the caption, a red circle.", "mentions_context"),
+    ("Question: Where is it?\nAnswer: At [0.12, 0.30, 0.55, 0.91] in the picture.", "mentions_context"),
+    ("Question: Where is it?\nAnswer: Its corner is at x1 = 0.1.", "mentions_context"),
+    ("Question: What is it?\nAnswer: A red\x00 circle.", "bad_characters"),
+    ("Question: What is it?\nAnswer: A red \ud800 circle.", "bad_characters"),
     ("Question: What colour?\nAnswer: Red.\nQuestion: What colour?\nAnswer: Blue.", "duplicate_question"),
     ("Question: What is there?\nAnswer: A red circle next to a sleeping cat.", "unknown_object"),
     ("Question: What is there?\nAnswer: A triangle.", "unknown_object"),
@@ -61,6 +67,63 @@ def test_objects_in_the_context_are_allowed_in_plural_too():
     assert verdict("Question: How many shapes?\nAnswer: Two: a circle and a square, no other squares.").turns
 
 
+@pytest.mark.parametrize("answer", [
+    "It is about 0.75 miles from the shore, so a 15 minute walk.",
+    "There are 3 circles, and the price tag says $12.99.",
+    "The circle is 0.5 metres wide and the square about .33 of that.",
+    "It is 2.5 metres tall, and the three boxes on the shelf are brown.",
+])
+def test_ordinary_numbers_and_words_are_not_mentions_of_the_context(answer):
+    assert verdict(f"Question: What can you tell me?\nAnswer: {answer}").turns
+
+
+LOOPING = " ".join(["The teal circle is a small circle that is a little larger than the other circle."] * 8)[:-30]
+GOOD_ANSWERS = [
+    "Yes, it is. It is red.",
+    "A red circle, a blue square, a green triangle and a yellow star.",
+    "The dog is brown. The dog is running. The dog looks happy.",
+    "There are two circles: a red circle on the left and a blue circle on the right. The red circle is a little "
+    "smaller than the blue circle, and both circles sit on a white background.",
+    "The image shows a busy city street with several cars parked along the side of the road. A man in a blue "
+    "jacket is walking on the sidewalk, carrying a black bag. To the left of him, a woman is standing next to a "
+    "bicycle, looking at her phone. In the background, there are tall buildings with many windows, and a traffic "
+    "light can be seen at the corner of the street. The sky is overcast, suggesting that it might rain soon.",
+    "First, the circle is on the left and the square is on the right. Second, the square is larger than the "
+    "circle. So if the square slid to the left, it would push the circle off the edge of the picture, because "
+    "the circle is smaller and there is nothing else on the left side to stop it.",
+]
+LOOPS = [
+    LOOPING,
+    "It is red.\nIt is red.\nIt is red.",
+    "A red circle, a red circle, a red circle, a red circle, a red circle, a red circle.",
+    "The picture shows a circle and a circle and a circle and a circle and a circle and a circle and a circle.",
+    "It is very very very very very very very very very very very big.",
+    "The square is blue and the square is big, and the square is next to the square, and the square is on the "
+    "left of the square while the square is larger than the square, so the square is square and the square is "
+    "near the square at the top of the square.",
+]
+
+
+def test_template_examples_and_normal_answers_are_not_repetitive():
+    replies = [e["reply"] for k in load_templates().kinds.values() for e in k.examples]
+    for text in replies + GOOD_ANSWERS:
+        assert repetition(text) is None, text
+
+
+@pytest.mark.parametrize("text", LOOPS)
+def test_looping_answers_are_rejected_as_repetitive(text):
+    assert repetition(text) is not None
+    assert verdict(f"Question: What is in the picture?\nAnswer: {text}").reason == "repetitive"
+    assert verdict(text, "description", "Describe it.").reason == "repetitive"
+
+
+def test_good_answers_pass_the_whole_reply_reader():
+    for text in GOOD_ANSWERS:  # the caption names every object, as a real context does
+        meta = SampleMeta(key="000000001", caption=text)
+        assert read_reply("description", text, meta, "Describe it.", VOCAB, Bounds()).turns, text
+    assert repetition(LOOPING).startswith("repeated sentences hold")
+
+
 def test_plans_are_deterministic_per_key():
     templates = load_templates()
     weights = {"conversation": 1.0, "detailed": 2.0, "complex_reasoning": 1.0}
@@ -72,6 +135,13 @@ def test_plans_are_deterministic_per_key():
     turns = caption_only(META, templates, 0)
     assert turns == caption_only(META, templates, 0) and turns[1] == Turn("gpt", META.caption)
     assert turns[0].value.startswith("<image>\n") and turns[0].value[8:] in templates.brief_questions
+
+
+def test_a_caption_no_backend_can_send_is_that_samples_rejection_not_the_batchs():
+    cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": "http://127.0.0.1:9/v1"})
+    meta = SampleMeta(key="000000007", caption="a red circle \udce9 on white", url="http://x/\udce9.jpg")
+    plan = generate.plan_sample("p", meta, cfg, load_templates())
+    assert plan.rejection.reason == "bad_characters" and plan.rejection.url == "http://x/\\udce9.jpg"
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +243,35 @@ def test_openai_faults_end_written_after_retry_or_dead_lettered(tmp_path, monkey
                                                      "empty_completion", "http_401"]
 
 
+def test_replies_cut_at_the_token_limit_are_rejected_as_truncated():
+    from visinstruct.transforms.llm import GenerationHandler, Plan
+    from visinstruct.transforms.llm_openai import ChatRequest
+
+    good = "Question: What is there?\nAnswer: A red circle and a blue square."  # 12 words: the server's tokens
+    with OpenAIServer(responder=lambda r: good) as srv:
+        cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": srv.base_url, "model": "m", "retries": 0,
+                                         "api_key_env": None, "retry_new_seed": False})
+        handler = GenerationHandler(cfg, VOCAB)
+        plans = [Plan("p", f"{i:09d}", "conversation", "qa", None, META,
+                      ChatRequest(f"{i:09d}", [{"role": "user", "content": f"sample {i}"}], max_tokens=limit))
+                 for i, limit in enumerate([64, 8])]
+        whole, cut = [r.inference for r in handler.run_inference(plans, handler.load_model())]
+    assert whole.result.finish_reason == "stop" and whole.verdict.turns
+    # "Question: What is there? Answer: A red circle" reads as a valid pair: only finish_reason tells
+    assert cut.result.finish_reason == "length" and cut.result.text.endswith("A red circle")
+    assert cut.verdict.reason == "truncated_reply" and "max_new_tokens" in cut.verdict.message
+
+
+def test_local_backend_finish_reason_is_length_only_when_no_stop_token_came_within_the_limit():
+    from visinstruct.transforms.llm import _cut
+
+    stops = frozenset({2, 7})
+    assert _cut([5, 6, 2, 0, 0], stops, 5) == ([5, 6], "stop")
+    assert _cut([5, 6, 9, 9, 9], stops, 5) == ([5, 6, 9, 9, 9], "length")
+    assert _cut([5, 6, 9, 9, 7], stops, 3) == ([5, 6, 9], "length")  # a row whose own limit is below the batch's
+    assert _cut([5, 7], stops, 5) == ([5], "stop")
+
+
 def test_transformers_sampling_is_seeded_per_sample_not_per_batch(tmp_path):
     from visinstruct.testing.tiny_models import tiny_causal_lm
     from visinstruct.transforms.llm import TransformersBackend
@@ -188,6 +287,8 @@ def test_transformers_sampling_is_seeded_per_sample_not_per_batch(tmp_path):
     batched = backend.generate([ask("b", "a much longer prompt that pads the other row", 9),
                                 ask("a", "hello there", 5)])
     assert alone.text == batched[1].text and alone.completion_tokens > 0
+    # random weights never say <|im_end|> within 12 tokens: the answer ran to the limit
+    assert (alone.finish_reason, alone.completion_tokens) == ("length", 12)
     assert backend.generate([ask("a", "hello there", 6)])[0].text != alone.text
 
 
@@ -217,3 +318,64 @@ def test_cli_generates_caption_only_data_and_reports_one_line_errors(shards, tmp
     assert "generate: 9 rows in 3 shards -> 9 written, 0 rejected" in capsys.readouterr().out
     assert main(["generate", "--config", str(config), "--input", str(tmp_path / "none"), "--out", "x"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+GOOD_QA = ("Question: What colours are the shapes?\nAnswer: They are bright.\n"
+           "Question: Is the background plain?\nAnswer: Yes, it is plain white.")
+
+
+def test_a_bug_on_one_sample_dead_letters_that_sample_only(shards, tmp_path, monkeypatch):
+    from visinstruct.transforms import llm
+
+    captions = {key: meta.caption for key, meta in samples_of(shards).items()}
+    unique = [k for k, c in sorted(captions.items()) if list(captions.values()).count(c) == 1]
+    bad_prompt, bad_reply = sorted(captions)[1], sorted(captions)[5]
+    cut = next(k for k in unique if k not in (bad_prompt, bad_reply))  # its caption tells the server who it is
+    real_build, real_read = generate.build_messages, llm.read_reply
+
+    def build_messages(template, meta):  # a planted bug in prompt building, for one sample
+        if meta.key == bad_prompt:
+            raise KeyError("planted in build_messages")
+        return real_build(template, meta)
+
+    def read_reply(kind_format, reply, meta, *args):  # and one in reading the reply, for another
+        if meta.key == bad_reply:
+            raise ZeroDivisionError("planted in read_reply")
+        return real_read(kind_format, reply, meta, *args)
+
+    monkeypatch.setattr(generate, "build_messages", build_messages)
+    monkeypatch.setattr(llm, "read_reply", read_reply)
+    with OpenAIServer(responder=lambda r: " ".join([GOOD_QA] * 20) if captions[cut] in r["messages"][-1]["content"]
+                      else GOOD_QA) as srv:
+        cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": srv.base_url, "model": "m",
+                                         "api_key_env": None, "kinds": {"conversation": 1.0}, "max_new_tokens": 64,
+                                         "temperature": 0.0, "write": {"path": str(tmp_path / "out")}})
+        report = generate.run(cfg, shards, RUNNER)
+    assert report["accounted"] and report["written"] == 6 and sorted(samples(tmp_path / "out")) == sorted(
+        set(captions) - {bad_prompt, bad_reply, cut})
+    rejected = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "rejected").to_pylist()}
+    assert {k: r["reason"] for k, r in rejected.items()} == {
+        bad_prompt: "internal_error", bad_reply: "internal_error", cut: "truncated_reply"}
+    assert rejected[bad_prompt]["message"] == "KeyError: 'planted in build_messages'"
+    assert rejected[bad_reply]["message"] == "ZeroDivisionError: planted in read_reply"
+    detail = json.loads(rejected[cut]["detail"])
+    assert detail["finish_reason"] == "length" and detail["raw"].startswith(GOOD_QA.split("\n")[0])
+
+
+def test_with_the_llm_server_down_every_row_is_a_retryable_connection_error_naming_the_endpoint(shards, tmp_path):
+    from visinstruct.transforms.llm import CONFIG_REASONS, HINTS, RETRYABLE_REASONS
+
+    with OpenAIServer() as srv:
+        endpoint = srv.base_url  # stopped on leaving: nothing listens there any more
+    cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": endpoint, "model": "m", "retries": 0,
+                                     "api_key_env": None, "write": {"path": str(tmp_path / "out")}})
+    report = generate.run(cfg, shards, RUNNER)
+    assert report["written"] == 0 and report["rejected_by_reason"] == {"connection_error": 9}
+    rejected = pq.read_table(tmp_path / "out" / "rejected").to_pylist()
+    assert len(rejected) == 9 and all(f"cannot connect to {endpoint}" in r["message"] for r in rejected)
+    assert "connection_error" in RETRYABLE_REASONS and not RETRYABLE_REASONS & CONFIG_REASONS
+    assert "generate.endpoint" in HINTS["connection_error"]
+
+
+def samples_of(shards) -> dict[str, SampleMeta]:
+    return {s["__key__"]: SampleMeta.from_json(s["json"]) for s in wds.WebDataset(shards, shardshuffle=False)}

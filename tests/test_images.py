@@ -5,10 +5,11 @@ import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from visinstruct.configs import ResizeConfig
+from visinstruct.configs import ConfigError, ResizeConfig, from_dict
 from visinstruct.transforms.images import ImageRejected, hamming, phash, process_image, target_size
 
 
@@ -40,11 +41,39 @@ def test_resize_modes_give_img2dataset_sizes(mode, expected):
     assert (out.original_width, out.original_height) == (400, 300)
 
 
-def test_border_pads_with_black_and_centres_the_image():
+def test_border_pads_with_white_like_img2dataset_and_centres_the_image():
     out = decoded(process_image(photo(), ResizeConfig(image_size=256, resize_mode="border")).data).convert("RGB")
-    assert max(out.getpixel((128, 5))) < 16  # top border (image is 256x192 inside)
-    assert max(out.getpixel((128, 250))) < 16
-    assert out.getpixel((128, 128)) != (0, 0, 0)
+    assert min(out.getpixel((128, 5))) > 240  # top border (image is 256x192 inside)
+    assert min(out.getpixel((128, 250))) > 240
+    assert max(out.getpixel((128, 40))) < 100  # the photo's dark background starts where the border ends
+
+
+@pytest.mark.parametrize("color, rgb", [("black", (0, 0, 0)), ("#1e90ff", (30, 144, 255)),
+                                        ("rgb(200, 30, 40)", (200, 30, 40))])
+def test_border_color_is_configurable(color, rgb):
+    cfg = from_dict(ResizeConfig, {"image_size": 64, "resize_mode": "border", "border_color": color,
+                                   "encode_format": "png"})
+    out = decoded(process_image(photo(), cfg).data).convert("RGB")
+    assert out.getpixel((32, 1)) == out.getpixel((32, 62)) == rgb
+
+
+def test_a_border_color_that_is_no_colour_is_a_config_error():
+    with pytest.raises(ConfigError, match="border_color"):
+        from_dict(ResizeConfig, {"border_color": "not-a-colour"})
+
+
+@pytest.mark.parametrize("size, reason", [((1, 1), "too_small"), ((4000, 2), "too_small"), ((16, 16), "too_small"),
+                                          ((400, 100), "bad_aspect_ratio"), ((90, 600), "bad_aspect_ratio")])
+def test_default_bounds_reject_icons_and_strips_instead_of_upscaling_them(size, reason):
+    with pytest.raises(ImageRejected) as err:
+        process_image(saved(Image.new("RGB", size, (30, 60, 90)), "PNG"), ResizeConfig())
+    assert err.value.reason == reason
+
+
+@pytest.mark.parametrize("size", [(64, 64), (64, 48), (32, 32), (300, 100)])
+def test_default_bounds_keep_the_small_images_of_our_samples_and_demo(size):
+    """easy-VQA's 64x64, the test server's 64x48, 32 px LLaVA test images; 3:1 is the widest kept."""
+    assert process_image(saved(Image.new("RGB", size, (30, 60, 90)), "PNG"), ResizeConfig()).width == 256
 
 
 def test_resize_only_if_bigger_never_upscales():
@@ -125,3 +154,45 @@ def test_phash_is_stable_under_resizing_and_differs_between_images():
     assert len(phash(a)) == 16
     assert hamming(phash(a), phash(b)) <= 4
     assert hamming(phash(a), phash(other)) > 10
+
+
+def saved(img: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def grey16(value: int) -> Image.Image:
+    return Image.fromarray(np.full((40, 48), value, dtype=np.uint16), "I;16")
+
+
+def two_frames(fmt: str) -> bytes:
+    first, second = Image.new("RGB", (48, 40), (200, 30, 40)), Image.new("RGB", (48, 40), (20, 30, 200))
+    return saved(first, fmt, save_all=True, append_images=[second])
+
+
+def short_palette() -> bytes:
+    img = Image.new("P", (48, 40), 1)
+    img.putpalette([0, 0, 0, 200, 30, 40])  # two colours where 256 are usual
+    return saved(img, "PNG")
+
+
+@pytest.mark.parametrize("name, data, rgb", [
+    ("16-bit grey PNG", lambda: saved(grey16(32896), "PNG"), (128, 128, 128)),  # Pillow's convert gives white
+    ("16-bit grey TIFF", lambda: saved(grey16(65535), "TIFF"), (255, 255, 255)),
+    ("32-bit int TIFF", lambda: saved(Image.new("I", (48, 40), 32896), "TIFF"), (128, 128, 128)),
+    ("float TIFF in [0, 1]", lambda: saved(Image.new("F", (48, 40), 0.5), "TIFF"), (128, 128, 128)),
+    ("CMYK JPEG", lambda: saved(Image.new("CMYK", (48, 40), (0, 255, 255, 0)), "JPEG", quality=100), (255, 0, 0)),
+    ("CMYK TIFF", lambda: saved(Image.new("CMYK", (48, 40), (0, 255, 255, 0)), "TIFF"), (255, 0, 0)),
+    ("transparent LA PNG", lambda: saved(Image.new("LA", (48, 40), (0, 0)), "PNG"), (255, 255, 255)),
+    ("1-bit BMP", lambda: saved(Image.new("1", (48, 40), 1), "BMP"), (255, 255, 255)),
+    ("short palette PNG", short_palette, (200, 30, 40)),
+    ("two-frame GIF", lambda: two_frames("GIF"), (200, 30, 40)),  # the first frame
+    ("two-frame TIFF", lambda: two_frames("TIFF"), (200, 30, 40)),
+])
+def test_every_mode_becomes_rgb_deterministically(name, data, rgb):
+    cfg = ResizeConfig(image_size=32, resize_mode="keep_ratio", encode_format="png")
+    out = process_image(data(), cfg)
+    assert out.data == process_image(data(), cfg).data
+    pixel = decoded(out.data).getpixel((16, 16))
+    assert decoded(out.data).mode == "RGB" and max(abs(a - b) for a, b in zip(pixel, rgb)) <= 3, pixel

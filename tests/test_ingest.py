@@ -234,3 +234,87 @@ def test_a_missing_takedown_list_fails_before_anything_runs(server, tmp_path):
     with pytest.raises(ConfigError, match="dedup.takedown_lists: no takedown list matches"):
         ingest(tmp_path, [server.url("/photo0.jpg")], dedup={"takedown_lists": [str(tmp_path / "nope.txt")]})
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_a_planted_bug_in_one_record_costs_that_record_only(server, tmp_path, monkeypatch):
+    """A bug one record triggers (in decoding, in building its metadata) becomes its ``internal_error`` row, with
+    the exception's class, and a counter; every other row is written. FnApiRunner runs DoFns in this process, so
+    the patched functions are the ones the pipeline calls."""
+    import apache_beam as beam
+
+    from visinstruct.pipelines.ingest import Ingest
+    from visinstruct.pipelines.options import pipeline_options
+    from visinstruct.transforms import download
+
+    urls = [server.url(f"/photo{i}.jpg") for i in range(5)]
+    poisoned_bytes = encode_test_image("jpeg", (100, 50))  # what /photo2.jpg serves
+    real_process, real_from_pair = download.process_image, SampleMeta.from_pair
+
+    def process_image(data, cfg):
+        if data == poisoned_bytes:
+            raise ZeroDivisionError("planted in decoding")
+        return real_process(data, cfg)
+
+    def from_pair(cls, pair, image):
+        if pair.url == urls[4]:
+            raise KeyError("planted in the metadata")
+        return real_from_pair(pair, image)
+
+    monkeypatch.setattr(download, "process_image", process_image)
+    monkeypatch.setattr(SampleMeta, "from_pair", classmethod(from_pair))
+    cfg = from_dict(IngestConfig, {
+        "read": {"path": write_urls(tmp_path / "urls.parquet", urls)},
+        "write": {"path": str(tmp_path / "out"), "shard_size": 4},
+        "download": {"allow_loopback": True, "per_host_rps": None, "threads": 4}})
+    p = beam.Pipeline(options=pipeline_options(RUNNER))
+    _ = p | Ingest(cfg)
+    result = p.run()
+    result.wait_until_finish()
+
+    out = tmp_path / "out"
+    assert statuses(out) == {"000000000": "success", "000000001": "success", "000000002": "internal_error",
+                             "000000003": "success", "000010000": "internal_error"}
+    assert [s["__key__"] for s in read_shards(out)] == ["000000000", "000000001", "000000003"]
+    rejected = {r["key"]: r for r in pq.read_table(out / "rejected").to_pylist()}
+    assert {k: (r["stage"], r["reason"], json.loads(r["detail"])["exception"]) for k, r in rejected.items()} == {
+        "000000002": ("decode", "internal_error", "ZeroDivisionError"),
+        "000010000": ("decode", "internal_error", "KeyError")}
+    assert rejected["000000002"]["message"] == "ZeroDivisionError: planted in decoding"
+    stats = [json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))]
+    assert sum(s["inputs"] for s in stats) == len(urls) and sum(s["written"] for s in stats) == 3
+    counters = {(c.key.metric.namespace, c.key.metric.name): c.committed
+                for c in result.metrics().query(beam.metrics.MetricsFilter())["counters"]}
+    assert counters[("decode", "internal_error")] == 2
+    assert counters[("ingest", "rows_done")] == len(urls)
+
+
+def test_a_reader_that_fails_midway_keeps_its_rows_and_dead_letters_the_failure(server, tmp_path, monkeypatch):
+    """A file that breaks after some rows: those rows go on, and the break is one ``internal_error`` row saying
+    where reading stopped, not a failed bundle; a bug numbering one row costs that row."""
+    from visinstruct.pipelines import ingest as ingest_pipeline
+
+    real_read, real_keyed = ingest_pipeline.read_unit, ingest_pipeline._keyed
+
+    def read_unit(fmt, paths, cfg):
+        rows = real_read(fmt, paths, cfg)
+        yield next(rows)
+        yield next(rows)
+        yield next(rows)
+        raise OSError("planted: the file is damaged here")
+
+    def keyed(item, key):
+        if key == "000000001":
+            raise ValueError("planted in numbering")
+        return real_keyed(item, key)
+
+    monkeypatch.setattr(ingest_pipeline, "read_unit", read_unit)
+    monkeypatch.setattr(ingest_pipeline, "_keyed", keyed)
+    report, out = ingest(tmp_path, [server.url(f"/photo{i}.jpg") for i in range(5)])
+    assert statuses(out) == {"000000000": "success", "000000001": "internal_error", "000000002": "success",
+                             "000000003": "internal_error"}
+    rejected = {r["key"]: r for r in pq.read_table(out / "rejected").to_pylist()}
+    assert rejected["000000003"]["stage"] == "read"
+    assert rejected["000000003"]["message"].startswith("reading stopped after 3 rows of ")
+    assert "OSError: planted: the file is damaged here" in rejected["000000003"]["message"]
+    assert rejected["000000001"]["message"] == "ValueError: planted in numbering"
+    assert report["rows_read"] == report["inputs"] == 4 and report["accounted"]

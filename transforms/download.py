@@ -2,13 +2,19 @@
 
 One worker handles one shard, as img2dataset does: URLs are shuffled between workers, image bytes never are.
 :func:`fetch_and_process` is the plain per-pair function; :class:`DownloadShard` is the Beam stage around it.
+Every per-row step runs through the guard (:mod:`visinstruct.transforms.guard`): what one row raises becomes
+that row's ``internal_error`` rejection. A finished shard is committed to staging (:mod:`.staging`) so that a
+killed run does not download it again, and reports progress while it runs (:mod:`.progress`).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import replace
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -16,8 +22,26 @@ from apache_beam.io.filesystems import FileSystems
 from visinstruct.configs import IngestConfig
 from visinstruct.schemas import ImageTextPair, IndexRow, JsonDict, Rejection, SampleMeta, from_table, shard_name
 from visinstruct.transforms.fetch import Fetcher
+from visinstruct.transforms.guard import INTERNAL_ERROR, guarded
 from visinstruct.transforms.images import ImageRejected, ProcessedImage, process_image
-from visinstruct.transforms.shards import TarShardWriter, exists, join, read_table, read_tar_samples, shard_paths
+from visinstruct.transforms.progress import ShardProgress, map_with_progress
+from visinstruct.transforms.shards import (
+    ShardReadError,
+    TarShardWriter,
+    exists,
+    join,
+    read_table,
+    read_tar_samples,
+    shard_paths,
+)
+from visinstruct.transforms.staging import (  # noqa: F401 - STAGING and ShardDraft are used from here too
+    STAGING,
+    ShardDraft,
+    commit_draft,
+    input_digest,
+    load_draft,
+    staging_path,
+)
 from visinstruct.transforms.takedown import REASON as TAKEDOWN
 from visinstruct.transforms.takedown import Takedown, load_takedown_lists
 from visinstruct.transforms.timing import add_busy
@@ -25,26 +49,25 @@ from visinstruct.transforms.timing import add_busy
 REJECTED_DIR = "rejected"
 
 log = logging.getLogger(__name__)
-STAGING = "_staging"
-# Failures another attempt may fix: what `write.retry_failed` downloads again.
+# Failures another attempt may fix.
 RETRYABLE_REASONS = frozenset({"timeout", "connection_error", "truncated", "dns_error", "empty_body", "http_408",
-                               "http_425", "http_429", "http_500", "http_502", "http_503", "http_504"})
+                               "http_425", "http_429", "http_500", "http_502", "http_503", "http_504",
+                               "robots_unreachable"})
+# Failures the run's settings (or a bug of ours) caused, not the image: a wrong url_col, loopback or private
+# addresses not allowed, an unreadable image folder, an internal error. A corrected rerun may fix them.
+# (Opt-outs, robots.txt, 404s, bad images and duplicates are the image's or its site's: final.)
+CONFIG_REASONS = frozenset({"blocked_address", "missing_column", "missing_url", "invalid_url", "file_error",
+                            INTERNAL_ERROR})
+# Rows with these reasons are not final: `write.retry_failed` processes them again, and a shard whose rows
+# ALL failed with them is not complete (a rerun redoes it; see `shard_is_final`).
+NOT_FINAL_REASONS = RETRYABLE_REASONS | CONFIG_REASONS
 Previous = dict[str, "tuple[IndexRow, dict[str, bytes]] | Rejection"]
 
 
-@dataclass
-class ShardDraft:
-    """What :class:`DownloadShard` made of one shard: rows for every input, and the staging tar."""
-
-    shard: int
-    staging_tar: str
-    rows: list[IndexRow] = field(default_factory=list)  # one per input row, in key order
-    rejections: list[Rejection] = field(default_factory=list)
-    duration_s: float = 0.0
-
-
-def staging_path(out_dir: str, shard: int) -> str:
-    return join(out_dir, STAGING, f"{shard_name(shard)}.tar")
+def all_not_final(statuses: Iterable[str]) -> bool:
+    """Whether there are rows and every one failed for a reason a rerun may fix (none written, none final)."""
+    statuses = list(statuses)
+    return bool(statuses) and all(status in NOT_FINAL_REASONS for status in statuses)
 
 
 def read_location(location: str) -> bytes:
@@ -53,24 +76,37 @@ def read_location(location: str) -> bytes:
         return f.read()
 
 
+def _read_local(pair: ImageTextPair) -> bytes | Rejection:
+    try:
+        return read_location(pair.location)
+    except (OSError, ValueError) as e:  # Beam filesystems raise BeamIOError (an IOError) or ValueError
+        return Rejection("download", "file_error", f"cannot read {pair.location}: {e}"[:500], pair.key,
+                         pair.location)
+
+
+def _decode(pair: ImageTextPair, data: bytes, cfg: IngestConfig) -> ProcessedImage | Rejection:
+    try:
+        return process_image(data, cfg.resize)
+    except ImageRejected as e:
+        return Rejection("decode", e.reason, str(e)[:500], pair.key, pair.location)
+
+
 def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) -> ProcessedImage | Rejection:
-    """Fetch one pair's image and validate/resize it; every failure becomes a :class:`Rejection`."""
+    """Fetch one pair's image and validate/resize it; every failure (any exception too) is a :class:`Rejection`."""
     location = pair.location
     if pair.url is not None:  # URLs come from untrusted lists: only the checked HTTP(S) fetcher reads them
-        result = fetcher.fetch(location)
+        result = guarded("download", lambda: fetcher.fetch(location), pair.key, location)
+        if isinstance(result, Rejection):
+            return result
         if not result.ok:
             return Rejection("download", result.reason, result.message, pair.key, location,
                              JsonDict({"attempts": result.attempts}))
         data = result.data
     else:  # paths come from sources the user points at (folders, COCO, LLaVA JSON): local or gs://...
-        try:
-            data = read_location(location)
-        except (OSError, ValueError) as e:  # Beam filesystems raise BeamIOError (an IOError) or ValueError
-            return Rejection("download", "file_error", f"cannot read {location}: {e}"[:500], pair.key, location)
-    try:
-        return process_image(data, cfg.resize)
-    except ImageRejected as e:
-        return Rejection("decode", e.reason, str(e)[:500], pair.key, location)
+        data = guarded("download", lambda: _read_local(pair), pair.key, location)
+        if isinstance(data, Rejection):
+            return data
+    return guarded("decode", lambda: _decode(pair, data, cfg), pair.key, location)
 
 
 def rejected_row(rejection: Rejection, pair: ImageTextPair | None = None) -> IndexRow:
@@ -87,12 +123,19 @@ def sample_members(pair: ImageTextPair, image: ProcessedImage) -> list[tuple[str
 
 
 def load_previous(out_dir: str, shard: int) -> Previous:
-    """What a complete shard already holds, except rows that failed with a retryable reason.
+    """What a complete shard already holds, except rows whose failure is not final (``NOT_FINAL_REASONS``).
 
-    Successes map to ``(index row, {ext: bytes})`` read from the tar; other failures to their rejection.
+    Successes map to ``(index row, {ext: bytes})`` read from the tar; other failures to their rejection. A tar
+    damaged since it was written keeps what can still be read; rows whose sample is gone are downloaded again.
     """
     paths = shard_paths(out_dir, shard)
-    samples = dict(read_tar_samples(paths["tar"]))
+    samples = {}
+    try:
+        for key, sample in read_tar_samples(paths["tar"]):
+            samples[key] = sample
+    except (ShardReadError, OSError) as e:
+        log.warning("shard %s: its tar is damaged (%s); samples past the damage are downloaded again",
+                    shard_name(shard), e)
     rejections = {}  # every stage's dead letters for this shard (ingest, and later ones such as remove)
     pattern = join(out_dir, REJECTED_DIR, f"*-{shard_name(shard)}.parquet")
     for meta in FileSystems.match([pattern])[0].metadata_list:
@@ -100,8 +143,9 @@ def load_previous(out_dir: str, shard: int) -> Previous:
     previous: Previous = {}
     for row in from_table(IndexRow, read_table(paths["parquet"], IndexRow)):
         if row.status == "success":
-            previous[row.key] = (row, samples[row.key])
-        elif row.status not in RETRYABLE_REASONS:
+            if row.key in samples:
+                previous[row.key] = (row, samples[row.key])
+        elif row.status not in NOT_FINAL_REASONS:
             previous[row.key] = rejections.get(row.key) or Rejection(
                 "unknown", row.status, row.error_message or row.status, row.key, row.url or row.path)
     return previous
@@ -112,48 +156,79 @@ def taken_down(key: str, location: str | None, how: str) -> Rejection:
     return Rejection("dedup", TAKEDOWN, f"the {what} is on a takedown list", key, location)
 
 
-def build_draft(shard: int, rows: list[ImageTextPair | Rejection], fetcher: Fetcher, cfg: IngestConfig,
-                tar_path: str, previous: Previous | None = None, takedown: Takedown | None = None) -> ShardDraft:
-    """Fetch and process a shard's pairs concurrently, write the staging tar, account for every row.
+def _before_download(row, previous: Previous, takedown: Takedown):
+    """A row as it enters the download: a pair, or its rejection (kept from ``previous``, or a listed URL)."""
+    if isinstance(previous.get(row.key), Rejection):
+        return previous[row.key]
+    if isinstance(row, ImageTextPair) and takedown and takedown.match(row.url, None):
+        return taken_down(row.key, row.url, "url")
+    return row
 
-    Rows found in ``previous`` (a retry of a complete shard) are reused instead of downloaded. Pairs whose URL
-    ``takedown`` lists are not downloaded; images whose sha256 it lists are dropped (also reused ones).
-    """
-    start = time.monotonic()
-    previous, takedown = previous or {}, takedown or Takedown()
-    rows = sorted((previous.get(r.key) if isinstance(previous.get(r.key), Rejection) else r for r in rows),
-                  key=lambda r: r.key)
-    if takedown:
-        rows = [taken_down(r.key, r.url, "url") if isinstance(r, ImageTextPair) and takedown.match(r.url, None)
-                else r for r in rows]
-    pairs = [r for r in rows if isinstance(r, ImageTextPair) and r.key not in previous]
-    outcomes = dict(zip((p.key for p in pairs), fetcher.map(lambda p: fetch_and_process(p, fetcher, cfg), pairs)))
-    draft = ShardDraft(shard, tar_path)
-    writer = TarShardWriter()
-    try:
-        for row in rows:
-            pair = row if isinstance(row, ImageTextPair) else None
-            if pair is not None and pair.key in previous:  # a retry reuses what the shard holds
-                kept, sample = previous[pair.key]
-                if not takedown.match(None, kept.sha256):
-                    draft.rows.append(replace(kept, members=writer.add(pair.key, list(sample.items()))))
-                    continue
-                outcome = taken_down(pair.key, pair.location, "sha256")
-            else:
-                outcome = row if pair is None else outcomes[pair.key]
-                if isinstance(outcome, ProcessedImage) and takedown.match(None, outcome.sha256):
-                    outcome = taken_down(pair.key, pair.location, "sha256")
-            if isinstance(outcome, Rejection):
-                draft.rows.append(rejected_row(outcome, pair))
-                draft.rejections.append(outcome)
-                continue
-            members = writer.add(pair.key, sample_members(pair, outcome))
+
+def _after_download(pair: ImageTextPair, outcome, previous: Previous, takedown: Takedown):
+    """A downloaded (or reused) pair's outcome: a rejection, a :class:`ProcessedImage` or a reused sample."""
+    if pair.key in previous:  # a retry reuses what the shard holds: (index row, {ext: bytes})
+        kept, _ = previous[pair.key]
+        return taken_down(pair.key, pair.location, "sha256") if takedown.match(None, kept.sha256) else previous[
+            pair.key]
+    if isinstance(outcome, ProcessedImage) and takedown.match(None, outcome.sha256):
+        return taken_down(pair.key, pair.location, "sha256")
+    return outcome
+
+
+def _add_row(draft: ShardDraft, writer: TarShardWriter, row, outcome) -> None:
+    """Append one row's index row (and its sample to the staging tar, when kept)."""
+    pair = row if isinstance(row, ImageTextPair) else None
+    if isinstance(outcome, tuple):  # reused from the complete shard
+        kept, sample = outcome
+        draft.rows.append(replace(kept, members=writer.add(pair.key, list(sample.items()))))
+        return
+    if isinstance(outcome, ProcessedImage):
+        # stage "decode": making the sample is the end of turning bytes into one (and builds count it as ingest)
+        members = guarded("decode", functools.partial(sample_members, pair, outcome), pair.key, pair.location)
+        if not isinstance(members, Rejection):
             draft.rows.append(IndexRow(
                 key=pair.key, status="success", url=pair.url, path=pair.path, caption=pair.caption,
                 width=outcome.width, height=outcome.height, original_width=outcome.original_width,
                 original_height=outcome.original_height, sha256=outcome.sha256, phash=outcome.phash,
-                members=members))
-        writer.finish(tar_path)
+                members=writer.add(pair.key, members)))
+            return
+        outcome = members
+    draft.rows.append(rejected_row(outcome, pair))
+    draft.rejections.append(outcome)
+
+
+def build_draft(shard: int, rows: list[ImageTextPair | Rejection], fetcher: Fetcher, cfg: IngestConfig,
+                tar_path: str, previous: Previous | None = None, takedown: Takedown | None = None,
+                progress: ShardProgress | None = None) -> ShardDraft:
+    """Fetch and process a shard's pairs concurrently, write the staging tar, account for every row.
+
+    Rows found in ``previous`` (a retry of a complete shard) are reused instead of downloaded. Pairs whose URL
+    ``takedown`` lists are not downloaded; images whose sha256 it lists are dropped (also reused ones).
+    ``progress`` hears of each row as it finishes.
+    """
+    start = time.monotonic()
+    previous, takedown = previous or {}, takedown or Takedown()
+    progress = progress or ShardProgress(shard, len(rows), cfg.download.progress_interval)
+    rows = [guarded("dedup", functools.partial(_before_download, r, previous, takedown), r.key, r.url)
+            for r in sorted(rows, key=lambda r: r.key)]
+    pairs = [r for r in rows if isinstance(r, ImageTextPair) and r.key not in previous]
+    for row in rows:  # rows that need no download are done already
+        if not isinstance(row, ImageTextPair) or row.key in previous:
+            progress.row(row)
+    fetched = map_with_progress(fetcher.map, lambda p: guarded(
+        "download", lambda: fetch_and_process(p, fetcher, cfg), p.key, p.location), pairs, progress)
+    outcomes = dict(zip((p.key for p in pairs), fetched))
+    draft = ShardDraft(shard, tar_path)
+    writer = TarShardWriter()
+    try:
+        for row in rows:
+            outcome = row
+            if isinstance(row, ImageTextPair):
+                outcome = guarded("dedup", functools.partial(_after_download, row, outcomes.get(row.key),
+                                                             previous, takedown), row.key, row.location)
+            _add_row(draft, writer, row, outcome)
+        draft.tar_bytes = writer.finish(tar_path)
     except BaseException:
         writer.abort()
         raise
@@ -161,33 +236,54 @@ def build_draft(shard: int, rows: list[ImageTextPair | Rejection], fetcher: Fetc
     return draft
 
 
+def takedown_digest(takedown: Takedown) -> str:
+    """sha256 of a takedown set: a changed list invalidates staged drafts (they were filtered by the old one)."""
+    return hashlib.sha256("\n".join(sorted(takedown.urls) + ["#"] + sorted(takedown.sha256)).encode(
+        "utf-8", "surrogatepass")).hexdigest()
+
+
 class DownloadShard(beam.DoFn):
-    """``(shard, [ImageTextPair | Rejection])`` -> :class:`ShardDraft`; images go to a staging tar."""
+    """``(shard, [ImageTextPair | Rejection])`` -> :class:`ShardDraft`; images go to a staging tar.
+
+    A draft committed to staging by an earlier (killed) run from the same inputs is reused, not downloaded
+    again; so is one committed by an earlier attempt of this bundle, so a retried bundle neither loses nor
+    duplicates rows. A committed draft whose rows all failed for reasons a rerun may fix is downloaded again.
+    """
 
     def __init__(self, cfg: IngestConfig, retry_shards: frozenset[int] = frozenset()):
         self.cfg, self.retry_shards = cfg, retry_shards
         self.fetched = beam.metrics.Metrics.counter("ingest", "images_ok")
         self.failed = beam.metrics.Metrics.counter("ingest", "images_rejected")
+        self.reused = beam.metrics.Metrics.counter("ingest", "rows_reused_from_staging")
 
     def setup(self):
         self.fetcher = Fetcher(self.cfg.download)
         self.takedown = load_takedown_lists(self.cfg.dedup.takedown_lists)
+        self.takedown_digest = takedown_digest(self.takedown)
 
     def teardown(self):
         self.fetcher.close()
 
     def process(self, element):
         shard, rows = element
-        out, previous = self.cfg.write.path, None
-        if shard in self.retry_shards:
-            previous = load_previous(out, shard)
+        rows, out = list(rows), self.cfg.write.path
         stats = shard_paths(out, shard)["stats"]
         if exists(stats):  # a retry, or a build redoing a shard its later stages never finished
             FileSystems.delete([stats])  # until the new stats land, the shard is incomplete
-        draft = build_draft(shard, list(rows), self.fetcher, self.cfg, staging_path(out, shard), previous,
-                            self.takedown)
+        digest = input_digest(rows, self.cfg, self.takedown_digest)
+        draft = load_draft(out, shard, digest)
+        if draft is not None and not all_not_final(r.status for r in draft.rows):
+            log.info("shard %s: reusing its download staged by an earlier run (%d rows)", shard_name(shard),
+                     len(draft.rows))
+            self.reused.inc(len(draft.rows))
+        else:
+            previous = load_previous(out, shard) if shard in self.retry_shards else None
+            progress = ShardProgress(shard, len(rows), self.cfg.download.progress_interval)
+            draft = build_draft(shard, rows, self.fetcher, self.cfg, staging_path(out, shard), previous,
+                                self.takedown, progress)
+            commit_draft(out, draft, digest)  # from here on a kill does not cost this shard's download
+            add_busy("ingest", draft.duration_s)
         ok = sum(r.status == "success" for r in draft.rows)
-        add_busy("ingest", draft.duration_s)
         self.fetched.inc(ok)
         self.failed.inc(len(draft.rows) - ok)
         log.info("shard %s downloaded: %d ok, %d rejected in %.1fs", shard_name(shard), ok,

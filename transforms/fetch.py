@@ -2,45 +2,54 @@
 
 What a crawler fed arbitrary URLs needs, and img2dataset users asked for:
 
-- every resolved address is checked before connecting, on every redirect hop too: loopback, private,
-  link-local (cloud metadata at 169.254.169.254), shared, reserved and multicast addresses are refused unless
-  the config allows them; the socket connects to the address that was checked, so DNS cannot change its
-  answer in between;
+- IP literals in every form (decimal, octal, hex, IPv6 carrying IPv4) and loopback names are refused before
+  anything is sent, and every resolved address is checked before connecting, on every redirect hop too
+  (``addresses.py``): loopback, private, link-local (cloud metadata at 169.254.169.254), shared, reserved and
+  multicast addresses are refused unless the config allows them; the socket connects to the address that was
+  checked, so DNS cannot change its answer in between;
 - a total time limit per attempt (a server that drips bytes forever is cut off), a body size cap checked
   against Content-Length and while reading, a redirect cap with loop detection;
 - retries with exponential backoff and jitter for retryable failures only (timeouts, connection errors,
   5xx, 429 honouring Retry-After);
 - a per-host request rate limit, on by default, and connection reuse per host;
 - opt-outs honoured: ``X-Robots-Tag`` directives (noai, noimageai, noindex, noml) addressed to everyone or
-  to us, and optionally each host's robots.txt (fetched once per host, cached).
+  to us, and each host's robots.txt (on by default; fetched once per origin and cached; RFC 9309: a 4xx answer
+  allows everything, a 5xx or no answer disallows everything, reason ``robots_unreachable``).
 
 Every failure becomes a :class:`FetchResult` with a stable reason code, never an exception.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import re
 import socket
 import threading
 import time
 import urllib.robotparser
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
 
+import idna
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 
 from visinstruct.configs import DownloadConfig
+from visinstruct.transforms.addresses import address_allowed, host_refusal
+from visinstruct.transforms.guard import INTERNAL_ERROR, MESSAGE_LIMIT, count_internal_error
+
+__all__ = ["Fetcher", "FetchResult", "address_allowed", "optout_directive", "parse_retry_after"]
 
 REDIRECTS = {301, 302, 303, 307, 308}
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 CHUNK = 64 * 1024
+UNREACHABLE_ROBOTS = {"timeout", "connection_error", "truncated"}  # RFC 9309 2.3.1.4: read as complete disallow
+MAX_URL_CHARS = 8192  # what browsers and CDNs accept; longer (in a list, or a redirect's Location) is junk or attack
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # CR/LF in a URL would inject headers; NUL truncates in C code
 
 
 @dataclass(frozen=True)
@@ -69,18 +78,6 @@ class FetchError(Exception):
 
 class BlockedAddress(NewConnectionError):
     """Raised at connect time for an address the policy refuses."""
-
-
-def address_allowed(ip: str, allow_loopback: bool, allow_private: bool) -> bool:
-    """Whether an IP address may be contacted: public ones always; loopback and the rest only when allowed."""
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if addr.is_loopback:
-        return allow_loopback
-    if addr.is_global and not addr.is_multicast:
-        return True
-    return allow_private
 
 
 def _connect_checked(conn: HTTPConnection, allow_loopback: bool, allow_private: bool) -> socket.socket:
@@ -187,7 +184,8 @@ class Fetcher:
         agent = cfg.user_agent.split("/", 1)[0].strip().lower()
         self.agents = {"*", agent, "img2dataset"}  # img2dataset's opt-outs are meant for tools like us
         self.optouts = {v.lower() for v in cfg.optout_values}
-        self._robots: dict[str, urllib.robotparser.RobotFileParser | None] = {}
+        self.agent = cfg.user_agent.split("/", 1)[0]
+        self._robots: dict[str, Future] = {}
         self._robots_lock = threading.Lock()
         self._rng = random.Random(seed)
         self._executor = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="fetch")
@@ -206,11 +204,19 @@ class Fetcher:
 
     def fetch(self, url: str) -> FetchResult:
         """Fetch one URL with retries; never raises."""
+        try:
+            return self._fetch(url, image=True)
+        except Exception as e:  # a bug or an undocumented library error: this URL's dead letter, not the bundle's
+            count_internal_error("download")
+            return FetchResult(url, reason=INTERNAL_ERROR, message=f"{type(e).__name__}: {e}"[:MESSAGE_LIMIT])
+
+    def _fetch(self, url: str, image: bool) -> FetchResult:
+        """``fetch`` without its last-resort guard; ``image=False`` skips robots.txt and opt-outs (robots.txt)."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                data, final_url = self._attempt(url)
+                data, final_url = self._attempt(url, image)
                 return FetchResult(url, data=data, attempts=attempt, final_url=final_url)
             except FetchError as e:
                 if not e.retryable or attempt > self.cfg.retries:
@@ -224,26 +230,50 @@ class Fetcher:
                     delay = max(delay, e.retry_after)
                 time.sleep(delay)
 
-    def _attempt(self, url: str) -> tuple[bytes, str]:
+    def _attempt(self, url: str, image: bool = True) -> tuple[bytes, str]:
         deadline = time.monotonic() + self.cfg.timeout
         seen = {url}
         for _ in range(self.cfg.max_redirects + 1):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise FetchError("invalid_url", f"not an http(s) URL: {url[:200]!r}")
-            if self.cfg.check_robots_txt and not self._robots_allow(url):
-                raise FetchError("robots_txt", f"robots.txt of {parts.hostname} disallows {parts.path}")
+            parts = self._checked_parts(url)
+            if image and self.cfg.check_robots_txt:
+                self._check_robots(url, parts)
             self.limiter.wait(parts.hostname)
-            location = self._request(url, deadline)
+            location = self._request(url, deadline, image)
             if isinstance(location, bytes):
                 return location, url
-            url = urljoin(url, location)
+            try:
+                url = urljoin(url, location)
+            except ValueError:
+                raise FetchError("bad_redirect", f"Location is not a URL: {location[:200]!r}") from None
             if url in seen:
                 raise FetchError("redirect_loop", f"redirect loop back to {url[:200]}")
             seen.add(url)
         raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects} redirects")
 
-    def _request(self, url: str, deadline: float) -> bytes | str:
+    def _checked_parts(self, url: str):
+        """``urlsplit(url)`` of a well-formed http(s) URL whose host may be contacted, else a FetchError.
+
+        IP literals in any form and loopback names are refused here, before robots.txt or a resolver sees them;
+        every resolved address is checked again at connect time (``_connect_checked``).
+        """
+        if len(url) > MAX_URL_CHARS or _CONTROL.search(url):
+            why = "is longer than 8192 characters" if len(url) > MAX_URL_CHARS else "holds a control character"
+            raise FetchError("invalid_url", f"the URL {why}: {url[:200]!r}")
+        try:
+            parts = urlsplit(url)
+            host, _ = parts.hostname, parts.port  # both raise ValueError on a malformed authority
+            if host and not host.isascii():
+                host = idna.encode(host.lower(), strict=True, std3_rules=True).decode("ascii")  # as urllib3 does
+        except (ValueError, UnicodeError, idna.IDNAError) as e:
+            raise FetchError("invalid_url", f"not a valid URL ({e}): {url[:200]!r}") from None
+        if parts.scheme not in ("http", "https") or not host:
+            raise FetchError("invalid_url", f"not an http(s) URL: {url[:200]!r}")
+        refusal = host_refusal(host, self.cfg.allow_loopback, self.cfg.allow_private)
+        if refusal:
+            raise FetchError("blocked_address", refusal)
+        return parts
+
+    def _request(self, url: str, deadline: float, image: bool = True) -> bytes | str:
         """One HTTP exchange: the body, or the Location of a redirect."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -253,6 +283,8 @@ class Fetcher:
                                      timeout=urllib3.Timeout(connect=remaining, read=remaining))
         except urllib3.exceptions.HTTPError as e:
             raise _classify(e) from None
+        except (ValueError, UnicodeError) as e:  # http.client refuses some URLs urllib3 let through
+            raise FetchError("invalid_url", f"{type(e).__name__}: {e}"[:MESSAGE_LIMIT]) from None
         try:
             if resp.status in REDIRECTS:
                 location = resp.headers.get("Location")
@@ -264,7 +296,7 @@ class Fetcher:
                 retryable = resp.status in RETRYABLE_STATUS
                 raise FetchError(f"http_{resp.status}", f"HTTP {resp.status} {resp.reason or ''}".strip(),
                                  retryable, parse_retry_after(resp.headers.get("Retry-After")))
-            if self.cfg.respect_optout:
+            if image and self.cfg.respect_optout:
                 directive = optout_directive(resp.headers.getlist("X-Robots-Tag"), self.agents, self.optouts)
                 if directive:
                     raise FetchError("optout", f"X-Robots-Tag opts out: {directive}")
@@ -302,31 +334,47 @@ class Fetcher:
             raise FetchError("empty_body", "the response body is empty")
         return b"".join(chunks)
 
-    def _robots_allow(self, url: str) -> bool:
-        parts = urlsplit(url)
-        origin = f"{parts.scheme}://{parts.netloc}"
-        with self._robots_lock:
-            known = origin in self._robots
-        if not known:
-            parser = urllib.robotparser.RobotFileParser()
-            try:
-                text, _ = self._attempt_plain(origin + "/robots.txt")
-                parser.parse(text.decode("utf-8", "replace").splitlines())
-            except FetchError:
-                parser = None  # no robots.txt (or unreachable): everything is allowed
-            with self._robots_lock:
-                self._robots.setdefault(origin, parser)
-        parser = self._robots[origin]
-        agent = self.cfg.user_agent.split("/", 1)[0]
-        return parser is None or parser.can_fetch(agent, url)
+    def _check_robots(self, url: str, parts) -> None:
+        """Raise unless the host's robots.txt (fetched once per origin, cached) lets us fetch ``url``."""
+        verdict = self._robots_verdict(f"{parts.scheme}://{parts.netloc}")
+        if isinstance(verdict, FetchError):
+            raise FetchError(verdict.reason, str(verdict))  # a fresh exception: threads share the cached one
+        if verdict is not None and not verdict.can_fetch(self.agent, url):
+            raise FetchError("robots_txt", f"robots.txt of {parts.hostname} disallows {parts.path or '/'}")
 
-    def _attempt_plain(self, url: str) -> tuple[bytes, str]:
-        """One attempt without the robots check (used to fetch robots.txt itself)."""
-        deadline = time.monotonic() + self.cfg.timeout
-        body = self._request(url, deadline)
-        if not isinstance(body, bytes):
-            raise FetchError("robots_redirect", "robots.txt redirects")
-        return body, url
+    def _robots_verdict(self, origin: str) -> urllib.robotparser.RobotFileParser | FetchError | None:
+        """The origin's rules, ``None`` for allow-all, or the error every URL of the origin fails with.
+
+        Concurrent threads asking for the same new origin wait for one fetch instead of each sending their own.
+        """
+        with self._robots_lock:
+            future = self._robots.get(origin)
+            owner = future is None
+            if owner:
+                future = self._robots[origin] = Future()
+        if owner:
+            try:
+                future.set_result(self._load_robots(origin))
+            except BaseException as e:
+                future.set_exception(e)
+                raise
+        return future.result()
+
+    def _load_robots(self, origin: str) -> urllib.robotparser.RobotFileParser | FetchError | None:
+        """Fetch and read robots.txt as RFC 9309 says: 4xx allows all; 5xx or no answer disallows all."""
+        result = self._fetch(origin + "/robots.txt", image=False)
+        if result.ok:
+            parser = urllib.robotparser.RobotFileParser()
+            parser.parse(result.data.decode("utf-8", "replace").splitlines())
+            return parser
+        reason = result.reason or ""
+        if reason in ("blocked_address", "dns_error", "invalid_url"):  # the image would fail the same way
+            return FetchError(reason, result.message or reason)
+        status = int(reason[5:]) if reason.startswith("http_") and reason[5:].isdigit() else None
+        if reason in UNREACHABLE_ROBOTS or (status is not None and (status >= 500 or status == 429)):
+            return FetchError("robots_unreachable", f"robots.txt of {origin} is unreachable ({result.message}); "
+                              "RFC 9309 says to treat that as disallow")
+        return None  # 4xx, an empty body, too many redirects...: no usable robots.txt, everything is allowed
 
 
 def _discard(resp: urllib3.BaseHTTPResponse) -> None:

@@ -6,18 +6,19 @@ grouped, and each output shard is written by re-reading its input tar, so no ima
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import apache_beam as beam
 import numpy as np
-from PIL import Image
 
 from visinstruct.schemas import ClipScore, JsonDict, Rejection, SampleMeta
+from visinstruct.transforms.guard import guarded
+from visinstruct.transforms.images import ImageRejected, decode_rgb
 from visinstruct.transforms.rewrite import Judge, Judgement, image_member, iter_samples, sample_meta
 from visinstruct.transforms.timing import add_busy
 
@@ -37,6 +38,18 @@ class Decision:
     text_embedding: bytes | None = None
 
 
+def shard_sample(path: str, key: str, members: dict[str, bytes]):
+    """One sample of a tar -> ``((path, key), (image bytes, caption))``, or the :class:`Rejection` saying why not."""
+    ext = image_member(members)
+    if ext is None:
+        return Rejection(STAGE, "no_image", f"sample has no image member ({', '.join(members)})", key, path)
+    try:
+        caption = sample_meta(key, members).caption or ""
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # bad JSON, bad UTF-8, fields of the wrong type
+        return Rejection(STAGE, "bad_metadata", f"{type(e).__name__}: {e}"[:500], key, path)
+    return (path, key), (members[ext], caption)
+
+
 class ReadShardSamples(beam.DoFn):
     """``tar path`` -> ``((path, key), (image bytes, caption))``; tagged ``rejected``: ``(path, Rejection)``."""
 
@@ -49,24 +62,24 @@ class ReadShardSamples(beam.DoFn):
                 yield beam.pvalue.TaggedOutput("rejected", (path, members))
                 continue
             self.rows_read.inc()
-            ext = image_member(members)
-            if ext is None:
-                yield beam.pvalue.TaggedOutput("rejected", (path, Rejection(
-                    STAGE, "no_image", f"sample has no image member ({', '.join(members)})", key, path)))
-                continue
-            try:
-                caption = sample_meta(key, members).caption or ""
-            except ValueError as e:
-                yield beam.pvalue.TaggedOutput("rejected", (path, Rejection(STAGE, "bad_metadata", str(e)[:500], key)))
-                continue
-            yield (path, key), (members[ext], caption)
+            outcome = guarded(STAGE, lambda: shard_sample(path, key, members), key, path)  # noqa: B023 - called now
+            if isinstance(outcome, Rejection):
+                yield beam.pvalue.TaggedOutput("rejected", (path, outcome))
+            else:
+                yield outcome
+
+
+def decode_for_clip(data: bytes, preprocess: Callable) -> np.ndarray:
+    """Shard image bytes -> the model's input (CHW float32); raises :class:`ImageRejected` for damaged bytes."""
+    return preprocess(decode_rgb(data))
 
 
 class DecodeForClip(beam.DoFn):
     """Decode and preprocess images on a thread pool, keeping up to ``2 * threads`` in flight.
 
     Elements come out while later ones are still decoding, so the threads work while RunInference (downstream
-    in the same fused stage) runs the model: decoding overlaps inference. Failures go to ``rejected``.
+    in the same fused stage) runs the model: decoding overlaps inference. Damaged images go to ``rejected`` with
+    their reason (``truncated``, ``decode_error``...); anything else one sample raises, as ``internal_error``.
     """
 
     def __init__(self, preprocess, threads: int):
@@ -83,19 +96,26 @@ class DecodeForClip(beam.DoFn):
 
     def _decode(self, data: bytes) -> tuple[np.ndarray, float]:
         start = time.thread_time()  # CPU time: parallel decoding threads waiting for a core do no work
-        with Image.open(io.BytesIO(data)) as img:
-            return self.preprocess(img.convert("RGB")), time.thread_time() - start
+        return decode_for_clip(data, self.preprocess), time.thread_time() - start
+
+    @staticmethod
+    def _outcome(future, key: str, path: str) -> tuple[np.ndarray, float] | Rejection:
+        try:
+            return future.result()  # re-raises the decoding thread's exception here
+        except ImageRejected as e:
+            return Rejection(STAGE, e.reason, str(e)[:500], key, path)
 
     def _ready(self, drain: bool):
         while self.pending and (drain or len(self.pending) > 2 * self.threads or self.pending[0][1].done()):
             (path, key), future, caption = self.pending.popleft()
-            try:
-                image, seconds = future.result()
-                add_busy(STAGE, seconds)  # here, not in the decoding thread: metrics are per DoFn thread
-                yield (path, key), (image, caption)
-            except Exception as e:  # noqa: BLE001 - any decoder error is the sample's fault, not the stage's
-                yield beam.pvalue.TaggedOutput("rejected", (path, Rejection(
-                    STAGE, "decode_error", f"{type(e).__name__}: {e}"[:500], key, path)))
+            # The guard runs in this thread, not the decoding one, so its counter lands in the DoFn's metrics.
+            outcome = guarded(STAGE, lambda: self._outcome(future, key, path), key, path)  # noqa: B023 - called now
+            if isinstance(outcome, Rejection):
+                yield beam.pvalue.TaggedOutput("rejected", (path, outcome))
+                continue
+            image, seconds = outcome
+            add_busy(STAGE, seconds)  # here, not in the decoding thread: metrics are per DoFn thread
+            yield (path, key), (image, caption)
 
     def process(self, element):
         (path, key), (data, caption) = element

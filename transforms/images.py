@@ -8,18 +8,20 @@ decode plus resize:
 - ``keep_ratio``: the smaller side becomes ``image_size``;
 - ``keep_ratio_largest``: the larger side becomes ``image_size``;
 - ``center_crop``: the smaller side becomes ``image_size``, then the centre square is kept;
-- ``border``: the larger side becomes ``image_size``, then black borders pad it to a square.
+- ``border``: the larger side becomes ``image_size``, then borders of ``border_color`` (white, as img2dataset's)
+  pad it to a square.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageColor, UnidentifiedImageError
 
 from visinstruct.configs import ResizeConfig
 
@@ -74,42 +76,123 @@ def target_size(width: int, height: int, cfg: ResizeConfig) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with transparent pixels composited on white (dropping alpha would expose arbitrary colours)."""
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
+# What Pillow and its format plugins raise on damaged or hostile bytes, at open, load or convert time: OSError
+# ("Truncated File Read", "broken data stream", libtiff and libwebp failures), ValueError ("Truncated IHDR chunk",
+# "Invalid dimensions"), SyntaxError (malformed headers), EOFError, struct.error (short header fields), and the
+# lookup and arithmetic errors that header fields making no sense cause in the plugins' Python code; and the
+# DecompressionBombError Image.open raises past twice Pillow's own pixel limit.
+PILLOW_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError,
+                 ZeroDivisionError, OverflowError, Image.DecompressionBombError)
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # "I" holds 16-bit PNG/TIFF/PGM samples in practice
+
+
+# Signatures of the formats we accept: bytes that start with one are a damaged image, not some other file.
+_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF",
+               b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}
+
+
+def signature(data: bytes) -> str | None:
+    """The image format ``data``'s first bytes announce, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in _SIGNATURES.items() if data.startswith(magic)), None)
+
+
+def rejection_for(error: BaseException, action: str = "decode", data: bytes = b"") -> ImageRejected:
+    """The rejection for an exception Pillow raised: ``not_an_image``, ``truncated``, ``decode_error`` or
+    ``decompression_bomb``; ``data`` tells a damaged image header from bytes that are no image at all."""
+    if isinstance(error, UnidentifiedImageError):
+        fmt = signature(data)
+        if fmt is None:
+            return ImageRejected("not_an_image", "the bytes are not an image Pillow can read")
+        return ImageRejected("decode_error", f"a damaged {fmt} header Pillow cannot read")
+    if isinstance(error, Image.DecompressionBombError):
+        return ImageRejected("decompression_bomb", str(error)[:500])
+    text = f"{type(error).__name__}: {error}"
+    truncated = isinstance(error, EOFError) or "truncat" in text.lower()
+    return ImageRejected("truncated" if truncated else "decode_error", f"cannot {action} image: {text}"[:500])
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit and float greyscale as 8-bit ``L``, scaled (Pillow's own convert clips, turning most pixels white)."""
+    a = np.asarray(img)
+    if img.mode == "F":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        a = a * 255.0 if a.size and a.max() <= 1.0 else a  # floats in [0, 1] are intensities, else 8-bit values
+    else:
+        a = a.astype(np.float64) / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any mode, deterministically: transparent pixels composited on white (dropping alpha would
+    expose arbitrary colours), 16-bit and float greyscale scaled to 8 bits, everything else by Pillow's convert."""
+    if img.mode in _SIXTEEN_BIT or img.mode == "F":
+        img = _eight_bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA") if img.mode != "La" else img.convert("LA").convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def open_image(data: bytes) -> Image.Image:
+    """Read the header of ``data`` (no pixels yet); raises :class:`ImageRejected` for anything Pillow rejects."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # callers check sizes themselves
+            return Image.open(io.BytesIO(data))
+    except PILLOW_ERRORS as e:
+        raise rejection_for(e, "open", data) from None
+
+
+def load_rgb(img: Image.Image, max_pixels: int, size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an opened image's first frame to RGB, refusing more than ``max_pixels``.
+
+    Args:
+        img: from :func:`open_image`.
+        max_pixels: the decompression-bomb guard, checked before a pixel is decoded.
+        size: for JPEGs, decode at the smallest DCT scale still at least this size (``Image.draft``).
+
+    Raises:
+        ImageRejected: ``decompression_bomb``, ``truncated`` or ``decode_error``.
+    """
+    if img.width * img.height > max_pixels:
+        raise ImageRejected("decompression_bomb", f"{img.width}x{img.height} exceeds max_pixels={max_pixels}")
+    try:
+        if size is not None and img.format in ("JPEG", "MPO") and size != img.size:
+            img.draft("RGB", size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+        return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected("decompression_bomb", str(e)[:500]) from None
+    except PILLOW_ERRORS as e:
+        raise rejection_for(e) from None
+
+
+def decode_rgb(data: bytes, max_pixels: int = ResizeConfig.max_pixels) -> Image.Image:
+    """The whole image as RGB at its own size (what the filter scores); raises only :class:`ImageRejected`."""
+    img = open_image(data)
+    if img.width < 1 or img.height < 1:
+        raise ImageRejected("too_small", f"{img.width}x{img.height} has no pixels")
+    return load_rgb(img, max_pixels)
+
+
 def decode(data: bytes, cfg: ResizeConfig) -> tuple[Image.Image, int, int]:
     """Decode ``data`` into an RGB image sized for ``cfg``; returns ``(image, original_w, original_h)``."""
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", "the bytes are not an image Pillow can read") from None
-    except Image.DecompressionBombError as e:
-        raise ImageRejected("decompression_bomb", str(e)) from None
+    img = open_image(data)
     if img.format not in ACCEPTED_FORMATS:
         raise ImageRejected("unsupported_format", f"image format {img.format} is not accepted")
     width, height = img.size
     check_size(width, height, cfg)  # before decoding a single pixel
-    tw, th = target_size(width, height, cfg)
-    if img.format in ("JPEG", "MPO") and (tw, th) != (width, height):
-        img.draft("RGB", (tw, th))  # decode at the smallest DCT scale still >= the target size
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRejected("decompression_bomb", str(e)) from None
-    except OSError as e:
-        reason = "truncated" if "truncated" in str(e) else "decode_error"
-        raise ImageRejected(reason, f"cannot decode image: {e}") from None
-    except (ValueError, SyntaxError, EOFError) as e:  # Pillow plugins raise these on corrupt structures
-        raise ImageRejected("decode_error", f"cannot decode image: {e}") from None
-    return _to_rgb(img), width, height
+    return load_rgb(img, cfg.max_pixels, target_size(width, height, cfg)), width, height
+
+
+def border_rgb(color: str) -> tuple[int, int, int]:
+    """``resize.border_color`` as RGB (a CSS colour name, ``#rgb``, ``#rrggbb`` or ``rgb(r, g, b)``)."""
+    return ImageColor.getrgb(color)[:3]
 
 
 def resize(img: Image.Image, cfg: ResizeConfig, original: tuple[int, int]) -> Image.Image:
@@ -122,7 +205,7 @@ def resize(img: Image.Image, cfg: ResizeConfig, original: tuple[int, int]) -> Im
         left, top = (tw - min(tw, size)) // 2, (th - min(th, size)) // 2
         img = img.crop((left, top, left + min(tw, size), top + min(th, size)))
     elif cfg.resize_mode == "border" and (tw, th) != (size, size) and max(tw, th) <= size:
-        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas = Image.new("RGB", (size, size), border_rgb(cfg.border_color))
         canvas.paste(img, ((size - tw) // 2, (size - th) // 2))
         img = canvas
     return img

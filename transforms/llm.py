@@ -1,6 +1,8 @@
 """LLM backends behind one interface, a persistent response cache, and the RunInference handler for generation.
 
-Backends take :class:`ChatRequest` batches and return :class:`ChatResult` lists (never raising per sample):
+Backends take :class:`ChatRequest` batches and return :class:`ChatResult` lists (never raising per sample: what
+one row's result handling raises becomes that row's ``internal_error`` result), each with its ``finish_reason``
+(``"length"`` when the answer was cut at the token limit):
 
 - ``transformers``: any causal LM by hub id, local folder or ``.gguf`` file, its chat template, batched
   generation. Sampling is seeded per sample (each row draws from its own generator), so a sample's answer does
@@ -10,6 +12,11 @@ Backends take :class:`ChatRequest` batches and return :class:`ChatResult` lists 
 
 :class:`GenerationHandler` checks every reply (:mod:`~visinstruct.transforms.conversations`), optionally asks
 once more with another seed, and keeps answers in a :class:`ResponseCache` so reruns only pay for new samples.
+A reply cut at the token limit is rejected as ``truncated_reply`` before it is read.
+
+:data:`RETRYABLE_REASONS` and :data:`CONFIG_REASONS` say which generation reasons a rerun can fix by itself (the
+server was down) and which need a changed config (wrong model name, too few tokens): a shard whose every row
+failed for one of them is not finished work.
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
@@ -27,12 +35,31 @@ from visinstruct.configs import GenerateConfig
 from visinstruct.schemas import SampleMeta, Turn
 from visinstruct.transforms.conversations import Bounds, Verdict, read_reply
 from visinstruct.transforms.devices import pick_device, pick_dtype
-from visinstruct.transforms.llm_openai import ChatRequest, ChatResult, OpenAIChatClient
+from visinstruct.transforms.guard import guarded
+from visinstruct.transforms.llm_openai import RETRYABLE_STATUS, ChatRequest, ChatResult, OpenAIChatClient
 from visinstruct.transforms.prompts import derive_seed, request_fingerprint
 from visinstruct.transforms.shards import exists, join, read_bytes, write_bytes
 from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
+STAGE = "generate"
+TRUNCATED = "truncated_reply"
+
+# A rerun with the same config may succeed: the server was down, slow, overloaded or garbled an answer, or a
+# whole batch crashed (RunInference's ``inference_error``).
+RETRYABLE_REASONS = frozenset({"connection_error", "timeout", "malformed_response", "inference_error",
+                               *(f"http_{s}" for s in RETRYABLE_STATUS)})
+# The config is wrong for this server or model: a bad request, key, endpoint or model name, or a token limit
+# too small for the answers (every reply cut short).
+CONFIG_REASONS = frozenset({"http_400", "http_401", "http_403", "http_404", "http_422", TRUNCATED})
+# One line of what to change, for messages about runs whose rows all failed for one reason.
+HINTS = {
+    "connection_error": "nothing answers at generate.endpoint: start the LLM server or fix the URL",
+    "timeout": "the LLM server did not answer within generate.timeout: raise it or lower generate.concurrency",
+    "http_401": "the server refused the key: set the variable named by generate.api_key_env",
+    "http_404": "the server has no such route or model: check generate.endpoint (ending in /v1) and generate.model",
+    TRUNCATED: "replies were cut at the token limit: raise generate.max_new_tokens",
+}
 
 
 @dataclass(frozen=True)
@@ -69,13 +96,21 @@ class ResponseCache:
         return join(self.folder, fingerprint[:2], f"{fingerprint}.json")
 
     def get(self, fingerprint: str) -> ChatResult | None:
+        """The stored reply, or None when there is none or it cannot be read (then it is asked for again)."""
         if not self.folder or not exists(self._path(fingerprint)):
             return None
-        return ChatResult(**json.loads(read_bytes(self._path(fingerprint))))
+        try:
+            return ChatResult(**json.loads(read_bytes(self._path(fingerprint))))
+        except (ValueError, TypeError, OSError) as e:  # a cut or foreign file costs one call, not the batch
+            log.warning("response cache: ignoring %s: %s: %s", self._path(fingerprint), type(e).__name__, e)
+            return None
 
     def put(self, fingerprint: str, result: ChatResult) -> None:
         if self.folder and result.ok:  # failures are not cached: a rerun should try them again
-            write_bytes(self._path(fingerprint), json.dumps(result.__dict__).encode())
+            try:
+                write_bytes(self._path(fingerprint), json.dumps(result.__dict__).encode())
+            except (ValueError, OSError) as e:  # lone surrogates, a full disk: the answer is still used
+                log.warning("response cache: cannot store %s: %s: %s", fingerprint, type(e).__name__, e)
 
 
 class TransformersBackend:
@@ -96,6 +131,7 @@ class TransformersBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device).eval()
         self.device = device
+        self.stops = _stop_ids(self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id)
 
     def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         import torch
@@ -109,16 +145,40 @@ class TransformersBackend:
             out = self.model.generate(**batch, max_new_tokens=max(r.max_tokens for r in requests), do_sample=False,
                                       logits_processor=LogitsProcessorList([sampler]) if sampler.active else None,
                                       pad_token_id=self.tokenizer.pad_token_id)
-        results = []
         width = batch["input_ids"].shape[1]
-        for i, request in enumerate(requests):
-            new = out[i, width:].tolist()
-            if self.tokenizer.eos_token_id in new:
-                new = new[:new.index(self.tokenizer.eos_token_id)]
+
+        def result(i: int, request: ChatRequest) -> ChatResult:
+            new, finish = _cut(out[i, width:].tolist(), self.stops, request.max_tokens)
             text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
-            results.append(ChatResult(request.key, text, int(batch["attention_mask"][i].sum()), len(new),
-                                      None if text else "empty_completion", None if text else "empty reply"))
-        return results
+            return ChatResult(request.key, text, int(batch["attention_mask"][i].sum()), len(new),
+                              None if text else "empty_completion", None if text else "empty reply",
+                              finish_reason=finish)
+
+        return per_sample(requests, result)
+
+
+def _stop_ids(*ids) -> frozenset[int]:
+    """Token ids that end a generation: the tokenizer's EOS and the model's (an int or a list, or None)."""
+    flat = [i for v in ids for i in (v if isinstance(v, (list, tuple)) else [v])]
+    return frozenset(i for i in flat if isinstance(i, int))
+
+
+def _cut(tokens: list[int], stops: frozenset[int], limit: int) -> tuple[list[int], str]:
+    """A row's answer tokens and finish reason: ``stop`` at a stop token, ``length`` when it ran to ``limit``."""
+    end = next((i for i, t in enumerate(tokens[:limit]) if t in stops), None)
+    if end is not None:
+        return tokens[:end], "stop"
+    return tokens[:limit], "length" if len(tokens) >= limit else "stop"
+
+
+def per_sample(requests: Sequence[ChatRequest], make: Callable[[int, ChatRequest], ChatResult]) -> list[ChatResult]:
+    """``make(i, request)`` for every request; what one row raises becomes that row's ``internal_error`` result."""
+    results = []
+    for i, request in enumerate(requests):
+        out = guarded(STAGE, partial(make, i, request), request.key)
+        results.append(out if isinstance(out, ChatResult) else ChatResult(request.key, reason=out.reason,
+                                                                          message=out.message))
+    return results
 
 
 class PerRowSampler:
@@ -165,14 +225,18 @@ class VllmBackend:
         params = [SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=r.seed)
                   for r in requests]
         outputs = self.llm.chat([r.messages for r in requests], params, use_tqdm=False)
-        results = []
-        for request, output in zip(requests, outputs):
-            text = output.outputs[0].text.strip()
-            completion = output.outputs[0]
-            results.append(ChatResult(request.key, text, len(output.prompt_token_ids), len(completion.token_ids),
-                                      None if text else "empty_completion", None if text else "empty reply",
-                                      finish_reason=completion.finish_reason))
-        return results
+        if len(outputs) != len(requests):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
+
+        def result(i: int, request: ChatRequest) -> ChatResult:
+            completion = outputs[i].outputs[0]
+            text = completion.text.strip()
+            # vLLM's finish_reason is "stop" or "length", as OpenAI's (CompletionOutput.finish_reason)
+            return ChatResult(request.key, text, len(outputs[i].prompt_token_ids), len(completion.token_ids),
+                              None if text else "empty_completion", None if text else "empty reply",
+                              finish_reason=completion.finish_reason)
+
+        return per_sample(requests, result)
 
 
 class OpenAIBackend:
@@ -218,6 +282,8 @@ class GenerationHandler(ModelHandler[Plan, Outcome, object]):
         if missing:
             beam.metrics.Metrics.counter("generate", "backend_calls").inc(len(missing))
             fresh = backend.generate([plans[i].request for i in missing])
+            if len(fresh) != len(missing):  # zip would lose samples quietly: fail the batch, each row dead-lettered
+                raise RuntimeError(f"backend returned {len(fresh)} results for {len(missing)} requests")
             # tokens spent on every call, kept answer or not (the written samples' own counts are in their JSON)
             beam.metrics.Metrics.counter("generate", "prompt_tokens_spent").inc(sum(r.prompt_tokens for r in fresh))
             beam.metrics.Metrics.counter("generate", "completion_tokens_spent").inc(
@@ -228,9 +294,10 @@ class GenerationHandler(ModelHandler[Plan, Outcome, object]):
         return [(replace(r, key=p.key), i not in missing) for i, (p, r) in enumerate(zip(plans, found))]
 
     def _judge(self, plan: Plan, result: ChatResult) -> Verdict:
-        if not result.ok:
-            return Verdict(None, result.reason, result.message)
-        return read_reply(plan.format, result.text, plan.meta, plan.question, self.vocabulary, self.bounds)
+        """The verdict on one result; what it raises becomes an ``internal_error`` verdict for this plan only."""
+        verdict = guarded(STAGE, partial(judge_result, plan, result, self.vocabulary, self.bounds), plan.key,
+                          plan.meta.url or plan.meta.path)
+        return verdict if isinstance(verdict, Verdict) else Verdict(None, verdict.reason, verdict.message)
 
     def run_inference(self, batch: Sequence[Plan], backend, inference_args=None) -> Iterable[PredictionResult]:
         with busy("generate"):
@@ -250,6 +317,16 @@ class GenerationHandler(ModelHandler[Plan, Outcome, object]):
             for i, plan, (result, cached) in zip(retry, again, self._ask(backend, again, cache)):
                 outcomes[i] = Outcome(result, self._judge(plan, result), 2, cached, plan.request.seed)
         return outcomes
+
+
+def judge_result(plan: Plan, result: ChatResult, vocabulary: list[str], bounds: Bounds) -> Verdict:
+    """A backend's result as a verdict: its failure, ``truncated_reply`` when cut at the limit, else the reply's."""
+    if not result.ok:
+        return Verdict(None, result.reason, result.message)
+    if result.finish_reason == "length":
+        return Verdict(None, TRUNCATED, f"the reply was cut at the token limit ({plan.request.max_tokens} tokens, "
+                                        "generate.max_new_tokens)")
+    return read_reply(plan.format, result.text, plan.meta, plan.question, vocabulary, bounds)
 
 
 def _sampling(request: ChatRequest) -> dict:

@@ -356,7 +356,7 @@ def _parse_completion(key: str, body: bytes, attempt: int) -> ChatResult:
     except (KeyError, IndexError, TypeError, AttributeError):
         raise _AttemptError("malformed_response", "answer has no choices[0].message", retryable=True) from None
     if isinstance(content, list):  # content parts, as some servers return them
-        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+        content = "".join(t for p in content if isinstance(p, dict) and isinstance(t := p.get("text"), str))
     if content is not None and not isinstance(content, str):
         raise _AttemptError("malformed_response", f"message content is a {type(content).__name__}", retryable=True)
     if not content or not content.strip():

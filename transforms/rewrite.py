@@ -8,16 +8,19 @@ for every stage: an index row for every input sample, dead-letter rows, reproduc
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
+import pyarrow as pa
+
 from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, SampleMeta, ShardStats, from_table
+from visinstruct.transforms.guard import guarded
 from visinstruct.transforms.shards import (
     TarShardWriter,
-    UnsafeMember,
     exists,
     join,
     read_table,
@@ -27,6 +30,10 @@ from visinstruct.transforms.shards import (
 )
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+UNREADABLE = "unreadable_shard"  # the tar stops being readable (cut short, bad header, not a tar)
+MISSING = "missing_in_tar"  # the index lists a written sample the tar does not give
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,13 +59,15 @@ def shard_id(path: str, position: int | None) -> int:
 
 
 def iter_samples(path: str, stage: str) -> Iterator[tuple[str | None, dict | Rejection]]:
-    """``(key, members)`` of a tar, then a final ``(None, Rejection)`` if the tar is truncated or unsafe."""
+    """``(key, members)`` of a tar, then a final ``(None, Rejection)`` if it cannot be read to its end.
+
+    The rejection (reason ``unreadable_shard``, keyed by no sample) says where and why reading stopped; the
+    samples after that point are accounted for by :func:`rewrite_shard` from the shard's index.
+    """
     try:
         yield from read_tar_samples(path)
-    except (UnsafeMember, OSError, EOFError, ValueError) as e:
-        yield None, Rejection(stage, "corrupt_shard", f"{type(e).__name__}: {e}"[:500], "", path)
-    except Exception as e:  # noqa: BLE001 - tarfile's StreamError and ReadError are not OSErrors
-        yield None, Rejection(stage, "corrupt_shard", f"{type(e).__name__}: {e}"[:500], "", path)
+    except Exception as e:  # noqa: BLE001 - tarfile, Beam's filesystems and the OS raise many types here
+        yield None, Rejection(stage, UNREADABLE, f"{type(e).__name__}: {e}"[:500], "", path)
 
 
 def sample_meta(key: str, members: dict[str, bytes]) -> SampleMeta:
@@ -83,53 +92,134 @@ def index_row(meta: SampleMeta, **extra) -> IndexRow:
     return IndexRow(**(fields | extra))
 
 
-def carried_rows(tar_path: str, seen: set[str]) -> list[IndexRow]:
-    """Rows an earlier stage rejected (they have no sample in the tar), from the input shard's index.
+def input_index(tar_path: str) -> list[IndexRow] | None:
+    """The rows of the input shard's index (one per input row, across stages), or ``None`` when there is none.
 
-    The index keeps one row per *input row* of the shard across every stage, so ``inputs`` stays the number
-    of rows the dataset started from and every drop, whichever stage made it, stays on record.
+    Another tool's parquet reads too when it has our required columns (img2dataset's does); one that cannot be
+    read as an index counts as none.
     """
     index = tar_path[: -len(".tar")] + ".parquet" if tar_path.endswith(".tar") else None
     if index is None or not exists(index):
-        return []
+        return None
     try:
-        earlier = from_table(IndexRow, read_table(index, IndexRow))
-    except (ValueError, KeyError, OSError):  # not our index (another tool's parquet): nothing to carry
-        return []
-    return [row for row in earlier if row.status != "success" and row.key not in seen]
+        return from_table(IndexRow, read_table(index, IndexRow))
+    except (pa.ArrowException, ValueError, KeyError, OSError, TypeError):
+        return None
+
+
+def unread_rows(earlier: list[IndexRow], seen: set[str], stage: str, path: str,
+                error: Rejection | None) -> tuple[list[IndexRow], list[Rejection]]:
+    """Input index rows without a sample read from the tar: carried as they are when an earlier stage rejected
+    them, else (the index says written, the tar did not give it) ``missing_in_tar`` rows and dead letters.
+
+    The index keeps one row per *input row* of the shard across every stage, so ``inputs`` stays the number of
+    rows the dataset started from and every drop, whichever stage or cut made it, stays on record.
+    """
+    why = f"the tar stopped being readable: {error.message}" if error else "the tar has no such sample"
+    rows, dead = [], []
+    for row in earlier:
+        if row.key in seen:
+            continue
+        if row.status == "success":
+            message = f"indexed as written but not read from {path}: {why}"[:500]
+            row = replace(row, status=MISSING, error_message=message, members=[])
+            dead.append(Rejection(stage, MISSING, message, row.key, row.url or row.path))
+        rows.append(row)
+    return rows, dead
+
+
+def judge_sample(stage: str, judge: Judge, writer: TarShardWriter, key: str,
+                 members: dict[str, bytes]) -> tuple[IndexRow, Rejection | None]:
+    """One sample's index row (written to ``writer`` when kept) and its dead letter when dropped.
+
+    Whatever the sample makes the judge or the writer raise becomes its ``internal_error`` row (the shared
+    guard), so one odd sample costs that sample only.
+    """
+    try:
+        meta = sample_meta(key, members)
+    except ValueError as e:
+        meta = SampleMeta(key=key)
+        verdict = Judgement(rejection=Rejection(stage, "bad_metadata", str(e)[:500], key))
+    else:
+        outcome = guarded(stage, lambda: judge(key, meta), key, meta.url or meta.path)
+        verdict = Judgement(rejection=outcome) if isinstance(outcome, Rejection) else outcome
+    if verdict.meta is not None:
+        kept = dict(members, json=verdict.meta.to_json().encode("utf-8"))
+        added = guarded(stage, lambda: writer.add(key, list(kept.items())), key, meta.url or meta.path)
+        if not isinstance(added, Rejection):
+            return index_row(verdict.meta, members=added, **verdict.index), None
+        verdict = Judgement(rejection=added, index=verdict.index)
+    rejection = verdict.rejection
+    row = replace(index_row(meta, **verdict.index), status=rejection.reason, error_message=rejection.message)
+    return row, rejection
+
+
+class AccountingError(RuntimeError):
+    """A rewritten shard whose rows do not account for every input row: a bug, never committed."""
+
+
+def check_accounting(shard: int, rows: list[IndexRow], earlier: list[IndexRow] | None) -> None:
+    """Before anything is written: one row per key, and every input index row still has its row."""
+    keys = [r.key for r in rows]
+    if len(set(keys)) != len(keys):
+        twice = next(k for k, n in Counter(keys).items() if n > 1)
+        raise AccountingError(f"shard {shard:05d}: key {twice} has {keys.count(twice)} rows")
+    lost = {r.key for r in earlier or []} - set(keys)
+    if lost:
+        raise AccountingError(f"shard {shard:05d}: {len(lost)} input rows lost, e.g. {min(lost)}")
+
+
+def read_and_judge(path: str, stage: str, judge: Judge,
+                   writer: TarShardWriter) -> tuple[list[IndexRow], list[Rejection], Rejection | None]:
+    """Every sample of the tar judged: index rows, dead letters, and why reading stopped early (or ``None``)."""
+    rows, dead, error, seen = [], [], None, set()
+    for key, members in iter_samples(path, stage):
+        if key is None:
+            error = members
+            continue
+        if key in seen:  # members not adjacent: the key's first sample stands (its input row is accounted once)
+            log.warning("%s: a second sample %s (members not adjacent) left out; run validate", path, key)
+            continue
+        seen.add(key)
+        row, rejection = judge_sample(stage, judge, writer, key, members)
+        rows.append(row)
+        if rejection is not None:
+            dead.append(rejection)
+    return rows, dead, error
 
 
 def rewrite_shard(path: str, position: int, out_dir: str, stage: str, judge: Judge) -> ShardStats:
-    """Write the stage's version of one input shard into ``out_dir``; returns its stats."""
+    """Write the stage's version of one input shard into ``out_dir``; returns its stats.
+
+    Every input row comes out written, judged, or dead-lettered with a reason: a sample the index lists but the
+    tar does not give (a tar cut short in transit) becomes a ``missing_in_tar`` row, and the recount is checked
+    before anything is committed. A tar that cannot be read to its end *and* has no index to account from is not
+    written at all: only its ``unreadable_shard`` dead letter is, the shard stays incomplete (no ``_stats.json``)
+    and the returned stats count nothing.
+    """
     start = time.monotonic()
     shard = shard_id(path, position)
     stem = f"{shard:05d}"
-    writer, rows, dead = TarShardWriter(), [], []
+    earlier, writer = input_index(path), TarShardWriter()
     try:
-        for key, members in iter_samples(path, stage):
-            if key is None:
-                dead.append(members)
-                continue
-            try:
-                meta = sample_meta(key, members)
-            except ValueError as e:
-                meta = SampleMeta(key=key)
-                verdict = Judgement(rejection=Rejection(stage, "bad_metadata", str(e)[:500], key))
-            else:
-                verdict = judge(key, meta)
-            if verdict.meta is not None:
-                kept = dict(members, json=verdict.meta.to_json().encode("utf-8"))
-                rows.append(index_row(verdict.meta, members=writer.add(key, list(kept.items())), **verdict.index))
-            else:
-                rejection = verdict.rejection
-                rows.append(replace(index_row(meta, **verdict.index), status=rejection.reason,
-                                    error_message=rejection.message))
-                dead.append(rejection)
+        rows, dead, error = read_and_judge(path, stage, judge, writer)
+        if error is not None and earlier is None:
+            writer.abort()
+            log.warning("shard %s not written: %s has no index to account for its rows (%s)", stem, path,
+                        error.message)
+            write_table(join(out_dir, "rejected", f"{stage}-{stem}.parquet"), [error], Rejection, SCHEMA_VERSION)
+            return ShardStats(shard=shard, stage=stage, inputs=0, written=0, rejected=0)
+        carried, missing = unread_rows(earlier or [], {r.key for r in rows}, stage, path, error)
+        rows = sorted(rows + carried, key=lambda r: r.key)
+        dead += missing  # each carries the read error; a keyless row would count as one more drop
+        if error is not None:
+            log.warning("shard %s: %s; %d indexed samples after it dead-lettered as %s", stem, error.message,
+                        len(missing), MISSING)
+        check_accounting(shard, rows, earlier)
         tar_bytes = writer.finish(join(out_dir, f"{stem}.tar"))
     except BaseException:
         writer.abort()
         raise
-    rows = sorted(rows + carried_rows(path, {r.key for r in rows}), key=lambda r: r.key)
     write_table(join(out_dir, f"{stem}.parquet"), rows, IndexRow, SCHEMA_VERSION)
     write_table(join(out_dir, "rejected", f"{stage}-{stem}.parquet"), dead, Rejection, SCHEMA_VERSION)
     reasons = Counter(r.status for r in rows if r.status != "success")

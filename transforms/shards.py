@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -24,9 +25,14 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.schemas import Member, ShardStats, arrow_schema, shard_name, to_row, to_table
+from visinstruct.schemas.arrow import field_key
 
 TAR_FORMAT = tarfile.USTAR_FORMAT
 DEFAULT_EXTENSIONS = ("jpg", "png", "webp", "txt", "json")
+END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE  # two zero blocks close every tar
+FILLED_KEY = b"visinstruct:filled_columns"
+IMG2DATASET_STAGE = "img2dataset"  # the stage named by img2dataset's stats (it has no stage of ours)
+IMG2DATASET_FAILURES = ("failed_to_download", "failed_to_resize")
 
 
 def join(*parts: str) -> str:
@@ -49,7 +55,7 @@ def atomic_write(path: str) -> Iterator[io.BufferedWriter]:
     if "://" not in path:
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        fd, tmp = _create_temporary(folder, os.path.basename(path))
         try:
             with os.fdopen(fd, "wb") as f:
                 yield f
@@ -70,6 +76,22 @@ def atomic_write(path: str) -> Iterator[io.BufferedWriter]:
         with contextlib.suppress(Exception):
             FileSystems.delete([tmp])
         raise
+
+
+def _create_temporary(folder: str, name: str) -> tuple[int, str]:
+    """A new file beside the target, mode 0666 less the umask (as ``open(path, "w")`` would create it).
+
+    ``tempfile.mkstemp`` creates 0600 and ``os.replace`` keeps that mode, so shards came out unreadable to
+    teammates and to training jobs under another user. Letting the kernel apply the umask at creation (rather
+    than reading it with ``os.umask``, which briefly changes it for every thread) also honours default ACLs.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # a 48-bit name collided: draw another
+            continue
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -136,22 +158,59 @@ def check_member(info: tarfile.TarInfo) -> None:
         raise UnsafeMember(f"unsafe member name {name!r}")
 
 
+class ShardReadError(tarfile.ReadError):
+    """A tar that cannot be read to its end: not a tar, cut short (mid-member or at a member boundary), or a bad
+    header after some members; the message names the file and the byte where reading stopped."""
+
+
 def read_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` for each sample of a tar, in file order; members of a sample are adjacent."""
+    """``(key, {ext: bytes})`` for each sample of a tar, in file order; members of a sample are adjacent.
+
+    A sample is yielded only once it is known to be whole (the next sample began, or the archive ended
+    properly), so a tar cut short never yields a sample missing the members after the cut. Raises
+    :class:`ShardReadError` where the tar stops being readable (after yielding every whole sample before it) and
+    :class:`UnsafeMember` at a link or an escaping name.
+    """
     with FileSystems.open(path, mime_type="application/x-tar", compression_type="uncompressed") as f:
-        with tarfile.open(fileobj=f, mode="r|") as tar:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r|")
+        except tarfile.TarError as e:
+            raise ShardReadError(f"{path}: not a tar ({e})") from e
+        with tar:
             key, sample = None, {}
-            for info in tar:
-                check_member(info)
-                base = posixpath.basename(info.name)
-                stem, _, ext = base.partition(".")
-                if stem != key and sample:
-                    yield key, sample
-                    sample = {}
-                key = stem
-                sample[ext] = tar.extractfile(info).read()
-            if sample:
-                yield key, sample
+            try:
+                for info in tar:
+                    check_member(info)
+                    stem, _, ext = posixpath.basename(info.name).partition(".")
+                    if stem != key and sample:
+                        yield key, sample
+                        sample = {}
+                    key = stem
+                    sample[ext] = tar.extractfile(info).read()
+            except tarfile.TarError as e:  # stream mode reports a member cut short as ReadError
+                raise ShardReadError(f"{path}: {e} (at byte {tar.offset})") from e
+            end = tar.offset
+    problem = tar_end_problem(path, end)
+    if problem:
+        raise ShardReadError(problem)
+    if sample:
+        yield key, sample
+
+
+def tar_end_problem(path: str, end: int) -> str | None:
+    """Why the tar does not end properly at byte ``end`` (where its last member's data ends), or ``None``.
+
+    tarfile stops quietly at a cut or unreadable header once one member was read, so only the end-of-archive
+    blocks prove a tar is whole: a tar cut at a member boundary otherwise reads as a shorter, valid one.
+    """
+    with FileSystems.open(path, mime_type="application/x-tar", compression_type="uncompressed") as f:
+        f.seek(end)
+        tail = f.read(END_OF_ARCHIVE)
+    if len(tail) == END_OF_ARCHIVE and not tail.strip(b"\0"):
+        return None
+    if len(tail) < tarfile.BLOCKSIZE or not tail.strip(b"\0"):
+        return f"{path}: cut short: ends at byte {end + len(tail)} without the end-of-archive blocks"
+    return f"{path}: unreadable header at byte {end}"
 
 
 def shard_paths(out_dir: str, shard: int) -> dict[str, str]:
@@ -172,8 +231,10 @@ def write_table(path: str, records: list, cls: type, schema_version: int) -> Non
 def read_table(path: str, cls: type, columns: list[str] | None = None) -> pa.Table:
     """A parquet table of ``cls`` records (only ``columns``, when given), cast to the record's schema.
 
-    A file written before a nullable field was added to the record reads with that column all null, so newer
-    code reads older datasets (resume, takedown, stats). A missing required column raises ``ValueError``.
+    A column the file lacks reads as null when the field is nullable, or as the field's default when it has one
+    (img2dataset's index has no ``members``: empty lists, i.e. offsets unknown), so newer code reads older
+    datasets and img2dataset's (resume, takedown, stats, the shard commands); :func:`filled_columns` names
+    them. A missing column with neither raises ``ValueError``.
     """
     expected = arrow_schema(cls)
     if columns is not None:
@@ -181,12 +242,35 @@ def read_table(path: str, cls: type, columns: list[str] | None = None) -> pa.Tab
     file = pq.ParquetFile(pa.BufferReader(read_bytes(path)))
     present = [name for name in expected.names if name in file.schema_arrow.names]
     table = file.read(columns=present)
+    defaults = _field_defaults(cls)
     for f in expected:
-        if f.name not in present:
-            if not f.nullable:
-                raise ValueError(f"{path}: no column {f.name!r}")
+        if f.name in present:
+            continue
+        if f.nullable:
             table = table.append_column(f, pa.nulls(len(table), f.type))
-    return table.select(expected.names).cast(expected)
+        elif f.name in defaults:
+            table = table.append_column(f, pa.array([defaults[f.name]] * len(table), f.type))
+        else:
+            raise ValueError(f"{path}: no column {f.name!r}")
+    filled = ",".join(name for name in expected.names if name not in present)
+    table = table.select(expected.names).cast(expected)
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), FILLED_KEY: filled.encode()})
+
+
+def filled_columns(table: pa.Table) -> set[str]:
+    """The columns :func:`read_table` filled in because the file lacked them."""
+    filled = (table.schema.metadata or {}).get(FILLED_KEY, b"").decode()
+    return set(filled.split(",")) - {""}
+
+
+def _field_defaults(cls: type) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[field_key(f)] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[field_key(f)] = f.default_factory()
+    return out
 
 
 def write_stats(path: str, stats: ShardStats) -> None:
@@ -195,5 +279,24 @@ def write_stats(path: str, stats: ShardStats) -> None:
 
 
 def read_stats(path: str) -> ShardStats:
+    """A shard's ``_stats.json``: ours, or img2dataset's (see :func:`img2dataset_stats`)."""
     data = json.loads(read_bytes(path))
+    if isinstance(data, dict) and "count" in data and "inputs" not in data:
+        return img2dataset_stats(path, data)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
     return ShardStats(**data)
+
+
+def img2dataset_stats(path: str, data: dict) -> ShardStats:
+    """img2dataset's stats (``count``, ``successes``, ``failed_to_download``, ``failed_to_resize``...) as ours.
+
+    The reasons are the statuses img2dataset writes in its index, so stats and index agree as ours do; the stage is
+    ``img2dataset``; img2dataset records no tar size, so ``tar_bytes`` is 0 (not checked against the tar).
+    """
+    failed = {reason: int(data.get(reason) or 0) for reason in IMG2DATASET_FAILURES}
+    stem = os.path.basename(path)[: -len("_stats.json")]
+    return ShardStats(shard=int(stem) if stem.isdigit() else 0, stage=IMG2DATASET_STAGE, inputs=int(data["count"]),
+                      written=int(data.get("successes") or 0), rejected=sum(failed.values()),
+                      rejected_by_reason={reason: n for reason, n in failed.items() if n},
+                      duration_s=float(data.get("duration") or 0.0))

@@ -1,11 +1,13 @@
 """Finalize a shard: drop cross-shard duplicates, write tar, parquet index, dead-letter table, then stats.
 
-Order matters for retries: the staging tar is removed only after ``_stats.json`` exists, and ``_stats.json``
-is written last, so a shard is either complete (stats present) or can be finished again from staging.
+Order matters for retries: the staging files are removed only after ``_stats.json`` exists, and
+``_stats.json`` is written last, so a shard is either complete (stats present) or can be finished again from
+staging (also by a rerun after a kill: see :mod:`visinstruct.transforms.staging`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import replace
@@ -15,6 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.schemas import SCHEMA_VERSION, IndexRow, JsonDict, Rejection, ShardStats, parse_key, shard_name
 from visinstruct.transforms.download import REJECTED_DIR, ShardDraft
+from visinstruct.transforms.guard import guarded, internal_error
 from visinstruct.transforms.shards import (
     TarShardWriter,
     exists,
@@ -25,6 +28,7 @@ from visinstruct.transforms.shards import (
     write_stats,
     write_table,
 )
+from visinstruct.transforms.staging import remove_staging
 from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
@@ -32,17 +36,23 @@ DEDUP_MESSAGES = {"duplicate_sha256": "same image bytes as {}", "near_duplicate"
                   "near_reference": "near-identical to reference image {}"}
 
 
+def dedup_rejection(row: IndexRow, reason: str, other: str) -> Rejection:
+    """The dead-letter row of a written row that lost to ``other`` (a smaller key or a reference image)."""
+    message = DEDUP_MESSAGES.get(reason, reason + " of {}").format(other)
+    return Rejection("dedup", reason, message, row.key, row.url or row.path,
+                     JsonDict({"duplicate_of": other, "sha256": row.sha256, "phash": row.phash}))
+
+
 def apply_losers(draft: ShardDraft, losers: list[tuple[str, str, str]]) -> ShardDraft:
-    """The draft with each loser's row turned into a dedup rejection."""
+    """The draft with each loser's row turned into a dedup rejection (any error: an ``internal_error`` one)."""
     by_key = {key: (reason, other) for key, reason, other in losers}
     rows, rejections = [], list(draft.rejections)
     for row in draft.rows:
         if row.key in by_key and row.status == "success":
-            reason, other = by_key[row.key]
-            message = DEDUP_MESSAGES[reason].format(other)
-            rejections.append(Rejection("dedup", reason, message, row.key, row.url or row.path,
-                                        JsonDict({"duplicate_of": other, "sha256": row.sha256, "phash": row.phash})))
-            row = replace(row, status=reason, error_message=message, members=[])
+            rejection = guarded("dedup", functools.partial(dedup_rejection, row, *by_key[row.key]), row.key,
+                                row.url or row.path)
+            rejections.append(rejection)
+            row = replace(row, status=rejection.reason, error_message=rejection.message, members=[])
         rows.append(row)
     return replace(draft, rows=rows, rejections=sorted(rejections, key=lambda r: r.key))
 
@@ -74,6 +84,22 @@ def write_shard_tar(draft: ShardDraft, staged: set[str], tar_path: str) -> tuple
     return rows, size
 
 
+def unstaged_as_errors(rows: list[IndexRow], rejections: list[Rejection]) -> tuple[list, list]:
+    """Rows marked written whose sample the staging tar lacked become ``internal_error`` rejections.
+
+    Never expected; but an index must not claim a sample its tar does not hold.
+    """
+    missing = [row for row in rows if row.status == "success" and not row.members]
+    if not missing:
+        return rows, rejections
+    log.warning("%d written rows have no sample in the staging tar (first: %s)", len(missing), missing[0].key)
+    lost = {row.key: internal_error("download", LookupError("the staging tar lacks this sample"), row.key,
+                                    row.url or row.path) for row in missing}
+    rows = [replace(row, status=lost[row.key].reason, error_message=lost[row.key].message) if row.key in lost
+            else row for row in rows]
+    return rows, sorted([*rejections, *lost.values()], key=lambda r: r.key)
+
+
 def finalize_shard(draft: ShardDraft, losers: list[tuple[str, str, str]], out_dir: str,
                    stage: str = "ingest") -> ShardStats:
     """Write every file of a shard; ``_stats.json`` last. Idempotent: a finished shard is left alone."""
@@ -83,8 +109,9 @@ def finalize_shard(draft: ShardDraft, losers: list[tuple[str, str, str]], out_di
     staged = {row.key for row in draft.rows if row.members}
     draft = apply_losers(draft, losers)
     rows, tar_bytes = write_shard_tar(draft, staged, paths["tar"])
+    rows, rejections = unstaged_as_errors(rows, draft.rejections)
     write_table(paths["parquet"], rows, IndexRow, SCHEMA_VERSION)
-    write_table(join(out_dir, REJECTED_DIR, f"{stage}-{shard_name(draft.shard)}.parquet"), draft.rejections,
+    write_table(join(out_dir, REJECTED_DIR, f"{stage}-{shard_name(draft.shard)}.parquet"), rejections,
                 Rejection, SCHEMA_VERSION)
     reasons = Counter(row.status for row in rows if row.status != "success")
     written = sum(row.status == "success" for row in rows)
@@ -92,8 +119,7 @@ def finalize_shard(draft: ShardDraft, losers: list[tuple[str, str, str]], out_di
                        rejected=len(rows) - written, rejected_by_reason=dict(reasons), tar_bytes=tar_bytes,
                        duration_s=round(draft.duration_s, 3))
     write_stats(paths["stats"], stats)
-    if exists(draft.staging_tar):
-        FileSystems.delete([draft.staging_tar])
+    remove_staging(out_dir, draft.shard)  # the draft, and the tars of every download attempt of this shard
     return stats
 
 

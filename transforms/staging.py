@@ -1,0 +1,113 @@
+"""A shard's finished download, committed to the staging folder so that a killed ingest does not redo it.
+
+Global dedup is a barrier: no shard is finalized before every shard is downloaded. So each shard's download is
+committed on its own, in two files under ``OUT/_staging/``:
+
+- ``NNNNN.<attempt>.tar``: the staging tar (a name per attempt, so two attempts of one bundle never write the
+  same file and each draft points at the tar its own offsets describe);
+- ``NNNNN.draft.json``: the draft's index rows and rejections, the tar's name and size, and a digest of what
+  the download depended on. Written last, to a temporary name then renamed: its presence commits the draft.
+
+A rerun reuses a committed draft only when its digest matches (same input rows, same download, resize and
+takedown settings, same schema) and its tar is there with the recorded size; anything else is downloaded again.
+Finalizing a shard removes its staging files after its ``_stats.json`` exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from apache_beam.io.filesystems import FileSystems
+
+from visinstruct.configs import IngestConfig
+from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, from_row, shard_name, to_row
+from visinstruct.transforms.shards import exists, join, read_bytes, write_bytes
+
+log = logging.getLogger(__name__)
+STAGING = "_staging"
+# Download settings that change how fast rows are fetched, not what a fetched row becomes: changing them
+# (more threads after a kill) keeps committed drafts. Timeouts and retries only change retryable failures,
+# which `write.retry_failed` redoes anyway.
+THROUGHPUT_SETTINGS = frozenset({"threads", "timeout", "retries", "backoff", "max_backoff", "per_host_rps",
+                                 "progress_interval"})
+
+
+@dataclass
+class ShardDraft:
+    """What ``DownloadShard`` made of one shard: rows for every input, and the staging tar."""
+
+    shard: int
+    staging_tar: str
+    rows: list[IndexRow] = field(default_factory=list)  # one per input row, in key order
+    rejections: list[Rejection] = field(default_factory=list)
+    duration_s: float = 0.0
+    tar_bytes: int = 0
+
+
+def staging_path(out_dir: str, shard: int) -> str:
+    """A fresh staging tar name for one download attempt of ``shard``."""
+    return join(out_dir, STAGING, f"{shard_name(shard)}.{uuid.uuid4().hex[:12]}.tar")
+
+
+def draft_path(out_dir: str, shard: int) -> str:
+    return join(out_dir, STAGING, f"{shard_name(shard)}.draft.json")
+
+
+def input_digest(rows: list, cfg: IngestConfig, takedown_digest: str = "") -> str:
+    """sha256 of what a shard's download depends on: its input rows (pairs and read rejections, by key) and
+    the settings that change what a row becomes."""
+    download = {k: v for k, v in dataclasses.asdict(cfg.download).items() if k not in THROUGHPUT_SETTINGS}
+    state = {"schema_version": SCHEMA_VERSION, "download": download, "resize": dataclasses.asdict(cfg.resize),
+             "takedown": takedown_digest,
+             "rows": [[type(r).__name__, dataclasses.asdict(r)] for r in sorted(rows, key=lambda r: r.key)]}
+    text = json.dumps(state, sort_keys=True, default=repr, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def commit_draft(out_dir: str, draft: ShardDraft, digest: str) -> None:
+    """Record a draft whose staging tar is written; after this a kill no longer costs its download."""
+    document = {"digest": digest, "shard": draft.shard, "staging_tar": draft.staging_tar.rsplit("/", 1)[-1],
+                "tar_bytes": draft.tar_bytes, "duration_s": draft.duration_s,
+                "rows": [to_row(r) for r in draft.rows], "rejections": [to_row(r) for r in draft.rejections]}
+    # ASCII escapes: a caption holding a lone surrogate (undecodable input) must not fail the whole shard here
+    write_bytes(draft_path(out_dir, draft.shard), json.dumps(document).encode("ascii"))
+
+
+def load_draft(out_dir: str, shard: int, digest: str) -> ShardDraft | None:
+    """The committed draft of ``shard`` when it was made from the same inputs and its tar is whole, else None."""
+    path = draft_path(out_dir, shard)
+    if not exists(path):
+        return None
+    try:
+        document = json.loads(read_bytes(path))
+        if document["digest"] != digest:
+            log.info("shard %s: its staged download was made from other inputs or settings; downloading again",
+                     shard_name(shard))
+            return None
+        tar = join(out_dir, STAGING, document["staging_tar"])
+        if not exists(tar) or FileSystems.match([tar])[0].metadata_list[0].size_in_bytes != document["tar_bytes"]:
+            log.warning("shard %s: its staging tar is missing or cut short; downloading again", shard_name(shard))
+            return None
+        return ShardDraft(shard, tar, [from_row(IndexRow, r) for r in document["rows"]],
+                          [from_row(Rejection, r) for r in document["rejections"]], document["duration_s"],
+                          document["tar_bytes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged draft is only a lost shortcut
+        log.warning("shard %s: cannot read its staged draft (%s: %s); downloading again", shard_name(shard),
+                    type(e).__name__, e)
+        return None
+
+
+def remove_staging(out_dir: str, shard: int) -> None:
+    """Delete every staging file of ``shard`` (its draft, and the tars of all its attempts)."""
+    pattern = join(out_dir, STAGING, f"{shard_name(shard)}.*")
+    try:
+        found = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    except Exception:  # noqa: BLE001 - no staging folder: nothing to remove
+        return
+    if found:
+        FileSystems.delete(found)
