@@ -14,7 +14,7 @@ from pathlib import Path
 from visinstruct.cli.errors import UserError
 from visinstruct.configs import CONFIGS, ConfigError, describe, load
 
-RUNS = ("build", "ingest", "filter", "generate")  # the configs a pipeline command runs, in the order tried
+RUNS = ("ingest", "filter", "generate", "build")  # the configs a pipeline command runs: the narrowest first
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -7,10 +7,11 @@ and jemalloc's background thread), and the process aborts with ``terminate calle
 breaks ``visinstruct validate && train`` scripts. The bug is Arrow's (apache/arrow#34314, open) and Arrow has no
 call that stops and joins its pools.
 
-So :func:`finish` ends the process once the command has returned: it flushes what Python buffers, runs the
-``atexit`` handlers (logging's flush, temporary-folder clean-up, Beam's), flushes again, then leaves with
-``os._exit(status)``, skipping only the native teardown where the abort happens. Nothing we write depends on that
-teardown: every file is closed and atomically renamed before a command returns. With it, 30 runs of 30 exited 0.
+So :func:`exit_process` ends the process once the command has returned: it flushes what Python buffers, joins
+Python's non-daemon threads and runs the ``atexit`` handlers (logging's flush, temporary-folder clean-up, Beam's)
+as a normal exit does, flushes again, then leaves with ``os._exit(status)``, skipping only the native teardown
+where the abort happens. Nothing we write depends on that teardown: every file is closed and atomically renamed
+before a command returns. With it, 30 runs of 30 exited 0.
 Only the console entry point calls it; a command called as a function (tests, notebooks) returns normally.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import threading
 from typing import NoReturn
 
 
@@ -31,14 +33,17 @@ def _flush() -> None:
             pass
 
 
-def finish(status: int | None) -> NoReturn:
+def exit_process(status: int | None) -> NoReturn:
     """Exit with ``status`` (``None`` is 0) after flushing output and running ``atexit`` handlers.
 
     Example, as the last line of a console entry point::
 
-        finish(main())
+        exit_process(main())
     """
     _flush()
-    atexit._run_exitfuncs()  # what a normal exit runs first; the native teardown after it is what we skip
+    shutdown = getattr(threading, "_shutdown", None)  # what a normal exit runs first: join non-daemon threads
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()  # then the atexit handlers; the native teardown after them is what we skip
     _flush()
     os._exit(status or 0)

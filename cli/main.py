@@ -27,7 +27,7 @@ from visinstruct.cli import (
     train_cmd,
 )
 from visinstruct.cli.errors import UserError
-from visinstruct.cli.exit import finish
+from visinstruct.cli.exit import exit_process
 from visinstruct.configs import ConfigError
 
 COMMANDS = [build_cmd, ingest_cmd, filter_cmd, generate_cmd, demo_cmd, config_cmd, shards_cmd, train_clip_cmd,
@@ -53,13 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status.
 
-    Called without ``argv`` (the console script), it ends the process through :func:`finish` once the command
+    Called without ``argv`` (the console script), it ends the process through :func:`exit_process` once the command
     returned, so native libraries' teardown cannot abort a run that succeeded (see ``cli/exit.py``). Called with
     ``argv`` (tests, notebooks), it returns the status.
     """
     status = run_command(argv)
     if argv is None:
-        finish(status)
+        exit_process(status)
     return status
 
 

@@ -53,9 +53,15 @@ from visinstruct.cli.shards import (
     shard_files,
 )
 from visinstruct.schemas import IndexRow, Member, SampleMeta, conversation_problems, from_table
-from visinstruct.transforms.shards import IMG2DATASET_STAGE, UnsafeMember, check_member, filled_columns, read_stats
+from visinstruct.transforms.shards import (
+    IMG2DATASET_STAGE,
+    UnsafeMember,
+    check_member,
+    filled_columns,
+    read_stats,
+    tar_end_problem,
+)
 
-END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE  # two zero blocks close every tar
 TarSamples = dict[str, list[Member]]  # key -> where its members' data lie, in tar order
 
 
@@ -143,26 +149,19 @@ def _check_tar(files: ShardFiles, report: Report) -> TarSamples | None:
         code = "truncated" if "unexpected end" in str(e) else "bad_tar"
         report.add(files.name, key, code, f"{files.tar}: {e}")
         return None
-    if not _check_end(files, end, size, report):
+    if not _check_end(files, end, report):
         return None  # the last sample may be cut short: reporting its missing members would only repeat that
     if key is not None:
         _check_sample(files.name, key, current, report)
     return samples
 
 
-def _check_end(files: ShardFiles, end: int, size: int, report: Report) -> bool:
+def _check_end(files: ShardFiles, end: int, report: Report) -> bool:
     """tarfile stops quietly at a bad or cut header; only the end-of-archive blocks prove the tar is whole."""
-    with FileSystems.open(files.tar, mime_type="application/x-tar", compression_type="uncompressed") as f:
-        f.seek(end)
-        tail = f.read(END_OF_ARCHIVE)
-    if len(tail) == END_OF_ARCHIVE and not tail.strip(b"\0"):
-        return True
-    if len(tail) < tarfile.BLOCKSIZE or (len(tail) < END_OF_ARCHIVE and not tail.strip(b"\0")):
-        report.add(files.name, None, "truncated", f"{files.tar} ends at byte {size} without the end-of-archive "
-                                                  f"blocks: the file was cut short")
-    else:
-        report.add(files.name, None, "bad_tar", f"{files.tar}: unreadable header at byte {end}")
-    return False
+    problem = tar_end_problem(files.tar, end)
+    if problem is not None:
+        report.add(files.name, None, problem.code, problem.message)
+    return problem is None
 
 
 def _check_sample(shard: str, key: str, sample: dict[str, bytes], report: Report) -> None:
@@ -179,13 +178,11 @@ def _check_sample(shard: str, key: str, sample: dict[str, bytes], report: Report
 def _check_meta(shard: str, key: str, data: bytes, report: Report) -> SampleMeta | None:
     try:
         parsed = json.loads(data)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
-        report.add(shard, key, "bad_json", f"{key}.json: {e}")
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nesting past the stack
+        report.add(shard, key, "bad_json", f"{key}.json: {type(e).__name__}: {e}"[:500])
         return None
     try:
-        if not isinstance(parsed, dict):
-            raise ValueError(f"expected a JSON object, got {type(parsed).__name__}")
-        meta = SampleMeta.from_dict(parsed)
+        meta = SampleMeta.from_dict(parsed)  # ValueError for every shape that is not a sample's
     except ValueError as e:
         report.add(shard, key, "bad_metadata", f"{key}.json: {e}")
         return None

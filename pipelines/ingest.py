@@ -22,11 +22,12 @@ from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import summarize, write_report
 from visinstruct.schemas import ImageTextPair, IndexRow, JsonDict, Rejection, key_for_row, parse_key, shard_name
 from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages
-from visinstruct.transforms.download import NOT_FINAL_REASONS, STAGING, DownloadShard, all_not_final
+from visinstruct.transforms.download import NOT_FINAL_REASONS, DownloadShard, all_not_final
 from visinstruct.transforms.guard import INTERNAL_ERROR, MESSAGE_LIMIT, count_internal_error, guarded, internal_error
 from visinstruct.transforms.images import process_image
-from visinstruct.transforms.read import BadRow, plan_units, read_unit
+from visinstruct.transforms.read import BadRow, InputError, plan_units, read_unit
 from visinstruct.transforms.shards import read_stats, read_table, shard_paths
+from visinstruct.transforms.staging import STAGING, remove_staging
 from visinstruct.transforms.takedown import TakedownError, load_takedown_lists
 from visinstruct.transforms.write import FinalizeShard
 
@@ -36,9 +37,11 @@ log = logging.getLogger(__name__)
 class _ReadUnit(beam.DoFn):
     """``(unit, (format, [paths]))`` -> ``(unit, position, ImageTextPair | BadRow)``.
 
-    A reader that raises midway (a file damaged past its header) cannot go on with that file: its rows so far are
-    kept and the failure becomes one more row, an ``internal_error`` naming where reading stopped, instead of a
-    failed bundle that Beam retries until the job fails.
+    An input found unreadable only now (:class:`InputError`: a COCO or LLaVA JSON that does not parse) becomes one
+    ``unreadable_file`` row with its message. Readers already turn a file damaged midway into such a row; any
+    other exception is a bug of ours, and the last resort: the rows so far are kept and the failure becomes one
+    more row, an ``internal_error`` naming where reading stopped. Either way no bundle fails (Beam would retry it
+    until the job fails).
     """
 
     def __init__(self, cfg: ReadConfig):
@@ -51,6 +54,9 @@ class _ReadUnit(beam.DoFn):
             for item in read_unit(fmt, paths, self.cfg):
                 yield unit, position, item
                 position += 1
+        except InputError as e:  # the input's fault, not ours
+            log.warning("cannot read %s: %s", paths[0], e)
+            yield unit, position, BadRow("unreadable_file", str(e)[:MESSAGE_LIMIT], "", paths[0])
         except Exception as e:  # noqa: BLE001 - see the class docstring; the guard's row, for a whole file
             rejection = internal_error("read", e, url=paths[0])
             log.warning("reading %s stopped after %d rows: %s", paths[0], position, rejection.message)
@@ -107,7 +113,9 @@ class ReadPairs(beam.PTransform):
 
 
 def complete_shards(out_dir: str, stages: set[str] | None = None) -> set[int]:
-    """Shards of ``out_dir`` whose ``_stats.json`` exists (and names one of ``stages``, when given).
+    """Shards of ``out_dir`` whose ``_stats.json`` exists and reads (and names one of ``stages``, when given).
+
+    A stats file that cannot be read (cut short, damaged) does not mark its shard complete: the shard is done again.
 
     A shard whose rows ALL failed for reasons a rerun may fix (``NOT_FINAL_REASONS``: retryable, or caused by
     the settings, such as ``blocked_address`` when loopback was not allowed) is not complete: it says what went
@@ -125,7 +133,12 @@ def complete_shards(out_dir: str, stages: set[str] | None = None) -> set[int]:
         stem = meta.path.rsplit("/", 1)[-1][: -len("_stats.json")]
         if not stem.isdigit():
             continue
-        stats = read_stats(meta.path)
+        try:
+            stats = read_stats(meta.path)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # JSON errors are ValueErrors
+            log.warning("shard %s: its stats cannot be read (%s: %s); doing it again", stem, type(e).__name__,
+                        str(e)[:200])
+            continue
         if stages is not None and stats.stage not in stages:
             continue
         if stats.written == 0 and all_not_final(stats.rejected_by_reason):
@@ -195,9 +208,10 @@ class Ingest(beam.PTransform):
                   | "DownloadShard" >> beam.ParDo(DownloadShard(cfg, retry)))  # ShardDraft
         new_hashes = drafts | "SuccessHashes" >> beam.FlatMap(
             lambda d: [(r.key, r.sha256, r.phash) for r in d.rows if r.status == "success"])
-        old_hashes = (pbegin
-                      | "CompleteShards" >> beam.Create(done)
-                      | "CompleteShardHashes" >> beam.FlatMap(lambda s: _index_hashes(out, s)))
+        complete_done = pbegin | "CompleteShards" >> beam.Create(done)  # shard
+        old_hashes = complete_done | "CompleteShardHashes" >> beam.FlatMap(lambda s: _index_hashes(out, s))
+        # a run killed between a shard's stats and its staging cleanup left staging files nothing else removes
+        _ = complete_done | "RemoveStaleStaging" >> beam.Map(lambda s: remove_staging(out, s))
         losers = ((new_hashes, old_hashes)
                   | "AllHashes" >> beam.Flatten()  # (key, sha256, phash)
                   | "FindDuplicateImages" >> FindDuplicateImages(

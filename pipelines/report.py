@@ -166,7 +166,7 @@ def llm_unanswered(report: dict, stage: str) -> int:
     A generation run whose LLM was down for its whole length still writes its caption-only share; it failed all
     the same.
     """
-    if report.get("completion_tokens", 1):  # not a generation run, or some written sample holds a reply
+    if not report.get("backend_calls") or report.get("completion_tokens"):  # no LLM asked, or some reply written
         return 0
     from visinstruct.transforms.llm import CONFIG_REASONS, RETRYABLE_REASONS  # lazy: loads Beam's ML modules
 

@@ -16,8 +16,10 @@ and its table cannot drift apart. Shapes:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import reprlib
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from visinstruct.schemas.arrow import JsonDict, field_key, from_row, to_row
 
@@ -180,23 +182,104 @@ class SampleMeta:
         return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SampleMeta:
-        """Parse a JSON member; raises ``ValueError`` naming the field when a value has the wrong shape."""
+    def from_dict(cls, data: Any) -> SampleMeta:
+        """Parse a JSON member; raises ``ValueError`` naming the field for any value of the wrong shape.
+
+        Every field is checked against its annotation before a record is built (``[1]``, ``{"key": 5}``, a box
+        that is a string, a turn without ``from``), so a caller needs to handle ``ValueError`` alone.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"sample JSON must be an object, got {type(data).__name__}")
+        _check_text(data)
         known = {field_key(f) for f in fields(cls)} - {"extra"}
         row = {k: v for k, v in data.items() if k in known}
         row["extra"] = {k: v for k, v in data.items() if k not in known}
         if "key" not in row:
             raise ValueError("sample JSON has no 'key'")
+        if not isinstance(row["key"], str):
+            raise ValueError(f"sample JSON: key must be a string, got {reprlib.repr(row['key'])}")
+        _check_shape(cls, row, f"sample {row['key']!r}")
         try:
             meta = from_row(cls, row)
-        except (TypeError, ValueError, AttributeError) as e:
+        except (TypeError, ValueError, AttributeError, KeyError) as e:  # a box out of range; shapes checked above
             raise ValueError(f"sample {row.get('key')!r}: {e}") from e
         _check_types(meta)
         return meta
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SampleMeta:
-        return cls.from_dict(json.loads(text))
+        """Parse a ``KEY.json`` member; ``ValueError`` for bytes that are not JSON or JSON of the wrong shape."""
+        try:
+            data = json.loads(text)
+        except RecursionError as e:  # nesting deeper than the interpreter's stack
+            raise ValueError("sample JSON is nested too deeply") from e
+        return cls.from_dict(data)
+
+
+_NON_NEGATIVE = ("width", "height", "original_width", "original_height")
+MAX_JSON_DEPTH = 100
+_INT64 = range(-(2**63), 2**63)  # every integer field lands in an int64 column of some table
+
+
+def _check_text(data: Any) -> None:
+    """Refuse strings that cannot be written as UTF-8 (JSON's ``"\\ud800"`` parses to a lone surrogate), which
+    would fail the shard's tables or the rewritten JSON later, and nesting so deep that writing it back or quoting
+    it in a message would exhaust the stack. Iterative for the same reason."""
+    stack = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"sample JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in [*value.keys(), *value.values()])
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"sample JSON holds text that is not valid Unicode ({e.reason})") from e
+
+
+def _check_shape(cls: type, row: dict, where: str) -> None:
+    """Raise ``ValueError`` unless every field of ``row`` present has the JSON shape its annotation asks for."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        name = field_key(f)
+        if name not in row:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ValueError(f"{where}: {name!r} is missing")
+            continue
+        _check_value(row[name], hints[f.name], f"{where}: {name}", name in _NON_NEGATIVE)
+
+
+def _check_value(value: Any, tp: Any, where: str, non_negative: bool = False) -> None:
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) in (Union, UnionType):
+        if value is None:
+            return
+        tp = args[0]
+    ok, wanted = True, None
+    if tp is JsonDict:
+        ok, wanted = isinstance(value, dict), "a JSON object"
+    elif tp is str:
+        ok, wanted = isinstance(value, str), "a string"
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value in _INT64 and (
+            value >= 0 or not non_negative)
+        wanted = "a non-negative integer" if non_negative else "an integer"
+    elif tp is float:
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif get_origin(tp) is list:
+        ok, wanted = isinstance(value, list), "a list"
+        for i, item in enumerate(value if ok else []):
+            _check_value(item, get_args(tp)[0], f"{where}[{i}]")
+    elif is_dataclass(tp):
+        ok, wanted = isinstance(value, dict), "a JSON object"
+        if ok:
+            _check_shape(tp, value, where)
+    if not ok:
+        raise ValueError(f"{where} must be {wanted}, got {reprlib.repr(value)}"[:500])
 
 
 def _check_types(meta: SampleMeta) -> None:

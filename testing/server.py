@@ -25,7 +25,8 @@ Registered resources (``add``/``add_image``; they win over every route below):
 
 Dynamic routes:
   ``/robots.txt``              ``srv.robots_txt`` (default ``DEFAULT_ROBOTS_TXT``: disallow ``/private/``); None: 404;
-                               ``srv.robots_status`` (default None) answers that status instead (503: unreachable)
+                               ``srv.robots_status`` (default None) answers that status instead (503: unreachable);
+                               ``srv.robots_gate`` (default None): an Event the answer waits for (slow robots.txt)
   ``/status/<code>``           that status with a short text body (404, 500, 503, ...)
   ``/flaky/<n>/<token>``       first n requests per token get 503 (``?status=500`` to change), then the default JPEG
   ``/ratelimit/<n>/<token>``   first n requests per token get 429 with ``Retry-After: <s>`` (``?retry_after=<s>``,
@@ -243,6 +244,11 @@ class _Handler(QuietHandler):
     # -- routes: each takes the query dict and the regex groups ----------------------------------------------------
 
     def _robots(self, query: dict) -> None:
+        gate, stopping = self.server.app.robots_gate, self.server.app._stopping
+        while gate is not None and not gate.wait(0.05):
+            if stopping.is_set():
+                self.close_connection = True
+                return
         if self.server.app.robots_status is not None:
             return self._status(query, str(self.server.app.robots_status))
         text = self.server.app.robots_txt
@@ -344,6 +350,8 @@ class ImageServer(LoopbackService):
         latency: Seconds every response waits before it starts (simulates a far-away host); may change while running.
         robots_txt: Body of ``/robots.txt``, or None for a 404; may change while running.
         robots_status: A status ``/robots.txt`` answers instead of its body (e.g. 503), or None; may change.
+        robots_gate: A ``threading.Event`` that ``/robots.txt`` waits for before it answers, or None; a test holds
+            robots.txt with it to make requests overlap without depending on timing.
         images: The default test image by format, ``{"jpeg": ..., "png": ..., "webp": ...}``.
         port: The bound port, once started.
     """
@@ -363,6 +371,7 @@ class ImageServer(LoopbackService):
         super().__init__(host)
         self.latency, self.robots_txt = latency, DEFAULT_ROBOTS_TXT
         self.robots_status: int | None = None
+        self.robots_gate: threading.Event | None = None
         self.images = {fmt: encode_test_image(fmt) for fmt in ("jpeg", "png", "webp")}
         self._resources: dict[str, _Resource] = {}
         self._log: list[RequestRecord] = []

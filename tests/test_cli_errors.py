@@ -118,9 +118,11 @@ def test_config_check_runs_the_same_checks_without_running_anything(tmp_path, ca
     good = write_yaml(tmp_path / "good.yaml", {"read": {"path": str(tmp_path)}, "write": {"path": "out"}})
     assert main(["config", "check", "ingest", good]) == 0
     assert capsys.readouterr().out.strip() == f"{good}: ok (IngestConfig)"
+    assert main(["config", "check", good]) == 0  # the kind: the narrowest config the file loads as
+    assert capsys.readouterr().out.strip() == f"{good}: ok (IngestConfig)"
     bad = write_yaml(tmp_path / "bad.yaml", {"read": {"path": str(tmp_path / "urls.csv")}, "write": {"path": "o"},
                                              "filter": {"model": {"name": "ViT-B-33"}}, "generate": {}})
-    assert main(["config", "check", bad]) == 2  # the kind, build, is the first that loads
+    assert main(["config", "check", bad]) == 2  # the kind, build, is the only one that loads
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"visinstruct config: error: {bad}: read.path: no such file or folder: {tmp_path / 'urls.csv'}"
     assert "filter.model.name: open_clip knows no model 'ViT-B-33'" in err[1]
@@ -306,3 +308,13 @@ def test_generate_whose_llm_answered_nothing_fails_though_its_caption_only_share
     assert report["written"] == 3 - sent > 0  # the caption-only share
     line = one_line(capsys.readouterr().err)
     assert line.startswith(f"visinstruct generate: failed: the LLM answered none of the {sent} samples sent"), line
+
+
+def test_a_caption_only_generation_over_rows_ingest_rejected_is_no_failure():
+    from visinstruct.pipelines.report import failure_summary
+
+    carried = {"stage": "generate", "inputs": 3, "written": 2, "rejected": 1, "rejected_by_reason": {"http_404": 1},
+               "accounted": True, "backend_calls": 0, "completion_tokens": 0}
+    assert failure_summary(carried, "generate") is None
+    asked = carried | {"backend_calls": 1, "rejected_by_reason": {"http_404": 1, "connection_error": 1}}
+    assert failure_summary(asked, "generate").startswith("the LLM answered none of the 2 samples sent")

@@ -1,12 +1,22 @@
 """The fetcher against real faults on a loopback server: each fault ends in the right outcome."""
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from visinstruct.configs import DownloadConfig
 from visinstruct.testing.server import ImageServer, encode_test_image
-from visinstruct.transforms.fetch import Fetcher, address_allowed, optout_directive, parse_retry_after
+from visinstruct.transforms.fetch import (
+    CONTROL_CHARS,
+    RETRYABLE_STATUS,
+    ROBOTS_FAILURE_TTL_S,
+    Fetcher,
+    address_allowed,
+    optout_directive,
+    parse_retry_after,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -141,12 +151,91 @@ def test_address_policy(ip, loopback, private, allowed):
 
 
 def test_robots_txt_is_honoured_by_default_and_fetched_once(server):
+    # robots.txt is held at the server until all 8 fetch threads are waiting for the origin's verdict, so the
+    # first requests really overlap: a fetcher that loaded robots.txt once per thread would send 8 of them.
     assert DownloadConfig().check_robots_txt
     server.reset_log()
-    assert all(r.ok for r in fetcher().fetch_all([server.url("/image.png")] * 16))  # 8 threads, one new origin
+    f, entered = fetcher(), threading.Semaphore(0)
+    verdict = f._robots_verdict
+
+    def counted(origin):
+        entered.release()
+        return verdict(origin)
+
+    f._robots_verdict = counted
+    server.robots_gate = threading.Event()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            results = pool.submit(f.fetch_all, [server.url("/image.png")] * 16)  # 8 threads, one new origin
+            for _ in range(8):
+                assert entered.acquire(timeout=30)
+            server.robots_gate.set()
+            assert all(r.ok for r in results.result(timeout=30))
+    finally:
+        server.robots_gate.set()
+        server.robots_gate = None
     assert server.hits("/robots.txt") == 1
+    robots_at = next(r.time for r in server.requests if r.path == "/robots.txt")
+    assert all(r.time > robots_at for r in server.requests if r.path != "/robots.txt")  # all waited for it
     assert fetcher().fetch(server.fault_url("private")).reason == "robots_txt"
     assert fetcher(check_robots_txt=False).fetch(server.fault_url("private")).ok
+
+
+def test_a_robots_txt_load_that_raises_costs_that_url_only_and_is_tried_again(server, monkeypatch, caplog):
+    server.reset_log()
+    f = fetcher()
+    load, calls = f._load_robots, []
+
+    def planted(origin):
+        calls.append(origin)
+        if len(calls) == 1:
+            raise RuntimeError("planted bug")
+        return load(origin)
+
+    monkeypatch.setattr(f, "_load_robots", planted)
+    first = f.fetch(server.url("/image.jpg"))
+    assert (first.reason, first.message) == ("internal_error", "RuntimeError: planted bug")
+    assert "download: internal error" in caplog.text  # the guard's log line
+    assert f.fetch(server.url("/image.png")).ok  # the origin's robots.txt is loaded again, not the error reused
+    assert len(calls) == 2 and server.hits("/robots.txt") == 1
+
+
+def test_a_failed_robots_verdict_is_tried_again_after_its_time_and_a_good_one_is_kept(server):
+    now = [0.0]
+    f = Fetcher(DownloadConfig(allow_loopback=True, timeout=1.0, retries=0, per_host_rps=None, threads=2),
+                clock=lambda: now[0])
+    server.reset_log()
+    server.robots_status = 503  # a transient outage
+    try:
+        assert f.fetch(server.url("/image.jpg")).reason == "robots_unreachable"
+    finally:
+        server.robots_status = None
+    assert f.fetch(server.url("/image.png")).reason == "robots_unreachable"  # within its time: reused
+    assert server.hits("/robots.txt") == 1
+    now[0] += ROBOTS_FAILURE_TTL_S
+    assert f.fetch(server.url("/image.png")).ok  # the host is back: robots.txt is asked for again
+    now[0] += 100 * ROBOTS_FAILURE_TTL_S
+    assert f.fetch(server.url("/image.jpg")).ok
+    assert server.hits("/robots.txt") == 2  # a verdict that came from a robots.txt is kept
+
+
+def test_a_bug_anywhere_in_a_fetch_is_that_urls_internal_error_logged_by_the_guard(server, monkeypatch, caplog):
+    f = fetcher()
+
+    def planted(url, image=True):
+        raise KeyError("planted")
+
+    monkeypatch.setattr(f, "_attempt", planted)
+    result = f.fetch(server.url("/image.jpg"))
+    assert (result.ok, result.reason, result.message) == (False, "internal_error", "KeyError: 'planted'")
+    assert "download: internal error on http://127.0.0.1" in caplog.text
+
+
+def test_one_set_of_retryable_statuses_for_images_and_llm_replies():
+    from visinstruct.transforms import llm_openai, read
+
+    assert llm_openai.RETRYABLE_STATUS is RETRYABLE_STATUS and 425 in RETRYABLE_STATUS
+    assert read.CONTROL_CHARS is CONTROL_CHARS
 
 
 def test_optout_can_be_switched_off(server):
@@ -245,3 +334,54 @@ def test_robots_txt_5xx_disallows_and_4xx_allows_as_rfc_9309_says(server, status
         assert server.hits("/image.jpg") == (0 if reason else 1)
     finally:
         server.robots_status = None
+
+
+class _DraftShard:
+    """A one-DoFn pipeline step: the real download path (``build_draft``) over one shard of pairs."""
+
+    def __init__(self, cfg, tar_path):
+        self.cfg, self.tar_path = cfg, tar_path
+
+    def __call__(self, rows):
+        from visinstruct.transforms.download import build_draft
+
+        f = Fetcher(self.cfg.download)
+        try:
+            draft = build_draft(0, rows, f, self.cfg, self.tar_path)
+        finally:
+            f.close()
+        return sorted((r.key, r.status) for r in draft.rows)
+
+
+def test_an_internal_error_of_a_fetch_is_counted_once_in_a_pipeline(server, monkeypatch, tmp_path):
+    # The guard inside Fetcher.fetch runs on a fetch thread, where Beam's counter is lost; the progress report
+    # counts the row on the DoFn's thread. One planted bug per URL: one count per URL, not zero, not two.
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from visinstruct.configs import IngestConfig, from_dict
+    from visinstruct.schemas import ImageTextPair
+
+    attempt = Fetcher._attempt
+
+    def planted(self, url, image=True):
+        if "boom" in url:
+            raise KeyError("planted")
+        return attempt(self, url, image)
+
+    monkeypatch.setattr(Fetcher, "_attempt", planted)
+    cfg = from_dict(IngestConfig, {"read": {"path": "unused"}, "write": {"path": str(tmp_path)},
+                                   "download": {"allow_loopback": True, "timeout": 2.0, "retries": 0,
+                                                "per_host_rps": None, "threads": 4},
+                                   "resize": {"image_size": 32, "resize_mode": "center_crop", "encode_format": "png"}})
+    rows = [ImageTextPair(key=f"00000000{i}", url=server.url("/image.png" + ("?boom" if i % 2 else "")))
+            for i in range(4)]
+    p = TestPipeline(runner="FnApiRunner")
+    out = p | beam.Create([rows]) | beam.Map(_DraftShard(cfg, str(tmp_path / "00000.tar")))
+    assert_that(out, equal_to([[("000000000", "success"), ("000000001", "internal_error"),
+                                ("000000002", "success"), ("000000003", "internal_error")]]))
+    result = p.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(beam.metrics.MetricsFilter().with_name("internal_error"))["counters"]
+    assert sum(c.committed for c in counters if c.key.metric.namespace == "download") == 2

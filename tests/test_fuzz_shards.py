@@ -219,3 +219,163 @@ def test_a_run_over_a_shard_it_cannot_read_is_a_failed_run(whole, tmp_path, caps
     assert err[-1].startswith("visinstruct generate: failed: 1 input shards could not be read"), err
     assert (out / "00000_stats.json").exists() and not (out / "00001_stats.json").exists()
     assert json.loads((out / "run_report.json").read_text())["shards_unwritten"] == 1
+
+
+def write_raw_shard(folder: Path, samples: dict[str, dict[str, bytes]], index: list[IndexRow]) -> Path:
+    """Shard 00000 with members exactly as given (any JSON), its index rows as given, and stats that add up."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "00000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    write_table(str(folder / "00000.parquet"), index, IndexRow, SCHEMA_VERSION)
+    reasons = {}
+    for r in index:
+        if r.status != "success":
+            reasons[r.status] = reasons.get(r.status, 0) + 1
+    written = sum(r.status == "success" for r in index)
+    write_stats(str(folder / "00000_stats.json"), ShardStats(
+        shard=0, stage="ingest", inputs=len(index), written=written, rejected=len(index) - written,
+        rejected_by_reason=reasons, tar_bytes=(folder / "00000.tar").stat().st_size))
+    return folder / "00000.tar"
+
+
+BAD_JSON = {  # tar key: the JSON member; every one is that sample's bad_metadata, never a failed bundle
+    "000000001": b"[1]",  # not an object (AttributeError before)
+    "000000002": b'{"key": 5}',  # a key that is not a string (TypeError in the sort before)
+    "000000003": b'{"key": "000000000", "caption": "claims sample 0"}',  # another sample's key (AccountingError)
+    "000000004": b'{"key": "000000000", "caption": "claims sample 0 too"}',
+    "000000005": b'{"key": "000000005", "boxes": ["dog"], "conversations": [{"value": "x"}]}',
+    "000000006": b'{"key": "000000006", "caption": "\\ud800"}',  # a lone surrogate: no table could hold it
+}
+
+
+def bad_json_shard(folder: Path) -> Path:
+    samples = {"000000000": {"jpg": jpeg(0), "txt": b"good",
+                             "json": SampleMeta(key="000000000", caption="good").to_json().encode()}}
+    samples |= {key: {"jpg": jpeg(1), "txt": b"x", "json": data} for key, data in BAD_JSON.items()}
+    samples["000000007"] = {"jpg": jpeg(2), "txt": b"no json at all"}
+    index = [IndexRow(key=key, status="success", caption="x") for key in samples]
+    return write_raw_shard(folder, samples, index)
+
+
+def test_a_bad_json_member_costs_that_sample_only_in_the_rewrite(tmp_path):
+    tar = bad_json_shard(tmp_path / "in")
+    stats = rewrite_shard(str(tar), 0, str(tmp_path / "out"), "generate", keep_all)
+    index = from_table(IndexRow, read_table(str(tmp_path / "out" / "00000.parquet"), IndexRow))
+    assert {r.key: r.status for r in index} == {"000000000": "success", "000000007": "success",
+                                                 **{key: "bad_metadata" for key in BAD_JSON}}
+    dead = from_table(Rejection, read_table(str(tmp_path / "out" / "rejected" / "generate-00000.parquet"), Rejection))
+    assert sorted((d.key, d.reason) for d in dead) == [(key, "bad_metadata") for key in BAD_JSON]
+    assert "its JSON says key '000000000'" in {d.key: d.message for d in dead}["000000003"]
+    assert (stats.inputs, stats.written, stats.rejected_by_reason) == (8, 2, {"bad_metadata": 6})
+    checked = validate(resolve_shards(str(tmp_path / "out")))
+    assert checked.ok, checked.problems
+
+
+def test_filter_reads_bad_json_members_as_bad_metadata_in_a_pipeline(tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing import test_pipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from visinstruct.transforms.filter_stages import ReadShardSamples
+
+    tar = bad_json_shard(tmp_path / "in")
+    with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+        out = p | beam.Create([str(tar)]) | beam.ParDo(ReadShardSamples()).with_outputs("rejected", main="samples")
+        assert_that(out.samples | "Keys" >> beam.Map(lambda e: e[0][1]), equal_to(["000000000", "000000007"]),
+                    label="Read")
+        assert_that(out.rejected | "Reasons" >> beam.Map(lambda e: (e[1].key, e[1].reason)),
+                    equal_to([(key, "bad_metadata") for key in BAD_JSON]), label="Rejected")
+
+
+def test_generate_dead_letters_bad_json_members_and_accounts_for_every_row(tmp_path):
+    tar = bad_json_shard(tmp_path / "in")
+    cfg = from_dict(GenerateConfig, {"backend": "caption_only", "write": {"path": str(tmp_path / "gen")}})
+    report = generate.run(cfg, [str(tar)], ["--runner=FnApiRunner"])
+    assert (report["inputs"], report["written"]) == (8, 2)
+    assert report["rejected_by_reason"] == {"bad_metadata": 6} and report["accounted"]
+    assert validate(resolve_shards(str(tmp_path / "gen"))).ok
+
+
+def test_metadata_errors_other_than_value_error_are_internal_errors(tmp_path, monkeypatch):
+    """ValueError is bad_metadata; anything else reading a sample's metadata raises is a bug: internal_error."""
+    tar = bad_json_shard(tmp_path / "in")
+    real = SampleMeta.from_json
+
+    def from_json(text):
+        if b"claims sample 0 too" in text:
+            raise KeyError("a bug")
+        return real(text)
+
+    monkeypatch.setattr(SampleMeta, "from_json", staticmethod(from_json))
+    rewrite_shard(str(tar), 0, str(tmp_path / "out"), "filter", keep_all)
+    dead = from_table(Rejection, read_table(str(tmp_path / "out" / "rejected" / "filter-00000.parquet"), Rejection))
+    reasons = {d.key: d.reason for d in dead}
+    assert reasons.pop("000000004") == "internal_error" and set(reasons.values()) == {"bad_metadata"}
+
+
+def test_a_key_twice_in_the_input_index_keeps_the_first_row_and_dead_letters_the_rest(tmp_path):
+    samples = {f"00000000{i}": {"jpg": jpeg(i), "txt": f"caption {i}".encode()} for i in range(3)}
+    index = [IndexRow(key="000000000", status="success", url="u0"),
+             IndexRow(key="000000001", status="success", url="u1"),
+             IndexRow(key="000000001", status="http_404", url="u1-again"),  # sample in the tar, indexed twice
+             IndexRow(key="000000002", status="success", url="u2"),
+             IndexRow(key="000000003", status="http_500", url="u3"),  # rejected earlier, indexed twice
+             IndexRow(key="000000003", status="http_500", url="u3-again")]
+    tar = write_raw_shard(tmp_path / "in", samples, index)
+    stats = rewrite_shard(str(tar), 0, str(tmp_path / "out"), "filter", keep_all)
+    out = from_table(IndexRow, read_table(str(tmp_path / "out" / "00000.parquet"), IndexRow))
+    assert [(r.key, r.status) for r in out] == [("000000000", "success"), ("000000001", "success"),
+                                                 ("000000002", "success"), ("000000003", "http_500")]
+    assert {r.key: r.url for r in out}["000000003"] == "u3"  # the first row of the key
+    dead = from_table(Rejection, read_table(str(tmp_path / "out" / "rejected" / "filter-00000.parquet"), Rejection))
+    assert sorted((d.key, d.reason, d.url) for d in dead) == [("000000001", "duplicate_key", "u1-again"),
+                                                              ("000000003", "duplicate_key", "u3-again")]
+    assert (stats.inputs, stats.written, stats.rejected) == (4, 3, 1)
+    assert len(out) + len(dead) == len(index)  # every input index row: kept once, or a dead letter
+    assert validate(resolve_shards(str(tmp_path / "out"))).ok
+
+
+def test_a_sample_the_writer_cannot_hold_leaves_no_member_in_the_tar(tmp_path):
+    writer = TarShardWriter()
+    writer.add("000000000", [("jpg", jpeg(0)), ("txt", b"first")])
+    long_key = "k" * 96  # "<key>.jpg" and "<key>.txt" fit USTAR's 100 characters, "<key>.json" does not
+    with pytest.raises(ValueError, match="too long"):
+        writer.add(long_key, [("jpg", jpeg(1)), ("txt", b"long"), ("json", b"{}")])
+    last = writer.add("000000002", [("jpg", jpeg(2)), ("txt", b"third")])
+    writer.finish(str(tmp_path / "00000.tar"))
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        names = tar.getnames()
+        data = {m.name: (m.offset_data, m.size) for m in tar}
+    assert names == ["000000000.jpg", "000000000.txt", "000000002.jpg", "000000002.txt"]
+    assert [(m.offset, m.size) for m in last] == [data[m.name] for m in last]
+
+
+def test_a_write_that_fails_part_way_is_undone(tmp_path):
+    """A sample whose bytes stop being written part-way (a full disk) is rolled back to where it began."""
+    writer = TarShardWriter()
+    writer.add("000000000", [("jpg", jpeg(0)), ("txt", b"first")])
+    real = writer._tar.fileobj
+
+    class FullDisk:  # the tar's file, refusing its third write: the second member's header
+        writes = 0
+
+        def write(self, data):
+            FullDisk.writes += 1
+            if FullDisk.writes == 3:
+                raise OSError(28, "No space left on device")
+            return real.write(data)
+
+    writer._tar.fileobj = FullDisk()
+    with pytest.raises(OSError, match="No space"):
+        writer.add("000000001", [("jpg", jpeg(1)), ("txt", b"second")])
+    writer._tar.fileobj = real
+    last = writer.add("000000002", [("jpg", jpeg(2)), ("txt", b"third")])
+    writer.finish(str(tmp_path / "00000.tar"))
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        data = {m.name: (m.offset_data, m.size) for m in tar}
+    assert list(data) == ["000000000.jpg", "000000000.txt", "000000002.jpg", "000000002.txt"]
+    assert [(m.offset, m.size) for m in last] == [data[m.name] for m in last]

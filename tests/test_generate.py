@@ -363,7 +363,8 @@ def test_a_bug_on_one_sample_dead_letters_that_sample_only(shards, tmp_path, mon
 
 
 def test_with_the_llm_server_down_every_row_is_a_retryable_connection_error_naming_the_endpoint(shards, tmp_path):
-    from visinstruct.transforms.llm import CONFIG_REASONS, HINTS, RETRYABLE_REASONS
+    from visinstruct.pipelines.report import reason_hint
+    from visinstruct.transforms.llm import CONFIG_REASONS, RETRYABLE_REASONS
 
     with OpenAIServer() as srv:
         endpoint = srv.base_url  # stopped on leaving: nothing listens there any more
@@ -374,7 +375,7 @@ def test_with_the_llm_server_down_every_row_is_a_retryable_connection_error_nami
     rejected = pq.read_table(tmp_path / "out" / "rejected").to_pylist()
     assert len(rejected) == 9 and all(f"cannot connect to {endpoint}" in r["message"] for r in rejected)
     assert "connection_error" in RETRYABLE_REASONS and not RETRYABLE_REASONS & CONFIG_REASONS
-    assert "generate.endpoint" in HINTS["connection_error"]
+    assert "generate.endpoint" in reason_hint("connection_error", "generate", {"generate": "generate."})
 
 
 def samples_of(shards) -> dict[str, SampleMeta]:

@@ -158,8 +158,7 @@ def test_rerun_after_a_killed_run_completes_without_duplicates(server, tmp_path)
     report, out = ingest(tmp_path, urls, out="fresh")
     assert server.hits("/photo0.jpg") == 0  # shard 0 was complete: not downloaded again
     assert server.hits("/photo4.jpg") == 1
-    after = {k: v for k, v in tree_bytes(out).items() if not k.startswith(".")}
-    assert after == reference
+    assert tree_bytes(out) == reference  # the killed write's temporary file is gone too
     assert report["inputs"] == len(urls) and report["written"] == 5
     assert len({s["__key__"] for s in read_shards(out)}) == len(read_shards(out)) == 5
 
@@ -286,6 +285,32 @@ def test_a_planted_bug_in_one_record_costs_that_record_only(server, tmp_path, mo
                 for c in result.metrics().query(beam.metrics.MetricsFilter())["counters"]}
     assert counters[("decode", "internal_error")] == 2
     assert counters[("ingest", "rows_done")] == len(urls)
+
+
+def test_a_corrupt_annotation_file_is_an_unreadable_file_not_a_bug(tmp_path):
+    """A COCO file that does not parse is found only when the run reads it: one ``unreadable_file`` read rejection
+    with the reader's message, not an ``internal_error`` blaming visinstruct."""
+    import apache_beam as beam
+
+    from visinstruct.pipelines.ingest import Ingest
+    from visinstruct.pipelines.options import pipeline_options
+
+    (tmp_path / "annotations.json").write_text('{"images": [{"id": 1, "file_name": "a.jpg"}, ')  # cut short
+    cfg = from_dict(IngestConfig, {"read": {"path": str(tmp_path / "annotations.json"), "format": "coco"},
+                                   "write": {"path": str(tmp_path / "out"), "shard_size": 4}})
+    p = beam.Pipeline(options=pipeline_options(RUNNER))
+    _ = p | Ingest(cfg)
+    result = p.run()
+    result.wait_until_finish()
+    out = tmp_path / "out"
+    assert statuses(out) == {"000000000": "unreadable_file"}
+    [rejected] = pq.read_table(out / "rejected").to_pylist()
+    assert (rejected["stage"], rejected["reason"]) == ("read", "unreadable_file")
+    assert rejected["message"].startswith(f"{tmp_path / 'annotations.json'}: not valid JSON")
+    assert "bug" not in rejected["message"]
+    counters = {(c.key.metric.namespace, c.key.metric.name): c.committed
+                for c in result.metrics().query(beam.metrics.MetricsFilter())["counters"]}
+    assert ("read", "internal_error") not in counters
 
 
 def test_a_reader_that_fails_midway_keeps_its_rows_and_dead_letters_the_failure(server, tmp_path, monkeypatch):

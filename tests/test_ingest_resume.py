@@ -2,8 +2,10 @@
 redone when the settings are corrected; a shard reports progress while it downloads.
 
 Runs on FnApiRunner against the loopback server. A kill is made where it matters, deterministically: a crash in
-finalizing (after the global dedup barrier, so every shard's download is committed), then staging files removed
-as a kill at an earlier point would have left them. Requests are counted in the server's log.
+finalizing (after the global dedup barrier, so every shard's download is committed) before it, before the stats
+(the tar already renamed) or before the staging cleanup; staging files removed as a kill at an earlier point would
+have left them; and a real SIGKILL of a process that holds its later shards at a chosen step until it is killed.
+Requests are counted in the server's log; a finished run leaves no temporary or staging file.
 """
 
 import json
@@ -117,8 +119,8 @@ def test_a_killed_run_downloads_only_its_unfinished_shards_again(server, tmp_pat
     report = run(cfg, RUNNER)
     assert requested(server) == paths(urls, unfinished)
     assert report["written"] == 10 and report["accounted"]
-    assert {k: v for k, v in tree_bytes(tmp_path / "out").items() if not Path(k).name.startswith(".")} == reference
-    assert not staging.exists() or not [p for p in staging.iterdir() if not p.name.startswith(".")]
+    assert tree_bytes(tmp_path / "out") == reference  # the partial temporary files are gone too
+    assert not staging.exists()
 
 
 def test_a_run_killed_while_finalizing_finishes_without_downloading(server, tmp_path, monkeypatch, reference):
@@ -129,6 +131,79 @@ def test_a_run_killed_while_finalizing_finishes_without_downloading(server, tmp_
     report = run(cfg, RUNNER)
     assert requested(server) == [] and report["written"] == 10
     assert tree_bytes(tmp_path / "out") == reference
+
+
+def killed_in(module, name: str, cfg, monkeypatch, spared: set[int] = frozenset()) -> None:
+    """Run ingest with ``module.name`` raising for every shard not in ``spared``: a kill right before that step.
+    The step is ``write_stats(path, stats)`` or ``remove_staging(out_dir, shard)``."""
+    real = getattr(module, name)
+
+    def crash(first, second, *rest):
+        if getattr(second, "shard", second) not in spared:
+            raise RuntimeError("killed")
+        return real(first, second, *rest)
+
+    with monkeypatch.context() as m:
+        m.setattr(module, name, crash)
+        with pytest.raises(Exception, match="killed"):
+            run(cfg, RUNNER)
+
+
+def test_a_run_killed_between_renaming_the_tar_and_its_stats_does_not_download_again(server, tmp_path,
+                                                                                     monkeypatch, reference):
+    """Finalizing renames the staging tar to the final tar before it writes ``_stats.json``: killed in between,
+    the committed draft points at a tar that moved, and the rerun finds it under its final name."""
+    cfg = config(tmp_path, urls_of(server))
+    killed_in(write, "write_stats", cfg, monkeypatch, spared={0, 2})  # (0 and 2 may come after: not finalized)
+    out = tmp_path / "out"
+    assert (out / "00001.tar").exists() and not (out / "00001_stats.json").exists()  # renamed from staging
+    assert [p.name for p in (out / "_staging").glob("00001.*")] == ["00001.draft.json"]
+    server.reset_log()
+    report = run(cfg, RUNNER)
+    assert requested(server) == [] and report["written"] == 10 and report["accounted"]
+    assert tree_bytes(out) == reference and not (out / "_staging").exists()
+
+
+def test_retry_failed_retries_a_shard_whose_stale_draft_a_kill_left(server, tmp_path, monkeypatch):
+    """Killed after a shard's stats but before its staging files were removed: ``retry_failed`` must retry the
+    shard's retryable rows, not reuse the draft that holds those very failures."""
+    server.add_image("/img0-copy.jpg", encode_test_image("jpeg", SIZES[0]))  # a duplicate: the tar is rewritten,
+    urls = [server.url("/img0.jpg"), server.url("/img0-copy.jpg"), server.fault_url("500")]  # staging tar kept
+    killed_in(write, "remove_staging", config(tmp_path, urls), monkeypatch)
+    out = tmp_path / "out"
+    assert (out / "00000_stats.json").exists() and (out / "_staging" / "00000.draft.json").exists()
+    assert len(list((out / "_staging").glob("00000.*.tar"))) == 1
+    assert statuses(out) == {"000000000": "success", "000000001": "duplicate_sha256", "000000002": "http_500"}
+    cfg = config(tmp_path, urls)
+    cfg.write.retry_failed = True
+    server.reset_log()
+    report = run(cfg, RUNNER)
+    assert requested(server) == [urlsplit(urls[2]).path]  # the 500 is tried again; the images are kept
+    assert report["written"] == 1 and report["accounted"] and not (out / "_staging").exists()
+
+
+def test_a_rerun_removes_the_staging_files_a_kill_after_the_stats_left(server, tmp_path, monkeypatch, reference):
+    cfg = config(tmp_path, urls_of(server))
+    killed_in(write, "remove_staging", cfg, monkeypatch, spared={0, 2})
+    out = tmp_path / "out"
+    assert (out / "00001_stats.json").exists() and (out / "_staging" / "00001.draft.json").exists()
+    server.reset_log()
+    report = run(cfg, RUNNER)
+    assert requested(server) == [] and report["written"] == 10 and report["accounted"]  # all downloads committed
+    assert tree_bytes(out) == reference and not (out / "_staging").exists()
+
+
+def test_a_damaged_stats_file_makes_its_shard_incomplete_not_a_failed_plan(server, tmp_path, reference, caplog):
+    urls = urls_of(server)
+    out = tmp_path / "out"
+    run(config(tmp_path, urls), RUNNER)
+    (out / "00001_stats.json").write_text('{"shard": 1, "inp')  # cut short
+    server.reset_log()
+    with caplog.at_level(logging.WARNING, logger="visinstruct"):
+        report = run(config(tmp_path, urls), RUNNER)
+    assert requested(server) == paths(urls, {1}) and report["written"] == 10 and report["accounted"]
+    assert tree_bytes(out) == reference
+    assert any("00001: its stats cannot be read (JSONDecodeError" in r.getMessage() for r in caplog.records)
 
 
 def test_a_staged_download_of_other_inputs_is_not_reused(server, tmp_path, monkeypatch, reference):
@@ -228,8 +303,20 @@ def test_a_downloading_shard_reports_each_row_as_it_finishes(server, tmp_path, c
     assert progress.seen[-1] == (4, 3, 1) and sum(r.status == "success" for r in draft.rows) == 3
     lines = [r.getMessage() for r in caplog.records if r.name == "visinstruct.transforms.progress"]
     assert [line.split(",")[0] for line in lines] == ["shard 00000: 1/4 rows", "shard 00000: 2/4 rows",
-                                                      "shard 00000: 3/4 rows"]
+                                                      "shard 00000: 3/4 rows", "shard 00000: 4/4 rows"]
     assert all("rows/s" in line for line in lines)
+
+
+def test_a_shard_logs_its_last_line_when_it_finishes(caplog):
+    """However long the interval, a shard ends with one line of its totals (and one only)."""
+    from visinstruct.schemas import Rejection
+
+    progress = ShardProgress(3, 3, every_s=3600)
+    with caplog.at_level(logging.INFO, logger="visinstruct"):
+        for outcome in ["kept", Rejection("download", "http_404", "not found", "000030001"), "kept"]:
+            progress.row(outcome)
+    lines = [r.getMessage() for r in caplog.records if r.name == "visinstruct.transforms.progress"]
+    assert [line.rsplit(",", 1)[0] for line in lines] == ["shard 00003: 3/3 rows, 2 ok, 1 rejected"]
 
 
 def test_progress_counters_add_up_over_a_run(server, tmp_path):
@@ -245,14 +332,33 @@ def test_progress_counters_add_up_over_a_run(server, tmp_path):
     counters = {c.key.metric.name: c.committed for c in result.metrics().query(beam.metrics.MetricsFilter())[
         "counters"] if c.key.metric.namespace == "ingest"}
     assert (counters["rows_done"], counters["rows_ok"], counters["rows_rejected"]) == (11, 10, 1)
+    assert not {"images_ok", "images_rejected"} & counters.keys()  # one pair counts kept and rejected rows
     assert json.loads((tmp_path / "out" / "00002_stats.json").read_text())["rejected_by_reason"] == {"http_404": 1}
 
 
 KILLABLE_RUN = """
-import json, sys
+import json, sys, threading
+from pathlib import Path
 from visinstruct.configs import IngestConfig, from_dict
 from visinstruct.pipelines.ingest import run
-run(from_dict(IngestConfig, json.loads(sys.argv[1])), ["--runner=FnApiRunner"])
+from visinstruct.transforms import download, write
+
+settings, step, marks = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+module = {"commit_draft": download, "write_stats": write}[step]
+real, lock, calls = getattr(module, step), threading.Lock(), []
+
+def gated(first, second, *rest):
+    # the first call goes through; every later one marks that it is waiting, then waits to be killed
+    with lock:
+        calls.append(second.shard)
+        first_call = len(calls) == 1
+    if not first_call:
+        (marks / f"waiting-{second.shard:05d}").touch()
+        threading.Event().wait()
+    return real(first, second, *rest)
+
+setattr(module, step, gated)
+run(from_dict(IngestConfig, settings), ["--runner=FnApiRunner"])
 """
 
 
@@ -262,36 +368,48 @@ def committed(out: Path) -> set[int]:
     return drafts | {int(p.name[:5]) for p in out.glob("*_stats.json")}
 
 
-@pytest.mark.parametrize("kill_at", ["*.draft.json", "*_stats.json"], ids=["first-download", "first-finalized"])
-def test_a_run_killed_for_real_resumes_with_the_shards_it_finished(server, tmp_path, kill_at):
-    """SIGKILL a real ingest process when its first shard is downloaded (or finalized), then rerun: only the
-    shards without a committed download are requested again, and the output is that of an uninterrupted run."""
+@pytest.mark.parametrize("kill_at", ["commit_draft", "write_stats"], ids=["first-download", "first-finalized"])
+def test_a_run_killed_for_real_resumes_with_the_shards_it_finished(server, tmp_path, reference, kill_at):
+    """SIGKILL a real ingest process once its first shard is downloaded (or finalized) and another is held just
+    before its own commit (or, its tar renamed, just before its stats), then rerun: only the shards without a
+    committed download are requested again, and the output is that of an uninterrupted run.
+
+    The process itself holds the later shards (it waits for the kill), so where it is killed is an event, not a
+    time: the first case always leaves undownloaded shards, the second a shard between rename and stats.
+    """
     import subprocess
     import sys
     import time
 
-    # each shard: three images and one slow to arrive (a second), so shards finish one by one
-    urls = [u for s in range(3) for u in [server.url(f"/img{3 * s + i}.jpg") for i in range(3)]
-            + [server.fault_url("slow", seconds=1, shard=s)]]
-    reference = tmp_path / "reference"
-    expected = run(config(tmp_path, urls, out="reference"), RUNNER)
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, json.dumps(settings(tmp_path, urls))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    urls, out, marks = urls_of(server), tmp_path / "out", tmp_path / "marks"
+    marks.mkdir()
+    done_file = "*.draft.json" if kill_at == "commit_draft" else "*_stats.json"
+    log_path = tmp_path / "killed-run.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, json.dumps(settings(tmp_path, urls)), kill_at,
+                                 str(marks)], stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        while proc.poll() is None and not list(out.rglob(kill_at)):  # waits for an event, not for a time
-            time.sleep(0.02)
+        while proc.poll() is None and not (list(out.rglob(done_file)) and list(marks.iterdir())):
+            time.sleep(0.02)  # polls for the two events; the process waits for the kill however long this takes
+        assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
     finally:
         proc.kill()
         proc.wait()
+    waiting = {int(p.name[-5:]) for p in marks.iterdir()}
     finished = committed(out)
-    assert finished, "the run was killed before any shard was downloaded"
+    if kill_at == "commit_draft":
+        assert len(finished) == 1 and not finished & waiting  # the others were not committed
+    else:
+        assert len(list(out.glob("*_stats.json"))) == 1 and finished == {0, 1, 2}  # downloads precede finalizing
+        for shard in waiting:  # held between the rename of its tar and its stats
+            assert (out / f"{shard:05d}.tar").exists() and not (out / f"{shard:05d}_stats.json").exists()
+            assert (out / "_staging" / f"{shard:05d}.draft.json").exists()
+            assert not list((out / "_staging").glob(f"{shard:05d}.*.tar"))
     server.reset_log()
     report = run(config(tmp_path, urls), RUNNER)
-    assert requested(server) == sorted(urlsplit(u).path + (f"?{urlsplit(u).query}" if urlsplit(u).query else "")
-                                       for i, u in enumerate(urls) if i // 4 not in finished)
-    assert report["written"] == expected["written"] > 0 and report["accounted"]
-    assert {k: v for k, v in tree_bytes(out).items() if not Path(k).name.startswith(".")} == tree_bytes(reference)
+    assert requested(server) == paths(urls, {0, 1, 2} - finished)
+    assert report["written"] == 10 and report["accounted"]
+    assert tree_bytes(out) == reference and not (out / "_staging").exists()
 
 
 def test_a_row_whose_sample_the_staging_tar_lacks_is_not_counted_as_written():

@@ -223,15 +223,40 @@ def test_a_line_longer_than_the_row_bound_is_skipped_without_losing_the_rest(tmp
         assert got[1].url == "http://x/2.jpg"
 
 
-def test_a_quoted_field_over_the_parser_limit_resumes_at_the_next_line(tmp_path):
+def test_a_quoted_field_over_the_parser_limit_is_one_rejected_row_up_to_where_it_ends(tmp_path):
     # Each physical line is under the bound, the quoted field spanning them is not: the csv parser itself fails
-    # on that record (in its second line), and parsing resumes at the next line. What is left of the broken
-    # field is a malformed row of its own; the rows after it are read as usual.
+    # on that record (in its second line). Reading resumes after the end of that quoted field, so what is left
+    # of it is not read as rows of its own.
     half = "z" * (MAX_ROW_CHARS // 2 + 10)
     (tmp_path / "a.csv").write_text(f'url,caption\nhttp://x/1.jpg,"{half}\n{half}\n{half}"\nhttp://x/2.jpg,two\n')
     got = rows(tmp_path / "a.csv")
-    assert outcomes(got) == ["field_too_long", "malformed_row", "ok"]
-    assert got[2].caption == "two"
+    assert outcomes(got) == ["field_too_long", "ok"]
+    assert got[1].caption == "two"
+    assert "lines 2-4" in got[0].message
+
+
+@pytest.mark.parametrize("ext, sep", [("csv", ","), ("tsv", "\t")])
+def test_url_looking_lines_inside_a_caption_over_the_parser_limit_never_become_rows(tmp_path, ext, sep):
+    # The parser fails inside the quoted caption; lines after that point that look like rows must not become
+    # pairs (they would be fetched, and shift every later key).
+    part = "w" * (MAX_ROW_CHARS // 4)
+    caption = "\n".join([part] * 5 + [f"http://evil/x.jpg{sep}pwned", f'http://evil/y.jpg{sep}""quoted""', "end"])
+    path = tmp_path / f"a.{ext}"
+    path.write_text(f'url{sep}caption\nhttp://x/1.jpg{sep}one\nhttp://x/2.jpg{sep}"{caption}"\n'
+                    f"http://x/3.jpg{sep}three\n")
+    got = rows(path)
+    assert outcomes(got) == ["ok", "field_too_long", "ok"]
+    assert [p.url for p in got if not isinstance(p, BadRow)] == ["http://x/1.jpg", "http://x/3.jpg"]
+
+
+def test_a_quote_that_never_closes_within_the_bound_rejects_the_rest_of_the_file_once(tmp_path):
+    part = "v" * (MAX_ROW_CHARS // 4)
+    lines = [part if i % 2 else f"http://evil/{i}.jpg,caption {i}" for i in range(24)]
+    (tmp_path / "a.csv").write_text("url,caption\nhttp://x/1.jpg,one\nhttp://x/2.jpg,\"never closed\n"
+                                    + "\n".join(lines) + "\nhttp://x/3.jpg,three\n")
+    got = rows(tmp_path / "a.csv")
+    assert outcomes(got) == ["ok", "field_too_long", "unreadable_file"]  # the rows before it are kept
+    assert "reading stopped at line" in got[2].message and "line 3" in got[2].message
 
 
 def test_a_planted_bug_in_one_row_is_that_rows_internal_error(tmp_path, monkeypatch):
@@ -312,18 +337,34 @@ def write_table_as(path, ext):
 
 
 @pytest.mark.parametrize("ext", ["parquet", "csv", "tsv", "jsonl"])
-def test_a_named_column_missing_from_the_input_is_one_error_listing_the_columns(tmp_path, ext):
+def test_a_named_column_missing_from_the_input_is_one_error_listing_the_columns(tmp_path, ext, caplog):
     write_table_as(tmp_path / f"urls.{ext}", ext)
     for option, value in [("url_col", "link"), ("caption_col", "text"), ("boxes_col", "objects"),
                           ("save_additional_columns", ["licence"])]:
         column = value[0] if isinstance(value, list) else value
+        cfg = ReadConfig(path=str(tmp_path / f"urls.{ext}"), **{option: value})
+        if ext == "jsonl" and option in ("boxes_col", "save_additional_columns"):
+            plan_units(cfg)  # optional columns may appear in later objects only: a warning, not an error
+            assert f"read.{option}: column {column!r} not in the first 100 objects of urls.jsonl" in caplog.text
+            continue
         with pytest.raises(InputError) as caught:
-            plan_units(ReadConfig(path=str(tmp_path / f"urls.{ext}"), **{option: value}))
+            plan_units(cfg)
         assert str(caught.value) == (f"read.{option}: column {column!r} not in urls.{ext} "
                                      "(columns: url, caption, width)")
     assert len(rows(tmp_path / f"urls.{ext}", caption_col="caption")) == 1
     (tmp_path / "nocaption.csv").write_text("url\nhttp://x/1.jpg\n")  # the default caption column is optional
     assert [p.caption for p in rows(tmp_path / "nocaption.csv")] == [None]
+
+
+def test_jsonl_optional_columns_first_seen_after_the_sampled_objects_are_read(tmp_path):
+    objects = [{"url": f"http://x/{i}.jpg"} for i in range(150)]
+    objects[120] |= {"boxes": [{"category": "dog", "bbox": [0, 0, 1, 1]}], "tags": ["animal"], "licence": "cc"}
+    (tmp_path / "late.jsonl").write_text("".join(json.dumps(o) + "\n" for o in objects))
+    got = rows(tmp_path / "late.jsonl", boxes_col="boxes", tags_col="tags", save_additional_columns=["licence"])
+    assert outcomes(got) == ["ok"] * 150
+    assert (got[120].boxes, got[120].tags, got[120].source) == ([Box("dog", [0, 0, 1, 1])], ["animal"],
+                                                                {"licence": "cc"})
+    assert (got[0].boxes, got[0].tags, got[0].source) == ([], [], {})
 
 
 def test_a_wrong_url_col_stops_ingest_before_it_writes_anything(tmp_path):
@@ -345,3 +386,27 @@ def test_the_command_line_says_so_in_one_line_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("visinstruct ingest: error: read.url_col: column 'link' not in urls.csv "
                    "(columns: url, caption, width)")
+
+
+@pytest.mark.parametrize("sep", [",", "\t"])
+def test_the_quote_tracker_ends_records_where_the_csv_parser_does(sep):
+    # The recovery after a parser error skips to where the failed record ends: the tracker must agree with the
+    # parser on that, for any mix of quotes, escaped quotes, delimiters and line ends (seeded, 3000 texts).
+    import csv
+    import random
+
+    from visinstruct.transforms.read import _still_quoted
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        text = "".join(rng.choice(['a', sep, '"', '"', "\n", "\r\n", "b"]) for _ in range(rng.randrange(1, 40)))
+        lines = text.splitlines(keepends=True)
+        taken: list[str] = []
+        fed = (taken.append(line) or line for line in lines)
+        parser_ends = [len(taken) for _ in csv.reader(fed, delimiter=sep)]
+        tracker_ends, inside = [], False
+        for number, line in enumerate(lines, 1):
+            inside = _still_quoted(line, sep, inside)
+            if not inside or number == len(lines):
+                tracker_ends.append(number)
+        assert tracker_ends == parser_ends, repr(text)

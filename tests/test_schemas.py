@@ -1,8 +1,10 @@
 """Records, keys and tables: every schema round-trips through pyarrow and parquet."""
 
+import copy
 import dataclasses
 import io
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -115,6 +117,88 @@ def test_sample_json_keeps_unknown_img2dataset_fields():
 def test_sample_json_rejects_wrong_shapes_naming_the_field(bad, message):
     with pytest.raises(ValueError, match=message):
         SampleMeta.from_dict(bad)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([1], "must be an object"),
+    ({"key": 5}, "key must be a string"),
+    ({"key": "1", "boxes": ["dog"]}, r"boxes\[0\] must be a JSON object"),
+    ({"key": "1", "boxes": [{"bbox": [0, 0, 1, 1]}]}, "'category' is missing"),
+    ({"key": "1", "conversations": [{"value": "hi"}]}, "'from' is missing"),
+    ({"key": "1", "captions": "abc"}, "captions must be a list"),
+    ({"key": "1", "clip": {"score": True, "model": "m"}}, "score must be a number"),
+    ({"key": "1", "width": 2**63}, "width must be a non-negative integer"),
+    ({"key": "1", "caption": "\ud800"}, "not valid Unicode"),
+    ({"key": "1", "source": {"n": [[1]]}, "boxes": [{"category": "dog", "bbox": [0, 0, 1, 1]}]}, None),
+])
+def test_sample_json_refuses_every_bad_shape_with_value_error(bad, message):
+    if message is None:  # a well-formed control: parses
+        assert SampleMeta.from_dict(bad).key == "1"
+        return
+    with pytest.raises(ValueError, match=message):
+        SampleMeta.from_dict(bad)
+
+
+def test_sample_json_nested_beyond_the_stack_is_a_value_error():
+    deep = '{"key": "1", "source": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    with pytest.raises(ValueError, match="nested"):
+        SampleMeta.from_json(deep)
+    with pytest.raises(ValueError, match="nested"):
+        SampleMeta.from_json('{"key": "1", "extra": ' + "[" * 150 + "]" * 150 + "}")
+
+
+def _random_json(rng: random.Random, depth: int = 0):
+    makers = [lambda: None, lambda: rng.random() < 0.5, lambda: rng.choice([0, -1, 7, 2**63, -(2**70)]),
+              lambda: rng.choice([0.5, -0.25, 1.5, float("nan"), float("inf")]),
+              lambda: rng.choice(["", "a", "\ud800", "<image>", "x" * 600]), lambda: "1",
+              lambda: [rng.random() for _ in range(4)]]
+    if depth < 3:
+        makers += [lambda: [_random_json(rng, depth + 1) for _ in range(rng.randrange(5))],
+                   lambda: {rng.choice(["key", "from", "value", "bbox", "category", "score", "model", "z"]):
+                            _random_json(rng, depth + 1) for _ in range(rng.randrange(4))}]
+    return rng.choice(makers)()
+
+
+def _paths(value, path=()):
+    """Every place in a JSON value a fuzzer can overwrite: each dict entry and each list item, nested."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for k, v in items:
+        yield path + (k,)
+        yield from _paths(v, path + (k,))
+
+
+def test_fuzzed_sample_json_parses_or_raises_value_error_only():
+    """Seeded random JSON values at every field of a full sample: ``SampleMeta`` or ``ValueError``, nothing else,
+    and what parses writes back as UTF-8 JSON that parses to the same record."""
+    full = json.loads(EXAMPLES[-1].to_json()) | {"captions": ["a", "b"], "tags": ["t"], "path": "/p",
+                                                  "source": {"n": [1]}, "phash": "p", "original_width": 3}
+    places = list(_paths(full))
+    rng, parsed, refused = random.Random(1234), 0, 0
+    for trial in range(3000):
+        doc = copy.deepcopy(full)
+        for _ in range(rng.randrange(1, 4)):
+            where = rng.choice(places)
+            parent = doc
+            try:
+                for k in where[:-1]:
+                    parent = parent[k]
+                if rng.random() < 0.2 and isinstance(parent, dict):
+                    parent.pop(where[-1], None)
+                else:
+                    parent[where[-1]] = _random_json(rng)
+            except (KeyError, IndexError, TypeError):  # an earlier mutation replaced the path's parent
+                continue
+        if trial % 50 == 0:
+            doc = _random_json(rng)
+        text = json.dumps(doc, ensure_ascii=True, allow_nan=True)
+        try:
+            meta = SampleMeta.from_json(text)
+        except ValueError:
+            refused += 1
+            continue
+        parsed += 1
+        assert SampleMeta.from_json(meta.to_json().encode("utf-8")).to_json() == meta.to_json()
+    assert parsed > 100 and refused > 1000  # both sides exercised
 
 
 def test_from_pair_copies_input_fields_and_image_sizes():

@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.configs import IngestConfig
 from visinstruct.schemas import ImageTextPair, IndexRow, JsonDict, Rejection, SampleMeta, from_table, shard_name
-from visinstruct.transforms.fetch import Fetcher
+from visinstruct.transforms.fetch import RETRYABLE_STATUS, Fetcher
 from visinstruct.transforms.guard import INTERNAL_ERROR, guarded
 from visinstruct.transforms.images import ImageRejected, ProcessedImage, process_image
 from visinstruct.transforms.progress import ShardProgress, map_with_progress
@@ -34,8 +34,7 @@ from visinstruct.transforms.shards import (
     read_tar_samples,
     shard_paths,
 )
-from visinstruct.transforms.staging import (  # noqa: F401 - STAGING and ShardDraft are used from here too
-    STAGING,
+from visinstruct.transforms.staging import (
     ShardDraft,
     commit_draft,
     input_digest,
@@ -50,9 +49,8 @@ REJECTED_DIR = "rejected"
 
 log = logging.getLogger(__name__)
 # Failures another attempt may fix.
-RETRYABLE_REASONS = frozenset({"timeout", "connection_error", "truncated", "dns_error", "empty_body", "http_408",
-                               "http_425", "http_429", "http_500", "http_502", "http_503", "http_504",
-                               "robots_unreachable"})
+RETRYABLE_REASONS = frozenset({"timeout", "connection_error", "truncated", "dns_error", "empty_body",
+                               "robots_unreachable", *(f"http_{s}" for s in RETRYABLE_STATUS)})
 # Failures the run's settings (or a bug of ours) caused, not the image: a wrong url_col, loopback or private
 # addresses not allowed, an unreadable image folder, an internal error. A corrected rerun may fix them.
 # (Opt-outs, robots.txt, 404s, bad images and duplicates are the image's or its site's: final.)
@@ -247,13 +245,13 @@ class DownloadShard(beam.DoFn):
 
     A draft committed to staging by an earlier (killed) run from the same inputs is reused, not downloaded
     again; so is one committed by an earlier attempt of this bundle, so a retried bundle neither loses nor
-    duplicates rows. A committed draft whose rows all failed for reasons a rerun may fix is downloaded again.
+    duplicates rows. A committed draft whose rows all failed for reasons a rerun may fix is downloaded again, and
+    so is every shard of ``retry_shards``: a draft left behind by a run killed after finalizing such a shard (same
+    inputs, same digest) holds the very failures ``write.retry_failed`` is meant to try again.
     """
 
     def __init__(self, cfg: IngestConfig, retry_shards: frozenset[int] = frozenset()):
         self.cfg, self.retry_shards = cfg, retry_shards
-        self.fetched = beam.metrics.Metrics.counter("ingest", "images_ok")
-        self.failed = beam.metrics.Metrics.counter("ingest", "images_rejected")
         self.reused = beam.metrics.Metrics.counter("ingest", "rows_reused_from_staging")
 
     def setup(self):
@@ -271,7 +269,7 @@ class DownloadShard(beam.DoFn):
         if exists(stats):  # a retry, or a build redoing a shard its later stages never finished
             FileSystems.delete([stats])  # until the new stats land, the shard is incomplete
         digest = input_digest(rows, self.cfg, self.takedown_digest)
-        draft = load_draft(out, shard, digest)
+        draft = None if shard in self.retry_shards else load_draft(out, shard, digest)
         if draft is not None and not all_not_final(r.status for r in draft.rows):
             log.info("shard %s: reusing its download staged by an earlier run (%d rows)", shard_name(shard),
                      len(draft.rows))
@@ -283,9 +281,7 @@ class DownloadShard(beam.DoFn):
                                 self.takedown, progress)
             commit_draft(out, draft, digest)  # from here on a kill does not cost this shard's download
             add_busy("ingest", draft.duration_s)
-        ok = sum(r.status == "success" for r in draft.rows)
-        self.fetched.inc(ok)
-        self.failed.inc(len(draft.rows) - ok)
+        ok = sum(r.status == "success" for r in draft.rows)  # rows_ok / rows_rejected: counted by the progress
         log.info("shard %s downloaded: %d ok, %d rejected in %.1fs", shard_name(shard), ok,
                  len(draft.rows) - ok, draft.duration_s)
         yield draft

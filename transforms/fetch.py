@@ -14,7 +14,10 @@ What a crawler fed arbitrary URLs needs, and img2dataset users asked for:
 - a per-host request rate limit, on by default, and connection reuse per host;
 - opt-outs honoured: ``X-Robots-Tag`` directives (noai, noimageai, noindex, noml) addressed to everyone or
   to us, and each host's robots.txt (on by default; fetched once per origin and cached; RFC 9309: a 4xx answer
-  allows everything, a 5xx or no answer disallows everything, reason ``robots_unreachable``).
+  allows everything, a 5xx or no answer disallows everything, reason ``robots_unreachable``). A verdict read
+  from a robots.txt is kept for the fetcher's life; a failed one (unreachable, DNS error...) for
+  :data:`ROBOTS_FAILURE_TTL_S` seconds, then the next URL of that origin asks again, so a transient outage does
+  not block a host for a worker's lifetime; a bug while loading it is not kept at all.
 
 Every failure becomes a :class:`FetchResult` with a stable reason code, never an exception.
 """
@@ -27,6 +30,7 @@ import socket
 import threading
 import time
 import urllib.robotparser
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -39,17 +43,19 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 
 from visinstruct.configs import DownloadConfig
+from visinstruct.schemas import Rejection
 from visinstruct.transforms.addresses import address_allowed, host_refusal
-from visinstruct.transforms.guard import INTERNAL_ERROR, MESSAGE_LIMIT, count_internal_error
+from visinstruct.transforms.guard import MESSAGE_LIMIT, guarded
 
 __all__ = ["Fetcher", "FetchResult", "address_allowed", "optout_directive", "parse_retry_after"]
 
 REDIRECTS = {301, 302, 303, 307, 308}
-RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})  # also for LLM servers (llm_openai)
 CHUNK = 64 * 1024
 UNREACHABLE_ROBOTS = {"timeout", "connection_error", "truncated"}  # RFC 9309 2.3.1.4: read as complete disallow
+ROBOTS_FAILURE_TTL_S = 120.0  # how long a failed robots.txt verdict stands before the origin's next URL asks again
 MAX_URL_CHARS = 8192  # what browsers and CDNs accept; longer (in a list, or a redirect's Location) is junk or attack
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # CR/LF in a URL would inject headers; NUL truncates in C code
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # CR/LF in a URL would inject headers; NUL truncates in C code
 
 
 @dataclass(frozen=True)
@@ -175,8 +181,9 @@ def parse_retry_after(value: str | None) -> float | None:
 class Fetcher:
     """Thread-safe HTTP(S) image fetcher; create one per worker (it holds connection pools and a thread pool)."""
 
-    def __init__(self, cfg: DownloadConfig, seed: int = 0):
-        self.cfg = cfg
+    def __init__(self, cfg: DownloadConfig, seed: int = 0, clock: Callable[[], float] = time.monotonic):
+        """``clock`` (seconds) times how long a failed robots.txt verdict is kept; tests pass their own."""
+        self.cfg, self._clock = cfg, clock
         self.pool = urllib3.PoolManager(num_pools=256, maxsize=max(4, cfg.threads), block=False,
                                         headers={"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5"})
         self.pool.pool_classes_by_scheme = _pool_classes(cfg.allow_loopback, cfg.allow_private)
@@ -185,7 +192,7 @@ class Fetcher:
         self.agents = {"*", agent, "img2dataset"}  # img2dataset's opt-outs are meant for tools like us
         self.optouts = {v.lower() for v in cfg.optout_values}
         self.agent = cfg.user_agent.split("/", 1)[0]
-        self._robots: dict[str, Future] = {}
+        self._robots: dict[str, tuple[Future, float]] = {}  # origin -> (verdict, when it expires)
         self._robots_lock = threading.Lock()
         self._rng = random.Random(seed)
         self._executor = ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="fetch")
@@ -203,12 +210,12 @@ class Fetcher:
         return list(self._executor.map(fn, items))
 
     def fetch(self, url: str) -> FetchResult:
-        """Fetch one URL with retries; never raises."""
-        try:
-            return self._fetch(url, image=True)
-        except Exception as e:  # a bug or an undocumented library error: this URL's dead letter, not the bundle's
-            count_internal_error("download")
-            return FetchResult(url, reason=INTERNAL_ERROR, message=f"{type(e).__name__}: {e}"[:MESSAGE_LIMIT])
+        """Fetch one URL with retries; never raises: a bug or an undocumented library error is this URL's
+        ``internal_error`` (the guard logs it; its counter is counted where the result reaches the DoFn thread)."""
+        outcome = guarded("download", lambda: self._fetch(url, image=True), url=url)
+        if isinstance(outcome, Rejection):
+            return FetchResult(url, reason=outcome.reason, message=outcome.message)
+        return outcome
 
     def _fetch(self, url: str, image: bool) -> FetchResult:
         """``fetch`` without its last-resort guard; ``image=False`` skips robots.txt and opt-outs (robots.txt)."""
@@ -256,7 +263,7 @@ class Fetcher:
         IP literals in any form and loopback names are refused here, before robots.txt or a resolver sees them;
         every resolved address is checked again at connect time (``_connect_checked``).
         """
-        if len(url) > MAX_URL_CHARS or _CONTROL.search(url):
+        if len(url) > MAX_URL_CHARS or CONTROL_CHARS.search(url):
             why = "is longer than 8192 characters" if len(url) > MAX_URL_CHARS else "holds a control character"
             raise FetchError("invalid_url", f"the URL {why}: {url[:200]!r}")
         try:
@@ -346,19 +353,35 @@ class Fetcher:
         """The origin's rules, ``None`` for allow-all, or the error every URL of the origin fails with.
 
         Concurrent threads asking for the same new origin wait for one fetch instead of each sending their own.
+        A failed verdict expires after :data:`ROBOTS_FAILURE_TTL_S`; an exception while loading is not kept (the
+        threads waiting for it raise it, the next URL of the origin loads robots.txt again).
         """
         with self._robots_lock:
-            future = self._robots.get(origin)
-            owner = future is None
+            future, expires = self._robots.get(origin, (None, 0.0))
+            owner = future is None or expires <= self._clock()
             if owner:
-                future = self._robots[origin] = Future()
+                future = Future()
+                self._robots[origin] = (future, float("inf"))
         if owner:
             try:
-                future.set_result(self._load_robots(origin))
+                verdict = self._load_robots(origin)
             except BaseException as e:
+                self._set_robots_expiry(origin, future, None)
                 future.set_exception(e)
                 raise
+            if isinstance(verdict, FetchError):
+                self._set_robots_expiry(origin, future, self._clock() + ROBOTS_FAILURE_TTL_S)
+            future.set_result(verdict)
         return future.result()
+
+    def _set_robots_expiry(self, origin: str, future: Future, expires: float | None) -> None:
+        """When ``future`` (still the origin's entry) expires; ``None`` forgets it now."""
+        with self._robots_lock:
+            if self._robots.get(origin, (None,))[0] is future:
+                if expires is None:
+                    del self._robots[origin]
+                else:
+                    self._robots[origin] = (future, expires)
 
     def _load_robots(self, origin: str) -> urllib.robotparser.RobotFileParser | FetchError | None:
         """Fetch and read robots.txt as RFC 9309 says: 4xx allows all; 5xx or no answer disallows all."""

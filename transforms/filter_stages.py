@@ -19,7 +19,7 @@ import numpy as np
 from visinstruct.schemas import ClipScore, JsonDict, Rejection, SampleMeta
 from visinstruct.transforms.guard import guarded
 from visinstruct.transforms.images import ImageRejected, decode_rgb
-from visinstruct.transforms.rewrite import Judge, Judgement, image_member, iter_samples, sample_meta
+from visinstruct.transforms.rewrite import Judge, Judgement, image_member, iter_samples, read_meta
 from visinstruct.transforms.timing import add_busy
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,10 @@ def shard_sample(path: str, key: str, members: dict[str, bytes]):
     ext = image_member(members)
     if ext is None:
         return Rejection(STAGE, "no_image", f"sample has no image member ({', '.join(members)})", key, path)
-    try:
-        caption = sample_meta(key, members).caption or ""
-    except (ValueError, TypeError, KeyError, AttributeError) as e:  # bad JSON, bad UTF-8, fields of the wrong type
-        return Rejection(STAGE, "bad_metadata", f"{type(e).__name__}: {e}"[:500], key, path)
-    return (path, key), (members[ext], caption)
+    meta = read_meta(STAGE, key, members, path)  # anything but ValueError is left to the caller's guard
+    if isinstance(meta, Rejection):
+        return meta
+    return (path, key), (members[ext], meta.caption or "")
 
 
 class ReadShardSamples(beam.DoFn):

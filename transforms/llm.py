@@ -52,14 +52,6 @@ RETRYABLE_REASONS = frozenset({"connection_error", "timeout", "malformed_respons
 # The config is wrong for this server or model: a bad request, key, endpoint or model name, or a token limit
 # too small for the answers (every reply cut short).
 CONFIG_REASONS = frozenset({"http_400", "http_401", "http_403", "http_404", "http_422", TRUNCATED})
-# One line of what to change, for messages about runs whose rows all failed for one reason.
-HINTS = {
-    "connection_error": "nothing answers at generate.endpoint: start the LLM server or fix the URL",
-    "timeout": "the LLM server did not answer within generate.timeout: raise it or lower generate.concurrency",
-    "http_401": "the server refused the key: set the variable named by generate.api_key_env",
-    "http_404": "the server has no such route or model: check generate.endpoint (ending in /v1) and generate.model",
-    TRUNCATED: "replies were cut at the token limit: raise generate.max_new_tokens",
-}
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,10 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 
-from visinstruct.transforms.fetch import parse_retry_after
+from visinstruct.transforms.fetch import RETRYABLE_STATUS, parse_retry_after  # noqa: F401 - llm.py imports it here
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MALFORMED_RETRIES = 1  # see the module docstring
 MAX_RESPONSE_BYTES = 16 * 2**20  # a chat completion is kilobytes; more means something is wrong
 _SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie", re.IGNORECASE)

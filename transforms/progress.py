@@ -27,7 +27,8 @@ _DONE = object()
 
 
 class ShardProgress:
-    """Counts one shard's finished rows; logs every ``every_s`` seconds (0: every row) and at the end."""
+    """Counts one shard's finished rows; logs every ``every_s`` seconds (0: every row), and once more when the
+    shard's last row finishes (so each shard that downloads anything ends with its totals and rate)."""
 
     def __init__(self, shard: int, total: int, every_s: float = 30.0, namespace: str = "ingest"):
         self.shard, self.total, self.every_s = shard, total, every_s
@@ -48,7 +49,7 @@ class ShardProgress:
             self.ok += 1
             self._ok_c.inc()
         now = time.monotonic()
-        if now - self._last >= self.every_s and self.done < self.total:
+        if self.done == self.total or now - self._last >= self.every_s:
             self._last = now
             self.log()
 

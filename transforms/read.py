@@ -11,7 +11,9 @@ that row only. A missing or unreadable input, or a ``*_col`` option naming a col
 Bounds (a row over one is rejected with reason ``field_too_long``): :data:`MAX_URL_CHARS` for a URL,
 :data:`MAX_CAPTION_CHARS` for a caption, :data:`MAX_ROW_CHARS` for a line of csv/tsv/jsonl/txt or any other
 cell. Text must be UTF-8: a row with bytes that are not is rejected as ``bad_encoding`` (never guessed at),
-the rows around it are read as usual.
+the rows around it are read as usual. A csv/tsv quoted field over the bound is one rejected row up to where
+the field ends (text inside it never becomes rows); one that does not end within another bound's worth of
+characters ends the file with one ``unreadable_file`` row, the rows before it kept.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import re
 import zlib
@@ -31,7 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.configs import ConfigError, ReadConfig
 from visinstruct.schemas import Box, ImageTextPair, JsonDict, Rejection
-from visinstruct.transforms.fetch import MAX_URL_CHARS  # one bound for lists and redirects; re-exported
+from visinstruct.transforms.fetch import CONTROL_CHARS, MAX_URL_CHARS  # as for redirects; re-exported
 from visinstruct.transforms.guard import guarded
 
 MAX_CAPTION_CHARS = 64 * 1024  # 10x the longest dense captions in public datasets
@@ -41,7 +44,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 _BY_EXTENSION = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".txt": "txt",
                  ".json": "json"}  # COCO or LLaVA: told apart by content
 _SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes (surrogateescape), or a lone \\ud800 from JSON
-_URL_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+JSONL_SAMPLE = 100  # objects of a jsonl file whose keys are its columns when the run is planned
+log = logging.getLogger(__name__)
 
 
 class InputError(ConfigError):
@@ -160,7 +164,9 @@ def named_columns(cfg: ReadConfig) -> list[tuple[str, str]]:
 def check_columns(fmt: str, paths: list[str], cfg: ReadConfig) -> None:
     """Raise :class:`InputError` when a named column is not in the first input file that has any columns.
 
-    Looks at the parquet schema, the csv/tsv header, or the keys of a jsonl file's first 100 objects.
+    Looks at the parquet schema, the csv/tsv header, or the keys of a jsonl file's first :data:`JSONL_SAMPLE`
+    objects. jsonl objects need not share keys, so there only ``url_col`` and an explicitly named ``caption_col``
+    must be in the sample; an optional column (boxes, tags, saved columns) missing from it is a warning.
     """
     if fmt == "txt":
         return  # one URL per line: there are no columns to name
@@ -169,10 +175,15 @@ def check_columns(fmt: str, paths: list[str], cfg: ReadConfig) -> None:
         if not columns:
             continue
         for option, column in named_columns(cfg):
-            if column not in columns:
-                shown = ", ".join(columns[:30]) + (f", ... ({len(columns)} in all)" if len(columns) > 30 else "")
-                raise InputError(f"read.{option}: column {column!r} not in {os.path.basename(path)} "
-                                 f"(columns: {shown})")
+            if column in columns:
+                continue
+            name = os.path.basename(path)
+            if fmt == "jsonl" and option not in ("url_col", "caption_col"):
+                log.warning("read.%s: column %r not in the first %d objects of %s; objects without it are read "
+                            "without it", option, column, JSONL_SAMPLE, name)
+                continue
+            shown = ", ".join(columns[:30]) + (f", ... ({len(columns)} in all)" if len(columns) > 30 else "")
+            raise InputError(f"read.{option}: column {column!r} not in {name} (columns: {shown})")
         return
 
 
@@ -186,7 +197,7 @@ def input_columns(fmt: str, path: str) -> list[str]:
                 reader = _csv_reader((line for line, _ in _lines(_text(f, newline=""))), fmt)
                 return [excerpt(c) for c in next(reader, [])]
             keys: dict[str, None] = {}
-            for (line, cut), _ in zip(_lines(_text(f)), range(100)):
+            for (line, cut), _ in zip(_lines(_text(f)), range(JSONL_SAMPLE)):
                 row = _json_object(line) if not cut else None
                 keys.update(dict.fromkeys(row or {}))
             return list(keys)
@@ -297,7 +308,7 @@ def pair_problem(pair: ImageTextPair) -> BadRow | None:
             return BadRow("field_too_long", f"the URL is {len(pair.url)} characters, over {MAX_URL_CHARS}", "", url)
         if _SURROGATE.search(pair.url):
             return BadRow("bad_encoding", "the URL holds bytes that are not UTF-8", "", url)
-        if _URL_CONTROL.search(pair.url):
+        if CONTROL_CHARS.search(pair.url):
             return BadRow("bad_url", "the URL holds a control character (NUL, CR, LF, ...)", "", url)
     if pair.path is not None and _SURROGATE.search(pair.path):
         return BadRow("bad_encoding", "the file name is not UTF-8", "", None)
@@ -378,19 +389,93 @@ def _csv_reader(lines: Iterator[str], fmt: str):
     return csv.reader(lines, delimiter=_DELIMITERS[fmt])
 
 
+def _still_quoted(line: str, delimiter: str, inside: bool) -> bool:
+    """Whether a csv/tsv line ends inside a quoted field, given whether it starts inside one.
+
+    Follows Python's csv reader (``"`` quotes, ``""`` escapes, non-strict), jumping with ``str.find``.
+    """
+    i, n, field_start = 0, len(line), not inside
+    while i < n:
+        if inside:
+            j = line.find('"', i)
+            if j < 0:
+                return True
+            if line.startswith('"', j + 1):  # an escaped quote
+                i = j + 2
+                continue
+            inside, field_start, i = False, False, j + 1  # what follows the closing quote is plain text
+        elif field_start and line[i] == '"':
+            inside, i = True, i + 1
+        else:
+            j = line.find(delimiter, i)
+            if j < 0:
+                return False
+            field_start, i = True, j + 1
+    return inside
+
+
+class _Feed:
+    """The physical lines of a csv/tsv file as the csv reader takes them: numbered, a cut line as an empty one.
+
+    Knows whether the record being parsed is inside a quoted field at the end of the lines taken (for the
+    recovery after a parser error), folding its lines into that one bit when they get long, so memory stays
+    bounded.
+    """
+
+    def __init__(self, text: io.TextIOWrapper, delimiter: str):
+        self._lines, self.delimiter = _lines(text), delimiter
+        self.number = 0  # lines taken so far
+        self.start_record()
+
+    def start_record(self) -> None:
+        self.first, self.cut = self.number + 1, False  # the record's first line; whether a line of it was cut
+        self._kept, self._size, self._inside = [], 0, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line, cut = next(self._lines)
+        self.number += 1
+        self.cut |= cut
+        line = "\n" if cut else line
+        self._kept.append(line)
+        self._size += len(line)
+        if self._size > MAX_ROW_CHARS:
+            self._inside, self._kept, self._size = self.inside(), [], 0
+        return line
+
+    def inside(self) -> bool:
+        """Whether the lines taken end inside a quoted field of the record being parsed."""
+        inside = self._inside
+        for line in self._kept:
+            inside = _still_quoted(line, self.delimiter, inside)
+        return inside
+
+    def skip_record(self) -> bool:
+        """Read on to the end of the record being parsed; ``False`` when it does not end within
+        :data:`MAX_ROW_CHARS` more characters (the rest of the file is one open quoted field)."""
+        inside, skipped = self.inside(), 0
+        while inside:
+            line, cut = next(self._lines, ("", False))
+            if not line:
+                return True  # the quoted field runs to the end of the file, as the parser would read it
+            self.number += 1
+            skipped += len(line)
+            if cut or skipped > MAX_ROW_CHARS:
+                return False
+            inside = _still_quoted(line, self.delimiter, True)
+        return True
+
+
 def _delimited_rows(path: str, fmt: str, cfg: ReadConfig) -> Iterator[dict | BadRow]:
-    """csv/tsv rows. The parser resumes at the next line after an error, so one bad row never ends the file."""
-    cut_lines: set[int] = set()
-
-    def lines(text):
-        for number, (line, cut) in enumerate(_lines(text), 1):
-            if cut:
-                cut_lines.add(number)
-            yield "\n" if cut else line
-
+    """csv/tsv rows. After a parser error (a quoted field over the bound), reading goes on after the end of that
+    quoted field, so no text inside it is read as rows; when it does not end within the bound, the rest of the
+    file is one ``unreadable_file`` row."""
     with _open(path) as f:
-        reader = _csv_reader(lines(_text(f, newline="")), fmt)
-        header, done = None, 0
+        feed = _Feed(_text(f, newline=""), _DELIMITERS[fmt])
+        reader = _csv_reader(feed, fmt)
+        header = None
         while True:
             try:
                 fields = next(reader)
@@ -398,12 +483,19 @@ def _delimited_rows(path: str, fmt: str, cfg: ReadConfig) -> Iterator[dict | Bad
                 return
             except csv.Error as e:
                 reason = "field_too_long" if "field larger" in str(e) else "malformed_row"
-                yield BadRow(reason, f"line {reader.line_num}: {e}")
-                done = reader.line_num
+                first, ended = feed.first, feed.skip_record()
+                lines = f"line {first}" if feed.number == first else f"lines {first}-{feed.number}"
+                yield BadRow(reason, f"{lines}: {e}")
+                if not ended:
+                    yield BadRow("unreadable_file", excerpt(
+                        f"{path}: reading stopped at line {feed.number}: the quoted field of the row on line "
+                        f"{first} does not end within {MAX_ROW_CHARS} more characters; the rest of the file "
+                        "is not read"))
+                    return
+                feed.start_record()
                 continue
-            spanned, done = range(done + 1, reader.line_num + 1), reader.line_num
-            if any(n in cut_lines for n in spanned):
-                yield _too_long_line(spanned[-1], ",".join(fields))
+            if feed.cut:
+                yield _too_long_line(feed.number, ",".join(fields))
             elif header is None:
                 header = fields or None
             elif fields and len(fields) != len(header):
@@ -411,6 +503,7 @@ def _delimited_rows(path: str, fmt: str, cfg: ReadConfig) -> Iterator[dict | Bad
                              excerpt(",".join(fields)))
             elif fields:
                 yield dict(zip(header, fields))
+            feed.start_record()
 
 
 def _jsonl_rows(path: str, fmt: str, cfg: ReadConfig) -> Iterator[dict | BadRow]:

@@ -32,6 +32,7 @@ from visinstruct.transforms.shards import (
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 UNREADABLE = "unreadable_shard"  # the tar stops being readable (cut short, bad header, not a tar)
 MISSING = "missing_in_tar"  # the index lists a written sample the tar does not give
+DUPLICATE_KEY = "duplicate_key"  # a further row of a key the input index already has
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,30 @@ def iter_samples(path: str, stage: str) -> Iterator[tuple[str | None, dict | Rej
 
 
 def sample_meta(key: str, members: dict[str, bytes]) -> SampleMeta:
-    """The sample's metadata: its JSON member (ours or img2dataset's), else just the key and caption."""
+    """The sample's metadata: its JSON member (ours or img2dataset's), else just the key and caption.
+
+    Raises ``ValueError`` (the sample's ``bad_metadata``) for a JSON member of any wrong shape, and for one whose
+    ``key`` is not the tar's key: rows are indexed, sorted and accounted by the tar's key.
+    """
     if "json" in members:
-        return SampleMeta.from_json(members["json"])
+        meta = SampleMeta.from_json(members["json"])
+        if meta.key != key:
+            raise ValueError(f"sample {key}: its JSON says key {meta.key!r}"[:500])
+        return meta
     caption = members["txt"].decode("utf-8", "replace") if "txt" in members else None
     return SampleMeta(key=key, caption=caption)
+
+
+def read_meta(stage: str, key: str, members: dict[str, bytes], url: str | None = None) -> SampleMeta | Rejection:
+    """:func:`sample_meta`, or the sample's ``bad_metadata`` rejection when it raises ``ValueError``.
+
+    The one classification every stage that reads samples shares: ``ValueError`` is what a bad JSON member raises;
+    anything else is a bug, left to the caller's guard (``internal_error``).
+    """
+    try:
+        return sample_meta(key, members)
+    except ValueError as e:
+        return Rejection(stage, "bad_metadata", f"{type(e).__name__}: {e}"[:500], key, url)
 
 
 def image_member(members: dict[str, bytes]) -> str | None:
@@ -107,6 +127,25 @@ def input_index(tar_path: str) -> list[IndexRow] | None:
         return None
 
 
+def first_rows(earlier: list[IndexRow] | None, stage: str,
+               path: str) -> tuple[list[IndexRow] | None, list[Rejection]]:
+    """The input index with its first row per key, and a ``duplicate_key`` dead letter for every further row.
+
+    A key twice in one index is a damaged input (``validate`` reports it); it costs the extra rows, never the shard.
+    """
+    if earlier is None:
+        return None, []
+    first: dict[str, IndexRow] = {}
+    dead = []
+    for row in earlier:
+        if row.key not in first:
+            first[row.key] = row
+            continue
+        message = f"the index of {path} has another row for key {row.key} (status {row.status}); the first is kept"
+        dead.append(Rejection(stage, DUPLICATE_KEY, message[:500], row.key, row.url or row.path))
+    return list(first.values()), dead
+
+
 def unread_rows(earlier: list[IndexRow], seen: set[str], stage: str, path: str,
                 error: Rejection | None) -> tuple[list[IndexRow], list[Rejection]]:
     """Input index rows without a sample read from the tar: carried as they are when an earlier stage rejected
@@ -132,25 +171,29 @@ def judge_sample(stage: str, judge: Judge, writer: TarShardWriter, key: str,
                  members: dict[str, bytes]) -> tuple[IndexRow, Rejection | None]:
     """One sample's index row (written to ``writer`` when kept) and its dead letter when dropped.
 
-    Whatever the sample makes the judge or the writer raise becomes its ``internal_error`` row (the shared
-    guard), so one odd sample costs that sample only.
+    A JSON member that does not fit (``ValueError``, :func:`read_meta`) is its ``bad_metadata`` row; whatever else
+    reading the metadata, the judge or the writer raise becomes its ``internal_error`` row (the shared guard), so
+    one odd sample costs that sample only. The row always carries the tar's key.
     """
-    try:
-        meta = sample_meta(key, members)
-    except ValueError as e:
-        meta = SampleMeta(key=key)
-        verdict = Judgement(rejection=Rejection(stage, "bad_metadata", str(e)[:500], key))
+    meta = guarded(stage, lambda: read_meta(stage, key, members), key)
+    if isinstance(meta, Rejection):
+        meta, verdict = SampleMeta(key=key), Judgement(rejection=meta)
     else:
         outcome = guarded(stage, lambda: judge(key, meta), key, meta.url or meta.path)
         verdict = Judgement(rejection=outcome) if isinstance(outcome, Rejection) else outcome
     if verdict.meta is not None:
-        kept = dict(members, json=verdict.meta.to_json().encode("utf-8"))
-        added = guarded(stage, lambda: writer.add(key, list(kept.items())), key, meta.url or meta.path)
-        if not isinstance(added, Rejection):
-            return index_row(verdict.meta, members=added, **verdict.index), None
+        kept = verdict.meta
+
+        def add() -> list:
+            return writer.add(key, list(dict(members, json=kept.to_json().encode("utf-8")).items()))
+
+        added = guarded(stage, add, key, meta.url or meta.path)
+        if not isinstance(added, Rejection):  # the tar's key, whatever key the judge's record carries
+            return index_row(kept, key=key, members=added, **verdict.index), None
         verdict = Judgement(rejection=added, index=verdict.index)
     rejection = verdict.rejection
-    row = replace(index_row(meta, **verdict.index), status=rejection.reason, error_message=rejection.message)
+    row = replace(index_row(meta, key=key, **verdict.index), status=rejection.reason,
+                  error_message=rejection.message)
     return row, rejection
 
 
@@ -200,9 +243,13 @@ def rewrite_shard(path: str, position: int, out_dir: str, stage: str, judge: Jud
     start = time.monotonic()
     shard = shard_id(path, position)
     stem = f"{shard:05d}"
-    earlier, writer = input_index(path), TarShardWriter()
+    (earlier, duplicates), writer = first_rows(input_index(path), stage, path), TarShardWriter()
     try:
         rows, dead, error = read_and_judge(path, stage, judge, writer)
+        dead = duplicates + dead
+        if duplicates:
+            log.warning("shard %s: %d duplicated index rows dead-lettered as %s", stem, len(duplicates),
+                        DUPLICATE_KEY)
         if error is not None and earlier is None:
             writer.abort()
             log.warning("shard %s not written: %s has no index to account for its rows (%s)", stem, path,

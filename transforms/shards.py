@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 import uuid
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -113,18 +114,33 @@ class TarShardWriter:
         self.members: dict[str, list[Member]] = {}
 
     def add(self, key: str, members: list[tuple[str, bytes]]) -> list[Member]:
-        """Add one sample's members, e.g. ``[("jpg", b"..."), ("txt", b"..."), ("json", b"...")]``."""
+        """Add one sample's members, e.g. ``[("jpg", b"..."), ("txt", b"..."), ("json", b"...")]``.
+
+        All or nothing: every header is built (a name USTAR cannot hold raises here) before any byte is written,
+        and a write that fails part-way is undone, so the tar never holds part of a sample.
+        """
         if "." in key or "/" in key:
             raise ValueError(f"invalid sample key {key!r}: keys are dot-free and slash-free")
-        written = []
+        infos, written, offset = [], [], self._tar.offset
         for ext, data in members:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             header = len(info.tobuf(TAR_FORMAT, "utf-8", "surrogateescape"))
-            written.append(Member(info.name, self._tar.offset + header, len(data)))
-            self._tar.addfile(info, io.BytesIO(data))
+            written.append(Member(info.name, offset + header, len(data)))
+            infos.append((info, data))
+            offset += header + -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        start, count = self._tar.offset, len(self._tar.members)
+        try:
+            for info, data in infos:
+                self._tar.addfile(info, io.BytesIO(data))
+        except BaseException:
+            self._file.seek(start)
+            self._file.truncate()
+            self._tar.offset = start
+            del self._tar.members[count:]
+            raise
         self.members[key] = written
         return written
 
@@ -192,12 +208,19 @@ def read_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             end = tar.offset
     problem = tar_end_problem(path, end)
     if problem:
-        raise ShardReadError(problem)
+        raise ShardReadError(problem.message)
     if sample:
         yield key, sample
 
 
-def tar_end_problem(path: str, end: int) -> str | None:
+class TarEndProblem(NamedTuple):
+    """Why a tar does not end properly: ``code`` is ``truncated`` (cut short) or ``bad_tar`` (a bad header)."""
+
+    code: str
+    message: str
+
+
+def tar_end_problem(path: str, end: int) -> TarEndProblem | None:
     """Why the tar does not end properly at byte ``end`` (where its last member's data ends), or ``None``.
 
     tarfile stops quietly at a cut or unreadable header once one member was read, so only the end-of-archive
@@ -209,8 +232,9 @@ def tar_end_problem(path: str, end: int) -> str | None:
     if len(tail) == END_OF_ARCHIVE and not tail.strip(b"\0"):
         return None
     if len(tail) < tarfile.BLOCKSIZE or not tail.strip(b"\0"):
-        return f"{path}: cut short: ends at byte {end + len(tail)} without the end-of-archive blocks"
-    return f"{path}: unreadable header at byte {end}"
+        return TarEndProblem("truncated", f"{path}: cut short: ends at byte {end + len(tail)} without the "
+                                          f"end-of-archive blocks")
+    return TarEndProblem("bad_tar", f"{path}: unreadable header at byte {end}")
 
 
 def shard_paths(out_dir: str, shard: int) -> dict[str, str]:

@@ -10,7 +10,9 @@ committed on its own, in two files under ``OUT/_staging/``:
 
 A rerun reuses a committed draft only when its digest matches (same input rows, same download, resize and
 takedown settings, same schema) and its tar is there with the recorded size; anything else is downloaded again.
-Finalizing a shard removes its staging files after its ``_stats.json`` exists.
+"Its tar" is the staging tar, or the shard's final tar when finalizing renamed the staging tar to it (a kill
+between that rename and ``_stats.json`` leaves the draft pointing at a tar that moved). Finalizing a shard removes
+its staging files, temporary files included, after its ``_stats.json`` exists.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.configs import IngestConfig
 from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, from_row, shard_name, to_row
-from visinstruct.transforms.shards import exists, join, read_bytes, write_bytes
+from visinstruct.transforms.shards import exists, join, read_bytes, shard_paths, write_bytes
 
 log = logging.getLogger(__name__)
 STAGING = "_staging"
@@ -78,8 +80,17 @@ def commit_draft(out_dir: str, draft: ShardDraft, digest: str) -> None:
     write_bytes(draft_path(out_dir, draft.shard), json.dumps(document).encode("ascii"))
 
 
+def _size(path: str) -> int | None:
+    """Bytes in ``path``, or None when there is no such file."""
+    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes if exists(path) else None
+
+
 def load_draft(out_dir: str, shard: int, digest: str) -> ShardDraft | None:
-    """The committed draft of ``shard`` when it was made from the same inputs and its tar is whole, else None."""
+    """The committed draft of ``shard`` when it was made from the same inputs and its tar is whole, else None.
+
+    Its tar is the staging tar, or else the shard's final tar when that has the recorded size: finalizing renames
+    the staging tar to the final name (nothing dropped) before it writes ``_stats.json``.
+    """
     path = draft_path(out_dir, shard)
     if not exists(path):
         return None
@@ -90,9 +101,12 @@ def load_draft(out_dir: str, shard: int, digest: str) -> ShardDraft | None:
                      shard_name(shard))
             return None
         tar = join(out_dir, STAGING, document["staging_tar"])
-        if not exists(tar) or FileSystems.match([tar])[0].metadata_list[0].size_in_bytes != document["tar_bytes"]:
-            log.warning("shard %s: its staging tar is missing or cut short; downloading again", shard_name(shard))
-            return None
+        if _size(tar) != document["tar_bytes"]:
+            tar = shard_paths(out_dir, shard)["tar"]  # renamed by a finalize killed before its stats
+            if _size(tar) != document["tar_bytes"]:
+                log.warning("shard %s: its staging tar is missing or cut short; downloading again",
+                            shard_name(shard))
+                return None
         return ShardDraft(shard, tar, [from_row(IndexRow, r) for r in document["rows"]],
                           [from_row(Rejection, r) for r in document["rejections"]], document["duration_s"],
                           document["tar_bytes"])
@@ -103,10 +117,14 @@ def load_draft(out_dir: str, shard: int, digest: str) -> ShardDraft | None:
 
 
 def remove_staging(out_dir: str, shard: int) -> None:
-    """Delete every staging file of ``shard`` (its draft, and the tars of all its attempts)."""
-    pattern = join(out_dir, STAGING, f"{shard_name(shard)}.*")
+    """Delete every staging file of ``shard``: its draft first (a kill midway leaves no draft whose tar is gone),
+    then the tars of all its attempts and the temporary files of writes a kill cut short (``.NNNNN.*.tmp``)."""
+    draft, name = draft_path(out_dir, shard), shard_name(shard)
+    if exists(draft):
+        FileSystems.delete([draft])
+    patterns = [join(out_dir, STAGING, f"{name}.*"), join(out_dir, STAGING, f".{name}.*")]
     try:
-        found = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+        found = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
     except Exception:  # noqa: BLE001 - no staging folder: nothing to remove
         return
     if found:

@@ -1,8 +1,8 @@
 """Finalize a shard: drop cross-shard duplicates, write tar, parquet index, dead-letter table, then stats.
 
-Order matters for retries: the staging files are removed only after ``_stats.json`` exists, and
-``_stats.json`` is written last, so a shard is either complete (stats present) or can be finished again from
-staging (also by a rerun after a kill: see :mod:`visinstruct.transforms.staging`).
+Order matters for retries: the staging files (and temporary files a killed write left) are removed only after
+``_stats.json`` exists, and ``_stats.json`` is written last, so a shard is either complete (stats present) or can
+be finished again from staging (also by a rerun after a kill: see :mod:`visinstruct.transforms.staging`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.schemas import SCHEMA_VERSION, IndexRow, JsonDict, Rejection, ShardStats, parse_key, shard_name
-from visinstruct.transforms.download import REJECTED_DIR, ShardDraft
+from visinstruct.transforms.download import REJECTED_DIR
 from visinstruct.transforms.guard import guarded, internal_error
 from visinstruct.transforms.shards import (
     TarShardWriter,
@@ -28,7 +28,7 @@ from visinstruct.transforms.shards import (
     write_stats,
     write_table,
 )
-from visinstruct.transforms.staging import remove_staging
+from visinstruct.transforms.staging import ShardDraft, remove_staging
 from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,23 @@ def unstaged_as_errors(rows: list[IndexRow], rejections: list[Rejection]) -> tup
     return rows, sorted([*rejections, *lost.values()], key=lambda r: r.key)
 
 
+def remove_leftover_temps(out_dir: str, shard: int, stage: str = "ingest") -> None:
+    """Delete temporary files of this shard's final files that a killed write left behind (local ones are
+    ``.NNNNN.tar.<hex>.tmp``, remote ones ``NNNNN.tar.tmp-<hex>``); called once the shard is complete."""
+    name = shard_name(shard)
+    patterns = [join(out_dir, f".{name}[._]*.tmp"), join(out_dir, f"{name}[._]*.tmp-*"),
+                join(out_dir, REJECTED_DIR, f".{stage}-{name}.parquet.*.tmp"),
+                join(out_dir, REJECTED_DIR, f"{stage}-{name}.parquet.tmp-*")]
+    found = []
+    for pattern in patterns:
+        try:
+            found += [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+        except Exception:  # noqa: BLE001 - no such folder: nothing to remove
+            continue
+    if found:
+        FileSystems.delete(found)
+
+
 def finalize_shard(draft: ShardDraft, losers: list[tuple[str, str, str]], out_dir: str,
                    stage: str = "ingest") -> ShardStats:
     """Write every file of a shard; ``_stats.json`` last. Idempotent: a finished shard is left alone."""
@@ -120,6 +137,7 @@ def finalize_shard(draft: ShardDraft, losers: list[tuple[str, str, str]], out_di
                        duration_s=round(draft.duration_s, 3))
     write_stats(paths["stats"], stats)
     remove_staging(out_dir, draft.shard)  # the draft, and the tars of every download attempt of this shard
+    remove_leftover_temps(out_dir, draft.shard, stage)
     return stats
 
 
