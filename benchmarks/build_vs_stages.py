@@ -43,8 +43,12 @@ def tiny_clip(folder: str) -> dict:
     torch.save(model.state_dict(), os.path.join(folder, "tiny.pt"))
     with open(os.path.join(folder, f"{TINY_OPEN_CLIP_NAME}.json"), "w") as f:
         json.dump(TINY_OPEN_CLIP_CONFIG, f)
-    return {"name": TINY_OPEN_CLIP_NAME, "pretrained": os.path.join(folder, "tiny.pt"),
-            "config_file": os.path.join(folder, f"{TINY_OPEN_CLIP_NAME}.json"), "max_batch_size": 64}
+    return {
+        "name": TINY_OPEN_CLIP_NAME,
+        "pretrained": os.path.join(folder, "tiny.pt"),
+        "config_file": os.path.join(folder, f"{TINY_OPEN_CLIP_NAME}.json"),
+        "max_batch_size": 64,
+    }
 
 
 def configs(work: str, url_list: str, clip: dict, shard_size: int) -> dict[str, str]:
@@ -55,10 +59,20 @@ def configs(work: str, url_list: str, clip: dict, shard_size: int) -> dict[str, 
     filter_ = {"model": clip, "threshold": -0.05}
     generate = {"backend": "caption_only"}
     specs = {
-        "build": {"read": read, "download": download, "resize": resize, "filter": filter_, "generate": generate,
-                  "write": {"path": "unused", "shard_size": shard_size}},
-        "ingest": {"read": read, "download": download, "resize": resize,
-                   "write": {"path": "unused", "shard_size": shard_size}},
+        "build": {
+            "read": read,
+            "download": download,
+            "resize": resize,
+            "filter": filter_,
+            "generate": generate,
+            "write": {"path": "unused", "shard_size": shard_size},
+        },
+        "ingest": {
+            "read": read,
+            "download": download,
+            "resize": resize,
+            "write": {"path": "unused", "shard_size": shard_size},
+        },
         "filter": {**filter_, "write": {"path": "unused"}},
         "generate": {**generate, "write": {"path": "unused"}},
     }
@@ -75,11 +89,11 @@ def commands(cfg: dict[str, str], out: str) -> dict[str, list[list[str]]]:
     vi, b, s = os.path.join(BIN, "visinstruct"), f"{out}/build", f"{out}/stages"
     return {
         "build": [[vi, "build", "--config", cfg["build"], "--out", f"{b}/dataset", *BEAM]],
-        "stages": [[vi, "ingest", "--config", cfg["ingest"], "--set", f"write.path={s}/ingested", *BEAM],
-                   [vi, "filter", "--config", cfg["filter"], "--input", f"{s}/ingested", "--out", f"{s}/filtered",
-                    *BEAM],
-                   [vi, "generate", "--config", cfg["generate"], "--input", f"{s}/filtered", "--out",
-                    f"{s}/dataset", *BEAM]],
+        "stages": [
+            [vi, "ingest", "--config", cfg["ingest"], "--set", f"write.path={s}/ingested", *BEAM],
+            [vi, "filter", "--config", cfg["filter"], "--input", f"{s}/ingested", "--out", f"{s}/filtered", *BEAM],
+            [vi, "generate", "--config", cfg["generate"], "--input", f"{s}/filtered", "--out", f"{s}/dataset", *BEAM],
+        ],
     }
 
 
@@ -88,8 +102,10 @@ def disk_bytes(folder: str) -> int:
 
 
 def samples(folder: str) -> list[str]:
-    index = pq.read_table([os.path.join(folder, f) for f in sorted(os.listdir(folder))
-                           if f.endswith(".parquet") and f[:5].isdigit()], columns=["key", "status"])
+    index = pq.read_table(
+        [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".parquet") and f[:5].isdigit()],
+        columns=["key", "status"],
+    )
     return sorted(r["key"] for r in index.to_pylist() if r["status"] == "success")
 
 
@@ -134,18 +150,31 @@ def main() -> None:
             raise SystemExit("the image server did not start within 120 s")
         port = receive.recv()
         url_list = os.path.join(work, "urls.parquet")
-        pq.write_table(pa.table({"url": [f"http://127.0.0.1:{port}/{n}" for n in names],
-                                 "caption": [photos[i % len(photos)]["caption"] for i in range(args.n)]}), url_list)
-        cmds = commands(configs(work, url_list, tiny_clip(os.path.join(work, "clip")), args.shard_size),
-                        os.path.join(work, "out"))
+        pq.write_table(
+            pa.table(
+                {
+                    "url": [f"http://127.0.0.1:{port}/{n}" for n in names],
+                    "caption": [photos[i % len(photos)]["caption"] for i in range(args.n)],
+                }
+            ),
+            url_list,
+        )
+        cmds = commands(
+            configs(work, url_list, tiny_clip(os.path.join(work, "clip")), args.shard_size), os.path.join(work, "out")
+        )
         for r in range(args.repeats):
             order = ["build", "stages"] if r % 2 == 0 else ["stages", "build"]
-            result = {side: run_side(side, cmds[side], os.path.join(work, "out", side), os.path.join(work, "log.txt"))
-                      for side in order}
+            result = {
+                side: run_side(side, cmds[side], os.path.join(work, "out", side), os.path.join(work, "log.txt"))
+                for side in order
+            }
             if result["build"]["samples"] != result["stages"]["samples"]:
                 raise SystemExit("build and the three commands wrote different samples")
-            print(f"round {r + 1}: build {result['build']['seconds']} s, stages {result['stages']['seconds']} s, "
-                  f"{len(result['build']['samples'])} samples", flush=True)
+            print(
+                f"round {r + 1}: build {result['build']['seconds']} s, stages {result['stages']['seconds']} s, "
+                f"{len(result['build']['samples'])} samples",
+                flush=True,
+            )
             rounds.append(result)
     finally:
         stop.set()
@@ -153,11 +182,17 @@ def main() -> None:
     build_s = statistics.median(r["build"]["seconds"] for r in rounds)
     stages_s = statistics.median(r["stages"]["seconds"] for r in rounds)
     last = rounds[-1]
-    summary = {"n": args.n, "samples": len(last["build"]["samples"]), "build_s": build_s, "stages_s": stages_s,
-               "speedup": round(stages_s / build_s, 2), "build_disk_mb": round(last["build"]["disk_bytes"] / 1e6, 1),
-               "stages_disk_mb": round(last["stages"]["disk_bytes"] / 1e6, 1),
-               "busy_seconds": last["build"]["busy_seconds"],
-               "rounds": [{side: r[side]["seconds"] for side in ("build", "stages")} for r in rounds]}
+    summary = {
+        "n": args.n,
+        "samples": len(last["build"]["samples"]),
+        "build_s": build_s,
+        "stages_s": stages_s,
+        "speedup": round(stages_s / build_s, 2),
+        "build_disk_mb": round(last["build"]["disk_bytes"] / 1e6, 1),
+        "stages_disk_mb": round(last["stages"]["disk_bytes"] / 1e6, 1),
+        "busy_seconds": last["build"]["busy_seconds"],
+        "rounds": [{side: r[side]["seconds"] for side in ("build", "stages")} for r in rounds],
+    }
     print(json.dumps(summary, indent=1))
 
 

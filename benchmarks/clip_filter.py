@@ -51,9 +51,15 @@ def make_shards(root: Path, n: int) -> list[str]:
         x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
         img.crop((x, y, x + side, y + side)).resize((256, 256)).save(images / f"{i:05d}.jpg", quality=90)
         (images / f"{i:05d}.txt").write_text(photo["caption"])
-    cfg = from_dict(IngestConfig, {"read": {"path": str(images)}, "write": {"path": str(root / "shards"),
-                                   "shard_size": 128}, "resize": {"image_size": 256, "resize_mode": "no"},
-                                   "dedup": {"sha256": False}})
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(images)},
+            "write": {"path": str(root / "shards"), "shard_size": 128},
+            "resize": {"image_size": 256, "resize_mode": "no"},
+            "dedup": {"sha256": False},
+        },
+    )
     ingest(cfg, RUNNER)
     return sorted(str(p) for p in (root / "shards").glob("*.tar"))
 
@@ -70,8 +76,8 @@ def bare_loop(shards: list[str], model_name: str, batch: int, threads: int) -> t
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(images), batch):
-            a = torch.nn.functional.normalize(model.encode_image(torch.stack(images[i:i + batch])), dim=-1)
-            b = torch.nn.functional.normalize(model.encode_text(tokenizer(texts[i:i + batch])), dim=-1)
+            a = torch.nn.functional.normalize(model.encode_image(torch.stack(images[i : i + batch])), dim=-1)
+            b = torch.nn.functional.normalize(model.encode_text(tokenizer(texts[i : i + batch])), dim=-1)
             (a * b).sum(-1).numpy()
     return time.perf_counter() - start, len(images)
 
@@ -84,9 +90,20 @@ def model_load_seconds(model_name: str) -> float:
 
 
 def stage(shards: list[str], out: Path, model_name: str, batch: int, threads: int) -> tuple[float, dict]:
-    cfg = from_dict(FilterConfig, {"model": {"name": model_name, "min_batch_size": batch, "max_batch_size": batch,
-                                             "threads": threads, "decode_threads": threads},
-                                   "threshold": -1.0, "write": {"path": str(out)}})
+    cfg = from_dict(
+        FilterConfig,
+        {
+            "model": {
+                "name": model_name,
+                "min_batch_size": batch,
+                "max_batch_size": batch,
+                "threads": threads,
+                "decode_threads": threads,
+            },
+            "threshold": -1.0,
+            "write": {"path": str(out)},
+        },
+    )
     start = time.perf_counter()
     report = clip_filter.run(cfg, shards, RUNNER)
     return time.perf_counter() - start, report
@@ -109,13 +126,20 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     assert report["inputs"] == n == report["written"], report
-    result = {"model": args.model, "images": n, "batch": args.batch, "threads": args.threads,
-              "bare_images_per_s": round(n / bare_s, 2), "stage_images_per_s": round(n / stage_s, 2),
-              "stage_images_per_s_without_model_load": round(n / (stage_s - load_s), 2),
-              "model_load_s": round(load_s, 2)}
+    result = {
+        "model": args.model,
+        "images": n,
+        "batch": args.batch,
+        "threads": args.threads,
+        "bare_images_per_s": round(n / bare_s, 2),
+        "stage_images_per_s": round(n / stage_s, 2),
+        "stage_images_per_s_without_model_load": round(n / (stage_s - load_s), 2),
+        "model_load_s": round(load_s, 2),
+    }
     result["ratio"] = round(result["stage_images_per_s"] / result["bare_images_per_s"], 3)
-    result["ratio_without_model_load"] = round(result["stage_images_per_s_without_model_load"]
-                                               / result["bare_images_per_s"], 3)
+    result["ratio_without_model_load"] = round(
+        result["stage_images_per_s_without_model_load"] / result["bare_images_per_s"], 3
+    )
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -50,10 +50,15 @@ def write_llava_json(samples: list[dict], path: Path) -> str:
     question often names what another asks ("what is the color of the triangle?" before "what is the red
     shape?"), and the model learns to copy it from the context instead of looking at the image.
     """
-    entries = [{"id": f"{s['image_id']}-{i}", "image": Path(s["image_path"]).name,
-                "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                  {"from": "gpt", "value": answer}]}
-               for s in samples for i, (question, answer, _) in enumerate(s["questions"])]
+    entries = [
+        {
+            "id": f"{s['image_id']}-{i}",
+            "image": Path(s["image_path"]).name,
+            "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
+        }
+        for s in samples
+        for i, (question, answer, _) in enumerate(s["questions"])
+    ]
     path.write_text(json.dumps(entries))
     return str(Path(samples[0]["image_path"]).parent)
 
@@ -61,11 +66,15 @@ def write_llava_json(samples: list[dict], path: Path) -> str:
 def build_shards(samples: list[dict], name: str, root: Path) -> Path:
     image_root = write_llava_json(samples, root / f"{name}.json")
     # every image comes once per question: duplicates here are intended, so deduplication is off
-    cfg = from_dict(IngestConfig, {"read": {"path": str(root / f"{name}.json"), "format": "llava",
-                                            "image_root": image_root},
-                                   "dedup": {"urls": False, "sha256": False},
-                                   "resize": {"image_size": 64}, "write": {"path": str(root / name),
-                                                                           "shard_size": 2000}})
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(root / f"{name}.json"), "format": "llava", "image_root": image_root},
+            "dedup": {"urls": False, "sha256": False},
+            "resize": {"image_size": 64},
+            "write": {"path": str(root / name), "shard_size": 2000},
+        },
+    )
     report = ingest(cfg, ["--runner=FnApiRunner"])
     questions = sum(len(s["questions"]) for s in samples)
     print(f"ingest {name}: {report['written']} of {questions} questions ({len(samples)} images) written")
@@ -77,7 +86,7 @@ def ask(model, processor, items: list[tuple[Image.Image, str]], batch_size: int 
 
     said = []
     for start in range(0, len(items), batch_size):
-        images, questions = zip(*items[start:start + batch_size])
+        images, questions = zip(*items[start : start + batch_size])
         said += answers(model, processor, images, questions, max_new_tokens=12)
     return said
 
@@ -122,8 +131,17 @@ def main(argv: list[str] | None = None) -> dict:
     from visinstruct.trainer.llava_train import train
 
     steps = [f"steps={args.steps}"] if args.steps else []
-    cfg = load(LlavaTrainConfig, CONFIG, [f"data.shards={train_shards}", f"eval.shards={test_shards}",
-                                          f"out={root / 'run'}", "eval.max_samples=200", *steps])
+    cfg = load(
+        LlavaTrainConfig,
+        CONFIG,
+        [
+            f"data.shards={train_shards}",
+            f"eval.shards={test_shards}",
+            f"out={root / 'run'}",
+            "eval.max_samples=200",
+            *steps,
+        ],
+    )
     summary = train(cfg)
     model, processor = load_checkpoint(summary["checkpoint"])
 
@@ -133,16 +151,25 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     with_image = ask(model, processor, [(image, q[0]) for image, q in zip(images, questions)])
     without = ask(model, processor, [(blank, q[0]) for q in questions])
-    results = {"steps": summary["step"], "train_seconds": round(summary["seconds"], 1),
-               "train_samples_per_s": round(summary["samples_per_second"], 2), "held_out_loss": summary["eval"],
-               "with_image": accuracy(questions, with_image), "blank_image": accuracy(questions, without),
-               "majority_answer": majority_baseline(train_samples, questions),
-               "ask_seconds": round(time.time() - started, 1),
-               "examples": [{"question": q[0], "truth": q[1], "with_image": a, "blank_image": b}
-                            for q, a, b in list(zip(questions, with_image, without))[:12]]}
+    results = {
+        "steps": summary["step"],
+        "train_seconds": round(summary["seconds"], 1),
+        "train_samples_per_s": round(summary["samples_per_second"], 2),
+        "held_out_loss": summary["eval"],
+        "with_image": accuracy(questions, with_image),
+        "blank_image": accuracy(questions, without),
+        "majority_answer": majority_baseline(train_samples, questions),
+        "ask_seconds": round(time.time() - started, 1),
+        "examples": [
+            {"question": q[0], "truth": q[1], "with_image": a, "blank_image": b}
+            for q, a, b in list(zip(questions, with_image, without))[:12]
+        ],
+    }
     (root / "easy_vqa_llava.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\n{results['with_image']['questions']} test questions ({args.test_images} images); trained "
-          f"{results['steps']} steps in {results['train_seconds']} s")
+    print(
+        f"\n{results['with_image']['questions']} test questions ({args.test_images} images); trained "
+        f"{results['steps']} steps in {results['train_seconds']} s"
+    )
     print(f"{'accuracy':<16}" + "".join(f"{k:>9}" for k in (*TYPES, "all")))
     for name in ("with_image", "blank_image", "majority_answer"):
         print(f"{name:<16}" + "".join(f"{results[name][k]:>9.3f}" for k in (*TYPES, "all")))

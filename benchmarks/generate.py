@@ -43,10 +43,21 @@ ANSWER = "Question: What shapes are there?\nAnswer: Coloured shapes on a white b
 
 def make_shards(root: Path, n: int) -> list[str]:
     coco = shapes_dataset(root / "shapes", n=n, seed=21)
-    ingest(from_dict(IngestConfig, {"read": {"path": str(coco / "annotations" / "*.json"), "format": "coco",
-                                             "image_root": str(coco / "images")},
-                                    "write": {"path": str(root / "in"), "shard_size": 64},
-                                    "resize": {"image_size": 64}}), RUNNER)
+    ingest(
+        from_dict(
+            IngestConfig,
+            {
+                "read": {
+                    "path": str(coco / "annotations" / "*.json"),
+                    "format": "coco",
+                    "image_root": str(coco / "images"),
+                },
+                "write": {"path": str(root / "in"), "shard_size": 64},
+                "resize": {"image_size": 64},
+            },
+        ),
+        RUNNER,
+    )
     return sorted(str(p) for p in (root / "in").glob("*.tar"))
 
 
@@ -63,36 +74,64 @@ def timed(fn) -> float:
 
 
 def bench_transformers(shards: list[str], root: Path, args) -> dict:
-    cfg = from_dict(GenerateConfig, {"model": str(smollm2_gguf_path()), "device": "cpu", "batch_size": args.batch,
-                                     "max_new_tokens": args.max_new_tokens, "temperature": 0.0,
-                                     "retry_new_seed": False, "write": {"path": str(root / "out")}})
+    cfg = from_dict(
+        GenerateConfig,
+        {
+            "model": str(smollm2_gguf_path()),
+            "device": "cpu",
+            "batch_size": args.batch,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": 0.0,
+            "retry_new_seed": False,
+            "write": {"path": str(root / "out")},
+        },
+    )
     requests = requests_for(shards, cfg)
     load_s = timed(lambda: TransformersBackend(cfg))
     backend = TransformersBackend(cfg)
-    batched_s = timed(lambda: [backend.generate(requests[i:i + args.batch])
-                               for i in range(0, len(requests), args.batch)])
+    batched_s = timed(
+        lambda: [backend.generate(requests[i : i + args.batch]) for i in range(0, len(requests), args.batch)]
+    )
     single_s = timed(lambda: [backend.generate([r]) for r in requests])
     stage_s = timed(lambda: generate.run(cfg, shards, RUNNER))
     n = len(requests)
-    return {"samples": n, "batched_samples_per_s": round(n / batched_s, 3),
-            "unbatched_samples_per_s": round(n / single_s, 3),
-            "batched_over_unbatched": round(single_s / batched_s, 2),
-            "stage_samples_per_s": round(n / (stage_s - load_s), 3), "model_load_s": round(load_s, 1),
-            "stage_overhead": round((stage_s - load_s) / batched_s - 1, 3)}
+    return {
+        "samples": n,
+        "batched_samples_per_s": round(n / batched_s, 3),
+        "unbatched_samples_per_s": round(n / single_s, 3),
+        "batched_over_unbatched": round(single_s / batched_s, 2),
+        "stage_samples_per_s": round(n / (stage_s - load_s), 3),
+        "model_load_s": round(load_s, 1),
+        "stage_overhead": round((stage_s - load_s) / batched_s - 1, 3),
+    }
 
 
 def bench_openai(shards: list[str], root: Path, args) -> dict:
     with OpenAIServer(responder=lambda r: ANSWER, latency=args.latency) as srv:
-        cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": srv.base_url, "model": "m",
-                                         "concurrency": 8, "temperature": 0.0, "api_key_env": None,
-                                         "write": {"path": str(root / "out-http")}})
+        cfg = from_dict(
+            GenerateConfig,
+            {
+                "backend": "openai",
+                "endpoint": srv.base_url,
+                "model": "m",
+                "concurrency": 8,
+                "temperature": 0.0,
+                "api_key_env": None,
+                "write": {"path": str(root / "out-http")},
+            },
+        )
         requests = requests_for(shards, cfg)
         backend = OpenAIBackend(cfg)
         bare_s = timed(lambda: backend.generate(requests))
         stage_s = timed(lambda: generate.run(cfg, shards, RUNNER))
     n = len(requests)
-    return {"samples": n, "latency_s": args.latency, "bare_samples_per_s": round(n / bare_s, 2),
-            "stage_samples_per_s": round(n / stage_s, 2), "stage_overhead": round(stage_s / bare_s - 1, 3)}
+    return {
+        "samples": n,
+        "latency_s": args.latency,
+        "bare_samples_per_s": round(n / bare_s, 2),
+        "stage_samples_per_s": round(n / stage_s, 2),
+        "stage_overhead": round(stage_s / bare_s - 1, 3),
+    }
 
 
 def main() -> None:

@@ -153,12 +153,18 @@ def describe_images(paths: list[str], phashes: list[str]) -> dict:
     values = np.array([int(h, 16) for h in phashes], dtype=np.uint64)
     nearest = min((nearest_distance(int(v), np.delete(values, i)) for i, v in enumerate(values)), default=64)
     if len(digests) != len(paths) or nearest <= MIN_PHASH_DISTANCE:
-        raise SystemExit(f"{len(digests)} distinct files of {len(paths)}, nearest phashes {nearest} apart: "
-                         f"delete {os.path.dirname(paths[0])} and rerun")
-    return {"count": len(paths), "distinct_sha256": len(digests), "min_phash_distance": nearest,
-            "mean_kib": round(sum(sizes) / len(sizes) / 1024, 1),
-            "widths": [min(w for w, _ in dims), max(w for w, _ in dims)],
-            "mean_megapixels": round(sum(w * h for w, h in dims) / len(dims) / 1e6, 3)}
+        raise SystemExit(
+            f"{len(digests)} distinct files of {len(paths)}, nearest phashes {nearest} apart: "
+            f"delete {os.path.dirname(paths[0])} and rerun"
+        )
+    return {
+        "count": len(paths),
+        "distinct_sha256": len(digests),
+        "min_phash_distance": nearest,
+        "mean_kib": round(sum(sizes) / len(sizes) / 1024, 1),
+        "widths": [min(w for w, _ in dims), max(w for w, _ in dims)],
+        "mean_megapixels": round(sum(w * h for w, h in dims) / len(dims) / 1e6, 3),
+    }
 
 
 _POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
@@ -224,10 +230,20 @@ def ingest_config(args, url_list: str, out: str, shard_size: int) -> dict:
     """Our config: img2dataset's settings where both have one (no retries, 10 s timeout, no rate limit or robots)."""
     return {
         "read": {"path": url_list, "url_col": "url", "caption_col": "caption"},
-        "download": {"threads": args.threads, "timeout": 10, "retries": 0, "per_host_rps": None,
-                     "allow_loopback": True, "check_robots_txt": False},
-        "resize": {"image_size": args.image_size, "resize_mode": "border", "encode_format": "jpg",
-                   "encode_quality": args.quality},
+        "download": {
+            "threads": args.threads,
+            "timeout": 10,
+            "retries": 0,
+            "per_host_rps": None,
+            "allow_loopback": True,
+            "check_robots_txt": False,
+        },
+        "resize": {
+            "image_size": args.image_size,
+            "resize_mode": "border",
+            "encode_format": "jpg",
+            "encode_quality": args.quality,
+        },
         "write": {"path": out, "shard_size": shard_size},
     }
 
@@ -236,15 +252,33 @@ def commands(args, url_list: str, config_path: str, outs: dict[str, str], shard_
     """The two command lines: same image size, mode, quality, shard size, processes and threads per process."""
     return {
         "img2dataset": [
-            os.path.join(BIN, "img2dataset"), f"--url_list={url_list}", "--input_format=parquet", "--url_col=url",
-            "--caption_col=caption", f"--output_folder={outs['img2dataset']}", "--output_format=webdataset",
-            f"--processes_count={args.processes}", f"--thread_count={args.threads}",
-            f"--number_sample_per_shard={shard_size}", f"--image_size={args.image_size}",
-            "--resize_mode=border", "--encode_format=jpg", f"--encode_quality={args.quality}",
-            "--distributor=multiprocessing", "--timeout=10", "--retries=0"],
+            os.path.join(BIN, "img2dataset"),
+            f"--url_list={url_list}",
+            "--input_format=parquet",
+            "--url_col=url",
+            "--caption_col=caption",
+            f"--output_folder={outs['img2dataset']}",
+            "--output_format=webdataset",
+            f"--processes_count={args.processes}",
+            f"--thread_count={args.threads}",
+            f"--number_sample_per_shard={shard_size}",
+            f"--image_size={args.image_size}",
+            "--resize_mode=border",
+            "--encode_format=jpg",
+            f"--encode_quality={args.quality}",
+            "--distributor=multiprocessing",
+            "--timeout=10",
+            "--retries=0",
+        ],
         "visinstruct": [
-            os.path.join(BIN, "visinstruct"), "ingest", "--config", config_path, "--runner=FnApiRunner",
-            "--direct_running_mode=multi_processing", f"--direct_num_workers={args.processes}"],
+            os.path.join(BIN, "visinstruct"),
+            "ingest",
+            "--config",
+            config_path,
+            "--runner=FnApiRunner",
+            "--direct_running_mode=multi_processing",
+            f"--direct_num_workers={args.processes}",
+        ],
     }
 
 
@@ -256,8 +290,12 @@ def prepare_workload(args, work: str, name: str, urls: list[str], captions: list
     config_path = os.path.join(work, f"ingest-{name}.json")  # JSON is YAML: the config loader reads it
     with open(config_path, "w") as f:
         json.dump(ingest_config(args, url_list, outs["visinstruct"], shard_size), f, indent=1)
-    return {"inputs": len(urls), "shard_size": shard_size, "outs": outs,
-            "commands": commands(args, url_list, config_path, outs, shard_size)}
+    return {
+        "inputs": len(urls),
+        "shard_size": shard_size,
+        "outs": outs,
+        "commands": commands(args, url_list, config_path, outs, shard_size),
+    }
 
 
 def count_written(folder: str) -> dict:
@@ -279,10 +317,21 @@ def run_tool(tool: str, workload: str, spec: dict, log_dir: str, round_no: int) 
         cpu_start, start = _children_cpu_s(), time.perf_counter()
         rc = subprocess.run(spec["commands"][tool], stdout=log, stderr=subprocess.STDOUT, env=ENV).returncode
         wall, cpu = time.perf_counter() - start, _children_cpu_s() - cpu_start
-    result = {"tool": tool, "workload": workload, "round": round_no, "wall_s": round(wall, 3),
-              "cpu_s": round(cpu, 2), "rc": rc, **count_written(out), "log": log_path}
-    print(f"  round {round_no} {workload:<7} {tool:<12} {wall:7.2f}s wall {cpu:7.2f}s CPU  rc={rc}  "
-          f"images={result['images']}/{spec['inputs']}  shards={result['shards']}", flush=True)
+    result = {
+        "tool": tool,
+        "workload": workload,
+        "round": round_no,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 2),
+        "rc": rc,
+        **count_written(out),
+        "log": log_path,
+    }
+    print(
+        f"  round {round_no} {workload:<7} {tool:<12} {wall:7.2f}s wall {cpu:7.2f}s CPU  rc={rc}  "
+        f"images={result['images']}/{spec['inputs']}  shards={result['shards']}",
+        flush=True,
+    )
     return result
 
 
@@ -317,12 +366,19 @@ def machine() -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_gib, 1),
-            "platform": platform.platform(), "python": platform.python_version(), "versions": versions}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(mem_gib, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def busy_cpus(seconds: float = 3.0) -> float | None:
     """CPUs kept busy by other processes while this benchmark waits (from /proc/stat); None off Linux."""
+
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
@@ -343,10 +399,13 @@ def summarize(runs: list[dict], workloads: dict[str, dict]) -> dict:
         entry = {}
         for workload in workloads:
             mine = [r for r in runs if r["tool"] == tool and r["workload"] == workload]
-            entry[workload] = {"median_wall_s": round(statistics.median(r["wall_s"] for r in mine), 3),
-                               "median_cpu_s": round(statistics.median(r["cpu_s"] for r in mine), 2),
-                               "walls_s": [r["wall_s"] for r in mine], "images": [r["images"] for r in mine],
-                               "all_rc_zero": all(r["rc"] == 0 for r in mine)}
+            entry[workload] = {
+                "median_wall_s": round(statistics.median(r["wall_s"] for r in mine), 3),
+                "median_cpu_s": round(statistics.median(r["cpu_s"] for r in mine), 2),
+                "walls_s": [r["wall_s"] for r in mine],
+                "images": [r["images"] for r in mine],
+                "all_rc_zero": all(r["rc"] == 0 for r in mine),
+            }
         full = entry["full"]
         full["images_per_s"] = round(min(full["images"]) / full["median_wall_s"], 1)
         full["cpu_ms_per_image"] = round(1000 * full["median_cpu_s"] / max(1, min(full["images"])), 2)
@@ -355,7 +414,8 @@ def summarize(runs: list[dict], workloads: dict[str, dict]) -> dict:
             extra_images = min(full["images"]) - min(base["images"])
             entry["marginal_images_per_s"] = round(extra_images / (full["median_wall_s"] - base["median_wall_s"]), 1)
             entry["marginal_cpu_ms_per_image"] = round(
-                1000 * (full["median_cpu_s"] - base["median_cpu_s"]) / max(1, extra_images), 2)
+                1000 * (full["median_cpu_s"] - base["median_cpu_s"]) / max(1, extra_images), 2
+            )
         summary[tool] = entry
     ours, theirs = summary["visinstruct"], summary["img2dataset"]
     summary["ratio_ours_over_img2dataset"] = round(ours["full"]["images_per_s"] / theirs["full"]["images_per_s"], 3)
@@ -367,16 +427,22 @@ def summarize(runs: list[dict], workloads: dict[str, dict]) -> dict:
 def print_summary(summary: dict, n: int, json_path: str) -> None:
     for tool in TOOLS:
         s = summary[tool]
-        line = (f"{tool:<12} median {s['full']['median_wall_s']:7.2f}s  {min(s['full']['images'])}/{n} images  "
-                f"{s['full']['images_per_s']:7.1f} images/s  CPU {s['full']['median_cpu_s']:.1f}s "
-                f"({s['full']['cpu_ms_per_image']:.1f} ms/image)")
+        line = (
+            f"{tool:<12} median {s['full']['median_wall_s']:7.2f}s  {min(s['full']['images'])}/{n} images  "
+            f"{s['full']['images_per_s']:7.1f} images/s  CPU {s['full']['median_cpu_s']:.1f}s "
+            f"({s['full']['cpu_ms_per_image']:.1f} ms/image)"
+        )
         if "startup" in s:
-            line += (f"\n{'':<12} start-up run {s['startup']['median_wall_s']:.2f}s; after start-up "
-                     f"{s['marginal_images_per_s']:.1f} images/s, CPU {s['marginal_cpu_ms_per_image']:.1f} ms/image")
+            line += (
+                f"\n{'':<12} start-up run {s['startup']['median_wall_s']:.2f}s; after start-up "
+                f"{s['marginal_images_per_s']:.1f} images/s, CPU {s['marginal_cpu_ms_per_image']:.1f} ms/image"
+            )
         print(line)
-    print(f"ratio visinstruct/img2dataset: {summary['ratio_ours_over_img2dataset']:.2f} whole command"
-          + (f", {summary['marginal_ratio']:.2f} after start-up" if "marginal_ratio" in summary else "")
-          + f"  (result: {json_path})")
+    print(
+        f"ratio visinstruct/img2dataset: {summary['ratio_ours_over_img2dataset']:.2f} whole command"
+        + (f", {summary['marginal_ratio']:.2f} after start-up" if "marginal_ratio" in summary else "")
+        + f"  (result: {json_path})"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -389,9 +455,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=250, help="samples per shard (default 250)")
     parser.add_argument("--image-size", type=int, default=256, help="output side in pixels (default 256)")
     parser.add_argument("--quality", type=int, default=95, help="output JPEG quality, both tools (default 95)")
-    parser.add_argument("--startup-n", type=int, default=16,
-                        help="also time a run of this many images (one shard per process) to separate start-up "
-                             "cost from throughput; 0 to skip (default 16)")
+    parser.add_argument(
+        "--startup-n",
+        type=int,
+        default=16,
+        help="also time a run of this many images (one shard per process) to separate start-up "
+        "cost from throughput; 0 to skip (default 16)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="image generator seed (default 0)")
     parser.add_argument("--workdir", default="/tmp/visinstruct-bench-ingest", help="cache, URL list, outputs, logs")
     parser.add_argument("--json", help="result file (default WORKDIR/result-N<n>.json)")
@@ -423,8 +493,9 @@ def main(argv: list[str] | None = None) -> dict:
         workloads = {"full": prepare_workload(args, work, "full", urls, captions, args.shard_size)}
         if args.startup_n:
             k = args.startup_n
-            workloads["startup"] = prepare_workload(args, work, "startup", urls[:k], captions[:k],
-                                                    max(1, k // args.processes))
+            workloads["startup"] = prepare_workload(
+                args, work, "startup", urls[:k], captions[:k], max(1, k // args.processes)
+            )
         load = {"before": busy_cpus()}
         if load["before"] > 0.2:
             print(f"warning: {load['before']:.2f} CPUs busy with other work before timing", flush=True)
@@ -435,11 +506,18 @@ def main(argv: list[str] | None = None) -> dict:
         server.join(timeout=10)
 
     summary = summarize(runs, workloads)
-    result = {"benchmark": "ingest_vs_img2dataset",
-              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "argv": sys.argv,
-              "args": vars(args), "machine": machine(), "busy_cpus_when_idle": load, "data": data,
-              "commands": {name: spec["commands"] for name, spec in workloads.items()}, "summary": summary,
-              "runs": runs}
+    result = {
+        "benchmark": "ingest_vs_img2dataset",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        "args": vars(args),
+        "machine": machine(),
+        "busy_cpus_when_idle": load,
+        "data": data,
+        "commands": {name: spec["commands"] for name, spec in workloads.items()},
+        "summary": summary,
+        "runs": runs,
+    }
     json_path = args.json or os.path.join(work, f"result-N{args.n}.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)

@@ -61,17 +61,46 @@ def write_dataset(out: str, shards: int, samples: int, size: int) -> None:
                 continue
             data = pool[(shard * samples + index) % len(pool)]
             digest = hashlib.sha256(data).hexdigest()
-            meta = SampleMeta(key=key, url=url, caption=caption, width=size, height=size, original_width=size * 4,
-                              original_height=size * 3, sha256=digest)
+            meta = SampleMeta(
+                key=key,
+                url=url,
+                caption=caption,
+                width=size,
+                height=size,
+                original_width=size * 4,
+                original_height=size * 3,
+                sha256=digest,
+            )
             members = writer.add(key, [("jpg", data), ("txt", caption.encode()), ("json", meta.to_json().encode())])
-            rows.append(IndexRow(key, "success", url=url, caption=caption, width=size, height=size,
-                                 original_width=size * 4, original_height=size * 3, sha256=digest, members=members))
+            rows.append(
+                IndexRow(
+                    key,
+                    "success",
+                    url=url,
+                    caption=caption,
+                    width=size,
+                    height=size,
+                    original_width=size * 4,
+                    original_height=size * 3,
+                    sha256=digest,
+                    members=members,
+                )
+            )
         tar_bytes = writer.finish(join(out, f"{shard_name(shard)}.tar"))
         write_table(join(out, f"{shard_name(shard)}.parquet"), rows, IndexRow, SCHEMA_VERSION)
         write_table(join(out, "rejected", f"ingest-{shard_name(shard)}.parquet"), dead, Rejection, SCHEMA_VERSION)
-        write_stats(join(out, f"{shard_name(shard)}_stats.json"),
-                    ShardStats(shard, "ingest", samples + REJECTED_PER_SHARD, samples, REJECTED_PER_SHARD,
-                               {"http_404": REJECTED_PER_SHARD}, tar_bytes))
+        write_stats(
+            join(out, f"{shard_name(shard)}_stats.json"),
+            ShardStats(
+                shard,
+                "ingest",
+                samples + REJECTED_PER_SHARD,
+                samples,
+                REJECTED_PER_SHARD,
+                {"http_404": REJECTED_PER_SHARD},
+                tar_bytes,
+            ),
+        )
 
 
 def baseline(paths: list[str]) -> dict:
@@ -118,13 +147,23 @@ def main(argv: list[str] | None = None) -> dict:
                 times[name].append(seconds)
                 assert result["written"] == args.shards * args.samples, result
     medians = {name: statistics.median(values) for name, values in times.items()}
-    results = {"shards": args.shards, "samples_per_shard": args.samples, "tar_bytes": tar_bytes,
-               "index_bytes": index_bytes, "seconds": times, "median_s": medians,
-               "ratio": medians["baseline"] / medians["stats"], "cpus": os.cpu_count(),
-               "python": platform.python_version(), "machine": platform.machine()}
-    print(f"stats (indexes only): {medians['stats']:.2f} s   baseline (read every tar): "
-          f"{medians['baseline']:.2f} s   ratio {results['ratio']:.2f}x   "
-          f"({args.shards} shards, {tar_bytes / 2**20:.1f} MiB of tars, {index_bytes / 2**20:.1f} MiB of indexes)")
+    results = {
+        "shards": args.shards,
+        "samples_per_shard": args.samples,
+        "tar_bytes": tar_bytes,
+        "index_bytes": index_bytes,
+        "seconds": times,
+        "median_s": medians,
+        "ratio": medians["baseline"] / medians["stats"],
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    print(
+        f"stats (indexes only): {medians['stats']:.2f} s   baseline (read every tar): "
+        f"{medians['baseline']:.2f} s   ratio {results['ratio']:.2f}x   "
+        f"({args.shards} shards, {tar_bytes / 2**20:.1f} MiB of tars, {index_bytes / 2**20:.1f} MiB of indexes)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

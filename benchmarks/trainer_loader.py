@@ -83,16 +83,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="training steps timed for the model's rate")
     parser.add_argument("--shards", help="existing shards (default: ingest easy-VQA into a temporary folder)")
     args = parser.parse_args(argv)
-    shards = args.shards or str(build_shards(easy_vqa_samples("train", args.images), "train",
-                                             Path(tempfile.mkdtemp(prefix="trainer_loader_"))))
+    shards = args.shards or str(
+        build_shards(easy_vqa_samples("train", args.images), "train", Path(tempfile.mkdtemp(prefix="trainer_loader_")))
+    )
     cfg = load(LlavaTrainConfig, args.config, [f"data.shards={shards}"])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, processor = build_llava(cfg.model, cfg.seed)
     stream = trainer_stream(cfg, model, processor, workers=0)
     consumed = model_rate(cfg, model, [next(stream) for _ in range(8)], args.steps)
-    print(f"{Path(args.config).name}: batch {cfg.data.batch_size}, {torch.get_num_threads()} torch thread(s); "
-          f"model {consumed:.1f} samples/s")
+    print(
+        f"{Path(args.config).name}: batch {cfg.data.batch_size}, {torch.get_num_threads()} torch thread(s); "
+        f"model {consumed:.1f} samples/s"
+    )
     print(f"{'workers':>8} {'loader samples/s':>17} {'loader / model':>15}")
     for workers in (0, 1, 2):
         delivered = loader_rate(cfg, model, processor, workers, args.batches)

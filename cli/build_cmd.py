@@ -9,17 +9,29 @@ from visinstruct.configs import BuildConfig, load
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("build", help="ingest, filter and generate in one Beam graph",
-                            description="URL lists (or folders, COCO, LLaVA JSON) to training-ready shards: ingest, "
-                                        "CLIP filter and conversation generation composed in one pipeline; a null "
-                                        "stage in the config is skipped, and --input starts from existing shards "
-                                        "instead of ingesting. Unknown options go to Beam.")
+    parser = sub.add_parser(
+        "build",
+        help="ingest, filter and generate in one Beam graph",
+        description="URL lists (or folders, COCO, LLaVA JSON) to training-ready shards: ingest, "
+        "CLIP filter and conversation generation composed in one pipeline; a null "
+        "stage in the config is skipped, and --input starts from existing shards "
+        "instead of ingesting. Unknown options go to Beam.",
+    )
     parser.add_argument("--config", required=True, help="YAML file (see `visinstruct config show build`)")
-    parser.add_argument("--input", help="start from these shards (folder, glob or brace pattern of .tar files) "
-                                        "instead of ingesting; sets read: null")
+    parser.add_argument(
+        "--input",
+        help="start from these shards (folder, glob or brace pattern of .tar files) "
+        "instead of ingesting; sets read: null",
+    )
     parser.add_argument("--out", help="output folder (overrides write.path)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable), e.g. --set filter.threshold=0.3")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set filter.threshold=0.3",
+    )
     parser.set_defaults(run=run, accepts_beam_args=True)
 
 

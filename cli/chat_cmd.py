@@ -9,10 +9,13 @@ from visinstruct.cli.errors import UserError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("chat", help="ask a trained LLaVA checkpoint about an image",
-                            description="Greedy answer of a checkpoint written by `visinstruct train` (its output "
-                                        "folder or OUT/model) to a prompt about one image, with the chat template "
-                                        "it was trained with.")
+    parser = sub.add_parser(
+        "chat",
+        help="ask a trained LLaVA checkpoint about an image",
+        description="Greedy answer of a checkpoint written by `visinstruct train` (its output "
+        "folder or OUT/model) to a prompt about one image, with the chat template "
+        "it was trained with.",
+    )
     parser.add_argument("prompt", help="the question or instruction")
     parser.add_argument("--checkpoint", required=True, help="a run's output folder, or its model/ folder")
     parser.add_argument("--image", required=True, help="an image file")

@@ -47,8 +47,12 @@ def _missing(path: str) -> bool:
 
 
 def _looks_like_path(name: str) -> bool:
-    return (name.startswith((".", "/", "~")) or name.endswith(CHECKPOINT_SUFFIXES) or os.path.exists(name)
-            or name.count("/") > 1)
+    return (
+        name.startswith((".", "/", "~"))
+        or name.endswith(CHECKPOINT_SUFFIXES)
+        or os.path.exists(name)
+        or name.count("/") > 1
+    )
 
 
 def _hub_problem(key: str, repo_id: str, local: bool, filename: str = "config.json") -> str | None:
@@ -62,8 +66,10 @@ def _hub_problem(key: str, repo_id: str, local: bool, filename: str = "config.js
 
     if isinstance(try_to_load_from_cache(repo_id, filename), str):
         return None
-    return (f"{key}: model {repo_id!r} is not in the local cache and HF_HUB_OFFLINE is set: download it where "
-            f"the hub is reachable (`hf download {repo_id}`) or name a local folder")
+    return (
+        f"{key}: model {repo_id!r} is not in the local cache and HF_HUB_OFFLINE is set: download it where "
+        f"the hub is reachable (`hf download {repo_id}`) or name a local folder"
+    )
 
 
 def read_problems(read: ReadConfig, key: str = "read") -> list[str]:
@@ -96,16 +102,21 @@ def clip_problems(model: ClipModelConfig, key: str, local: bool = True) -> list[
             return [f"{key}.config_file: no such file: {_where(model.config_file)}"]
         stem = os.path.splitext(os.path.basename(model.config_file))[0]
         if stem != model.name:
-            return [f"{key}.config_file must be named {model.name}.json (open_clip names a model after its file), "
-                    f"got {model.config_file}"]
+            return [
+                f"{key}.config_file must be named {model.name}.json (open_clip names a model after its file), "
+                f"got {model.config_file}"
+            ]
     elif model.name.startswith("hf-hub:"):
-        return [p for p in [_hub_problem(f"{key}.name", model.name[len("hf-hub:"):], local,
-                                         "open_clip_config.json")] if p]
+        return [
+            p for p in [_hub_problem(f"{key}.name", model.name[len("hf-hub:") :], local, "open_clip_config.json")] if p
+        ]
     elif model.name not in open_clip.list_models():
         close = difflib.get_close_matches(model.name, open_clip.list_models(), n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        return [f"{key}.name: open_clip knows no model {model.name!r} ({hint}see open_clip.list_models(); a custom "
-                f"architecture needs {key}.config_file)"]
+        return [
+            f"{key}.name: open_clip knows no model {model.name!r} ({hint}see open_clip.list_models(); a custom "
+            f"architecture needs {key}.config_file)"
+        ]
     return _pretrained_problems(model, key, local)
 
 
@@ -124,8 +135,10 @@ def _pretrained_problems(model: ClipModelConfig, key: str, local: bool) -> list[
         known = ", ".join(tags) if tags else "none: give a checkpoint path or null for random weights"
         return [f"{key}.pretrained: {tag!r} is not a pretrained tag of {model.name} (open_clip has: {known})"]
     if local and offline() and not _weights_cached(open_clip.get_pretrained_cfg(model.name, tag)):
-        return [f"{key}.pretrained: the weights of {model.name} {tag} are not in the local cache and HF_HUB_OFFLINE "
-                "is set: download them where the hub is reachable, or give a checkpoint path"]
+        return [
+            f"{key}.pretrained: the weights of {model.name} {tag} are not in the local cache and HF_HUB_OFFLINE "
+            "is set: download them where the hub is reachable, or give a checkpoint path"
+        ]
     return []
 
 
@@ -214,7 +227,8 @@ _EXPECTED = re.compile(
     r"outgoing traffic has been disabled|does not appear to have a file named|Model config for .* not found|"
     r"Pretrained weights .* not found|is not a known tag or valid file path|Unknown model|"
     r"open_clip knows no model|no input file matches|"
-    r"Repo id must|not in the local cache|config_file must be named).*)")
+    r"Repo id must|not in the local cache|config_file must be named).*)"
+)
 
 
 def expected_error_line(exc: BaseException) -> str | None:

@@ -23,20 +23,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     show = actions.add_parser("show", help="every key of a config with its type, default and description")
     show.add_argument("name", choices=sorted(CONFIGS))
     actions.add_parser("reference", help="every key of every config as Markdown (CONFIG.md)")
-    check = actions.add_parser("check", help="check a YAML file, and what a run needs (inputs, models), before "
-                                             "running it",
-                               description="Load the file into its config class, then check what the command "
-                                           "would check before anything runs: input files and shards exist, the "
-                                           "CLIP model and pretrained tag are known, checkpoints are present, hub "
-                                           "models are cached when HF_HUB_OFFLINE is set. Prints ok, or one line "
-                                           "per problem and exit status 2.")
-    check.add_argument("name", nargs="?", choices=sorted(CONFIGS),
-                       help="which config the file is (default: its folder's name, else the first that loads)")
+    check = actions.add_parser(
+        "check",
+        help="check a YAML file, and what a run needs (inputs, models), before running it",
+        description="Load the file into its config class, then check what the command "
+        "would check before anything runs: input files and shards exist, the "
+        "CLIP model and pretrained tag are known, checkpoints are present, hub "
+        "models are cached when HF_HUB_OFFLINE is set. Prints ok, or one line "
+        "per problem and exit status 2.",
+    )
+    check.add_argument(
+        "name",
+        nargs="?",
+        choices=sorted(CONFIGS),
+        help="which config the file is (default: its folder's name, else the first that loads)",
+    )
     check.add_argument("path")
-    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a key (repeatable), e.g. --set download.threads=8")
-    check.add_argument("--remote", action="store_true",
-                       help="the run's workers are remote (Dataflow): skip the checks of this machine's model cache")
+    check.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key (repeatable), e.g. --set download.threads=8",
+    )
+    check.add_argument(
+        "--remote",
+        action="store_true",
+        help="the run's workers are remote (Dataflow): skip the checks of this machine's model cache",
+    )
     parser.set_defaults(run=run)
 
 
@@ -72,8 +87,10 @@ def _kind_of(path: str, overrides: list[str]) -> str:
             continue
         return name
     load(CONFIGS["build"], path, overrides)  # the file itself is the problem (missing, not YAML): say so
-    raise UserError(f"{path}: not a {', '.join(RUNS)} config as it stands; name the kind to see why: "
-                    f"visinstruct config check KIND {path}")
+    raise UserError(
+        f"{path}: not a {', '.join(RUNS)} config as it stands; name the kind to see why: "
+        f"visinstruct config check KIND {path}"
+    )
 
 
 def check(name: str | None, path: str, overrides: list[str], local: bool = True) -> int:

@@ -6,11 +6,14 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("demo", help="run the whole product on bundled data from a loopback server",
-                            description="Serve bundled images (easy-VQA, shapes, photos, wrong captions, broken "
-                                        "URLs) on 127.0.0.1, train a small CLIP on the spot, build (ingest, CLIP "
-                                        "filter, SmolLM2 conversations), train a tiny LLaVA on the result and write "
-                                        "a gallery. Offline; a few minutes on 2 cores.")
+    parser = sub.add_parser(
+        "demo",
+        help="run the whole product on bundled data from a loopback server",
+        description="Serve bundled images (easy-VQA, shapes, photos, wrong captions, broken "
+        "URLs) on 127.0.0.1, train a small CLIP on the spot, build (ingest, CLIP "
+        "filter, SmolLM2 conversations), train a tiny LLaVA on the result and write "
+        "a gallery. Offline; a few minutes on 2 cores.",
+    )
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     parser.set_defaults(run=run, accepts_beam_args=True)
 
@@ -25,8 +28,12 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
 
     out = Path(args.out)
     reports = run_demo(out, beam_args)
-    gallery(sorted(str(p) for p in (out / "dataset").glob("*.tar")), str(out / "gallery.html"),
-            str(out / "gallery.png"), limit=48)
+    gallery(
+        sorted(str(p) for p in (out / "dataset").glob("*.tar")),
+        str(out / "gallery.html"),
+        str(out / "gallery.png"),
+        limit=48,
+    )
     print_layout(out)
     print()
     print(format_build_report(reports["build"]))

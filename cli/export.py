@@ -48,12 +48,26 @@ LLAVA_JSON = "llava.json"
 IMAGE_DIR = "images"
 PARQUET_FILE = "samples.parquet"
 BRIEF_PROMPT = f"{IMAGE_TOKEN}\nDescribe the image briefly."
-PARQUET_SCHEMA = pa.schema([
-    ("key", pa.string()), ("shard", pa.string()), ("url", pa.string()), ("path", pa.string()),
-    ("caption", pa.string()), ("width", pa.int64()), ("height", pa.int64()), ("original_width", pa.int64()),
-    ("original_height", pa.int64()), ("sha256", pa.string()), ("phash", pa.string()), ("clip_score", pa.float64()),
-    ("conversations", pa.string()), ("metadata", pa.string()), ("image", pa.binary()), ("image_format", pa.string()),
-])
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("url", pa.string()),
+        ("path", pa.string()),
+        ("caption", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("original_width", pa.int64()),
+        ("original_height", pa.int64()),
+        ("sha256", pa.string()),
+        ("phash", pa.string()),
+        ("clip_score", pa.float64()),
+        ("conversations", pa.string()),
+        ("metadata", pa.string()),
+        ("image", pa.binary()),
+        ("image_format", pa.string()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -82,8 +96,9 @@ def check_out(out: str, overwrite: bool) -> None:
         raise ShardError(f"{out} is not empty ({len(found)} entries); choose another folder or pass --overwrite")
 
 
-def written_samples(paths: list[str], skipped: Counter, progress: Progress | None = None,
-                    losses: list[Unread] | None = None) -> Iterator[Sample]:
+def written_samples(
+    paths: list[str], skipped: Counter, progress: Progress | None = None, losses: list[Unread] | None = None
+) -> Iterator[Sample]:
     """Every written sample of ``paths`` in shard order; what cannot be exported is counted in ``skipped``.
 
     Skipped: keys that are not safe file names (``unsafe_key``), a key seen in an earlier shard
@@ -97,11 +112,21 @@ def written_samples(paths: list[str], skipped: Counter, progress: Progress | Non
         before = len(losses)
         for key, members in samples_noting_losses(files, losses):
             ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-            reason = ("unsafe_key" if not safe_key(key) else "duplicate_key" if key in seen
-                      else "no_image" if ext is None else None)
+            reason = (
+                "unsafe_key"
+                if not safe_key(key)
+                else "duplicate_key"
+                if key in seen
+                else "no_image"
+                if ext is None
+                else None
+            )
             try:
-                meta = SampleMeta.from_json(members["json"]) if "json" in members else SampleMeta(
-                    key=key, caption=members.get("txt", b"").decode("utf-8", "replace") or None)
+                meta = (
+                    SampleMeta.from_json(members["json"])
+                    if "json" in members
+                    else SampleMeta(key=key, caption=members.get("txt", b"").decode("utf-8", "replace") or None)
+                )
             except ValueError:  # includes JSON syntax errors: validate says more
                 reason = reason or "bad_json"
             if reason:
@@ -127,8 +152,9 @@ def llava_conversation(meta: SampleMeta, caption_only: bool) -> tuple[list[Turn]
     return None, "no_caption" if caption_only else "no_conversation"
 
 
-def export_llava(paths: list[str], out: str, caption_only: bool = False, overwrite: bool = False,
-                 progress: Progress | None = None) -> dict:
+def export_llava(
+    paths: list[str], out: str, caption_only: bool = False, overwrite: bool = False, progress: Progress | None = None
+) -> dict:
     """Write LLaVA's layout to ``out`` (see the module docstring).
 
     Returns:
@@ -153,9 +179,16 @@ def export_llava(paths: list[str], out: str, caption_only: bool = False, overwri
     # One entry a line: compact for 600k-entry files, yet greppable and diffable.
     text = "[\n" + ",\n".join(json.dumps(e, ensure_ascii=False) for e in entries) + "\n]\n"
     write_bytes(json_path, text.encode("utf-8"))
-    return {"format": "llava", "out": out, "json": json_path, "image_folder": join(out, IMAGE_DIR),
-            "exported": len(entries), "skipped": dict(skipped.most_common()), "shards": len(paths),
-            **_unread(losses)}
+    return {
+        "format": "llava",
+        "out": out,
+        "json": json_path,
+        "image_folder": join(out, IMAGE_DIR),
+        "exported": len(entries),
+        "skipped": dict(skipped.most_common()),
+        "shards": len(paths),
+        **_unread(losses),
+    }
 
 
 def export_parquet(paths: list[str], out: str, overwrite: bool = False, progress: Progress | None = None) -> dict:
@@ -177,8 +210,15 @@ def export_parquet(paths: list[str], out: str, overwrite: bool = False, progress
             batch.append(_flat_row(sample))
             exported += 1
         writer.write_table(pa.Table.from_pylist(batch, PARQUET_SCHEMA))
-    return {"format": "parquet", "out": out, "parquet": path, "exported": exported,
-            "skipped": dict(skipped.most_common()), "shards": len(paths), **_unread(losses)}
+    return {
+        "format": "parquet",
+        "out": out,
+        "parquet": path,
+        "exported": exported,
+        "skipped": dict(skipped.most_common()),
+        "shards": len(paths),
+        **_unread(losses),
+    }
 
 
 def _unread(losses: list[Unread]) -> dict:
@@ -189,12 +229,24 @@ def _unread(losses: list[Unread]) -> dict:
 def _flat_row(sample: Sample) -> dict:
     meta = sample.meta
     conversations = [to_row(t) for t in meta.conversations]
-    return {"key": sample.key, "shard": sample.shard, "url": meta.url, "path": meta.path, "caption": meta.caption,
-            "width": meta.width, "height": meta.height, "original_width": meta.original_width,
-            "original_height": meta.original_height, "sha256": meta.sha256, "phash": meta.phash,
-            "clip_score": meta.clip.score if meta.clip else None,
-            "conversations": json.dumps(conversations, ensure_ascii=False) if conversations else None,
-            "metadata": meta.to_json(), "image": sample.image, "image_format": sample.image_format}
+    return {
+        "key": sample.key,
+        "shard": sample.shard,
+        "url": meta.url,
+        "path": meta.path,
+        "caption": meta.caption,
+        "width": meta.width,
+        "height": meta.height,
+        "original_width": meta.original_width,
+        "original_height": meta.original_height,
+        "sha256": meta.sha256,
+        "phash": meta.phash,
+        "clip_score": meta.clip.score if meta.clip else None,
+        "conversations": json.dumps(conversations, ensure_ascii=False) if conversations else None,
+        "metadata": meta.to_json(),
+        "image": sample.image,
+        "image_format": sample.image_format,
+    }
 
 
 def _reasons(skipped: Counter) -> str:
@@ -203,8 +255,9 @@ def _reasons(skipped: Counter) -> str:
 
 def format_export(report: dict) -> str:
     """The export report for the terminal."""
-    where = (f"{report['json']} (images in {report['image_folder']})" if report["format"] == "llava"
-             else report["parquet"])
+    where = (
+        f"{report['json']} (images in {report['image_folder']})" if report["format"] == "llava" else report["parquet"]
+    )
     lines = [f"exported {report['exported']} samples from {report['shards']} shards to {where}"]
     if report["skipped"]:
         lines.append(f"skipped {sum(report['skipped'].values())}: {_reasons(Counter(report['skipped']))}")

@@ -13,13 +13,19 @@ from visinstruct.configs import FilterConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("filter", help="score image-text pairs with CLIP; keep by threshold or top fraction",
-                            description="Read shards (ours or img2dataset's), score every pair with CLIP through "
-                                        "RunInference, write filtered shards and dead-letter rows. Unknown options "
-                                        "go to Beam.")
+    parser = sub.add_parser(
+        "filter",
+        help="score image-text pairs with CLIP; keep by threshold or top fraction",
+        description="Read shards (ours or img2dataset's), score every pair with CLIP through "
+        "RunInference, write filtered shards and dead-letter rows. Unknown options "
+        "go to Beam.",
+    )
     add_job_arguments(parser, "filter")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="write no shards; report the score distribution and what each threshold keeps")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write no shards; report the score distribution and what each threshold keeps",
+    )
     parser.set_defaults(run=run)
 
 
@@ -46,9 +52,11 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
 def format_distribution(report: dict) -> str:
     if not report.get("pairs"):
         return f"filter --dry-run: no pair could be scored ({json.dumps(report.get('unscored', {}))})"
-    lines = [f"filter --dry-run: {report['pairs']} pairs scored, min {report['min']:.4f}, max {report['max']:.4f}",
-             "  quantiles: " + ", ".join(f"{k} {v:.4f}" for k, v in report["quantiles"].items()),
-             "  threshold -> pairs kept:"]
+    lines = [
+        f"filter --dry-run: {report['pairs']} pairs scored, min {report['min']:.4f}, max {report['max']:.4f}",
+        "  quantiles: " + ", ".join(f"{k} {v:.4f}" for k, v in report["quantiles"].items()),
+        "  threshold -> pairs kept:",
+    ]
     lines += [f"    >= {t}: {n} ({n / report['pairs']:.0%})" for t, n in report["kept_by_threshold"].items()]
     lines.append("  top fraction -> threshold:")
     lines += [f"    {float(f):.0%}: {t:.4f}" for f, t in report["threshold_for_fraction"].items()]

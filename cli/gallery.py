@@ -41,9 +41,11 @@ from visinstruct.transforms.shards import atomic_write, join, read_table
 
 SHEET_COLUMNS = 8
 LABEL_HEIGHT = 14
-STATUS_SCRIPT = ("addEventListener('load', () => { const images = Array.from(document.images); "
-                 "document.body.dataset.images = images.length; document.body.dataset.loaded = "
-                 "images.filter(i => i.complete && i.naturalWidth > 0).length; });")
+STATUS_SCRIPT = (
+    "addEventListener('load', () => { const images = Array.from(document.images); "
+    "document.body.dataset.images = images.length; document.body.dataset.loaded = "
+    "images.filter(i => i.complete && i.naturalWidth > 0).length; });"
+)
 _SCRIPT_HASH = base64.b64encode(hashlib.sha256(STATUS_SCRIPT.encode()).digest()).decode()
 CSP = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{_SCRIPT_HASH}'"
 STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -68,8 +70,15 @@ class Card:
     unread: str | None = None  # why the sample could not be read from its tar (cut short...), or None
 
 
-def gallery(paths: list[str], html_path: str, sheet_path: str | None = None, limit: int = 48,
-            seed: int | None = None, thumb: int = 160, progress: Progress | None = None) -> dict:
+def gallery(
+    paths: list[str],
+    html_path: str,
+    sheet_path: str | None = None,
+    limit: int = 48,
+    seed: int | None = None,
+    thumb: int = 160,
+    progress: Progress | None = None,
+) -> dict:
     """Write the gallery page (and the contact sheet, when ``sheet_path`` is given).
 
     Args:
@@ -98,8 +107,13 @@ def gallery(paths: list[str], html_path: str, sheet_path: str | None = None, lim
     cards = [_card(*written[i], thumb) for i in picked]
     shown = _rejected_examples(rejected, limit)
     stages = _dead_letters({files for files, _ in shown})
-    page = render_page(paths, cards, [(files, row, stages.get((files.name, row.key))) for files, row in shown],
-                       len(written), Counter(row.status for _, row in rejected))
+    page = render_page(
+        paths,
+        cards,
+        [(files, row, stages.get((files.name, row.key))) for files, row in shown],
+        len(written),
+        Counter(row.status for _, row in rejected),
+    )
     with atomic_write(html_path) as f:
         f.write(page.encode("utf-8"))
     thumbnails = [card.thumbnail for card in cards if card.thumbnail is not None]
@@ -107,11 +121,19 @@ def gallery(paths: list[str], html_path: str, sheet_path: str | None = None, lim
         with atomic_write(sheet_path) as f:
             contact_sheet(thumbnails, [c.key for c in cards if c.thumbnail is not None], thumb).save(f, "PNG")
     unread = [card.unread for card in cards if card.unread]
-    return {"html": html_path, "sheet": sheet_path if sheet_path and thumbnails else None, "shards": len(paths),
-            "written": len(written), "shown": len(cards), "rejected": len(rejected), "rejected_shown": len(shown),
-            "rejected_by_reason": dict(Counter(row.status for _, row in rejected).most_common()),
-            "broken_images": len(cards) - len(thumbnails) - len(unread), "unread": len(unread),
-            "unread_reason": unread[0] if unread else None}
+    return {
+        "html": html_path,
+        "sheet": sheet_path if sheet_path and thumbnails else None,
+        "shards": len(paths),
+        "written": len(written),
+        "shown": len(cards),
+        "rejected": len(rejected),
+        "rejected_shown": len(shown),
+        "rejected_by_reason": dict(Counter(row.status for _, row in rejected).most_common()),
+        "broken_images": len(cards) - len(thumbnails) - len(unread),
+        "unread": len(unread),
+        "unread_reason": unread[0] if unread else None,
+    }
 
 
 def _pick(total: int, limit: int, seed: int | None) -> list[int]:
@@ -128,8 +150,14 @@ def _card(files: ShardFiles, row: IndexRow | str, thumb: int) -> Card:
     try:
         sample = _read_sample(files, key, row)
     except (ShardError, OSError) as e:  # indexed but not readable (a tar cut short, or gone): said, not hidden
-        return Card(key, files.name, None, row.caption if isinstance(row, IndexRow) else None, None,
-                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return Card(
+            key,
+            files.name,
+            None,
+            row.caption if isinstance(row, IndexRow) else None,
+            None,
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
     try:
         meta = SampleMeta.from_json(sample["json"]) if "json" in sample else None
     except ValueError:  # validate reports it; the card still shows the image
@@ -198,45 +226,66 @@ def _link(url: str | None) -> str:
 def _card_html(card: Card) -> str:
     esc = html.escape
     meta = card.meta
-    image = (f'<img src="{data_uri(card.thumbnail)}" width="{card.thumbnail.width}" '
-             f'height="{card.thumbnail.height}" alt="{esc(card.key)}">' if card.thumbnail is not None
-             else f'<p class="broken">not read from the tar: {esc(card.unread)}</p>' if card.unread
-             else '<p class="broken">image does not decode</p>')
+    image = (
+        f'<img src="{data_uri(card.thumbnail)}" width="{card.thumbnail.width}" '
+        f'height="{card.thumbnail.height}" alt="{esc(card.key)}">'
+        if card.thumbnail is not None
+        else f'<p class="broken">not read from the tar: {esc(card.unread)}</p>'
+        if card.unread
+        else '<p class="broken">image does not decode</p>'
+    )
     facts = [f"shard {esc(card.shard)}"]
     if meta and meta.width:
         facts.append(f"{meta.width}×{meta.height}")
     if meta and meta.clip:
         facts.append(f"CLIP {meta.clip.score:.3f}")
-    turns = "".join(f'<p class="turn"><b>{esc(t.role)}</b> {esc(t.value)}</p>' for t in (meta.conversations
-                                                                                          if meta else []))
-    return (f'<figure>{image}<figcaption><span class="key">{esc(card.key)}</span> '
-            f'<span class="meta">{" · ".join(facts)}</span><p>{esc(card.caption or "(no caption)")}</p>'
-            f'<p class="url">{_link(meta.url or meta.path if meta else None)}</p>{turns}</figcaption></figure>')
+    turns = "".join(
+        f'<p class="turn"><b>{esc(t.role)}</b> {esc(t.value)}</p>' for t in (meta.conversations if meta else [])
+    )
+    return (
+        f'<figure>{image}<figcaption><span class="key">{esc(card.key)}</span> '
+        f'<span class="meta">{" · ".join(facts)}</span><p>{esc(card.caption or "(no caption)")}</p>'
+        f'<p class="url">{_link(meta.url or meta.path if meta else None)}</p>{turns}</figcaption></figure>'
+    )
 
 
-def render_page(paths: list[str], cards: list[Card], rejected: list[tuple[ShardFiles, IndexRow, Rejection | None]],
-                written: int, reasons: Counter) -> str:
+def render_page(
+    paths: list[str],
+    cards: list[Card],
+    rejected: list[tuple[ShardFiles, IndexRow, Rejection | None]],
+    written: int,
+    reasons: Counter,
+) -> str:
     """The gallery page as HTML text."""
     esc = html.escape
     total_rejected = sum(reasons.values())
     unread = sum(card.unread is not None for card in cards)
-    summary = (f"{written} written and {total_rejected} rejected in {len(paths)} shards; showing {len(cards)} "
-               f"samples and {len(rejected)} rejected rows."
-               + (f" {unread} of the samples shown could not be read from their tars: run validate." if unread
-                  else ""))
+    summary = (
+        f"{written} written and {total_rejected} rejected in {len(paths)} shards; showing {len(cards)} "
+        f"samples and {len(rejected)} rejected rows."
+        + (f" {unread} of the samples shown could not be read from their tars: run validate." if unread else "")
+    )
     reason_text = ", ".join(f"{esc(reason)} {n}" for reason, n in reasons.most_common()) or "none"
     rows = "".join(
-        f"<tr><td>{esc(files.name)}</td><td class=\"key\">{esc(row.key)}</td><td>{esc(r.stage if r else '-')}"
-        f"</td><td>{esc(row.status)}</td><td class=\"url\">{_link(row.url or row.path)}</td>"
-        f"<td>{esc(row.error_message or (r.message if r else ''))}</td></tr>" for files, row, r in rejected)
-    table = (f"<table><tr><th>shard</th><th>key</th><th>stage</th><th>reason</th><th>url</th><th>message</th></tr>"
-             f"{rows}</table>" if rows else "<p>No rejected rows.</p>")
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            f"<title>visinstruct gallery</title><style>{STYLE}</style></head>\n<body>"
-            f"<h1>visinstruct gallery</h1><p>{esc(summary)}</p><p>Rejected by reason: {reason_text}</p>"
-            f'<h2>Samples</h2><div class="grid">{"".join(_card_html(c) for c in cards)}</div>'
-            f"<h2>Rejected</h2>{table}<script>{STATUS_SCRIPT}</script></body></html>\n")
+        f'<tr><td>{esc(files.name)}</td><td class="key">{esc(row.key)}</td><td>{esc(r.stage if r else "-")}'
+        f'</td><td>{esc(row.status)}</td><td class="url">{_link(row.url or row.path)}</td>'
+        f"<td>{esc(row.error_message or (r.message if r else ''))}</td></tr>"
+        for files, row, r in rejected
+    )
+    table = (
+        f"<table><tr><th>shard</th><th>key</th><th>stage</th><th>reason</th><th>url</th><th>message</th></tr>"
+        f"{rows}</table>"
+        if rows
+        else "<p>No rejected rows.</p>"
+    )
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f"<title>visinstruct gallery</title><style>{STYLE}</style></head>\n<body>"
+        f"<h1>visinstruct gallery</h1><p>{esc(summary)}</p><p>Rejected by reason: {reason_text}</p>"
+        f'<h2>Samples</h2><div class="grid">{"".join(_card_html(c) for c in cards)}</div>'
+        f"<h2>Rejected</h2>{table}<script>{STATUS_SCRIPT}</script></body></html>\n"
+    )
 
 
 def contact_sheet(thumbnails: list, keys: list[str], size: int):

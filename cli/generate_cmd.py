@@ -10,10 +10,13 @@ from visinstruct.configs import GenerateConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("generate", help="write LLaVA-style conversations for shards with an LLM",
-                            description="Turn captions, boxes and tags into conversations, detailed descriptions and "
-                                        "complex-reasoning Q&A (or caption-only data), check every reply, and write "
-                                        "shards whose JSON carries them. Unknown options go to Beam.")
+    parser = sub.add_parser(
+        "generate",
+        help="write LLaVA-style conversations for shards with an LLM",
+        description="Turn captions, boxes and tags into conversations, detailed descriptions and "
+        "complex-reasoning Q&A (or caption-only data), check every reply, and write "
+        "shards whose JSON carries them. Unknown options go to Beam.",
+    )
     add_job_arguments(parser, "generate")
     parser.set_defaults(run=run)
 
@@ -27,7 +30,9 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     with expected_errors():
         report = generate.run(cfg, inputs, beam_args)
     print(format_report(report))
-    print(f"  LLM calls: {report['backend_calls']}, tokens spent: {report['prompt_tokens_spent']} prompt + "
-          f"{report['completion_tokens_spent']} completion ({report['completion_tokens']} completion tokens in "
-          "written samples)")
+    print(
+        f"  LLM calls: {report['backend_calls']}, tokens spent: {report['prompt_tokens_spent']} prompt + "
+        f"{report['completion_tokens_spent']} completion ({report['completion_tokens']} completion tokens in "
+        "written samples)"
+    )
     return finish("generate", report, "generate")

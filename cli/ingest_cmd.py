@@ -8,12 +8,21 @@ from visinstruct.configs import IngestConfig, load
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("ingest", help="download, validate, resize, dedup and shard image-text pairs",
-                            description="Read URL lists, folders, COCO or LLaVA JSON; write WebDataset shards with "
-                                        "a parquet index, stats and dead-letter tables. Unknown options go to Beam.")
+    parser = sub.add_parser(
+        "ingest",
+        help="download, validate, resize, dedup and shard image-text pairs",
+        description="Read URL lists, folders, COCO or LLaVA JSON; write WebDataset shards with "
+        "a parquet index, stats and dead-letter tables. Unknown options go to Beam.",
+    )
     parser.add_argument("--config", required=True, help="YAML file (see `visinstruct config show ingest`)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable), e.g. --set download.threads=16")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set download.threads=16",
+    )
     parser.set_defaults(run=run, accepts_beam_args=True)
 
 

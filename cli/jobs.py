@@ -14,8 +14,14 @@ def add_job_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--config", required=True, help=f"YAML file (see `visinstruct config show {name}`)")
     parser.add_argument("--input", help="input shards: a folder, a glob or a brace pattern of .tar files")
     parser.add_argument("--out", help="output folder (overrides write.path)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
     parser.set_defaults(accepts_beam_args=True)
 
 
@@ -49,8 +55,14 @@ def add_train_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """``--config``, ``--out`` and ``--set`` of the training commands."""
     parser.add_argument("--config", required=True, help=f"YAML file (see `visinstruct config show {name}`)")
     parser.add_argument("--out", help="output folder (overrides out)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key (repeatable), e.g. --set steps=200")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key (repeatable), e.g. --set steps=200",
+    )
 
 
 def load_train(cls: type, args: argparse.Namespace):

@@ -30,8 +30,18 @@ from visinstruct.cli.errors import UserError
 from visinstruct.cli.exit import exit_process
 from visinstruct.configs import ConfigError
 
-COMMANDS = [build_cmd, ingest_cmd, filter_cmd, generate_cmd, demo_cmd, config_cmd, shards_cmd, train_clip_cmd,
-            train_cmd, chat_cmd]
+COMMANDS = [
+    build_cmd,
+    ingest_cmd,
+    filter_cmd,
+    generate_cmd,
+    demo_cmd,
+    config_cmd,
+    shards_cmd,
+    train_clip_cmd,
+    train_cmd,
+    chat_cmd,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,11 +82,16 @@ def run_command(argv: list[str] | None) -> int:
         parser.print_help()
         return 0
     if beam_args and not getattr(args, "accepts_beam_args", False):
-        print(f"visinstruct {args.command}: error: unrecognized arguments: {' '.join(beam_args)} "
-              f"(see visinstruct {args.command} --help)", file=sys.stderr)
+        print(
+            f"visinstruct {args.command}: error: unrecognized arguments: {' '.join(beam_args)} "
+            f"(see visinstruct {args.command} --help)",
+            file=sys.stderr,
+        )
         return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not args.quiet:  # our own progress lines (one per shard), without Beam's INFO chatter
         logging.getLogger("visinstruct").setLevel(logging.INFO)
     try:
@@ -96,8 +111,11 @@ def run_command(argv: list[str] | None) -> int:
         if args.verbose:
             traceback.print_exc()
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"visinstruct {args.command}: internal error: {type(e).__name__}: {first} "
-              f"({'traceback above' if args.verbose else 'run with -v for the traceback'})", file=sys.stderr)
+        print(
+            f"visinstruct {args.command}: internal error: {type(e).__name__}: {first} "
+            f"({'traceback above' if args.verbose else 'run with -v for the traceback'})",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -47,8 +47,9 @@ def load_takedown(urls_file: str | None = None, sha256_file: str | None = None) 
         raise ShardError(str(e)) from None
 
 
-def remove_samples(paths: list[str], takedown: Takedown, progress: Progress | None = None,
-                   dry_run: bool = False) -> dict:
+def remove_samples(
+    paths: list[str], takedown: Takedown, progress: Progress | None = None, dry_run: bool = False
+) -> dict:
     """Remove every written sample of ``paths`` that ``takedown`` matches, rewriting only the affected shards.
 
     Args:
@@ -72,15 +73,24 @@ def remove_samples(paths: list[str], takedown: Takedown, progress: Progress | No
             plans.append((files, removals))
         if progress:
             progress(done, len(paths))
-    removed = [{"key": key, "shard": files.name, "url": url, "matched_by": how}
-               for files, removals in plans for key, (how, url) in sorted(removals.items())]
+    removed = [
+        {"key": key, "shard": files.name, "url": url, "matched_by": how}
+        for files, removals in plans
+        for key, (how, url) in sorted(removals.items())
+    ]
     if not dry_run:
         for files, removals in plans:
             stats = rewrite_shard(files, {key: how for key, (how, _) in removals.items()})
             log.info("shard %s: removed %d samples, %d written now", files.name, len(removals), stats.written)
     not_found = sorted(takedown.urls - seen) + sorted(d for d in takedown.sha256 if f"sha256:{d}" not in seen)
-    return {"shards": len(paths), "rewritten": [files.name for files, _ in plans], "removed": removed,
-            "already_absent": absent, "not_found": not_found, "dry_run": dry_run}
+    return {
+        "shards": len(paths),
+        "rewritten": [files.name for files, _ in plans],
+        "removed": removed,
+        "already_absent": absent,
+        "not_found": not_found,
+        "dry_run": dry_run,
+    }
 
 
 def _plan_shard(files: ShardFiles, takedown: Takedown, seen: set[str]) -> tuple[dict | None, int]:
@@ -141,8 +151,10 @@ def rewrite_shard(files: ShardFiles, removals: dict[str, str]) -> ShardStats:
                 members[key] = writer.add(key, list(sample.items()))
         lost = [r.key for r in new_rows if r.status == "success" and r.key not in members]
         if lost:  # rewriting would write an index that points at nothing: leave the shard as it is
-            raise ShardError(f"shard {files.name}: the index lists {lost[0]} as written but the tar has no such "
-                             "sample; run validate")
+            raise ShardError(
+                f"shard {files.name}: the index lists {lost[0]} as written but the tar has no such "
+                "sample; run validate"
+            )
         write_table(_rejected_path(files), rejections, Rejection, SCHEMA_VERSION)
         if FileSystems.exists(files.stats):  # from here until the new stats exist, the shard reads as incomplete
             FileSystems.delete([files.stats])
@@ -154,26 +166,41 @@ def rewrite_shard(files: ShardFiles, removals: dict[str, str]) -> ShardStats:
     write_table(files.index, new_rows, IndexRow, SCHEMA_VERSION)
     reasons = Counter(r.status for r in new_rows if r.status != "success")
     written = len(new_rows) - sum(reasons.values())
-    stats = ShardStats(shard=int(files.name), stage=STAGE, inputs=len(new_rows), written=written,
-                       rejected=len(new_rows) - written, rejected_by_reason=dict(reasons), tar_bytes=tar_bytes,
-                       duration_s=round(time.monotonic() - start, 3))
+    stats = ShardStats(
+        shard=int(files.name),
+        stage=STAGE,
+        inputs=len(new_rows),
+        written=written,
+        rejected=len(new_rows) - written,
+        rejected_by_reason=dict(reasons),
+        tar_bytes=tar_bytes,
+        duration_s=round(time.monotonic() - start, 3),
+    )
     write_stats(files.stats, stats)
     return stats
 
 
-def _takedown_rows(files: ShardFiles, rows: list[IndexRow],
-                   removals: dict[str, str]) -> tuple[list[IndexRow], list[Rejection]]:
+def _takedown_rows(
+    files: ShardFiles, rows: list[IndexRow], removals: dict[str, str]
+) -> tuple[list[IndexRow], list[Rejection]]:
     """The index rows with the removed ones as ``takedown`` rows, and every removal's rejection, in key order."""
     rejections = _previous_rejections(files)
     new_rows = []
     for row in rows:
         if row.key in removals:
             message = f"removed on request (matched by {removals[row.key]})"
-            rejections[row.key] = Rejection(STAGE, REASON, message, row.key, row.url or row.path,
-                                            JsonDict({"matched_by": removals[row.key], "sha256": row.sha256}))
+            rejections[row.key] = Rejection(
+                STAGE,
+                REASON,
+                message,
+                row.key,
+                row.url or row.path,
+                JsonDict({"matched_by": removals[row.key], "sha256": row.sha256}),
+            )
             # Kept: what identifies the input, so a later ingest can honour the takedown. Dropped: its content.
-            row = IndexRow(key=row.key, status=REASON, url=row.url, path=row.path, sha256=row.sha256,
-                           error_message=message)
+            row = IndexRow(
+                key=row.key, status=REASON, url=row.url, path=row.path, sha256=row.sha256, error_message=message
+            )
         new_rows.append(row)
     return new_rows, [rejections[k] for k in sorted(rejections)]
 
@@ -198,7 +225,9 @@ def format_removal(report: dict, limit: int = 50) -> str:
     verb = "would remove" if report["dry_run"] else "removed"
     by = Counter(r["matched_by"] for r in report["removed"])
     how = f" ({', '.join(f'{n} by {k}' for k, n in sorted(by.items()))})" if by else ""
-    lines.append(f"{verb} {len(report['removed'])} samples{how} from {len(report['rewritten'])} of "
-                 f"{report['shards']} shards; {report['already_absent']} matching rows had no sample; "
-                 f"{len(report['not_found'])} list entries matched nothing")
+    lines.append(
+        f"{verb} {len(report['removed'])} samples{how} from {len(report['rewritten'])} of "
+        f"{report['shards']} shards; {report['already_absent']} matching rows had no sample; "
+        f"{len(report['not_found'])} list entries matched nothing"
+    )
     return "\n".join(lines)

@@ -129,7 +129,7 @@ def describe_losses(losses: list[Unread]) -> str:
     count = f"{known} indexed samples" + (f" (and {unknown} unindexed shards)" if unknown else "")
     first = losses[0]
     why = first.error or "the tar lacks them"
-    return (f"{count} could not be read from {len(losses)} shards (shard {first.shard}: {why}); run validate")
+    return f"{count} could not be read from {len(losses)} shards (shard {first.shard}: {why}); run validate"
 
 
 def match_paths(pattern: str) -> list:
@@ -149,7 +149,7 @@ def expand_braces(pattern: str) -> list[str]:
     found = _BRACE.search(pattern)
     if not found:
         return [pattern]
-    body, head, tail = found.group(1), pattern[: found.start()], pattern[found.end():]
+    body, head, tail = found.group(1), pattern[: found.start()], pattern[found.end() :]
     numbers = _RANGE.fullmatch(body)
     if numbers:
         lo, hi = numbers.groups()
@@ -248,8 +248,16 @@ def list_shards(paths: list[str], progress: Progress | None = None) -> list[dict
 
 
 def _list_shard(files: ShardFiles) -> dict:
-    row = {"shard": files.name, "path": files.tar, "written": None, "inputs": None, "rejected": None,
-           "tar_bytes": file_size(files.tar), "complete": FileSystems.exists(files.stats), "stages": ["ingest"]}
+    row = {
+        "shard": files.name,
+        "path": files.tar,
+        "written": None,
+        "inputs": None,
+        "rejected": None,
+        "tar_bytes": file_size(files.tar),
+        "complete": FileSystems.exists(files.stats),
+        "stages": ["ingest"],
+    }
     index = read_index(files.index, ["status", "clip_score", "conversation_kind"])
     if index is not None:
         status = index.column("status").to_pylist()
@@ -302,15 +310,33 @@ def human_bytes(size: int | None) -> str:
 
 def format_listing(rows: list[dict]) -> str:
     """``ls`` as a table with a total line."""
+
     def cell(value):
         return "-" if value is None else str(value)
 
     header = ("shard", "written", "inputs", "rejected", "tar size", "complete", "stages")
-    lines = [(r["shard"], cell(r["written"]), cell(r["inputs"]), cell(r["rejected"]), human_bytes(r["tar_bytes"]),
-              "yes" if r["complete"] else "NO", ",".join(r["stages"])) for r in rows]
+    lines = [
+        (
+            r["shard"],
+            cell(r["written"]),
+            cell(r["inputs"]),
+            cell(r["rejected"]),
+            human_bytes(r["tar_bytes"]),
+            "yes" if r["complete"] else "NO",
+            ",".join(r["stages"]),
+        )
+        for r in rows
+    ]
     complete = f"{sum(r['complete'] for r in rows)}/{len(rows)}"
-    total = ("total", *(str(sum(r[k] or 0 for r in rows)) for k in ("written", "inputs", "rejected")),
-             human_bytes(sum(r["tar_bytes"] or 0 for r in rows)), complete, "")
+    total = (
+        "total",
+        *(str(sum(r[k] or 0 for r in rows)) for k in ("written", "inputs", "rejected")),
+        human_bytes(sum(r["tar_bytes"] or 0 for r in rows)),
+        complete,
+        "",
+    )
     widths = [max(len(line[i]) for line in [header, *lines, total]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) if i in (0, 5, 6) else c.rjust(w) for i, (c, w) in
-                               enumerate(zip(line, widths))).rstrip() for line in [header, *lines, total])
+    return "\n".join(
+        "  ".join(c.ljust(w) if i in (0, 5, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+        for line in [header, *lines, total]
+    )

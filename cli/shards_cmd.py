@@ -17,43 +17,60 @@ import tempfile
 
 from visinstruct.cli.errors import UserError
 
-PATH_HELP = ("shards: a folder, a .tar file, a glob ('shards/*.tar') or a brace pattern "
-             "('shards/{00000..00099}.tar'); local or any Beam filesystem (gs://...). Quote globs and braces.")
+PATH_HELP = (
+    "shards: a folder, a .tar file, a glob ('shards/*.tar') or a brace pattern "
+    "('shards/{00000..00099}.tar'); local or any Beam filesystem (gs://...). Quote globs and braces."
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``ls``, ``stats``, ``show``, ``validate``, ``export``, ``gallery`` and ``remove``."""
-    ls = sub.add_parser("ls", help="list shards: samples written, inputs, rejected, size, complete, stages run",
-                        description="One line per shard, from the parquet indexes (tars are counted only when a "
-                                    "shard has no index).")
+    ls = sub.add_parser(
+        "ls",
+        help="list shards: samples written, inputs, rejected, size, complete, stages run",
+        description="One line per shard, from the parquet indexes (tars are counted only when a shard has no index).",
+    )
     ls.add_argument("path", metavar="PATH", help=PATH_HELP)
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ls.set_defaults(run=run_ls)
 
-    stats = sub.add_parser("stats", help="dataset summary from the parquet indexes (never opens a tar)",
-                           description="Counts, rejections by stage and reason, image sizes, caption lengths, CLIP "
-                                       "scores and conversation kinds, read from the indexes and dead-letter tables.")
+    stats = sub.add_parser(
+        "stats",
+        help="dataset summary from the parquet indexes (never opens a tar)",
+        description="Counts, rejections by stage and reason, image sizes, caption lengths, CLIP "
+        "scores and conversation kinds, read from the indexes and dead-letter tables.",
+    )
     stats.add_argument("path", metavar="PATH", help=PATH_HELP)
     stats.add_argument("--json", action="store_true", help="print JSON instead of the report")
     stats.set_defaults(run=run_stats)
 
-    show = sub.add_parser("show", help="print one sample and write its image to a file",
-                          description="Pick a sample by KEY, by --index over written samples in shard order, or "
-                                      "--random; the first sample when none is given.")
+    show = sub.add_parser(
+        "show",
+        help="print one sample and write its image to a file",
+        description="Pick a sample by KEY, by --index over written samples in shard order, or "
+        "--random; the first sample when none is given.",
+    )
     show.add_argument("path", metavar="PATH", help=PATH_HELP)
     show.add_argument("key", metavar="KEY", nargs="?", help="sample key, e.g. 000420007")
     pick = show.add_mutually_exclusive_group()
     pick.add_argument("--index", type=int, metavar="N", help="the N-th written sample (from 0)")
     pick.add_argument("--random", action="store_true", help="a random sample (see --seed)")
     show.add_argument("--seed", type=int, metavar="S", help="seed for --random, to show the same sample again")
-    show.add_argument("--out", metavar="DIR", default=os.path.join(tempfile.gettempdir(), "visinstruct-show"),
-                      help="folder to write the image to (default: %(default)s)")
+    show.add_argument(
+        "--out",
+        metavar="DIR",
+        default=os.path.join(tempfile.gettempdir(), "visinstruct-show"),
+        help="folder to write the image to (default: %(default)s)",
+    )
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     show.set_defaults(run=run_show)
 
-    validate = sub.add_parser("validate", help="check shards against the format; exit status 1 on any problem",
-                              description="Stream every tar (safe member names, complete samples, JSON schema, "
-                                          "images decode) and compare it with its parquet index and _stats.json.")
+    validate = sub.add_parser(
+        "validate",
+        help="check shards against the format; exit status 1 on any problem",
+        description="Stream every tar (safe member names, complete samples, JSON schema, "
+        "images decode) and compare it with its parquet index and _stats.json.",
+    )
     validate.add_argument("path", metavar="PATH", help=PATH_HELP)
     validate.add_argument("--json", action="store_true", help="print JSON (every problem) instead of text")
     validate.set_defaults(run=run_validate)
@@ -61,41 +78,57 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_writing_parsers(sub: argparse._SubParsersAction) -> None:
-    export = sub.add_parser("export", help="write samples as LLaVA's training JSON + images, or a parquet table",
-                            description="--format llava: OUT/llava.json (a list of {id, image, conversations}) and "
-                                        "OUT/images/KEY.EXT, for LLaVA's --data_path and --image_folder; only "
-                                        "samples with a valid conversation, unless --caption-only. --format "
-                                        "parquet: OUT/samples.parquet, one row per written sample, image bytes "
-                                        "included.")
+    export = sub.add_parser(
+        "export",
+        help="write samples as LLaVA's training JSON + images, or a parquet table",
+        description="--format llava: OUT/llava.json (a list of {id, image, conversations}) and "
+        "OUT/images/KEY.EXT, for LLaVA's --data_path and --image_folder; only "
+        "samples with a valid conversation, unless --caption-only. --format "
+        "parquet: OUT/samples.parquet, one row per written sample, image bytes "
+        "included.",
+    )
     export.add_argument("path", metavar="PATH", help=PATH_HELP)
     export.add_argument("out", metavar="OUT", help="folder to write to (refused when it holds files)")
     export.add_argument("--format", choices=("llava", "parquet"), default="llava", help="default: %(default)s")
-    export.add_argument("--caption-only", action="store_true",
-                        help="llava: a sample without a conversation but with a caption is exported as "
-                             "'<image>\\nDescribe the image briefly.' answered by its caption")
+    export.add_argument(
+        "--caption-only",
+        action="store_true",
+        help="llava: a sample without a conversation but with a caption is exported as "
+        "'<image>\\nDescribe the image briefly.' answered by its caption",
+    )
     export.add_argument("--overwrite", action="store_true", help="write into OUT even when it holds files")
     export.add_argument("--json", action="store_true", help="print the report as JSON")
     export.set_defaults(run=run_export)
 
-    gallery = sub.add_parser("gallery", help="an HTML page of thumbnails, captions, scores, conversations and "
-                                             "rejections, and a PNG contact sheet",
-                             description="Samples are spread evenly over the dataset (or picked with --seed); "
-                                         "the page is one self-contained file.")
+    gallery = sub.add_parser(
+        "gallery",
+        help="an HTML page of thumbnails, captions, scores, conversations and rejections, and a PNG contact sheet",
+        description="Samples are spread evenly over the dataset (or picked with --seed); "
+        "the page is one self-contained file.",
+    )
     gallery.add_argument("path", metavar="PATH", help=PATH_HELP)
     gallery.add_argument("-o", "--output", metavar="HTML", default="gallery.html", help="default: %(default)s")
     gallery.add_argument("--sheet", metavar="PNG", help="contact sheet path (default: the page's name with .png)")
-    gallery.add_argument("--limit", type=int, default=48, metavar="N",
-                         help="show at most N samples and N rejected rows (default: %(default)s)")
+    gallery.add_argument(
+        "--limit",
+        type=int,
+        default=48,
+        metavar="N",
+        help="show at most N samples and N rejected rows (default: %(default)s)",
+    )
     gallery.add_argument("--seed", type=int, metavar="S", help="pick samples at random with this seed")
     gallery.add_argument("--thumb", type=int, default=160, metavar="PX", help="thumbnail size (default: %(default)s)")
     gallery.add_argument("--json", action="store_true", help="print the report as JSON")
     gallery.set_defaults(run=run_gallery)
 
-    remove = sub.add_parser("remove", help="takedown: remove samples by URL or sha256, rewriting only their shards",
-                            description="Lists hold one entry a line (blank lines and # comments skipped). URLs "
-                                        "match exactly after stripping whitespace, sha256 digests in any case. "
-                                        "A removed sample keeps an index row with status 'takedown' and a "
-                                        "dead-letter row in rejected/remove-NNNNN.parquet, so counts still add up.")
+    remove = sub.add_parser(
+        "remove",
+        help="takedown: remove samples by URL or sha256, rewriting only their shards",
+        description="Lists hold one entry a line (blank lines and # comments skipped). URLs "
+        "match exactly after stripping whitespace, sha256 digests in any case. "
+        "A removed sample keeps an index row with status 'takedown' and a "
+        "dead-letter row in rejected/remove-NNNNN.parquet, so counts still add up.",
+    )
     remove.add_argument("path", metavar="PATH", help=PATH_HELP)
     remove.add_argument("--urls", metavar="FILE", help="file of URLs (or local paths) to remove")
     remove.add_argument("--sha256", metavar="FILE", help="file of sha256 digests of the original image bytes")
@@ -162,8 +195,9 @@ def run_show(args: argparse.Namespace, beam_args: list[str]) -> int:
     # An unseeded --random still gets a seed, printed, so the same sample can be shown again.
     seed = (args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)) if args.random else None
     paths = _resolve(args)
-    sample = _user_errors(lambda: show_sample(paths, key=args.key, index=args.index, random_seed=seed,
-                                              out_dir=args.out))
+    sample = _user_errors(
+        lambda: show_sample(paths, key=args.key, index=args.index, random_seed=seed, out_dir=args.out)
+    )
     sample["seed"] = seed
     print(json.dumps(sample, indent=1, ensure_ascii=False) if args.json else format_sample(sample))
     return 0
@@ -200,13 +234,24 @@ def run_gallery(args: argparse.Namespace, beam_args: list[str]) -> int:
         raise UserError("--limit must be at least 1 and --thumb at least 16")
     sheet = args.sheet or os.path.splitext(args.output)[0] + ".png"
     paths = _resolve(args)
-    report = _user_errors(lambda: gallery(paths, args.output, sheet, args.limit, args.seed, args.thumb,
-                                          _Counter("gallery", args)))
+    report = _user_errors(
+        lambda: gallery(paths, args.output, sheet, args.limit, args.seed, args.thumb, _Counter("gallery", args))
+    )
     sheet_note = f"; contact sheet {report['sheet']}" if report["sheet"] else ""
-    unread = (f"\nNOT READ: {report['unread']} of the samples picked could not be read from their tars "
-              f"({report['unread_reason']}); run validate") if report["unread"] else ""
-    print(json.dumps(report, indent=1) if args.json else f"{report['html']}: {report['shown']} of {report['written']} "
-          f"samples, {report['rejected_shown']} of {report['rejected']} rejected rows{sheet_note}{unread}")
+    unread = (
+        (
+            f"\nNOT READ: {report['unread']} of the samples picked could not be read from their tars "
+            f"({report['unread_reason']}); run validate"
+        )
+        if report["unread"]
+        else ""
+    )
+    print(
+        json.dumps(report, indent=1)
+        if args.json
+        else f"{report['html']}: {report['shown']} of {report['written']} "
+        f"samples, {report['rejected_shown']} of {report['rejected']} rejected rows{sheet_note}{unread}"
+    )
     return 1 if report["unread"] else 0
 
 

@@ -21,8 +21,13 @@ from visinstruct.schemas import IndexRow, SampleMeta, from_table, parse_key, sha
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def show_sample(paths: list[str], key: str | None = None, index: int | None = None, random_seed: int | None = None,
-                out_dir: str = ".") -> dict:
+def show_sample(
+    paths: list[str],
+    key: str | None = None,
+    index: int | None = None,
+    random_seed: int | None = None,
+    out_dir: str = ".",
+) -> dict:
     """Find one written sample and write its image to ``out_dir``.
 
     Pick by ``key`` (its shard comes from the key, and the index's member offsets let us read just its bytes),
@@ -102,8 +107,10 @@ def _read_sample(files: ShardFiles, key: str, row: IndexRow | str) -> dict[str, 
                 f.seek(member.offset)
                 data = f.read(member.size)
                 if len(data) != member.size:  # the index points past the end: the tar was cut short
-                    raise ShardError(f"sample {key}: {member.name} lies past the end of {files.tar} (the tar is "
-                                     "cut short); run validate")
+                    raise ShardError(
+                        f"sample {key}: {member.name} lies past the end of {files.tar} (the tar is "
+                        "cut short); run validate"
+                    )
                 sample[member.name.partition(".")[2]] = data
         return sample
     for found, sample in tar_samples(files):
@@ -125,10 +132,15 @@ def _describe(files: ShardFiles, key: str, sample: dict[str, bytes], out_dir: st
         image_path = os.path.join(out_dir, f"{key if _SAFE_KEY.fullmatch(key) else 'sample'}.{ext}")
         with open(image_path, "wb") as f:
             f.write(sample[ext])
-    return {"key": key, "shard": files.name,
-            "caption": sample["txt"].decode("utf-8", "replace") if "txt" in sample else None,
-            "meta": meta.to_dict() if meta else None, "conversation": format_conversation(meta) if meta else None,
-            "image_path": image_path, "image_size": _image_size(sample[ext]) if ext else None}
+    return {
+        "key": key,
+        "shard": files.name,
+        "caption": sample["txt"].decode("utf-8", "replace") if "txt" in sample else None,
+        "meta": meta.to_dict() if meta else None,
+        "conversation": format_conversation(meta) if meta else None,
+        "image_path": image_path,
+        "image_size": _image_size(sample[ext]) if ext else None,
+    }
 
 
 def _image_size(data: bytes) -> tuple[int, int] | None:
@@ -161,8 +173,11 @@ def format_sample(sample: dict) -> str:
         where += f", sample {sample['index']} of {sample['total']}"
     size = "x".join(map(str, sample["image_size"])) if sample["image_size"] else "does not decode"
     image = f"{sample['image_path']} ({size})" if sample["image_path"] else "(no image member)"
-    lines = [f"key            {sample['key']} ({where})", f"image          {image}",
-             f"caption        {sample['caption']}"]
+    lines = [
+        f"key            {sample['key']} ({where})",
+        f"image          {image}",
+        f"caption        {sample['caption']}",
+    ]
     if sample.get("seed") is not None:
         lines.append(f"random seed    {sample['seed']}")
     if sample["conversation"]:

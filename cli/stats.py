@@ -20,8 +20,16 @@ from visinstruct.transforms.shards import read_bytes
 CLIP_BUCKET = 0.05
 BAR_WIDTH = 40
 Bucket = tuple[Callable[[float], int], Callable[[int], str]]
-_COLUMNS = ["status", "caption", "width", "height", "original_width", "original_height", "clip_score",
-            "conversation_kind"]
+_COLUMNS = [
+    "status",
+    "caption",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "clip_score",
+    "conversation_kind",
+]
 
 
 def dataset_stats(paths: list[str], progress: Progress | None = None) -> dict:
@@ -57,12 +65,17 @@ def dataset_stats(paths: list[str], progress: Progress | None = None) -> dict:
     scored = [score for score in rows["clip_score"] if score is not None]
     kinds = Counter(rows["conversation_kind"][i] for i in ok if rows["conversation_kind"][i] is not None)
     return {
-        "shards": len(paths), "indexes_missing": missing,
-        "inputs": len(rows["status"]), "written": len(ok), "rejected": len(rows["status"]) - len(ok),
+        "shards": len(paths),
+        "indexes_missing": missing,
+        "inputs": len(rows["status"]),
+        "written": len(ok),
+        "rejected": len(rows["status"]) - len(ok),
         "rejected_by_reason": dict(Counter(s for s in rows["status"] if s != "success").most_common()),
         "rejected_by_stage": _rejections_by_stage([shard_files(tar) for tar in paths]),
-        **{name: distribution([rows[name][i] for i in ok if rows[name][i] is not None], POW2)
-           for name in ("width", "height", "original_width", "original_height")},
+        **{
+            name: distribution([rows[name][i] for i in ok if rows[name][i] is not None], POW2)
+            for name in ("width", "height", "original_width", "original_height")
+        },
         "caption_chars": distribution([len(c) for c in captions], POW2),
         "caption_words": distribution([len(c.split()) for c in captions], POW2),
         "clip_score": distribution(scored, CLIP) if scored else None,
@@ -101,8 +114,14 @@ def distribution(values: list[float], bucket: Bucket) -> dict:
     number, label = bucket
     counts = Counter(number(v) for v in values)
     histogram = [[label(n), counts.get(n, 0)] for n in range(min(counts), max(counts) + 1)]
-    return {"count": len(values), "min": min(values), "median": statistics.median(values), "max": max(values),
-            "mean": round(statistics.fmean(values), 4), "histogram": histogram}
+    return {
+        "count": len(values),
+        "min": min(values),
+        "median": statistics.median(values),
+        "max": max(values),
+        "mean": round(statistics.fmean(values), 4),
+        "histogram": histogram,
+    }
 
 
 def _pow2_label(number: int) -> str:
@@ -114,27 +133,37 @@ def _pow2_label(number: int) -> str:
 POW2: Bucket = (lambda value: int(value).bit_length(), _pow2_label)
 # CLIP cosine scores sit in a narrow band (about 0.1 to 0.4): linear buckets of 0.05 (rounding first, so that
 # 0.30 / 0.05 = 5.999... still falls in the 0.30..0.35 bucket).
-CLIP: Bucket = (lambda value: math.floor(round(value / CLIP_BUCKET, 9)),
-                lambda n: f"{n * CLIP_BUCKET:.2f}..{(n + 1) * CLIP_BUCKET:.2f}")  # ".." reads well with negatives
+CLIP: Bucket = (
+    lambda value: math.floor(round(value / CLIP_BUCKET, 9)),
+    lambda n: f"{n * CLIP_BUCKET:.2f}..{(n + 1) * CLIP_BUCKET:.2f}",
+)  # ".." reads well with negatives
 
 
 def format_stats(stats: dict) -> str:
     """The ``stats`` report for the terminal: counts, rejections, then each distribution with a histogram."""
     share = f" ({stats['written'] / stats['inputs']:.1%} kept)" if stats["inputs"] else ""
     missing = stats["indexes_missing"]
-    lines = [f"shards      {stats['shards']}" + (f" ({len(missing)} without an index: {', '.join(missing)})"
-                                                  if missing else ""),
-             f"inputs      {stats['inputs']}", f"written     {stats['written']}{share}",
-             f"rejected    {stats['rejected']}"]
+    lines = [
+        f"shards      {stats['shards']}"
+        + (f" ({len(missing)} without an index: {', '.join(missing)})" if missing else ""),
+        f"inputs      {stats['inputs']}",
+        f"written     {stats['written']}{share}",
+        f"rejected    {stats['rejected']}",
+    ]
     lines += [f"  {reason:<28}{n}" for reason, n in stats["rejected_by_reason"].items()]
     if stats["rejected_by_stage"]:
         lines.append("rejections by stage (dead-letter tables)")
         for stage, reasons in stats["rejected_by_stage"].items():
             lines.append(f"  {stage:<12}{sum(reasons.values())}: " + ", ".join(f"{r} {n}" for r, n in reasons.items()))
-    for name, title in [("width", "image width (px)"), ("height", "image height (px)"),
-                        ("original_width", "original width (px)"), ("original_height", "original height (px)"),
-                        ("caption_chars", "caption length (characters)"), ("caption_words", "caption length (words)"),
-                        ("clip_score", "CLIP score (every scored row)")]:
+    for name, title in [
+        ("width", "image width (px)"),
+        ("height", "image height (px)"),
+        ("original_width", "original width (px)"),
+        ("original_height", "original height (px)"),
+        ("caption_chars", "caption length (characters)"),
+        ("caption_words", "caption length (words)"),
+        ("clip_score", "CLIP score (every scored row)"),
+    ]:
         if stats.get(name) and stats[name]["count"]:
             lines += ["", *_format_distribution(title, stats[name])]
     if stats["conversation_kinds"]:
@@ -146,8 +175,10 @@ def _format_distribution(title: str, dist: dict) -> list[str]:
     def number(value):
         return f"{value:.3f}" if isinstance(value, float) and not value.is_integer() else f"{value:g}"
 
-    lines = [f"{title}: min {number(dist['min'])}  median {number(dist['median'])}  max {number(dist['max'])}  "
-             f"mean {number(dist['mean'])}  (n={dist['count']})"]
+    lines = [
+        f"{title}: min {number(dist['min'])}  median {number(dist['median'])}  max {number(dist['max'])}  "
+        f"mean {number(dist['mean'])}  (n={dist['count']})"
+    ]
     peak = max(n for _, n in dist["histogram"])
     width = max(len(label) for label, _ in dist["histogram"])
     for label, n in dist["histogram"]:

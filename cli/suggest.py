@@ -1,4 +1,4 @@
-""""Did you mean" for an option neither the command nor Beam knows.
+""" "Did you mean" for an option neither the command nor Beam knows.
 
 Most such options are habits from img2dataset (``--output_folder``, ``--url_list``, ``--thread_count``): our
 settings live in the config, so the suggestion is the config key as ``--set key=value`` (or the command's own
@@ -11,10 +11,16 @@ import difflib
 
 # img2dataset's argument -> our config key (the same names are found without this table).
 IMG2DATASET = {
-    "output_folder": "write.path", "url_list": "read.path", "input_format": "read.format",
-    "thread_count": "download.threads", "number_sample_per_shard": "write.shard_size",
-    "incremental_mode": "write.resume", "user_agent_token": "download.user_agent",
-    "disallowed_header_directives": "download.optout_values", "processes_count": None, "output_format": None,
+    "output_folder": "write.path",
+    "url_list": "read.path",
+    "input_format": "read.format",
+    "thread_count": "download.threads",
+    "number_sample_per_shard": "write.shard_size",
+    "incremental_mode": "write.resume",
+    "user_agent_token": "download.user_agent",
+    "disallowed_header_directives": "download.optout_values",
+    "processes_count": None,
+    "output_format": None,
 }
 COMMAND_FLAGS = {"write.path": "--out", "input": "--input"}  # keys that filter, generate and build take as flags
 TOP_LEVEL = {"-v", "--verbose", "-q", "--quiet"}

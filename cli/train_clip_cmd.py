@@ -11,10 +11,13 @@ from visinstruct.configs import ClipTrainConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("train-clip", help="train a CLIP (or LiT) model on shards, for the filter to use",
-                            description="Contrastive training of an open_clip model on our shards: full CLIP, LiT "
-                                        "(image tower locked) or the reverse. Writes a checkpoint open_clip and "
-                                        "`visinstruct filter` load. Under torchrun, one process per device (DDP).")
+    parser = sub.add_parser(
+        "train-clip",
+        help="train a CLIP (or LiT) model on shards, for the filter to use",
+        description="Contrastive training of an open_clip model on our shards: full CLIP, LiT "
+        "(image tower locked) or the reverse. Writes a checkpoint open_clip and "
+        "`visinstruct filter` load. Under torchrun, one process per device (DDP).",
+    )
     add_train_arguments(parser, "train-clip")
     parser.set_defaults(run=run)
 
@@ -28,9 +31,13 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         return 0
     if summary["eval"] is not None:
         print(json.dumps({"step": summary["step"], "seconds": round(summary["seconds"], 1), **summary["eval"]}))
-    print(f"train-clip: step {summary['step']}, checkpoint {summary['checkpoint']} "
-          f"(model.name {cfg.model.name}, model.config_file {summary['config_file']})")
+    print(
+        f"train-clip: step {summary['step']}, checkpoint {summary['checkpoint']} "
+        f"(model.name {cfg.model.name}, model.config_file {summary['config_file']})"
+    )
     if summary["eval"] is not None:
-        print(f"train-clip: filter.threshold {summary['eval']['threshold']} best separates held-out matching pairs "
-              f"from shuffled ones ({summary['eval']['threshold_balanced_accuracy']:.1%} balanced accuracy)")
+        print(
+            f"train-clip: filter.threshold {summary['eval']['threshold']} best separates held-out matching pairs "
+            f"from shuffled ones ({summary['eval']['threshold_balanced_accuracy']:.1%} balanced accuracy)"
+        )
     return 0

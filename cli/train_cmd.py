@@ -11,13 +11,16 @@ from visinstruct.configs import LlavaTrainConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("train", help="train a LLaVA-style model on shards (transformers' Llava)",
-                            description="Train transformers' LlavaForConditionalGeneration (vision tower, MLP "
-                                        "projector, causal LM) on our shards: stage 1 the projector on captions, "
-                                        "stage 2 the projector and LM on conversations, loss on the assistant's "
-                                        "turns only. Writes OUT/model, which transformers, vLLM and `visinstruct "
-                                        "chat` load; a rerun continues from OUT/resume.pt. Under torchrun, one "
-                                        "process per device (DDP).")
+    parser = sub.add_parser(
+        "train",
+        help="train a LLaVA-style model on shards (transformers' Llava)",
+        description="Train transformers' LlavaForConditionalGeneration (vision tower, MLP "
+        "projector, causal LM) on our shards: stage 1 the projector on captions, "
+        "stage 2 the projector and LM on conversations, loss on the assistant's "
+        "turns only. Writes OUT/model, which transformers, vLLM and `visinstruct "
+        "chat` load; a rerun continues from OUT/resume.pt. Under torchrun, one "
+        "process per device (DDP).",
+    )
     add_train_arguments(parser, "train")
     parser.set_defaults(run=run)
 
@@ -31,6 +34,8 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
         return 0
     if summary["eval"] is not None:
         print(json.dumps({"step": summary["step"], "seconds": round(summary["seconds"], 1), **summary["eval"]}))
-    print(f"train: step {summary['step']}, checkpoint {summary['checkpoint']} "
-          f"(visinstruct chat --checkpoint {summary['checkpoint']} --image IMAGE \"...\")")
+    print(
+        f"train: step {summary['step']}, checkpoint {summary['checkpoint']} "
+        f'(visinstruct chat --checkpoint {summary["checkpoint"]} --image IMAGE "...")'
+    )
     return 0

@@ -91,9 +91,14 @@ class Report:
         self.problems.append(Problem(shard, key, code, message))
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "shards": self.shards, "samples": self.samples, "images": self.images,
-                "problems": [p._asdict() for p in self.problems],
-                "problems_by_code": dict(Counter(p.code for p in self.problems).most_common())}
+        return {
+            "ok": self.ok,
+            "shards": self.shards,
+            "samples": self.samples,
+            "images": self.images,
+            "problems": [p._asdict() for p in self.problems],
+            "problems_by_code": dict(Counter(p.code for p in self.problems).most_common()),
+        }
 
 
 def validate(paths: list[str], progress: Progress | None = None) -> Report:
@@ -123,8 +128,10 @@ def _check_tar(files: ShardFiles, report: Report) -> TarSamples | None:
     samples: TarSamples = {}
     key, current = None, {}
     try:
-        with FileSystems.open(files.tar, mime_type="application/x-tar", compression_type="uncompressed") as f, \
-                tarfile.open(fileobj=f, mode="r|") as tar:
+        with (
+            FileSystems.open(files.tar, mime_type="application/x-tar", compression_type="uncompressed") as f,
+            tarfile.open(fileobj=f, mode="r|") as tar,
+        ):
             for info in tar:
                 try:
                     check_member(info)
@@ -136,8 +143,12 @@ def _check_tar(files: ShardFiles, report: Report) -> TarSamples | None:
                     if key is not None:
                         _check_sample(files.name, key, current, report)
                     if stem in samples:
-                        report.add(files.name, stem, "members_not_adjacent",
-                                   f"{info.name} comes after members of another sample")
+                        report.add(
+                            files.name,
+                            stem,
+                            "members_not_adjacent",
+                            f"{info.name} comes after members of another sample",
+                        )
                     key, current = stem, {}
                     samples.setdefault(key, [])
                 if ext in current:
@@ -207,8 +218,12 @@ def _check_image(shard: str, key: str, data: bytes, meta: SampleMeta | None, rep
         return
     report.images += 1
     if meta is not None and meta.width is not None and (meta.width, meta.height) != size:
-        report.add(shard, key, "image_size_mismatch",
-                   f"image of {key} is {size[0]}x{size[1]}, its JSON says {meta.width}x{meta.height}")
+        report.add(
+            shard,
+            key,
+            "image_size_mismatch",
+            f"image of {key} is {size[0]}x{size[1]}, its JSON says {meta.width}x{meta.height}",
+        )
 
 
 def _check_index(files: ShardFiles, samples: TarSamples | None, report: Report) -> list[IndexRow] | None:
@@ -239,10 +254,15 @@ def _check_index(files: ShardFiles, samples: TarSamples | None, report: Report) 
         indexed = sorted((m.name, m.offset, m.size) for m in written[key].members)
         actual = sorted((m.name, m.offset, m.size) for m in samples[key])
         if indexed != actual:
-            wrong = next((a, b) for a, b in zip(indexed + [None] * len(actual), actual + [None] * len(indexed))
-                         if a != b)
-            report.add(files.name, key, "index_offset_mismatch",
-                       f"index has {_member(wrong[0])}, the tar has {_member(wrong[1])}")
+            wrong = next(
+                (a, b) for a, b in zip(indexed + [None] * len(actual), actual + [None] * len(indexed)) if a != b
+            )
+            report.add(
+                files.name,
+                key,
+                "index_offset_mismatch",
+                f"index has {_member(wrong[0])}, the tar has {_member(wrong[1])}",
+            )
     return rows
 
 
@@ -250,8 +270,7 @@ def _member(member: tuple[str, int, int] | None) -> str:
     return "nothing" if member is None else f"{member[0]} at byte {member[1]} ({member[2]} bytes)"
 
 
-def _check_stats(files: ShardFiles, samples: TarSamples | None, rows: list[IndexRow] | None,
-                 report: Report) -> None:
+def _check_stats(files: ShardFiles, samples: TarSamples | None, rows: list[IndexRow] | None, report: Report) -> None:
     if not FileSystems.exists(files.stats):
         report.add(files.name, None, "incomplete", f"no {files.stats}: the shard was never finished")
         return
@@ -267,8 +286,10 @@ def _check_stats(files: ShardFiles, samples: TarSamples | None, rows: list[Index
             checks.append(("tar_bytes", stats.tar_bytes, file_size(files.tar), "bytes in the tar"))
     if rows is not None:
         reasons = dict(Counter(r.status for r in rows if r.status != "success"))
-        checks += [("inputs", stats.inputs, len(rows), "rows in the index"),
-                   ("rejected_by_reason", dict(stats.rejected_by_reason), reasons, "rejected rows in the index")]
+        checks += [
+            ("inputs", stats.inputs, len(rows), "rows in the index"),
+            ("rejected_by_reason", dict(stats.rejected_by_reason), reasons, "rejected rows in the index"),
+        ]
     for name, claimed, actual, what in checks:
         if claimed != actual:
             report.add(files.name, None, "stats_mismatch", f"_stats.json says {name} {claimed}; {what}: {actual}")

@@ -47,8 +47,9 @@ def _type_name(tp: Any) -> str:
         return f"a mapping (each value {_type_name(typing.get_args(tp)[1])})"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -94,8 +95,11 @@ def _build(cls: type[T], data: Any, where: str) -> T:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"'{where}' must be a mapping of keys to values, got {data!r}" if where else
-                          f"the config must be a mapping of keys to values, got {data!r}")
+        raise ConfigError(
+            f"'{where}' must be a mapping of keys to values, got {data!r}"
+            if where
+            else f"the config must be a mapping of keys to values, got {data!r}"
+        )
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     prefix = f"{where}." if where else ""

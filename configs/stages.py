@@ -60,14 +60,18 @@ class DownloadConfig:
     user_agent: str = opt("visinstruct/0.1 (+https://github.com/visinstruct/visinstruct)", "User-Agent header")
     per_host_rps: float | None = opt(10.0, "requests per second to one host; null for no limit")
     respect_optout: bool = opt(True, "skip images whose X-Robots-Tag opts out (see optout_values)")
-    optout_values: list[str] = opt(factory=lambda: ["noai", "noimageai", "noindex", "noml"],
-                                   doc="X-Robots-Tag directives that opt an image out")
-    check_robots_txt: bool = opt(True, "honour each host's robots.txt (one cached request per host and worker; "
-                                       "5xx or no answer: disallow, RFC 9309)")
+    optout_values: list[str] = opt(
+        factory=lambda: ["noai", "noimageai", "noindex", "noml"], doc="X-Robots-Tag directives that opt an image out"
+    )
+    check_robots_txt: bool = opt(
+        True,
+        "honour each host's robots.txt (one cached request per host and worker; 5xx or no answer: disallow, RFC 9309)",
+    )
     allow_loopback: bool = opt(False, "allow 127.0.0.0/8 and ::1 (tests and demos only)")
     allow_private: bool = opt(False, "allow private, link-local and cloud-metadata addresses")
-    progress_interval: float = opt(30.0, "seconds between progress lines of a downloading shard (rows done, ok, "
-                                         "rejected, rate); 0 logs every row")
+    progress_interval: float = opt(
+        30.0, "seconds between progress lines of a downloading shard (rows done, ok, rejected, rate); 0 logs every row"
+    )
 
     def __post_init__(self):
         for name in ("threads", "timeout", "max_bytes"):
@@ -84,13 +88,16 @@ class ResizeConfig:
     image_size: int = opt(256, "target size in pixels")
     resize_mode: ResizeMode = opt("border", "no, keep_ratio, keep_ratio_largest, center_crop or border")
     resize_only_if_bigger: bool = opt(False, "never upscale")
-    border_color: str = opt("white", "what 'border' pads with: a colour name, #rrggbb or rgb(r, g, b) (img2dataset: "
-                                     "white)")
-    min_image_size: int = opt(32, "reject images whose smaller side is below this (icons, tracking pixels; "
-                                  "img2dataset: 0)")
+    border_color: str = opt(
+        "white", "what 'border' pads with: a colour name, #rrggbb or rgb(r, g, b) (img2dataset: white)"
+    )
+    min_image_size: int = opt(
+        32, "reject images whose smaller side is below this (icons, tracking pixels; img2dataset: 0)"
+    )
     max_image_area: int | None = opt(None, "reject images with more pixels than this (before resizing)")
-    max_aspect_ratio: float | None = opt(3.0, "reject images more elongated than this (banners, strips; "
-                                              "DataComp's basic filter: 3; img2dataset: none)")
+    max_aspect_ratio: float | None = opt(
+        3.0, "reject images more elongated than this (banners, strips; DataComp's basic filter: 3; img2dataset: none)"
+    )
     max_pixels: int = opt(89_478_485, "decompression-bomb guard: refuse to decode more pixels than this")
     encode_format: ImageFormat = opt("jpg", "output image format")
     encode_quality: int = opt(95, "JPEG/WebP quality (PNG: compression level 0-9)")
@@ -114,10 +121,13 @@ class DedupConfig:
     sha256: bool = opt(True, "drop exact duplicate images (one deterministic winner: the smallest key)")
     phash_max_distance: int | None = opt(None, "also drop near-duplicates within this Hamming distance")
     reference_dir: str | None = opt(None, "drop images near-identical to any image here (eval sets)")
-    takedown_lists: list[str] = opt(factory=list, doc="takedown lists (paths or globs): listed URLs are never "
-                                    "downloaded and images with a listed sha256 are dropped, reason 'takedown'; text "
-                                    "files (a URL or sha256 per line) or parquet tables with url/sha256 columns, "
-                                    "such as an earlier dataset's indexes (their rows with status takedown)")
+    takedown_lists: list[str] = opt(
+        factory=list,
+        doc="takedown lists (paths or globs): listed URLs are never "
+        "downloaded and images with a listed sha256 are dropped, reason 'takedown'; text "
+        "files (a URL or sha256 per line) or parquet tables with url/sha256 columns, "
+        "such as an earlier dataset's indexes (their rows with status takedown)",
+    )
 
     def __post_init__(self):
         if self.phash_max_distance is not None and not 0 <= self.phash_max_distance <= 64:
@@ -130,12 +140,18 @@ class WriteConfig:
 
     path: str = opt(doc="output folder; local or any Beam filesystem")
     shard_size: int = opt(10_000, "input rows per shard (img2dataset's number_sample_per_shard)")
-    resume: bool = opt(True, "skip shards whose _stats.json already exists, except shards whose rows all failed "
-                             "for a reason a rerun may fix (retryable or caused by the settings, e.g. "
-                             "blocked_address), and reuse downloads a killed run finished (_staging/)")
-    retry_failed: bool = opt(False, "in complete shards, download again only the rows that failed with a "
-                                    "retryable error (timeouts, connection errors, 5xx, 429) or one the settings "
-                                    "caused (blocked_address, internal_error...) and rewrite those shards")
+    resume: bool = opt(
+        True,
+        "skip shards whose _stats.json already exists, except shards whose rows all failed "
+        "for a reason a rerun may fix (retryable or caused by the settings, e.g. "
+        "blocked_address), and reuse downloads a killed run finished (_staging/)",
+    )
+    retry_failed: bool = opt(
+        False,
+        "in complete shards, download again only the rows that failed with a "
+        "retryable error (timeouts, connection errors, 5xx, 429) or one the settings "
+        "caused (blocked_address, internal_error...) and rewrite those shards",
+    )
 
     def __post_init__(self):
         _positive("shard_size", self.shard_size)
@@ -164,13 +180,17 @@ class ClipModelConfig:
     min_batch_size: int = opt(1, "smallest batch RunInference forms")
     max_batch_size: int = opt(64, "largest batch RunInference forms")
     threads: int | None = opt(None, "torch CPU threads; null lets torch decide")
-    config_file: str | None = opt(None, "open_clip model config JSON to register first, named <name>.json "
-                                        "(custom architectures, e.g. from `visinstruct train-clip`)")
+    config_file: str | None = opt(
+        None,
+        "open_clip model config JSON to register first, named <name>.json "
+        "(custom architectures, e.g. from `visinstruct train-clip`)",
+    )
     model_copies: int | None = opt(None, "models per machine, shared across processes (one per GPU on Dataflow)")
     large_model: bool = opt(False, "share one model across all processes of a machine")
     decode_threads: int = opt(4, "threads decoding and preprocessing images ahead of the model")
-    accelerator: str | None = opt(None, "Beam resource hint for the scoring step only, e.g. "
-                                        "'type:nvidia-l4;count:1;install-nvidia-driver'")
+    accelerator: str | None = opt(
+        None, "Beam resource hint for the scoring step only, e.g. 'type:nvidia-l4;count:1;install-nvidia-driver'"
+    )
 
     def __post_init__(self):
         _positive("min_batch_size", self.min_batch_size)
@@ -200,15 +220,19 @@ class GenerateConfig:
     """``visinstruct generate``: LLaVA-style conversations from captions and boxes with an LLM."""
 
     backend: Literal["transformers", "vllm", "openai", "caption_only"] = opt(
-        "transformers", "LLM backend; caption_only writes stage-1 data with no LLM")
+        "transformers", "LLM backend; caption_only writes stage-1 data with no LLM"
+    )
     model: str = opt("HuggingFaceTB/SmolLM2-135M-Instruct", "hub id, local folder, .gguf file, or endpoint model")
     endpoint: str | None = opt(None, "base URL of an OpenAI-compatible server, e.g. http://host:8000/v1")
     api_key_env: str | None = opt("OPENAI_API_KEY", "environment variable holding the API key (never written)")
     templates: str | None = opt(None, "prompt template YAML; null for the bundled configs/prompts/llava.yaml")
-    kinds: dict[str, float] = opt(factory=lambda: {"conversation": 1.0, "detailed": 1.0, "complex_reasoning": 1.0},
-                                  doc="conversation kinds and their sampling weights")
-    llm_fraction: float = opt(1.0, "share of samples sent to the LLM (a stable subset); the rest get "
-                                   "caption-only data")
+    kinds: dict[str, float] = opt(
+        factory=lambda: {"conversation": 1.0, "detailed": 1.0, "complex_reasoning": 1.0},
+        doc="conversation kinds and their sampling weights",
+    )
+    llm_fraction: float = opt(
+        1.0, "share of samples sent to the LLM (a stable subset); the rest get caption-only data"
+    )
     max_new_tokens: int = opt(384, "completion length bound")
     temperature: float = opt(0.7, "sampling temperature; 0 for greedy")
     top_p: float = opt(0.9, "nucleus sampling")
@@ -244,8 +268,11 @@ class BuildConfig:
 
     write: WriteConfig = opt(doc="output shards")
     read: ReadConfig | None = opt(None, "input rows to ingest; null to start from existing shards (input)")
-    input: str | None = opt(None, "existing shards to start from instead of ingesting (a folder, glob or brace "
-                                  "pattern of .tar files; ours or img2dataset's); needs read: null")
+    input: str | None = opt(
+        None,
+        "existing shards to start from instead of ingesting (a folder, glob or brace "
+        "pattern of .tar files; ours or img2dataset's); needs read: null",
+    )
     download: DownloadConfig = opt(factory=DownloadConfig, doc="fetching")
     resize: ResizeConfig = opt(factory=ResizeConfig, doc="validation and resizing")
     dedup: DedupConfig = opt(factory=DedupConfig, doc="duplicate removal")

@@ -19,13 +19,17 @@ class StreamConfig:
     """Training batches streamed from our shards with webdataset (see ``visinstruct.trainer.data``)."""
 
     shards: str = opt(doc="training shards: a folder of .tar files, a glob, or a brace pattern (00{000..099}.tar)")
-    caption: CaptionSource = opt("auto", "caption source: the .txt member, the first gpt turn of the .json "
-                                         "conversations, or auto (txt, else conversations)")
+    caption: CaptionSource = opt(
+        "auto",
+        "caption source: the .txt member, the first gpt turn of the .json "
+        "conversations, or auto (txt, else conversations)",
+    )
     batch_size: int = opt(256, "samples per step and process; each sample meets batch_size * processes - 1 negatives")
     shard_shuffle: int = opt(100, "shards in the shard shuffle buffer; 0 reads them in sorted order")
     shuffle_buffer: int = opt(2000, "samples in the sample shuffle buffer; 0 keeps stream order")
-    resampled: bool = opt(False, "draw shards with replacement instead of splitting them across processes "
-                                 "(few or unevenly sized shards)")
+    resampled: bool = opt(
+        False, "draw shards with replacement instead of splitting them across processes (few or unevenly sized shards)"
+    )
     num_workers: int = opt(2, "DataLoader processes decoding images; 0 decodes in the training process")
     augment: bool = opt(False, "open_clip's training augmentation (random resized crop); off: its eval transform")
 
@@ -39,11 +43,17 @@ class StreamConfig:
 class ClipArchConfig:
     """The open_clip model to train."""
 
-    name: str = opt("ViT-B-32", "open_clip architecture; with `config`, the name the new architecture gets "
-                                "(the checkpoint's <name>.json, which the filter's model.config_file registers)")
+    name: str = opt(
+        "ViT-B-32",
+        "open_clip architecture; with `config`, the name the new architecture gets "
+        "(the checkpoint's <name>.json, which the filter's model.config_file registers)",
+    )
     pretrained: str | None = opt(None, "open_clip pretrained tag or checkpoint path; null starts from random weights")
-    config: dict[str, Any] | None = opt(None, "an open_clip model config (embed_dim, vision_cfg, text_cfg) for a new, "
-                                              "usually small, architecture; null uses open_clip's config of `name`")
+    config: dict[str, Any] | None = opt(
+        None,
+        "an open_clip model config (embed_dim, vision_cfg, text_cfg) for a new, "
+        "usually small, architecture; null uses open_clip's config of `name`",
+    )
 
     def __post_init__(self):
         if self.config is not None and not {"embed_dim", "vision_cfg", "text_cfg"} <= set(self.config):
@@ -54,10 +64,14 @@ class ClipArchConfig:
 class LockConfig:
     """Which tower stays frozen: LiT locks the image tower, its reverse the text tower."""
 
-    tower: Literal["none", "image", "text"] = opt("none", "'none' trains both towers (CLIP); 'image' is LiT; 'text' "
-                                                          "locks the text tower")
-    unlocked_groups: int = opt(0, "trailing layer groups of the locked tower left trainable; 1 is its output "
-                                  "projection alone (LiT's optional projection head)")
+    tower: Literal["none", "image", "text"] = opt(
+        "none", "'none' trains both towers (CLIP); 'image' is LiT; 'text' locks the text tower"
+    )
+    unlocked_groups: int = opt(
+        0,
+        "trailing layer groups of the locked tower left trainable; 1 is its output "
+        "projection alone (LiT's optional projection head)",
+    )
 
     def __post_init__(self):
         _positive("unlocked_groups", self.unlocked_groups, allow_zero=True)
@@ -103,8 +117,10 @@ class ClipEvalConfig:
 class ClipTrainConfig:
     """``visinstruct train-clip``: contrastive training (CLIP, LiT, or LiT's reverse) on our shards."""
 
-    out: str = opt(doc="output folder: model.pt (open_clip loads it), <name>.json, resume.pt, train_config.yaml, "
-                       "metrics.jsonl, eval.json")
+    out: str = opt(
+        doc="output folder: model.pt (open_clip loads it), <name>.json, resume.pt, train_config.yaml, "
+        "metrics.jsonl, eval.json"
+    )
     data: StreamConfig = opt(doc="training data")
     model: ClipArchConfig = opt(factory=ClipArchConfig, doc="model")
     lock: LockConfig = opt(factory=LockConfig, doc="tower locking (LiT)")

@@ -40,8 +40,9 @@ INGEST_STAGES = ("read", "download", "decode", "dedup")
 
 
 def stages_of(cfg: BuildConfig) -> list[str]:
-    return ((["ingest"] if cfg.read else []) + (["filter"] if cfg.filter else [])
-            + (["generate"] if cfg.generate else []))
+    return (
+        (["ingest"] if cfg.read else []) + (["filter"] if cfg.filter else []) + (["generate"] if cfg.generate else [])
+    )
 
 
 class Build(beam.PTransform):
@@ -61,8 +62,9 @@ class Build(beam.PTransform):
         cfg, out = self.cfg, self.cfg.write.path
         positions = {}
         if cfg.read is not None:
-            ingest_cfg = IngestConfig(read=cfg.read, write=cfg.write, download=cfg.download, resize=cfg.resize,
-                                      dedup=cfg.dedup)
+            ingest_cfg = IngestConfig(
+                read=cfg.read, write=cfg.write, download=cfg.download, resize=cfg.resize, dedup=cfg.dedup
+            )
             stats = pbegin | "Ingest" >> Ingest(ingest_cfg, complete_at={stages_of(cfg)[-1]})
             paths = stats | "IngestedShards" >> beam.Map(lambda s: join(out, f"{shard_name(s.shard)}.tar"))
         else:
@@ -93,8 +95,9 @@ def stage_counts(out_dir: str, stages: list[str], inputs: int) -> list[dict]:
     counts, remaining = [], inputs
     for stage in stages:
         out = remaining - sum(dropped[stage].values())
-        counts.append({"stage": stage, "in": remaining, "out": out,
-                       "dropped_by_reason": dict(dropped[stage].most_common())})
+        counts.append(
+            {"stage": stage, "in": remaining, "out": out, "dropped_by_reason": dict(dropped[stage].most_common())}
+        )
         remaining = out
     return counts
 
@@ -110,8 +113,10 @@ def clip_distribution(out_dir: str) -> dict | None:
     if not scores:
         return None
     q = np.quantile(np.array(scores), [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
-    return {"pairs": len(scores), **{k: round(float(v), 4) for k, v in zip(("min", "p10", "p25", "p50", "p75",
-                                                                              "p90", "max"), q)}}
+    return {
+        "pairs": len(scores),
+        **{k: round(float(v), 4) for k, v in zip(("min", "p10", "p25", "p50", "p75", "p90", "max"), q)},
+    }
 
 
 def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] | None = None) -> dict:
@@ -141,14 +146,20 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] 
             accounted = False
     first_in = report["inputs"] if cfg.read is not None or rows_read is None else rows_read
     report.update(
-        stages=stage_counts(out, stages, first_in), rows_read=rows_read, accounted=accounted,
-        carried_rejections=report["inputs"] - first_in, seconds=round(seconds, 1),
-        rows_per_second=round(report["inputs"] / seconds, 2) if seconds else None, clip=clip_distribution(out),
-        **{name: counter_value(result, "generate", name) or 0 for name in TOKEN_COUNTERS})
+        stages=stage_counts(out, stages, first_in),
+        rows_read=rows_read,
+        accounted=accounted,
+        carried_rejections=report["inputs"] - first_in,
+        seconds=round(seconds, 1),
+        rows_per_second=round(report["inputs"] / seconds, 2) if seconds else None,
+        clip=clip_distribution(out),
+        **{name: counter_value(result, "generate", name) or 0 for name in TOKEN_COUNTERS},
+    )
     for stage in report["stages"]:  # seconds of work per stage, summed over workers (stages overlap in one graph)
         busy_s = (counter_value(result, stage["stage"], BUSY_US) or 0) / 1e6
-        stage.update(busy_seconds=round(busy_s, 3), rows_per_busy_second=round(stage["in"] / busy_s, 1)
-                     if busy_s else None)
+        stage.update(
+            busy_seconds=round(busy_s, 3), rows_per_busy_second=round(stage["in"] / busy_s, 1) if busy_s else None
+        )
     report["stages_add_up"] = report["stages"][-1]["out"] == report["written"]
     write_report(out, report)
     return report
@@ -157,22 +168,27 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] 
 def format_build_report(report: dict) -> str:
     """The short table printed at the end of a build."""
     carried = report.get("carried_rejections")
-    lines = [f"build: {report['inputs']} rows -> {report['written']} samples in {report['shards']} shards "
-             f"({report['seconds']} s, {report['rows_per_second']} rows/s)"
-             + (f"; {carried} rows were rejected before this build" if carried else ""),
-             f"  {'stage':<10} {'in':>7} {'out':>7} {'busy s':>8} {'rows/s':>8}  dropped"]
+    lines = [
+        f"build: {report['inputs']} rows -> {report['written']} samples in {report['shards']} shards "
+        f"({report['seconds']} s, {report['rows_per_second']} rows/s)"
+        + (f"; {carried} rows were rejected before this build" if carried else ""),
+        f"  {'stage':<10} {'in':>7} {'out':>7} {'busy s':>8} {'rows/s':>8}  dropped",
+    ]
     for s in report["stages"]:
         reasons = ", ".join(f"{r} {n}" for r, n in s["dropped_by_reason"].items()) or "-"
         rate = "-" if s.get("rows_per_busy_second") is None else s["rows_per_busy_second"]
-        lines.append(f"  {s['stage']:<10} {s['in']:>7} {s['out']:>7} {s.get('busy_seconds', '-'):>8} {rate:>8}  "
-                     f"{reasons}")
+        lines.append(
+            f"  {s['stage']:<10} {s['in']:>7} {s['out']:>7} {s.get('busy_seconds', '-'):>8} {rate:>8}  {reasons}"
+        )
     if report.get("clip"):
         c = report["clip"]
         lines.append(f"  CLIP scores: min {c['min']}, median {c['p50']}, max {c['max']} over {c['pairs']} pairs")
     if report.get("backend_calls"):
-        lines.append(f"  LLM: {report['backend_calls']} calls spent {report['prompt_tokens_spent']} prompt + "
-                     f"{report['completion_tokens_spent']} completion tokens; the written samples hold "
-                     f"{report['completion_tokens']} of those completion tokens")
+        lines.append(
+            f"  LLM: {report['backend_calls']} calls spent {report['prompt_tokens_spent']} prompt + "
+            f"{report['completion_tokens_spent']} completion tokens; the written samples hold "
+            f"{report['completion_tokens']} of those completion tokens"
+        )
     lines.append("  (busy s: seconds of work per stage summed over workers and threads; stages overlap in one graph)")
     state = "ok" if report["accounted"] and report["stages_add_up"] else "MISMATCH"
     lines.append(f"  accounting: {state}; report {join(report['output'], 'run_report.json')}")

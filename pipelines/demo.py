@@ -68,7 +68,7 @@ def wrong_caption(caption: str) -> str:
     if match is None:
         raise ValueError(f"no colour to change in {caption!r}")
     other = _COLOURS[(_COLOURS.index(match.group(1)) + 3) % len(_COLOURS)]
-    return caption[:match.start()] + other + caption[match.end():]
+    return caption[: match.start()] + other + caption[match.end() :]
 
 
 def demo_rows(srv: ImageServer, easy_vqa: int = 48, shapes: int = 24) -> list[dict]:
@@ -83,13 +83,25 @@ def demo_rows(srv: ImageServer, easy_vqa: int = 48, shapes: int = 24) -> list[di
     for i, s in enumerate(vqa):
         wrong = i % WRONG_EVERY == WRONG_EVERY - 1
         url = srv.add_image(f"/easy-vqa/{s['image_id']}.png", Path(s["image_path"]).read_bytes())
-        rows.append({"url": url, "caption": wrong_caption(s["caption"]) if wrong else s["caption"], "boxes": [],
-                     "origin": "wrong_caption" if wrong else "easy_vqa"})
+        rows.append(
+            {
+                "url": url,
+                "caption": wrong_caption(s["caption"]) if wrong else s["caption"],
+                "boxes": [],
+                "origin": "wrong_caption" if wrong else "easy_vqa",
+            }
+        )
     for i, s in enumerate(sample_data.shapes_samples(shapes, seed=0)):
         wrong = i % WRONG_EVERY == WRONG_EVERY - 1
         url = srv.add_image(f"/shapes/{i:03d}.png", _png(s["image"]))
-        rows.append({"url": url, "caption": wrong_caption(s["caption"]) if wrong else s["caption"],
-                     "boxes": [to_row(b) for b in s["boxes"]], "origin": "wrong_caption" if wrong else "shapes"})
+        rows.append(
+            {
+                "url": url,
+                "caption": wrong_caption(s["caption"]) if wrong else s["caption"],
+                "boxes": [to_row(b) for b in s["boxes"]],
+                "origin": "wrong_caption" if wrong else "shapes",
+            }
+        )
     for s in sample_data.photo_samples():
         url = srv.add_image(f"/photos/{s['name']}.png", _png(s["image"]))
         rows.append({"url": url, "caption": s["caption"], "boxes": [], "origin": "photo"})
@@ -102,7 +114,7 @@ def demo_rows(srv: ImageServer, easy_vqa: int = 48, shapes: int = 24) -> list[di
 def clip_training_rows(srv: ImageServer, split: str, easy_vqa: tuple[int, int], shapes: int, seed: int) -> list[dict]:
     """Matching pairs for the CLIP: easy-VQA images ``easy_vqa[0]:easy_vqa[1]`` of ``split`` and shapes images."""
     rows = []
-    for s in sample_data.easy_vqa_samples(split, limit=easy_vqa[1])[easy_vqa[0]:]:
+    for s in sample_data.easy_vqa_samples(split, limit=easy_vqa[1])[easy_vqa[0] :]:
         if s["caption"]:
             url = srv.add_image(f"/clip-{split}/easy-vqa/{s['image_id']}.png", Path(s["image_path"]).read_bytes())
             rows.append({"url": url, "caption": s["caption"], "boxes": [], "origin": "easy_vqa"})
@@ -118,43 +130,84 @@ def write_url_list(rows: list[dict], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
-_DOWNLOAD = {"allow_loopback": True, "timeout": 3.0, "retries": 1, "backoff": 0.05, "per_host_rps": None,
-             "threads": 16}
+_DOWNLOAD = {
+    "allow_loopback": True,
+    "timeout": 3.0,
+    "retries": 1,
+    "backoff": 0.05,
+    "per_host_rps": None,
+    "threads": 16,
+}
 
 
 def clip_data_config(url_list: Path, shards: Path) -> IngestConfig:
-    return from_dict(IngestConfig, {"read": {"path": str(url_list)}, "download": _DOWNLOAD,
-                                    "resize": {"image_size": 64}, "write": {"path": str(shards), "shard_size": 500}},
-                     source="demo")
+    return from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(url_list)},
+            "download": _DOWNLOAD,
+            "resize": {"image_size": 64},
+            "write": {"path": str(shards), "shard_size": 500},
+        },
+        source="demo",
+    )
 
 
 def clip_config(data: Path, out: Path) -> ClipTrainConfig:
     """The bundled easy-VQA CLIP recipe on the demo's training shards."""
-    return load_config(ClipTrainConfig, CONFIG_DIR / "train-clip" / "clip_easyvqa.yaml", [
-        f"data.shards={data / 'train'}", f"eval.shards={data / 'eval'}", f"out={out}", f"steps={CLIP_STEPS}",
-        "log_every=50"])
+    return load_config(
+        ClipTrainConfig,
+        CONFIG_DIR / "train-clip" / "clip_easyvqa.yaml",
+        [
+            f"data.shards={data / 'train'}",
+            f"eval.shards={data / 'eval'}",
+            f"out={out}",
+            f"steps={CLIP_STEPS}",
+            "log_every=50",
+        ],
+    )
 
 
 def build_config(url_list: Path, out: Path, clip: Path, threshold: float) -> BuildConfig:
     name = "visinstruct-easyvqa-clip"
-    return from_dict(BuildConfig, {
-        "read": {"path": str(url_list), "boxes_col": "boxes", "save_additional_columns": ["origin"]},
-        "download": _DOWNLOAD,
-        "resize": {"image_size": 224, "resize_mode": "border", "encode_format": "jpg", "encode_quality": 90},
-        "filter": {"model": {"name": name, "pretrained": str(clip / "model.pt"),
-                             "config_file": str(clip / f"{name}.json"), "max_batch_size": 64},
-                   "threshold": threshold},
-        "generate": {"backend": "transformers", "model": str(smollm2_gguf_path()), "device": "cpu",
-                     "batch_size": 8, "max_new_tokens": 160, "temperature": 0.0, "llm_fraction": LLM_FRACTION,
-                     "cache_dir": str(out.parent / "llm_cache")},
-        "write": {"path": str(out), "shard_size": 32},
-    }, source="demo")
+    return from_dict(
+        BuildConfig,
+        {
+            "read": {"path": str(url_list), "boxes_col": "boxes", "save_additional_columns": ["origin"]},
+            "download": _DOWNLOAD,
+            "resize": {"image_size": 224, "resize_mode": "border", "encode_format": "jpg", "encode_quality": 90},
+            "filter": {
+                "model": {
+                    "name": name,
+                    "pretrained": str(clip / "model.pt"),
+                    "config_file": str(clip / f"{name}.json"),
+                    "max_batch_size": 64,
+                },
+                "threshold": threshold,
+            },
+            "generate": {
+                "backend": "transformers",
+                "model": str(smollm2_gguf_path()),
+                "device": "cpu",
+                "batch_size": 8,
+                "max_new_tokens": 160,
+                "temperature": 0.0,
+                "llm_fraction": LLM_FRACTION,
+                "cache_dir": str(out.parent / "llm_cache"),
+            },
+            "write": {"path": str(out), "shard_size": 32},
+        },
+        source="demo",
+    )
 
 
 def llava_config(data: Path, out: Path) -> LlavaTrainConfig:
     """The tiny LLaVA recipe (random weights, a byte-level tokenizer) on the build's shards."""
-    return load_config(LlavaTrainConfig, CONFIG_DIR / "train" / "llava_tiny.yaml", [
-        f"data.shards={data}", f"out={out}", f"steps={LLAVA_STEPS}", "log_every=20"])
+    return load_config(
+        LlavaTrainConfig,
+        CONFIG_DIR / "train" / "llava_tiny.yaml",
+        [f"data.shards={data}", f"out={out}", f"steps={LLAVA_STEPS}", "log_every=20"],
+    )
 
 
 def kept_by_origin(url_list: Path, dataset: Path) -> dict[str, dict[str, int]]:
@@ -206,44 +259,62 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
         # the CLIP's data: easy-VQA train images and shapes; held out: easy-VQA test images the demo does not use
         write_url_list(clip_training_rows(srv, "train", (0, 1700), 400, seed=1), out / "clip_train_urls.parquet")
         write_url_list(clip_training_rows(srv, "test", (400, 640), 80, seed=2), out / "clip_eval_urls.parquet")
-        print(f"demo: serving {len(rows)} URLs on {srv.url('/')} ({sum(r['origin'] == 'broken' for r in rows)} "
-              f"broken, {sum(r['origin'] == 'wrong_caption' for r in rows)} with a wrong colour in the caption, one "
-              "repeated), and the CLIP's training data")
+        print(
+            f"demo: serving {len(rows)} URLs on {srv.url('/')} ({sum(r['origin'] == 'broken' for r in rows)} "
+            f"broken, {sum(r['origin'] == 'wrong_caption' for r in rows)} with a wrong colour in the caption, one "
+            "repeated), and the CLIP's training data"
+        )
 
         start = _step("1/4 ingest the CLIP's training data (easy-VQA train split, shapes) and held-out pairs")
         for split in ("train", "eval"):
-            report = ingest.run(clip_data_config(out / f"clip_{split}_urls.parquet", out / "clip_data" / split),
-                                beam_args)
+            report = ingest.run(
+                clip_data_config(out / f"clip_{split}_urls.parquet", out / "clip_data" / split), beam_args
+            )
             reports[f"clip_data_{split}"] = {k: report[k] for k in ("inputs", "written", "rejected", "accounted")}
-        print(f"demo: {reports['clip_data_train']['written']} training and {reports['clip_data_eval']['written']} "
-              f"held-out pairs in {time.monotonic() - start:.0f} s")
+        print(
+            f"demo: {reports['clip_data_train']['written']} training and {reports['clip_data_eval']['written']} "
+            f"held-out pairs in {time.monotonic() - start:.0f} s"
+        )
 
         start = _step(f"2/4 train-clip: a small CLIP from scratch, {CLIP_STEPS} steps on one CPU thread")
         summary = clip_train.train(clip_config(out / "clip_data", out / "clip"))
         metrics = summary["eval"]
         reports["train_clip"] = {"seconds": round(summary["seconds"], 1), "loss": summary["loss"], **metrics}
-        print(f"demo: held-out matching AUC {metrics['matching_auc']:.3f}, image->text R@1 "
-              f"{metrics['image_to_text_r1']:.2f}; filter threshold {metrics['threshold']} "
-              f"({metrics['threshold_balanced_accuracy']:.1%} balanced accuracy) in {time.monotonic() - start:.0f} s")
+        print(
+            f"demo: held-out matching AUC {metrics['matching_auc']:.3f}, image->text R@1 "
+            f"{metrics['image_to_text_r1']:.2f}; filter threshold {metrics['threshold']} "
+            f"({metrics['threshold_balanced_accuracy']:.1%} balanced accuracy) in {time.monotonic() - start:.0f} s"
+        )
 
-        start = _step(f"3/4 build: ingest -> CLIP filter -> SmolLM2-135M-Instruct on ~{LLM_FRACTION:.0%} of the "
-                      "samples, caption-only data for the rest, in one Beam graph")
-        reports["build"] = build.run(build_config(out / "urls.parquet", out / "dataset", out / "clip",
-                                                  metrics["threshold"]), beam_args)
+        start = _step(
+            f"3/4 build: ingest -> CLIP filter -> SmolLM2-135M-Instruct on ~{LLM_FRACTION:.0%} of the "
+            "samples, caption-only data for the rest, in one Beam graph"
+        )
+        reports["build"] = build.run(
+            build_config(out / "urls.parquet", out / "dataset", out / "clip", metrics["threshold"]), beam_args
+        )
     reports["build"]["kept_by_origin"] = kept_by_origin(out / "urls.parquet", out / "dataset")
     print(format_build_report(reports["build"]))
-    print("  kept by origin: " + ", ".join(f"{o} {c['kept']}/{c['urls']}"
-                                           for o, c in reports["build"]["kept_by_origin"].items()))
+    print(
+        "  kept by origin: "
+        + ", ".join(f"{o} {c['kept']}/{c['urls']}" for o, c in reports["build"]["kept_by_origin"].items())
+    )
     print("  (the CLIP learned shapes on white; photographs are outside what it knows, so few pass its threshold)")
 
     start = _step(f"4/4 train: the LLaVA reference model (tiny, random weights) for {LLAVA_STEPS} steps on the build")
     summary = llava_train.train(llava_config(out / "dataset", out / "llava"))
     records = [json.loads(line) for line in (out / "llava" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    reports["train"] = {"seconds": round(summary["seconds"], 1), "first_loss": losses[0], "last_loss": losses[-1],
-                        "checkpoint": summary["checkpoint"]}
-    print(f"demo: loss {losses[0]:.2f} -> {losses[-1]:.2f} in {time.monotonic() - start:.0f} s; "
-          f"checkpoint {summary['checkpoint']}")
+    reports["train"] = {
+        "seconds": round(summary["seconds"], 1),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "checkpoint": summary["checkpoint"],
+    }
+    print(
+        f"demo: loss {losses[0]:.2f} -> {losses[-1]:.2f} in {time.monotonic() - start:.0f} s; "
+        f"checkpoint {summary['checkpoint']}"
+    )
 
     (out / "demo_report.json").write_text(json.dumps(reports, indent=1) + "\n")
     return reports

@@ -52,8 +52,9 @@ def decide(scored, cfg: FilterConfig, cut) -> tuple[str, Decision]:
     elif cfg.top_fraction is not None and not ranks_within(score, key, cut):
         reason = "clip_not_top_fraction"
     embed = lambda v: None if v is None else v.tobytes()  # noqa: E731
-    return path, Decision(key, score, reason is None, reason, embed(output.image_embedding),
-                          embed(output.text_embedding))
+    return path, Decision(
+        key, score, reason is None, reason, embed(output.image_embedding), embed(output.text_embedding)
+    )
 
 
 class _RewriteShard(beam.DoFn):
@@ -85,13 +86,17 @@ class ScorePairs(beam.PTransform):
         handler = make_handler(model, with_embeddings=self.cfg.store_embeddings)
         read = paths | "ReadShardSamples" >> beam.ParDo(ReadShardSamples()).with_outputs("rejected", main="samples")
         decoded = read.samples | "DecodeForClip" >> beam.ParDo(
-            DecodeForClip(handler.preprocessor(), model.decode_threads)).with_outputs("rejected", main="images")
+            DecodeForClip(handler.preprocessor(), model.decode_threads)
+        ).with_outputs("rejected", main="images")
         inference = RunInference(KeyedModelHandler(handler))
         if model.accelerator:  # a GPU for this step only; reading and writing stay on CPU workers
             inference = inference.with_resource_hints(accelerator=model.accelerator)
         results, failed = decoded.images | "ScoreWithClip" >> inference.with_exception_handling()
-        outputs = (results | "Unwrap" >> beam.MapTuple(lambda key, result: (key, result.inference))
-                   | "SplitUnscored" >> beam.ParDo(_SplitUnscored()).with_outputs("rejected", main="scored"))
+        outputs = (
+            results
+            | "Unwrap" >> beam.MapTuple(lambda key, result: (key, result.inference))
+            | "SplitUnscored" >> beam.ParDo(_SplitUnscored()).with_outputs("rejected", main="scored")
+        )
         failures = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_rejections)
         rejected = (read.rejected, decoded.rejected, outputs.rejected, failures) | "AllRejected" >> beam.Flatten()
         return outputs.scored, rejected  # ((path, key), ClipOutput), (path, Rejection)
@@ -123,13 +128,17 @@ class FilterShards(beam.PTransform):
         cut = beam.pvalue.AsSingleton(paths.pipeline | "NoCut" >> beam.Create([None]))
         if cfg.top_fraction is not None:
             cut = beam.pvalue.AsSingleton(
-                scored | "KeyScore" >> beam.Map(lambda s: (s[0][1], s[1].score))  # (key, score)
-                | "TopFractionCut" >> TopFractionCut(cfg.top_fraction))
+                scored
+                | "KeyScore" >> beam.Map(lambda s: (s[0][1], s[1].score))  # (key, score)
+                | "TopFractionCut" >> TopFractionCut(cfg.top_fraction)
+            )
         decisions = scored | "Decide" >> beam.Map(decide, cfg=cfg, cut=cut)  # (path, Decision)
         every_shard = paths | "EveryShard" >> beam.Map(lambda p: (p, p))  # shards with no sample still get written
-        return ({"decisions": decisions, "rejections": rejected, "paths": every_shard}
-                | "JoinByShard" >> beam.CoGroupByKey()  # (path, {"decisions": [..], "rejections": [..], ...})
-                | "RewriteShard" >> beam.ParDo(_RewriteShard(cfg, self.positions)))
+        return (
+            {"decisions": decisions, "rejections": rejected, "paths": every_shard}
+            | "JoinByShard" >> beam.CoGroupByKey()  # (path, {"decisions": [..], "rejections": [..], ...})
+            | "RewriteShard" >> beam.ParDo(_RewriteShard(cfg, self.positions))
+        )
 
 
 class Filter(beam.PTransform):
@@ -141,8 +150,12 @@ class Filter(beam.PTransform):
 
     def expand(self, pbegin):
         positions = {path: i for i, path in enumerate(self.inputs)}
-        return (pbegin | "Shards" >> beam.Create(self.inputs) | "SpreadShards" >> beam.Reshuffle()
-                | "FilterShards" >> FilterShards(self.cfg, positions))
+        return (
+            pbegin
+            | "Shards" >> beam.Create(self.inputs)
+            | "SpreadShards" >> beam.Reshuffle()
+            | "FilterShards" >> FilterShards(self.cfg, positions)
+        )
 
 
 class ScoreDistribution(beam.PTransform):
@@ -155,11 +168,15 @@ class ScoreDistribution(beam.PTransform):
     def expand(self, paths):
         scored, rejected = paths | "Score" >> ScorePairs(self.cfg)
         hist = scored | "Scores" >> beam.Map(lambda s: s[1].score) | "Histogram" >> beam.CombineGlobally(HistogramFn())
-        failures = (rejected | "Reason" >> beam.Map(lambda r: r[1].reason)
-                    | "CountReasons" >> beam.combiners.Count.PerElement())
+        failures = (
+            rejected
+            | "Reason" >> beam.Map(lambda r: r[1].reason)
+            | "CountReasons" >> beam.combiners.Count.PerElement()
+        )
         return hist | "Report" >> beam.Map(
             lambda h, failed: distribution(h, DRY_RUN_THRESHOLDS, DRY_RUN_FRACTIONS) | {"unscored": dict(failed)},
-            failed=beam.pvalue.AsList(failures))
+            failed=beam.pvalue.AsList(failures),
+        )
 
 
 def run(cfg: FilterConfig, inputs: list[str], beam_args: list[str] | None = None, dry_run: bool = False) -> dict:
@@ -170,8 +187,12 @@ def run(cfg: FilterConfig, inputs: list[str], beam_args: list[str] | None = None
     p = beam.Pipeline(options=pipeline_options(beam_args))
     if dry_run:
         path = join(cfg.write.path, DRY_RUN_NAME)
-        _ = (p | "Shards" >> beam.Create(inputs) | "ScoreDistribution" >> ScoreDistribution(cfg)
-             | "WriteReport" >> beam.Map(lambda r: write_bytes(path, (json.dumps(r, indent=1) + "\n").encode())))
+        _ = (
+            p
+            | "Shards" >> beam.Create(inputs)
+            | "ScoreDistribution" >> ScoreDistribution(cfg)
+            | "WriteReport" >> beam.Map(lambda r: write_bytes(path, (json.dumps(r, indent=1) + "\n").encode()))
+        )
         p.run().wait_until_finish()
         return json.loads(read_bytes(path))
     _ = p | "Filter" >> Filter(cfg, inputs)

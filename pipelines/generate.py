@@ -55,8 +55,11 @@ def plan_sample(path: str, meta: SampleMeta, cfg: GenerateConfig, templates: Tem
     if cfg.backend == CAPTION_ONLY or not uses_llm(meta.key, cfg.llm_fraction, cfg.seed):
         turns = caption_only(meta, templates, cfg.seed)
         if turns is None:
-            return Judgement(rejection=Rejection(STAGE, "no_caption", "caption-only data needs a caption", meta.key,
-                                                 meta.url or meta.path))
+            return Judgement(
+                rejection=Rejection(
+                    STAGE, "no_caption", "caption-only data needs a caption", meta.key, meta.url or meta.path
+                )
+            )
         info = GenerationInfo(CAPTION_ONLY, CAPTION_ONLY, templates.sha256, derive_seed(cfg.seed, meta.key, "brief"))
         return Judgement(meta=replace(meta, conversations=turns, generation=info))
     kind = choose_kind(meta.key, cfg.kinds, cfg.seed)
@@ -66,10 +69,23 @@ def plan_sample(path: str, meta: SampleMeta, cfg: GenerateConfig, templates: Tem
     try:  # what no backend can send (lone surrogates from JSON escapes): this sample's problem, not the batch's
         json.dumps(messages, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:
-        return Judgement(rejection=Rejection(STAGE, "bad_characters", f"the prompt cannot be encoded: {e}"[:500],
-                                             meta.key, safe_text(meta.url or meta.path)))
-    request = ChatRequest(key=meta.key, messages=messages, max_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_p=cfg.top_p, seed=derive_seed(cfg.seed, meta.key))
+        return Judgement(
+            rejection=Rejection(
+                STAGE,
+                "bad_characters",
+                f"the prompt cannot be encoded: {e}"[:500],
+                meta.key,
+                safe_text(meta.url or meta.path),
+            )
+        )
+    request = ChatRequest(
+        key=meta.key,
+        messages=messages,
+        max_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=derive_seed(cfg.seed, meta.key),
+    )
     return Plan(path, meta.key, kind, template.format, question, meta, request)
 
 
@@ -86,14 +102,29 @@ def judge_outcome(plan: Plan, outcome: Outcome, model: str, templates_sha: str) 
     result, verdict = outcome.result, outcome.verdict
     if verdict.turns is None:
         raw = result.text if isinstance(result.text, str) else None
-        detail = JsonDict({"raw": safe_text(raw, RAW_LIMIT), "raw_chars": len(raw or ""), "kind": plan.kind,
-                           "attempts": outcome.attempts, "seed": outcome.seed,
-                           "finish_reason": result.finish_reason})
-        return Judgement(rejection=Rejection(STAGE, verdict.reason or "internal_error",
-                                             safe_text(verdict.message or verdict.reason, 500), plan.key,
-                                             safe_text(plan.meta.url or plan.meta.path), detail))
-    info = GenerationInfo(plan.kind, model, templates_sha, outcome.seed or 0, result.prompt_tokens,
-                          result.completion_tokens)
+        detail = JsonDict(
+            {
+                "raw": safe_text(raw, RAW_LIMIT),
+                "raw_chars": len(raw or ""),
+                "kind": plan.kind,
+                "attempts": outcome.attempts,
+                "seed": outcome.seed,
+                "finish_reason": result.finish_reason,
+            }
+        )
+        return Judgement(
+            rejection=Rejection(
+                STAGE,
+                verdict.reason or "internal_error",
+                safe_text(verdict.message or verdict.reason, 500),
+                plan.key,
+                safe_text(plan.meta.url or plan.meta.path),
+                detail,
+            )
+        )
+    info = GenerationInfo(
+        plan.kind, model, templates_sha, outcome.seed or 0, result.prompt_tokens, result.completion_tokens
+    )
     return Judgement(meta=replace(plan.meta, conversations=verdict.turns, generation=info))
 
 
@@ -106,8 +137,9 @@ def guarded_judgement(fn, key: str, url: str | None) -> Judgement:
 def judged(result, model: str, templates_sha: str) -> tuple[str, tuple[str, Judgement]]:
     """RunInference's ``PredictionResult`` as ``(path, (key, Judgement))``, guarded per sample."""
     plan = result.example
-    judgement = guarded_judgement(partial(judge_outcome, plan, result.inference, model, templates_sha), plan.key,
-                                  plan.meta.url or plan.meta.path)
+    judgement = guarded_judgement(
+        partial(judge_outcome, plan, result.inference, model, templates_sha), plan.key, plan.meta.url or plan.meta.path
+    )
     return plan.path, (plan.key, judgement)
 
 
@@ -115,8 +147,16 @@ def crashed_batch(failure) -> list[tuple[str, tuple[str, Judgement]]]:
     """RunInference's ``(failed batch of plans, exception)`` as one dead-letter judgement per sample."""
     plans, error = failure
     message = f"{type(error).__name__}: {error}"[:500] if isinstance(error, BaseException) else str(error)[:500]
-    return [(p.path, (p.key, Judgement(rejection=Rejection(STAGE, "inference_error", message, p.key,
-                                                            p.meta.url or p.meta.path)))) for p in plans]
+    return [
+        (
+            p.path,
+            (
+                p.key,
+                Judgement(rejection=Rejection(STAGE, "inference_error", message, p.key, p.meta.url or p.meta.path)),
+            ),
+        )
+        for p in plans
+    ]
 
 
 class PlanSamples(beam.DoFn):
@@ -150,8 +190,11 @@ class PlanSamples(beam.DoFn):
         except ValueError as e:
             return Judgement(rejection=Rejection(STAGE, "bad_metadata", safe_text(str(e), 500), key))
         if image_member(members) is None:
-            return Judgement(rejection=Rejection(STAGE, "no_image", "sample has no image member", key,
-                                                 safe_text(meta.url or meta.path)))
+            return Judgement(
+                rejection=Rejection(
+                    STAGE, "no_image", "sample has no image member", key, safe_text(meta.url or meta.path)
+                )
+            )
         return plan_sample(path, meta, self.cfg, self.templates)
 
 
@@ -164,8 +207,9 @@ class _RewriteShard(beam.DoFn):
         judgements = dict(groups["judgements"])
 
         def lookup(key: str, meta: SampleMeta) -> Judgement:
-            return judgements.get(key) or Judgement(rejection=Rejection(
-                STAGE, "not_generated", "no result reached the writer", key, meta.url or meta.path))
+            return judgements.get(key) or Judgement(
+                rejection=Rejection(STAGE, "not_generated", "no result reached the writer", key, meta.url or meta.path)
+            )
 
         def judge(key: str, meta: SampleMeta) -> Judgement:
             return guarded_judgement(partial(lookup, key, meta), key, meta.url or meta.path)
@@ -210,9 +254,11 @@ class GenerateShards(beam.PTransform):
             judgements += self._generate(planned.plans, sha)
         judgements = tuple(judgements) | "AllJudgements" >> beam.Flatten()  # (path, (key, Judgement))
         every_shard = paths | "EveryShard" >> beam.Map(lambda p: (p, p))
-        return ({"judgements": judgements, "paths": every_shard}
-                | "JoinByShard" >> beam.CoGroupByKey()  # (path, {"judgements": [(key, J)], "paths": [path]})
-                | "RewriteShard" >> beam.ParDo(_RewriteShard(cfg, self.positions)))
+        return (
+            {"judgements": judgements, "paths": every_shard}
+            | "JoinByShard" >> beam.CoGroupByKey()  # (path, {"judgements": [(key, J)], "paths": [path]})
+            | "RewriteShard" >> beam.ParDo(_RewriteShard(cfg, self.positions))
+        )
 
 
 class Generate(beam.PTransform):
@@ -224,13 +270,22 @@ class Generate(beam.PTransform):
         self.shards = GenerateShards(cfg, {path: i for i, path in enumerate(inputs)})
 
     def expand(self, pbegin):
-        return (pbegin | "Shards" >> beam.Create(self.inputs) | "SpreadShards" >> beam.Reshuffle()
-                | "GenerateShards" >> self.shards)
+        return (
+            pbegin
+            | "Shards" >> beam.Create(self.inputs)
+            | "SpreadShards" >> beam.Reshuffle()
+            | "GenerateShards" >> self.shards
+        )
 
 
 # Calls to the backend and the tokens they spent (cached answers cost nothing), and the tokens of written samples.
-TOKEN_COUNTERS = ("backend_calls", "prompt_tokens_spent", "completion_tokens_spent", "prompt_tokens",
-                  "completion_tokens")
+TOKEN_COUNTERS = (
+    "backend_calls",
+    "prompt_tokens_spent",
+    "completion_tokens_spent",
+    "prompt_tokens",
+    "completion_tokens",
+)
 
 
 def run(cfg: GenerateConfig, inputs: list[str], beam_args: list[str] | None = None) -> dict:

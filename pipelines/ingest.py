@@ -102,13 +102,15 @@ class ReadPairs(beam.PTransform):
 
     def expand(self, pbegin):
         units = plan_units(self.cfg)  # at construction: a bad path fails before anything runs
-        rows = (pbegin
-                | "Units" >> beam.Create(list(enumerate(units)))
-                | "SpreadUnits" >> beam.Reshuffle()
-                | "ReadUnits" >> beam.ParDo(_ReadUnit(self.cfg)))  # (unit, position, pair | BadRow)
-        counts = (rows
-                  | "UnitOf" >> beam.Map(lambda r: (r[0], 1))
-                  | "CountPerUnit" >> beam.CombinePerKey(sum))  # (unit, rows)
+        rows = (
+            pbegin
+            | "Units" >> beam.Create(list(enumerate(units)))
+            | "SpreadUnits" >> beam.Reshuffle()
+            | "ReadUnits" >> beam.ParDo(_ReadUnit(self.cfg))
+        )  # (unit, position, pair | BadRow)
+        counts = (
+            rows | "UnitOf" >> beam.Map(lambda r: (r[0], 1)) | "CountPerUnit" >> beam.CombinePerKey(sum)
+        )  # (unit, rows)
         return rows | "NumberRows" >> beam.ParDo(_NumberRows(self.shard_size), counts=beam.pvalue.AsDict(counts))
 
 
@@ -136,15 +138,20 @@ def complete_shards(out_dir: str, stages: set[str] | None = None) -> set[int]:
         try:
             stats = read_stats(meta.path)
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # JSON errors are ValueErrors
-            log.warning("shard %s: its stats cannot be read (%s: %s); doing it again", stem, type(e).__name__,
-                        str(e)[:200])
+            log.warning(
+                "shard %s: its stats cannot be read (%s: %s); doing it again", stem, type(e).__name__, str(e)[:200]
+            )
             continue
         if stages is not None and stats.stage not in stages:
             continue
         if stats.written == 0 and all_not_final(stats.rejected_by_reason):
             reasons = ", ".join(f"{r} {n}" for r, n in sorted(stats.rejected_by_reason.items()))
-            log.info("shard %s: doing it again: all %d rows failed for reasons a rerun may fix (%s)",
-                     shard_name(int(stem)), stats.inputs, reasons)
+            log.info(
+                "shard %s: doing it again: all %d rows failed for reasons a rerun may fix (%s)",
+                shard_name(int(stem)),
+                stats.inputs,
+                reasons,
+            )
             continue
         complete.add(int(stem))
     return complete
@@ -201,26 +208,36 @@ class Ingest(beam.PTransform):
         complete = complete_shards(out, self.complete_at) if cfg.write.resume else set()
         retry = frozenset(s for s in complete if cfg.write.retry_failed and has_retryable_failures(out, s))
         done = sorted(complete - retry)
-        drafts = (rows
-                  | "SkipCompleteShards" >> beam.Filter(lambda r, done: parse_key(r.key)[0] not in done, set(done))
-                  | "KeyByShard" >> beam.Map(lambda r: (parse_key(r.key)[0], r))  # (shard, pair | rejection)
-                  | "GroupByShard" >> beam.GroupByKey()  # (shard, [pair | rejection])
-                  | "DownloadShard" >> beam.ParDo(DownloadShard(cfg, retry)))  # ShardDraft
+        drafts = (
+            rows
+            | "SkipCompleteShards" >> beam.Filter(lambda r, done: parse_key(r.key)[0] not in done, set(done))
+            | "KeyByShard" >> beam.Map(lambda r: (parse_key(r.key)[0], r))  # (shard, pair | rejection)
+            | "GroupByShard" >> beam.GroupByKey()  # (shard, [pair | rejection])
+            | "DownloadShard" >> beam.ParDo(DownloadShard(cfg, retry))
+        )  # ShardDraft
         new_hashes = drafts | "SuccessHashes" >> beam.FlatMap(
-            lambda d: [(r.key, r.sha256, r.phash) for r in d.rows if r.status == "success"])
+            lambda d: [(r.key, r.sha256, r.phash) for r in d.rows if r.status == "success"]
+        )
         complete_done = pbegin | "CompleteShards" >> beam.Create(done)  # shard
         old_hashes = complete_done | "CompleteShardHashes" >> beam.FlatMap(lambda s: _index_hashes(out, s))
         # a run killed between a shard's stats and its staging cleanup left staging files nothing else removes
         _ = complete_done | "RemoveStaleStaging" >> beam.Map(lambda s: remove_staging(out, s))
-        losers = ((new_hashes, old_hashes)
-                  | "AllHashes" >> beam.Flatten()  # (key, sha256, phash)
-                  | "FindDuplicateImages" >> FindDuplicateImages(
-                      cfg.dedup.phash_max_distance, reference_hashes(cfg.dedup.reference_dir, cfg),
-                      exact=cfg.dedup.sha256))  # (key, reason, winner)
-        return ({"draft": drafts | "DraftByShard" >> beam.Map(lambda d: (d.shard, d)),
-                 "losers": losers | "LoserByShard" >> beam.Map(lambda x: (parse_key(x[0])[0], x))}
-                | "JoinByShard" >> beam.CoGroupByKey()  # (shard, {"draft": [..], "losers": [..]})
-                | "FinalizeShard" >> beam.ParDo(FinalizeShard(out)))  # ShardStats
+        losers = (
+            (new_hashes, old_hashes)
+            | "AllHashes" >> beam.Flatten()  # (key, sha256, phash)
+            | "FindDuplicateImages"
+            >> FindDuplicateImages(
+                cfg.dedup.phash_max_distance, reference_hashes(cfg.dedup.reference_dir, cfg), exact=cfg.dedup.sha256
+            )
+        )  # (key, reason, winner)
+        return (
+            {
+                "draft": drafts | "DraftByShard" >> beam.Map(lambda d: (d.shard, d)),
+                "losers": losers | "LoserByShard" >> beam.Map(lambda x: (parse_key(x[0])[0], x)),
+            }
+            | "JoinByShard" >> beam.CoGroupByKey()  # (shard, {"draft": [..], "losers": [..]})
+            | "FinalizeShard" >> beam.ParDo(FinalizeShard(out))
+        )  # ShardStats
 
 
 def remove_empty_staging(out_dir: str) -> None:
@@ -242,4 +259,3 @@ def run(cfg: IngestConfig, beam_args: list[str] | None = None, pipeline: beam.Pi
     report = summarize(cfg.write.path, stage="ingest", result=result)
     write_report(cfg.write.path, report)
     return report
-

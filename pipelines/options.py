@@ -68,8 +68,14 @@ def known_beam_flags() -> list[str]:
     return sorted({s for a in beam_parser()._actions for s in a.option_strings if s.startswith("--")})  # noqa: SLF001
 
 
-LOCAL_RUNNERS = {"fnapirunner", "directrunner", "prismrunner", "interactiverunner", "bundlebasedrunner",
-                 "switchingdirectrunner"}
+LOCAL_RUNNERS = {
+    "fnapirunner",
+    "directrunner",
+    "prismrunner",
+    "interactiverunner",
+    "bundlebasedrunner",
+    "switchingdirectrunner",
+}
 
 
 def is_local(beam_args: list[str]) -> bool:

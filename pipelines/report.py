@@ -91,8 +91,10 @@ def write_report(out_dir: str, report: dict) -> str:
 
 def format_report(report: dict) -> str:
     """A short table a person reads at the end of a run."""
-    lines = [f"{report['stage']}: {report['inputs']} rows in {report['shards']} shards -> "
-             f"{report['written']} written, {report['rejected']} rejected"]
+    lines = [
+        f"{report['stage']}: {report['inputs']} rows in {report['shards']} shards -> "
+        f"{report['written']} written, {report['rejected']} rejected"
+    ]
     if "rows_read" in report:
         state = "ok" if report["accounted"] else "MISMATCH"
         lines.append(f"  accounting: {report['rows_read']} rows read = written + rejected: {state}")
@@ -107,14 +109,14 @@ def format_report(report: dict) -> str:
 # stage's section: empty in a standalone filter/generate config, ``filter.``/``generate.`` in a build config.
 REASON_HINTS = {
     "blocked_address": "the URLs resolve to loopback or private addresses, refused by default: set "
-                       "download.allow_loopback: true (tests, demos) or download.allow_private: true if intended",
+    "download.allow_loopback: true (tests, demos) or download.allow_private: true if intended",
     "missing_url": "no URL in those rows: check that read.url_col names the input's URL column",
     "missing_column": "the input has no such column: check read.url_col and read.caption_col",
     "bad_url": "that column holds no URL text: check that read.url_col names the input's URL column",
     "field_too_long": "rows or URLs too long to be real: check read.format and read.url_col",
     "unreadable_file": "the input file cannot be read: check read.path and read.format",
     "robots_unreachable": "the hosts' robots.txt did not answer, which RFC 9309 reads as disallow: check the "
-                          "hosts (download.check_robots_txt: false only where you may crawl anyway)",
+    "hosts (download.check_robots_txt: false only where you may crawl anyway)",
     "bad_aspect_ratio": "images more elongated than resize.max_aspect_ratio: raise it (or null)",
     "decompression_bomb": "images with more pixels than resize.max_pixels",
     "invalid_url": "not http(s) URLs: check that read.url_col names the input's URL column",
@@ -132,7 +134,7 @@ REASON_HINTS = {
     "too_small": "images smaller than resize.min_image_size: lower it",
     "too_large": "bodies over download.max_bytes: raise it",
     "clip_below_threshold": "every pair scored under {filter}threshold: lower it (see `visinstruct filter "
-                            "--dry-run`) or use {filter}top_fraction",
+    "--dry-run`) or use {filter}top_fraction",
     "inference_error": "the model failed on whole batches: see the messages in rejected/",
     "internal_error": "a bug in visinstruct: the exception of each row is in rejected/ (please report it)",
 }
@@ -152,8 +154,11 @@ def reason_hint(reason: str, stage: str, prefixes: dict[str, str] | None = None)
     """What to change when ``reason`` (given by ``stage``) dropped rows, with config keys spelled for the config."""
     hint = (GENERATE_HINTS.get(reason) if stage == "generate" else None) or REASON_HINTS.get(reason)
     if hint is None and reason.startswith("http_5"):
-        hint = ("the LLM server fails: check its log and {generate}model" if stage == "generate"
-                else "the hosts answer with server errors: retry later (write.retry_failed: true)")
+        hint = (
+            "the LLM server fails: check its log and {generate}model"
+            if stage == "generate"
+            else "the hosts answer with server errors: retry later (write.retry_failed: true)"
+        )
     if hint is None:
         return None
     prefixes = {"filter": "", "generate": ""} | (prefixes or {})
@@ -189,18 +194,25 @@ def failure_summary(report: dict, stage: str, prefixes: dict[str, str] | None = 
     """
     problems = []
     if report.get("shards_unwritten"):
-        problems.append(f"{report['shards_unwritten']} input shards could not be read and were not written "
-                        "(their dead letters in rejected/ say why; `visinstruct validate` checks the input)")
+        problems.append(
+            f"{report['shards_unwritten']} input shards could not be read and were not written "
+            "(their dead letters in rejected/ say why; `visinstruct validate` checks the input)"
+        )
     elif not report.get("accounted", True) or not report.get("stages_add_up", True):
         read = report.get("rows_read", report.get("inputs_before"))
-        problems.append(f"rows do not add up ({read if read is not None else '?'} in, {report['written']} written "
-                        f"+ {report['rejected']} rejected; see run_report.json)")
+        problems.append(
+            f"rows do not add up ({read if read is not None else '?'} in, {report['written']} written "
+            f"+ {report['rejected']} rejected; see run_report.json)"
+        )
     unanswered = llm_unanswered(report, stage)
     if unanswered and report["written"]:
         problems.append(f"the LLM answered none of the {unanswered} samples sent to it (the rest are caption-only)")
     if report["written"] == 0:
-        problems.append(f"no sample written: all {report['inputs']} rows rejected" if report["inputs"]
-                        else "no input row reached the output")
+        problems.append(
+            f"no sample written: all {report['inputs']} rows rejected"
+            if report["inputs"]
+            else "no input row reached the output"
+        )
     if not problems:
         return None
     if report.get("stages"):

@@ -155,11 +155,22 @@ class SampleMeta:
         """
         sizes = {}
         if image is not None:
-            sizes = {name: getattr(image, name) for name in
-                     ("width", "height", "original_width", "original_height", "sha256", "phash")}
-        return cls(key=pair.key, url=pair.url, path=pair.path, caption=pair.caption, captions=list(pair.captions),
-                   source=JsonDict(pair.source), boxes=list(pair.boxes), tags=list(pair.tags),
-                   conversations=list(pair.conversations), **sizes)
+            sizes = {
+                name: getattr(image, name)
+                for name in ("width", "height", "original_width", "original_height", "sha256", "phash")
+            }
+        return cls(
+            key=pair.key,
+            url=pair.url,
+            path=pair.path,
+            caption=pair.caption,
+            captions=list(pair.captions),
+            source=JsonDict(pair.source),
+            boxes=list(pair.boxes),
+            tags=list(pair.tags),
+            conversations=list(pair.conversations),
+            **sizes,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict without empty fields; ``extra`` keys are merged back at the top level."""
@@ -265,8 +276,12 @@ def _check_value(value: Any, tp: Any, where: str, non_negative: bool = False) ->
     elif tp is str:
         ok, wanted = isinstance(value, str), "a string"
     elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value in _INT64 and (
-            value >= 0 or not non_negative)
+        ok = (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and value in _INT64
+            and (value >= 0 or not non_negative)
+        )
         wanted = "a non-negative integer" if non_negative else "an integer"
     elif tp is float:
         ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
@@ -391,7 +406,8 @@ class ShardStats:
 
     def __post_init__(self):
         if self.inputs != self.written + self.rejected:
-            raise ValueError(f"shard {self.shard}: inputs ({self.inputs}) != written ({self.written}) "
-                             f"+ rejected ({self.rejected})")
+            raise ValueError(
+                f"shard {self.shard}: inputs ({self.inputs}) != written ({self.written}) + rejected ({self.rejected})"
+            )
         if sum(self.rejected_by_reason.values()) != self.rejected:
             raise ValueError(f"shard {self.shard}: rejections by reason do not add up to {self.rejected}")

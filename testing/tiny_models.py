@@ -126,13 +126,20 @@ def tiny_hf_clip(save_dir: str | Path | None = None, seed: int = 0):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer = clip_bpe_tokenizer()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE},
-                                         crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+    )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     # eos_token_id must be the real one: CLIP pools the text at the first eos (the legacy id 2 means argmax).
-    text = {**small, "vocab_size": len(tokenizer), "max_position_embeddings": 77, "bos_token_id": 49406,
-            "eos_token_id": 49407, "pad_token_id": 49407}
+    text = {
+        **small,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 77,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407,
+    }
     vision = {**small, "image_size": TINY_IMAGE_SIZE, "patch_size": 16}
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
     with _seeded(seed):
@@ -176,10 +183,19 @@ def tiny_causal_lm(save_dir: str | Path | None = None, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     with _seeded(seed):
         model = LlamaForCausalLM(config).eval()
     if save_dir is not None:

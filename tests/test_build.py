@@ -21,16 +21,25 @@ MULTI = ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", "--di
 
 
 def build_config(tmp_path, url_list, tiny_checkpoint) -> BuildConfig:
-    return from_dict(BuildConfig, {
-        "read": {"path": str(url_list), "boxes_col": "boxes", "save_additional_columns": ["origin"]},
-        "download": {"allow_loopback": True, "timeout": 2.0, "retries": 1, "backoff": 0.01, "per_host_rps": None},
-        "resize": {"image_size": 64},
-        "filter": {"model": {"name": TINY_OPEN_CLIP_NAME, "pretrained": str(tiny_checkpoint / "tiny.pt"),
-                             "config_file": str(tiny_checkpoint / f"{TINY_OPEN_CLIP_NAME}.json"),
-                             "max_batch_size": 16}, "top_fraction": 0.75},
-        "generate": {"backend": "caption_only"},
-        "write": {"path": str(tmp_path / "dataset"), "shard_size": 16},
-    })
+    return from_dict(
+        BuildConfig,
+        {
+            "read": {"path": str(url_list), "boxes_col": "boxes", "save_additional_columns": ["origin"]},
+            "download": {"allow_loopback": True, "timeout": 2.0, "retries": 1, "backoff": 0.01, "per_host_rps": None},
+            "resize": {"image_size": 64},
+            "filter": {
+                "model": {
+                    "name": TINY_OPEN_CLIP_NAME,
+                    "pretrained": str(tiny_checkpoint / "tiny.pt"),
+                    "config_file": str(tiny_checkpoint / f"{TINY_OPEN_CLIP_NAME}.json"),
+                    "max_batch_size": 16,
+                },
+                "top_fraction": 0.75,
+            },
+            "generate": {"backend": "caption_only"},
+            "write": {"path": str(tmp_path / "dataset"), "shard_size": 16},
+        },
+    )
 
 
 def test_build_runs_every_stage_and_the_counts_add_up_stage_by_stage(tmp_path, tiny_checkpoint):
@@ -50,8 +59,10 @@ def test_build_runs_every_stage_and_the_counts_add_up_stage_by_stage(tmp_path, t
     assert sum(stages["ingest"]["dropped_by_reason"].values()) == 8  # 7 broken URLs and one repeated
     kept_by_filter = stages["filter"]["out"]
     assert kept_by_filter == -(-3 * stages["filter"]["in"] // 4)  # the top 75%, rounded up
-    samples = [SampleMeta.from_json(s["json"]) for s in
-               wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False)]
+    samples = [
+        SampleMeta.from_json(s["json"])
+        for s in wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False)
+    ]
     assert len(samples) == report["written"]
     for meta in samples:
         assert meta.clip is not None and meta.generation.kind == "caption_only" and meta.conversations
@@ -76,15 +87,38 @@ def test_build_from_existing_shards_filters_and_generates_into_a_new_folder(tmp_
         rows = demo_rows(srv, easy_vqa=12, shapes=6)
         write_url_list(rows, tmp_path / "urls.parquet")
         cfg = build_config(tmp_path, tmp_path / "urls.parquet", tiny_checkpoint)
-        ingested = ingest(IngestConfig(read=cfg.read, write=replace(cfg.write, path=str(tmp_path / "ingested")),
-                                       download=cfg.download, resize=cfg.resize), MULTI)
+        ingested = ingest(
+            IngestConfig(
+                read=cfg.read,
+                write=replace(cfg.write, path=str(tmp_path / "ingested")),
+                download=cfg.download,
+                resize=cfg.resize,
+            ),
+            MULTI,
+        )
     before = {p.name: p.read_bytes() for p in (tmp_path / "ingested").glob("*.tar")}
-    settings = {"write": {"path": "unused", "shard_size": 16}, "read": {"path": "ignored.parquet"},
-                "filter": {"model": to_plain(cfg.filter.model), "threshold": -1.0},
-                "generate": {"backend": "caption_only"}}
+    settings = {
+        "write": {"path": "unused", "shard_size": 16},
+        "read": {"path": "ignored.parquet"},
+        "filter": {"model": to_plain(cfg.filter.model), "threshold": -1.0},
+        "generate": {"backend": "caption_only"},
+    }
     (tmp_path / "build.yaml").write_text(yaml.safe_dump(settings))
-    assert main(["build", "--config", str(tmp_path / "build.yaml"), "--input", str(tmp_path / "ingested"),
-                 "--out", str(tmp_path / "built"), *MULTI]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "--config",
+                str(tmp_path / "build.yaml"),
+                "--input",
+                str(tmp_path / "ingested"),
+                "--out",
+                str(tmp_path / "built"),
+                *MULTI,
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "built" / "run_report.json").read_text())
     stages = {s["stage"]: s for s in report["stages"]}
     assert list(stages) == ["filter", "generate"] and report["accounted"] and report["stages_add_up"]

@@ -31,8 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 def visinstruct(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real command in a fresh interpreter (as a user runs it), offline like the rest of the suite."""
     environ = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"} | (env or {})
-    return subprocess.run([sys.executable, "-m", "visinstruct.cli.main", *args], cwd=cwd, env=environ,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "visinstruct.cli.main", *args],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def one_line(stderr: str) -> str:
@@ -65,37 +71,75 @@ def closed_port() -> int:
 
 # -- class 4: common mistakes are one line and exit 2 ---------------------------------------------------------------
 
+
 def test_a_missing_relative_input_names_the_file_and_the_folder_it_was_resolved_against(tmp_path):
-    config = write_yaml(tmp_path / "ingest.yaml", {"read": {"path": "data/urls.parquet"},
-                                                   "write": {"path": str(tmp_path / "out")}})
+    config = write_yaml(
+        tmp_path / "ingest.yaml", {"read": {"path": "data/urls.parquet"}, "write": {"path": str(tmp_path / "out")}}
+    )
     proc = visinstruct("ingest", "--config", config, RUNNER, cwd=tmp_path)
     assert proc.returncode == 2
-    assert one_line(proc.stderr) == ("visinstruct ingest: error: read.path: no such file or folder: "
-                                     f"data/urls.parquet (relative to {tmp_path})")
+    assert one_line(proc.stderr) == (
+        f"visinstruct ingest: error: read.path: no such file or folder: data/urls.parquet (relative to {tmp_path})"
+    )
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model, expected", [
-    ({"name": "ViT-B-33"}, "model.name: open_clip knows no model 'ViT-B-33' (did you mean 'ViT-B-32'?"),
-    ({"name": "ViT-B-32", "pretrained": "laion9b_wrong"},
-     "model.pretrained: 'laion9b_wrong' is not a pretrained tag of ViT-B-32 (open_clip has: "),
-    ({"name": "ViT-B-32", "pretrained": "runs/clip/model.pt"},
-     "model.pretrained: no checkpoint file runs/clip/model.pt (relative to "),
-    ({"backend": "transformers", "name": "openai/clip-vit-base-patch32"},
-     "model.name: model 'openai/clip-vit-base-patch32' is not in the local cache and HF_HUB_OFFLINE is set"),
-])
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ({"name": "ViT-B-33"}, "model.name: open_clip knows no model 'ViT-B-33' (did you mean 'ViT-B-32'?"),
+        (
+            {"name": "ViT-B-32", "pretrained": "laion9b_wrong"},
+            "model.pretrained: 'laion9b_wrong' is not a pretrained tag of ViT-B-32 (open_clip has: ",
+        ),
+        (
+            {"name": "ViT-B-32", "pretrained": "runs/clip/model.pt"},
+            "model.pretrained: no checkpoint file runs/clip/model.pt (relative to ",
+        ),
+        (
+            {"backend": "transformers", "name": "openai/clip-vit-base-patch32"},
+            "model.name: model 'openai/clip-vit-base-patch32' is not in the local cache and HF_HUB_OFFLINE is set",
+        ),
+    ],
+)
 def test_a_model_that_cannot_load_is_refused_before_the_run(tmp_path, capsys, monkeypatch, model, expected):
     monkeypatch.chdir(tmp_path)
     config = write_yaml(tmp_path / "filter.yaml", {"model": model, "threshold": 0.2})
-    assert main(["filter", "--config", config, "--input", some_shard(tmp_path / "in"), "--out",
-                 str(tmp_path / "out"), RUNNER]) == 2
+    assert (
+        main(
+            [
+                "filter",
+                "--config",
+                config,
+                "--input",
+                some_shard(tmp_path / "in"),
+                "--out",
+                str(tmp_path / "out"),
+                RUNNER,
+            ]
+        )
+        == 2
+    )
     line = one_line(capsys.readouterr().err)
     assert line.startswith("visinstruct filter: error: ") and expected in line, line
 
 
 def test_the_bundled_filter_example_offline_says_its_weights_are_not_cached(tmp_path, capsys):
-    assert main(["filter", "--config", str(REPO / "configs/filter/example.yaml"), "--input",
-                 some_shard(tmp_path / "in"), "--out", str(tmp_path / "out"), RUNNER]) == 2
+    assert (
+        main(
+            [
+                "filter",
+                "--config",
+                str(REPO / "configs/filter/example.yaml"),
+                "--input",
+                some_shard(tmp_path / "in"),
+                "--out",
+                str(tmp_path / "out"),
+                RUNNER,
+            ]
+        )
+        == 2
+    )
     line = one_line(capsys.readouterr().err)
     assert "model.pretrained: the weights of ViT-B-32 laion2b_s34b_b79k" in line
     assert "not in the local cache and HF_HUB_OFFLINE is set" in line
@@ -106,12 +150,26 @@ def test_the_bundled_filter_example_offline_says_its_weights_are_not_cached(tmp_
 
 def test_generate_with_the_default_config_offline_says_the_model_is_not_cached(tmp_path, capsys):
     config = write_yaml(tmp_path / "generate.yaml", {})
-    assert main(["generate", "--config", config, "--input", some_shard(tmp_path / "in"), "--out",
-                 str(tmp_path / "out"), RUNNER]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                config,
+                "--input",
+                some_shard(tmp_path / "in"),
+                "--out",
+                str(tmp_path / "out"),
+                RUNNER,
+            ]
+        )
+        == 2
+    )
     assert one_line(capsys.readouterr().err) == (
         "visinstruct generate: error: model: model 'HuggingFaceTB/SmolLM2-135M-Instruct' is not in the local cache "
         "and HF_HUB_OFFLINE is set: download it where the hub is reachable (`hf download "
-        "HuggingFaceTB/SmolLM2-135M-Instruct`) or name a local folder")
+        "HuggingFaceTB/SmolLM2-135M-Instruct`) or name a local folder"
+    )
 
 
 def test_config_check_runs_the_same_checks_without_running_anything(tmp_path, capsys):
@@ -120,8 +178,15 @@ def test_config_check_runs_the_same_checks_without_running_anything(tmp_path, ca
     assert capsys.readouterr().out.strip() == f"{good}: ok (IngestConfig)"
     assert main(["config", "check", good]) == 0  # the kind: the narrowest config the file loads as
     assert capsys.readouterr().out.strip() == f"{good}: ok (IngestConfig)"
-    bad = write_yaml(tmp_path / "bad.yaml", {"read": {"path": str(tmp_path / "urls.csv")}, "write": {"path": "o"},
-                                             "filter": {"model": {"name": "ViT-B-33"}}, "generate": {}})
+    bad = write_yaml(
+        tmp_path / "bad.yaml",
+        {
+            "read": {"path": str(tmp_path / "urls.csv")},
+            "write": {"path": "o"},
+            "filter": {"model": {"name": "ViT-B-33"}},
+            "generate": {},
+        },
+    )
     assert main(["config", "check", bad]) == 2  # the kind, build, is the only one that loads
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"visinstruct config: error: {bad}: read.path: no such file or folder: {tmp_path / 'urls.csv'}"
@@ -130,8 +195,9 @@ def test_config_check_runs_the_same_checks_without_running_anything(tmp_path, ca
     assert len(err) == 3 and not (tmp_path / "o").exists()
     (tmp_path / "urls.csv").write_text("image,text\nhttp://127.0.0.1/a.jpg,a cat\n")
     assert main(["config", "check", "build", bad]) == 2  # the reader's column check, before any run
-    assert capsys.readouterr().err.splitlines()[0] == (f"visinstruct config: error: {bad}: read.url_col: column "
-                                                       "'url' not in urls.csv (columns: image, text)")
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"visinstruct config: error: {bad}: read.url_col: column 'url' not in urls.csv (columns: image, text)"
+    )
 
 
 def test_an_unexpected_exception_is_one_line_and_the_traceback_is_one_flag_away(tmp_path, capsys, monkeypatch):
@@ -143,8 +209,9 @@ def test_an_unexpected_exception_is_one_line_and_the_traceback_is_one_flag_away(
     monkeypatch.setattr(ingest, "run", planted_bug)
     config = write_yaml(tmp_path / "ingest.yaml", {"read": {"path": str(tmp_path)}, "write": {"path": "out"}})
     assert main(["ingest", "--config", config]) == 1
-    assert one_line(capsys.readouterr().err) == ("visinstruct ingest: internal error: KeyError: 'no such key' "
-                                                 "(run with -v for the traceback)")
+    assert one_line(capsys.readouterr().err) == (
+        "visinstruct ingest: internal error: KeyError: 'no such key' (run with -v for the traceback)"
+    )
     assert main(["-v", "ingest", "--config", config]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and 'return {}["no such key"]' in err and "internal error: KeyError" in err
@@ -152,27 +219,38 @@ def test_an_unexpected_exception_is_one_line_and_the_traceback_is_one_flag_away(
 
 # -- class 11: options nobody knows are refused ---------------------------------------------------------------------
 
+
 def test_an_img2dataset_habit_is_refused_with_the_key_to_use_instead(tmp_path):
-    config = write_yaml(tmp_path / "ingest.yaml", {"read": {"path": str(tmp_path)},
-                                                   "write": {"path": str(tmp_path / "out")}})
+    config = write_yaml(
+        tmp_path / "ingest.yaml", {"read": {"path": str(tmp_path)}, "write": {"path": str(tmp_path / "out")}}
+    )
     proc = visinstruct("ingest", "--config", config, "--output_folder", "elsewhere", RUNNER, cwd=tmp_path)
     assert proc.returncode == 2
-    assert one_line(proc.stderr) == ("visinstruct ingest: error: unknown option --output_folder: neither visinstruct "
-                                     "ingest nor Beam knows it; did you mean --set write.path=elsewhere?")
+    assert one_line(proc.stderr) == (
+        "visinstruct ingest: error: unknown option --output_folder: neither visinstruct "
+        "ingest nor Beam knows it; did you mean --set write.path=elsewhere?"
+    )
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["filter", "--output_folder=x"], "unknown option --output_folder: neither visinstruct filter nor Beam knows it; "
-                                      "did you mean --out x?"),
-    (["ingest", "--thread_count", "16"], "did you mean --set download.threads=16?"),
-    (["ingest", "--image_size", "224"], "did you mean --set resize.image_size=224?"),
-    (["ingest", "--runer=FnApiRunner"], "did you mean --runner?"),
-    (["ingest", "-v"], "-v goes before the command: visinstruct -v ingest ..."),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["filter", "--output_folder=x"],
+            "unknown option --output_folder: neither visinstruct filter nor Beam knows it; did you mean --out x?",
+        ),
+        (["ingest", "--thread_count", "16"], "did you mean --set download.threads=16?"),
+        (["ingest", "--image_size", "224"], "did you mean --set resize.image_size=224?"),
+        (["ingest", "--runer=FnApiRunner"], "did you mean --runner?"),
+        (["ingest", "-v"], "-v goes before the command: visinstruct -v ingest ..."),
+    ],
+)
 def test_unknown_options_say_what_was_meant(tmp_path, capsys, argv, expected):
-    config = write_yaml(tmp_path / "c.yaml", {"read": {"path": str(tmp_path)}, "write": {"path": "out"},
-                                              "input": str(tmp_path), "threshold": 0.3})
+    config = write_yaml(
+        tmp_path / "c.yaml",
+        {"read": {"path": str(tmp_path)}, "write": {"path": "out"}, "input": str(tmp_path), "threshold": 0.3},
+    )
     assert main([argv[0], "--config", config, *argv[1:]]) == 2
     assert expected in one_line(capsys.readouterr().err)
 
@@ -180,28 +258,48 @@ def test_unknown_options_say_what_was_meant(tmp_path, capsys, argv, expected):
 def test_every_option_beam_declares_passes_and_only_the_rest_is_unknown():
     from visinstruct.pipelines.options import unknown_options
 
-    beam = ["--runner", "FnApiRunner", "--direct_num_workers=2", "--direct_running_mode", "multi_threading",
-            "--project=p", "--region", "europe-west4", "--experiments=a", "--experiments", "b", "--save_main_session",
-            "--dataflow_service_options=worker_accelerator=type:nvidia-l4", "--setup_file=./setup.py"]
+    beam = [
+        "--runner",
+        "FnApiRunner",
+        "--direct_num_workers=2",
+        "--direct_running_mode",
+        "multi_threading",
+        "--project=p",
+        "--region",
+        "europe-west4",
+        "--experiments=a",
+        "--experiments",
+        "b",
+        "--save_main_session",
+        "--dataflow_service_options=worker_accelerator=type:nvidia-l4",
+        "--setup_file=./setup.py",
+    ]
     assert unknown_options(beam) == []
     assert unknown_options(beam + ["--output_folder", "x", "--url_list=u"]) == ["--output_folder", "x", "--url_list=u"]
 
 
 # -- class 3: a run that wrote nothing exits 1 with its reasons and what to change ---------------------------------
 
+
 def test_an_ingest_whose_every_url_is_refused_exits_1_naming_the_key_that_allows_it(tmp_path, capsys):
     with ImageServer() as srv:
         urls = [srv.add_image(f"/{i}.jpg", encode_test_image("jpeg", (40, 30))) for i in range(3)]
         pq.write_table(pa.table({"url": urls, "caption": ["a picture"] * 3}), tmp_path / "urls.parquet")
-        config = write_yaml(tmp_path / "ingest.yaml", {"read": {"path": str(tmp_path / "urls.parquet")},
-                                                       "write": {"path": str(tmp_path / "out")},
-                                                       "download": {"retries": 0}})  # allow_loopback: false
+        config = write_yaml(
+            tmp_path / "ingest.yaml",
+            {
+                "read": {"path": str(tmp_path / "urls.parquet")},
+                "write": {"path": str(tmp_path / "out")},
+                "download": {"retries": 0},
+            },
+        )  # allow_loopback: false
         assert main(["-q", "ingest", "--config", config, RUNNER]) == 1
     captured = capsys.readouterr()
     assert "ingest: 3 rows in 1 shards -> 0 written, 3 rejected" in captured.out  # the report still prints
     line = one_line(captured.err)
-    assert line.startswith("visinstruct ingest: failed: no sample written: all 3 rows rejected - top reasons: "
-                           "blocked_address 3 (")
+    assert line.startswith(
+        "visinstruct ingest: failed: no sample written: all 3 rows rejected - top reasons: blocked_address 3 ("
+    )
     assert "download.allow_loopback: true" in line
 
 
@@ -212,46 +310,75 @@ def ingested_shards(tmp_path: Path) -> str:
     for i in range(3):
         Image.new("RGB", (48, 40), (80 * i, 120, 200)).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(f"a blue picture number {i}")
-    config = write_yaml(tmp_path / "ingest.yaml", {"read": {"path": str(images)},
-                                                   "write": {"path": str(tmp_path / "shards")}})
+    config = write_yaml(
+        tmp_path / "ingest.yaml", {"read": {"path": str(images)}, "write": {"path": str(tmp_path / "shards")}}
+    )
     assert main(["-q", "ingest", "--config", config, RUNNER]) == 0
     return str(tmp_path / "shards")
 
 
 def test_generate_against_a_server_that_is_down_exits_1_pointing_at_the_endpoint(tmp_path, capsys):
     shards = ingested_shards(tmp_path)
-    config = write_yaml(tmp_path / "generate.yaml", {
-        "backend": "openai", "endpoint": f"http://127.0.0.1:{closed_port()}/v1", "model": "m", "retries": 0,
-        "retry_new_seed": False, "timeout": 5.0})
+    config = write_yaml(
+        tmp_path / "generate.yaml",
+        {
+            "backend": "openai",
+            "endpoint": f"http://127.0.0.1:{closed_port()}/v1",
+            "model": "m",
+            "retries": 0,
+            "retry_new_seed": False,
+            "timeout": 5.0,
+        },
+    )
     capsys.readouterr()
     assert main(["-q", "generate", "--config", config, "--input", shards, "--out", str(tmp_path / "out"), RUNNER]) == 1
     line = one_line(capsys.readouterr().err)
-    assert line.startswith("visinstruct generate: failed: no sample written: all 3 rows rejected - top reasons: "
-                           "connection_error 3 (the LLM server did not answer: check endpoint and that the server "
-                           "is up)"), line
+    assert line.startswith(
+        "visinstruct generate: failed: no sample written: all 3 rows rejected - top reasons: "
+        "connection_error 3 (the LLM server did not answer: check endpoint and that the server "
+        "is up)"
+    ), line
 
 
 def test_a_filter_that_keeps_nothing_exits_1_saying_to_lower_the_threshold(tmp_path, capsys, tiny_checkpoint):
     from visinstruct.testing.tiny_models import TINY_OPEN_CLIP_NAME
 
     shards = ingested_shards(tmp_path)
-    config = write_yaml(tmp_path / "filter.yaml", {
-        "model": {"name": TINY_OPEN_CLIP_NAME, "pretrained": str(tiny_checkpoint / "tiny.pt"),
-                  "config_file": str(tiny_checkpoint / f"{TINY_OPEN_CLIP_NAME}.json")},
-        "threshold": 1.5})  # above any cosine similarity
+    config = write_yaml(
+        tmp_path / "filter.yaml",
+        {
+            "model": {
+                "name": TINY_OPEN_CLIP_NAME,
+                "pretrained": str(tiny_checkpoint / "tiny.pt"),
+                "config_file": str(tiny_checkpoint / f"{TINY_OPEN_CLIP_NAME}.json"),
+            },
+            "threshold": 1.5,
+        },
+    )  # above any cosine similarity
     capsys.readouterr()
     assert main(["-q", "filter", "--config", config, "--input", shards, "--out", str(tmp_path / "out"), RUNNER]) == 1
     assert one_line(capsys.readouterr().err) == (
         "visinstruct filter: failed: no sample written: all 3 rows rejected - top reasons: clip_below_threshold 3 "
-        "(every pair scored under threshold: lower it (see `visinstruct filter --dry-run`) or use top_fraction)")
+        "(every pair scored under threshold: lower it (see `visinstruct filter --dry-run`) or use top_fraction)"
+    )
 
 
 def test_a_build_that_keeps_nothing_names_the_stage_section_in_its_hint(tmp_path, capsys):
     shards = ingested_shards(tmp_path)
-    config = write_yaml(tmp_path / "build.yaml", {
-        "write": {"path": str(tmp_path / "built")}, "input": shards,
-        "generate": {"backend": "openai", "endpoint": f"http://127.0.0.1:{closed_port()}/v1", "model": "m",
-                     "retries": 0, "retry_new_seed": False}})
+    config = write_yaml(
+        tmp_path / "build.yaml",
+        {
+            "write": {"path": str(tmp_path / "built")},
+            "input": shards,
+            "generate": {
+                "backend": "openai",
+                "endpoint": f"http://127.0.0.1:{closed_port()}/v1",
+                "model": "m",
+                "retries": 0,
+                "retry_new_seed": False,
+            },
+        },
+    )
     capsys.readouterr()
     assert main(["-q", "build", "--config", config, RUNNER]) == 1
     line = one_line(capsys.readouterr().err)
@@ -266,19 +393,28 @@ def test_failure_summary_flags_rows_that_do_not_add_up_even_when_some_were_writt
     fine = {"inputs": 4, "written": 3, "rejected": 1, "rejected_by_reason": {"http_404": 1}, "accounted": True}
     assert failure_summary(fine, "ingest") is None
     lost = fine | {"rows_read": 6, "accounted": False}
-    assert failure_summary(lost, "ingest") == ("rows do not add up (6 in, 3 written + 1 rejected; see "
-                                               "run_report.json) - top reasons: http_404 1 (the URLs no longer exist)")
+    assert failure_summary(lost, "ingest") == (
+        "rows do not add up (6 in, 3 written + 1 rejected; see "
+        "run_report.json) - top reasons: http_404 1 (the URLs no longer exist)"
+    )
     dropped = {"inputs": 2, "written": 0, "rejected": 2, "rejected_by_reason": {"clip_below_threshold": 2}}
     assert "lower it (see `visinstruct filter --dry-run`) or use top_fraction" in failure_summary(dropped, "filter")
 
 
-@pytest.mark.parametrize("load, expected", [
-    (lambda: __import__("open_clip").create_model("ViT-B-33"), "Model config for 'ViT-B-33' not found"),
-    (lambda: __import__("open_clip").create_model("ViT-B-32", pretrained="nope"),
-     "Pretrained value 'nope' is not a known tag or valid file path"),
-    (lambda: __import__("transformers").AutoTokenizer.from_pretrained("no-such-org/no-such-model"),
-     "couldn't find them in the cached files"),
-])
+@pytest.mark.parametrize(
+    "load, expected",
+    [
+        (lambda: __import__("open_clip").create_model("ViT-B-33"), "Model config for 'ViT-B-33' not found"),
+        (
+            lambda: __import__("open_clip").create_model("ViT-B-32", pretrained="nope"),
+            "Pretrained value 'nope' is not a known tag or valid file path",
+        ),
+        (
+            lambda: __import__("transformers").AutoTokenizer.from_pretrained("no-such-org/no-such-model"),
+            "couldn't find them in the cached files",
+        ),
+    ],
+)
 def test_what_model_loaders_raise_for_a_wrong_name_becomes_one_line(load, expected):
     """The second line of defence, for what the checks cannot see: the loaders' own errors, mapped at the command."""
     from visinstruct.cli.checks import expected_errors
@@ -298,9 +434,18 @@ def test_only_local_runners_count_as_this_machine():
 
 def test_generate_whose_llm_answered_nothing_fails_though_its_caption_only_share_was_written(tmp_path, capsys):
     shards = ingested_shards(tmp_path)
-    config = write_yaml(tmp_path / "generate.yaml", {
-        "backend": "openai", "endpoint": f"http://127.0.0.1:{closed_port()}/v1", "model": "m", "retries": 0,
-        "retry_new_seed": False, "timeout": 5.0, "llm_fraction": 0.5})
+    config = write_yaml(
+        tmp_path / "generate.yaml",
+        {
+            "backend": "openai",
+            "endpoint": f"http://127.0.0.1:{closed_port()}/v1",
+            "model": "m",
+            "retries": 0,
+            "retry_new_seed": False,
+            "timeout": 5.0,
+            "llm_fraction": 0.5,
+        },
+    )
     capsys.readouterr()
     assert main(["-q", "generate", "--config", config, "--input", shards, "--out", str(tmp_path / "out"), RUNNER]) == 1
     report = json.loads((tmp_path / "out" / "run_report.json").read_text())
@@ -313,8 +458,16 @@ def test_generate_whose_llm_answered_nothing_fails_though_its_caption_only_share
 def test_a_caption_only_generation_over_rows_ingest_rejected_is_no_failure():
     from visinstruct.pipelines.report import failure_summary
 
-    carried = {"stage": "generate", "inputs": 3, "written": 2, "rejected": 1, "rejected_by_reason": {"http_404": 1},
-               "accounted": True, "backend_calls": 0, "completion_tokens": 0}
+    carried = {
+        "stage": "generate",
+        "inputs": 3,
+        "written": 2,
+        "rejected": 1,
+        "rejected_by_reason": {"http_404": 1},
+        "accounted": True,
+        "backend_calls": 0,
+        "completion_tokens": 0,
+    }
     assert failure_summary(carried, "generate") is None
     asked = carried | {"backend_calls": 1, "rejected_by_reason": {"http_404": 1, "connection_error": 1}}
     assert failure_summary(asked, "generate").startswith("the LLM answered none of the 2 samples sent")

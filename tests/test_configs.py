@@ -45,16 +45,21 @@ def test_unknown_top_level_key_lists_known_keys(tmp_path):
         load(IngestConfig, write(tmp_path, MINIMAL + "zzz: 1\n"))
 
 
-@pytest.mark.parametrize("extra, message", [
-    ("download:\n  timeout: fast\n", "'download.timeout' must be a number, got 'fast'"),
-    ("download:\n  threads: 2.5\n", "'download.threads' must be an integer, got 2.5"),
-    ("download:\n  allow_loopback: 1\n", "'download.allow_loopback' must be true or false, got 1"),
-    ("resize:\n  resize_mode: squash\n", "'resize.resize_mode' must be one of 'no', 'keep_ratio'"),
-    ("read:\n  path: x\n  save_additional_columns: [a, 3]\n",
-     r"'read.save_additional_columns\[1\]' must be a string, got 3"),
-    ("download:\n  threads: 0\n", "in 'download': 'threads' must be > 0, got 0"),
-    ("dedup: 3\n", "'dedup' must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("download:\n  timeout: fast\n", "'download.timeout' must be a number, got 'fast'"),
+        ("download:\n  threads: 2.5\n", "'download.threads' must be an integer, got 2.5"),
+        ("download:\n  allow_loopback: 1\n", "'download.allow_loopback' must be true or false, got 1"),
+        ("resize:\n  resize_mode: squash\n", "'resize.resize_mode' must be one of 'no', 'keep_ratio'"),
+        (
+            "read:\n  path: x\n  save_additional_columns: [a, 3]\n",
+            r"'read.save_additional_columns\[1\]' must be a string, got 3",
+        ),
+        ("download:\n  threads: 0\n", "in 'download': 'threads' must be > 0, got 0"),
+        ("dedup: 3\n", "'dedup' must be a mapping"),
+    ],
+)
 def test_wrong_type_or_value_names_the_key(tmp_path, extra, message):
     text = MINIMAL.replace("read:\n  path: urls.parquet\n", "") if extra.startswith("read:") else MINIMAL
     path = write(tmp_path, text + extra)
@@ -109,11 +114,15 @@ def test_every_key_is_documented():
 
 def test_cli_reports_a_bad_config_in_one_line_with_status_2(tmp_path):
     path = write(tmp_path, MINIMAL + "download:\n  timout: 3\n")
-    proc = subprocess.run([sys.executable, "-m", "visinstruct.cli.main", "config", "check", "ingest", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "visinstruct.cli.main", "config", "check", "ingest", str(path)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"visinstruct config: error: {path}: unknown key 'download.timout' (did you mean 'download.timeout'?)"]
+        f"visinstruct config: error: {path}: unknown key 'download.timout' (did you mean 'download.timeout'?)"
+    ]
 
 
 def test_config_md_lists_every_key_as_the_classes_define_it():

@@ -16,9 +16,19 @@ ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
 
 
 def dataflow_pipeline() -> beam.Pipeline:
-    return beam.Pipeline(options=PipelineOptions([
-        "--runner=DataflowRunner", "--dry_run=True", "--project=demo-project", "--region=us-central1",
-        "--temp_location=gs://demo-bucket/tmp", "--experiments=use_runner_v2", "--no_auth"]))
+    return beam.Pipeline(
+        options=PipelineOptions(
+            [
+                "--runner=DataflowRunner",
+                "--dry_run=True",
+                "--project=demo-project",
+                "--region=us-central1",
+                "--temp_location=gs://demo-bucket/tmp",
+                "--experiments=use_runner_v2",
+                "--no_auth",
+            ]
+        )
+    )
 
 
 def unpickled_dofns(pipeline: beam.Pipeline) -> list[str]:
@@ -39,14 +49,27 @@ def unpickled_dofns(pipeline: beam.Pipeline) -> list[str]:
 def leaf_hints(pipeline: beam.Pipeline) -> dict[str, dict]:
     proto = pipeline.to_runner_api()
     envs = proto.components.environments
-    return {t.unique_name: dict(envs[t.environment_id].resource_hints) if t.environment_id else {}
-            for t in proto.components.transforms.values() if not t.subtransforms}
+    return {
+        t.unique_name: dict(envs[t.environment_id].resource_hints) if t.environment_id else {}
+        for t in proto.components.transforms.values()
+        if not t.subtransforms
+    }
 
 
 def test_filter_translates_with_a_gpu_on_the_scoring_step_only():
-    cfg = from_dict(FilterConfig, {"model": {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k",
-                                             "accelerator": ACCELERATOR, "model_copies": 1},
-                                   "threshold": 0.28, "write": {"path": "gs://demo-bucket/filtered"}})
+    cfg = from_dict(
+        FilterConfig,
+        {
+            "model": {
+                "name": "ViT-B-32",
+                "pretrained": "laion2b_s34b_b79k",
+                "accelerator": ACCELERATOR,
+                "model_copies": 1,
+            },
+            "threshold": 0.28,
+            "write": {"path": "gs://demo-bucket/filtered"},
+        },
+    )
     p = dataflow_pipeline()
     _ = p | "Filter" >> Filter(cfg, ["gs://demo-bucket/in/00000.tar", "gs://demo-bucket/in/00001.tar"])
     result = p.run()
@@ -61,8 +84,9 @@ def test_ingest_translates_for_dataflow(tmp_path):
     urls = tmp_path / "urls.txt"
     urls.write_text("https://example.com/a.jpg\n")
     # resume off: a real run lists finished shards in the bucket first, which needs GCS
-    cfg = from_dict(IngestConfig, {"read": {"path": str(urls)},
-                                   "write": {"path": "gs://demo-bucket/shards", "resume": False}})
+    cfg = from_dict(
+        IngestConfig, {"read": {"path": str(urls)}, "write": {"path": "gs://demo-bucket/shards", "resume": False}}
+    )
     p = dataflow_pipeline()
     _ = p | "Ingest" >> Ingest(cfg)
     assert p.run().state == "DONE"
@@ -79,10 +103,15 @@ def test_build_translates_with_every_stage_and_gpus_only_on_model_steps(tmp_path
     urls = tmp_path / "urls.txt"
     urls.write_text("https://example.com/a.jpg\n")
     if source == "dict":
-        cfg = from_dict(BuildConfig, {
-            "read": {"path": str(urls)}, "write": {"path": "gs://demo-bucket/dataset", "resume": False},
-            "filter": {"model": {"name": "ViT-B-32", "accelerator": ACCELERATOR}, "threshold": 0.28},
-            "generate": {"backend": "vllm", "model": "Qwen/Qwen2.5-7B-Instruct", "accelerator": ACCELERATOR}})
+        cfg = from_dict(
+            BuildConfig,
+            {
+                "read": {"path": str(urls)},
+                "write": {"path": "gs://demo-bucket/dataset", "resume": False},
+                "filter": {"model": {"name": "ViT-B-32", "accelerator": ACCELERATOR}, "threshold": 0.28},
+                "generate": {"backend": "vllm", "model": "Qwen/Qwen2.5-7B-Instruct", "accelerator": ACCELERATOR},
+            },
+        )
     else:  # what the README tells Dataflow users to run (a local URL list: the dry run reads no bucket)
         cfg = load(BuildConfig, CONFIG_DIR / "build" / "dataflow.yaml", [f"read.path={urls}", "write.resume=false"])
         assert cfg.filter.model.accelerator and cfg.generate.accelerator and cfg.generate.backend == "vllm"
@@ -90,8 +119,15 @@ def test_build_translates_with_every_stage_and_gpus_only_on_model_steps(tmp_path
     _ = p | "Build" >> Build(cfg)
     assert p.run().state == "DONE"
     hints = leaf_hints(p)
-    for stage in ("Ingest/", "DownloadShard", "Filter/", "ScoreWithClip", "Generate/", "GenerateWithLLM",
-                  "RewriteShard"):
+    for stage in (
+        "Ingest/",
+        "DownloadShard",
+        "Filter/",
+        "ScoreWithClip",
+        "Generate/",
+        "GenerateWithLLM",
+        "RewriteShard",
+    ):
         assert any(stage in name for name in hints), stage
     gpu = {name for name, h in hints.items() if h.get("beam:resources:accelerator:v1")}
     assert gpu and all("ScoreWithClip" in name or "GenerateWithLLM" in name for name in gpu)

@@ -68,11 +68,14 @@ def test_encode_test_image_is_deterministic_real_and_sized():
     assert sniff_content_type(b"<html>") is None
 
 
-@pytest.mark.parametrize(("path", "content_type", "pil_format"), [
-    ("/image.jpg", "image/jpeg", "JPEG"),
-    ("/image.png", "image/png", "PNG"),
-    ("/image.webp", "image/webp", "WEBP"),
-])
+@pytest.mark.parametrize(
+    ("path", "content_type", "pil_format"),
+    [
+        ("/image.jpg", "image/jpeg", "JPEG"),
+        ("/image.png", "image/png", "PNG"),
+        ("/image.webp", "image/webp", "WEBP"),
+    ],
+)
 def test_default_images_decode_with_the_right_size(srv, client, path, content_type, pil_format):
     response = client.get(srv.url(path), timeout=5)
     assert response.status_code == 200 and response.headers["Content-Type"] == content_type
@@ -90,7 +93,10 @@ def test_add_and_add_image_register_resources(srv, client):
     srv.add("data/blob", b"abc", "application/x-thing", {"X-Custom": "yes"})
     response = client.get(srv.url("/data/blob"), timeout=5)
     assert (response.content, response.headers["Content-Type"], response.headers["X-Custom"]) == (
-        b"abc", "application/x-thing", "yes")
+        b"abc",
+        "application/x-thing",
+        "yes",
+    )
     with pytest.raises(ValueError, match="not JPEG, PNG, WebP or GIF"):
         srv.add_image("/bad.jpg", b"hello")
 
@@ -316,11 +322,14 @@ def test_client_hanging_up_early_leaves_no_traceback(capfd):
 # -- opt-out, robots.txt ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "tag"), [
-    ("noai", "noai"),
-    ("noimageai", "googlebot: noimageai"),
-    ("noindex", "noindex"),
-])
+@pytest.mark.parametrize(
+    ("name", "tag"),
+    [
+        ("noai", "noai"),
+        ("noimageai", "googlebot: noimageai"),
+        ("noindex", "noindex"),
+    ],
+)
 def test_optout_headers_come_with_a_real_image(srv, client, name, tag):
     response = client.get(srv.fault_url(name), timeout=5)
     assert response.headers["X-Robots-Tag"] == tag and decode(response.content).size == DEFAULT_SIZE
@@ -353,7 +362,10 @@ def test_request_log_records_every_request(client):
         after = time.monotonic()
         records = server.requests
         assert [(r.method, r.path) for r in records] == [
-            ("GET", "/image.jpg"), ("HEAD", "/image.jpg"), ("GET", "/status/404?x=1")]
+            ("GET", "/image.jpg"),
+            ("HEAD", "/image.jpg"),
+            ("GET", "/status/404?x=1"),
+        ]
         assert records[0].headers["X-Test"] == "one" and records[0].client[0] == "127.0.0.1"
         assert before <= records[0].time <= records[1].time <= records[2].time <= after
         assert server.hits("/image.jpg") == 2 and server.hits(server.url("/image.jpg")) == 2
@@ -364,6 +376,7 @@ def test_request_log_records_every_request(client):
 
 def test_log_is_thread_safe_under_concurrent_clients():
     with ImageServer() as server:
+
         def fetch_many():
             with requests.Session() as session:
                 session.trust_env = False
@@ -379,13 +392,35 @@ def test_log_is_thread_safe_under_concurrent_clients():
 
 
 def test_fault_url_names_and_tokens(srv):
-    assert set(FAULT_PATHS) >= {"404", "500", "flaky", "429", "slow", "hang", "truncated", "corrupt", "random",
-                                "html", "text_plain", "octet_stream", "redirect", "redirect_loop", "redirect_to",
-                                "huge", "huge_stream", "noai", "noimageai", "noindex", "private", "robots"}
+    assert set(FAULT_PATHS) >= {
+        "404",
+        "500",
+        "flaky",
+        "429",
+        "slow",
+        "hang",
+        "truncated",
+        "corrupt",
+        "random",
+        "html",
+        "text_plain",
+        "octet_stream",
+        "redirect",
+        "redirect_loop",
+        "redirect_to",
+        "huge",
+        "huge_stream",
+        "noai",
+        "noimageai",
+        "noindex",
+        "private",
+        "robots",
+    }
     assert srv.fault_url("flaky") != srv.fault_url("flaky")  # a fresh token, so a fresh counter, every call
     assert srv.fault_url("flaky", token="t1", n=4) == srv.url("/flaky/4/t1")
     assert srv.fault_url("redirect_to", url="http://127.0.0.1:1/a b") == srv.url(
-        "/redirect-to?url=http%3A%2F%2F127.0.0.1%3A1%2Fa+b")
+        "/redirect-to?url=http%3A%2F%2F127.0.0.1%3A1%2Fa+b"
+    )
     with pytest.raises(KeyError):
         srv.fault_url("no-such-fault")
     with pytest.raises(ValueError, match="url="):

@@ -28,36 +28,44 @@ def server():
 
 
 def fetcher(**overrides) -> Fetcher:
-    settings = dict(allow_loopback=True, timeout=1.0, retries=2, backoff=0.01, max_backoff=2.0, threads=8,
-                    per_host_rps=None) | overrides
+    settings = (
+        dict(allow_loopback=True, timeout=1.0, retries=2, backoff=0.01, max_backoff=2.0, threads=8, per_host_rps=None)
+        | overrides
+    )
     return Fetcher(DownloadConfig(**settings))
 
 
-@pytest.mark.parametrize("fault, params, reason, attempts", [
-    ("404", {}, "http_404", 1),  # not retryable
-    ("500", {}, "http_500", 3),  # retried, then given up
-    ("hang", {}, "timeout", 3),
-    ("slow", {"seconds": 3}, "timeout", 3),  # drips bytes: only a total deadline stops it
-    ("truncated", {}, "truncated", 3),
-    ("redirect_loop", {}, "redirect_loop", 1),
-    ("redirect", {"n": 6}, "too_many_redirects", 1),
-    ("huge", {"megabytes": 2}, "too_large", 1),  # Content-Length says so: refused before reading
-    ("huge_stream", {"megabytes": 2}, "too_large", 1),  # no Content-Length: cut off while reading
-    ("noai", {}, "optout", 1),
-    ("noindex", {}, "optout", 1),
-])
+@pytest.mark.parametrize(
+    "fault, params, reason, attempts",
+    [
+        ("404", {}, "http_404", 1),  # not retryable
+        ("500", {}, "http_500", 3),  # retried, then given up
+        ("hang", {}, "timeout", 3),
+        ("slow", {"seconds": 3}, "timeout", 3),  # drips bytes: only a total deadline stops it
+        ("truncated", {}, "truncated", 3),
+        ("redirect_loop", {}, "redirect_loop", 1),
+        ("redirect", {"n": 6}, "too_many_redirects", 1),
+        ("huge", {"megabytes": 2}, "too_large", 1),  # Content-Length says so: refused before reading
+        ("huge_stream", {"megabytes": 2}, "too_large", 1),  # no Content-Length: cut off while reading
+        ("noai", {}, "optout", 1),
+        ("noindex", {}, "optout", 1),
+    ],
+)
 def test_each_fault_is_rejected_with_its_reason(server, fault, params, reason, attempts):
     f = fetcher(max_bytes=1024 * 1024, timeout=0.6)
     result = f.fetch(server.fault_url(fault, **params))
     assert (result.ok, result.reason, result.attempts) == (False, reason, attempts), result.message
 
 
-@pytest.mark.parametrize("fault, params", [
-    ("flaky", {"n": 2}),  # two 503s, then the image
-    ("redirect", {"n": 3}),
-    ("noimageai", {}),  # "googlebot: noimageai" is addressed to another crawler
-    ("text_plain", {}),  # wrong content type: the bytes decide, later
-])
+@pytest.mark.parametrize(
+    "fault, params",
+    [
+        ("flaky", {"n": 2}),  # two 503s, then the image
+        ("redirect", {"n": 3}),
+        ("noimageai", {}),  # "googlebot: noimageai" is addressed to another crawler
+        ("text_plain", {}),  # wrong content type: the bytes decide, later
+    ],
+)
 def test_recoverable_faults_end_with_the_image(server, fault, params):
     result = fetcher().fetch(server.fault_url(fault, **params))
     assert result.ok, result.message
@@ -103,49 +111,52 @@ def test_redirect_to_a_blocked_address_is_refused(server):
     assert [r.path for r in server.requests] == ["/robots.txt", first_hop]
 
 
-@pytest.mark.parametrize("ip, loopback, private, allowed", [
-    ("8.8.8.8", False, False, True),
-    ("2606:4700:4700::1111", False, False, True),
-    ("127.0.0.1", False, False, False),
-    ("127.0.0.1", True, False, True),
-    ("::1", True, False, True),
-    ("::ffff:127.0.0.1", False, False, False),
-    ("10.1.2.3", True, False, False),
-    ("172.16.0.1", True, False, False),
-    ("192.168.1.1", True, False, False),
-    ("169.254.169.254", True, False, False),  # cloud metadata
-    ("fd00:ec2::254", True, False, False),  # AWS metadata over IPv6
-    ("100.100.100.200", True, False, False),  # shared address space (Alibaba metadata)
-    ("fe80::1", True, False, False),
-    ("0.0.0.0", True, False, False),
-    ("224.0.0.1", True, False, False),
-    ("10.1.2.3", False, True, True),
-    # IPv6 forms that carry an IPv4 address to its destination are judged by that address (class 10)
-    ("::ffff:10.0.0.1", True, False, False),  # IPv4-mapped
-    ("::127.0.0.1", False, False, False),  # IPv4-compatible (deprecated, still routed by some stacks)
-    ("::a00:1", True, False, False),
-    ("::ffff:0:a00:1", True, False, False),  # SIIT IPv4-translated
-    ("64:ff9b::7f00:1", False, False, False),  # NAT64 well-known prefix
-    ("64:ff9b::a9fe:a9fe", True, False, False),  # NAT64 of the metadata address
-    ("64:ff9b::808:808", False, False, True),  # NAT64 of a public address is public
-    ("64:ff9b:1::a00:1", True, False, False),  # local-use NAT64: private whatever it embeds
-    ("64:ff9b:1::808:808", True, False, False),
-    ("2002:7f00:1::", False, False, False),  # 6to4 of 127.0.0.1
-    ("2002:a9fe:a9fe::1", True, False, False),  # 6to4 of 169.254.169.254
-    ("2002:808:808::1", False, False, True),  # 6to4 of a public address
-    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", True, False, False),  # Teredo, client 10.0.0.1
-    ("2001:0:a00:1:8000:63bf:f7f6:f7f7", True, False, False),  # Teredo, server 10.0.0.1
-    ("2001:db8::5efe:a00:1", True, False, False),  # ISATAP interface id carrying 10.0.0.1
-    ("fe80::5efe:808:808", True, False, False),  # ISATAP id of a public address behind a link-local prefix
-    ("fd00::5efe:8.8.8.8", True, False, False),  # ... behind a private prefix
-    ("ff02::5efe:808:808", True, False, False),  # ... behind a multicast prefix
-    ("2606:4700::5efe:808:808", False, False, True),  # a public prefix carrying a public address stays public
-    ("::", True, False, False),  # unspecified: reaches this machine, like 0.0.0.0
-    ("::7f00:1", True, False, True),  # allowed loopback stays allowed in its embedded forms
-    ("64:ff9b::7f00:1", True, False, True),
-    ("100::1", True, False, False),  # discard-only and other reserved blocks
-    ("240.0.0.1", True, False, False),
-])
+@pytest.mark.parametrize(
+    "ip, loopback, private, allowed",
+    [
+        ("8.8.8.8", False, False, True),
+        ("2606:4700:4700::1111", False, False, True),
+        ("127.0.0.1", False, False, False),
+        ("127.0.0.1", True, False, True),
+        ("::1", True, False, True),
+        ("::ffff:127.0.0.1", False, False, False),
+        ("10.1.2.3", True, False, False),
+        ("172.16.0.1", True, False, False),
+        ("192.168.1.1", True, False, False),
+        ("169.254.169.254", True, False, False),  # cloud metadata
+        ("fd00:ec2::254", True, False, False),  # AWS metadata over IPv6
+        ("100.100.100.200", True, False, False),  # shared address space (Alibaba metadata)
+        ("fe80::1", True, False, False),
+        ("0.0.0.0", True, False, False),
+        ("224.0.0.1", True, False, False),
+        ("10.1.2.3", False, True, True),
+        # IPv6 forms that carry an IPv4 address to its destination are judged by that address (class 10)
+        ("::ffff:10.0.0.1", True, False, False),  # IPv4-mapped
+        ("::127.0.0.1", False, False, False),  # IPv4-compatible (deprecated, still routed by some stacks)
+        ("::a00:1", True, False, False),
+        ("::ffff:0:a00:1", True, False, False),  # SIIT IPv4-translated
+        ("64:ff9b::7f00:1", False, False, False),  # NAT64 well-known prefix
+        ("64:ff9b::a9fe:a9fe", True, False, False),  # NAT64 of the metadata address
+        ("64:ff9b::808:808", False, False, True),  # NAT64 of a public address is public
+        ("64:ff9b:1::a00:1", True, False, False),  # local-use NAT64: private whatever it embeds
+        ("64:ff9b:1::808:808", True, False, False),
+        ("2002:7f00:1::", False, False, False),  # 6to4 of 127.0.0.1
+        ("2002:a9fe:a9fe::1", True, False, False),  # 6to4 of 169.254.169.254
+        ("2002:808:808::1", False, False, True),  # 6to4 of a public address
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", True, False, False),  # Teredo, client 10.0.0.1
+        ("2001:0:a00:1:8000:63bf:f7f6:f7f7", True, False, False),  # Teredo, server 10.0.0.1
+        ("2001:db8::5efe:a00:1", True, False, False),  # ISATAP interface id carrying 10.0.0.1
+        ("fe80::5efe:808:808", True, False, False),  # ISATAP id of a public address behind a link-local prefix
+        ("fd00::5efe:8.8.8.8", True, False, False),  # ... behind a private prefix
+        ("ff02::5efe:808:808", True, False, False),  # ... behind a multicast prefix
+        ("2606:4700::5efe:808:808", False, False, True),  # a public prefix carrying a public address stays public
+        ("::", True, False, False),  # unspecified: reaches this machine, like 0.0.0.0
+        ("::7f00:1", True, False, True),  # allowed loopback stays allowed in its embedded forms
+        ("64:ff9b::7f00:1", True, False, True),
+        ("100::1", True, False, False),  # discard-only and other reserved blocks
+        ("240.0.0.1", True, False, False),
+    ],
+)
 def test_address_policy(ip, loopback, private, allowed):
     assert address_allowed(ip, loopback, private) is allowed
 
@@ -202,8 +213,9 @@ def test_a_robots_txt_load_that_raises_costs_that_url_only_and_is_tried_again(se
 
 def test_a_failed_robots_verdict_is_tried_again_after_its_time_and_a_good_one_is_kept(server):
     now = [0.0]
-    f = Fetcher(DownloadConfig(allow_loopback=True, timeout=1.0, retries=0, per_host_rps=None, threads=2),
-                clock=lambda: now[0])
+    f = Fetcher(
+        DownloadConfig(allow_loopback=True, timeout=1.0, retries=0, per_host_rps=None, threads=2), clock=lambda: now[0]
+    )
     server.reset_log()
     server.robots_status = 503  # a transient outage
     try:
@@ -261,8 +273,13 @@ def test_per_host_rate_limit_spaces_requests(server):
 
 
 def test_fetch_all_keeps_order_and_never_raises(server):
-    urls = [server.url("/image.png"), "ftp://example.com/x.jpg", "not a url", server.fault_url("404"),
-            server.url("/image.webp")]
+    urls = [
+        server.url("/image.png"),
+        "ftp://example.com/x.jpg",
+        "not a url",
+        server.fault_url("404"),
+        server.url("/image.webp"),
+    ]
     results = fetcher().fetch_all(urls)
     assert [r.url for r in results] == urls
     assert [r.reason for r in results] == [None, "invalid_url", "invalid_url", "http_404", None]
@@ -287,12 +304,37 @@ def test_a_dripping_body_is_cut_off_at_the_deadline(server):
     assert time.monotonic() - start < 1.5  # the deadline is the whole attempt, not each read
 
 
-@pytest.mark.parametrize("host", [
-    "2130706433", "0x7f000001", "0x7f.1", "0177.0.0.1", "017700000001", "127.1", "127.0.1", "0x7f.0.0.1",
-    "127.0.0.1.", "localhost.", "LOCALHOST", "foo.localhost", "[::ffff:127.0.0.1]", "[::127.0.0.1]",
-    "[64:ff9b::7f00:1]", "[2002:7f00:1::]", "[::1]", "evil.example@127.0.0.1",
-    "167772161", "0xa.0.0.1", "012.0.0.1", "0xa9fea9fe", "[::ffff:a9fe:a9fe]", "0", "0.0.0.0", "[::]",
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "2130706433",
+        "0x7f000001",
+        "0x7f.1",
+        "0177.0.0.1",
+        "017700000001",
+        "127.1",
+        "127.0.1",
+        "0x7f.0.0.1",
+        "127.0.0.1.",
+        "localhost.",
+        "LOCALHOST",
+        "foo.localhost",
+        "[::ffff:127.0.0.1]",
+        "[::127.0.0.1]",
+        "[64:ff9b::7f00:1]",
+        "[2002:7f00:1::]",
+        "[::1]",
+        "evil.example@127.0.0.1",
+        "167772161",
+        "0xa.0.0.1",
+        "012.0.0.1",
+        "0xa9fea9fe",
+        "[::ffff:a9fe:a9fe]",
+        "0",
+        "0.0.0.0",
+        "[::]",
+    ],
+)
 def test_every_form_of_a_loopback_or_private_host_is_refused_before_a_request(server, host):
     server.reset_log()
     result = fetcher(allow_loopback=False).fetch(f"http://{host}:{server.port}/image.jpg")
@@ -306,22 +348,44 @@ def test_the_numeric_forms_really_reach_loopback_when_it_is_allowed(server, host
     assert fetcher().fetch(f"http://{host}:{server.port}/image.jpg").data == encode_test_image("jpeg")
 
 
-@pytest.mark.parametrize("url, reason", [
-    ("", "invalid_url"), ("file:///etc/passwd", "invalid_url"), ("ftp://example.com/x.jpg", "invalid_url"),
-    ("javascript:alert(1)", "invalid_url"), ("data:image/png;base64,iVBORw0KGgo=", "invalid_url"),
-    ("gopher://127.0.0.1:70/_GET", "invalid_url"), ("http://", "invalid_url"), ("http://[::1/x", "invalid_url"),
-    ("http://example.com:99999/x", "invalid_url"), ("http://x/\x00.jpg", "invalid_url"),
-    ("http://x/a\r\nHost: evil", "invalid_url"), ("http://" + "a" * 10_000 + ".com/", "invalid_url"),
-    ("http://xn--a.example/", "dns_error"), ("http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ/", "invalid_url"), ("http://a..b/", "invalid_url"),
-    ("http://bücher.invalid/x.jpg", "dns_error"), ("http://\udcff.example/", "invalid_url"),
-])
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("", "invalid_url"),
+        ("file:///etc/passwd", "invalid_url"),
+        ("ftp://example.com/x.jpg", "invalid_url"),
+        ("javascript:alert(1)", "invalid_url"),
+        ("data:image/png;base64,iVBORw0KGgo=", "invalid_url"),
+        ("gopher://127.0.0.1:70/_GET", "invalid_url"),
+        ("http://", "invalid_url"),
+        ("http://[::1/x", "invalid_url"),
+        ("http://example.com:99999/x", "invalid_url"),
+        ("http://x/\x00.jpg", "invalid_url"),
+        ("http://x/a\r\nHost: evil", "invalid_url"),
+        ("http://" + "a" * 10_000 + ".com/", "invalid_url"),
+        ("http://xn--a.example/", "dns_error"),
+        ("http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ/", "invalid_url"),
+        ("http://a..b/", "invalid_url"),
+        ("http://bücher.invalid/x.jpg", "dns_error"),
+        ("http://\udcff.example/", "invalid_url"),
+    ],
+)
 def test_hostile_urls_end_with_a_reason_and_never_raise(url, reason):
     result = fetcher(retries=0).fetch(url)
     assert (result.ok, result.reason) == (False, reason), result.message
 
 
-@pytest.mark.parametrize("status, reason", [(503, "robots_unreachable"), (500, "robots_unreachable"),
-                                            (429, "robots_unreachable"), (404, None), (403, None), (401, None)])
+@pytest.mark.parametrize(
+    "status, reason",
+    [
+        (503, "robots_unreachable"),
+        (500, "robots_unreachable"),
+        (429, "robots_unreachable"),
+        (404, None),
+        (403, None),
+        (401, None),
+    ],
+)
 def test_robots_txt_5xx_disallows_and_4xx_allows_as_rfc_9309_says(server, status, reason):
     server.robots_status = status
     try:
@@ -371,16 +435,33 @@ def test_an_internal_error_of_a_fetch_is_counted_once_in_a_pipeline(server, monk
         return attempt(self, url, image)
 
     monkeypatch.setattr(Fetcher, "_attempt", planted)
-    cfg = from_dict(IngestConfig, {"read": {"path": "unused"}, "write": {"path": str(tmp_path)},
-                                   "download": {"allow_loopback": True, "timeout": 2.0, "retries": 0,
-                                                "per_host_rps": None, "threads": 4},
-                                   "resize": {"image_size": 32, "resize_mode": "center_crop", "encode_format": "png"}})
-    rows = [ImageTextPair(key=f"00000000{i}", url=server.url("/image.png" + ("?boom" if i % 2 else "")))
-            for i in range(4)]
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": "unused"},
+            "write": {"path": str(tmp_path)},
+            "download": {"allow_loopback": True, "timeout": 2.0, "retries": 0, "per_host_rps": None, "threads": 4},
+            "resize": {"image_size": 32, "resize_mode": "center_crop", "encode_format": "png"},
+        },
+    )
+    rows = [
+        ImageTextPair(key=f"00000000{i}", url=server.url("/image.png" + ("?boom" if i % 2 else ""))) for i in range(4)
+    ]
     p = TestPipeline(runner="FnApiRunner")
     out = p | beam.Create([rows]) | beam.Map(_DraftShard(cfg, str(tmp_path / "00000.tar")))
-    assert_that(out, equal_to([[("000000000", "success"), ("000000001", "internal_error"),
-                                ("000000002", "success"), ("000000003", "internal_error")]]))
+    assert_that(
+        out,
+        equal_to(
+            [
+                [
+                    ("000000000", "success"),
+                    ("000000001", "internal_error"),
+                    ("000000002", "success"),
+                    ("000000003", "internal_error"),
+                ]
+            ]
+        ),
+    )
     result = p.run()
     result.wait_until_finish()
     counters = result.metrics().query(beam.metrics.MetricsFilter().with_name("internal_error"))["counters"]

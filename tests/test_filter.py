@@ -40,8 +40,14 @@ def shards(tmp_path_factory):
     for i, s in enumerate(samples):
         s["image"].save(images / f"{i:02d}.png" if images.exists() else _mkdir(images) / f"{i:02d}.png")
         (images / f"{i:02d}.txt").write_text(s["caption"])
-    cfg = from_dict(IngestConfig, {"read": {"path": str(images)}, "write": {"path": str(root / "in"), "shard_size": 5},
-                                   "resize": {"image_size": 96}})
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(images)},
+            "write": {"path": str(root / "in"), "shard_size": 5},
+            "resize": {"image_size": 96},
+        },
+    )
     assert ingest(cfg, RUNNER)["written"] == 14
     with tarfile.open(root / "in" / "00007.tar", "w") as tar:  # one good sample, one corrupt image
         for key, jpg in (("000070000", _jpeg()), ("000070001", _jpeg()[:300] + b"\x00" * 500)):
@@ -64,10 +70,20 @@ def _jpeg():
 
 
 def open_clip_cfg(checkpoint, out, **selection) -> FilterConfig:
-    return from_dict(FilterConfig, {"model": {"name": TINY_OPEN_CLIP_NAME, "pretrained": str(checkpoint / "tiny.pt"),
-                                              "config_file": str(checkpoint / f"{TINY_OPEN_CLIP_NAME}.json"),
-                                              "max_batch_size": 4, "decode_threads": 2},
-                                    "write": {"path": str(out)}, **selection})
+    return from_dict(
+        FilterConfig,
+        {
+            "model": {
+                "name": TINY_OPEN_CLIP_NAME,
+                "pretrained": str(checkpoint / "tiny.pt"),
+                "config_file": str(checkpoint / f"{TINY_OPEN_CLIP_NAME}.json"),
+                "max_batch_size": 4,
+                "decode_threads": 2,
+            },
+            "write": {"path": str(out)},
+            **selection,
+        },
+    )
 
 
 def input_samples(shards):
@@ -89,8 +105,10 @@ def direct_open_clip_scores(shards) -> dict[str, float]:
 
 
 def written(out) -> dict[str, SampleMeta]:
-    metas = [SampleMeta.from_json(s["json"]) for s in
-             wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False)]
+    metas = [
+        SampleMeta.from_json(s["json"])
+        for s in wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False)
+    ]
     return {m.key: m for m in metas}
 
 
@@ -139,21 +157,24 @@ def test_scores_do_not_depend_on_batch_size_or_order(shards, tiny_checkpoint, tm
     def scores(batch_size: int, order: list[int]) -> dict[int, float]:
         out = {}
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             for i, result in zip(chunk, handler.run_inference([examples[i] for i in chunk], model)):
                 out[i] = result.inference.score
         return out
 
     n = len(examples)
     alone = scores(1, list(range(n)))
-    for batch_size, order in [(4, list(range(n))), (n, list(range(n))), (3, list(reversed(range(n)))),
-                              (5, random.Random(0).sample(range(n), n))]:
+    for batch_size, order in [
+        (4, list(range(n))),
+        (n, list(range(n))),
+        (3, list(reversed(range(n)))),
+        (5, random.Random(0).sample(range(n), n)),
+    ]:
         batched = scores(batch_size, order)
         assert max(abs(batched[i] - alone[i]) for i in range(n)) <= 1e-6, (batch_size, order)
 
 
-def test_a_bug_on_one_sample_dead_letters_it_and_the_others_are_scored(shards, tiny_checkpoint, tmp_path,
-                                                                       monkeypatch):
+def test_a_bug_on_one_sample_dead_letters_it_and_the_others_are_scored(shards, tiny_checkpoint, tmp_path, monkeypatch):
     """Bugs planted in the decoder (one image) and in the model (one caption raises inside a batch of four,
     another gets a NaN score, which would reach the top fraction's histogram)."""
     tars, samples = input_samples(shards)
@@ -176,8 +197,11 @@ def test_a_bug_on_one_sample_dead_letters_it_and_the_others_are_scored(shards, t
     monkeypatch.setattr(filter_stages, "decode_for_clip", decode)
     monkeypatch.setattr(OpenClipHandler, "_encode", encode)
     report = clip_filter.run(open_clip_cfg(tiny_checkpoint, tmp_path, top_fraction=1.0), tars, RUNNER)
-    failed = {victim["__key__"]: "internal_error", choker["__key__"]: "inference_error",
-              nan["__key__"]: "inference_error"}
+    failed = {
+        victim["__key__"]: "internal_error",
+        choker["__key__"]: "inference_error",
+        nan["__key__"]: "inference_error",
+    }
     assert set(written(tmp_path)) == {s["__key__"] for s in samples} - set(failed)
     rejected = {r["key"]: r for r in pq.read_table(tmp_path / "rejected").to_pylist()}
     assert {key: rejected[key]["reason"] for key in failed} == failed
@@ -214,16 +238,23 @@ def test_dry_run_reports_the_distribution_and_writes_no_shards(shards, tiny_chec
 def test_transformers_clip_scores_equal_a_direct_computation(shards, tmp_path):
     model, processor = tiny_hf_clip(save_dir=tmp_path / "hf-clip", seed=3)
     tars, samples = input_samples(shards)
-    cfg = from_dict(FilterConfig, {"model": {"backend": "transformers", "name": str(tmp_path / "hf-clip")},
-                                   "threshold": -1.0, "write": {"path": str(tmp_path / "out")}})
+    cfg = from_dict(
+        FilterConfig,
+        {
+            "model": {"backend": "transformers", "name": str(tmp_path / "hf-clip")},
+            "threshold": -1.0,
+            "write": {"path": str(tmp_path / "out")},
+        },
+    )
     clip_filter.run(cfg, tars, RUNNER)
     kept = written(tmp_path / "out")
     assert len(kept) == 15
     with torch.no_grad():
         for s in samples[:5]:
             pixels = processor(images=Image.open(io.BytesIO(s["jpg"])).convert("RGB"), return_tensors="pt")
-            tokens = processor.tokenizer([s["txt"].decode()], padding="max_length", truncation=True,
-                                         return_tensors="pt")
+            tokens = processor.tokenizer(
+                [s["txt"].decode()], padding="max_length", truncation=True, return_tensors="pt"
+            )
             a = model.get_image_features(**pixels)
             b = model.get_text_features(**tokens)
             a = a if torch.is_tensor(a) else a.pooler_output
@@ -232,12 +263,15 @@ def test_transformers_clip_scores_equal_a_direct_computation(shards, tmp_path):
             assert abs(kept[s["__key__"]].clip.score - score) < 1e-5
 
 
-@pytest.mark.parametrize("fraction, expected", [
-    (0.5, ["a", "b", "c"]),  # b and c tie at 0.5 with d: the smaller keys win
-    (0.25, ["a", "b"]),
-    (1.0, ["a", "b", "c", "d", "e", "f"]),
-    (0.01, ["a"]),
-])
+@pytest.mark.parametrize(
+    "fraction, expected",
+    [
+        (0.5, ["a", "b", "c"]),  # b and c tie at 0.5 with d: the smaller keys win
+        (0.25, ["a", "b"]),
+        (1.0, ["a", "b", "c", "d", "e", "f"]),
+        (0.01, ["a"]),
+    ],
+)
 def test_top_fraction_is_exact_and_breaks_ties_by_key(fraction, expected):
     scores = [("d", 0.5), ("a", 0.9), ("f", -0.2), ("c", 0.5), ("b", 0.5), ("e", 0.1)]
     with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
@@ -256,19 +290,39 @@ def test_cli_filters_img2dataset_shards_keeping_their_fields(tiny_checkpoint, tm
     with tarfile.open(shards / "00000.tar", "w") as tar:  # img2dataset's layout and JSON fields
         for i in range(4):
             key = f"00000000{i}"
-            meta = {"url": f"http://x/{i}.jpg", "key": key, "status": "success", "error_message": None,
-                    "width": 40, "height": 30, "original_width": 400, "original_height": 300, "exif": "{}",
-                    "sha256": "ab" * 32, "caption": f"picture {i}"}
+            meta = {
+                "url": f"http://x/{i}.jpg",
+                "key": key,
+                "status": "success",
+                "error_message": None,
+                "width": 40,
+                "height": 30,
+                "original_width": 400,
+                "original_height": 300,
+                "exif": "{}",
+                "sha256": "ab" * 32,
+                "caption": f"picture {i}",
+            }
             members = (("jpg", _jpeg()), ("txt", meta["caption"].encode()), ("json", json.dumps(meta).encode()))
             for ext, data in members:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     config = tmp_path / "filter.yaml"
-    config.write_text(f"model:\n  name: {TINY_OPEN_CLIP_NAME}\n  pretrained: {tiny_checkpoint / 'tiny.pt'}\n"
-                      f"  config_file: {tiny_checkpoint / (TINY_OPEN_CLIP_NAME + '.json')}\ntop_fraction: 0.5\n")
-    args = ["filter", "--config", str(config), "--input", str(shards), "--out", str(tmp_path / "out"),
-            "--runner=FnApiRunner"]
+    config.write_text(
+        f"model:\n  name: {TINY_OPEN_CLIP_NAME}\n  pretrained: {tiny_checkpoint / 'tiny.pt'}\n"
+        f"  config_file: {tiny_checkpoint / (TINY_OPEN_CLIP_NAME + '.json')}\ntop_fraction: 0.5\n"
+    )
+    args = [
+        "filter",
+        "--config",
+        str(config),
+        "--input",
+        str(shards),
+        "--out",
+        str(tmp_path / "out"),
+        "--runner=FnApiRunner",
+    ]
     assert main(args + ["--dry-run"]) == 0
     assert "4 pairs scored" in capsys.readouterr().out
     assert main(args) == 0
@@ -286,8 +340,12 @@ def test_earlier_rejections_stay_in_the_index_and_inputs_are_accounted(tiny_chec
     for i in range(3):
         Image.new("RGB", (50, 40), (60 * i, 90, 200)).save(images / f"{i}.png")
     (images / "3.jpg").write_bytes(b"not an image at all")  # ingest rejects it: decode, not_an_image
-    assert ingest(from_dict(IngestConfig, {"read": {"path": str(images)},
-                                           "write": {"path": str(tmp_path / "in")}}), RUNNER)["rejected"] == 1
+    assert (
+        ingest(
+            from_dict(IngestConfig, {"read": {"path": str(images)}, "write": {"path": str(tmp_path / "in")}}), RUNNER
+        )["rejected"]
+        == 1
+    )
     tars = [str(tmp_path / "in" / "00000.tar")]
     report = clip_filter.run(open_clip_cfg(tiny_checkpoint, tmp_path / "out", threshold=-1.0), tars, RUNNER)
     assert report["inputs_before"] == report["inputs"] == 4 and report["accounted"]

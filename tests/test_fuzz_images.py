@@ -23,8 +23,16 @@ from visinstruct.transforms.images import ImageRejected, process_image
 
 # Pillow warns about odd EXIF and palettes in damaged files; only exceptions matter here.
 pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore::UserWarning")]
-REASONS = {"not_an_image", "truncated", "decode_error", "decompression_bomb", "unsupported_format", "too_small",
-           "too_large", "bad_aspect_ratio"}
+REASONS = {
+    "not_an_image",
+    "truncated",
+    "decode_error",
+    "decompression_bomb",
+    "unsupported_format",
+    "too_small",
+    "too_large",
+    "bad_aspect_ratio",
+}
 # Small enough that a flipped header claiming a big image is refused before it costs a big decode.
 CFG = ResizeConfig(image_size=32, min_image_size=8, max_aspect_ratio=None, max_pixels=1_000_000)
 FORMATS = {  # name -> (Pillow format, save options); GIF and TIFF with two frames
@@ -125,27 +133,40 @@ def thumbnail(image: Image.Image) -> np.ndarray:
 
 
 def test_decode_for_clip_sends_every_damaged_sample_to_scoring_or_the_dead_letters():
-    cases = [(f"k{i:03d}", data) for i, (_, data) in enumerate(
-        damaged(encoded("jpeg"), seed=5, n=24) + damaged(encoded("png"), seed=6, n=24))]
+    cases = [
+        (f"k{i:03d}", data)
+        for i, (_, data) in enumerate(damaged(encoded("jpeg"), seed=5, n=24) + damaged(encoded("png"), seed=6, n=24))
+    ]
     expected = {key: outcome(lambda: decode_for_clip(data, thumbnail)) for key, data in cases}  # noqa: B023
     with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
-        out = (p | beam.Create([(("shard.tar", key), (data, "a caption")) for key, data in cases])
-               | beam.ParDo(DecodeForClip(thumbnail, threads=2)).with_outputs("rejected", main="images"))
-        assert_that(out.images | "ScoredKeys" >> beam.Map(lambda e: e[0][1]),
-                    equal_to([k for k, v in expected.items() if v == "ok"]), label="Scored")
-        assert_that(out.rejected | "Reasons" >> beam.Map(lambda e: (e[1].key, e[1].reason)),
-                    equal_to([(k, v) for k, v in expected.items() if v != "ok"]), label="Rejected")
+        out = (
+            p
+            | beam.Create([(("shard.tar", key), (data, "a caption")) for key, data in cases])
+            | beam.ParDo(DecodeForClip(thumbnail, threads=2)).with_outputs("rejected", main="images")
+        )
+        assert_that(
+            out.images | "ScoredKeys" >> beam.Map(lambda e: e[0][1]),
+            equal_to([k for k, v in expected.items() if v == "ok"]),
+            label="Scored",
+        )
+        assert_that(
+            out.rejected | "Reasons" >> beam.Map(lambda e: (e[1].key, e[1].reason)),
+            equal_to([(k, v) for k, v in expected.items() if v != "ok"]),
+            label="Rejected",
+        )
     assert set(expected.values()) - {"ok"} and "ok" in expected.values()
 
 
 def test_samples_with_broken_metadata_or_no_image_are_dead_lettered_and_the_rest_read(tmp_path):
     good = encoded("jpeg")
-    samples = {"000000000": {"jpg": good, "txt": b"a good sample"},
-               "000000001": {"jpg": good, "json": b"[1, 2]"},  # JSON, but not an object
-               "000000002": {"jpg": good, "json": b"\xff\xfe"},  # not UTF-8
-               "000000003": {"jpg": good, "json": b'{"key": "000000003", "caption": 7}'},
-               "000000004": {"txt": b"a caption and no image"},
-               "000000005": {"png": encoded("png"), "txt": "ünïcödé".encode()}}
+    samples = {
+        "000000000": {"jpg": good, "txt": b"a good sample"},
+        "000000001": {"jpg": good, "json": b"[1, 2]"},  # JSON, but not an object
+        "000000002": {"jpg": good, "json": b"\xff\xfe"},  # not UTF-8
+        "000000003": {"jpg": good, "json": b'{"key": "000000003", "caption": 7}'},
+        "000000004": {"txt": b"a caption and no image"},
+        "000000005": {"png": encoded("png"), "txt": "ünïcödé".encode()},
+    }
     path = tmp_path / "00000.tar"
     with tarfile.open(path, "w") as tar:
         for key, members in samples.items():
@@ -154,10 +175,21 @@ def test_samples_with_broken_metadata_or_no_image_are_dead_lettered_and_the_rest
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
-        out = (p | beam.Create([str(path)])
-               | beam.ParDo(ReadShardSamples()).with_outputs("rejected", main="samples"))
-        assert_that(out.samples | "Captions" >> beam.Map(lambda e: (e[0][1], e[1][1])),
-                    equal_to([("000000000", "a good sample"), ("000000005", "ünïcödé")]), label="Read")
-        assert_that(out.rejected | "Reasons" >> beam.Map(lambda e: (e[1].key, e[1].reason)),
-                    equal_to([("000000001", "bad_metadata"), ("000000002", "bad_metadata"),
-                              ("000000003", "bad_metadata"), ("000000004", "no_image")]), label="Rejected")
+        out = p | beam.Create([str(path)]) | beam.ParDo(ReadShardSamples()).with_outputs("rejected", main="samples")
+        assert_that(
+            out.samples | "Captions" >> beam.Map(lambda e: (e[0][1], e[1][1])),
+            equal_to([("000000000", "a good sample"), ("000000005", "ünïcödé")]),
+            label="Read",
+        )
+        assert_that(
+            out.rejected | "Reasons" >> beam.Map(lambda e: (e[1].key, e[1].reason)),
+            equal_to(
+                [
+                    ("000000001", "bad_metadata"),
+                    ("000000002", "bad_metadata"),
+                    ("000000003", "bad_metadata"),
+                    ("000000004", "no_image"),
+                ]
+            ),
+            label="Rejected",
+        )

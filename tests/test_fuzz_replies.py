@@ -26,16 +26,74 @@ from visinstruct.transforms.shards import write_table
 pytestmark = pytest.mark.timeout(300)
 
 VOCAB = load_templates().object_vocabulary
-METAS = [SampleMeta(key="000000001", caption="a red circle and a blue square",
-                    boxes=[Box("red circle", [0.1, 0.4, 0.3, 0.6]), Box("blue square", [0.6, 0.35, 0.85, 0.6])]),
-         SampleMeta(key="000000002", caption=None)]
+METAS = [
+    SampleMeta(
+        key="000000001",
+        caption="a red circle and a blue square",
+        boxes=[Box("red circle", [0.1, 0.4, 0.3, 0.6]), Box("blue square", [0.6, 0.35, 0.85, 0.6])],
+    ),
+    SampleMeta(key="000000002", caption=None),
+]
 REASON = re.compile(r"[a-z][a-z0-9_]*")
-PIECES = ["Question:", "Answer:", "Q:", "A:", "User:", "Assistant:", "Human:", "GPT:", "Question 1:", "**Answer:**",
-          "```json", "```", "{", "}", "[", "]", '{"question": "x", "answer": [', "<image>", "<|im_end|>",
-          "<|im_start|>assistant", "\n", "\r\n", "\n\n", "\u2028", "\x85", "\x1c", "\t", "\x00", "\x07", "\x1b[31m",
-          "\ud800", "\udfff", "\ufffe", "\u200b", "\u202e", "e\u0301", "🐈", "漢字", "- ", "* ", "1. ", "**", "0.12",
-          "[0.12, 0.30", "caption", "bounding box", "I'm sorry", "red circle", "cat", "a", "the", "is", "What?", ".",
-          "The teal circle is a small circle.", "Yes.", " " * 50]
+PIECES = [
+    "Question:",
+    "Answer:",
+    "Q:",
+    "A:",
+    "User:",
+    "Assistant:",
+    "Human:",
+    "GPT:",
+    "Question 1:",
+    "**Answer:**",
+    "```json",
+    "```",
+    "{",
+    "}",
+    "[",
+    "]",
+    '{"question": "x", "answer": [',
+    "<image>",
+    "<|im_end|>",
+    "<|im_start|>assistant",
+    "\n",
+    "\r\n",
+    "\n\n",
+    "\u2028",
+    "\x85",
+    "\x1c",
+    "\t",
+    "\x00",
+    "\x07",
+    "\x1b[31m",
+    "\ud800",
+    "\udfff",
+    "\ufffe",
+    "\u200b",
+    "\u202e",
+    "e\u0301",
+    "🐈",
+    "漢字",
+    "- ",
+    "* ",
+    "1. ",
+    "**",
+    "0.12",
+    "[0.12, 0.30",
+    "caption",
+    "bounding box",
+    "I'm sorry",
+    "red circle",
+    "cat",
+    "a",
+    "the",
+    "is",
+    "What?",
+    ".",
+    "The teal circle is a small circle.",
+    "Yes.",
+    " " * 50,
+]
 PRINTABLE = [p for p in PIECES if p.isprintable() or not p.strip(" \n\r\t")]
 
 
@@ -46,8 +104,9 @@ def random_text(rng: random.Random) -> str:
         return "".join(chr(rng.randrange(0x110000)) for _ in range(rng.randrange(200)))
     if kind == 1:
         data = rng.randbytes(2 * rng.randrange(200))  # even: utf-16 decodes whole code units only
-        codec, errors = rng.choice([("utf-8", "replace"), ("utf-8", "surrogateescape"), ("latin-1", "strict"),
-                                    ("utf-16-le", "surrogatepass")])  # the 2nd and 4th keep lone surrogates
+        codec, errors = rng.choice(
+            [("utf-8", "replace"), ("utf-8", "surrogateescape"), ("latin-1", "strict"), ("utf-16-le", "surrogatepass")]
+        )  # the 2nd and 4th keep lone surrogates
         return data.decode(codec, errors)
     pieces = PIECES if kind == 2 else PRINTABLE  # printable ones get past the character check to the parser
     return " ".join(rng.choice(pieces) for _ in range(rng.randrange(1, 120)))
@@ -149,12 +208,25 @@ def test_the_random_replies_reach_every_part_of_the_reader():
 
 def completion_bodies(rng: random.Random) -> list[bytes]:
     """2xx bodies a broken server or proxy might send: valid and invalid JSON of every shape."""
-    shapes = [None, 1, "x", [], {}, {"choices": None}, {"choices": []}, {"choices": {}}, {"choices": [None]},
-              {"choices": [{}]}, {"choices": [{"message": None}]}, {"choices": [{"message": "hi"}]},
-              {"choices": [{"message": {"content": 5}}]}, {"choices": [{"message": {"content": [1, {"text": 5}]}}]},
-              {"choices": [{"message": {"content": [{"text": "Question: a?"}, {"text": "\nAnswer: b."}]}}]},
-              {"choices": [{"message": {"content": "ok"}, "finish_reason": 7}], "usage": "many"},
-              {"choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": -3, "completion_tokens": True}}]
+    shapes = [
+        None,
+        1,
+        "x",
+        [],
+        {},
+        {"choices": None},
+        {"choices": []},
+        {"choices": {}},
+        {"choices": [None]},
+        {"choices": [{}]},
+        {"choices": [{"message": None}]},
+        {"choices": [{"message": "hi"}]},
+        {"choices": [{"message": {"content": 5}}]},
+        {"choices": [{"message": {"content": [1, {"text": 5}]}}]},
+        {"choices": [{"message": {"content": [{"text": "Question: a?"}, {"text": "\nAnswer: b."}]}}]},
+        {"choices": [{"message": {"content": "ok"}, "finish_reason": 7}], "usage": "many"},
+        {"choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": -3, "completion_tokens": True}},
+    ]
     bodies = [json.dumps(s).encode() for s in shapes]
     bodies += [b"", b"{", b"\xff\xfe", b'{"choices": [{"message": {"content": "\\ud800"}}]}', b"null" * 1000]
     bodies += [rng.randbytes(rng.randrange(300)) for _ in range(100)]
@@ -176,12 +248,31 @@ def test_the_clients_reading_of_any_2xx_body_is_an_answer_or_a_reasoned_failure(
 def test_adversarial_replies_through_the_real_server_and_handler(tmp_path):
     texts = [ADVERSARIAL[n] for n in ("lone_surrogate", "nul", "huge", "fences", "line_separators", "whitespace")]
     with OpenAIServer(responder=lambda r: texts[int(r["messages"][-1]["content"])]) as srv:
-        cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": srv.base_url, "model": "m", "retries": 0,
-                                         "api_key_env": None, "retry_new_seed": False, "max_new_tokens": 10**6})
+        cfg = from_dict(
+            GenerateConfig,
+            {
+                "backend": "openai",
+                "endpoint": srv.base_url,
+                "model": "m",
+                "retries": 0,
+                "api_key_env": None,
+                "retry_new_seed": False,
+                "max_new_tokens": 10**6,
+            },
+        )
         handler = GenerationHandler(cfg, VOCAB)
-        plans = [Plan("p", f"{i:09d}", "conversation", "qa", None, METAS[0],
-                      ChatRequest(f"{i:09d}", [{"role": "user", "content": str(i)}], max_tokens=10**6))
-                 for i in range(len(texts))]
+        plans = [
+            Plan(
+                "p",
+                f"{i:09d}",
+                "conversation",
+                "qa",
+                None,
+                METAS[0],
+                ChatRequest(f"{i:09d}", [{"role": "user", "content": str(i)}], max_tokens=10**6),
+            )
+            for i in range(len(texts))
+        ]
         outcomes = [r.inference for r in handler.run_inference(plans, handler.load_model())]
     reasons = [o.verdict.reason for o in outcomes]
     assert reasons[:2] == ["bad_characters", "bad_characters"] and reasons[2] in {"repetitive", "bad_length"}

@@ -54,19 +54,39 @@ def write_dataset(folder: Path, samples: int = SAMPLES) -> list[IndexRow]:
     writer, rows = TarShardWriter(), []
     for i in range(samples):
         key = f"00000{i:04d}"
-        meta = SampleMeta(key=key, url=f"http://example.test/{i}.jpg", caption=f"a red square {i}",
-                          width=24 + i, height=20, conversations=CONVERSATION)
-        members = writer.add(key, [("jpg", jpeg(i)), ("txt", meta.caption.encode()),
-                                   ("json", meta.to_json().encode())])
-        rows.append(IndexRow(key=key, status="success", url=meta.url, caption=meta.caption, width=24 + i, height=20,
-                             members=members))
-    rows.append(IndexRow(key=f"00000{samples:04d}", status="http_404", url="http://example.test/gone.jpg",
-                         error_message="404"))
+        meta = SampleMeta(
+            key=key,
+            url=f"http://example.test/{i}.jpg",
+            caption=f"a red square {i}",
+            width=24 + i,
+            height=20,
+            conversations=CONVERSATION,
+        )
+        members = writer.add(
+            key, [("jpg", jpeg(i)), ("txt", meta.caption.encode()), ("json", meta.to_json().encode())]
+        )
+        rows.append(
+            IndexRow(
+                key=key, status="success", url=meta.url, caption=meta.caption, width=24 + i, height=20, members=members
+            )
+        )
+    rows.append(
+        IndexRow(key=f"00000{samples:04d}", status="http_404", url="http://example.test/gone.jpg", error_message="404")
+    )
     size = writer.finish(str(folder / "00000.tar"))
     write_table(str(folder / "00000.parquet"), rows, IndexRow, SCHEMA_VERSION)
-    write_stats(str(folder / "00000_stats.json"), ShardStats(
-        shard=0, stage="ingest", inputs=len(rows), written=samples, rejected=1, rejected_by_reason={"http_404": 1},
-        tar_bytes=size))
+    write_stats(
+        str(folder / "00000_stats.json"),
+        ShardStats(
+            shard=0,
+            stage="ingest",
+            inputs=len(rows),
+            written=samples,
+            rejected=1,
+            rejected_by_reason={"http_404": 1},
+            tar_bytes=size,
+        ),
+    )
     return rows
 
 
@@ -75,8 +95,13 @@ def cut_points(tar: Path) -> list[int]:
     points = set()
     with tarfile.open(tar) as archive:
         for info in archive:
-            points |= {info.offset, info.offset + 100, info.offset_data, info.offset_data + info.size // 2,
-                       info.offset_data + info.size}
+            points |= {
+                info.offset,
+                info.offset + 100,
+                info.offset_data,
+                info.offset_data + info.size // 2,
+                info.offset_data + info.size,
+            }
         end = archive.offset
     points |= {end, end + 256, end + 512 + 100}
     return sorted(p for p in points if 0 <= p < tar.stat().st_size)
@@ -153,8 +178,11 @@ def test_export_and_gallery_count_what_they_could_not_read_at_every_cut(whole, t
             assert f"{SAMPLES} indexed samples could not be read from 1 shards" in str(e), f"cut at {at}"
         else:  # the export writes the whole samples and counts the rest
             entries = json.loads((cut / "export" / "llava.json").read_text())
-            assert report["exported"] + report["skipped"]["missing_in_tar"] == SAMPLES == \
-                len(entries) + report["unread"][0]["missing"], f"cut at {at}"
+            assert (
+                report["exported"] + report["skipped"]["missing_in_tar"]
+                == SAMPLES
+                == len(entries) + report["unread"][0]["missing"]
+            ), f"cut at {at}"
         page = gallery(resolve_shards(str(cut)), str(cut / "g.html"), limit=SAMPLES)
         past_the_cut = sum(any(m.offset + m.size > at for m in r.members) for r in rows)  # read at the offsets
         assert (page["shown"], page["unread"], page["broken_images"]) == (SAMPLES, past_the_cut, 0), f"cut at {at}"
@@ -212,8 +240,19 @@ def test_a_run_over_a_shard_it_cannot_read_is_a_failed_run(whole, tmp_path, caps
     config = tmp_path / "generate.yaml"
     config.write_text("backend: caption_only\n")
     out = tmp_path / "out"
-    status = main(["-q", "generate", "--config", str(config), "--input", f"{shards}/{{00000,00001}}.tar",
-                   "--out", str(out), "--runner=FnApiRunner"])
+    status = main(
+        [
+            "-q",
+            "generate",
+            "--config",
+            str(config),
+            "--input",
+            f"{shards}/{{00000,00001}}.tar",
+            "--out",
+            str(out),
+            "--runner=FnApiRunner",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1
     assert err[-1].startswith("visinstruct generate: failed: 1 input shards could not be read"), err
@@ -236,9 +275,18 @@ def write_raw_shard(folder: Path, samples: dict[str, dict[str, bytes]], index: l
         if r.status != "success":
             reasons[r.status] = reasons.get(r.status, 0) + 1
     written = sum(r.status == "success" for r in index)
-    write_stats(str(folder / "00000_stats.json"), ShardStats(
-        shard=0, stage="ingest", inputs=len(index), written=written, rejected=len(index) - written,
-        rejected_by_reason=reasons, tar_bytes=(folder / "00000.tar").stat().st_size))
+    write_stats(
+        str(folder / "00000_stats.json"),
+        ShardStats(
+            shard=0,
+            stage="ingest",
+            inputs=len(index),
+            written=written,
+            rejected=len(index) - written,
+            rejected_by_reason=reasons,
+            tar_bytes=(folder / "00000.tar").stat().st_size,
+        ),
+    )
     return folder / "00000.tar"
 
 
@@ -253,8 +301,13 @@ BAD_JSON = {  # tar key: the JSON member; every one is that sample's bad_metadat
 
 
 def bad_json_shard(folder: Path) -> Path:
-    samples = {"000000000": {"jpg": jpeg(0), "txt": b"good",
-                             "json": SampleMeta(key="000000000", caption="good").to_json().encode()}}
+    samples = {
+        "000000000": {
+            "jpg": jpeg(0),
+            "txt": b"good",
+            "json": SampleMeta(key="000000000", caption="good").to_json().encode(),
+        }
+    }
     samples |= {key: {"jpg": jpeg(1), "txt": b"x", "json": data} for key, data in BAD_JSON.items()}
     samples["000000007"] = {"jpg": jpeg(2), "txt": b"no json at all"}
     index = [IndexRow(key=key, status="success", caption="x") for key in samples]
@@ -265,8 +318,11 @@ def test_a_bad_json_member_costs_that_sample_only_in_the_rewrite(tmp_path):
     tar = bad_json_shard(tmp_path / "in")
     stats = rewrite_shard(str(tar), 0, str(tmp_path / "out"), "generate", keep_all)
     index = from_table(IndexRow, read_table(str(tmp_path / "out" / "00000.parquet"), IndexRow))
-    assert {r.key: r.status for r in index} == {"000000000": "success", "000000007": "success",
-                                                 **{key: "bad_metadata" for key in BAD_JSON}}
+    assert {r.key: r.status for r in index} == {
+        "000000000": "success",
+        "000000007": "success",
+        **{key: "bad_metadata" for key in BAD_JSON},
+    }
     dead = from_table(Rejection, read_table(str(tmp_path / "out" / "rejected" / "generate-00000.parquet"), Rejection))
     assert sorted((d.key, d.reason) for d in dead) == [(key, "bad_metadata") for key in BAD_JSON]
     assert "its JSON says key '000000000'" in {d.key: d.message for d in dead}["000000003"]
@@ -285,10 +341,14 @@ def test_filter_reads_bad_json_members_as_bad_metadata_in_a_pipeline(tmp_path):
     tar = bad_json_shard(tmp_path / "in")
     with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
         out = p | beam.Create([str(tar)]) | beam.ParDo(ReadShardSamples()).with_outputs("rejected", main="samples")
-        assert_that(out.samples | "Keys" >> beam.Map(lambda e: e[0][1]), equal_to(["000000000", "000000007"]),
-                    label="Read")
-        assert_that(out.rejected | "Reasons" >> beam.Map(lambda e: (e[1].key, e[1].reason)),
-                    equal_to([(key, "bad_metadata") for key in BAD_JSON]), label="Rejected")
+        assert_that(
+            out.samples | "Keys" >> beam.Map(lambda e: e[0][1]), equal_to(["000000000", "000000007"]), label="Read"
+        )
+        assert_that(
+            out.rejected | "Reasons" >> beam.Map(lambda e: (e[1].key, e[1].reason)),
+            equal_to([(key, "bad_metadata") for key in BAD_JSON]),
+            label="Rejected",
+        )
 
 
 def test_generate_dead_letters_bad_json_members_and_accounts_for_every_row(tmp_path):
@@ -319,21 +379,29 @@ def test_metadata_errors_other_than_value_error_are_internal_errors(tmp_path, mo
 
 def test_a_key_twice_in_the_input_index_keeps_the_first_row_and_dead_letters_the_rest(tmp_path):
     samples = {f"00000000{i}": {"jpg": jpeg(i), "txt": f"caption {i}".encode()} for i in range(3)}
-    index = [IndexRow(key="000000000", status="success", url="u0"),
-             IndexRow(key="000000001", status="success", url="u1"),
-             IndexRow(key="000000001", status="http_404", url="u1-again"),  # sample in the tar, indexed twice
-             IndexRow(key="000000002", status="success", url="u2"),
-             IndexRow(key="000000003", status="http_500", url="u3"),  # rejected earlier, indexed twice
-             IndexRow(key="000000003", status="http_500", url="u3-again")]
+    index = [
+        IndexRow(key="000000000", status="success", url="u0"),
+        IndexRow(key="000000001", status="success", url="u1"),
+        IndexRow(key="000000001", status="http_404", url="u1-again"),  # sample in the tar, indexed twice
+        IndexRow(key="000000002", status="success", url="u2"),
+        IndexRow(key="000000003", status="http_500", url="u3"),  # rejected earlier, indexed twice
+        IndexRow(key="000000003", status="http_500", url="u3-again"),
+    ]
     tar = write_raw_shard(tmp_path / "in", samples, index)
     stats = rewrite_shard(str(tar), 0, str(tmp_path / "out"), "filter", keep_all)
     out = from_table(IndexRow, read_table(str(tmp_path / "out" / "00000.parquet"), IndexRow))
-    assert [(r.key, r.status) for r in out] == [("000000000", "success"), ("000000001", "success"),
-                                                 ("000000002", "success"), ("000000003", "http_500")]
+    assert [(r.key, r.status) for r in out] == [
+        ("000000000", "success"),
+        ("000000001", "success"),
+        ("000000002", "success"),
+        ("000000003", "http_500"),
+    ]
     assert {r.key: r.url for r in out}["000000003"] == "u3"  # the first row of the key
     dead = from_table(Rejection, read_table(str(tmp_path / "out" / "rejected" / "filter-00000.parquet"), Rejection))
-    assert sorted((d.key, d.reason, d.url) for d in dead) == [("000000001", "duplicate_key", "u1-again"),
-                                                              ("000000003", "duplicate_key", "u3-again")]
+    assert sorted((d.key, d.reason, d.url) for d in dead) == [
+        ("000000001", "duplicate_key", "u1-again"),
+        ("000000003", "duplicate_key", "u3-again"),
+    ]
     assert (stats.inputs, stats.written, stats.rejected) == (4, 3, 1)
     assert len(out) + len(dead) == len(index)  # every input index row: kept once, or a dead letter
     assert validate(resolve_shards(str(tmp_path / "out"))).ok

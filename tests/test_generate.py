@@ -18,8 +18,11 @@ from visinstruct.transforms.prompts import caption_only, choose_kind, derive_see
 
 pytestmark = pytest.mark.timeout(600)
 RUNNER = ["--runner=FnApiRunner"]
-META = SampleMeta(key="000000001", caption="a red circle and a blue square",
-                  boxes=[Box("red circle", [0.1, 0.4, 0.3, 0.6]), Box("blue square", [0.6, 0.35, 0.85, 0.6])])
+META = SampleMeta(
+    key="000000001",
+    caption="a red circle and a blue square",
+    boxes=[Box("red circle", [0.1, 0.4, 0.3, 0.6]), Box("blue square", [0.6, 0.35, 0.85, 0.6])],
+)
 VOCAB = load_templates().object_vocabulary
 
 
@@ -28,37 +31,48 @@ def verdict(reply, fmt="qa", question=None):
 
 
 def test_qa_replies_become_llava_turns():
-    reply = ("**Question 1:** What shapes are there?\nAnswer: A red circle and a blue square.\n\n"
-             "Q: Where is the circle?\nA: On the left,\nnext to the square.")
-    assert parse_qa(reply) == [("What shapes are there?", "A red circle and a blue square."),
-                               ("Where is the circle?", "On the left, next to the square.")]
-    assert verdict(reply).turns == [Turn("human", "<image>\nWhat shapes are there?"),
-                                    Turn("gpt", "A red circle and a blue square."),
-                                    Turn("human", "Where is the circle?"),
-                                    Turn("gpt", "On the left, next to the square.")]
+    reply = (
+        "**Question 1:** What shapes are there?\nAnswer: A red circle and a blue square.\n\n"
+        "Q: Where is the circle?\nA: On the left,\nnext to the square."
+    )
+    assert parse_qa(reply) == [
+        ("What shapes are there?", "A red circle and a blue square."),
+        ("Where is the circle?", "On the left, next to the square."),
+    ]
+    assert verdict(reply).turns == [
+        Turn("human", "<image>\nWhat shapes are there?"),
+        Turn("gpt", "A red circle and a blue square."),
+        Turn("human", "Where is the circle?"),
+        Turn("gpt", "On the left, next to the square."),
+    ]
     description = verdict("Description: A red circle sits left of a blue square.", "description", "Describe it.")
-    assert description.turns == [Turn("human", "<image>\nDescribe it."),
-                                 Turn("gpt", "A red circle sits left of a blue square.")]
+    assert description.turns == [
+        Turn("human", "<image>\nDescribe it."),
+        Turn("gpt", "A red circle sits left of a blue square."),
+    ]
 
 
-@pytest.mark.parametrize("reply, reason", [
-    ("The picture is nice.", "unparseable"),
-    ("Question: What is it?\nAnswer: I'm sorry, I cannot see images.", "refusal"),
-    ("Question: What is it?\nAnswer: As the caption says, a red circle.", "mentions_context"),
-    ("Question: Where is it?\nAnswer: At [0.10, 0.40] on the left.", "mentions_context"),
-    ("Question: Where is it?\nAnswer: The bounding box is on the left.", "mentions_context"),
-    ("Question: Where is the square?\nAnswer: Its left edge is at 0.60.", "mentions_context"),
-    ("Question: Where is it?\nAnswer: It spans (0.10, 0.40) to the middle.", "mentions_context"),
-    ("Question: What is it?\nAnswer: According to the caption, a red circle.", "mentions_context"),
-    ("Question: Where is it?\nAnswer: At [0.12, 0.30, 0.55, 0.91] in the picture.", "mentions_context"),
-    ("Question: Where is it?\nAnswer: Its corner is at x1 = 0.1.", "mentions_context"),
-    ("Question: What is it?\nAnswer: A red\x00 circle.", "bad_characters"),
-    ("Question: What is it?\nAnswer: A red \ud800 circle.", "bad_characters"),
-    ("Question: What colour?\nAnswer: Red.\nQuestion: What colour?\nAnswer: Blue.", "duplicate_question"),
-    ("Question: What is there?\nAnswer: A red circle next to a sleeping cat.", "unknown_object"),
-    ("Question: What is there?\nAnswer: A triangle.", "unknown_object"),
-    ("Question: Colour?\nAnswer: R", "bad_length"),
-])
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        ("The picture is nice.", "unparseable"),
+        ("Question: What is it?\nAnswer: I'm sorry, I cannot see images.", "refusal"),
+        ("Question: What is it?\nAnswer: As the caption says, a red circle.", "mentions_context"),
+        ("Question: Where is it?\nAnswer: At [0.10, 0.40] on the left.", "mentions_context"),
+        ("Question: Where is it?\nAnswer: The bounding box is on the left.", "mentions_context"),
+        ("Question: Where is the square?\nAnswer: Its left edge is at 0.60.", "mentions_context"),
+        ("Question: Where is it?\nAnswer: It spans (0.10, 0.40) to the middle.", "mentions_context"),
+        ("Question: What is it?\nAnswer: According to the caption, a red circle.", "mentions_context"),
+        ("Question: Where is it?\nAnswer: At [0.12, 0.30, 0.55, 0.91] in the picture.", "mentions_context"),
+        ("Question: Where is it?\nAnswer: Its corner is at x1 = 0.1.", "mentions_context"),
+        ("Question: What is it?\nAnswer: A red\x00 circle.", "bad_characters"),
+        ("Question: What is it?\nAnswer: A red \ud800 circle.", "bad_characters"),
+        ("Question: What colour?\nAnswer: Red.\nQuestion: What colour?\nAnswer: Blue.", "duplicate_question"),
+        ("Question: What is there?\nAnswer: A red circle next to a sleeping cat.", "unknown_object"),
+        ("Question: What is there?\nAnswer: A triangle.", "unknown_object"),
+        ("Question: Colour?\nAnswer: R", "bad_length"),
+    ],
+)
 def test_bad_replies_are_rejected_with_their_reason(reply, reason):
     assert verdict(reply).reason == reason
 
@@ -67,12 +81,15 @@ def test_objects_in_the_context_are_allowed_in_plural_too():
     assert verdict("Question: How many shapes?\nAnswer: Two: a circle and a square, no other squares.").turns
 
 
-@pytest.mark.parametrize("answer", [
-    "It is about 0.75 miles from the shore, so a 15 minute walk.",
-    "There are 3 circles, and the price tag says $12.99.",
-    "The circle is 0.5 metres wide and the square about .33 of that.",
-    "It is 2.5 metres tall, and the three boxes on the shelf are brown.",
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "It is about 0.75 miles from the shore, so a 15 minute walk.",
+        "There are 3 circles, and the price tag says $12.99.",
+        "The circle is 0.5 metres wide and the square about .33 of that.",
+        "It is 2.5 metres tall, and the three boxes on the shelf are brown.",
+    ],
+)
 def test_ordinary_numbers_and_words_are_not_mentions_of_the_context(answer):
     assert verdict(f"Question: What can you tell me?\nAnswer: {answer}").turns
 
@@ -148,10 +165,18 @@ def test_a_caption_no_backend_can_send_is_that_samples_rejection_not_the_batchs(
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
     coco = shapes_dataset(root / "shapes", n=9, seed=5)
-    cfg = from_dict(IngestConfig, {"read": {"path": str(coco / "annotations" / "*.json"), "format": "coco",
-                                            "image_root": str(coco / "images")},
-                                   "write": {"path": str(root / "in"), "shard_size": 4},
-                                   "resize": {"image_size": 64}})
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {
+                "path": str(coco / "annotations" / "*.json"),
+                "format": "coco",
+                "image_root": str(coco / "images"),
+            },
+            "write": {"path": str(root / "in"), "shard_size": 4},
+            "resize": {"image_size": 64},
+        },
+    )
     assert ingest(cfg, RUNNER)["written"] == 9
     return sorted(str(p) for p in (root / "in").glob("*.tar"))
 
@@ -162,8 +187,11 @@ def samples(out) -> dict[str, SampleMeta]:
 
 
 def tree(out) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and not p.name.endswith(("_stats.json", "run_report.json"))}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and not p.name.endswith(("_stats.json", "run_report.json"))
+    }
 
 
 def test_caption_only_data_is_deterministic(shards, tmp_path):
@@ -183,16 +211,25 @@ def scripted(request: dict) -> str:
         return "Several coloured shapes are spread over a white background."
     if "triangle" in context:
         return "Question: What is in the picture?\nAnswer: I'm sorry, I cannot see pictures."
-    return ("Question: What colours are the shapes?\nAnswer: They are bright.\n"
-            "Question: Is the background plain?\nAnswer: Yes, it is plain white.")
+    return (
+        "Question: What colours are the shapes?\nAnswer: They are bright.\n"
+        "Question: Is the background plain?\nAnswer: Yes, it is plain white."
+    )
 
 
 def test_openai_backend_end_to_end_with_faults_retries_cache_and_no_key_leak(shards, tmp_path, monkeypatch, caplog):
     secret = "sk-test-SECRET-4242"
     monkeypatch.setenv("VI_TEST_KEY", secret)
-    settings = {"backend": "openai", "model": "scripted", "api_key_env": "VI_TEST_KEY", "retries": 2,
-                "timeout": 5.0, "temperature": 0.0, "cache_dir": str(tmp_path / "cache"),
-                "write": {"path": str(tmp_path / "out")}}
+    settings = {
+        "backend": "openai",
+        "model": "scripted",
+        "api_key_env": "VI_TEST_KEY",
+        "retries": 2,
+        "timeout": 5.0,
+        "temperature": 0.0,
+        "cache_dir": str(tmp_path / "cache"),
+        "write": {"path": str(tmp_path / "out")},
+    }
     with OpenAIServer(responder=scripted, require_key=secret) as srv:
         cfg = from_dict(GenerateConfig, settings | {"endpoint": srv.base_url})
         report = generate.run(cfg, shards, RUNNER)
@@ -229,18 +266,52 @@ def test_openai_faults_end_written_after_retry_or_dead_lettered(tmp_path, monkey
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     good = "Question: What is there?\nAnswer: A red circle and a blue square."
     with OpenAIServer(responder=lambda r: good) as srv:
-        cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": srv.base_url, "model": "m", "retries": 1,
-                                         "timeout": 1.0, "retry_new_seed": False})
+        cfg = from_dict(
+            GenerateConfig,
+            {
+                "backend": "openai",
+                "endpoint": srv.base_url,
+                "model": "m",
+                "retries": 1,
+                "timeout": 1.0,
+                "retry_new_seed": False,
+            },
+        )
         handler = GenerationHandler(cfg, VOCAB)
         backend = handler.load_model()
-        markers = ["", "[[fault:429:1:0.1]]", "[[fault:500:1]]", "[[fault:500]]", "[[fault:hang]]",
-                   "[[fault:malformed]]", "[[fault:empty]]", "[[fault:401]]"]
-        plans = [Plan("p", f"{i:09d}", "conversation", "qa", None, META,
-                      ChatRequest(f"{i:09d}", [{"role": "user", "content": f"sample {i} {m}"}], seed=i))
-                 for i, m in enumerate(markers)]
+        markers = [
+            "",
+            "[[fault:429:1:0.1]]",
+            "[[fault:500:1]]",
+            "[[fault:500]]",
+            "[[fault:hang]]",
+            "[[fault:malformed]]",
+            "[[fault:empty]]",
+            "[[fault:401]]",
+        ]
+        plans = [
+            Plan(
+                "p",
+                f"{i:09d}",
+                "conversation",
+                "qa",
+                None,
+                META,
+                ChatRequest(f"{i:09d}", [{"role": "user", "content": f"sample {i} {m}"}], seed=i),
+            )
+            for i, m in enumerate(markers)
+        ]
         outcomes = [r.inference for r in handler.run_inference(plans, backend)]
-    assert [o.verdict.reason for o in outcomes] == [None, None, None, "http_500", "timeout", "malformed_response",
-                                                     "empty_completion", "http_401"]
+    assert [o.verdict.reason for o in outcomes] == [
+        None,
+        None,
+        None,
+        "http_500",
+        "timeout",
+        "malformed_response",
+        "empty_completion",
+        "http_401",
+    ]
 
 
 def test_replies_cut_at_the_token_limit_are_rejected_as_truncated():
@@ -249,12 +320,30 @@ def test_replies_cut_at_the_token_limit_are_rejected_as_truncated():
 
     good = "Question: What is there?\nAnswer: A red circle and a blue square."  # 12 words: the server's tokens
     with OpenAIServer(responder=lambda r: good) as srv:
-        cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": srv.base_url, "model": "m", "retries": 0,
-                                         "api_key_env": None, "retry_new_seed": False})
+        cfg = from_dict(
+            GenerateConfig,
+            {
+                "backend": "openai",
+                "endpoint": srv.base_url,
+                "model": "m",
+                "retries": 0,
+                "api_key_env": None,
+                "retry_new_seed": False,
+            },
+        )
         handler = GenerationHandler(cfg, VOCAB)
-        plans = [Plan("p", f"{i:09d}", "conversation", "qa", None, META,
-                      ChatRequest(f"{i:09d}", [{"role": "user", "content": f"sample {i}"}], max_tokens=limit))
-                 for i, limit in enumerate([64, 8])]
+        plans = [
+            Plan(
+                "p",
+                f"{i:09d}",
+                "conversation",
+                "qa",
+                None,
+                META,
+                ChatRequest(f"{i:09d}", [{"role": "user", "content": f"sample {i}"}], max_tokens=limit),
+            )
+            for i, limit in enumerate([64, 8])
+        ]
         whole, cut = [r.inference for r in handler.run_inference(plans, handler.load_model())]
     assert whole.result.finish_reason == "stop" and whole.verdict.turns
     # "Question: What is there? Answer: A red circle" reads as a valid pair: only finish_reason tells
@@ -284,8 +373,9 @@ def test_transformers_sampling_is_seeded_per_sample_not_per_batch(tmp_path):
         return ChatRequest(key, [{"role": "user", "content": text}], max_tokens=12, temperature=1.0, seed=seed)
 
     alone = backend.generate([ask("a", "hello there", 5)])[0]
-    batched = backend.generate([ask("b", "a much longer prompt that pads the other row", 9),
-                                ask("a", "hello there", 5)])
+    batched = backend.generate(
+        [ask("b", "a much longer prompt that pads the other row", 9), ask("a", "hello there", 5)]
+    )
     assert alone.text == batched[1].text and alone.completion_tokens > 0
     # random weights never say <|im_end|> within 12 tokens: the answer ran to the limit
     assert (alone.finish_reason, alone.completion_tokens) == ("length", 12)
@@ -296,9 +386,18 @@ def test_transformers_sampling_is_seeded_per_sample_not_per_batch(tmp_path):
 def test_real_smollm2_writes_conversations_for_shapes_with_boxes(shards, tmp_path):
     from visinstruct.testing.smollm2 import smollm2_gguf_path
 
-    cfg = from_dict(GenerateConfig, {"backend": "transformers", "model": str(smollm2_gguf_path()), "batch_size": 9,
-                                     "max_new_tokens": 64, "temperature": 0.0, "retry_new_seed": False,
-                                     "write": {"path": str(tmp_path / "out")}})
+    cfg = from_dict(
+        GenerateConfig,
+        {
+            "backend": "transformers",
+            "model": str(smollm2_gguf_path()),
+            "batch_size": 9,
+            "max_new_tokens": 64,
+            "temperature": 0.0,
+            "retry_new_seed": False,
+            "write": {"path": str(tmp_path / "out")},
+        },
+    )
     report = generate.run(cfg, shards[:1], RUNNER)
     assert report["inputs"] == 4 and report["accounted"] and report["backend_calls"] == 4
     assert report["completion_tokens_spent"] > 0 and report["completion_tokens_spent"] >= report["completion_tokens"]
@@ -313,15 +412,30 @@ def test_cli_generates_caption_only_data_and_reports_one_line_errors(shards, tmp
     config = tmp_path / "gen.yaml"
     config.write_text("backend: caption_only\n")
     folder = str(shards[0]).rsplit("/", 1)[0]
-    assert main(["generate", "--config", str(config), "--input", folder, "--out", str(tmp_path / "out"),
-                 "--runner=FnApiRunner"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(config),
+                "--input",
+                folder,
+                "--out",
+                str(tmp_path / "out"),
+                "--runner=FnApiRunner",
+            ]
+        )
+        == 0
+    )
     assert "generate: 9 rows in 3 shards -> 9 written, 0 rejected" in capsys.readouterr().out
     assert main(["generate", "--config", str(config), "--input", str(tmp_path / "none"), "--out", "x"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
 
-GOOD_QA = ("Question: What colours are the shapes?\nAnswer: They are bright.\n"
-           "Question: Is the background plain?\nAnswer: Yes, it is plain white.")
+GOOD_QA = (
+    "Question: What colours are the shapes?\nAnswer: They are bright.\n"
+    "Question: Is the background plain?\nAnswer: Yes, it is plain white."
+)
 
 
 def test_a_bug_on_one_sample_dead_letters_that_sample_only(shards, tmp_path, monkeypatch):
@@ -345,17 +459,34 @@ def test_a_bug_on_one_sample_dead_letters_that_sample_only(shards, tmp_path, mon
 
     monkeypatch.setattr(generate, "build_messages", build_messages)
     monkeypatch.setattr(llm, "read_reply", read_reply)
-    with OpenAIServer(responder=lambda r: " ".join([GOOD_QA] * 20) if captions[cut] in r["messages"][-1]["content"]
-                      else GOOD_QA) as srv:
-        cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": srv.base_url, "model": "m",
-                                         "api_key_env": None, "kinds": {"conversation": 1.0}, "max_new_tokens": 64,
-                                         "temperature": 0.0, "write": {"path": str(tmp_path / "out")}})
+    with OpenAIServer(
+        responder=lambda r: " ".join([GOOD_QA] * 20) if captions[cut] in r["messages"][-1]["content"] else GOOD_QA
+    ) as srv:
+        cfg = from_dict(
+            GenerateConfig,
+            {
+                "backend": "openai",
+                "endpoint": srv.base_url,
+                "model": "m",
+                "api_key_env": None,
+                "kinds": {"conversation": 1.0},
+                "max_new_tokens": 64,
+                "temperature": 0.0,
+                "write": {"path": str(tmp_path / "out")},
+            },
+        )
         report = generate.run(cfg, shards, RUNNER)
-    assert report["accounted"] and report["written"] == 6 and sorted(samples(tmp_path / "out")) == sorted(
-        set(captions) - {bad_prompt, bad_reply, cut})
+    assert (
+        report["accounted"]
+        and report["written"] == 6
+        and sorted(samples(tmp_path / "out")) == sorted(set(captions) - {bad_prompt, bad_reply, cut})
+    )
     rejected = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "rejected").to_pylist()}
     assert {k: r["reason"] for k, r in rejected.items()} == {
-        bad_prompt: "internal_error", bad_reply: "internal_error", cut: "truncated_reply"}
+        bad_prompt: "internal_error",
+        bad_reply: "internal_error",
+        cut: "truncated_reply",
+    }
     assert rejected[bad_prompt]["message"] == "KeyError: 'planted in build_messages'"
     assert rejected[bad_reply]["message"] == "ZeroDivisionError: planted in read_reply"
     detail = json.loads(rejected[cut]["detail"])
@@ -368,8 +499,17 @@ def test_with_the_llm_server_down_every_row_is_a_retryable_connection_error_nami
 
     with OpenAIServer() as srv:
         endpoint = srv.base_url  # stopped on leaving: nothing listens there any more
-    cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": endpoint, "model": "m", "retries": 0,
-                                     "api_key_env": None, "write": {"path": str(tmp_path / "out")}})
+    cfg = from_dict(
+        GenerateConfig,
+        {
+            "backend": "openai",
+            "endpoint": endpoint,
+            "model": "m",
+            "retries": 0,
+            "api_key_env": None,
+            "write": {"path": str(tmp_path / "out")},
+        },
+    )
     report = generate.run(cfg, shards, RUNNER)
     assert report["written"] == 0 and report["rejected_by_reason"] == {"connection_error": 9}
     rejected = pq.read_table(tmp_path / "out" / "rejected").to_pylist()

@@ -21,8 +21,12 @@ def test_an_exception_becomes_an_internal_error_row_naming_its_class():
 
     row = guarded("decode", boom, "000000001", "http://example.com/a.jpg")
     assert isinstance(row, Rejection)
-    assert (row.stage, row.reason, row.key, row.url) == ("decode", INTERNAL_ERROR, "000000001",
-                                                         "http://example.com/a.jpg")
+    assert (row.stage, row.reason, row.key, row.url) == (
+        "decode",
+        INTERNAL_ERROR,
+        "000000001",
+        "http://example.com/a.jpg",
+    )
     assert row.message == "ZeroDivisionError: division by zero"
     assert row.detail["exception"] == "ZeroDivisionError"
 
@@ -51,8 +55,17 @@ def test_in_a_pipeline_one_bad_record_costs_that_record_only_and_is_counted():
 
     p = TestPipeline(runner="FnApiRunner")
     out = p | beam.Create(["1", "0", "4", "x"]) | beam.Map(step)
-    assert_that(out, equal_to([("ok", 100), ("ok", 25), ("rejected", INTERNAL_ERROR, "ZeroDivisionError"),
-                               ("rejected", INTERNAL_ERROR, "ValueError")]))
+    assert_that(
+        out,
+        equal_to(
+            [
+                ("ok", 100),
+                ("ok", 25),
+                ("rejected", INTERNAL_ERROR, "ZeroDivisionError"),
+                ("rejected", INTERNAL_ERROR, "ValueError"),
+            ]
+        ),
+    )
     result = p.run()
     result.wait_until_finish()
     counters = result.metrics().query(beam.metrics.MetricsFilter().with_name(INTERNAL_ERROR))["counters"]

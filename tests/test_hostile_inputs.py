@@ -21,10 +21,24 @@ from visinstruct.transforms.read import BadRow, plan_units, read_unit
 pytestmark = pytest.mark.timeout(300)
 
 SSRF_HOSTS = [  # each reaches a private or metadata address, however it is spelled
-    "169.254.169.254", "0xa9fea9fe", "2852039166", "0251.0376.0251.0376", "169.254.169.254.", "10.1",
-    "[::ffff:169.254.169.254]", "[::a9fe:a9fe]", "[::ffff:0:a00:1]", "[64:ff9b::a9fe:a9fe]", "[64:ff9b:1::a00:1]",
-    "[2002:a9fe:a9fe::1]", "[2001:0:4136:e378:8000:63bf:f5ff:fffe]", "[fd00:ec2::254]", "[fe80::1]", "[::]",
-    "0.0.0.0", "100.100.100.200",
+    "169.254.169.254",
+    "0xa9fea9fe",
+    "2852039166",
+    "0251.0376.0251.0376",
+    "169.254.169.254.",
+    "10.1",
+    "[::ffff:169.254.169.254]",
+    "[::a9fe:a9fe]",
+    "[::ffff:0:a00:1]",
+    "[64:ff9b::a9fe:a9fe]",
+    "[64:ff9b:1::a00:1]",
+    "[2002:a9fe:a9fe::1]",
+    "[2001:0:4136:e378:8000:63bf:f5ff:fffe]",
+    "[fd00:ec2::254]",
+    "[fe80::1]",
+    "[::]",
+    "0.0.0.0",
+    "100.100.100.200",
 ]
 
 
@@ -38,25 +52,39 @@ def server():
 
 def hostile_rows(server) -> list[tuple[bytes, bytes, str, str]]:
     """``(url cell, caption cell, stage, reason)``: the reason each row must end with (``success`` if written)."""
-    rows = [(server.url("/ok0.png").encode(), b"a fine row", "", "success"),
-            (b"", b"empty url", "read", "missing_url"),
-            (b"   ", b"blank url", "read", "missing_url"),
-            (b"http://x/nul\x00.jpg", b"nul in the url", "read", "bad_url"),
-            (b"http://x/caf\xe9.jpg", b"latin-1 byte in the url", "read", "bad_encoding"),
-            (b"http://x/" + b"a" * 10_000 + b".jpg", b"a 10 KB url", "read", "field_too_long"),
-            (server.url("/ok1.png").encode(), b"x" * 1_000_000, "read", "field_too_long"),
-            (server.url("/ok1.png").encode() + b"?nul", b"nul \x00 in the caption", "read", "bad_caption"),
-            (server.url("/ok1.png").encode() + b"?latin", b"caf\xe9", "read", "bad_encoding")]
-    for scheme_url in (b"file:///etc/passwd", b"ftp://example.com/a.jpg", b"javascript:alert(1)",
-                       b"data:image/png;base64,iVBORw0KGgo=", b"gopher://127.0.0.1:70/_x", b"not a url"):
+    rows = [
+        (server.url("/ok0.png").encode(), b"a fine row", "", "success"),
+        (b"", b"empty url", "read", "missing_url"),
+        (b"   ", b"blank url", "read", "missing_url"),
+        (b"http://x/nul\x00.jpg", b"nul in the url", "read", "bad_url"),
+        (b"http://x/caf\xe9.jpg", b"latin-1 byte in the url", "read", "bad_encoding"),
+        (b"http://x/" + b"a" * 10_000 + b".jpg", b"a 10 KB url", "read", "field_too_long"),
+        (server.url("/ok1.png").encode(), b"x" * 1_000_000, "read", "field_too_long"),
+        (server.url("/ok1.png").encode() + b"?nul", b"nul \x00 in the caption", "read", "bad_caption"),
+        (server.url("/ok1.png").encode() + b"?latin", b"caf\xe9", "read", "bad_encoding"),
+    ]
+    for scheme_url in (
+        b"file:///etc/passwd",
+        b"ftp://example.com/a.jpg",
+        b"javascript:alert(1)",
+        b"data:image/png;base64,iVBORw0KGgo=",
+        b"gopher://127.0.0.1:70/_x",
+        b"not a url",
+    ):
         rows.append((scheme_url, b"not http", "download", "invalid_url"))
-    rows += [("http://bücher.invalid/a.jpg".encode(), b"an IDN host nobody serves", "download", "dns_error"),
-             ("http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ/a.jpg".encode(), b"not a valid IDNA name", "download", "invalid_url")]
-    rows += [(f"http://{host}/latest/meta-data".encode(), host.encode(), "download", "blocked_address")
-             for host in SSRF_HOSTS]
+    rows += [
+        ("http://bücher.invalid/a.jpg".encode(), b"an IDN host nobody serves", "download", "dns_error"),
+        ("http://ⓛⓞⓒⓐⓛⓗⓞⓢⓣ/a.jpg".encode(), b"not a valid IDNA name", "download", "invalid_url"),
+    ]
+    rows += [
+        (f"http://{host}/latest/meta-data".encode(), host.encode(), "download", "blocked_address")
+        for host in SSRF_HOSTS
+    ]
     redirect = server.fault_url("redirect_to", url="http://169.254.169.254/latest/meta-data")
-    rows += [(redirect.encode(), b"a redirect to the metadata server", "download", "blocked_address"),
-             (server.url("/ok2.png").encode(), b"the last row is fine too", "", "success")]
+    rows += [
+        (redirect.encode(), b"a redirect to the metadata server", "download", "blocked_address"),
+        (server.url("/ok2.png").encode(), b"the last row is fine too", "", "success"),
+    ]
     return rows
 
 
@@ -70,7 +98,8 @@ def test_the_reader_gives_every_hostile_row_a_pair_or_a_reason(server, tmp_path)
     cfg = ReadConfig(path=write_list(tmp_path / "urls.tsv", rows))
     got = [row for fmt, paths in plan_units(cfg) for row in read_unit(fmt, paths, cfg)]
     assert [g.reason if isinstance(g, BadRow) else "pair" for g in got] == [
-        reason if stage == "read" else "pair" for _, _, stage, reason in rows]
+        reason if stage == "read" else "pair" for _, _, stage, reason in rows
+    ]
     for bad in (g for g in got if isinstance(g, BadRow)):
         assert len(bad.raw) <= 500 and len(bad.url or "") <= 500
         (bad.raw + bad.message + (bad.url or "")).encode("utf-8")  # dead letters are valid UTF-8
@@ -92,11 +121,15 @@ def test_the_fetcher_gives_every_hostile_url_a_reason(server, tmp_path):
 
 def test_a_whole_ingest_writes_or_dead_letters_every_hostile_row_and_the_counts_add_up(server, tmp_path):
     rows = hostile_rows(server)
-    cfg = from_dict(IngestConfig, {
-        "read": {"path": write_list(tmp_path / "urls.tsv", rows)},
-        "write": {"path": str(tmp_path / "out"), "shard_size": 8},
-        "download": {"allow_loopback": True, "timeout": 2.0, "retries": 0, "per_host_rps": None, "threads": 8},
-        "resize": {"image_size": 32, "resize_mode": "center_crop", "encode_format": "png"}})
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": write_list(tmp_path / "urls.tsv", rows)},
+            "write": {"path": str(tmp_path / "out"), "shard_size": 8},
+            "download": {"allow_loopback": True, "timeout": 2.0, "retries": 0, "per_host_rps": None, "threads": 8},
+            "resize": {"image_size": 32, "resize_mode": "center_crop", "encode_format": "png"},
+        },
+    )
     report = run(cfg, ["--runner=FnApiRunner"])
     assert report["inputs"] == report["rows_read"] == len(rows) and report["accounted"]
     assert report["written"] == 2 and report["written"] + report["rejected"] == len(rows)
@@ -122,8 +155,10 @@ def test_near_dedup_of_many_copies_of_a_few_placeholders_is_fast_and_keeps_the_s
 
     rng = random.Random(13)
     bases = [rng.getrandbits(64) for _ in range(5)]
-    members = [(f"{i:09d}", f"{bases[rng.randrange(5)] ^ (1 << rng.randrange(64)) * rng.randrange(2):016x}")
-               for i in range(400)]
+    members = [
+        (f"{i:09d}", f"{bases[rng.randrange(5)] ^ (1 << rng.randrange(64)) * rng.randrange(2):016x}")
+        for i in range(400)
+    ]
     rng.shuffle(members)
     assert list(near_losers(members, 3)) == list(brute_force(members, 3))
     # Two placeholders a crawl serves thousands of times, sharing a band but 10 bits apart: comparing each copy

@@ -28,13 +28,16 @@ def decoded(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-@pytest.mark.parametrize("mode, expected", [
-    ("no", (400, 300)),
-    ("keep_ratio", (341, 256)),
-    ("keep_ratio_largest", (256, 192)),
-    ("center_crop", (256, 256)),
-    ("border", (256, 256)),
-])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("no", (400, 300)),
+        ("keep_ratio", (341, 256)),
+        ("keep_ratio_largest", (256, 192)),
+        ("center_crop", (256, 256)),
+        ("border", (256, 256)),
+    ],
+)
 def test_resize_modes_give_img2dataset_sizes(mode, expected):
     out = process_image(photo(), ResizeConfig(image_size=256, resize_mode=mode))
     assert (out.width, out.height) == expected == decoded(out.data).size
@@ -48,11 +51,13 @@ def test_border_pads_with_white_like_img2dataset_and_centres_the_image():
     assert max(out.getpixel((128, 40))) < 100  # the photo's dark background starts where the border ends
 
 
-@pytest.mark.parametrize("color, rgb", [("black", (0, 0, 0)), ("#1e90ff", (30, 144, 255)),
-                                        ("rgb(200, 30, 40)", (200, 30, 40))])
+@pytest.mark.parametrize(
+    "color, rgb", [("black", (0, 0, 0)), ("#1e90ff", (30, 144, 255)), ("rgb(200, 30, 40)", (200, 30, 40))]
+)
 def test_border_color_is_configurable(color, rgb):
-    cfg = from_dict(ResizeConfig, {"image_size": 64, "resize_mode": "border", "border_color": color,
-                                   "encode_format": "png"})
+    cfg = from_dict(
+        ResizeConfig, {"image_size": 64, "resize_mode": "border", "border_color": color, "encode_format": "png"}
+    )
     out = decoded(process_image(photo(), cfg).data).convert("RGB")
     assert out.getpixel((32, 1)) == out.getpixel((32, 62)) == rgb
 
@@ -62,8 +67,16 @@ def test_a_border_color_that_is_no_colour_is_a_config_error():
         from_dict(ResizeConfig, {"border_color": "not-a-colour"})
 
 
-@pytest.mark.parametrize("size, reason", [((1, 1), "too_small"), ((4000, 2), "too_small"), ((16, 16), "too_small"),
-                                          ((400, 100), "bad_aspect_ratio"), ((90, 600), "bad_aspect_ratio")])
+@pytest.mark.parametrize(
+    "size, reason",
+    [
+        ((1, 1), "too_small"),
+        ((4000, 2), "too_small"),
+        ((16, 16), "too_small"),
+        ((400, 100), "bad_aspect_ratio"),
+        ((90, 600), "bad_aspect_ratio"),
+    ],
+)
 def test_default_bounds_reject_icons_and_strips_instead_of_upscaling_them(size, reason):
     with pytest.raises(ImageRejected) as err:
         process_image(saved(Image.new("RGB", size, (30, 60, 90)), "PNG"), ResizeConfig())
@@ -96,8 +109,9 @@ def test_output_formats_decode_and_encoding_is_deterministic(fmt):
 
 
 def test_transparent_png_is_composited_on_white():
-    out = process_image(photo(fmt="PNG", mode="RGBA"), ResizeConfig(image_size=64, resize_mode="no",
-                                                                     encode_format="png"))
+    out = process_image(
+        photo(fmt="PNG", mode="RGBA"), ResizeConfig(image_size=64, resize_mode="no", encode_format="png")
+    )
     assert decoded(out.data).convert("RGB").getpixel((1, 1)) == (255, 255, 255)
 
 
@@ -106,11 +120,14 @@ def test_sha256_is_of_the_original_bytes():
     assert process_image(data, ResizeConfig(image_size=64)).sha256 == hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"<html><body>not an image</body></html>", "not_an_image"),
-    (b"", "not_an_image"),
-    (photo()[:2000], "truncated"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"<html><body>not an image</body></html>", "not_an_image"),
+        (b"", "not_an_image"),
+        (photo()[:2000], "truncated"),
+    ],
+)
 def test_broken_inputs_are_rejected_with_a_reason(data, reason):
     with pytest.raises(ImageRejected) as err:
         process_image(data, ResizeConfig())
@@ -119,11 +136,17 @@ def test_broken_inputs_are_rejected_with_a_reason(data, reason):
 
 def png_bomb(width: int, height: int) -> bytes:
     """A tiny PNG header claiming a huge image: decoding it would need width*height bytes."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     raw = zlib.compress(b"\x00" * (width + 1) * 16)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", raw)
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_rejected_before_decoding():
@@ -135,11 +158,14 @@ def test_decompression_bomb_is_rejected_before_decoding():
     assert err.value.reason == "decompression_bomb"
 
 
-@pytest.mark.parametrize("cfg, reason", [
-    (ResizeConfig(min_image_size=301), "too_small"),
-    (ResizeConfig(max_aspect_ratio=1.2), "bad_aspect_ratio"),
-    (ResizeConfig(max_image_area=400 * 300 - 1), "too_large"),
-])
+@pytest.mark.parametrize(
+    "cfg, reason",
+    [
+        (ResizeConfig(min_image_size=301), "too_small"),
+        (ResizeConfig(max_aspect_ratio=1.2), "bad_aspect_ratio"),
+        (ResizeConfig(max_image_area=400 * 300 - 1), "too_large"),
+    ],
+)
 def test_size_bounds(cfg, reason):
     with pytest.raises(ImageRejected) as err:
         process_image(photo((400, 300)), cfg)
@@ -177,19 +203,22 @@ def short_palette() -> bytes:
     return saved(img, "PNG")
 
 
-@pytest.mark.parametrize("name, data, rgb", [
-    ("16-bit grey PNG", lambda: saved(grey16(32896), "PNG"), (128, 128, 128)),  # Pillow's convert gives white
-    ("16-bit grey TIFF", lambda: saved(grey16(65535), "TIFF"), (255, 255, 255)),
-    ("32-bit int TIFF", lambda: saved(Image.new("I", (48, 40), 32896), "TIFF"), (128, 128, 128)),
-    ("float TIFF in [0, 1]", lambda: saved(Image.new("F", (48, 40), 0.5), "TIFF"), (128, 128, 128)),
-    ("CMYK JPEG", lambda: saved(Image.new("CMYK", (48, 40), (0, 255, 255, 0)), "JPEG", quality=100), (255, 0, 0)),
-    ("CMYK TIFF", lambda: saved(Image.new("CMYK", (48, 40), (0, 255, 255, 0)), "TIFF"), (255, 0, 0)),
-    ("transparent LA PNG", lambda: saved(Image.new("LA", (48, 40), (0, 0)), "PNG"), (255, 255, 255)),
-    ("1-bit BMP", lambda: saved(Image.new("1", (48, 40), 1), "BMP"), (255, 255, 255)),
-    ("short palette PNG", short_palette, (200, 30, 40)),
-    ("two-frame GIF", lambda: two_frames("GIF"), (200, 30, 40)),  # the first frame
-    ("two-frame TIFF", lambda: two_frames("TIFF"), (200, 30, 40)),
-])
+@pytest.mark.parametrize(
+    "name, data, rgb",
+    [
+        ("16-bit grey PNG", lambda: saved(grey16(32896), "PNG"), (128, 128, 128)),  # Pillow's convert gives white
+        ("16-bit grey TIFF", lambda: saved(grey16(65535), "TIFF"), (255, 255, 255)),
+        ("32-bit int TIFF", lambda: saved(Image.new("I", (48, 40), 32896), "TIFF"), (128, 128, 128)),
+        ("float TIFF in [0, 1]", lambda: saved(Image.new("F", (48, 40), 0.5), "TIFF"), (128, 128, 128)),
+        ("CMYK JPEG", lambda: saved(Image.new("CMYK", (48, 40), (0, 255, 255, 0)), "JPEG", quality=100), (255, 0, 0)),
+        ("CMYK TIFF", lambda: saved(Image.new("CMYK", (48, 40), (0, 255, 255, 0)), "TIFF"), (255, 0, 0)),
+        ("transparent LA PNG", lambda: saved(Image.new("LA", (48, 40), (0, 0)), "PNG"), (255, 255, 255)),
+        ("1-bit BMP", lambda: saved(Image.new("1", (48, 40), 1), "BMP"), (255, 255, 255)),
+        ("short palette PNG", short_palette, (200, 30, 40)),
+        ("two-frame GIF", lambda: two_frames("GIF"), (200, 30, 40)),  # the first frame
+        ("two-frame TIFF", lambda: two_frames("TIFF"), (200, 30, 40)),
+    ],
+)
 def test_every_mode_becomes_rgb_deterministically(name, data, rgb):
     cfg = ResizeConfig(image_size=32, resize_mode="keep_ratio", encode_format="png")
     out = process_image(data(), cfg)

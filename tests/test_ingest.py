@@ -42,22 +42,39 @@ def png_bomb(width: int, height: int) -> bytes:
 
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_urls(path: Path, urls: list[str]) -> str:
-    pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))],
-                             "license": ["cc-by"] * len(urls)}), path)
+    pq.write_table(
+        pa.table(
+            {"url": urls, "caption": [f"caption {i}" for i in range(len(urls))], "license": ["cc-by"] * len(urls)}
+        ),
+        path,
+    )
     return str(path)
 
 
 def ingest(tmp_path: Path, urls: list[str], out: str = "out", beam_args=RUNNER, **sections) -> tuple[dict, Path]:
-    settings = {"read": {"path": write_urls(tmp_path / "urls.parquet", urls), "save_additional_columns": ["license"]},
-                "write": {"path": str(tmp_path / out), "shard_size": 4},
-                "download": {"allow_loopback": True, "timeout": 1.0, "retries": 1, "backoff": 0.01,
-                             "per_host_rps": None, "threads": 8},
-                "resize": {"image_size": 64, "resize_mode": "center_crop"}}
+    settings = {
+        "read": {"path": write_urls(tmp_path / "urls.parquet", urls), "save_additional_columns": ["license"]},
+        "write": {"path": str(tmp_path / out), "shard_size": 4},
+        "download": {
+            "allow_loopback": True,
+            "timeout": 1.0,
+            "retries": 1,
+            "backoff": 0.01,
+            "per_host_rps": None,
+            "threads": 8,
+        },
+        "resize": {"image_size": 64, "resize_mode": "center_crop"},
+    }
     for name, values in sections.items():
         settings[name] = settings.get(name, {}) | values
     return run(from_dict(IngestConfig, settings), list(beam_args)), tmp_path / out
@@ -74,16 +91,43 @@ def read_shards(out: Path) -> list[dict]:
 
 
 def test_every_fault_ends_written_or_rejected_with_its_reason(server, tmp_path):
-    urls = [server.url("/photo0.jpg"), server.fault_url("404"), server.fault_url("flaky", n=1),
-            server.fault_url("500"), server.fault_url("hang"), server.fault_url("truncated"),
-            server.fault_url("corrupt"), server.fault_url("html"), server.fault_url("redirect", n=2),
-            server.fault_url("redirect_loop"), server.fault_url("noai"), server.url("/bomb.png"),
-            server.fault_url("huge_stream", megabytes=1), server.url("/photo2.jpg"), "notaurl",
-            server.fault_url("429", n=1, retry_after=0.1)]
+    urls = [
+        server.url("/photo0.jpg"),
+        server.fault_url("404"),
+        server.fault_url("flaky", n=1),
+        server.fault_url("500"),
+        server.fault_url("hang"),
+        server.fault_url("truncated"),
+        server.fault_url("corrupt"),
+        server.fault_url("html"),
+        server.fault_url("redirect", n=2),
+        server.fault_url("redirect_loop"),
+        server.fault_url("noai"),
+        server.url("/bomb.png"),
+        server.fault_url("huge_stream", megabytes=1),
+        server.url("/photo2.jpg"),
+        "notaurl",
+        server.fault_url("429", n=1, retry_after=0.1),
+    ]
     report, out = ingest(tmp_path, urls, download={"max_bytes": 512 * 1024})
-    expected = ["success", "http_404", "success", "http_500", "timeout", "truncated", "decode_error",
-                "not_an_image", "duplicate_sha256", "redirect_loop", "optout", "decompression_bomb", "too_large",
-                "success", "invalid_url", "duplicate_sha256"]
+    expected = [
+        "success",
+        "http_404",
+        "success",
+        "http_500",
+        "timeout",
+        "truncated",
+        "decode_error",
+        "not_an_image",
+        "duplicate_sha256",
+        "redirect_loop",
+        "optout",
+        "decompression_bomb",
+        "too_large",
+        "success",
+        "invalid_url",
+        "duplicate_sha256",
+    ]
     # flaky, redirect and 429 all end at the server's default image: one copy is kept (the smallest key)
     assert list(statuses(out).values()) == expected
     assert report["inputs"] == report["rows_read"] == len(urls) and report["accounted"]
@@ -98,24 +142,38 @@ def test_every_fault_ends_written_or_rejected_with_its_reason(server, tmp_path):
         assert meta.url == urls[int(meta.key[-4:]) + 4 * int(meta.key[:5])]
     rejected = pq.read_table(out / "rejected").to_pylist()
     assert sorted((r["key"], r["reason"]) for r in rejected) == sorted(
-        (k, s) for k, s in statuses(out).items() if s != "success")
+        (k, s) for k, s in statuses(out).items() if s != "success"
+    )
     assert {r["stage"] for r in rejected} == {"download", "decode", "dedup"}
     assert not (out / "_staging").exists()
 
 
 def test_loopback_is_refused_unless_allowed(server, tmp_path):
-    report, out = ingest(tmp_path, [server.url("/photo3.jpg")] * 2 + [server.url("/photo4.jpg")],
-                         download={"allow_loopback": False})
+    report, out = ingest(
+        tmp_path, [server.url("/photo3.jpg")] * 2 + [server.url("/photo4.jpg")], download={"allow_loopback": False}
+    )
     assert set(statuses(out).values()) == {"blocked_address", "duplicate_url"}
     assert report["written"] == 0
 
 
 def test_duplicates_are_written_once_keeping_the_smallest_key(server, tmp_path):
-    urls = [server.url("/photo1-copy.jpg"), server.url("/photo1.jpg"), server.url("/photo0.jpg"),
-            server.url("/photo1.jpg"), server.url("/photo0.png"), server.url("/photo3.jpg")]
+    urls = [
+        server.url("/photo1-copy.jpg"),
+        server.url("/photo1.jpg"),
+        server.url("/photo0.jpg"),
+        server.url("/photo1.jpg"),
+        server.url("/photo0.png"),
+        server.url("/photo3.jpg"),
+    ]
     _, out = ingest(tmp_path, urls)
-    assert list(statuses(out).values()) == ["success", "duplicate_sha256", "success", "duplicate_url", "success",
-                                            "success"]
+    assert list(statuses(out).values()) == [
+        "success",
+        "duplicate_sha256",
+        "success",
+        "duplicate_url",
+        "success",
+        "success",
+    ]
     _, out = ingest(tmp_path, urls, out="near", dedup={"phash_max_distance": 6})
     assert statuses(out)["000010000"] == "near_duplicate"  # the PNG of photo0: other bytes, same picture
 
@@ -124,21 +182,31 @@ def test_reference_images_are_kept_out(server, tmp_path):
     reference = tmp_path / "eval"
     reference.mkdir()
     (reference / "a.png").write_bytes(encode_test_image("png", (100, 50)))
-    _, out = ingest(tmp_path, [server.url("/photo2.jpg"), server.url("/photo3.jpg")],
-                    dedup={"reference_dir": str(reference), "phash_max_distance": 4})
+    _, out = ingest(
+        tmp_path,
+        [server.url("/photo2.jpg"), server.url("/photo3.jpg")],
+        dedup={"reference_dir": str(reference), "phash_max_distance": 4},
+    )
     assert list(statuses(out).values()) == ["near_reference", "success"]
 
 
 def tree_bytes(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "run_report.json" and not p.name.endswith("_stats.json")}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "run_report.json" and not p.name.endswith("_stats.json")
+    }
 
 
 def test_same_input_gives_byte_identical_shards_also_with_two_processes(server, tmp_path):
     urls = [server.url(f"/photo{i}.jpg") for i in range(5)] + [server.fault_url("404"), server.url("/photo0.png")]
     _, first = ingest(tmp_path, urls, out="a")
-    _, second = ingest(tmp_path, urls, out="b", beam_args=RUNNER + [
-        "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    _, second = ingest(
+        tmp_path,
+        urls,
+        out="b",
+        beam_args=RUNNER + ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+    )
     assert tree_bytes(first) == tree_bytes(second)
     assert len(tree_bytes(first)) == 2 * 3  # per shard: tar, parquet index, rejected table
 
@@ -167,7 +235,7 @@ def test_index_offsets_point_at_member_bytes(server, tmp_path):
     _, out = ingest(tmp_path, [server.url(f"/photo{i}.jpg") for i in range(3)])
     tar = (out / "00000.tar").read_bytes()
     for row in pq.read_table(out / "00000.parquet").to_pylist():
-        members = {m["name"].split(".", 1)[1]: tar[m["offset"]:m["offset"] + m["size"]] for m in row["members"]}
+        members = {m["name"].split(".", 1)[1]: tar[m["offset"] : m["offset"] + m["size"]] for m in row["members"]}
         assert json.loads(members["json"])["key"] == row["key"]
         assert members["txt"].decode() == row["caption"]
         assert Image.open(io.BytesIO(members["jpg"])).size == (row["width"], row["height"])
@@ -175,8 +243,13 @@ def test_index_offsets_point_at_member_bytes(server, tmp_path):
 
 def test_retry_mode_downloads_only_the_retryable_failures_again(server, tmp_path):
     flaky = server.fault_url("flaky", n=2)  # fails both attempts of a run, then succeeds
-    urls = [server.url("/photo0.jpg"), flaky, server.fault_url("404"), server.url("/photo1.jpg"),
-            server.url("/photo2.jpg")]
+    urls = [
+        server.url("/photo0.jpg"),
+        flaky,
+        server.fault_url("404"),
+        server.url("/photo1.jpg"),
+        server.url("/photo2.jpg"),
+    ]
     report, out = ingest(tmp_path, urls)
     assert list(statuses(out).values()) == ["success", "http_503", "http_404", "success", "success"]
     untouched = (out / "00001.tar").read_bytes()
@@ -212,8 +285,10 @@ def test_takedown_lists_keep_urls_undownloaded_and_listed_images_out(server, tmp
     assert list(statuses(out).values()) == ["takedown", "success", "takedown", "success"] and report["accounted"]
     assert report["rejected_by_reason"] == {"takedown": 2}
     rejected = pq.read_table(out / "rejected").to_pylist()
-    assert {(r["stage"], r["reason"], r["url"]) for r in rejected} == {("dedup", "takedown", urls[0]),
-                                                                        ("dedup", "takedown", urls[2])}
+    assert {(r["stage"], r["reason"], r["url"]) for r in rejected} == {
+        ("dedup", "takedown", urls[0]),
+        ("dedup", "takedown", urls[2]),
+    }
     assert [s["__key__"] for s in read_shards(out)] == ["000000001", "000000003"]
     assert server.hits("/photo0.jpg") == before  # a listed URL is never requested
 
@@ -261,28 +336,40 @@ def test_a_planted_bug_in_one_record_costs_that_record_only(server, tmp_path, mo
 
     monkeypatch.setattr(download, "process_image", process_image)
     monkeypatch.setattr(SampleMeta, "from_pair", classmethod(from_pair))
-    cfg = from_dict(IngestConfig, {
-        "read": {"path": write_urls(tmp_path / "urls.parquet", urls)},
-        "write": {"path": str(tmp_path / "out"), "shard_size": 4},
-        "download": {"allow_loopback": True, "per_host_rps": None, "threads": 4}})
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": write_urls(tmp_path / "urls.parquet", urls)},
+            "write": {"path": str(tmp_path / "out"), "shard_size": 4},
+            "download": {"allow_loopback": True, "per_host_rps": None, "threads": 4},
+        },
+    )
     p = beam.Pipeline(options=pipeline_options(RUNNER))
     _ = p | Ingest(cfg)
     result = p.run()
     result.wait_until_finish()
 
     out = tmp_path / "out"
-    assert statuses(out) == {"000000000": "success", "000000001": "success", "000000002": "internal_error",
-                             "000000003": "success", "000010000": "internal_error"}
+    assert statuses(out) == {
+        "000000000": "success",
+        "000000001": "success",
+        "000000002": "internal_error",
+        "000000003": "success",
+        "000010000": "internal_error",
+    }
     assert [s["__key__"] for s in read_shards(out)] == ["000000000", "000000001", "000000003"]
     rejected = {r["key"]: r for r in pq.read_table(out / "rejected").to_pylist()}
     assert {k: (r["stage"], r["reason"], json.loads(r["detail"])["exception"]) for k, r in rejected.items()} == {
         "000000002": ("decode", "internal_error", "ZeroDivisionError"),
-        "000010000": ("decode", "internal_error", "KeyError")}
+        "000010000": ("decode", "internal_error", "KeyError"),
+    }
     assert rejected["000000002"]["message"] == "ZeroDivisionError: planted in decoding"
     stats = [json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))]
     assert sum(s["inputs"] for s in stats) == len(urls) and sum(s["written"] for s in stats) == 3
-    counters = {(c.key.metric.namespace, c.key.metric.name): c.committed
-                for c in result.metrics().query(beam.metrics.MetricsFilter())["counters"]}
+    counters = {
+        (c.key.metric.namespace, c.key.metric.name): c.committed
+        for c in result.metrics().query(beam.metrics.MetricsFilter())["counters"]
+    }
     assert counters[("decode", "internal_error")] == 2
     assert counters[("ingest", "rows_done")] == len(urls)
 
@@ -296,8 +383,13 @@ def test_a_corrupt_annotation_file_is_an_unreadable_file_not_a_bug(tmp_path):
     from visinstruct.pipelines.options import pipeline_options
 
     (tmp_path / "annotations.json").write_text('{"images": [{"id": 1, "file_name": "a.jpg"}, ')  # cut short
-    cfg = from_dict(IngestConfig, {"read": {"path": str(tmp_path / "annotations.json"), "format": "coco"},
-                                   "write": {"path": str(tmp_path / "out"), "shard_size": 4}})
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(tmp_path / "annotations.json"), "format": "coco"},
+            "write": {"path": str(tmp_path / "out"), "shard_size": 4},
+        },
+    )
     p = beam.Pipeline(options=pipeline_options(RUNNER))
     _ = p | Ingest(cfg)
     result = p.run()
@@ -308,8 +400,10 @@ def test_a_corrupt_annotation_file_is_an_unreadable_file_not_a_bug(tmp_path):
     assert (rejected["stage"], rejected["reason"]) == ("read", "unreadable_file")
     assert rejected["message"].startswith(f"{tmp_path / 'annotations.json'}: not valid JSON")
     assert "bug" not in rejected["message"]
-    counters = {(c.key.metric.namespace, c.key.metric.name): c.committed
-                for c in result.metrics().query(beam.metrics.MetricsFilter())["counters"]}
+    counters = {
+        (c.key.metric.namespace, c.key.metric.name): c.committed
+        for c in result.metrics().query(beam.metrics.MetricsFilter())["counters"]
+    }
     assert ("read", "internal_error") not in counters
 
 
@@ -335,8 +429,12 @@ def test_a_reader_that_fails_midway_keeps_its_rows_and_dead_letters_the_failure(
     monkeypatch.setattr(ingest_pipeline, "read_unit", read_unit)
     monkeypatch.setattr(ingest_pipeline, "_keyed", keyed)
     report, out = ingest(tmp_path, [server.url(f"/photo{i}.jpg") for i in range(5)])
-    assert statuses(out) == {"000000000": "success", "000000001": "internal_error", "000000002": "success",
-                             "000000003": "internal_error"}
+    assert statuses(out) == {
+        "000000000": "success",
+        "000000001": "internal_error",
+        "000000002": "success",
+        "000000003": "internal_error",
+    }
     rejected = {r["key"]: r for r in pq.read_table(out / "rejected").to_pylist()}
     assert rejected["000000003"]["stage"] == "read"
     assert rejected["000000003"]["message"].startswith("reading stopped after 3 rows of ")

@@ -45,13 +45,15 @@ def urls_of(server) -> list[str]:
     return [server.url(f"/img{i}.jpg") for i in range(len(SIZES))] + [server.fault_url("404")]
 
 
-def settings(tmp_path: Path, urls: list[str], out: str = "out", captions: list[str] | None = None,
-             **download) -> dict:
+def settings(tmp_path: Path, urls: list[str], out: str = "out", captions: list[str] | None = None, **download) -> dict:
     path = tmp_path / f"{out}-urls.parquet"
     pq.write_table(pa.table({"url": urls, "caption": captions or [f"caption {i}" for i in range(len(urls))]}), path)
-    return {"read": {"path": str(path)}, "write": {"path": str(tmp_path / out), "shard_size": 4},
-            "download": {"allow_loopback": True, "per_host_rps": None, "threads": 4, "timeout": 5.0, "retries": 0}
-            | download}
+    return {
+        "read": {"path": str(path)},
+        "write": {"path": str(tmp_path / out), "shard_size": 4},
+        "download": {"allow_loopback": True, "per_host_rps": None, "threads": 4, "timeout": 5.0, "retries": 0}
+        | download,
+    }
 
 
 def config(tmp_path: Path, urls: list[str], out: str = "out", captions: list[str] | None = None, **download):
@@ -60,8 +62,11 @@ def config(tmp_path: Path, urls: list[str], out: str = "out", captions: list[str
 
 def tree_bytes(out: Path) -> dict[str, bytes]:
     """Every file a finished ingest leaves, except its report and stats (they hold durations)."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "run_report.json" and not p.name.endswith("_stats.json")}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "run_report.json" and not p.name.endswith("_stats.json")
+    }
 
 
 def statuses(out: Path) -> dict[str, str]:
@@ -102,16 +107,19 @@ def reference(server, tmp_path_factory) -> dict[str, bytes]:
     return tree_bytes(tmp / "out")
 
 
-@pytest.mark.parametrize("unfinished", [set(), {1}, {0, 2}], ids=["at-the-barrier", "shard-1-unfinished",
-                                                                   "shards-0-2-unfinished"])
-def test_a_killed_run_downloads_only_its_unfinished_shards_again(server, tmp_path, monkeypatch, reference,
-                                                                   unfinished):
+@pytest.mark.parametrize(
+    "unfinished", [set(), {1}, {0, 2}], ids=["at-the-barrier", "shard-1-unfinished", "shards-0-2-unfinished"]
+)
+def test_a_killed_run_downloads_only_its_unfinished_shards_again(server, tmp_path, monkeypatch, reference, unfinished):
     urls = urls_of(server)
     cfg = config(tmp_path, urls)
     killed_while_finalizing(cfg, monkeypatch)
     staging = tmp_path / "out" / "_staging"
-    assert sorted(p.name for p in staging.glob("*.draft.json")) == ["00000.draft.json", "00001.draft.json",
-                                                                    "00002.draft.json"]
+    assert sorted(p.name for p in staging.glob("*.draft.json")) == [
+        "00000.draft.json",
+        "00001.draft.json",
+        "00002.draft.json",
+    ]
     for shard in unfinished:  # killed mid-download: no committed draft, maybe a partial file
         (staging / f"{shard:05d}.draft.json").unlink()
         (staging / f".{shard:05d}.draft.json.x1.tmp").write_bytes(b'{"dig')
@@ -149,8 +157,9 @@ def killed_in(module, name: str, cfg, monkeypatch, spared: set[int] = frozenset(
             run(cfg, RUNNER)
 
 
-def test_a_run_killed_between_renaming_the_tar_and_its_stats_does_not_download_again(server, tmp_path,
-                                                                                     monkeypatch, reference):
+def test_a_run_killed_between_renaming_the_tar_and_its_stats_does_not_download_again(
+    server, tmp_path, monkeypatch, reference
+):
     """Finalizing renames the staging tar to the final tar before it writes ``_stats.json``: killed in between,
     the committed draft points at a tar that moved, and the rerun finds it under its final name."""
     cfg = config(tmp_path, urls_of(server))
@@ -208,8 +217,9 @@ def test_a_damaged_stats_file_makes_its_shard_incomplete_not_a_failed_plan(serve
 
 def test_a_staged_download_of_other_inputs_is_not_reused(server, tmp_path, monkeypatch, reference):
     urls = urls_of(server)
-    killed_while_finalizing(config(tmp_path, urls, captions=["old caption"] + [f"caption {i}" for i in
-                                                                               range(1, len(urls))]), monkeypatch)
+    killed_while_finalizing(
+        config(tmp_path, urls, captions=["old caption"] + [f"caption {i}" for i in range(1, len(urls))]), monkeypatch
+    )
     server.reset_log()
     report = run(config(tmp_path, urls), RUNNER)  # row 0's caption changed: shard 0 is downloaded again
     assert requested(server) == paths(urls, {0}) and report["written"] == 10
@@ -302,8 +312,12 @@ def test_a_downloading_shard_reports_each_row_as_it_finishes(server, tmp_path, c
     assert [done for done, _, _ in progress.seen] == [1, 2, 3, 4]
     assert progress.seen[-1] == (4, 3, 1) and sum(r.status == "success" for r in draft.rows) == 3
     lines = [r.getMessage() for r in caplog.records if r.name == "visinstruct.transforms.progress"]
-    assert [line.split(",")[0] for line in lines] == ["shard 00000: 1/4 rows", "shard 00000: 2/4 rows",
-                                                      "shard 00000: 3/4 rows", "shard 00000: 4/4 rows"]
+    assert [line.split(",")[0] for line in lines] == [
+        "shard 00000: 1/4 rows",
+        "shard 00000: 2/4 rows",
+        "shard 00000: 3/4 rows",
+        "shard 00000: 4/4 rows",
+    ]
     assert all("rows/s" in line for line in lines)
 
 
@@ -329,8 +343,11 @@ def test_progress_counters_add_up_over_a_run(server, tmp_path):
     _ = p | Ingest(config(tmp_path, urls_of(server)))
     result = p.run()
     result.wait_until_finish()
-    counters = {c.key.metric.name: c.committed for c in result.metrics().query(beam.metrics.MetricsFilter())[
-        "counters"] if c.key.metric.namespace == "ingest"}
+    counters = {
+        c.key.metric.name: c.committed
+        for c in result.metrics().query(beam.metrics.MetricsFilter())["counters"]
+        if c.key.metric.namespace == "ingest"
+    }
     assert (counters["rows_done"], counters["rows_ok"], counters["rows_rejected"]) == (11, 10, 1)
     assert not {"images_ok", "images_rejected"} & counters.keys()  # one pair counts kept and rejected rows
     assert json.loads((tmp_path / "out" / "00002_stats.json").read_text())["rejected_by_reason"] == {"http_404": 1}
@@ -386,8 +403,11 @@ def test_a_run_killed_for_real_resumes_with_the_shards_it_finished(server, tmp_p
     done_file = "*.draft.json" if kill_at == "commit_draft" else "*_stats.json"
     log_path = tmp_path / "killed-run.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, json.dumps(settings(tmp_path, urls)), kill_at,
-                                 str(marks)], stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLABLE_RUN, json.dumps(settings(tmp_path, urls)), kill_at, str(marks)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
         while proc.poll() is None and not (list(out.rglob(done_file)) and list(marks.iterdir())):
             time.sleep(0.02)  # polls for the two events; the process waits for the kill however long this takes
@@ -416,8 +436,11 @@ def test_a_row_whose_sample_the_staging_tar_lacks_is_not_counted_as_written():
     from visinstruct.schemas import IndexRow, Member
     from visinstruct.transforms.write import unstaged_as_errors
 
-    rows = [IndexRow("000000000", "success", members=[Member("000000000.jpg", 512, 10)]),
-            IndexRow("000000001", "success"), IndexRow("000000002", "http_404")]
+    rows = [
+        IndexRow("000000000", "success", members=[Member("000000000.jpg", 512, 10)]),
+        IndexRow("000000001", "success"),
+        IndexRow("000000002", "http_404"),
+    ]
     fixed, rejections = unstaged_as_errors(rows, [])
     assert [r.status for r in fixed] == ["success", "internal_error", "http_404"]
     assert [(r.key, r.stage, r.reason) for r in rejections] == [("000000001", "download", "internal_error")]

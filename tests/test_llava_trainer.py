@@ -30,8 +30,10 @@ def llava_json(split, limit, path):
     for s in sample_data.easy_vqa_samples(split, limit):
         turns = []
         for i, (question, answer, _) in enumerate(s["questions"][:QUESTIONS_PER_IMAGE]):
-            turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + question},
-                      {"from": "gpt", "value": answer}]
+            turns += [
+                {"from": "human", "value": ("<image>\n" if i == 0 else "") + question},
+                {"from": "gpt", "value": answer},
+            ]
         entries.append({"id": str(s["image_id"]), "image": os.path.basename(s["image_path"]), "conversations": turns})
     path.write_text(json.dumps(entries))
     return os.path.dirname(s["image_path"])
@@ -45,10 +47,14 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("easyvqa-llava")
     for split, limit, shard_size in (("train", 120, 40), ("test", 40, 40)):
         image_root = llava_json(split, limit, root / f"{split}.json")
-        cfg = from_dict(IngestConfig, {"read": {"path": str(root / f"{split}.json"), "format": "llava",
-                                                "image_root": image_root},
-                                       "resize": {"image_size": 64}, "write": {"path": str(root / split),
-                                                                               "shard_size": shard_size}})
+        cfg = from_dict(
+            IngestConfig,
+            {
+                "read": {"path": str(root / f"{split}.json"), "format": "llava", "image_root": image_root},
+                "resize": {"image_size": 64},
+                "write": {"path": str(root / split), "shard_size": shard_size},
+            },
+        )
         assert ingest(cfg, ["--runner=FnApiRunner"])["written"] == limit
     return root
 
@@ -75,8 +81,22 @@ def trained(shards, tmp_path_factory):
     from visinstruct.cli.main import main
 
     out = tmp_path_factory.mktemp("llava-run")
-    assert main(["train", "--config", str(TINY_YAML), "--out", str(out), "--set", f"data.shards={shards / 'train'}",
-                 "--set", f"eval.shards={shards / 'test'}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(TINY_YAML),
+                "--out",
+                str(out),
+                "--set",
+                f"data.shards={shards / 'train'}",
+                "--set",
+                f"eval.shards={shards / 'test'}",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -96,8 +116,21 @@ def test_chat_answers_from_the_checkpoint_as_plain_transformers_does(trained, tm
     from visinstruct.cli.main import main
 
     image = sample_data.easy_vqa_samples("test", 1)[0]["image_path"]
-    assert main(["chat", "--checkpoint", str(trained), "--image", image, "--max-new-tokens", "12",
-                 "what color is the shape?"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                "--checkpoint",
+                str(trained),
+                "--image",
+                image,
+                "--max-new-tokens",
+                "12",
+                "what color is the shape?",
+            ]
+        )
+        == 0
+    )
     said = capsys.readouterr().out.strip()
     model = LlavaForConditionalGeneration.from_pretrained(trained / "model")
     processor = AutoProcessor.from_pretrained(trained / "model")
@@ -105,7 +138,7 @@ def test_chat_answers_from_the_checkpoint_as_plain_transformers_does(trained, tm
     inputs = processor(images=Image.open(image).convert("RGB"), text=prompt, return_tensors="pt")
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 16  # 64 px / 16 px patches, squared
     output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert said and said == answer
 
 
@@ -116,20 +149,32 @@ def test_chat_answers_from_the_checkpoint_as_plain_transformers_does(trained, tm
 def encoder(template, system=None, image_seq_length=4):
     tokenizer = byte_level_tokenizer()
     tokenizer.add_tokens(["<image>"], special_tokens=True)
-    return ConversationEncoder(tokenizer, resolve_template(template, tokenizer), tokenizer.convert_tokens_to_ids(
-        "<image>"), image_seq_length, system=system)
+    return ConversationEncoder(
+        tokenizer,
+        resolve_template(template, tokenizer),
+        tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length,
+        system=system,
+    )
 
 
-CONVERSATION = [{"from": "human", "value": "<image>\nwhat color is the shape?"}, {"from": "gpt", "value": "red"},
-                {"from": "human", "value": "is there a circle?"}, {"from": "gpt", "value": "no"}]
+CONVERSATION = [
+    {"from": "human", "value": "<image>\nwhat color is the shape?"},
+    {"from": "gpt", "value": "red"},
+    {"from": "human", "value": "is there a circle?"},
+    {"from": "gpt", "value": "no"},
+]
 
 
-@pytest.mark.parametrize("template, system, supervised", [
-    ("chatml", None, ["red<|im_end|>\n", "no<|im_end|>\n"]),
-    ("chatml", "Answer in one word.", ["red<|im_end|>\n", "no<|im_end|>\n"]),
-    ("vicuna", "A chat.", [" red<|im_end|>", " no<|im_end|>"]),
-    (SMOLLM2_CHAT_TEMPLATE, None, ["red<|im_end|>\n", "no<|im_end|>\n"]),  # adds its own system prompt
-])
+@pytest.mark.parametrize(
+    "template, system, supervised",
+    [
+        ("chatml", None, ["red<|im_end|>\n", "no<|im_end|>\n"]),
+        ("chatml", "Answer in one word.", ["red<|im_end|>\n", "no<|im_end|>\n"]),
+        ("vicuna", "A chat.", [" red<|im_end|>", " no<|im_end|>"]),
+        (SMOLLM2_CHAT_TEMPLATE, None, ["red<|im_end|>\n", "no<|im_end|>\n"]),  # adds its own system prompt
+    ],
+)
 def test_only_assistant_tokens_carry_loss_token_by_token(template, system, supervised):
     enc = encoder(template, system)
     ids, labels = enc.encode(CONVERSATION)
@@ -145,8 +190,9 @@ def test_only_assistant_tokens_carry_loss_token_by_token(template, system, super
     assert runs == supervised
     assert all(label == i for i, label in zip(ids, labels) if label != IGNORE_INDEX)
     text = "".join(tokens)
-    assert text.count("<image>") == 4 and all(label == IGNORE_INDEX for t, label in zip(tokens, labels)
-                                               if t == "<image>")
+    assert text.count("<image>") == 4 and all(
+        label == IGNORE_INDEX for t, label in zip(tokens, labels) if t == "<image>"
+    )
     assert "what color is the shape?" in text and "is there a circle?" in text  # the human turns are there, unlabelled
     if system:
         assert system in text
@@ -166,14 +212,18 @@ def test_a_batch_is_padded_on_the_right_with_no_attention_and_no_loss_on_padding
 
 def test_a_template_that_does_not_render_turn_after_turn_is_refused():
     # renders the last message differently from the same message followed by others
-    odd = ("{% for m in messages %}{% if loop.last %}[{{ m['content'] }}]{% else %}{{ m['content'] }}{% endif %}"
-           "{% endfor %}")
+    odd = (
+        "{% for m in messages %}{% if loop.last %}[{{ m['content'] }}]{% else %}{{ m['content'] }}{% endif %}"
+        "{% endfor %}"
+    )
     with pytest.raises(ValueError, match="set text.chat_template"):
         encoder(odd).encode(CONVERSATION)
 
 
-SIGLIP = ("model.vision.config={model_type: siglip_vision_model, image_size: 64, patch_size: 16, hidden_size: 32, "
-          "intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2}")
+SIGLIP = (
+    "model.vision.config={model_type: siglip_vision_model, image_size: 64, patch_size: 16, hidden_size: 32, "
+    "intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2}"
+)
 
 
 @pytest.mark.parametrize("tower, strategy", [(None, "default"), (SIGLIP, "full")])
@@ -198,16 +248,25 @@ def test_training_ids_are_the_ids_llava_processor_builds_for_inference(shards, t
 def test_the_vision_tower_and_the_lm_load_from_local_folders(tmp_path):
     clip, _ = tiny_hf_clip(tmp_path / "clip")
     lm, lm_tokenizer = tiny_causal_lm(tmp_path / "lm")
-    cfg = from_dict(LlavaTrainConfig, {"out": "x", "data": {"shards": "x"}, "model": {
-        "vision": {"name": str(tmp_path / "clip")}, "lm": {"name": str(tmp_path / "lm")}}}).model
+    cfg = from_dict(
+        LlavaTrainConfig,
+        {
+            "out": "x",
+            "data": {"shards": "x"},
+            "model": {"vision": {"name": str(tmp_path / "clip")}, "lm": {"name": str(tmp_path / "lm")}},
+        },
+    ).model
     model, processor = build_llava(cfg)
     tower = model.model.vision_tower.state_dict()
     assert all(torch.equal(tower[k], v) for k, v in clip.vision_model.state_dict().items())
-    assert all(torch.equal(model.model.language_model.state_dict()[k], v) for k, v in lm.model.state_dict().items()
-               if k != "embed_tokens.weight")
+    assert all(
+        torch.equal(model.model.language_model.state_dict()[k], v)
+        for k, v in lm.model.state_dict().items()
+        if k != "embed_tokens.weight"
+    )
     embeddings = model.get_input_embeddings().weight
     assert embeddings.shape[0] == len(lm_tokenizer) + 1  # one row more: <image>
-    assert torch.equal(embeddings[:len(lm_tokenizer)], lm.get_input_embeddings().weight)
+    assert torch.equal(embeddings[: len(lm_tokenizer)], lm.get_input_embeddings().weight)
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id == len(lm_tokenizer)
     assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
 
@@ -217,8 +276,17 @@ def test_the_real_smollm2_from_its_gguf_file_is_the_lm_of_a_trainable_llava(shar
     from visinstruct.testing.smollm2 import smollm2_gguf_path
     from visinstruct.trainer.chat import answer, load_checkpoint
 
-    cfg = tiny_config(shards, tmp_path, f"model.lm.name={smollm2_gguf_path()}", "model.lm.config=null",
-                      "model.lm.tokenizer=null", "stage=1", "steps=2", "data.batch_size=2", "data.num_workers=0")
+    cfg = tiny_config(
+        shards,
+        tmp_path,
+        f"model.lm.name={smollm2_gguf_path()}",
+        "model.lm.config=null",
+        "model.lm.tokenizer=null",
+        "stage=1",
+        "steps=2",
+        "data.batch_size=2",
+        "data.num_workers=0",
+    )
     summary = llava_train.train(cfg)
     assert summary["step"] == 2 and summary["loss"] > 0
     model, processor = load_checkpoint(tmp_path)
@@ -230,15 +298,18 @@ def test_the_real_smollm2_from_its_gguf_file_is_the_lm_of_a_trainable_llava(shar
     assert any(c.isalpha() for c in answer(model, processor, image, "What is the capital of France?", 8))
 
 
-@pytest.mark.parametrize("stage, trained_parts", [(1, {"multi_modal_projector"}),
-                                                  (2, {"multi_modal_projector", "language_model", "lm_head"})])
+@pytest.mark.parametrize(
+    "stage, trained_parts",
+    [(1, {"multi_modal_projector"}), (2, {"multi_modal_projector", "language_model", "lm_head"})],
+)
 def test_a_stage_trains_its_parts_and_leaves_the_rest_bit_identical(shards, tmp_path, stage, trained_parts):
     source = "caption" if stage == 1 else "conversation"
     cfg = tiny_config(shards, tmp_path, "steps=3", f"stage={stage}", f"text.source={source}", "optim.warmup_steps=1")
     before = build_llava(cfg.model, cfg.seed)[0].state_dict()  # the same seed gives the run's initial weights
     llava_train.train(cfg)
-    after = build_llava(from_dict(LlavaTrainConfig, {"out": "x", "data": {"shards": "x"}, "model": {
-        "init_from": str(tmp_path)}}).model)[0].state_dict()
+    after = build_llava(
+        from_dict(LlavaTrainConfig, {"out": "x", "data": {"shards": "x"}, "model": {"init_from": str(tmp_path)}}).model
+    )[0].state_dict()
     part = lambda key: key.split(".")[1] if key.startswith("model.") else key.split(".")[0]  # model.<part>.*, lm_head
     assert {part(k) for k in before if not torch.equal(before[k], after[k])} == trained_parts
 
@@ -277,16 +348,37 @@ def test_training_resumed_from_a_checkpoint_matches_an_uninterrupted_run(shards,
     resumed = llava_train.train(tiny_config(shards, tmp_path / "parts", *overrides))
     assert whole["step"] == resumed["step"] == 6
     assert logged_losses(tmp_path / "parts") == logged_losses(tmp_path / "whole")  # bit for bit on the CPU
-    a, b = (build_llava(from_dict(LlavaTrainConfig, {"out": "x", "data": {"shards": "x"}, "model": {
-        "init_from": str(tmp_path / run)}}).model)[0].state_dict() for run in ("whole", "parts"))
+    a, b = (
+        build_llava(
+            from_dict(
+                LlavaTrainConfig, {"out": "x", "data": {"shards": "x"}, "model": {"init_from": str(tmp_path / run)}}
+            ).model
+        )[0].state_dict()
+        for run in ("whole", "parts")
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_train_runs_under_torchrun_with_two_gloo_processes(shards, tmp_path):
-    sets = [f"data.shards={shards / 'train'}", f"out={tmp_path / 'out'}", "steps=4", "log_every=2",
-            "data.num_workers=1"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "visinstruct.cli.main", "train", "--config", str(TINY_YAML)]
+    sets = [
+        f"data.shards={shards / 'train'}",
+        f"out={tmp_path / 'out'}",
+        "steps=4",
+        "log_every=2",
+        "data.num_workers=1",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "visinstruct.cli.main",
+        "train",
+        "--config",
+        str(TINY_YAML),
+    ]
     for s in sets:
         command += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -36,20 +36,33 @@ def client(srv: OpenAIServer, **overrides) -> OpenAIChatClient:
 
 
 def ask(text: str, key: str = "k0", **fields) -> ChatRequest:
-    return ChatRequest(key, [{"role": "system", "content": "You describe images."},
-                             {"role": "user", "content": text}], **fields)
+    return ChatRequest(
+        key, [{"role": "system", "content": "You describe images."}, {"role": "user", "content": text}], **fields
+    )
 
 
 def test_valid_answers_land_with_token_counts(server, api_key):
     with client(server) as c:
         result = c.complete(ask("What is in the picture?", key="s00001", max_tokens=64, temperature=0.2, seed=7))
-    assert result == ChatResult("s00001", text="Echo: What is in the picture?", prompt_tokens=8,
-                                completion_tokens=6, attempts=1, finish_reason="stop")
+    assert result == ChatResult(
+        "s00001",
+        text="Echo: What is in the picture?",
+        prompt_tokens=8,
+        completion_tokens=6,
+        attempts=1,
+        finish_reason="stop",
+    )
     (record,) = server.requests
     assert record.headers["Authorization"] == f"Bearer {KEY}"
-    assert record.json == {"model": "tiny-chat", "messages": ask("x").messages[:1] + [
-        {"role": "user", "content": "What is in the picture?"}], "max_tokens": 64, "temperature": 0.2,
-        "top_p": 1.0, "n": 1, "seed": 7}
+    assert record.json == {
+        "model": "tiny-chat",
+        "messages": ask("x").messages[:1] + [{"role": "user", "content": "What is in the picture?"}],
+        "max_tokens": 64,
+        "temperature": 0.2,
+        "top_p": 1.0,
+        "n": 1,
+        "seed": 7,
+    }
 
 
 def test_content_parts_no_seed_and_a_cut_answer(server):
@@ -60,22 +73,25 @@ def test_content_parts_no_seed_and_a_cut_answer(server):
     assert "seed" not in server.requests[0].json and "Authorization" not in server.requests[0].headers
 
 
-@pytest.mark.parametrize("marker, reason, attempts", [
-    ("[[fault:500:1]]", None, 2),  # one 500, then the answer
-    ("[[fault:503:2]]", None, 3),
-    ("[[fault:drop:1]]", None, 2),  # connection closed without an answer, then the answer
-    ("[[fault:malformed:1]]", None, 2),  # a malformed 200 is retried once
-    ("[[fault:nousage]]", None, 1),  # no usage block: the answer lands with 0 tokens
-    ("[[fault:500]]", "http_500", 3),  # retries + 1 attempts, then given up
-    ("[[fault:502]]", "http_502", 3),
-    ("[[fault:drop]]", "connection_error", 3),
-    ("[[fault:401]]", "http_401", 1),  # not retried
-    ("[[fault:400]]", "http_400", 1),
-    ("[[fault:404]]", "http_404", 1),
-    ("[[fault:malformed]]", "malformed_response", 2),  # retried once only
-    ("[[fault:nochoices]]", "malformed_response", 2),
-    ("[[fault:empty]]", "empty_completion", 1),  # not retried: the same prompt gives the same empty answer
-])
+@pytest.mark.parametrize(
+    "marker, reason, attempts",
+    [
+        ("[[fault:500:1]]", None, 2),  # one 500, then the answer
+        ("[[fault:503:2]]", None, 3),
+        ("[[fault:drop:1]]", None, 2),  # connection closed without an answer, then the answer
+        ("[[fault:malformed:1]]", None, 2),  # a malformed 200 is retried once
+        ("[[fault:nousage]]", None, 1),  # no usage block: the answer lands with 0 tokens
+        ("[[fault:500]]", "http_500", 3),  # retries + 1 attempts, then given up
+        ("[[fault:502]]", "http_502", 3),
+        ("[[fault:drop]]", "connection_error", 3),
+        ("[[fault:401]]", "http_401", 1),  # not retried
+        ("[[fault:400]]", "http_400", 1),
+        ("[[fault:404]]", "http_404", 1),
+        ("[[fault:malformed]]", "malformed_response", 2),  # retried once only
+        ("[[fault:nochoices]]", "malformed_response", 2),
+        ("[[fault:empty]]", "empty_completion", 1),  # not retried: the same prompt gives the same empty answer
+    ],
+)
 def test_each_fault_ends_answered_after_retry_or_with_its_reason(server, marker, reason, attempts):
     with client(server) as c:
         result = c.complete(ask(f"Describe it {marker}"))
@@ -129,8 +145,9 @@ def test_complete_all_keeps_order_bounds_concurrency_and_counts_add_up(server):
     with client(server, concurrency=3) as c:
         results = c.complete_all(requests)
     assert [r.key for r in results] == [r.key for r in requests]
-    assert [r.text for r in results if r.ok] == [f"Echo: sample {i}" for i, m in enumerate(markers)
-                                                  if "401" not in m and "empty" not in m]
+    assert [r.text for r in results if r.ok] == [
+        f"Echo: sample {i}" for i, m in enumerate(markers) if "401" not in m and "empty" not in m
+    ]
     failed = [r.reason for r in results if not r.ok]
     assert sorted(failed) == ["empty_completion"] * 2 + ["http_401"] * 2
     assert len(results) == sum(r.ok for r in results) + len(failed) == len(requests)
@@ -141,8 +158,9 @@ def test_complete_all_keeps_order_bounds_concurrency_and_counts_add_up(server):
 def test_concurrency_bound_holds_across_caller_threads(server):
     server.latency = 0.1
     with client(server, concurrency=2) as c:
-        threads = [threading.Thread(target=c.complete_all, args=([ask(f"t{t} {i}") for i in range(4)],))
-                   for t in range(3)]
+        threads = [
+            threading.Thread(target=c.complete_all, args=([ask(f"t{t} {i}") for i in range(4)],)) for t in range(3)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -162,15 +180,34 @@ def _max_overlap(srv: OpenAIServer) -> int:
 def test_api_key_is_sent_but_never_written(server, api_key, caplog, capsys):
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="urllib3")
-    texts = ["fine", "[[fault:500:1]]", "[[fault:500]]", "[[fault:leak]]", "[[fault:401]]", "[[fault:hang]]",
-             "[[fault:malformed]]", "[[fault:drop]]", "[[fault:429:1:99]]"]
+    texts = [
+        "fine",
+        "[[fault:500:1]]",
+        "[[fault:500]]",
+        "[[fault:leak]]",
+        "[[fault:401]]",
+        "[[fault:hang]]",
+        "[[fault:malformed]]",
+        "[[fault:drop]]",
+        "[[fault:429:1:99]]",
+    ]
     c = client(server, timeout=0.3, retries=1)
     results = c.complete_all([ask(t, key=f"s{i}") for i, t in enumerate(texts)])
     server.stop()  # now nothing listens: connection refused
     results.append(c.complete(ask("after stop", key="refused")))
     c.close()
-    assert [r.reason for r in results] == [None, None, "http_500", "http_500", "http_401", "timeout",
-                                           "malformed_response", "connection_error", "http_429", "connection_error"]
+    assert [r.reason for r in results] == [
+        None,
+        None,
+        "http_500",
+        "http_500",
+        "http_401",
+        "timeout",
+        "malformed_response",
+        "connection_error",
+        "http_429",
+        "connection_error",
+    ]
     assert "Authorization: Bearer ***" in results[3].message  # the server quoted the key back; it was scrubbed
     assert all(r.headers.get("Authorization") == f"Bearer {KEY}" for r in server.requests)
     captured = capsys.readouterr()

@@ -10,8 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sdist_holds_every_subpackage_and_bundled_config(tmp_path):
-    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT, check=True, capture_output=True
+    )
     (archive,) = tmp_path.glob("visinstruct-*.tar.gz")
     names = {n.split("/", 1)[1] for n in tarfile.open(archive).getnames() if "/" in n}
     for package in ("visinstruct", "schemas", "configs", "transforms", "pipelines", "cli", "trainer", "testing"):
@@ -20,7 +21,8 @@ def test_sdist_holds_every_subpackage_and_bundled_config(tmp_path):
 
 
 def test_help_lists_the_commands_that_exist():
-    out = subprocess.run([sys.executable, "-m", "visinstruct.cli.main", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "visinstruct.cli.main", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for command in ("ingest", "demo", "config"):
         assert f"    {command}" in out

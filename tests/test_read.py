@@ -26,16 +26,23 @@ def rows(path, **cfg):
 def test_csv_tsv_jsonl_txt_parquet_give_the_same_pairs(tmp_path):
     (tmp_path / "a.csv").write_text("url,caption,license\nhttp://x/1.jpg,one,cc\nhttp://x/2.jpg,two,pd\n")
     (tmp_path / "a.tsv").write_text("url\tcaption\tlicense\nhttp://x/1.jpg\tone\tcc\nhttp://x/2.jpg\ttwo\tpd\n")
-    (tmp_path / "a.jsonl").write_text('{"url": "http://x/1.jpg", "caption": "one", "license": "cc"}\n\n'
-                                      '{"url": "http://x/2.jpg", "caption": "two", "license": "pd"}\n')
-    pq.write_table(pa.table({"url": ["http://x/1.jpg", "http://x/2.jpg"], "caption": ["one", "two"],
-                             "license": ["cc", "pd"]}), tmp_path / "a.parquet")
+    (tmp_path / "a.jsonl").write_text(
+        '{"url": "http://x/1.jpg", "caption": "one", "license": "cc"}\n\n'
+        '{"url": "http://x/2.jpg", "caption": "two", "license": "pd"}\n'
+    )
+    pq.write_table(
+        pa.table({"url": ["http://x/1.jpg", "http://x/2.jpg"], "caption": ["one", "two"], "license": ["cc", "pd"]}),
+        tmp_path / "a.parquet",
+    )
     expected = None
     for ext in ("csv", "tsv", "jsonl", "parquet"):
         got = [(p.url, p.caption, p.source) for p in rows(tmp_path / f"a.{ext}", save_additional_columns=["license"])]
         expected = expected or got
-        assert got == expected == [("http://x/1.jpg", "one", {"license": "cc"}), ("http://x/2.jpg", "two",
-                                                                                 {"license": "pd"})]
+        assert (
+            got
+            == expected
+            == [("http://x/1.jpg", "one", {"license": "cc"}), ("http://x/2.jpg", "two", {"license": "pd"})]
+        )
     (tmp_path / "a.txt").write_text("http://x/1.jpg\n\nhttp://x/2.jpg\n")
     got = [(p.url, p.caption) for p in rows(tmp_path / "a.txt")]
     assert got == [("http://x/1.jpg", None), ("http://x/2.jpg", None)]
@@ -49,22 +56,32 @@ def test_custom_column_names_and_globs_in_name_order(tmp_path):
 
 
 def test_malformed_rows_become_bad_rows_not_errors(tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"url": "http://x/1.jpg"}\nnot json\n[1, 2]\n{"caption": "no url"}\n'
-                                        '{"url": "  "}\n{"url": "http://x/2.jpg", "caption": 5}\n')
+    (tmp_path / "bad.jsonl").write_text(
+        '{"url": "http://x/1.jpg"}\nnot json\n[1, 2]\n{"caption": "no url"}\n'
+        '{"url": "  "}\n{"url": "http://x/2.jpg", "caption": 5}\n'
+    )
     got = rows(tmp_path / "bad.jsonl")
     assert [r.reason if isinstance(r, BadRow) else "ok" for r in got] == [
-        "ok", "malformed_row", "malformed_row", "missing_column", "missing_url", "bad_caption"]
+        "ok",
+        "malformed_row",
+        "malformed_row",
+        "missing_column",
+        "missing_url",
+        "bad_caption",
+    ]
     (tmp_path / "bad.csv").write_text("url,caption\nhttp://x/1.jpg,a\nhttp://x/2.jpg,b,extra\n")
     assert [type(r).__name__ for r in rows(tmp_path / "bad.csv")] == ["ImageTextPair", "BadRow"]
 
 
 def test_boxes_and_tags_columns_as_lists_or_json_text(tmp_path):
     boxes = [{"category": "dog", "bbox": [0.1, 0.2, 0.5, 0.9]}]
-    pq.write_table(pa.table({"url": ["http://x/1.jpg"], "boxes": [boxes], "tags": [["animal"]]}),
-                   tmp_path / "b.parquet")
+    pq.write_table(
+        pa.table({"url": ["http://x/1.jpg"], "boxes": [boxes], "tags": [["animal"]]}), tmp_path / "b.parquet"
+    )
     (tmp_path / "b.csv").write_text(
         'url,boxes,tags\nhttp://x/1.jpg,"[{""category"": ""dog"", ""bbox"": [0.1, 0.2, 0.5, 0.9]}]",'
-        '"[""animal""]"\nhttp://x/2.jpg,"[{""bbox"": [2, 0, 1, 1]}]",\n')
+        '"[""animal""]"\nhttp://x/2.jpg,"[{""bbox"": [2, 0, 1, 1]}]",\n'
+    )
     for name in ("b.parquet", "b.csv"):
         first = rows(tmp_path / name, boxes_col="boxes", tags_col="tags")[0]
         assert (first.boxes, first.tags) == ([Box("dog", [0.1, 0.2, 0.5, 0.9])], ["animal"])
@@ -93,9 +110,14 @@ def test_folder_source_pairs_images_with_sidecar_captions(tmp_path):
 
 
 def ingest_local(tmp_path, path, **read):
-    cfg = from_dict(IngestConfig, {"read": {"path": str(path), **read},
-                                   "write": {"path": str(tmp_path / "out"), "shard_size": 8},
-                                   "resize": {"image_size": 128, "resize_mode": "border", "encode_format": "png"}})
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(path), **read},
+            "write": {"path": str(tmp_path / "out"), "shard_size": 8},
+            "resize": {"image_size": 128, "resize_mode": "border", "encode_format": "png"},
+        },
+    )
     report = run(cfg, ["--runner=FnApiRunner"])
     samples = list(wds.WebDataset([str(p) for p in sorted((tmp_path / "out").glob("*.tar"))], shardshuffle=False))
     return report, [SampleMeta.from_json(s["json"]) for s in samples]
@@ -104,8 +126,9 @@ def ingest_local(tmp_path, path, **read):
 def test_coco_annotations_keep_captions_and_normalised_boxes(tmp_path):
     root = shapes_dataset(tmp_path / "shapes", n=10, seed=3)
     instances = json.loads((root / "annotations" / "instances.json").read_text())
-    report, metas = ingest_local(tmp_path, root / "annotations" / "*.json", format="coco",
-                                 image_root=str(root / "images"))
+    report, metas = ingest_local(
+        tmp_path, root / "annotations" / "*.json", format="coco", image_root=str(root / "images")
+    )
     assert report["written"] == 10 and report["accounted"]
     captions = json.loads((root / "annotations" / "captions.json").read_text())["annotations"]
     assert [m.caption for m in metas] == [c["caption"] for c in captions]
@@ -121,10 +144,12 @@ def test_llava_json_keeps_conversations_and_rejects_bad_entries(tmp_path):
     images.mkdir()
     (images / "a.png").write_bytes(encode_test_image("png"))
     conversation = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A picture."}]
-    entries = [{"id": "a", "image": "a.png", "conversations": conversation},
-               {"id": "text-only", "conversations": conversation},
-               {"id": "bad", "image": "a.png", "conversations": [{"from": "gpt", "value": "no image token"}]},
-               {"id": "missing-file", "image": "nope.png", "conversations": conversation}]
+    entries = [
+        {"id": "a", "image": "a.png", "conversations": conversation},
+        {"id": "text-only", "conversations": conversation},
+        {"id": "bad", "image": "a.png", "conversations": [{"from": "gpt", "value": "no image token"}]},
+        {"id": "missing-file", "image": "nope.png", "conversations": conversation},
+    ]
     (tmp_path / "llava.json").write_text(json.dumps(entries))
     report, metas = ingest_local(tmp_path, tmp_path / "llava.json", image_root=str(images))
     assert [m.conversations for m in metas] == [[Turn("human", "<image>\nWhat is this?"), Turn("gpt", "A picture.")]]
@@ -145,8 +170,9 @@ def test_a_caption_over_128_kib_is_one_rejected_row_and_the_file_goes_on(tmp_pat
     # Python's csv refuses fields over 128 KiB by default: the whole file used to fail on this one row.
     long_caption = "x" * (130 * 1024)
     path = tmp_path / f"long.{ext}"
-    path.write_text(f"url{sep}caption\nhttp://x/1.jpg{sep}one\nhttp://x/2.jpg{sep}\"{long_caption}\"\n"
-                    f"http://x/3.jpg{sep}three\n")
+    path.write_text(
+        f'url{sep}caption\nhttp://x/1.jpg{sep}one\nhttp://x/2.jpg{sep}"{long_caption}"\nhttp://x/3.jpg{sep}three\n'
+    )
     got = rows(path)
     assert outcomes(got) == ["ok", "field_too_long", "ok"]
     assert got[1].url == "http://x/2.jpg" and str(MAX_CAPTION_CHARS) in got[1].message
@@ -174,8 +200,12 @@ DELIMITED_CASES = [  # (url cell, caption cell, expected outcome): one row each,
 @pytest.mark.parametrize("ext, sep", [("csv", b","), ("tsv", b"\t")])
 def test_nul_bytes_bad_utf8_and_long_urls_in_csv_cost_their_row_only(tmp_path, ext, sep):
     path = tmp_path / f"hostile.{ext}"
-    path.write_bytes(b"\xef\xbb\xbfurl" + sep + b"caption\n"  # a BOM, as spreadsheets write it
-                     + b"".join(url + sep + caption + b"\n" for url, caption, _ in DELIMITED_CASES))
+    path.write_bytes(
+        b"\xef\xbb\xbfurl"
+        + sep
+        + b"caption\n"  # a BOM, as spreadsheets write it
+        + b"".join(url + sep + caption + b"\n" for url, caption, _ in DELIMITED_CASES)
+    )
     got = rows(path)
     assert outcomes(got) == [expected for _, _, expected in DELIMITED_CASES]
     assert got[-1].caption == "café"
@@ -184,38 +214,55 @@ def test_nul_bytes_bad_utf8_and_long_urls_in_csv_cost_their_row_only(tmp_path, e
 
 
 def test_jsonl_lines_that_are_not_objects_or_not_utf8_cost_their_line_only(tmp_path):
-    lines = [b'{"url": "http://x/1.jpg", "caption": "one"}',
-             b'{"url": "http://x/2.jpg", "caption": "caf\xe9"}',  # latin-1 byte
-             b'{"url": "http://x/3.jpg", "caption": "\\ud800 lone surrogate"}',  # valid JSON, not encodable
-             b"[" * 100_000 + b"]" * 100_000,  # deep nesting: RecursionError in the parser
-             b'{"url": "http://x/4.jpg", "caption": "not closed',
-             b'{"url": 12345}',
-             b'{"url": "http://x/5.jpg", "caption": ["a", "list"]}',
-             b'{"url": "http://x/6.jpg", "caption": "six"}']
+    lines = [
+        b'{"url": "http://x/1.jpg", "caption": "one"}',
+        b'{"url": "http://x/2.jpg", "caption": "caf\xe9"}',  # latin-1 byte
+        b'{"url": "http://x/3.jpg", "caption": "\\ud800 lone surrogate"}',  # valid JSON, not encodable
+        b"[" * 100_000 + b"]" * 100_000,  # deep nesting: RecursionError in the parser
+        b'{"url": "http://x/4.jpg", "caption": "not closed',
+        b'{"url": 12345}',
+        b'{"url": "http://x/5.jpg", "caption": ["a", "list"]}',
+        b'{"url": "http://x/6.jpg", "caption": "six"}',
+    ]
     (tmp_path / "hostile.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     assert outcomes(rows(tmp_path / "hostile.jsonl")) == [
-        "ok", "bad_encoding", "bad_encoding", "malformed_row", "malformed_row", "bad_url", "bad_caption", "ok"]
+        "ok",
+        "bad_encoding",
+        "bad_encoding",
+        "malformed_row",
+        "malformed_row",
+        "bad_url",
+        "bad_caption",
+        "ok",
+    ]
 
 
 def test_parquet_cells_of_the_wrong_type_or_bad_utf8_cost_their_row_only(tmp_path):
-    table = pa.table({"url": pa.array([b"http://x/1.jpg", b"http://x/\xff.jpg", b"http://x/3.jpg"]).view(pa.string()),
-                      "caption": ["one", "two", "three"],
-                      "when": pa.array([0, 1, 2], pa.timestamp("s"))})
+    table = pa.table(
+        {
+            "url": pa.array([b"http://x/1.jpg", b"http://x/\xff.jpg", b"http://x/3.jpg"]).view(pa.string()),
+            "caption": ["one", "two", "three"],
+            "when": pa.array([0, 1, 2], pa.timestamp("s")),
+        }
+    )
     pq.write_table(table, tmp_path / "a.parquet")
     got = rows(tmp_path / "a.parquet", save_additional_columns=["when"])
     assert outcomes(got) == ["ok", "bad_encoding", "ok"]
     assert got[0].source == {"when": "1970-01-01 00:00:00"}  # a timestamp kept as text, JSON-safe
     pq.write_table(pa.table({"url": [1, 2], "caption": [["a"], None]}), tmp_path / "b.parquet")
     assert outcomes(rows(tmp_path / "b.parquet")) == ["bad_url", "bad_url"]
-    pq.write_table(pa.table({"url": ["http://x/1.jpg", "http://x/2.jpg"], "caption": [["a"], None]}),
-                   tmp_path / "c.parquet")
+    pq.write_table(
+        pa.table({"url": ["http://x/1.jpg", "http://x/2.jpg"], "caption": [["a"], None]}), tmp_path / "c.parquet"
+    )
     assert outcomes(rows(tmp_path / "c.parquet")) == ["bad_caption", "ok"]
 
 
 def test_a_line_longer_than_the_row_bound_is_skipped_without_losing_the_rest(tmp_path):
     huge = "y" * (MAX_ROW_CHARS + 10)
     (tmp_path / "a.csv").write_text(f"url,caption\nhttp://x/1.jpg,{huge}\nhttp://x/2.jpg,two\n")
-    (tmp_path / "a.jsonl").write_text(f'{{"url": "http://x/1.jpg", "caption": "{huge}"}}\n{{"url": "http://x/2.jpg"}}\n')
+    (tmp_path / "a.jsonl").write_text(
+        f'{{"url": "http://x/1.jpg", "caption": "{huge}"}}\n{{"url": "http://x/2.jpg"}}\n'
+    )
     (tmp_path / "a.txt").write_text(f"http://x/{huge}\nhttp://x/2.jpg\n")
     for name in ("a.csv", "a.jsonl", "a.txt"):
         got = rows(tmp_path / name)
@@ -242,8 +289,9 @@ def test_url_looking_lines_inside_a_caption_over_the_parser_limit_never_become_r
     part = "w" * (MAX_ROW_CHARS // 4)
     caption = "\n".join([part] * 5 + [f"http://evil/x.jpg{sep}pwned", f'http://evil/y.jpg{sep}""quoted""', "end"])
     path = tmp_path / f"a.{ext}"
-    path.write_text(f'url{sep}caption\nhttp://x/1.jpg{sep}one\nhttp://x/2.jpg{sep}"{caption}"\n'
-                    f"http://x/3.jpg{sep}three\n")
+    path.write_text(
+        f'url{sep}caption\nhttp://x/1.jpg{sep}one\nhttp://x/2.jpg{sep}"{caption}"\nhttp://x/3.jpg{sep}three\n'
+    )
     got = rows(path)
     assert outcomes(got) == ["ok", "field_too_long", "ok"]
     assert [p.url for p in got if not isinstance(p, BadRow)] == ["http://x/1.jpg", "http://x/3.jpg"]
@@ -252,8 +300,11 @@ def test_url_looking_lines_inside_a_caption_over_the_parser_limit_never_become_r
 def test_a_quote_that_never_closes_within_the_bound_rejects_the_rest_of_the_file_once(tmp_path):
     part = "v" * (MAX_ROW_CHARS // 4)
     lines = [part if i % 2 else f"http://evil/{i}.jpg,caption {i}" for i in range(24)]
-    (tmp_path / "a.csv").write_text("url,caption\nhttp://x/1.jpg,one\nhttp://x/2.jpg,\"never closed\n"
-                                    + "\n".join(lines) + "\nhttp://x/3.jpg,three\n")
+    (tmp_path / "a.csv").write_text(
+        'url,caption\nhttp://x/1.jpg,one\nhttp://x/2.jpg,"never closed\n'
+        + "\n".join(lines)
+        + "\nhttp://x/3.jpg,three\n"
+    )
     got = rows(tmp_path / "a.csv")
     assert outcomes(got) == ["ok", "field_too_long", "unreadable_file"]  # the rows before it are kept
     assert "reading stopped at line" in got[2].message and "line 3" in got[2].message
@@ -282,7 +333,7 @@ def test_a_compressed_file_cut_short_or_corrupt_keeps_its_rows_and_says_where_it
     body = gzip.compress(b"".join(b'{"url": "http://x/%d.jpg"}\n' % i for i in range(20_000)))
     (tmp_path / "cut.jsonl.gz").write_bytes(body[: len(body) // 2])  # Beam reads a cut gzip to where it ends
     got = outcomes(rows(tmp_path / "cut.jsonl.gz", format="jsonl"))
-    assert 1000 < got.count("ok") < 20_000 and set(got[got.count("ok"):]) <= {"malformed_row"}  # the cut line
+    assert 1000 < got.count("ok") < 20_000 and set(got[got.count("ok") :]) <= {"malformed_row"}  # the cut line
     mid = len(body) // 2
     corrupt = body[:mid] + bytes(b ^ 0x55 for b in body[mid : mid + 64]) + body[mid + 64 :]
     (tmp_path / "b-corrupt.jsonl.gz").write_bytes(corrupt)  # zlib raises while reading it
@@ -295,23 +346,46 @@ def test_a_compressed_file_cut_short_or_corrupt_keeps_its_rows_and_says_where_it
 
 
 def test_coco_llava_and_folder_entries_that_do_not_fit_cost_themselves_only(tmp_path):
-    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 0, "height": 10},  # zero width: no box math
-                       {"file_name": "no-id.jpg"}, {"id": 2, "file_name": "b.jpg", "width": 10, "height": 10},
-                       "not an object"],
-            "annotations": [{"image_id": 1, "bbox": [1, 1, 2, 2], "category_id": 1},
-                            {"image_id": [2], "caption": "unhashable id"}, {"image_id": 2, "caption": "two"}],
-            "categories": [{"id": 1, "name": "dot"}]}
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "a.jpg", "width": 0, "height": 10},  # zero width: no box math
+            {"file_name": "no-id.jpg"},
+            {"id": 2, "file_name": "b.jpg", "width": 10, "height": 10},
+            "not an object",
+        ],
+        "annotations": [
+            {"image_id": 1, "bbox": [1, 1, 2, 2], "category_id": 1},
+            {"image_id": [2], "caption": "unhashable id"},
+            {"image_id": 2, "caption": "two"},
+        ],
+        "categories": [{"id": 1, "name": "dot"}],
+    }
     (tmp_path / "coco.json").write_text(json.dumps(coco))
-    assert outcomes(rows(tmp_path / "coco.json")) == ["bad_box", "ok", "malformed_row", "malformed_row",
-                                                      "malformed_row"]
+    assert outcomes(rows(tmp_path / "coco.json")) == [
+        "bad_box",
+        "ok",
+        "malformed_row",
+        "malformed_row",
+        "malformed_row",
+    ]
     conversation = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A dot."}]
-    entries = [{"id": "a", "image": "a.png", "conversations": conversation}, "not an object",
-               {"id": "b", "image": "b.png", "conversations": "not a list"},
-               {"id": "c", "image": "c.png", "conversations": [{"from": "human", "value": "<image>\n\udcff"},
-                                                                {"from": "gpt", "value": "x"}]}]
+    entries = [
+        {"id": "a", "image": "a.png", "conversations": conversation},
+        "not an object",
+        {"id": "b", "image": "b.png", "conversations": "not a list"},
+        {
+            "id": "c",
+            "image": "c.png",
+            "conversations": [{"from": "human", "value": "<image>\n\udcff"}, {"from": "gpt", "value": "x"}],
+        },
+    ]
     (tmp_path / "llava.json").write_bytes(json.dumps(entries, ensure_ascii=False).encode("utf-8", "surrogateescape"))
-    assert outcomes(rows(tmp_path / "llava.json", format="llava")) == ["ok", "missing_url", "bad_conversation",
-                                                                       "bad_encoding"]
+    assert outcomes(rows(tmp_path / "llava.json", format="llava")) == [
+        "ok",
+        "missing_url",
+        "bad_conversation",
+        "bad_encoding",
+    ]
     folder = tmp_path / "folder"
     folder.mkdir()
     for name in ("a.png", "b.png"):
@@ -339,8 +413,12 @@ def write_table_as(path, ext):
 @pytest.mark.parametrize("ext", ["parquet", "csv", "tsv", "jsonl"])
 def test_a_named_column_missing_from_the_input_is_one_error_listing_the_columns(tmp_path, ext, caplog):
     write_table_as(tmp_path / f"urls.{ext}", ext)
-    for option, value in [("url_col", "link"), ("caption_col", "text"), ("boxes_col", "objects"),
-                          ("save_additional_columns", ["licence"])]:
+    for option, value in [
+        ("url_col", "link"),
+        ("caption_col", "text"),
+        ("boxes_col", "objects"),
+        ("save_additional_columns", ["licence"]),
+    ]:
         column = value[0] if isinstance(value, list) else value
         cfg = ReadConfig(path=str(tmp_path / f"urls.{ext}"), **{option: value})
         if ext == "jsonl" and option in ("boxes_col", "save_additional_columns"):
@@ -349,8 +427,9 @@ def test_a_named_column_missing_from_the_input_is_one_error_listing_the_columns(
             continue
         with pytest.raises(InputError) as caught:
             plan_units(cfg)
-        assert str(caught.value) == (f"read.{option}: column {column!r} not in urls.{ext} "
-                                     "(columns: url, caption, width)")
+        assert str(caught.value) == (
+            f"read.{option}: column {column!r} not in urls.{ext} (columns: url, caption, width)"
+        )
     assert len(rows(tmp_path / f"urls.{ext}", caption_col="caption")) == 1
     (tmp_path / "nocaption.csv").write_text("url\nhttp://x/1.jpg\n")  # the default caption column is optional
     assert [p.caption for p in rows(tmp_path / "nocaption.csv")] == [None]
@@ -362,15 +441,23 @@ def test_jsonl_optional_columns_first_seen_after_the_sampled_objects_are_read(tm
     (tmp_path / "late.jsonl").write_text("".join(json.dumps(o) + "\n" for o in objects))
     got = rows(tmp_path / "late.jsonl", boxes_col="boxes", tags_col="tags", save_additional_columns=["licence"])
     assert outcomes(got) == ["ok"] * 150
-    assert (got[120].boxes, got[120].tags, got[120].source) == ([Box("dog", [0, 0, 1, 1])], ["animal"],
-                                                                {"licence": "cc"})
+    assert (got[120].boxes, got[120].tags, got[120].source) == (
+        [Box("dog", [0, 0, 1, 1])],
+        ["animal"],
+        {"licence": "cc"},
+    )
     assert (got[0].boxes, got[0].tags, got[0].source) == ([], [], {})
 
 
 def test_a_wrong_url_col_stops_ingest_before_it_writes_anything(tmp_path):
     write_table_as(tmp_path / "urls.parquet", "parquet")
-    cfg = from_dict(IngestConfig, {"read": {"path": str(tmp_path / "urls.parquet"), "url_col": "link"},
-                                   "write": {"path": str(tmp_path / "out")}})
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(tmp_path / "urls.parquet"), "url_col": "link"},
+            "write": {"path": str(tmp_path / "out")},
+        },
+    )
     with pytest.raises(ConfigError, match="read.url_col: column 'link' not in urls.parquet"):
         run(cfg, ["--runner=FnApiRunner"])
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -380,12 +467,14 @@ def test_the_command_line_says_so_in_one_line_and_exits_2(tmp_path, capsys):
     from visinstruct.cli.main import main
 
     write_table_as(tmp_path / "urls.csv", "csv")
-    (tmp_path / "ingest.yaml").write_text(f"read: {{path: {tmp_path / 'urls.csv'}, url_col: link}}\n"
-                                          f"write: {{path: {tmp_path / 'out'}}}\n")
+    (tmp_path / "ingest.yaml").write_text(
+        f"read: {{path: {tmp_path / 'urls.csv'}, url_col: link}}\nwrite: {{path: {tmp_path / 'out'}}}\n"
+    )
     assert main(["ingest", "--config", str(tmp_path / "ingest.yaml")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("visinstruct ingest: error: read.url_col: column 'link' not in urls.csv "
-                   "(columns: url, caption, width)")
+    assert err == (
+        "visinstruct ingest: error: read.url_col: column 'link' not in urls.csv (columns: url, caption, width)"
+    )
 
 
 @pytest.mark.parametrize("sep", [",", "\t"])
@@ -399,7 +488,7 @@ def test_the_quote_tracker_ends_records_where_the_csv_parser_does(sep):
 
     rng = random.Random(7)
     for _ in range(3000):
-        text = "".join(rng.choice(['a', sep, '"', '"', "\n", "\r\n", "b"]) for _ in range(rng.randrange(1, 40)))
+        text = "".join(rng.choice(["a", sep, '"', '"', "\n", "\r\n", "b"]) for _ in range(rng.randrange(1, 40)))
         lines = text.splitlines(keepends=True)
         taken: list[str] = []
         fed = (taken.append(line) or line for line in lines)

@@ -42,8 +42,13 @@ def test_easy_vqa_images_decode_and_answers_are_known(split):
         assert sample["questions"]
         for question, answer, kind in sample["questions"]:
             assert question.endswith("?") and answer in answers
-            assert kind == ("yes/no" if answer in ("yes", "no") else "shape" if answer in
-                            ("circle", "rectangle", "triangle") else "color")
+            assert kind == (
+                "yes/no"
+                if answer in ("yes", "no")
+                else "shape"
+                if answer in ("circle", "rectangle", "triangle")
+                else "color"
+            )
 
 
 def test_easy_vqa_full_splits_and_bad_split():
@@ -84,8 +89,16 @@ def test_easy_vqa_caption_reads_yes_no_questions():
     negated = [("is no teal shape present?", "no"), ("does the image not contain a triangle?", "no")]
     assert easy_vqa_caption(negated) == "a teal triangle"
     assert easy_vqa_caption([("what shape is present?", "circle")]) is None  # no colour
-    assert easy_vqa_caption([("what color is the shape?", "red"), ("is there a blue shape?", "yes"),
-                             ("what shape is present?", "circle")]) is None  # contradictory
+    assert (
+        easy_vqa_caption(
+            [
+                ("what color is the shape?", "red"),
+                ("is there a blue shape?", "yes"),
+                ("what shape is present?", "circle"),
+            ]
+        )
+        is None
+    )  # contradictory
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -150,7 +163,7 @@ def test_shapes_samples_prefix_stable_and_boxes_disjoint():
         assert all(isinstance(b, Box) and b.category in SHAPE_CATEGORIES for b in boxes)
         assert len({b.category for b in boxes}) == len(boxes)
         for i, p in enumerate(boxes):
-            for q in boxes[i + 1:]:
+            for q in boxes[i + 1 :]:
                 (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = p.bbox, q.bbox
                 assert ax2 <= bx1 or bx2 <= ax1 or ay2 <= by1 or by2 <= ay1, (p, q)
     assert counts == {1, 2, 3}
@@ -183,9 +196,11 @@ def test_shapes_coco_boxes_are_exact_and_captions_list_the_shapes(tmp_path):
             assert box.bbox == pytest.approx([x / width, y / height, (x + w) / width, (y + h) / height])
             assert (image[y + h // 2, x + w // 2] == color).all()
             # Tight: the shape's colour reaches all four edges of the box, and the area is its pixel count.
-            inside = (image[y:y + h, x:x + w] == color).all(axis=-1)
+            inside = (image[y : y + h, x : x + w] == color).all(axis=-1)
             assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
             assert inside.sum() == ann["area"]
-    total = sum((np.asarray(Image.open(root / "images" / i["file_name"])) != 255).any(axis=-1).sum()
-                for i in instances["images"])
+    total = sum(
+        (np.asarray(Image.open(root / "images" / i["file_name"])) != 255).any(axis=-1).sum()
+        for i in instances["images"]
+    )
     assert total == sum(a["area"] for a in instances["annotations"])  # nothing drawn outside the boxes

@@ -37,32 +37,92 @@ from visinstruct.schemas import (
     to_table,
 )
 
-CONVERSATION = [Turn("human", "<image>\nWhat is the dog doing?"), Turn("gpt", "It is leaping for a frisbee."),
-                Turn("human", "What colour is it?"), Turn("gpt", "Brown and white.")]
+CONVERSATION = [
+    Turn("human", "<image>\nWhat is the dog doing?"),
+    Turn("gpt", "It is leaping for a frisbee."),
+    Turn("human", "What colour is it?"),
+    Turn("gpt", "Brown and white."),
+]
 
 EXAMPLES = [
-    ImageTextPair(key="000000000", url="https://example.com/a.jpg", caption="a dog", captions=["a brown dog"],
-                  boxes=[Box("dog", [0.12, 0.3, 0.55, 0.91])], tags=["animal"], conversations=CONVERSATION,
-                  source=JsonDict({"license": "cc-by", "nested": {"n": [1, 2]}})),
+    ImageTextPair(
+        key="000000000",
+        url="https://example.com/a.jpg",
+        caption="a dog",
+        captions=["a brown dog"],
+        boxes=[Box("dog", [0.12, 0.3, 0.55, 0.91])],
+        tags=["animal"],
+        conversations=CONVERSATION,
+        source=JsonDict({"license": "cc-by", "nested": {"n": [1, 2]}}),
+    ),
     ImageTextPair(key="000000001", path="/data/b.png"),
-    FetchedImage(key="000000002", image=b"\xff\xd8\xff\x00binary\x00", format="jpg", width=256, height=192,
-                 original_width=1024, original_height=768, sha256="ab" * 32, phash="f0e1d2c3b4a59687"),
+    FetchedImage(
+        key="000000002",
+        image=b"\xff\xd8\xff\x00binary\x00",
+        format="jpg",
+        width=256,
+        height=192,
+        original_width=1024,
+        original_height=768,
+        sha256="ab" * 32,
+        phash="f0e1d2c3b4a59687",
+    ),
     ClipScore(score=0.3125, model="ViT-B-32", pretrained="laion2b_s34b_b79k"),
     ClipScore(score=-0.01, model="tiny"),
-    GenerationInfo(kind="conversation", model="SmolLM2", template_sha256="00" * 32, seed=17, prompt_tokens=412,
-                   completion_tokens=96),
-    Rejection(stage="download", reason="http_404", message="404 Not Found", key="000000003",
-              url="http://x/y.jpg", detail=JsonDict({"attempts": 1})),
+    GenerationInfo(
+        kind="conversation",
+        model="SmolLM2",
+        template_sha256="00" * 32,
+        seed=17,
+        prompt_tokens=412,
+        completion_tokens=96,
+    ),
+    Rejection(
+        stage="download",
+        reason="http_404",
+        message="404 Not Found",
+        key="000000003",
+        url="http://x/y.jpg",
+        detail=JsonDict({"attempts": 1}),
+    ),
     Rejection(stage="read", reason="malformed_row", message="no url"),
-    IndexRow(key="000000000", status="success", url="u", caption="c", width=1, height=2, original_width=3,
-             original_height=4, sha256="s", phash="p", members=[Member("000000000.jpg", 512, 100)],
-             clip_score=0.3, conversation_kind="detailed"),
+    IndexRow(
+        key="000000000",
+        status="success",
+        url="u",
+        caption="c",
+        width=1,
+        height=2,
+        original_width=3,
+        original_height=4,
+        sha256="s",
+        phash="p",
+        members=[Member("000000000.jpg", 512, 100)],
+        clip_score=0.3,
+        conversation_kind="detailed",
+    ),
     IndexRow(key="000000001", status="http_404", error_message="404 Not Found"),
-    ShardStats(shard=3, stage="ingest", inputs=5, written=3, rejected=2,
-               rejected_by_reason={"http_404": 1, "too_small": 1}, tar_bytes=1024, duration_s=1.5),
-    SampleMeta(key="000000000", url="u", caption="c", width=10, height=20, clip=ClipScore(0.3, "m"),
-               conversations=CONVERSATION, boxes=[Box("cat", [0, 0, 1, 1])],
-               generation=GenerationInfo("detailed", "m", "h", 1)),
+    ShardStats(
+        shard=3,
+        stage="ingest",
+        inputs=5,
+        written=3,
+        rejected=2,
+        rejected_by_reason={"http_404": 1, "too_small": 1},
+        tar_bytes=1024,
+        duration_s=1.5,
+    ),
+    SampleMeta(
+        key="000000000",
+        url="u",
+        caption="c",
+        width=10,
+        height=20,
+        clip=ClipScore(0.3, "m"),
+        conversations=CONVERSATION,
+        boxes=[Box("cat", [0, 0, 1, 1])],
+        generation=GenerationInfo("detailed", "m", "h", 1),
+    ),
 ]
 
 
@@ -108,29 +168,35 @@ def test_sample_json_keeps_unknown_img2dataset_fields():
     assert json.loads(meta.to_json()) == {**raw, "schema_version": SCHEMA_VERSION}
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"url": "u"}, "no 'key'"),
-    ({"key": "1", "width": "wide"}, "width must be a non-negative integer"),
-    ({"key": "1", "caption": 5}, "caption must be a string"),
-    ({"key": "1", "boxes": [{"category": "dog", "bbox": [0.5, 0, 0.1, 1]}]}, "x1 <= x2"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"url": "u"}, "no 'key'"),
+        ({"key": "1", "width": "wide"}, "width must be a non-negative integer"),
+        ({"key": "1", "caption": 5}, "caption must be a string"),
+        ({"key": "1", "boxes": [{"category": "dog", "bbox": [0.5, 0, 0.1, 1]}]}, "x1 <= x2"),
+    ],
+)
 def test_sample_json_rejects_wrong_shapes_naming_the_field(bad, message):
     with pytest.raises(ValueError, match=message):
         SampleMeta.from_dict(bad)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ([1], "must be an object"),
-    ({"key": 5}, "key must be a string"),
-    ({"key": "1", "boxes": ["dog"]}, r"boxes\[0\] must be a JSON object"),
-    ({"key": "1", "boxes": [{"bbox": [0, 0, 1, 1]}]}, "'category' is missing"),
-    ({"key": "1", "conversations": [{"value": "hi"}]}, "'from' is missing"),
-    ({"key": "1", "captions": "abc"}, "captions must be a list"),
-    ({"key": "1", "clip": {"score": True, "model": "m"}}, "score must be a number"),
-    ({"key": "1", "width": 2**63}, "width must be a non-negative integer"),
-    ({"key": "1", "caption": "\ud800"}, "not valid Unicode"),
-    ({"key": "1", "source": {"n": [[1]]}, "boxes": [{"category": "dog", "bbox": [0, 0, 1, 1]}]}, None),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([1], "must be an object"),
+        ({"key": 5}, "key must be a string"),
+        ({"key": "1", "boxes": ["dog"]}, r"boxes\[0\] must be a JSON object"),
+        ({"key": "1", "boxes": [{"bbox": [0, 0, 1, 1]}]}, "'category' is missing"),
+        ({"key": "1", "conversations": [{"value": "hi"}]}, "'from' is missing"),
+        ({"key": "1", "captions": "abc"}, "captions must be a list"),
+        ({"key": "1", "clip": {"score": True, "model": "m"}}, "score must be a number"),
+        ({"key": "1", "width": 2**63}, "width must be a non-negative integer"),
+        ({"key": "1", "caption": "\ud800"}, "not valid Unicode"),
+        ({"key": "1", "source": {"n": [[1]]}, "boxes": [{"category": "dog", "bbox": [0, 0, 1, 1]}]}, None),
+    ],
+)
 def test_sample_json_refuses_every_bad_shape_with_value_error(bad, message):
     if message is None:  # a well-formed control: parses
         assert SampleMeta.from_dict(bad).key == "1"
@@ -148,14 +214,25 @@ def test_sample_json_nested_beyond_the_stack_is_a_value_error():
 
 
 def _random_json(rng: random.Random, depth: int = 0):
-    makers = [lambda: None, lambda: rng.random() < 0.5, lambda: rng.choice([0, -1, 7, 2**63, -(2**70)]),
-              lambda: rng.choice([0.5, -0.25, 1.5, float("nan"), float("inf")]),
-              lambda: rng.choice(["", "a", "\ud800", "<image>", "x" * 600]), lambda: "1",
-              lambda: [rng.random() for _ in range(4)]]
+    makers = [
+        lambda: None,
+        lambda: rng.random() < 0.5,
+        lambda: rng.choice([0, -1, 7, 2**63, -(2**70)]),
+        lambda: rng.choice([0.5, -0.25, 1.5, float("nan"), float("inf")]),
+        lambda: rng.choice(["", "a", "\ud800", "<image>", "x" * 600]),
+        lambda: "1",
+        lambda: [rng.random() for _ in range(4)],
+    ]
     if depth < 3:
-        makers += [lambda: [_random_json(rng, depth + 1) for _ in range(rng.randrange(5))],
-                   lambda: {rng.choice(["key", "from", "value", "bbox", "category", "score", "model", "z"]):
-                            _random_json(rng, depth + 1) for _ in range(rng.randrange(4))}]
+        makers += [
+            lambda: [_random_json(rng, depth + 1) for _ in range(rng.randrange(5))],
+            lambda: {
+                rng.choice(["key", "from", "value", "bbox", "category", "score", "model", "z"]): _random_json(
+                    rng, depth + 1
+                )
+                for _ in range(rng.randrange(4))
+            },
+        ]
     return rng.choice(makers)()
 
 
@@ -170,8 +247,14 @@ def _paths(value, path=()):
 def test_fuzzed_sample_json_parses_or_raises_value_error_only():
     """Seeded random JSON values at every field of a full sample: ``SampleMeta`` or ``ValueError``, nothing else,
     and what parses writes back as UTF-8 JSON that parses to the same record."""
-    full = json.loads(EXAMPLES[-1].to_json()) | {"captions": ["a", "b"], "tags": ["t"], "path": "/p",
-                                                  "source": {"n": [1]}, "phash": "p", "original_width": 3}
+    full = json.loads(EXAMPLES[-1].to_json()) | {
+        "captions": ["a", "b"],
+        "tags": ["t"],
+        "path": "/p",
+        "source": {"n": [1]},
+        "phash": "p",
+        "original_width": 3,
+    }
     places = list(_paths(full))
     rng, parsed, refused = random.Random(1234), 0, 0
     for trial in range(3000):
@@ -205,7 +288,12 @@ def test_from_pair_copies_input_fields_and_image_sizes():
     pair, image = EXAMPLES[0], EXAMPLES[2]
     meta = SampleMeta.from_pair(pair, image)
     assert (meta.key, meta.url, meta.caption, meta.boxes, meta.source) == (
-        pair.key, pair.url, pair.caption, pair.boxes, pair.source)
+        pair.key,
+        pair.url,
+        pair.caption,
+        pair.boxes,
+        pair.source,
+    )
     assert (meta.width, meta.original_height, meta.sha256) == (256, 768, "ab" * 32)
 
 
@@ -236,14 +324,17 @@ def test_box_rejects_unnormalised_or_malformed_boxes():
         Box("dog", [0, 0, 1])
 
 
-@pytest.mark.parametrize("turns, problem", [
-    (CONVERSATION, None),
-    (CONVERSATION[:1], "at least one"),
-    ([Turn("gpt", "<image>\nhi"), Turn("human", "x")], "expected 'human'"),
-    ([Turn("human", "<image>\nhi"), Turn("gpt", "  ")], "empty"),
-    ([Turn("human", "hi"), Turn("gpt", "<image> x")], "exactly once"),
-    ([Turn("human", "<image><image>hi"), Turn("gpt", "x")], "exactly once"),
-])
+@pytest.mark.parametrize(
+    "turns, problem",
+    [
+        (CONVERSATION, None),
+        (CONVERSATION[:1], "at least one"),
+        ([Turn("gpt", "<image>\nhi"), Turn("human", "x")], "expected 'human'"),
+        ([Turn("human", "<image>\nhi"), Turn("gpt", "  ")], "empty"),
+        ([Turn("human", "hi"), Turn("gpt", "<image> x")], "exactly once"),
+        ([Turn("human", "<image><image>hi"), Turn("gpt", "x")], "exactly once"),
+    ],
+)
 def test_conversation_problems(turns, problem):
     problems = conversation_problems(turns)
     if problem is None:

@@ -47,14 +47,34 @@ def dataset(tmp_path_factory) -> Path:
         for i, size in enumerate(SIZES):
             server.add_image(f"/photo{i}.jpg", encode_test_image("jpeg", size))
         server.add_image("/copy.jpg", encode_test_image("jpeg", SIZES[1]))  # photo 1's bytes under another URL
-        urls = [server.url(p) for p in ("/photo0.jpg", "/photo1.jpg", "/gone.jpg", "/photo2.jpg", "/photo3.jpg",
-                                        "/photo1.jpg", "/photo4.jpg", "/copy.jpg", "/photo5.jpg", "/lost.jpg")]
-        pq.write_table(pa.table({"url": urls, "caption": [f"caption number {i}" for i in range(len(urls))]}),
-                       root / "urls.parquet")
-        cfg = from_dict(IngestConfig, {
-            "read": {"path": str(root / "urls.parquet")}, "write": {"path": str(root / "out"), "shard_size": 4},
-            "download": {"allow_loopback": True, "timeout": 2.0, "retries": 0, "per_host_rps": None},
-            "resize": {"image_size": 64, "resize_mode": "center_crop"}})
+        urls = [
+            server.url(p)
+            for p in (
+                "/photo0.jpg",
+                "/photo1.jpg",
+                "/gone.jpg",
+                "/photo2.jpg",
+                "/photo3.jpg",
+                "/photo1.jpg",
+                "/photo4.jpg",
+                "/copy.jpg",
+                "/photo5.jpg",
+                "/lost.jpg",
+            )
+        ]
+        pq.write_table(
+            pa.table({"url": urls, "caption": [f"caption number {i}" for i in range(len(urls))]}),
+            root / "urls.parquet",
+        )
+        cfg = from_dict(
+            IngestConfig,
+            {
+                "read": {"path": str(root / "urls.parquet")},
+                "write": {"path": str(root / "out"), "shard_size": 4},
+                "download": {"allow_loopback": True, "timeout": 2.0, "retries": 0, "per_host_rps": None},
+                "resize": {"image_size": 64, "resize_mode": "center_crop"},
+            },
+        )
         report = ingest(cfg, RUNNER)
     assert (report["written"], report["rejected"]) == (6, 4)
     return root / "out"
@@ -70,9 +90,14 @@ def llava(tmp_path_factory) -> Path:
         (root / "images" / f"{i}.png").write_bytes(encode_test_image("png", (48 + 16 * i, 40)))
         entries.append({"id": f"s{i}", "image": f"{i}.png", "conversations": CONVERSATION})
     (root / "llava.json").write_text(json.dumps(entries))
-    cfg = from_dict(IngestConfig, {"read": {"path": str(root / "llava.json"), "image_root": str(root / "images")},
-                                   "write": {"path": str(root / "out"), "shard_size": 8},
-                                   "resize": {"image_size": 32, "resize_mode": "border", "encode_format": "png"}})
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(root / "llava.json"), "image_root": str(root / "images")},
+            "write": {"path": str(root / "out"), "shard_size": 8},
+            "resize": {"image_size": 32, "resize_mode": "border", "encode_format": "png"},
+        },
+    )
     assert ingest(cfg, RUNNER)["written"] == 2
     return root / "out"
 
@@ -112,14 +137,17 @@ def test_a_folder_a_glob_a_brace_pattern_and_a_file_name_the_same_shards(dataset
     assert resolve_shards(tars[1]) == [tars[1]]
 
 
-@pytest.mark.parametrize("path, message", [
-    ("nope", "no such file or folder: .*nope$"),
-    ("empty", "empty holds no shards"),
-    ("00000.parquet", "00000.parquet is not a shard"),
-    ("*.zip", "nothing matches"),
-    ("*.parquet", "matches 3 files but no shards"),
-    ("{00000..00004}.tar", "no such shard: .*00003.tar \\(and 1 more of 5\\)$"),
-])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("nope", "no such file or folder: .*nope$"),
+        ("empty", "empty holds no shards"),
+        ("00000.parquet", "00000.parquet is not a shard"),
+        ("*.zip", "nothing matches"),
+        ("*.parquet", "matches 3 files but no shards"),
+        ("{00000..00004}.tar", "no such shard: .*00003.tar \\(and 1 more of 5\\)$"),
+    ],
+)
 def test_a_path_without_shards_is_a_one_line_error(dataset, tmp_path, monkeypatch, path, message):
     (tmp_path / "empty").mkdir()
     monkeypatch.chdir(tmp_path if path in ("nope", "empty") else dataset)
@@ -141,8 +169,10 @@ def test_a_shard_whose_tar_is_gone_still_counts_in_its_folder(dataset, tmp_path)
 def test_ls_counts_what_ingest_wrote(dataset):
     rows = list_shards(resolve_shards(str(dataset)))
     assert [(r["shard"], r["written"], r["inputs"], r["rejected"], r["complete"], r["stages"]) for r in rows] == [
-        ("00000", 3, 4, 1, True, ["ingest"]), ("00001", 2, 4, 2, True, ["ingest"]),
-        ("00002", 1, 2, 1, True, ["ingest"])]
+        ("00000", 3, 4, 1, True, ["ingest"]),
+        ("00001", 2, 4, 2, True, ["ingest"]),
+        ("00002", 1, 2, 1, True, ["ingest"]),
+    ]
     assert [r["tar_bytes"] for r in rows] == [(dataset / f"{i:05d}.tar").stat().st_size for i in range(3)]
     lines = format_listing(rows).splitlines()
     assert lines[0].split() == ["shard", "written", "inputs", "rejected", "tar", "size", "complete", "stages"]
@@ -152,8 +182,11 @@ def test_ls_counts_what_ingest_wrote(dataset):
 def test_ls_counts_the_tar_without_an_index_and_shows_later_stages(dataset, tmp_path):
     out = copy_of(dataset, tmp_path)
     (out / "00000.parquet").unlink()
-    rewrite_index(out / "00001.parquet", clip_score=[0.31, None, 0.12, None],
-                  conversation_kind=["conversation", None, None, None])
+    rewrite_index(
+        out / "00001.parquet",
+        clip_score=[0.31, None, 0.12, None],
+        conversation_kind=["conversation", None, None, None],
+    )
     (out / "00002_stats.json").unlink()
     rows = {r["shard"]: r for r in list_shards(resolve_shards(str(out)))}
     assert (rows["00000"]["written"], rows["00000"]["inputs"], rows["00000"]["stages"]) == (3, 4, ["ingest"])
@@ -169,12 +202,17 @@ def test_stats_counts_sizes_captions_and_rejections_by_stage(dataset):
     stats = dataset_stats(resolve_shards(str(dataset)))
     assert (stats["shards"], stats["inputs"], stats["written"], stats["rejected"]) == (3, 10, 6, 4)
     assert stats["rejected_by_reason"] == {"http_404": 2, "duplicate_url": 1, "duplicate_sha256": 1}
-    assert stats["rejected_by_stage"] == {"dedup": {"duplicate_sha256": 1, "duplicate_url": 1},
-                                          "download": {"http_404": 2}}
+    assert stats["rejected_by_stage"] == {
+        "dedup": {"duplicate_sha256": 1, "duplicate_url": 1},
+        "download": {"http_404": 2},
+    }
     assert (stats["width"]["min"], stats["width"]["max"], stats["width"]["histogram"]) == (64, 64, [["64-127", 6]])
     widths = sorted(w for w, _ in SIZES)
     assert (stats["original_width"]["min"], stats["original_width"]["median"], stats["original_width"]["max"]) == (
-        widths[0], (widths[2] + widths[3]) / 2, widths[-1])
+        widths[0],
+        (widths[2] + widths[3]) / 2,
+        widths[-1],
+    )
     assert stats["original_height"]["histogram"] == [["32-63", 2], ["64-127", 3], ["128-255", 1]]
     assert stats["caption_chars"]["min"] == len("caption number 0") and stats["caption_words"]["max"] == 3
     assert stats["clip_score"] is None and stats["conversation_kinds"] == {}
@@ -191,6 +229,7 @@ def test_stats_reads_the_indexes_only(dataset, tmp_path, monkeypatch):
 
     def no_tars(*args, **kwargs):
         raise AssertionError("stats opened a tar")
+
     monkeypatch.setattr(tarfile, "open", no_tars)
     after = dataset_stats(resolve_shards(str(out)))
     assert after == before
@@ -198,8 +237,11 @@ def test_stats_reads_the_indexes_only(dataset, tmp_path, monkeypatch):
 
 def test_stats_of_scored_and_generated_shards(dataset, tmp_path):
     out = copy_of(dataset, tmp_path)
-    rewrite_index(out / "00000.parquet", clip_score=[0.31, 0.26, None, 0.349],
-                  conversation_kind=["conversation", "detail", None, "conversation"])
+    rewrite_index(
+        out / "00000.parquet",
+        clip_score=[0.31, 0.26, None, 0.349],
+        conversation_kind=["conversation", "detail", None, "conversation"],
+    )
     stats = dataset_stats(resolve_shards(str(out / "00000.tar")))
     assert stats["clip_score"]["histogram"] == [["0.25..0.30", 1], ["0.30..0.35", 2]]
     assert stats["conversation_kinds"] == {"conversation": 2, "detail": 1}
@@ -213,11 +255,15 @@ def test_stats_of_scored_and_generated_shards(dataset, tmp_path):
 
 def test_show_by_key_writes_the_image_member_and_prints_caption_and_metadata(dataset, tmp_path):
     sample = show_sample(resolve_shards(str(dataset)), key="000010002", out_dir=str(tmp_path / "shown"))
-    member = next(s for s in wds.WebDataset(str(dataset / "00001.tar"), shardshuffle=False)
-                  if s["__key__"] == "000010002")
+    member = next(
+        s for s in wds.WebDataset(str(dataset / "00001.tar"), shardshuffle=False) if s["__key__"] == "000010002"
+    )
     assert Path(sample["image_path"]).read_bytes() == member["jpg"]
     assert (sample["caption"], sample["meta"]["original_width"], sample["image_size"]) == (
-        "caption number 6", SIZES[4][0], (64, 64))
+        "caption number 6",
+        SIZES[4][0],
+        (64, 64),
+    )
     text = format_sample(sample)
     assert "key            000010002 (shard 00001)" in text and "caption        caption number 6" in text
 
@@ -226,11 +272,15 @@ def test_show_by_index_and_by_seeded_random_pick_written_samples_in_order(datase
     paths = resolve_shards(str(dataset))
     written = ["000000000", "000000001", "000000003", "000010000", "000010002", "000020000"]
     assert [show_sample(paths, index=i, out_dir=str(tmp_path))["key"] for i in (0, 3, 5)] == [
-        written[0], written[3], written[5]]
+        written[0],
+        written[3],
+        written[5],
+    ]
     picks = {show_sample(paths, random_seed=seed, out_dir=str(tmp_path))["key"] for seed in range(8)}
     assert picks <= set(written) and len(picks) > 1
-    assert show_sample(paths, random_seed=3, out_dir=str(tmp_path)) == show_sample(paths, random_seed=3,
-                                                                                  out_dir=str(tmp_path))
+    assert show_sample(paths, random_seed=3, out_dir=str(tmp_path)) == show_sample(
+        paths, random_seed=3, out_dir=str(tmp_path)
+    )
     with pytest.raises(ShardError, match="index 6 is out of range: 6 samples"):
         show_sample(paths, index=6, out_dir=str(tmp_path))
 
@@ -275,8 +325,11 @@ def jpeg(size=(32, 24)) -> bytes:
 def sample(name: str, **meta) -> list[tuple[str, bytes]]:
     """The members of a good sample called ``name``; ``meta`` overrides fields of its JSON."""
     fields = {"key": name, "caption": "a red square", "width": 32, "height": 24} | meta
-    return [(f"{name}.jpg", jpeg()), (f"{name}.txt", b"a red square"),
-            (f"{name}.json", SampleMeta.from_dict(fields).to_json().encode())]
+    return [
+        (f"{name}.jpg", jpeg()),
+        (f"{name}.txt", b"a red square"),
+        (f"{name}.json", SampleMeta.from_dict(fields).to_json().encode()),
+    ]
 
 
 def write_shard(folder: Path, members: list, stem: str = "00000") -> Path:
@@ -295,12 +348,21 @@ def write_shard(folder: Path, members: list, stem: str = "00000") -> Path:
         for info in tar.getmembers():
             if info.isfile() and ".." not in info.name:
                 rows.setdefault(info.name.partition(".")[0], []).append(
-                    {"name": info.name, "offset": info.offset_data, "size": info.size})
+                    {"name": info.name, "offset": info.offset_data, "size": info.size}
+                )
     index = pa.table({"key": list(rows), "status": ["success"] * len(rows), "members": list(rows.values())})
     pq.write_table(index, folder / f"{stem}.parquet")
-    write_stats(str(folder / f"{stem}_stats.json"),
-                ShardStats(shard=int(stem), stage="ingest", inputs=len(rows), written=len(rows), rejected=0,
-                           tar_bytes=(folder / f"{stem}.tar").stat().st_size))
+    write_stats(
+        str(folder / f"{stem}_stats.json"),
+        ShardStats(
+            shard=int(stem),
+            stage="ingest",
+            inputs=len(rows),
+            written=len(rows),
+            rejected=0,
+            tar_bytes=(folder / f"{stem}.tar").stat().st_size,
+        ),
+    )
     return folder
 
 
@@ -356,35 +418,61 @@ def rename_key(rows):
 
 
 FAULTS = {  # name: (members, what to do after writing, expected (code, key) problems)
-    "truncated inside a member": (good_members(), lambda f: cut_tar(f, data_of(f, f"{KEYS[2]}.jpg")[0] + 100),
-                                  [("truncated", KEYS[2])]),
-    "truncated inside a header": (good_members(), lambda f: cut_tar(f, data_of(f, f"{KEYS[2]}.json")[0] - 100),
-                                  [("truncated", None)]),
-    "truncated after the last member": (good_members(), lambda f: cut_tar(f, data_of(f, f"{KEYS[2]}.json")[1]),
-                                        [("truncated", None)]),
+    "truncated inside a member": (
+        good_members(),
+        lambda f: cut_tar(f, data_of(f, f"{KEYS[2]}.jpg")[0] + 100),
+        [("truncated", KEYS[2])],
+    ),
+    "truncated inside a header": (
+        good_members(),
+        lambda f: cut_tar(f, data_of(f, f"{KEYS[2]}.json")[0] - 100),
+        [("truncated", None)],
+    ),
+    "truncated after the last member": (
+        good_members(),
+        lambda f: cut_tar(f, data_of(f, f"{KEYS[2]}.json")[1]),
+        [("truncated", None)],
+    ),
     "garbage after the last member": (good_members(), append_garbage, [("bad_tar", None)]),
     "missing json": ([m for m in good_members() if m[0] != f"{KEYS[1]}.json"], None, [("missing_member", KEYS[1])]),
     "missing image": ([m for m in good_members() if m[0] != f"{KEYS[0]}.jpg"], None, [("missing_member", KEYS[0])]),
     "bad json": (replace_member(f"{KEYS[1]}.json", b'{"key": "000'), None, [("bad_json", KEYS[1])]),
-    "json off the schema": (replace_member(f"{KEYS[1]}.json", b'{"key": "000000001", "width": "wide"}'), None,
-                            [("bad_metadata", KEYS[1])]),
+    "json off the schema": (
+        replace_member(f"{KEYS[1]}.json", b'{"key": "000000001", "width": "wide"}'),
+        None,
+        [("bad_metadata", KEYS[1])],
+    ),
     "json of another key": (good_members()[:3] + sample(KEYS[1], key=KEYS[2]), None, [("key_mismatch", KEYS[1])]),
-    "bad conversation": (good_members()[:3] + sample(KEYS[1], conversations=[{"from": "human", "value": "hi"}]),
-                         None, [("bad_conversation", KEYS[1])]),
+    "bad conversation": (
+        good_members()[:3] + sample(KEYS[1], conversations=[{"from": "human", "value": "hi"}]),
+        None,
+        [("bad_conversation", KEYS[1])],
+    ),
     "image does not decode": (replace_member(f"{KEYS[2]}.jpg", b"\xff\xd8not a jpeg"), None, [("bad_image", KEYS[2])]),
-    "image of another size": (good_members()[:3] + sample(KEYS[1], width=64), None,
-                              [("image_size_mismatch", KEYS[1])]),
+    "image of another size": (
+        good_members()[:3] + sample(KEYS[1], width=64),
+        None,
+        [("image_size_mismatch", KEYS[1])],
+    ),
     "../ member name": (good_members() + [("../evil.jpg", jpeg())], None, [("unsafe_name", None)]),
     "symlink member": (good_members() + [symlink(f"{KEYS[2]}.png", "/etc/passwd")], None, [("link_member", None)]),
-    "members not adjacent": (good_members()[:2] + good_members()[3:6] + good_members()[2:3] + good_members()[6:], None,
-                             [("missing_member", KEYS[0]), ("members_not_adjacent", KEYS[0]),
-                              ("missing_member", KEYS[0])]),
+    "members not adjacent": (
+        good_members()[:2] + good_members()[3:6] + good_members()[2:3] + good_members()[6:],
+        None,
+        [("missing_member", KEYS[0]), ("members_not_adjacent", KEYS[0]), ("missing_member", KEYS[0])],
+    ),
     "member twice": (good_members() + [(f"{KEYS[2]}.txt", b"again")], None, [("duplicate_member", KEYS[2])]),
     "index offset off": (good_members(), lambda f: edit_index(f, move_offset), [("index_offset_mismatch", KEYS[1])]),
-    "index key unknown to the tar": (good_members(), lambda f: edit_index(f, rename_key),
-                                     [("key_not_in_tar", "000000007"), ("key_not_in_index", KEYS[1])]),
-    "stats count another tar": (good_members(), lambda f: edit_stats(f, inputs=4, written=4),
-                                [("stats_mismatch", None), ("stats_mismatch", None)]),
+    "index key unknown to the tar": (
+        good_members(),
+        lambda f: edit_index(f, rename_key),
+        [("key_not_in_tar", "000000007"), ("key_not_in_index", KEYS[1])],
+    ),
+    "stats count another tar": (
+        good_members(),
+        lambda f: edit_stats(f, inputs=4, written=4),
+        [("stats_mismatch", None), ("stats_mismatch", None)],
+    ),
     "stats that do not add up": (good_members(), lambda f: edit_stats(f, inputs=9), [("bad_stats", None)]),
     "no stats": (good_members(), lambda f: (f / "00000_stats.json").unlink(), [("incomplete", None)]),
     "no index": (good_members(), lambda f: (f / "00000.parquet").unlink(), [("index_missing", None)]),
@@ -429,8 +517,9 @@ def test_unsafe_members_are_never_extracted(tmp_path, monkeypatch):
 def test_validate_on_an_ingested_dataset_with_a_damaged_shard(dataset, tmp_path):
     out = copy_of(dataset, tmp_path)
     stats = read_stats(str(out / "00001_stats.json"))
-    (out / "00001_stats.json").write_text(json.dumps(stats.__dict__ | {"written": 3, "rejected": 1,
-                                                                       "rejected_by_reason": {"http_404": 1}}))
+    (out / "00001_stats.json").write_text(
+        json.dumps(stats.__dict__ | {"written": 3, "rejected": 1, "rejected_by_reason": {"http_404": 1}})
+    )
     report = validate(resolve_shards(str(out)))
     assert sorted({(p.shard, p.code) for p in report.problems}) == [("00001", "stats_mismatch")]
     assert len(report.problems) == 2  # written vs the tar, rejections by reason vs the index
@@ -458,12 +547,15 @@ def test_validate_exits_one_on_problems_and_json_lists_them(tmp_path, capsys):
     assert (out["ok"], out["problems_by_code"], out["problems"][0]["key"]) == (False, {"bad_json": 1}, KEYS[1])
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["ls", "nope"], "visinstruct ls: error: no such file or folder: nope"),
-    (["stats", "empty"], "visinstruct stats: error: empty holds no shards (no .tar files)"),
-    (["validate", "note.txt"], "visinstruct validate: error: note.txt is not a shard (expected a .tar file"),
-    (["show", "empty", "--seed", "1"], "visinstruct show: error: --seed goes with --random"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["ls", "nope"], "visinstruct ls: error: no such file or folder: nope"),
+        (["stats", "empty"], "visinstruct stats: error: empty holds no shards (no .tar files)"),
+        (["validate", "note.txt"], "visinstruct validate: error: note.txt is not a shard (expected a .tar file"),
+        (["show", "empty", "--seed", "1"], "visinstruct show: error: --seed goes with --random"),
+    ],
+)
 def test_user_errors_print_one_line_and_exit_two(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
@@ -475,11 +567,19 @@ def test_user_errors_print_one_line_and_exit_two(tmp_path, monkeypatch, capsys, 
 
 def test_the_module_entry_point_gives_the_same_exit_statuses(tmp_path):
     folder = write_shard(tmp_path / "shards", replace_member(f"{KEYS[0]}.jpg", b"broken"))
-    bad = subprocess.run([sys.executable, "-m", "visinstruct.cli.main", "validate", str(folder)],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "visinstruct.cli.main", "validate", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and "bad_image" in bad.stdout
-    wrong = subprocess.run([sys.executable, "-m", "visinstruct.cli.main", "ls", str(tmp_path / "nope")],
-                           capture_output=True, text=True, timeout=120)
+    wrong = subprocess.run(
+        [sys.executable, "-m", "visinstruct.cli.main", "ls", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert wrong.returncode == 2
     assert wrong.stderr == f"visinstruct ls: error: no such file or folder: {tmp_path}/nope\n"
 

@@ -39,24 +39,47 @@ pytestmark = pytest.mark.timeout(600)
 # (int32 sizes, no `path`, no `members`); NNNNN_stats.json with count, successes, failed_to_download,
 # failed_to_resize, duration, start_time, end_time and status_dict. Keys: 5 shard digits + 1 (4 per shard).
 
-I2D_COLUMNS = pa.schema([("caption", pa.string()), ("url", pa.string()), ("key", pa.string()),
-                         ("status", pa.string()), ("error_message", pa.string()), ("width", pa.int32()),
-                         ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32()),
-                         ("exif", pa.string()), ("sha256", pa.string())])
+I2D_COLUMNS = pa.schema(
+    [
+        ("caption", pa.string()),
+        ("url", pa.string()),
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("exif", pa.string()),
+        ("sha256", pa.string()),
+    ]
+)
 # shard -> rows in completion order: (index, status, error_message); a success has an image
-I2D_SHARDS = {0: [(0, "success", None), (3, "success", None), (2, "success", None), (1, "success", None)],
-              1: [(1, "failed_to_download", "HTTP Error 404: Not Found"), (2, "failed_to_resize",
-                                                                            "Image decoding error"),
-                  (0, "success", None)]}
+I2D_SHARDS = {
+    0: [(0, "success", None), (3, "success", None), (2, "success", None), (1, "success", None)],
+    1: [
+        (1, "failed_to_download", "HTTP Error 404: Not Found"),
+        (2, "failed_to_resize", "Image decoding error"),
+        (0, "success", None),
+    ],
+}
 
 
 def _i2d_row(shard: int, index: int, status: str, error: str | None) -> dict:
     ok = status == "success"
-    return {"caption": f"a photo number {shard}{index}", "url": f"http://example.test/{shard}/{index}.jpg",
-            "key": f"{shard:05d}{index}", "status": status, "error_message": error, "width": 32 if ok else None,
-            "height": 32 if ok else None, "original_width": 60 + index if ok else None,
-            "original_height": 50 if ok else None, "exif": "{}" if ok else None,
-            "sha256": f"{shard}{index}".rjust(64, "a") if ok else None}
+    return {
+        "caption": f"a photo number {shard}{index}",
+        "url": f"http://example.test/{shard}/{index}.jpg",
+        "key": f"{shard:05d}{index}",
+        "status": status,
+        "error_message": error,
+        "width": 32 if ok else None,
+        "height": 32 if ok else None,
+        "original_width": 60 + index if ok else None,
+        "original_height": 50 if ok else None,
+        "exif": "{}" if ok else None,
+        "sha256": f"{shard}{index}".rjust(64, "a") if ok else None,
+    }
 
 
 def write_img2dataset_shards(folder: Path) -> Path:
@@ -69,18 +92,26 @@ def write_img2dataset_shards(folder: Path) -> Path:
                     continue
                 image = io.BytesIO()
                 Image.new("RGB", (32, 32), (200, 30 * int(row["key"][-1]), 90)).save(image, "JPEG")
-                for ext, data in [("jpg", image.getvalue()), ("json", json.dumps(row, indent=4).encode()),
-                                  ("txt", row["caption"].encode())]:
+                for ext, data in [
+                    ("jpg", image.getvalue()),
+                    ("json", json.dumps(row, indent=4).encode()),
+                    ("txt", row["caption"].encode()),
+                ]:
                     info = tarfile.TarInfo(f"{row['key']}.{ext}")
                     info.size, info.mode, info.mtime, info.uname = len(data), 0o444, 1796170715, "bigdata"
                     tar.addfile(info, io.BytesIO(data))
         pq.write_table(pa.Table.from_pylist(table, I2D_COLUMNS), folder / f"{shard:05d}.parquet")
         statuses = [r["status"] for r in table]
-        stats = {"count": len(table), "successes": statuses.count("success"),
-                 "failed_to_download": statuses.count("failed_to_download"),
-                 "failed_to_resize": statuses.count("failed_to_resize"), "duration": 0.37,
-                 "start_time": 1796170715.08, "end_time": 1796170715.45,
-                 "status_dict": {r["error_message"] or "success": 1 for r in table}}
+        stats = {
+            "count": len(table),
+            "successes": statuses.count("success"),
+            "failed_to_download": statuses.count("failed_to_download"),
+            "failed_to_resize": statuses.count("failed_to_resize"),
+            "duration": 0.37,
+            "start_time": 1796170715.08,
+            "end_time": 1796170715.45,
+            "status_dict": {r["error_message"] or "success": 1 for r in table},
+        }
         (folder / f"{shard:05d}_stats.json").write_text(json.dumps(stats, indent=4))
     return folder
 
@@ -93,7 +124,9 @@ def i2d(tmp_path) -> Path:
 def test_ls_and_validate_read_img2dataset_output(i2d, capsys):
     rows = list_shards(resolve_shards(str(i2d)))
     assert [(r["written"], r["inputs"], r["rejected"], r["complete"], r["stages"]) for r in rows] == [
-        (4, 4, 0, True, ["img2dataset"]), (1, 3, 2, True, ["img2dataset"])]
+        (4, 4, 0, True, ["img2dataset"]),
+        (1, 3, 2, True, ["img2dataset"]),
+    ]
     report = validate(resolve_shards(str(i2d)))
     assert report.ok, report.problems
     assert (report.shards, report.samples, report.images) == (2, 5, 5)
@@ -153,9 +186,14 @@ def test_the_console_entry_point_ends_the_process_past_native_teardown(i2d, monk
 
 def test_every_shard_command_exits_zero_every_time_after_a_correct_result(i2d, tmp_path):
     (tmp_path / "none.txt").write_text("http://nowhere.test/x.jpg\n")
-    commands = [["ls", str(i2d)], ["stats", str(i2d)], ["show", str(i2d), "000010", "--out", str(tmp_path)],
-                ["validate", str(i2d)], ["gallery", str(i2d), "-o", str(tmp_path / "g.html")],
-                ["remove", str(i2d), "--urls", str(tmp_path / "none.txt"), "--dry-run"]]
+    commands = [
+        ["ls", str(i2d)],
+        ["stats", str(i2d)],
+        ["show", str(i2d), "000010", "--out", str(tmp_path)],
+        ["validate", str(i2d)],
+        ["gallery", str(i2d), "-o", str(tmp_path / "g.html")],
+        ["remove", str(i2d), "--urls", str(tmp_path / "none.txt"), "--dry-run"],
+    ]
     runs = [cmd for cmd in commands for _ in range(RUNS_PER_COMMAND)]
     runs += [["export", str(i2d), str(tmp_path / f"x{i}"), "--caption-only"] for i in range(RUNS_PER_COMMAND)]
 
@@ -185,10 +223,15 @@ def test_every_file_written_honours_the_umask(tmp_path, umask, mode):
         pq.write_table(pa.table({"url": urls, "caption": ["a square", "gone"]}), tmp_path / "urls.parquet")
         previous = os.umask(umask)
         try:
-            cfg = from_dict(IngestConfig, {
-                "read": {"path": str(tmp_path / "urls.parquet")}, "write": {"path": str(tmp_path / "out")},
-                "download": {"allow_loopback": True, "timeout": 2.0, "retries": 0, "per_host_rps": None},
-                "resize": {"image_size": 64}})
+            cfg = from_dict(
+                IngestConfig,
+                {
+                    "read": {"path": str(tmp_path / "urls.parquet")},
+                    "write": {"path": str(tmp_path / "out")},
+                    "download": {"allow_loopback": True, "timeout": 2.0, "retries": 0, "per_host_rps": None},
+                    "resize": {"image_size": 64},
+                },
+            )
             assert ingest(cfg, ["--runner=FnApiRunner"])["written"] == 1
             out = tmp_path / "out"
             assert main(["export", str(out), str(tmp_path / "exp"), "--caption-only"]) == 0
@@ -198,9 +241,23 @@ def test_every_file_written_honours_the_umask(tmp_path, umask, mode):
             assert main(["remove", str(out), "--urls", str(tmp_path / "takedown.txt")]) == 0
         finally:
             os.umask(previous)
-    written = {**files_and_modes(out), **files_and_modes(tmp_path / "exp"), **files_and_modes(tmp_path / "flat"),
-               **files_and_modes(tmp_path / "gal")}
-    for name in ("00000.tar", "00000.parquet", "00000_stats.json", "run_report.json", "rejected/ingest-00000.parquet",
-                 "rejected/remove-00000.parquet", "llava.json", "samples.parquet", "g.html", "g.png"):
+    written = {
+        **files_and_modes(out),
+        **files_and_modes(tmp_path / "exp"),
+        **files_and_modes(tmp_path / "flat"),
+        **files_and_modes(tmp_path / "gal"),
+    }
+    for name in (
+        "00000.tar",
+        "00000.parquet",
+        "00000_stats.json",
+        "run_report.json",
+        "rejected/ingest-00000.parquet",
+        "rejected/remove-00000.parquet",
+        "llava.json",
+        "samples.parquet",
+        "g.html",
+        "g.png",
+    ):
         assert name in written
     assert {name: m for name, m in written.items() if m != mode} == {}

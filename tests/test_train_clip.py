@@ -38,8 +38,14 @@ def ingest_folder(samples, folder, out, shard_size=250):
     for s in samples:
         shutil.copy(s["image_path"], folder / f"{s['image_id']:05d}.png")
         (folder / f"{s['image_id']:05d}.txt").write_text(s["caption"])
-    cfg = from_dict(IngestConfig, {"read": {"path": str(folder)}, "resize": {"image_size": 64},
-                                   "write": {"path": str(out), "shard_size": shard_size}})
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(folder)},
+            "resize": {"image_size": 64},
+            "write": {"path": str(out), "shard_size": shard_size},
+        },
+    )
     return ingest(cfg, RUNNER)
 
 
@@ -55,8 +61,11 @@ def shards(tmp_path_factory):
 
 def train_config(shards, out, *overrides) -> ClipTrainConfig:
     """The bundled easy-VQA config on the test's shards."""
-    return load(ClipTrainConfig, EASYVQA_YAML, [f"data.shards={shards / 'train'}", f"eval.shards={shards / 'test'}",
-                                                f"out={out}", *overrides])
+    return load(
+        ClipTrainConfig,
+        EASYVQA_YAML,
+        [f"data.shards={shards / 'train'}", f"eval.shards={shards / 'test'}", f"out={out}", *overrides],
+    )
 
 
 SHORT = ["steps=6", "data.batch_size=32", "data.shuffle_buffer=100", "eval.shards=null", "log_every=1"]
@@ -72,8 +81,22 @@ def trained(shards, tmp_path_factory):
     from visinstruct.cli.main import main
 
     out = tmp_path_factory.mktemp("clip-run")
-    assert main(["train-clip", "--config", str(EASYVQA_YAML), "--out", str(out), "--set",
-                 f"data.shards={shards / 'train'}", "--set", f"eval.shards={shards / 'test'}"]) == 0
+    assert (
+        main(
+            [
+                "train-clip",
+                "--config",
+                str(EASYVQA_YAML),
+                "--out",
+                str(out),
+                "--set",
+                f"data.shards={shards / 'train'}",
+                "--set",
+                f"eval.shards={shards / 'test'}",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -104,13 +127,25 @@ def test_filter_keeps_matching_pairs_over_mismatched_ones_with_the_trained_model
         s["caption"] = distinct[(distinct.index(s["caption"]) + 7) % len(distinct)]
     matching = {f"{s['image_id']:05d}" for s in samples[::2]}
     ingest_folder(samples, tmp_path / "images", tmp_path / "mixed")
-    cfg = from_dict(FilterConfig, {"model": {"name": NAME, "pretrained": str(trained / "model.pt"),
-                                             "config_file": str(trained / f"{NAME}.json"), "max_batch_size": 64},
-                                   "top_fraction": 0.5, "write": {"path": str(tmp_path / "kept")}})
+    cfg = from_dict(
+        FilterConfig,
+        {
+            "model": {
+                "name": NAME,
+                "pretrained": str(trained / "model.pt"),
+                "config_file": str(trained / f"{NAME}.json"),
+                "max_batch_size": 64,
+            },
+            "top_fraction": 0.5,
+            "write": {"path": str(tmp_path / "kept")},
+        },
+    )
     report = clip_filter.run(cfg, shard_list(str(tmp_path / "mixed")), RUNNER)
     assert report["accounted"]
-    kept = [Path(json.loads(s["json"])["path"]).stem for s in wds.WebDataset(shard_list(str(tmp_path / "kept")),
-                                                                             shardshuffle=False)]
+    kept = [
+        Path(json.loads(s["json"])["path"]).stem
+        for s in wds.WebDataset(shard_list(str(tmp_path / "kept")), shardshuffle=False)
+    ]
     assert len(kept) == (len(samples) + 1) // 2
     assert sum(k in matching for k in kept) / len(kept) >= 0.9
 
@@ -159,9 +194,19 @@ def test_a_resumed_stream_delivers_the_batches_an_uninterrupted_one_does(shards,
     streams = []
 
     def stream():
-        streams.append(ShardStream(shard_list(str(shards / "train")), 40, pil_to_tensor, caption="txt", seed=3,
-                                   shard_shuffle=10, shuffle_buffer=200, num_workers=num_workers,
-                                   resampled=resampled))
+        streams.append(
+            ShardStream(
+                shard_list(str(shards / "train")),
+                40,
+                pil_to_tensor,
+                caption="txt",
+                seed=3,
+                shard_shuffle=10,
+                shuffle_buffer=200,
+                num_workers=num_workers,
+                resampled=resampled,
+            )
+        )
         return streams[-1]
 
     try:
@@ -216,11 +261,13 @@ def _ddp_half_batch(rank: int, world_size: int, port: int, out: str) -> None:
     model, images, tokens = _fixed_model_and_batch()
     half = images.shape[0] // world_size
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    image, text, scale = ddp(images[rank * half:(rank + 1) * half], tokens[rank * half:(rank + 1) * half])
+    image, text, scale = ddp(images[rank * half : (rank + 1) * half], tokens[rank * half : (rank + 1) * half])
     loss = clip_loss(image, text, scale)
     loss.backward()
-    torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}},
-               os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {"loss": loss.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}},
+        os.path.join(out, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 
@@ -249,8 +296,18 @@ def test_train_clip_runs_under_torchrun_with_two_processes(shards, tmp_path):
     config = tmp_path / "ddp.yaml"
     config.write_text(EASYVQA_YAML.read_text())
     sets = [f"data.shards={shards / 'train'}", f"out={tmp_path / 'out'}", *SHORT, "steps=4", "data.num_workers=1"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "visinstruct.cli.main", "train-clip", "--config", str(config)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "visinstruct.cli.main",
+        "train-clip",
+        "--config",
+        str(config),
+    ]
     for s in sets:
         command += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -271,8 +328,14 @@ def test_train_clip_runs_under_torchrun_with_two_processes(shards, tmp_path):
 
 
 def test_captions_come_from_txt_or_from_the_first_gpt_turn():
-    conversation = json.dumps({"conversations": [{"from": "human", "value": "<image>\nDescribe it."},
-                                                 {"from": "gpt", "value": " a red circle "}]}).encode()
+    conversation = json.dumps(
+        {
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe it."},
+                {"from": "gpt", "value": " a red circle "},
+            ]
+        }
+    ).encode()
     assert caption_of({"txt": b"a blue square\n", "json": conversation}) == "a blue square"
     assert caption_of({"txt": b"  ", "json": conversation}) == "a red circle"
     assert caption_of({"txt": b"a blue square", "json": conversation}, "conversation") == "a red circle"

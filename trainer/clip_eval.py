@@ -117,5 +117,10 @@ def evaluate_embeddings(image: np.ndarray, text: np.ndarray, captions: list[str]
     sample count."""
     matching, mismatched = matching_scores(image, text, captions, seed)
     threshold, accuracy = separating_threshold(matching, mismatched)
-    return {**retrieval_recall(image, text, captions), "matching_auc": auc(matching, mismatched),
-            "threshold": round(threshold, 4), "threshold_balanced_accuracy": accuracy, "samples": len(captions)}
+    return {
+        **retrieval_recall(image, text, captions),
+        "matching_auc": auc(matching, mismatched),
+        "threshold": round(threshold, 4),
+        "threshold_balanced_accuracy": accuracy,
+        "samples": len(captions),
+    }

@@ -62,7 +62,8 @@ def build_model(cfg: ClipTrainConfig):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-            cfg.model.name, pretrained=cfg.model.pretrained, output_dict=True)
+            cfg.model.name, pretrained=cfg.model.pretrained, output_dict=True
+        )
     return model, model_config, train_transform, eval_transform, open_clip.get_tokenizer(cfg.model.name)
 
 
@@ -100,9 +101,16 @@ def save_checkpoint(run: Run, step: int) -> None:
     if run.procs.rank != 0:
         return
     out = Path(run.cfg.out)
-    common.atomic_save({"state_dict": run.model.state_dict(), "step": step, "model_name": run.cfg.model.name,
-                        "model_config": run.model_config, "train_config": dataclasses.asdict(run.cfg)},
-                       out / MODEL_FILE)
+    common.atomic_save(
+        {
+            "state_dict": run.model.state_dict(),
+            "step": step,
+            "model_name": run.cfg.model.name,
+            "model_config": run.model_config,
+            "train_config": dataclasses.asdict(run.cfg),
+        },
+        out / MODEL_FILE,
+    )
     common.save_resume(run, step, states)
     log.info("step %d: saved %s", step, out / MODEL_FILE)
 
@@ -120,15 +128,29 @@ def evaluate(run: Run, step: int) -> dict:
     """Recall@1/5 both ways and the matching AUC on ``cfg.eval.shards``, logged (rank 0 calls it)."""
     cfg = run.cfg
     run.model.eval()
-    batches = iterate_once(shard_list(cfg.eval.shards), cfg.eval.batch_size, run.eval_transform, run.tokenizer,
-                           cfg.data.caption, limit=cfg.eval.max_samples)
+    batches = iterate_once(
+        shard_list(cfg.eval.shards),
+        cfg.eval.batch_size,
+        run.eval_transform,
+        run.tokenizer,
+        cfg.data.caption,
+        limit=cfg.eval.max_samples,
+    )
     image, text, captions = embed(run.model, batches, run.procs.device, common.autocast_dtype(cfg, run.procs))
     metrics = evaluate_embeddings(image, text, captions, seed=cfg.seed)
-    log.info("eval step %d: image->text R@1 %.3f R@5 %.3f, text->image R@1 %.3f R@5 %.3f, matching AUC %.4f "
-             "(%d samples); threshold %.4f separates matching from shuffled pairs at %.3f balanced accuracy", step,
-             metrics["image_to_text_r1"], metrics["image_to_text_r5"], metrics["text_to_image_r1"],
-             metrics["text_to_image_r5"], metrics["matching_auc"], metrics["samples"], metrics["threshold"],
-             metrics["threshold_balanced_accuracy"])
+    log.info(
+        "eval step %d: image->text R@1 %.3f R@5 %.3f, text->image R@1 %.3f R@5 %.3f, matching AUC %.4f "
+        "(%d samples); threshold %.4f separates matching from shuffled pairs at %.3f balanced accuracy",
+        step,
+        metrics["image_to_text_r1"],
+        metrics["image_to_text_r5"],
+        metrics["text_to_image_r1"],
+        metrics["text_to_image_r5"],
+        metrics["matching_auc"],
+        metrics["samples"],
+        metrics["threshold"],
+        metrics["threshold_balanced_accuracy"],
+    )
     common.write_metrics(cfg, {"step": step, "eval": metrics})
     common.train_mode(run.model, run.locked)
     return metrics
@@ -154,8 +176,11 @@ def train(cfg: ClipTrainConfig, stop_at: int | None = None) -> dict:
         summary = _loop(run, step, min(cfg.steps, stop_at) if stop_at is not None else cfg.steps)
         run.stream.close()
         common.evaluate_at_end(run, step, summary, evaluate)
-        return {**summary, "checkpoint": str(Path(cfg.out) / MODEL_FILE),
-                "config_file": str(Path(cfg.out) / f"{cfg.model.name}.json")}
+        return {
+            **summary,
+            "checkpoint": str(Path(cfg.out) / MODEL_FILE),
+            "config_file": str(Path(cfg.out) / f"{cfg.model.name}.json"),
+        }
     finally:
         if run is not None:
             run.stream.close()
@@ -172,17 +197,45 @@ def setup(cfg: ClipTrainConfig, procs: common.Processes) -> Run:
     locked = lock_tower(model, cfg.lock)
     model.to(procs.device)
     d = cfg.data
-    stream = ShardStream(shard_list(d.shards), d.batch_size, train_transform if d.augment else eval_transform,
-                         tokenizer, d.caption, cfg.seed, d.shard_shuffle, d.shuffle_buffer, d.resampled,
-                         d.num_workers, procs.rank, procs.world_size)
+    stream = ShardStream(
+        shard_list(d.shards),
+        d.batch_size,
+        train_transform if d.augment else eval_transform,
+        tokenizer,
+        d.caption,
+        cfg.seed,
+        d.shard_shuffle,
+        d.shuffle_buffer,
+        d.resampled,
+        d.num_workers,
+        procs.rank,
+        procs.world_size,
+    )
     torch.manual_seed(cfg.seed + 1 + procs.rank)  # training's own draws (dropout...); a resume restores them
     ddp = common.wrap_ddp(model, procs)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("train-clip %s: %d of %d parameters trainable (lock: %s), %d process(es) x batch %d, %d steps",
-             cfg.model.name, trainable, sum(p.numel() for p in model.parameters()), cfg.lock.tower,
-             procs.world_size, d.batch_size, cfg.steps)
-    return Run(cfg, procs, model, ddp, common.make_optimizer(model, cfg.optim), stream, locked, model_config,
-               eval_transform, tokenizer)
+    log.info(
+        "train-clip %s: %d of %d parameters trainable (lock: %s), %d process(es) x batch %d, %d steps",
+        cfg.model.name,
+        trainable,
+        sum(p.numel() for p in model.parameters()),
+        cfg.lock.tower,
+        procs.world_size,
+        d.batch_size,
+        cfg.steps,
+    )
+    return Run(
+        cfg,
+        procs,
+        model,
+        ddp,
+        common.make_optimizer(model, cfg.optim),
+        stream,
+        locked,
+        model_config,
+        eval_transform,
+        tokenizer,
+    )
 
 
 def _loop(run: Run, step: int, last: int) -> dict:
@@ -213,14 +266,26 @@ def _loop(run: Run, step: int, last: int) -> dict:
             rate = window * cfg.data.batch_size * procs.world_size / (now - window_start)
             temperature = 1 / model.logit_scale.exp().item()
             if procs.rank == 0:
-                log.info("step %d/%d loss %.4f lr %.2e %.0f samples/s temperature %.4f", step, cfg.steps,
-                         loss_value, lr, rate, temperature)
-                common.write_metrics(cfg, {"step": step, "loss": loss_value, "lr": lr, "samples_per_s": rate,
-                                           "temperature": temperature})
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e %.0f samples/s temperature %.4f",
+                    step,
+                    cfg.steps,
+                    loss_value,
+                    lr,
+                    rate,
+                    temperature,
+                )
+                common.write_metrics(
+                    cfg,
+                    {"step": step, "loss": loss_value, "lr": lr, "samples_per_s": rate, "temperature": temperature},
+                )
             window, window_start = 0, now
         common.after_step(run, step, last, evaluate, save_checkpoint)
     seconds = time.time() - started
-    return {"step": step, "seconds": seconds, "eval": None,
-            "samples_per_second": (step - first) * cfg.data.batch_size * procs.world_size / max(seconds, 1e-9),
-            "loss": None if loss is None else common.mean_over_processes(loss.detach(), procs)}
-
+    return {
+        "step": step,
+        "seconds": seconds,
+        "eval": None,
+        "samples_per_second": (step - first) * cfg.data.batch_size * procs.world_size / max(seconds, 1e-9),
+        "loss": None if loss is None else common.mean_over_processes(loss.detach(), procs),
+    }

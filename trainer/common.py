@@ -69,7 +69,8 @@ def wrap_ddp(model: torch.nn.Module, procs: Processes) -> torch.nn.Module:
     if procs.world_size == 1:
         return model
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[procs.device] if procs.device_type == "cuda" else None)
+        model, device_ids=[procs.device] if procs.device_type == "cuda" else None
+    )
 
 
 def train_mode(model: torch.nn.Module, locked: list[torch.nn.Module]) -> None:
@@ -82,8 +83,10 @@ def train_mode(model: torch.nn.Module, locked: list[torch.nn.Module]) -> None:
 def make_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only; matrices decay, gains, biases and the temperature do not."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": o.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
 
@@ -179,8 +182,9 @@ def process_states(run: BaseRun) -> list[dict]:
 
 def save_resume(run: BaseRun, step: int, states: list[dict]) -> None:
     """Write ``out/resume.pt`` atomically: the step, the optimizer state and :func:`process_states`."""
-    atomic_save({"step": step, "optimizer": run.optimizer.state_dict(), "processes": states},
-                Path(run.cfg.out) / RESUME_FILE)
+    atomic_save(
+        {"step": step, "optimizer": run.optimizer.state_dict(), "processes": states}, Path(run.cfg.out) / RESUME_FILE
+    )
 
 
 def read_resume(run: BaseRun) -> dict | None:
@@ -203,8 +207,10 @@ def resume_from(run: BaseRun, state: dict, checkpoint: str, saved_step: int, wei
     """
     out, procs = Path(run.cfg.out), run.procs
     if saved_step != state["step"]:
-        raise RuntimeError(f"{out}: {checkpoint} is from step {saved_step} but {RESUME_FILE} from step "
-                           f"{state['step']} (interrupted while saving?): delete {RESUME_FILE} to start over")
+        raise RuntimeError(
+            f"{out}: {checkpoint} is from step {saved_step} but {RESUME_FILE} from step "
+            f"{state['step']} (interrupted while saving?): delete {RESUME_FILE} to start over"
+        )
     run.model.load_state_dict(weights())
     run.optimizer.load_state_dict(state["optimizer"])
     if len(state["processes"]) == procs.world_size:
@@ -212,14 +218,18 @@ def resume_from(run: BaseRun, state: dict, checkpoint: str, saved_step: int, wei
         set_rng_state(mine["rng"], procs)
         run.stream.load_state_dict(mine["data"])
     else:
-        log.warning("resume.pt holds %d processes' RNG and data state, this run has %d: the data stream restarts",
-                    len(state["processes"]), procs.world_size)
+        log.warning(
+            "resume.pt holds %d processes' RNG and data state, this run has %d: the data stream restarts",
+            len(state["processes"]),
+            procs.world_size,
+        )
     log.info("resumed from %s at step %d", out, state["step"])
     return state["step"]
 
 
-def after_step(run: BaseRun, step: int, last: int, evaluate: Callable[[Any, int], dict],
-               save: Callable[[Any, int], None]) -> None:
+def after_step(
+    run: BaseRun, step: int, last: int, evaluate: Callable[[Any, int], dict], save: Callable[[Any, int], None]
+) -> None:
     """The end of step ``step`` in the loop: evaluate and save when due.
 
     Rank 0 evaluates every ``eval.every`` steps but after the run's last one (the others wait); every process calls

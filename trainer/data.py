@@ -92,8 +92,9 @@ def _image_member(sample: dict[str, Any]) -> str | None:
     return next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
 
 
-def decode_batch(raw: list[dict[str, Any]], image_transform: Callable, text_transform: Callable | None,
-                 caption: str) -> dict[str, Any]:
+def decode_batch(
+    raw: list[dict[str, Any]], image_transform: Callable, text_transform: Callable | None, caption: str
+) -> dict[str, Any]:
     """Decode and collate raw samples. A corrupt image raises, naming the sample (training data is validated)."""
     images, captions = [], []
     for sample in raw:
@@ -104,8 +105,12 @@ def decode_batch(raw: list[dict[str, Any]], image_transform: Callable, text_tran
             raise ValueError(f"{where}: cannot decode its image: {e}") from e
         images.append(image_transform(image))
         captions.append(text_of(sample, caption))
-    return {"key": [s["__key__"] for s in raw], "caption": captions, "image": torch.stack(images),
-            "text": text_transform(captions) if text_transform is not None else captions}
+    return {
+        "key": [s["__key__"] for s in raw],
+        "caption": captions,
+        "image": torch.stack(images),
+        "text": text_transform(captions) if text_transform is not None else captions,
+    }
 
 
 def text_of(sample: dict[str, Any], caption: str | Callable[[dict[str, Any]], Any]) -> Any:
@@ -145,10 +150,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         rank, world_size: this process among all; None reads torchrun's ``RANK`` and ``WORLD_SIZE``.
     """
 
-    def __init__(self, urls: list[str], batch_size: int, image_transform: Callable,
-                 text_transform: Callable | None = None, caption: str = "auto", seed: int = 0,
-                 shard_shuffle: int = 100, shuffle_buffer: int = 1000, resampled: bool = False, num_workers: int = 0,
-                 rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        batch_size: int,
+        image_transform: Callable,
+        text_transform: Callable | None = None,
+        caption: str = "auto",
+        seed: int = 0,
+        shard_shuffle: int = 100,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        num_workers: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         super().__init__()
         self.urls, self.batch_size, self.caption, self.seed = list(urls), batch_size, caption, seed
         self.image_transform, self.text_transform = image_transform, text_transform
@@ -157,8 +173,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         per_process = len(self.urls) // self.world_size
         if not resampled and per_process == 0:
-            raise ValueError(f"{len(self.urls)} shards cannot be split across {self.world_size} processes "
-                             "(use more shards, or data.resampled)")
+            raise ValueError(
+                f"{len(self.urls)} shards cannot be split across {self.world_size} processes "
+                "(use more shards, or data.resampled)"
+            )
         # A worker without a shard would idle; cap the workers so that each has at least one.
         self.num_workers = num_workers if resampled else min(num_workers, per_process)
         self.workers = max(1, self.num_workers)
@@ -173,12 +191,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         seed = _seed(self.seed, epoch, self.rank, worker)
         if self.resampled:
             count = max(1, len(self.urls) // (self.world_size * self.workers))
-            stages = [wds.ResampledShards(self.urls, nshards=count, seed=seed, deterministic=True,
-                                          worker_seed=lambda: 0)]
+            stages = [
+                wds.ResampledShards(self.urls, nshards=count, seed=seed, deterministic=True, worker_seed=lambda: 0)
+            ]
         else:
             # wds.split_by_node's split, by the rank given (a spawned process need not have torchrun's variables)
-            stages = [wds.SimpleShardList(self.urls), functools.partial(_every, start=self.rank, step=self.world_size),
-                      functools.partial(_every, start=worker, step=self.workers)]
+            stages = [
+                wds.SimpleShardList(self.urls),
+                functools.partial(_every, start=self.rank, step=self.world_size),
+                functools.partial(_every, start=worker, step=self.workers),
+            ]
             if self.shard_shuffle:
                 stages.append(wds.shuffle(self.shard_shuffle, initial=self.shard_shuffle, seed=seed))
         stages.append(wds.tarfile_to_samples())
@@ -200,8 +222,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                 batch = decode_batch(raw, self.image_transform, self.text_transform, self.caption)
                 yield {**batch, "position": (worker, epoch, done)}
             if done == 0:
-                raise ValueError(f"process {self.rank}, worker {worker}: epoch {epoch} has no complete batch of "
-                                 f"{self.batch_size} samples (use fewer workers or processes, or a smaller batch)")
+                raise ValueError(
+                    f"process {self.rank}, worker {worker}: epoch {epoch} has no complete batch of "
+                    f"{self.batch_size} samples (use fewer workers or processes, or a smaller batch)"
+                )
             epoch, skip = epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -210,8 +234,13 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __next__(self) -> dict[str, Any]:
         """The next batch for the trainer (starting the DataLoader workers on first use)."""
         if self._batches is None:
-            self._batches = iter(self) if self.num_workers == 0 else iter(torch.utils.data.DataLoader(
-                self, batch_size=None, num_workers=self.num_workers, prefetch_factor=4))
+            self._batches = (
+                iter(self)
+                if self.num_workers == 0
+                else iter(
+                    torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.num_workers, prefetch_factor=4)
+                )
+            )
         batch = next(self._batches)
         worker, epoch, done = batch.pop("position")
         self.position[worker] = (epoch, done)
@@ -224,17 +253,27 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream stands: enough to continue with exactly the batches an uninterrupted run gets."""
-        return {"workers": self.workers, "world_size": self.world_size, "rank": self.rank,
-                "position": {w: list(p) for w, p in self.position.items()},
-                "next_worker": (self.first + self.delivered) % self.workers}
+        return {
+            "workers": self.workers,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "position": {w: list(p) for w, p in self.position.items()},
+            "next_worker": (self.first + self.delivered) % self.workers,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`; call before the first batch."""
         if self._batches is not None:
             raise RuntimeError("load_state_dict must come before the first batch")
         if (state["workers"], state["world_size"]) != (self.workers, self.world_size):
-            log.warning("data position saved with %d processes x %d workers, resuming with %d x %d: the data stream "
-                        "restarts at epoch 0", state["world_size"], state["workers"], self.world_size, self.workers)
+            log.warning(
+                "data position saved with %d processes x %d workers, resuming with %d x %d: the data stream "
+                "restarts at epoch 0",
+                state["world_size"],
+                state["workers"],
+                self.world_size,
+                self.workers,
+            )
             return
         self.start = {int(w): tuple(p) for w, p in state["position"].items()}
         self.position = dict(self.start)
@@ -247,15 +286,24 @@ def _batches_of(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[d
         yield batch
 
 
-def iterate_once(urls: list[str], batch_size: int, image_transform: Callable, text_transform: Callable | None = None,
-                 caption: str = "auto", limit: int | None = None) -> Iterator[dict[str, Any]]:
+def iterate_once(
+    urls: list[str],
+    batch_size: int,
+    image_transform: Callable,
+    text_transform: Callable | None = None,
+    caption: str = "auto",
+    limit: int | None = None,
+) -> Iterator[dict[str, Any]]:
     """One pass over shards in their order, in this process (evaluation): the last batch may be smaller.
 
     Args:
         limit: stop after this many usable samples.
     """
-    stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(),
-              wds.select(functools.partial(_usable, caption=caption))]
+    stages = [
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(),
+        wds.select(functools.partial(_usable, caption=caption)),
+    ]
     samples = itertools.islice(iter(wds.DataPipeline(*stages)), limit)
     while raw := list(itertools.islice(samples, batch_size)):
         yield decode_batch(raw, image_transform, text_transform, caption)

@@ -62,8 +62,12 @@ def resolve_template(template: str | None, tokenizer) -> str:
     return TEMPLATES.get(template, template)
 
 
-def conversation_of(sample: dict[str, Any], source: str = "auto", caption: str = "auto",
-                    caption_prompt: str = "Describe the image briefly.") -> list[dict[str, str]] | None:
+def conversation_of(
+    sample: dict[str, Any],
+    source: str = "auto",
+    caption: str = "auto",
+    caption_prompt: str = "Describe the image briefly.",
+) -> list[dict[str, str]] | None:
     """A raw sample's LLaVA conversation, or None when it has none usable (the stream then skips it).
 
     Args:
@@ -100,8 +104,15 @@ class ConversationEncoder:
         max_length: longer samples are cut at the end.
     """
 
-    def __init__(self, tokenizer, template: str, image_token_id: int, image_seq_length: int,
-                 system: str | None = None, max_length: int = 1024):
+    def __init__(
+        self,
+        tokenizer,
+        template: str,
+        image_token_id: int,
+        image_seq_length: int,
+        system: str | None = None,
+        max_length: int = 1024,
+    ):
         if max_length <= image_seq_length:
             raise ValueError(f"max_length {max_length} leaves no room after {image_seq_length} image tokens")
         self.tokenizer, self.template, self.system, self.max_length = tokenizer, template, system, max_length
@@ -112,8 +123,9 @@ class ConversationEncoder:
         return system + [{"role": ROLES[t["from"]], "content": t["value"]} for t in turns]
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def assistant_spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans of its assistant turns (end-of-turn tokens included).
@@ -125,10 +137,12 @@ class ConversationEncoder:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start, end = self.render(messages[:i], add_generation_prompt=True), self.render(messages[:i + 1])
+            start, end = self.render(messages[:i], add_generation_prompt=True), self.render(messages[: i + 1])
             if not (end.startswith(start) and text.startswith(end)):
-                raise ValueError("the chat template does not render a conversation turn after turn, so the "
-                                 "assistant's turns cannot be located: set text.chat_template (e.g. chatml)")
+                raise ValueError(
+                    "the chat template does not render a conversation turn after turn, so the "
+                    "assistant's turns cannot be located: set text.chat_template (e.g. chatml)"
+                )
             spans.append((len(start), len(end)))
         return text, spans
 
@@ -146,19 +160,21 @@ class ConversationEncoder:
             span = bisect.bisect_right(starts, offset) - 1  # the last assistant turn starting at or before it
             ids.append(token)
             labels.append(token if span >= 0 and offset < spans[span][1] else IGNORE_INDEX)
-        return ids[:self.max_length], labels[:self.max_length]
+        return ids[: self.max_length], labels[: self.max_length]
 
     def __call__(self, conversations: list[list[dict[str, str]]]) -> dict[str, torch.Tensor]:
         """A padded batch: ``input_ids``, ``attention_mask`` and ``labels``, each ``[B, longest]``."""
         encoded = [self.encode(turns) for turns in conversations]
         longest = max(len(ids) for ids, _ in encoded)
-        batch = {"input_ids": torch.full((len(encoded), longest), self.tokenizer.pad_token_id, dtype=torch.long),
-                 "attention_mask": torch.zeros((len(encoded), longest), dtype=torch.long),
-                 "labels": torch.full((len(encoded), longest), IGNORE_INDEX, dtype=torch.long)}
+        batch = {
+            "input_ids": torch.full((len(encoded), longest), self.tokenizer.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(encoded), longest), dtype=torch.long),
+            "labels": torch.full((len(encoded), longest), IGNORE_INDEX, dtype=torch.long),
+        }
         for row, (ids, labels) in enumerate(encoded):  # right padding: positions stay 0.. for every sample
-            batch["input_ids"][row, :len(ids)] = torch.tensor(ids)
-            batch["attention_mask"][row, :len(ids)] = 1
-            batch["labels"][row, :len(ids)] = torch.tensor(labels)
+            batch["input_ids"][row, : len(ids)] = torch.tensor(ids)
+            batch["attention_mask"][row, : len(ids)] = 1
+            batch["labels"][row, : len(ids)] = torch.tensor(labels)
         return batch
 
 
@@ -169,26 +185,48 @@ def pixel_values(image_processor, image) -> torch.Tensor:
 
 def encoder_for(model, processor, text_cfg) -> ConversationEncoder:
     """The encoder of a model and its processor, with the text section of the config (template, system, length)."""
-    return ConversationEncoder(processor.tokenizer, resolve_template(text_cfg.chat_template, processor.tokenizer),
-                               model.config.image_token_id, model.config.image_seq_length, text_cfg.system,
-                               text_cfg.max_length)
+    return ConversationEncoder(
+        processor.tokenizer,
+        resolve_template(text_cfg.chat_template, processor.tokenizer),
+        model.config.image_token_id,
+        model.config.image_seq_length,
+        text_cfg.system,
+        text_cfg.max_length,
+    )
 
 
 def _conversations(cfg) -> Callable[[dict[str, Any]], Any]:
-    return functools.partial(conversation_of, source=cfg.text.source, caption=cfg.data.caption,
-                             caption_prompt=cfg.text.caption_prompt)
+    return functools.partial(
+        conversation_of, source=cfg.text.source, caption=cfg.data.caption, caption_prompt=cfg.text.caption_prompt
+    )
 
 
 def make_stream(cfg, processor, encoder: ConversationEncoder, rank: int, world_size: int) -> ShardStream:
     """The endless training stream of ``cfg.data``: batches ``{"key", "image", "text": encoder's batch, ...}``."""
     d = cfg.data
-    return ShardStream(shard_list(d.shards), d.batch_size, functools.partial(pixel_values, processor.image_processor),
-                       encoder, _conversations(cfg), cfg.seed, d.shard_shuffle, d.shuffle_buffer, d.resampled,
-                       d.num_workers, rank, world_size)
+    return ShardStream(
+        shard_list(d.shards),
+        d.batch_size,
+        functools.partial(pixel_values, processor.image_processor),
+        encoder,
+        _conversations(cfg),
+        cfg.seed,
+        d.shard_shuffle,
+        d.shuffle_buffer,
+        d.resampled,
+        d.num_workers,
+        rank,
+        world_size,
+    )
 
 
 def held_out_batches(cfg, processor, encoder: ConversationEncoder):
     """One pass over ``cfg.eval.shards`` (its first ``max_samples``), in ``eval.batch_size`` batches."""
-    return iterate_once(shard_list(cfg.eval.shards), cfg.eval.batch_size,
-                        functools.partial(pixel_values, processor.image_processor), encoder, _conversations(cfg),
-                        limit=cfg.eval.max_samples)
+    return iterate_once(
+        shard_list(cfg.eval.shards),
+        cfg.eval.batch_size,
+        functools.partial(pixel_values, processor.image_processor),
+        encoder,
+        _conversations(cfg),
+        limit=cfg.eval.max_samples,
+    )

@@ -22,8 +22,12 @@ from visinstruct.schemas import IMAGE_TOKEN
 
 # transformers class of a vision tower, by the model_type of its config (a whole CLIP/SigLIP model's or its vision
 # half's); LlavaModel builds its tower with AutoModel.from_config(vision_config), which gives these same classes.
-VISION_CLASSES = {"clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
-                  "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel"}
+VISION_CLASSES = {
+    "clip": "CLIPVisionModel",
+    "clip_vision_model": "CLIPVisionModel",
+    "siglip": "SiglipVisionModel",
+    "siglip_vision_model": "SiglipVisionModel",
+}
 CHECKPOINT_DIR = "model"  # a run's checkpoint: OUT/model
 
 
@@ -44,10 +48,15 @@ def byte_level_tokenizer(model_max_length: int = 4096, chat_template: str | None
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>",
-                                   chat_template=CHATML_TEMPLATE if chat_template is None else chat_template,
-                                   model_max_length=model_max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE if chat_template is None else chat_template,
+        model_max_length=model_max_length,
+    )
 
 
 def _from_pretrained_args(source: str) -> tuple[str, dict]:
@@ -140,11 +149,15 @@ def build_llava(cfg: LlavaModelConfig, seed: int = 0):
     strategy = select_strategy(cfg.vision, vision_config.model_type)
     cls_tokens = 0 if "siglip" in vision_config.model_type else 1
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
-                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         image_seq_length=patches + (cls_tokens if strategy == "full" else 0),
-                         vision_feature_layer=cfg.vision.feature_layer, vision_feature_select_strategy=strategy,
-                         projector_hidden_act=cfg.projector_act)
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=patches + (cls_tokens if strategy == "full" else 0),
+        vision_feature_layer=cfg.vision.feature_layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act=cfg.projector_act,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
@@ -156,9 +169,14 @@ def build_llava(cfg: LlavaModelConfig, seed: int = 0):
     # generate() (and vLLM, from generation_config.json) stops at the end of the assistant's turn
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
-                               num_additional_image_tokens=cls_tokens, chat_template=tokenizer.chat_template)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=cls_tokens,
+        chat_template=tokenizer.chat_template,
+    )
     return model, processor
 
 
@@ -194,8 +212,11 @@ def set_trainable(model, stage: int, freeze_vision: bool) -> list[torch.nn.Modul
     tower trains only when ``freeze_vision`` is false. A frozen LM stays in train mode: gradients still flow through
     it to the projector, and gradient checkpointing only acts in train mode (Llama-style LMs have no dropout).
     """
-    parts = {"vision": [model.model.vision_tower], "projector": [model.model.multi_modal_projector],
-             "lm": [model.model.language_model, model.lm_head]}
+    parts = {
+        "vision": [model.model.vision_tower],
+        "projector": [model.model.multi_modal_projector],
+        "lm": [model.model.language_model, model.lm_head],
+    }
     trained = {"projector"} | ({"lm"} if stage == 2 else set()) | (set() if freeze_vision else {"vision"})
     for name, modules in parts.items():
         for module in modules:

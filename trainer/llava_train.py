@@ -69,16 +69,18 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     Position ``t`` predicts token ``t + 1``; labels of -100 (human turns, image tokens, padding) add nothing.
     """
     targets = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, (targets != IGNORE_INDEX).sum()
 
 
 def batch_loss(model: torch.nn.Module, batch: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_loss`` of one batch from the stream (``batch["text"]`` is the encoder's padded batch)."""
     text = {k: v.to(device) for k, v in batch["text"].items()}
-    out = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
-                pixel_values=batch["image"].to(device))
+    out = model(
+        input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=batch["image"].to(device)
+    )
     return token_loss(out.logits, text["labels"])
 
 
@@ -102,11 +104,29 @@ def setup(cfg: LlavaTrainConfig, procs: common.Processes) -> Run:
     torch.manual_seed(cfg.seed + 1 + procs.rank)  # training's own draws (dropout...); a resume restores them
     ddp = common.wrap_ddp(model, procs)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("train stage %d: %d of %d parameters trainable, %d image tokens, %d process(es) x %d x batch %d, "
-             "%d steps", cfg.stage, trainable, sum(p.numel() for p in model.parameters()),
-             model.config.image_seq_length, procs.world_size, cfg.grad_accum, cfg.data.batch_size, cfg.steps)
-    return Run(cfg, procs, model, ddp, common.make_optimizer(model, cfg.optim), stream, locked, processor, encoder,
-               _tensorboard(cfg) if procs.rank == 0 else None)
+    log.info(
+        "train stage %d: %d of %d parameters trainable, %d image tokens, %d process(es) x %d x batch %d, %d steps",
+        cfg.stage,
+        trainable,
+        sum(p.numel() for p in model.parameters()),
+        model.config.image_seq_length,
+        procs.world_size,
+        cfg.grad_accum,
+        cfg.data.batch_size,
+        cfg.steps,
+    )
+    return Run(
+        cfg,
+        procs,
+        model,
+        ddp,
+        common.make_optimizer(model, cfg.optim),
+        stream,
+        locked,
+        processor,
+        encoder,
+        _tensorboard(cfg) if procs.rank == 0 else None,
+    )
 
 
 def _tensorboard(cfg: LlavaTrainConfig):
@@ -166,8 +186,9 @@ def evaluate(run: Run, step: int) -> dict:
             total, tokens, samples = total + float(loss), tokens + int(count), samples + len(batch["key"])
     common.train_mode(run.model, run.locked)
     metrics = {"loss": total / max(tokens, 1), "tokens": tokens, "samples": samples}
-    log.info("eval step %d: held-out loss %.4f (%d samples, %d assistant tokens)", step, metrics["loss"], samples,
-             tokens)
+    log.info(
+        "eval step %d: held-out loss %.4f (%d samples, %d assistant tokens)", step, metrics["loss"], samples, tokens
+    )
     common.write_metrics(cfg, {"step": step, "eval": metrics})
     if run.board is not None:
         run.board.add_scalar("eval/loss", metrics["loss"], step)
@@ -237,13 +258,26 @@ def _loop(run: Run, step: int, last: int) -> dict:
         common.after_step(run, step, last, evaluate, save_checkpoint)
     seconds = max(time.time() - started, 1e-9)
     totals = _sum_over_processes(totals, procs)
-    return {"step": step, "seconds": seconds, "eval": None, "samples_per_second": float(totals[0]) / seconds,
-            "tokens_per_second": float(totals[1]) / seconds,
-            "loss": None if loss is None else common.mean_over_processes(loss, procs)}
+    return {
+        "step": step,
+        "seconds": seconds,
+        "eval": None,
+        "samples_per_second": float(totals[0]) / seconds,
+        "tokens_per_second": float(totals[1]) / seconds,
+        "loss": None if loss is None else common.mean_over_processes(loss, procs),
+    }
 
 
-def _log_step(run: Run, step: int, lr: float, loss: torch.Tensor, window: torch.Tensor, window_start: float,
-              started: float, first: int) -> float:
+def _log_step(
+    run: Run,
+    step: int,
+    lr: float,
+    loss: torch.Tensor,
+    window: torch.Tensor,
+    window_start: float,
+    started: float,
+    first: int,
+) -> float:
     """One log line (and metrics.jsonl record) from rank 0: loss, lr, throughput, progress; returns the time."""
     cfg, procs = run.cfg, run.procs
     loss_value = common.mean_over_processes(loss, procs)
@@ -252,14 +286,36 @@ def _log_step(run: Run, step: int, lr: float, loss: torch.Tensor, window: torch.
     rate, token_rate = samples / (now - window_start), tokens / (now - window_start)
     eta = (now - started) / (step - first) * (cfg.steps - step)
     if procs.rank == 0:
-        log.info("step %d/%d (%.0f%%) loss %.4f lr %.2e | %.1f samples/s %.0f tokens/s | elapsed %s, eta %s", step,
-                 cfg.steps, 100 * step / cfg.steps, loss_value, lr, rate, token_rate, _clock(now - started),
-                 _clock(eta))
-        common.write_metrics(cfg, {"step": step, "loss": loss_value, "lr": lr, "samples_per_s": rate,
-                                   "tokens_per_s": token_rate, "elapsed_s": now - started})
+        log.info(
+            "step %d/%d (%.0f%%) loss %.4f lr %.2e | %.1f samples/s %.0f tokens/s | elapsed %s, eta %s",
+            step,
+            cfg.steps,
+            100 * step / cfg.steps,
+            loss_value,
+            lr,
+            rate,
+            token_rate,
+            _clock(now - started),
+            _clock(eta),
+        )
+        common.write_metrics(
+            cfg,
+            {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "samples_per_s": rate,
+                "tokens_per_s": token_rate,
+                "elapsed_s": now - started,
+            },
+        )
         if run.board is not None:
-            for name, value in (("loss", loss_value), ("lr", lr), ("samples_per_s", rate), ("tokens_per_s",
-                                                                                           token_rate)):
+            for name, value in (
+                ("loss", loss_value),
+                ("lr", lr),
+                ("samples_per_s", rate),
+                ("tokens_per_s", token_rate),
+            ):
                 run.board.add_scalar(f"train/{name}", value, step)
     return now
 

@@ -58,8 +58,12 @@ class ClipHandler(ModelHandler[Example, ClipOutput, Any]):
     """Shared machinery: device, precision, threads, batching, embeddings on request."""
 
     def __init__(self, cfg: ClipModelConfig, with_embeddings: bool = False):
-        super().__init__(min_batch_size=cfg.min_batch_size, max_batch_size=cfg.max_batch_size,
-                         large_model=cfg.large_model, model_copies=cfg.model_copies)
+        super().__init__(
+            min_batch_size=cfg.min_batch_size,
+            max_batch_size=cfg.max_batch_size,
+            large_model=cfg.large_model,
+            model_copies=cfg.model_copies,
+        )
         self.cfg, self.with_embeddings = cfg, with_embeddings
 
     # Subclasses: build the model (on self.device, eval mode), encode images and texts.
@@ -109,8 +113,14 @@ class ClipHandler(ModelHandler[Example, ClipOutput, Any]):
             image_features, text_features = self._encode(model, images, texts)
         scores, image_emb, text_emb = cosine_scores(image_features, text_features)
         embed = self.with_embeddings
-        return [ClipOutput(float(scores[i]), image_emb[i].astype(np.float16) if embed else None,
-                           text_emb[i].astype(np.float16) if embed else None) for i in range(len(batch))]
+        return [
+            ClipOutput(
+                float(scores[i]),
+                image_emb[i].astype(np.float16) if embed else None,
+                text_emb[i].astype(np.float16) if embed else None,
+            )
+            for i in range(len(batch))
+        ]
 
     def _score_alone(self, example: Example, model: Any) -> ClipOutput:
         """One example of a failed batch, so that only the examples that fail alone are lost."""
@@ -137,8 +147,9 @@ class _OpenClipPreprocess:
             import open_clip
 
             size, mean, std, resize_mode = self.args
-            self._transform = open_clip.image_transform(size, is_train=False, mean=mean, std=std,
-                                                        resize_mode=resize_mode)
+            self._transform = open_clip.image_transform(
+                size, is_train=False, mean=mean, std=std, resize_mode=resize_mode
+            )
         return self._transform(image).numpy()
 
     def __getstate__(self):
@@ -158,8 +169,10 @@ class OpenClipHandler(ClipHandler):
 
             stem = os.path.splitext(os.path.basename(self.cfg.config_file))[0]
             if stem != self.cfg.name:
-                raise ValueError(f"model.config_file must be named {self.cfg.name}.json (open_clip names models "
-                                 f"after the file), got {self.cfg.config_file}")
+                raise ValueError(
+                    f"model.config_file must be named {self.cfg.name}.json (open_clip names models "
+                    f"after the file), got {self.cfg.config_file}"
+                )
             open_clip.add_model_config(self.cfg.config_file)
 
     def preprocessor(self) -> Callable:

@@ -33,13 +33,16 @@ _CHAT_MARKER = re.compile(r"<\|[\w-]{1,40}\|>|</?s>|\[/?INST\]", re.IGNORECASE)
 _REFUSAL = re.compile(
     r"\b(?:i'?m sorry|i am sorry|as an ai|language model|i cannot|i can'?t|i can not|i am unable|i'?m unable|"
     r"unable to (?:see|view|access|determine)|i (?:don'?t|do not) have (?:access|the ability|any information))\b",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 _CONTEXT = re.compile(
     r"\b(?:captions?|captioned|bounding[ -]box(?:es)?|coordinates?|labels? (?:say|says|given)|"
     r"(?:given|provided) (?:description|information|text|context|details)|"
     r"according to the (?:description|information|text|context)|as (?:described|mentioned) (?:above|earlier))\b"
     r"|[\[(]\s*-?\d*\.\d+\s*,\s*-?\d*\.\d+"  # a coordinate list: [0.12, 0.30, ...] or (0.12, 0.30)
-    r"|\b[xy][12]\s*[=:]\s*-?\d", re.IGNORECASE)  # a named corner: x1 = 0.12
+    r"|\b[xy][12]\s*[=:]\s*-?\d",
+    re.IGNORECASE,
+)  # a named corner: x1 = 0.12
 # A number written as the prompt writes box coordinates (two decimals): a hit when it equals one of the sample's.
 _TWO_DECIMALS = re.compile(r"(?<![\d.])[01]?\.\d{2}(?![\d])")
 # What no training text holds: C0 controls but tab and newlines, DEL, lone surrogates (unencodable as UTF-8),
@@ -185,8 +188,7 @@ def context_mention(text: str, meta: SampleMeta) -> str | None:
     if m := _CONTEXT.search(text):
         return m.group(0)
     coordinates = {round(v, 2) for box in meta.boxes for v in box.bbox}
-    return next((m.group(0) for m in _TWO_DECIMALS.finditer(text) if round(float(m.group(0)), 2) in coordinates),
-                None)
+    return next((m.group(0) for m in _TWO_DECIMALS.finditer(text) if round(float(m.group(0)), 2) in coordinates), None)
 
 
 def check(pairs: list[tuple[str, str]], meta: SampleMeta, vocabulary: list[str], bounds: Bounds) -> Verdict:
@@ -206,8 +208,9 @@ def check(pairs: list[tuple[str, str]], meta: SampleMeta, vocabulary: list[str],
     if made_up := unknown_objects([a for _, a in pairs], meta, vocabulary):
         return Verdict(None, "unknown_object", f"names objects the image does not have: {', '.join(made_up)}")
     if bad := next((t for t in texts if not bounds.min_chars <= len(t) <= bounds.max_chars), None):
-        return Verdict(None, "bad_length", f"a turn of {len(bad)} characters is outside "
-                                           f"{bounds.min_chars}-{bounds.max_chars}")
+        return Verdict(
+            None, "bad_length", f"a turn of {len(bad)} characters is outside {bounds.min_chars}-{bounds.max_chars}"
+        )
     if marker := next((m for t in texts if (m := _CHAT_MARKER.search(t))), None):
         return Verdict(None, "bad_format", f"a turn holds the chat marker {marker.group(0)!r}")
     turns = to_turns(pairs)
@@ -216,14 +219,18 @@ def check(pairs: list[tuple[str, str]], meta: SampleMeta, vocabulary: list[str],
     return Verdict(turns)
 
 
-def read_reply(kind_format: str, reply: str, meta: SampleMeta, question: str | None, vocabulary: list[str],
-               bounds: Bounds) -> Verdict:
+def read_reply(
+    kind_format: str, reply: str, meta: SampleMeta, question: str | None, vocabulary: list[str], bounds: Bounds
+) -> Verdict:
     """Parse and check one reply: ``qa`` replies hold pairs, ``description`` replies answer ``question``."""
     if not isinstance(reply, str):
         return Verdict(None, "unparseable", f"the reply is a {type(reply).__name__}, not text")
     if len(reply) > REPLY_TURNS_LIMIT * bounds.max_chars:  # not read at all: reading a megabyte takes seconds
-        return Verdict(None, "bad_length", f"the reply has {len(reply)} characters, more than {REPLY_TURNS_LIMIT} "
-                                           f"turns of {bounds.max_chars}")
+        return Verdict(
+            None,
+            "bad_length",
+            f"the reply has {len(reply)} characters, more than {REPLY_TURNS_LIMIT} turns of {bounds.max_chars}",
+        )
     if bad := _BAD_CHARS.search(reply):
         return Verdict(None, "bad_characters", f"the reply holds the character U+{ord(bad.group(0)):04X}")
     if kind_format == "description":

@@ -69,8 +69,14 @@ class _UrlWinner(beam.DoFn):
         pairs = sorted(pairs, key=lambda p: p.key)
         yield pairs[0]
         for pair in pairs[1:]:
-            yield Rejection("dedup", "duplicate_url", f"same URL as {pairs[0].key}", pair.key, pair.url,
-                            JsonDict({"duplicate_of": pairs[0].key}))
+            yield Rejection(
+                "dedup",
+                "duplicate_url",
+                f"same URL as {pairs[0].key}",
+                pair.key,
+                pair.url,
+                JsonDict({"duplicate_of": pairs[0].key}),
+            )
 
 
 class DropDuplicateUrls(beam.PTransform):
@@ -78,43 +84,59 @@ class DropDuplicateUrls(beam.PTransform):
 
     def expand(self, rows):
         tagged = rows | "SplitByUrl" >> beam.Partition(
-            lambda r, _: 0 if isinstance(r, ImageTextPair) and r.url else 1, 2)
-        winners = (tagged[0]
-                   | "KeyByUrl" >> beam.Map(lambda p: (p.url, p))  # (url, pair)
-                   | "GroupByUrl" >> beam.GroupByKey()  # (url, [pair])
-                   | "KeepFirstKey" >> beam.ParDo(_UrlWinner()))
+            lambda r, _: 0 if isinstance(r, ImageTextPair) and r.url else 1, 2
+        )
+        winners = (
+            tagged[0]
+            | "KeyByUrl" >> beam.Map(lambda p: (p.url, p))  # (url, pair)
+            | "GroupByUrl" >> beam.GroupByKey()  # (url, [pair])
+            | "KeepFirstKey" >> beam.ParDo(_UrlWinner())
+        )
         return (winners, tagged[1]) | "MergeRows" >> beam.Flatten()
 
 
 class FindDuplicateImages(beam.PTransform):
     """``(key, sha256, phash)`` records -> ``Loser`` records (exact, and near when ``distance`` is set)."""
 
-    def __init__(self, near_distance: int | None = None, references: list[tuple[str, str]] | None = None,
-                 exact: bool = True):
+    def __init__(
+        self, near_distance: int | None = None, references: list[tuple[str, str]] | None = None, exact: bool = True
+    ):
         super().__init__()
         self.near_distance, self.references, self.exact = near_distance, references or [], exact
 
     def expand(self, hashes):
         outputs = []
         if self.exact:
-            outputs.append(hashes
-                           | "KeyBySha256" >> beam.Map(lambda h: (h[1], h[0]))  # (sha256, key)
-                           | "GroupBySha256" >> beam.GroupByKey()  # (sha256, [key])
-                           | "ExactLosers" >> beam.FlatMap(lambda kv: exact_losers(kv[1])))
+            outputs.append(
+                hashes
+                | "KeyBySha256" >> beam.Map(lambda h: (h[1], h[0]))  # (sha256, key)
+                | "GroupBySha256" >> beam.GroupByKey()  # (sha256, [key])
+                | "ExactLosers" >> beam.FlatMap(lambda kv: exact_losers(kv[1]))
+            )
         d = self.near_distance
         if d is not None:
-            outputs.append(hashes
-                           | "KeyByBand" >> beam.FlatMap(lambda h: [(b, (h[0], h[2])) for b in band_keys(h[2], d)])
-                           | "GroupByBand" >> beam.GroupByKey()  # ((band, bits), [(key, phash)])
-                           | "NearLosers" >> beam.FlatMap(lambda kv: near_losers(kv[1], d)))
+            outputs.append(
+                hashes
+                | "KeyByBand" >> beam.FlatMap(lambda h: [(b, (h[0], h[2])) for b in band_keys(h[2], d)])
+                | "GroupByBand" >> beam.GroupByKey()  # ((band, bits), [(key, phash)])
+                | "NearLosers" >> beam.FlatMap(lambda kv: near_losers(kv[1], d))
+            )
         if self.references:
             refs, dist = self.references, d or 0
-            outputs.append(hashes | "NearReference" >> beam.FlatMap(
-                lambda h: [(h[0], "near_reference", name)] if (name := reference_hits(h[2], refs, dist)) else []))
+            outputs.append(
+                hashes
+                | "NearReference"
+                >> beam.FlatMap(
+                    lambda h: [(h[0], "near_reference", name)] if (name := reference_hits(h[2], refs, dist)) else []
+                )
+            )
         if not outputs:
             return hashes.pipeline | "NoDedup" >> beam.Create([])
         # A key can lose several ways; keep one reason, deterministically (the smallest).
-        return (tuple(outputs) | "AllLosers" >> beam.Flatten()
-                | "KeyByLoser" >> beam.Map(lambda loser: (loser[0], loser))
-                | "OneReasonPerKey" >> beam.CombinePerKey(min)
-                | "DropLoserKey" >> beam.Values())
+        return (
+            tuple(outputs)
+            | "AllLosers" >> beam.Flatten()
+            | "KeyByLoser" >> beam.Map(lambda loser: (loser[0], loser))
+            | "OneReasonPerKey" >> beam.CombinePerKey(min)
+            | "DropLoserKey" >> beam.Values()
+        )

@@ -49,13 +49,23 @@ REJECTED_DIR = "rejected"
 
 log = logging.getLogger(__name__)
 # Failures another attempt may fix.
-RETRYABLE_REASONS = frozenset({"timeout", "connection_error", "truncated", "dns_error", "empty_body",
-                               "robots_unreachable", *(f"http_{s}" for s in RETRYABLE_STATUS)})
+RETRYABLE_REASONS = frozenset(
+    {
+        "timeout",
+        "connection_error",
+        "truncated",
+        "dns_error",
+        "empty_body",
+        "robots_unreachable",
+        *(f"http_{s}" for s in RETRYABLE_STATUS),
+    }
+)
 # Failures the run's settings (or a bug of ours) caused, not the image: a wrong url_col, loopback or private
 # addresses not allowed, an unreadable image folder, an internal error. A corrected rerun may fix them.
 # (Opt-outs, robots.txt, 404s, bad images and duplicates are the image's or its site's: final.)
-CONFIG_REASONS = frozenset({"blocked_address", "missing_column", "missing_url", "invalid_url", "file_error",
-                            INTERNAL_ERROR})
+CONFIG_REASONS = frozenset(
+    {"blocked_address", "missing_column", "missing_url", "invalid_url", "file_error", INTERNAL_ERROR}
+)
 # Rows with these reasons are not final: `write.retry_failed` processes them again, and a shard whose rows
 # ALL failed with them is not complete (a rerun redoes it; see `shard_is_final`).
 NOT_FINAL_REASONS = RETRYABLE_REASONS | CONFIG_REASONS
@@ -78,8 +88,7 @@ def _read_local(pair: ImageTextPair) -> bytes | Rejection:
     try:
         return read_location(pair.location)
     except (OSError, ValueError) as e:  # Beam filesystems raise BeamIOError (an IOError) or ValueError
-        return Rejection("download", "file_error", f"cannot read {pair.location}: {e}"[:500], pair.key,
-                         pair.location)
+        return Rejection("download", "file_error", f"cannot read {pair.location}: {e}"[:500], pair.key, pair.location)
 
 
 def _decode(pair: ImageTextPair, data: bytes, cfg: IngestConfig) -> ProcessedImage | Rejection:
@@ -97,8 +106,9 @@ def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) 
         if isinstance(result, Rejection):
             return result
         if not result.ok:
-            return Rejection("download", result.reason, result.message, pair.key, location,
-                             JsonDict({"attempts": result.attempts}))
+            return Rejection(
+                "download", result.reason, result.message, pair.key, location, JsonDict({"attempts": result.attempts})
+            )
         data = result.data
     else:  # paths come from sources the user points at (folders, COCO, LLaVA JSON): local or gs://...
         data = guarded("download", lambda: _read_local(pair), pair.key, location)
@@ -108,16 +118,24 @@ def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) 
 
 
 def rejected_row(rejection: Rejection, pair: ImageTextPair | None = None) -> IndexRow:
-    return IndexRow(key=rejection.key, status=rejection.reason, url=pair.url if pair else rejection.url,
-                    path=pair.path if pair else None, caption=pair.caption if pair else None,
-                    error_message=rejection.message)
+    return IndexRow(
+        key=rejection.key,
+        status=rejection.reason,
+        url=pair.url if pair else rejection.url,
+        path=pair.path if pair else None,
+        caption=pair.caption if pair else None,
+        error_message=rejection.message,
+    )
 
 
 def sample_members(pair: ImageTextPair, image: ProcessedImage) -> list[tuple[str, bytes]]:
     """The tar members of one sample, in FORMAT.md's order: image, caption, metadata."""
     meta = SampleMeta.from_pair(pair, image)
-    return [(image.format, image.data), ("txt", (pair.caption or "").encode("utf-8")),
-            ("json", meta.to_json().encode("utf-8"))]
+    return [
+        (image.format, image.data),
+        ("txt", (pair.caption or "").encode("utf-8")),
+        ("json", meta.to_json().encode("utf-8")),
+    ]
 
 
 def load_previous(out_dir: str, shard: int) -> Previous:
@@ -132,8 +150,9 @@ def load_previous(out_dir: str, shard: int) -> Previous:
         for key, sample in read_tar_samples(paths["tar"]):
             samples[key] = sample
     except (ShardReadError, OSError) as e:
-        log.warning("shard %s: its tar is damaged (%s); samples past the damage are downloaded again",
-                    shard_name(shard), e)
+        log.warning(
+            "shard %s: its tar is damaged (%s); samples past the damage are downloaded again", shard_name(shard), e
+        )
     rejections = {}  # every stage's dead letters for this shard (ingest, and later ones such as remove)
     pattern = join(out_dir, REJECTED_DIR, f"*-{shard_name(shard)}.parquet")
     for meta in FileSystems.match([pattern])[0].metadata_list:
@@ -145,7 +164,8 @@ def load_previous(out_dir: str, shard: int) -> Previous:
                 previous[row.key] = (row, samples[row.key])
         elif row.status not in NOT_FINAL_REASONS:
             previous[row.key] = rejections.get(row.key) or Rejection(
-                "unknown", row.status, row.error_message or row.status, row.key, row.url or row.path)
+                "unknown", row.status, row.error_message or row.status, row.key, row.url or row.path
+            )
     return previous
 
 
@@ -167,8 +187,9 @@ def _after_download(pair: ImageTextPair, outcome, previous: Previous, takedown: 
     """A downloaded (or reused) pair's outcome: a rejection, a :class:`ProcessedImage` or a reused sample."""
     if pair.key in previous:  # a retry reuses what the shard holds: (index row, {ext: bytes})
         kept, _ = previous[pair.key]
-        return taken_down(pair.key, pair.location, "sha256") if takedown.match(None, kept.sha256) else previous[
-            pair.key]
+        return (
+            taken_down(pair.key, pair.location, "sha256") if takedown.match(None, kept.sha256) else previous[pair.key]
+        )
     if isinstance(outcome, ProcessedImage) and takedown.match(None, outcome.sha256):
         return taken_down(pair.key, pair.location, "sha256")
     return outcome
@@ -185,20 +206,38 @@ def _add_row(draft: ShardDraft, writer: TarShardWriter, row, outcome) -> None:
         # stage "decode": making the sample is the end of turning bytes into one (and builds count it as ingest)
         members = guarded("decode", functools.partial(sample_members, pair, outcome), pair.key, pair.location)
         if not isinstance(members, Rejection):
-            draft.rows.append(IndexRow(
-                key=pair.key, status="success", url=pair.url, path=pair.path, caption=pair.caption,
-                width=outcome.width, height=outcome.height, original_width=outcome.original_width,
-                original_height=outcome.original_height, sha256=outcome.sha256, phash=outcome.phash,
-                members=writer.add(pair.key, members)))
+            draft.rows.append(
+                IndexRow(
+                    key=pair.key,
+                    status="success",
+                    url=pair.url,
+                    path=pair.path,
+                    caption=pair.caption,
+                    width=outcome.width,
+                    height=outcome.height,
+                    original_width=outcome.original_width,
+                    original_height=outcome.original_height,
+                    sha256=outcome.sha256,
+                    phash=outcome.phash,
+                    members=writer.add(pair.key, members),
+                )
+            )
             return
         outcome = members
     draft.rows.append(rejected_row(outcome, pair))
     draft.rejections.append(outcome)
 
 
-def build_draft(shard: int, rows: list[ImageTextPair | Rejection], fetcher: Fetcher, cfg: IngestConfig,
-                tar_path: str, previous: Previous | None = None, takedown: Takedown | None = None,
-                progress: ShardProgress | None = None) -> ShardDraft:
+def build_draft(
+    shard: int,
+    rows: list[ImageTextPair | Rejection],
+    fetcher: Fetcher,
+    cfg: IngestConfig,
+    tar_path: str,
+    previous: Previous | None = None,
+    takedown: Takedown | None = None,
+    progress: ShardProgress | None = None,
+) -> ShardDraft:
     """Fetch and process a shard's pairs concurrently, write the staging tar, account for every row.
 
     Rows found in ``previous`` (a retry of a complete shard) are reused instead of downloaded. Pairs whose URL
@@ -208,14 +247,20 @@ def build_draft(shard: int, rows: list[ImageTextPair | Rejection], fetcher: Fetc
     start = time.monotonic()
     previous, takedown = previous or {}, takedown or Takedown()
     progress = progress or ShardProgress(shard, len(rows), cfg.download.progress_interval)
-    rows = [guarded("dedup", functools.partial(_before_download, r, previous, takedown), r.key, r.url)
-            for r in sorted(rows, key=lambda r: r.key)]
+    rows = [
+        guarded("dedup", functools.partial(_before_download, r, previous, takedown), r.key, r.url)
+        for r in sorted(rows, key=lambda r: r.key)
+    ]
     pairs = [r for r in rows if isinstance(r, ImageTextPair) and r.key not in previous]
     for row in rows:  # rows that need no download are done already
         if not isinstance(row, ImageTextPair) or row.key in previous:
             progress.row(row)
-    fetched = map_with_progress(fetcher.map, lambda p: guarded(
-        "download", lambda: fetch_and_process(p, fetcher, cfg), p.key, p.location), pairs, progress)
+    fetched = map_with_progress(
+        fetcher.map,
+        lambda p: guarded("download", lambda: fetch_and_process(p, fetcher, cfg), p.key, p.location),
+        pairs,
+        progress,
+    )
     outcomes = dict(zip((p.key for p in pairs), fetched))
     draft = ShardDraft(shard, tar_path)
     writer = TarShardWriter()
@@ -223,8 +268,12 @@ def build_draft(shard: int, rows: list[ImageTextPair | Rejection], fetcher: Fetc
         for row in rows:
             outcome = row
             if isinstance(row, ImageTextPair):
-                outcome = guarded("dedup", functools.partial(_after_download, row, outcomes.get(row.key),
-                                                             previous, takedown), row.key, row.location)
+                outcome = guarded(
+                    "dedup",
+                    functools.partial(_after_download, row, outcomes.get(row.key), previous, takedown),
+                    row.key,
+                    row.location,
+                )
             _add_row(draft, writer, row, outcome)
         draft.tar_bytes = writer.finish(tar_path)
     except BaseException:
@@ -236,8 +285,9 @@ def build_draft(shard: int, rows: list[ImageTextPair | Rejection], fetcher: Fetc
 
 def takedown_digest(takedown: Takedown) -> str:
     """sha256 of a takedown set: a changed list invalidates staged drafts (they were filtered by the old one)."""
-    return hashlib.sha256("\n".join(sorted(takedown.urls) + ["#"] + sorted(takedown.sha256)).encode(
-        "utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha256(
+        "\n".join(sorted(takedown.urls) + ["#"] + sorted(takedown.sha256)).encode("utf-8", "surrogatepass")
+    ).hexdigest()
 
 
 class DownloadShard(beam.DoFn):
@@ -271,17 +321,24 @@ class DownloadShard(beam.DoFn):
         digest = input_digest(rows, self.cfg, self.takedown_digest)
         draft = None if shard in self.retry_shards else load_draft(out, shard, digest)
         if draft is not None and not all_not_final(r.status for r in draft.rows):
-            log.info("shard %s: reusing its download staged by an earlier run (%d rows)", shard_name(shard),
-                     len(draft.rows))
+            log.info(
+                "shard %s: reusing its download staged by an earlier run (%d rows)", shard_name(shard), len(draft.rows)
+            )
             self.reused.inc(len(draft.rows))
         else:
             previous = load_previous(out, shard) if shard in self.retry_shards else None
             progress = ShardProgress(shard, len(rows), self.cfg.download.progress_interval)
-            draft = build_draft(shard, rows, self.fetcher, self.cfg, staging_path(out, shard), previous,
-                                self.takedown, progress)
+            draft = build_draft(
+                shard, rows, self.fetcher, self.cfg, staging_path(out, shard), previous, self.takedown, progress
+            )
             commit_draft(out, draft, digest)  # from here on a kill does not cost this shard's download
             add_busy("ingest", draft.duration_s)
         ok = sum(r.status == "success" for r in draft.rows)  # rows_ok / rows_rejected: counted by the progress
-        log.info("shard %s downloaded: %d ok, %d rejected in %.1fs", shard_name(shard), ok,
-                 len(draft.rows) - ok, draft.duration_s)
+        log.info(
+            "shard %s downloaded: %d ok, %d rejected in %.1fs",
+            shard_name(shard),
+            ok,
+            len(draft.rows) - ok,
+            draft.duration_s,
+        )
         yield draft

@@ -184,8 +184,12 @@ class Fetcher:
     def __init__(self, cfg: DownloadConfig, seed: int = 0, clock: Callable[[], float] = time.monotonic):
         """``clock`` (seconds) times how long a failed robots.txt verdict is kept; tests pass their own."""
         self.cfg, self._clock = cfg, clock
-        self.pool = urllib3.PoolManager(num_pools=256, maxsize=max(4, cfg.threads), block=False,
-                                        headers={"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5"})
+        self.pool = urllib3.PoolManager(
+            num_pools=256,
+            maxsize=max(4, cfg.threads),
+            block=False,
+            headers={"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5"},
+        )
         self.pool.pool_classes_by_scheme = _pool_classes(cfg.allow_loopback, cfg.allow_private)
         self.limiter = HostRateLimiter(cfg.per_host_rps)
         agent = cfg.user_agent.split("/", 1)[0].strip().lower()
@@ -232,8 +236,12 @@ class Fetcher:
                 delay *= 0.5 + self._rng.random() / 2  # jitter: retries from many workers do not align
                 if e.retry_after is not None:
                     if e.retry_after > self.cfg.max_backoff:
-                        return FetchResult(url, reason=e.reason, attempts=attempt,
-                                           message=f"{e} (Retry-After {e.retry_after:.0f}s exceeds max_backoff)")
+                        return FetchResult(
+                            url,
+                            reason=e.reason,
+                            attempts=attempt,
+                            message=f"{e} (Retry-After {e.retry_after:.0f}s exceeds max_backoff)",
+                        )
                     delay = max(delay, e.retry_after)
                 time.sleep(delay)
 
@@ -286,8 +294,14 @@ class Fetcher:
         if remaining <= 0:
             raise FetchError("timeout", f"no answer within {self.cfg.timeout}s", retryable=True)
         try:
-            resp = self.pool.request("GET", url, redirect=False, retries=False, preload_content=False,
-                                     timeout=urllib3.Timeout(connect=remaining, read=remaining))
+            resp = self.pool.request(
+                "GET",
+                url,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                timeout=urllib3.Timeout(connect=remaining, read=remaining),
+            )
         except urllib3.exceptions.HTTPError as e:
             raise _classify(e) from None
         except (ValueError, UnicodeError) as e:  # http.client refuses some URLs urllib3 let through
@@ -301,8 +315,12 @@ class Fetcher:
                 return location
             if resp.status != 200:
                 retryable = resp.status in RETRYABLE_STATUS
-                raise FetchError(f"http_{resp.status}", f"HTTP {resp.status} {resp.reason or ''}".strip(),
-                                 retryable, parse_retry_after(resp.headers.get("Retry-After")))
+                raise FetchError(
+                    f"http_{resp.status}",
+                    f"HTTP {resp.status} {resp.reason or ''}".strip(),
+                    retryable,
+                    parse_retry_after(resp.headers.get("Retry-After")),
+                )
             if image and self.cfg.respect_optout:
                 directive = optout_directive(resp.headers.getlist("X-Robots-Tag"), self.agents, self.optouts)
                 if directive:
@@ -395,8 +413,10 @@ class Fetcher:
             return FetchError(reason, result.message or reason)
         status = int(reason[5:]) if reason.startswith("http_") and reason[5:].isdigit() else None
         if reason in UNREACHABLE_ROBOTS or (status is not None and (status >= 500 or status == 429)):
-            return FetchError("robots_unreachable", f"robots.txt of {origin} is unreachable ({result.message}); "
-                              "RFC 9309 says to treat that as disallow")
+            return FetchError(
+                "robots_unreachable",
+                f"robots.txt of {origin} is unreachable ({result.message}); RFC 9309 says to treat that as disallow",
+            )
         return None  # 4xx, an empty body, too many redirects...: no usable robots.txt, everything is allowed
 
 

@@ -139,21 +139,30 @@ def failed_batch_rejections(failure) -> list[tuple[str, Rejection]]:
     return [(path, Rejection(STAGE, "inference_error", message, key, path)) for (path, key), _ in batch]
 
 
-def filter_judge(decisions: dict[str, Decision], rejections: dict[str, Rejection], model: str,
-                 pretrained: str | None) -> Judge:
+def filter_judge(
+    decisions: dict[str, Decision], rejections: dict[str, Rejection], model: str, pretrained: str | None
+) -> Judge:
     """The filter's verdict per sample: its decision (score in the JSON either way), or why it was not scored."""
 
     def judge(key: str, meta: SampleMeta) -> Judgement:
         decision = decisions.get(key)
         if decision is None:
-            return Judgement(rejection=rejections.get(key) or Rejection(
-                STAGE, "not_scored", "no score reached the writer", key, meta.url or meta.path))
+            return Judgement(
+                rejection=rejections.get(key)
+                or Rejection(STAGE, "not_scored", "no score reached the writer", key, meta.url or meta.path)
+            )
         meta = replace(meta, clip=ClipScore(round(decision.score, 6), model, pretrained))
         index = {"clip_image_embedding": decision.image_embedding, "clip_text_embedding": decision.text_embedding}
         if decision.kept:
             return Judgement(meta=meta, index=index)
-        rejection = Rejection(STAGE, decision.reason, f"CLIP score {decision.score:.4f} ({decision.reason})", key,
-                              meta.url or meta.path, JsonDict({"score": decision.score, "model": model}))
+        rejection = Rejection(
+            STAGE,
+            decision.reason,
+            f"CLIP score {decision.score:.4f} ({decision.reason})",
+            key,
+            meta.url or meta.path,
+            JsonDict({"score": decision.score, "model": model}),
+        )
         return Judgement(rejection=rejection, index=index | {"clip_score": meta.clip.score})
 
     return judge

@@ -81,14 +81,32 @@ def target_size(width: int, height: int, cfg: ResizeConfig) -> tuple[int, int]:
 # "Invalid dimensions"), SyntaxError (malformed headers), EOFError, struct.error (short header fields), and the
 # lookup and arithmetic errors that header fields making no sense cause in the plugins' Python code; and the
 # DecompressionBombError Image.open raises past twice Pillow's own pixel limit.
-PILLOW_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError,
-                 ZeroDivisionError, OverflowError, Image.DecompressionBombError)
+PILLOW_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    OverflowError,
+    Image.DecompressionBombError,
+)
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}  # "I" holds 16-bit PNG/TIFF/PGM samples in practice
 
 
 # Signatures of the formats we accept: bytes that start with one are a damaged image, not some other file.
-_SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF",
-               b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"BM": "BMP"}
+_SIGNATURES = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"BM": "BMP",
+}
 
 
 def signature(data: bytes) -> str | None:
@@ -256,6 +274,13 @@ def process_image(data: bytes, cfg: ResizeConfig) -> ProcessedImage:
     """Validate, resize, re-encode and hash one image; raises :class:`ImageRejected` with a reason code."""
     img, width, height = decode(data, cfg)
     out = resize(img, cfg, (width, height))
-    return ProcessedImage(data=encode(out, cfg), format=cfg.encode_format, width=out.width, height=out.height,
-                          original_width=width, original_height=height,
-                          sha256=hashlib.sha256(data).hexdigest(), phash=phash(out))
+    return ProcessedImage(
+        data=encode(out, cfg),
+        format=cfg.encode_format,
+        width=out.width,
+        height=out.height,
+        original_width=width,
+        original_height=height,
+        sha256=hashlib.sha256(data).hexdigest(),
+        phash=phash(out),
+    )

@@ -47,8 +47,9 @@ TRUNCATED = "truncated_reply"
 
 # A rerun with the same config may succeed: the server was down, slow, overloaded or garbled an answer, or a
 # whole batch crashed (RunInference's ``inference_error``).
-RETRYABLE_REASONS = frozenset({"connection_error", "timeout", "malformed_response", "inference_error",
-                               *(f"http_{s}" for s in RETRYABLE_STATUS)})
+RETRYABLE_REASONS = frozenset(
+    {"connection_error", "timeout", "malformed_response", "inference_error", *(f"http_{s}" for s in RETRYABLE_STATUS)}
+)
 # The config is wrong for this server or model: a bad request, key, endpoint or model name, or a token limit
 # too small for the answers (every reply cut short).
 CONFIG_REASONS = frozenset({"http_400", "http_401", "http_403", "http_404", "http_422", TRUNCATED})
@@ -129,22 +130,34 @@ class TransformersBackend:
         import torch
         from transformers import LogitsProcessorList
 
-        texts = [self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
-                 for r in requests]
+        texts = [
+            self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
+            for r in requests
+        ]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         sampler = PerRowSampler([r.seed or 0 for r in requests], requests[0].temperature, requests[0].top_p)
         with torch.inference_mode():
-            out = self.model.generate(**batch, max_new_tokens=max(r.max_tokens for r in requests), do_sample=False,
-                                      logits_processor=LogitsProcessorList([sampler]) if sampler.active else None,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+            out = self.model.generate(
+                **batch,
+                max_new_tokens=max(r.max_tokens for r in requests),
+                do_sample=False,
+                logits_processor=LogitsProcessorList([sampler]) if sampler.active else None,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         width = batch["input_ids"].shape[1]
 
         def result(i: int, request: ChatRequest) -> ChatResult:
             new, finish = _cut(out[i, width:].tolist(), self.stops, request.max_tokens)
             text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
-            return ChatResult(request.key, text, int(batch["attention_mask"][i].sum()), len(new),
-                              None if text else "empty_completion", None if text else "empty reply",
-                              finish_reason=finish)
+            return ChatResult(
+                request.key,
+                text,
+                int(batch["attention_mask"][i].sum()),
+                len(new),
+                None if text else "empty_completion",
+                None if text else "empty reply",
+                finish_reason=finish,
+            )
 
         return per_sample(requests, result)
 
@@ -168,8 +181,9 @@ def per_sample(requests: Sequence[ChatRequest], make: Callable[[int, ChatRequest
     results = []
     for i, request in enumerate(requests):
         out = guarded(STAGE, partial(make, i, request), request.key)
-        results.append(out if isinstance(out, ChatResult) else ChatResult(request.key, reason=out.reason,
-                                                                          message=out.message))
+        results.append(
+            out if isinstance(out, ChatResult) else ChatResult(request.key, reason=out.reason, message=out.message)
+        )
     return results
 
 
@@ -214,8 +228,10 @@ class VllmBackend:
     def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         from vllm import SamplingParams
 
-        params = [SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=r.seed)
-                  for r in requests]
+        params = [
+            SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=r.seed)
+            for r in requests
+        ]
         outputs = self.llm.chat([r.messages for r in requests], params, use_tqdm=False)
         if len(outputs) != len(requests):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
@@ -224,9 +240,15 @@ class VllmBackend:
             completion = outputs[i].outputs[0]
             text = completion.text.strip()
             # vLLM's finish_reason is "stop" or "length", as OpenAI's (CompletionOutput.finish_reason)
-            return ChatResult(request.key, text, len(outputs[i].prompt_token_ids), len(completion.token_ids),
-                              None if text else "empty_completion", None if text else "empty reply",
-                              finish_reason=completion.finish_reason)
+            return ChatResult(
+                request.key,
+                text,
+                len(outputs[i].prompt_token_ids),
+                len(completion.token_ids),
+                None if text else "empty_completion",
+                None if text else "empty reply",
+                finish_reason=completion.finish_reason,
+            )
 
         return per_sample(requests, result)
 
@@ -237,8 +259,14 @@ class OpenAIBackend:
     def __init__(self, cfg: GenerateConfig):
         if not cfg.endpoint:
             raise ValueError("backend 'openai' needs endpoint (e.g. http://127.0.0.1:8000/v1)")
-        self.client = OpenAIChatClient(cfg.endpoint, cfg.model, api_key_env=cfg.api_key_env, timeout=cfg.timeout,
-                                       retries=cfg.retries, concurrency=cfg.concurrency)
+        self.client = OpenAIChatClient(
+            cfg.endpoint,
+            cfg.model,
+            api_key_env=cfg.api_key_env,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            concurrency=cfg.concurrency,
+        )
 
     def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         return self.client.complete_all(list(requests))
@@ -267,8 +295,7 @@ class GenerationHandler(ModelHandler[Plan, Outcome, object]):
 
     def _ask(self, backend, plans: list[Plan], cache: ResponseCache) -> list[tuple[ChatResult, bool]]:
         """Replies for ``plans`` (from the cache where possible), each with whether it was cached."""
-        fingerprints = [request_fingerprint(self.cfg.model, p.request.messages, _sampling(p.request))
-                        for p in plans]
+        fingerprints = [request_fingerprint(self.cfg.model, p.request.messages, _sampling(p.request)) for p in plans]
         found = [cache.get(fp) for fp in fingerprints]
         missing = [i for i, r in enumerate(found) if r is None]
         if missing:
@@ -279,7 +306,8 @@ class GenerationHandler(ModelHandler[Plan, Outcome, object]):
             # tokens spent on every call, kept answer or not (the written samples' own counts are in their JSON)
             beam.metrics.Metrics.counter("generate", "prompt_tokens_spent").inc(sum(r.prompt_tokens for r in fresh))
             beam.metrics.Metrics.counter("generate", "completion_tokens_spent").inc(
-                sum(r.completion_tokens for r in fresh))
+                sum(r.completion_tokens for r in fresh)
+            )
             for i, result in zip(missing, fresh):
                 cache.put(fingerprints[i], result)
                 found[i] = result
@@ -287,8 +315,12 @@ class GenerationHandler(ModelHandler[Plan, Outcome, object]):
 
     def _judge(self, plan: Plan, result: ChatResult) -> Verdict:
         """The verdict on one result; what it raises becomes an ``internal_error`` verdict for this plan only."""
-        verdict = guarded(STAGE, partial(judge_result, plan, result, self.vocabulary, self.bounds), plan.key,
-                          plan.meta.url or plan.meta.path)
+        verdict = guarded(
+            STAGE,
+            partial(judge_result, plan, result, self.vocabulary, self.bounds),
+            plan.key,
+            plan.meta.url or plan.meta.path,
+        )
         return verdict if isinstance(verdict, Verdict) else Verdict(None, verdict.reason, verdict.message)
 
     def run_inference(self, batch: Sequence[Plan], backend, inference_args=None) -> Iterable[PredictionResult]:
@@ -316,14 +348,21 @@ def judge_result(plan: Plan, result: ChatResult, vocabulary: list[str], bounds: 
     if not result.ok:
         return Verdict(None, result.reason, result.message)
     if result.finish_reason == "length":
-        return Verdict(None, TRUNCATED, f"the reply was cut at the token limit ({plan.request.max_tokens} tokens, "
-                                        "generate.max_new_tokens)")
+        return Verdict(
+            None,
+            TRUNCATED,
+            f"the reply was cut at the token limit ({plan.request.max_tokens} tokens, generate.max_new_tokens)",
+        )
     return read_reply(plan.format, result.text, plan.meta, plan.question, vocabulary, bounds)
 
 
 def _sampling(request: ChatRequest) -> dict:
-    return {"max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p,
-            "seed": request.seed}
+    return {
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "seed": request.seed,
+    }
 
 
 def _reseeded(plan: Plan) -> Plan:

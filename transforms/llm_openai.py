@@ -161,9 +161,18 @@ class OpenAIChatClient:
     environment, so a key never travels inside a pickled pipeline.
     """
 
-    def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", timeout: float = 120.0,
-                 retries: int = 3, backoff: float = 0.5, max_backoff: float = 30.0, concurrency: int = 8,
-                 extra_headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout: float = 120.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        concurrency: int = 8,
+        extra_headers: dict[str, str] | None = None,
+    ):
         """Reads the API key and prepares the connection pool and worker threads.
 
         Args:
@@ -187,8 +196,17 @@ class OpenAIChatClient:
             raise ValueError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, not {base_url!r}")
         if timeout <= 0 or retries < 0 or backoff < 0 or max_backoff < 0 or concurrency < 1:
             raise ValueError("need timeout > 0, retries >= 0, backoff >= 0, max_backoff >= 0 and concurrency >= 1")
-        self._args = (base_url, model, api_key_env, timeout, retries, backoff, max_backoff, concurrency,
-                      dict(extra_headers or {}))
+        self._args = (
+            base_url,
+            model,
+            api_key_env,
+            timeout,
+            retries,
+            backoff,
+            max_backoff,
+            concurrency,
+            dict(extra_headers or {}),
+        )
         self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self.concurrency = concurrency
@@ -198,8 +216,9 @@ class OpenAIChatClient:
         secrets = [v for k, v in (extra_headers or {}).items() if _SECRET_HEADER.search(k) and v]
         key = os.environ.get(api_key_env) if api_key_env else None
         if api_key_env and not key:
-            logger.warning("environment variable %s is not set: requests go without an Authorization header",
-                           api_key_env)
+            logger.warning(
+                "environment variable %s is not set: requests go without an Authorization header", api_key_env
+            )
         if key:
             headers["Authorization"] = f"Bearer {key}"
             secrets.append(key)
@@ -214,8 +233,10 @@ class OpenAIChatClient:
 
     def __repr__(self) -> str:
         key = f"from ${self.api_key_env}" if self._has_key else "none"
-        return (f"OpenAIChatClient(base_url={self.base_url!r}, model={self.model!r}, api_key={key}, "
-                f"timeout={self.timeout}, retries={self.retries}, concurrency={self.concurrency})")
+        return (
+            f"OpenAIChatClient(base_url={self.base_url!r}, model={self.model!r}, api_key={key}, "
+            f"timeout={self.timeout}, retries={self.retries}, concurrency={self.concurrency})"
+        )
 
     def __reduce__(self):
         return self.__class__, self._args
@@ -240,8 +261,12 @@ class OpenAIChatClient:
         try:
             payload = self._payload(request)
         except (TypeError, ValueError) as e:
-            return ChatResult(request.key, reason="invalid_request", attempts=0,
-                              message=self._scrub(f"cannot encode the request as JSON: {e}"))
+            return ChatResult(
+                request.key,
+                reason="invalid_request",
+                attempts=0,
+                message=self._scrub(f"cannot encode the request as JSON: {e}"),
+            )
         attempt = malformed = 0
         while True:
             attempt += 1
@@ -257,8 +282,9 @@ class OpenAIChatClient:
                 if delay is None:
                     logger.debug("chat %s: %s after %d attempt(s): %s", request.key, e.reason, attempt, message)
                     return ChatResult(request.key, reason=e.reason, message=message, attempts=attempt)
-                logger.debug("chat %s: attempt %d: %s: %s; retrying in %.2fs", request.key, attempt, e.reason,
-                             message, delay)
+                logger.debug(
+                    "chat %s: attempt %d: %s: %s; retrying in %.2fs", request.key, attempt, e.reason, message, delay
+                )
                 time.sleep(delay)
             except Exception as e:  # noqa: BLE001 - a bug here must not take down the caller's whole bundle
                 message = self._scrub(f"{type(e).__name__}: {e}")
@@ -268,8 +294,14 @@ class OpenAIChatClient:
     # -- one attempt -------------------------------------------------------------------------------------------------
 
     def _payload(self, request: ChatRequest) -> bytes:
-        body = {"model": self.model, "messages": request.messages, "max_tokens": request.max_tokens,
-                "temperature": request.temperature, "top_p": request.top_p, "n": 1}
+        body = {
+            "model": self.model,
+            "messages": request.messages,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "n": 1,
+        }
         if request.seed is not None:
             body["seed"] = request.seed
         return json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
@@ -296,9 +328,16 @@ class OpenAIChatClient:
     def _exchange(self, payload: bytes) -> tuple[int, urllib3.HTTPHeaderDict, bytes]:
         """One HTTP exchange within the thread's deadline: status, headers and the whole body."""
         try:
-            resp = self._pool.request("POST", self.url, body=payload, headers=self._headers, retries=False,
-                                      redirect=False, preload_content=False,
-                                      timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout))
+            resp = self._pool.request(
+                "POST",
+                self.url,
+                body=payload,
+                headers=self._headers,
+                retries=False,
+                redirect=False,
+                preload_content=False,
+                timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
+            )
         except urllib3.exceptions.HTTPError as e:
             raise self._transport_error(e) from None
         try:
@@ -362,9 +401,14 @@ def _parse_completion(key: str, body: bytes, attempt: int) -> ChatResult:
         # Not retried: with the same prompt and seed, a server gives the same empty answer again.
         raise _AttemptError("empty_completion", f"empty assistant message (finish_reason={finish})")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    return ChatResult(key, text=content, prompt_tokens=_count(usage.get("prompt_tokens")),
-                      completion_tokens=_count(usage.get("completion_tokens")), attempts=attempt,
-                      finish_reason=finish if isinstance(finish, str) else None)
+    return ChatResult(
+        key,
+        text=content,
+        prompt_tokens=_count(usage.get("prompt_tokens")),
+        completion_tokens=_count(usage.get("completion_tokens")),
+        attempts=attempt,
+        finish_reason=finish if isinstance(finish, str) else None,
+    )
 
 
 def _count(value: object) -> int:

@@ -55,12 +55,20 @@ class ShardProgress:
 
     def log(self) -> None:
         rate = self.done / max(time.monotonic() - self._start, 1e-9)
-        log.info("shard %s: %d/%d rows, %d ok, %d rejected, %.1f rows/s", shard_name(self.shard), self.done,
-                 self.total, self.ok, self.rejected, rate)
+        log.info(
+            "shard %s: %d/%d rows, %d ok, %d rejected, %.1f rows/s",
+            shard_name(self.shard),
+            self.done,
+            self.total,
+            self.ok,
+            self.rejected,
+            rate,
+        )
 
 
-def map_with_progress(run_map: Callable[[Callable, list], list], fn: Callable, items: list,
-                      progress: ShardProgress) -> list:
+def map_with_progress(
+    run_map: Callable[[Callable, list], list], fn: Callable, items: list, progress: ShardProgress
+) -> list:
     """``run_map(fn, items)`` (e.g. a fetcher's thread pool), reporting each result to ``progress`` on this
     thread as it completes. ``fn`` must not raise (wrap it in the guard); results come back in input order.
 

@@ -46,13 +46,22 @@ def load_templates(path: str | Path | None = None) -> Templates:
     rules = data.get("rules", "").strip()
     kinds = {}
     for name, spec in data["kinds"].items():
-        kinds[name] = KindTemplate(name=name, system=spec["system"].replace("{rules}", rules).strip(),
-                                   context=spec.get("context", "captions"), format=spec.get("format", "qa"),
-                                   examples=list(spec.get("examples", [])), questions=list(spec.get("questions", [])))
+        kinds[name] = KindTemplate(
+            name=name,
+            system=spec["system"].replace("{rules}", rules).strip(),
+            context=spec.get("context", "captions"),
+            format=spec.get("format", "qa"),
+            examples=list(spec.get("examples", [])),
+            questions=list(spec.get("questions", [])),
+        )
         if kinds[name].format == "description" and not kinds[name].questions:
             raise ValueError(f"{path}: kind {name!r} has format 'description' but no questions to draw from")
-    return Templates(kinds, list(data["brief_questions"]), [w.lower() for w in data.get("object_vocabulary", [])],
-                     hashlib.sha256(text.encode()).hexdigest())
+    return Templates(
+        kinds,
+        list(data["brief_questions"]),
+        [w.lower() for w in data.get("object_vocabulary", [])],
+        hashlib.sha256(text.encode()).hexdigest(),
+    )
 
 
 def derive_seed(base: int, key: str, salt: str = "") -> int:

@@ -41,8 +41,14 @@ MAX_CAPTION_CHARS = 64 * 1024  # 10x the longest dense captions in public datase
 MAX_ROW_CHARS = 4 * 2**20  # one csv/tsv/jsonl/txt line, or any other cell; also the csv parser's field limit
 EXCERPT = 500  # characters of a bad row kept in its dead-letter row
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-_BY_EXTENSION = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".txt": "txt",
-                 ".json": "json"}  # COCO or LLaVA: told apart by content
+_BY_EXTENSION = {
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".txt": "txt",
+    ".json": "json",
+}  # COCO or LLaVA: told apart by content
 _SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes (surrogateescape), or a lone \\ud800 from JSON
 JSONL_SAMPLE = 100  # objects of a jsonl file whose keys are its columns when the run is planned
 log = logging.getLogger(__name__)
@@ -136,8 +142,10 @@ def plan_units(cfg: ReadConfig) -> list[tuple[str, list[str]]]:
         raise InputError(f"{cfg.path}: no input file matches")
     formats = {detect_format(p, cfg) for p in matches}
     if len(formats) > 1:
-        raise InputError(f"{cfg.path}: files of several formats match ({', '.join(sorted(formats))}); "
-                         "set read.format or narrow the pattern")
+        raise InputError(
+            f"{cfg.path}: files of several formats match ({', '.join(sorted(formats))}); "
+            "set read.format or narrow the pattern"
+        )
     fmt = formats.pop()
     if fmt in ("coco", "llava", "json"):  # one unit: annotation files are merged before numbering
         return [(fmt, matches)]
@@ -179,8 +187,13 @@ def check_columns(fmt: str, paths: list[str], cfg: ReadConfig) -> None:
                 continue
             name = os.path.basename(path)
             if fmt == "jsonl" and option not in ("url_col", "caption_col"):
-                log.warning("read.%s: column %r not in the first %d objects of %s; objects without it are read "
-                            "without it", option, column, JSONL_SAMPLE, name)
+                log.warning(
+                    "read.%s: column %r not in the first %d objects of %s; objects without it are read without it",
+                    option,
+                    column,
+                    JSONL_SAMPLE,
+                    name,
+                )
                 continue
             shown = ", ".join(columns[:30]) + (f", ... ({len(columns)} in all)" if len(columns) > 30 else "")
             raise InputError(f"read.{option}: column {column!r} not in {name} (columns: {shown})")
@@ -249,8 +262,9 @@ def _reader_rows(rows: Iterator, path: str) -> Iterator:
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001 - the rest of the file cannot be parsed; say so and go on
-            yield BadRow("unreadable_file", excerpt(f"{path}: reading stopped after {count} rows: "
-                                                    f"{type(e).__name__}: {e}"))
+            yield BadRow(
+                "unreadable_file", excerpt(f"{path}: reading stopped after {count} rows: {type(e).__name__}: {e}")
+            )
             return
         count += 1
         yield row
@@ -314,8 +328,9 @@ def pair_problem(pair: ImageTextPair) -> BadRow | None:
         return BadRow("bad_encoding", "the file name is not UTF-8", "", None)
     for caption in ([pair.caption] if pair.caption is not None else []) + pair.captions:
         if len(caption) > MAX_CAPTION_CHARS:
-            return BadRow("field_too_long", f"a caption is {len(caption)} characters, over {MAX_CAPTION_CHARS}",
-                          "", url)
+            return BadRow(
+                "field_too_long", f"a caption is {len(caption)} characters, over {MAX_CAPTION_CHARS}", "", url
+            )
         if _SURROGATE.search(caption):
             return BadRow("bad_encoding", "a caption holds bytes that are not UTF-8", "", url)
         if "\x00" in caption:
@@ -325,8 +340,9 @@ def pair_problem(pair: ImageTextPair) -> BadRow | None:
     turns, categories = [t.value for t in pair.conversations], [b.category for b in pair.boxes]
     rest = json.dumps([pair.source, turns, pair.tags, categories], ensure_ascii=False)
     if len(rest) > MAX_ROW_CHARS:
-        return BadRow("field_too_long", f"tags, boxes, conversations and saved columns exceed {MAX_ROW_CHARS}",
-                      "", url)
+        return BadRow(
+            "field_too_long", f"tags, boxes, conversations and saved columns exceed {MAX_ROW_CHARS}", "", url
+        )
     if _SURROGATE.search(rest):
         return BadRow("bad_encoding", "a saved column, tag or turn holds bytes that are not UTF-8", "", url)
     return None
@@ -487,10 +503,14 @@ def _delimited_rows(path: str, fmt: str, cfg: ReadConfig) -> Iterator[dict | Bad
                 lines = f"line {first}" if feed.number == first else f"lines {first}-{feed.number}"
                 yield BadRow(reason, f"{lines}: {e}")
                 if not ended:
-                    yield BadRow("unreadable_file", excerpt(
-                        f"{path}: reading stopped at line {feed.number}: the quoted field of the row on line "
-                        f"{first} does not end within {MAX_ROW_CHARS} more characters; the rest of the file "
-                        "is not read"))
+                    yield BadRow(
+                        "unreadable_file",
+                        excerpt(
+                            f"{path}: reading stopped at line {feed.number}: the quoted field of the row on line "
+                            f"{first} does not end within {MAX_ROW_CHARS} more characters; the rest of the file "
+                            "is not read"
+                        ),
+                    )
                     return
                 feed.start_record()
                 continue
@@ -499,8 +519,11 @@ def _delimited_rows(path: str, fmt: str, cfg: ReadConfig) -> Iterator[dict | Bad
             elif header is None:
                 header = fields or None
             elif fields and len(fields) != len(header):
-                yield BadRow("malformed_row", f"{len(fields)} fields where the header has {len(header)}",
-                             excerpt(",".join(fields)))
+                yield BadRow(
+                    "malformed_row",
+                    f"{len(fields)} fields where the header has {len(header)}",
+                    excerpt(",".join(fields)),
+                )
             elif fields:
                 yield dict(zip(header, fields))
             feed.start_record()
@@ -513,8 +536,11 @@ def _jsonl_rows(path: str, fmt: str, cfg: ReadConfig) -> Iterator[dict | BadRow]
                 yield _too_long_line(number, line)
             elif line.strip():
                 row = _json_object(line)
-                yield row if row is not None else BadRow("malformed_row", f"line {number} is not a JSON object",
-                                                         excerpt(line))
+                yield (
+                    row
+                    if row is not None
+                    else BadRow("malformed_row", f"line {number} is not a JSON object", excerpt(line))
+                )
 
 
 def _txt_rows(path: str, fmt: str, cfg: ReadConfig) -> Iterator[dict | BadRow]:
@@ -526,5 +552,10 @@ def _txt_rows(path: str, fmt: str, cfg: ReadConfig) -> Iterator[dict | BadRow]:
                 yield {cfg.url_col: line.strip()}
 
 
-_READERS = {"parquet": _parquet_rows, "csv": _delimited_rows, "tsv": _delimited_rows, "jsonl": _jsonl_rows,
-            "txt": _txt_rows}
+_READERS = {
+    "parquet": _parquet_rows,
+    "csv": _delimited_rows,
+    "tsv": _delimited_rows,
+    "jsonl": _jsonl_rows,
+    "txt": _txt_rows,
+}

@@ -128,16 +128,25 @@ def coco_pair(record: tuple, cfg: ReadConfig) -> ImageTextPair | BadRow:
     if url is None and not isinstance(image.get("file_name"), str):
         return BadRow("missing_url", f"image {image.get('id')} has neither coco_url nor file_name", _raw(image))
     path = None if url else _resolve(image["file_name"], cfg)
-    return ImageTextPair(key="", url=url, path=path, caption=caps[0] if caps else None, captions=caps[1:],
-                         boxes=found, source=JsonDict({"coco_id": image["id"]}))
+    return ImageTextPair(
+        key="",
+        url=url,
+        path=path,
+        caption=caps[0] if caps else None,
+        captions=caps[1:],
+        boxes=found,
+        source=JsonDict({"coco_id": image["id"]}),
+    )
 
 
 def _coco_box(ann: dict, image: dict, categories: dict) -> Box:
     x, y, w, h = (float(v) for v in ann["bbox"])
     width, height = float(image["width"]), float(image["height"])
     clamp = lambda v: min(1.0, max(0.0, v))  # noqa: E731 - COCO boxes may overshoot the border by rounding
-    return Box(categories.get(ann.get("category_id"), str(ann.get("category_id"))),
-               [clamp(x / width), clamp(y / height), clamp((x + w) / width), clamp((y + h) / height)])
+    return Box(
+        categories.get(ann.get("category_id"), str(ann.get("category_id"))),
+        [clamp(x / width), clamp(y / height), clamp((x + w) / width), clamp((y + h) / height)],
+    )
 
 
 def llava_pair(entry, cfg: ReadConfig) -> ImageTextPair | BadRow:

@@ -104,11 +104,21 @@ def image_member(members: dict[str, bytes]) -> str | None:
 
 def index_row(meta: SampleMeta, **extra) -> IndexRow:
     """The index row of a sample from its metadata; ``extra`` fields (the stage's own) win."""
-    fields = dict(key=meta.key, status="success", url=meta.url, path=meta.path, caption=meta.caption,
-                  width=meta.width, height=meta.height, original_width=meta.original_width,
-                  original_height=meta.original_height, sha256=meta.sha256, phash=meta.phash,
-                  clip_score=meta.clip.score if meta.clip else None,
-                  conversation_kind=meta.generation.kind if meta.generation else None)
+    fields = dict(
+        key=meta.key,
+        status="success",
+        url=meta.url,
+        path=meta.path,
+        caption=meta.caption,
+        width=meta.width,
+        height=meta.height,
+        original_width=meta.original_width,
+        original_height=meta.original_height,
+        sha256=meta.sha256,
+        phash=meta.phash,
+        clip_score=meta.clip.score if meta.clip else None,
+        conversation_kind=meta.generation.kind if meta.generation else None,
+    )
     return IndexRow(**(fields | extra))
 
 
@@ -127,8 +137,7 @@ def input_index(tar_path: str) -> list[IndexRow] | None:
         return None
 
 
-def first_rows(earlier: list[IndexRow] | None, stage: str,
-               path: str) -> tuple[list[IndexRow] | None, list[Rejection]]:
+def first_rows(earlier: list[IndexRow] | None, stage: str, path: str) -> tuple[list[IndexRow] | None, list[Rejection]]:
     """The input index with its first row per key, and a ``duplicate_key`` dead letter for every further row.
 
     A key twice in one index is a damaged input (``validate`` reports it); it costs the extra rows, never the shard.
@@ -146,8 +155,9 @@ def first_rows(earlier: list[IndexRow] | None, stage: str,
     return list(first.values()), dead
 
 
-def unread_rows(earlier: list[IndexRow], seen: set[str], stage: str, path: str,
-                error: Rejection | None) -> tuple[list[IndexRow], list[Rejection]]:
+def unread_rows(
+    earlier: list[IndexRow], seen: set[str], stage: str, path: str, error: Rejection | None
+) -> tuple[list[IndexRow], list[Rejection]]:
     """Input index rows without a sample read from the tar: carried as they are when an earlier stage rejected
     them, else (the index says written, the tar did not give it) ``missing_in_tar`` rows and dead letters.
 
@@ -167,8 +177,9 @@ def unread_rows(earlier: list[IndexRow], seen: set[str], stage: str, path: str,
     return rows, dead
 
 
-def judge_sample(stage: str, judge: Judge, writer: TarShardWriter, key: str,
-                 members: dict[str, bytes]) -> tuple[IndexRow, Rejection | None]:
+def judge_sample(
+    stage: str, judge: Judge, writer: TarShardWriter, key: str, members: dict[str, bytes]
+) -> tuple[IndexRow, Rejection | None]:
     """One sample's index row (written to ``writer`` when kept) and its dead letter when dropped.
 
     A JSON member that does not fit (``ValueError``, :func:`read_meta`) is its ``bad_metadata`` row; whatever else
@@ -192,8 +203,7 @@ def judge_sample(stage: str, judge: Judge, writer: TarShardWriter, key: str,
             return index_row(kept, key=key, members=added, **verdict.index), None
         verdict = Judgement(rejection=added, index=verdict.index)
     rejection = verdict.rejection
-    row = replace(index_row(meta, key=key, **verdict.index), status=rejection.reason,
-                  error_message=rejection.message)
+    row = replace(index_row(meta, key=key, **verdict.index), status=rejection.reason, error_message=rejection.message)
     return row, rejection
 
 
@@ -212,8 +222,9 @@ def check_accounting(shard: int, rows: list[IndexRow], earlier: list[IndexRow] |
         raise AccountingError(f"shard {shard:05d}: {len(lost)} input rows lost, e.g. {min(lost)}")
 
 
-def read_and_judge(path: str, stage: str, judge: Judge,
-                   writer: TarShardWriter) -> tuple[list[IndexRow], list[Rejection], Rejection | None]:
+def read_and_judge(
+    path: str, stage: str, judge: Judge, writer: TarShardWriter
+) -> tuple[list[IndexRow], list[Rejection], Rejection | None]:
     """Every sample of the tar judged: index rows, dead letters, and why reading stopped early (or ``None``)."""
     rows, dead, error, seen = [], [], None, set()
     for key, members in iter_samples(path, stage):
@@ -248,20 +259,25 @@ def rewrite_shard(path: str, position: int, out_dir: str, stage: str, judge: Jud
         rows, dead, error = read_and_judge(path, stage, judge, writer)
         dead = duplicates + dead
         if duplicates:
-            log.warning("shard %s: %d duplicated index rows dead-lettered as %s", stem, len(duplicates),
-                        DUPLICATE_KEY)
+            log.warning("shard %s: %d duplicated index rows dead-lettered as %s", stem, len(duplicates), DUPLICATE_KEY)
         if error is not None and earlier is None:
             writer.abort()
-            log.warning("shard %s not written: %s has no index to account for its rows (%s)", stem, path,
-                        error.message)
+            log.warning(
+                "shard %s not written: %s has no index to account for its rows (%s)", stem, path, error.message
+            )
             write_table(join(out_dir, "rejected", f"{stage}-{stem}.parquet"), [error], Rejection, SCHEMA_VERSION)
             return ShardStats(shard=shard, stage=stage, inputs=0, written=0, rejected=0)
         carried, missing = unread_rows(earlier or [], {r.key for r in rows}, stage, path, error)
         rows = sorted(rows + carried, key=lambda r: r.key)
         dead += missing  # each carries the read error; a keyless row would count as one more drop
         if error is not None:
-            log.warning("shard %s: %s; %d indexed samples after it dead-lettered as %s", stem, error.message,
-                        len(missing), MISSING)
+            log.warning(
+                "shard %s: %s; %d indexed samples after it dead-lettered as %s",
+                stem,
+                error.message,
+                len(missing),
+                MISSING,
+            )
         check_accounting(shard, rows, earlier)
         tar_bytes = writer.finish(join(out_dir, f"{stem}.tar"))
     except BaseException:
@@ -271,8 +287,15 @@ def rewrite_shard(path: str, position: int, out_dir: str, stage: str, judge: Jud
     write_table(join(out_dir, "rejected", f"{stage}-{stem}.parquet"), dead, Rejection, SCHEMA_VERSION)
     reasons = Counter(r.status for r in rows if r.status != "success")
     written = sum(r.status == "success" for r in rows)
-    stats = ShardStats(shard=shard, stage=stage, inputs=len(rows), written=written, rejected=len(rows) - written,
-                       rejected_by_reason=dict(reasons), tar_bytes=tar_bytes,
-                       duration_s=round(time.monotonic() - start, 3))
+    stats = ShardStats(
+        shard=shard,
+        stage=stage,
+        inputs=len(rows),
+        written=written,
+        rejected=len(rows) - written,
+        rejected_by_reason=dict(reasons),
+        tar_bytes=tar_bytes,
+        duration_s=round(time.monotonic() - start, 3),
+    )
     write_stats(join(out_dir, f"{stem}_stats.json"), stats)
     return stats

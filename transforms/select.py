@@ -94,14 +94,18 @@ class TopFractionCut(beam.PTransform):
         total = values | "Count" >> beam.combiners.Count.Globally()
         hist = values | "Histogram" >> beam.CombineGlobally(HistogramFn())
         plan = hist | "PlanCut" >> beam.Map(
-            lambda h, n, f: plan_cut(h, top_count(f, n)), n=beam.pvalue.AsSingleton(total), f=self.fraction)
+            lambda h, n, f: plan_cut(h, top_count(f, n)), n=beam.pvalue.AsSingleton(total), f=self.fraction
+        )
         in_bin = scores | "InCutBin" >> beam.Filter(
-            lambda ks, p: p is not None and score_bin(ks[1]) == p.bin, p=beam.pvalue.AsSingleton(plan))
-        return (in_bin
-                | "SwapToScoreKey" >> beam.Map(lambda ks: (ks[1], ks[0]))  # (score, key)
-                | "CollectBin" >> beam.combiners.ToList()
-                | "ExactCut" >> beam.Map(lambda items, p: exact_cut(items, p.need) if p else None,
-                                         p=beam.pvalue.AsSingleton(plan)))
+            lambda ks, p: p is not None and score_bin(ks[1]) == p.bin, p=beam.pvalue.AsSingleton(plan)
+        )
+        return (
+            in_bin
+            | "SwapToScoreKey" >> beam.Map(lambda ks: (ks[1], ks[0]))  # (score, key)
+            | "CollectBin" >> beam.combiners.ToList()
+            | "ExactCut"
+            >> beam.Map(lambda items, p: exact_cut(items, p.need) if p else None, p=beam.pvalue.AsSingleton(plan))
+        )
 
 
 def distribution(hist: np.ndarray, thresholds: list[float], fractions: list[float]) -> dict:
@@ -118,9 +122,11 @@ def distribution(hist: np.ndarray, thresholds: list[float], fractions: list[floa
 
     return {
         "pairs": total,
-        "min": centre(int(nonzero[0])), "max": centre(int(nonzero[-1])),
+        "min": centre(int(nonzero[0])),
+        "max": centre(int(nonzero[-1])),
         "quantiles": {f"p{int(q * 100)}": quantile(q) for q in (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)},
         "kept_by_threshold": {f"{t:.2f}": int(cumulative_from_top[score_bin(t)]) for t in thresholds},
-        "threshold_for_fraction": {f"{f:.2f}": centre(plan.bin) for f in fractions
-                                   if (plan := plan_cut(hist, top_count(f, total)))},
+        "threshold_for_fraction": {
+            f"{f:.2f}": centre(plan.bin) for f in fractions if (plan := plan_cut(hist, top_count(f, total)))
+        },
     }

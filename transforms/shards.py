@@ -232,16 +232,20 @@ def tar_end_problem(path: str, end: int) -> TarEndProblem | None:
     if len(tail) == END_OF_ARCHIVE and not tail.strip(b"\0"):
         return None
     if len(tail) < tarfile.BLOCKSIZE or not tail.strip(b"\0"):
-        return TarEndProblem("truncated", f"{path}: cut short: ends at byte {end + len(tail)} without the "
-                                          f"end-of-archive blocks")
+        return TarEndProblem(
+            "truncated", f"{path}: cut short: ends at byte {end + len(tail)} without the end-of-archive blocks"
+        )
     return TarEndProblem("bad_tar", f"{path}: unreadable header at byte {end}")
 
 
 def shard_paths(out_dir: str, shard: int) -> dict[str, str]:
     """The files of shard ``shard`` in ``out_dir``."""
     stem = shard_name(shard)
-    return {"tar": join(out_dir, f"{stem}.tar"), "parquet": join(out_dir, f"{stem}.parquet"),
-            "stats": join(out_dir, f"{stem}_stats.json")}
+    return {
+        "tar": join(out_dir, f"{stem}.tar"),
+        "parquet": join(out_dir, f"{stem}.parquet"),
+        "stats": join(out_dir, f"{stem}_stats.json"),
+    }
 
 
 def write_table(path: str, records: list, cls: type, schema_version: int) -> None:
@@ -298,8 +302,15 @@ def _field_defaults(cls: type) -> dict:
 
 
 def write_stats(path: str, stats: ShardStats) -> None:
-    write_bytes(path, (json.dumps(to_row(stats) | {"rejected_by_reason": dict(sorted(
-        stats.rejected_by_reason.items()))}, indent=1) + "\n").encode())
+    write_bytes(
+        path,
+        (
+            json.dumps(
+                to_row(stats) | {"rejected_by_reason": dict(sorted(stats.rejected_by_reason.items()))}, indent=1
+            )
+            + "\n"
+        ).encode(),
+    )
 
 
 def read_stats(path: str) -> ShardStats:
@@ -320,7 +331,12 @@ def img2dataset_stats(path: str, data: dict) -> ShardStats:
     """
     failed = {reason: int(data.get(reason) or 0) for reason in IMG2DATASET_FAILURES}
     stem = os.path.basename(path)[: -len("_stats.json")]
-    return ShardStats(shard=int(stem) if stem.isdigit() else 0, stage=IMG2DATASET_STAGE, inputs=int(data["count"]),
-                      written=int(data.get("successes") or 0), rejected=sum(failed.values()),
-                      rejected_by_reason={reason: n for reason, n in failed.items() if n},
-                      duration_s=float(data.get("duration") or 0.0))
+    return ShardStats(
+        shard=int(stem) if stem.isdigit() else 0,
+        stage=IMG2DATASET_STAGE,
+        inputs=int(data["count"]),
+        written=int(data.get("successes") or 0),
+        rejected=sum(failed.values()),
+        rejected_by_reason={reason: n for reason, n in failed.items() if n},
+        duration_s=float(data.get("duration") or 0.0),
+    )

@@ -35,8 +35,9 @@ STAGING = "_staging"
 # Download settings that change how fast rows are fetched, not what a fetched row becomes: changing them
 # (more threads after a kill) keeps committed drafts. Timeouts and retries only change retryable failures,
 # which `write.retry_failed` redoes anyway.
-THROUGHPUT_SETTINGS = frozenset({"threads", "timeout", "retries", "backoff", "max_backoff", "per_host_rps",
-                                 "progress_interval"})
+THROUGHPUT_SETTINGS = frozenset(
+    {"threads", "timeout", "retries", "backoff", "max_backoff", "per_host_rps", "progress_interval"}
+)
 
 
 @dataclass
@@ -64,18 +65,28 @@ def input_digest(rows: list, cfg: IngestConfig, takedown_digest: str = "") -> st
     """sha256 of what a shard's download depends on: its input rows (pairs and read rejections, by key) and
     the settings that change what a row becomes."""
     download = {k: v for k, v in dataclasses.asdict(cfg.download).items() if k not in THROUGHPUT_SETTINGS}
-    state = {"schema_version": SCHEMA_VERSION, "download": download, "resize": dataclasses.asdict(cfg.resize),
-             "takedown": takedown_digest,
-             "rows": [[type(r).__name__, dataclasses.asdict(r)] for r in sorted(rows, key=lambda r: r.key)]}
+    state = {
+        "schema_version": SCHEMA_VERSION,
+        "download": download,
+        "resize": dataclasses.asdict(cfg.resize),
+        "takedown": takedown_digest,
+        "rows": [[type(r).__name__, dataclasses.asdict(r)] for r in sorted(rows, key=lambda r: r.key)],
+    }
     text = json.dumps(state, sort_keys=True, default=repr, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def commit_draft(out_dir: str, draft: ShardDraft, digest: str) -> None:
     """Record a draft whose staging tar is written; after this a kill no longer costs its download."""
-    document = {"digest": digest, "shard": draft.shard, "staging_tar": draft.staging_tar.rsplit("/", 1)[-1],
-                "tar_bytes": draft.tar_bytes, "duration_s": draft.duration_s,
-                "rows": [to_row(r) for r in draft.rows], "rejections": [to_row(r) for r in draft.rejections]}
+    document = {
+        "digest": digest,
+        "shard": draft.shard,
+        "staging_tar": draft.staging_tar.rsplit("/", 1)[-1],
+        "tar_bytes": draft.tar_bytes,
+        "duration_s": draft.duration_s,
+        "rows": [to_row(r) for r in draft.rows],
+        "rejections": [to_row(r) for r in draft.rejections],
+    }
     # ASCII escapes: a caption holding a lone surrogate (undecodable input) must not fail the whole shard here
     write_bytes(draft_path(out_dir, draft.shard), json.dumps(document).encode("ascii"))
 
@@ -97,22 +108,32 @@ def load_draft(out_dir: str, shard: int, digest: str) -> ShardDraft | None:
     try:
         document = json.loads(read_bytes(path))
         if document["digest"] != digest:
-            log.info("shard %s: its staged download was made from other inputs or settings; downloading again",
-                     shard_name(shard))
+            log.info(
+                "shard %s: its staged download was made from other inputs or settings; downloading again",
+                shard_name(shard),
+            )
             return None
         tar = join(out_dir, STAGING, document["staging_tar"])
         if _size(tar) != document["tar_bytes"]:
             tar = shard_paths(out_dir, shard)["tar"]  # renamed by a finalize killed before its stats
             if _size(tar) != document["tar_bytes"]:
-                log.warning("shard %s: its staging tar is missing or cut short; downloading again",
-                            shard_name(shard))
+                log.warning("shard %s: its staging tar is missing or cut short; downloading again", shard_name(shard))
                 return None
-        return ShardDraft(shard, tar, [from_row(IndexRow, r) for r in document["rows"]],
-                          [from_row(Rejection, r) for r in document["rejections"]], document["duration_s"],
-                          document["tar_bytes"])
+        return ShardDraft(
+            shard,
+            tar,
+            [from_row(IndexRow, r) for r in document["rows"]],
+            [from_row(Rejection, r) for r in document["rejections"]],
+            document["duration_s"],
+            document["tar_bytes"],
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged draft is only a lost shortcut
-        log.warning("shard %s: cannot read its staged draft (%s: %s); downloading again", shard_name(shard),
-                    type(e).__name__, e)
+        log.warning(
+            "shard %s: cannot read its staged draft (%s: %s); downloading again",
+            shard_name(shard),
+            type(e).__name__,
+            e,
+        )
         return None
 
 

@@ -81,8 +81,10 @@ def _from_table(path: str) -> Takedown:
         raise TakedownError(f"{path}: a takedown table needs a 'url' or 'sha256' column")
     rows = table.select(columns + (["status"] if "status" in table.column_names else [])).to_pylist()
     rows = [r for r in rows if r.get("status", REASON) == REASON]
-    return Takedown(frozenset(r["url"].strip() for r in rows if r.get("url")),
-                    frozenset(r["sha256"].strip().lower() for r in rows if r.get("sha256")))
+    return Takedown(
+        frozenset(r["url"].strip() for r in rows if r.get("url")),
+        frozenset(r["sha256"].strip().lower() for r in rows if r.get("sha256")),
+    )
 
 
 def load_takedown_lists(specs: list[str]) -> Takedown:

@@ -32,15 +32,24 @@ from visinstruct.transforms.staging import ShardDraft, remove_staging
 from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
-DEDUP_MESSAGES = {"duplicate_sha256": "same image bytes as {}", "near_duplicate": "near-identical to {}",
-                  "near_reference": "near-identical to reference image {}"}
+DEDUP_MESSAGES = {
+    "duplicate_sha256": "same image bytes as {}",
+    "near_duplicate": "near-identical to {}",
+    "near_reference": "near-identical to reference image {}",
+}
 
 
 def dedup_rejection(row: IndexRow, reason: str, other: str) -> Rejection:
     """The dead-letter row of a written row that lost to ``other`` (a smaller key or a reference image)."""
     message = DEDUP_MESSAGES.get(reason, reason + " of {}").format(other)
-    return Rejection("dedup", reason, message, row.key, row.url or row.path,
-                     JsonDict({"duplicate_of": other, "sha256": row.sha256, "phash": row.phash}))
+    return Rejection(
+        "dedup",
+        reason,
+        message,
+        row.key,
+        row.url or row.path,
+        JsonDict({"duplicate_of": other, "sha256": row.sha256, "phash": row.phash}),
+    )
 
 
 def apply_losers(draft: ShardDraft, losers: list[tuple[str, str, str]]) -> ShardDraft:
@@ -49,8 +58,9 @@ def apply_losers(draft: ShardDraft, losers: list[tuple[str, str, str]]) -> Shard
     rows, rejections = [], list(draft.rejections)
     for row in draft.rows:
         if row.key in by_key and row.status == "success":
-            rejection = guarded("dedup", functools.partial(dedup_rejection, row, *by_key[row.key]), row.key,
-                                row.url or row.path)
+            rejection = guarded(
+                "dedup", functools.partial(dedup_rejection, row, *by_key[row.key]), row.key, row.url or row.path
+            )
             rejections.append(rejection)
             row = replace(row, status=rejection.reason, error_message=rejection.message, members=[])
         rows.append(row)
@@ -93,10 +103,16 @@ def unstaged_as_errors(rows: list[IndexRow], rejections: list[Rejection]) -> tup
     if not missing:
         return rows, rejections
     log.warning("%d written rows have no sample in the staging tar (first: %s)", len(missing), missing[0].key)
-    lost = {row.key: internal_error("download", LookupError("the staging tar lacks this sample"), row.key,
-                                    row.url or row.path) for row in missing}
-    rows = [replace(row, status=lost[row.key].reason, error_message=lost[row.key].message) if row.key in lost
-            else row for row in rows]
+    lost = {
+        row.key: internal_error(
+            "download", LookupError("the staging tar lacks this sample"), row.key, row.url or row.path
+        )
+        for row in missing
+    }
+    rows = [
+        replace(row, status=lost[row.key].reason, error_message=lost[row.key].message) if row.key in lost else row
+        for row in rows
+    ]
     return rows, sorted([*rejections, *lost.values()], key=lambda r: r.key)
 
 
@@ -104,9 +120,12 @@ def remove_leftover_temps(out_dir: str, shard: int, stage: str = "ingest") -> No
     """Delete temporary files of this shard's final files that a killed write left behind (local ones are
     ``.NNNNN.tar.<hex>.tmp``, remote ones ``NNNNN.tar.tmp-<hex>``); called once the shard is complete."""
     name = shard_name(shard)
-    patterns = [join(out_dir, f".{name}[._]*.tmp"), join(out_dir, f"{name}[._]*.tmp-*"),
-                join(out_dir, REJECTED_DIR, f".{stage}-{name}.parquet.*.tmp"),
-                join(out_dir, REJECTED_DIR, f"{stage}-{name}.parquet.tmp-*")]
+    patterns = [
+        join(out_dir, f".{name}[._]*.tmp"),
+        join(out_dir, f"{name}[._]*.tmp-*"),
+        join(out_dir, REJECTED_DIR, f".{stage}-{name}.parquet.*.tmp"),
+        join(out_dir, REJECTED_DIR, f"{stage}-{name}.parquet.tmp-*"),
+    ]
     found = []
     for pattern in patterns:
         try:
@@ -117,8 +136,9 @@ def remove_leftover_temps(out_dir: str, shard: int, stage: str = "ingest") -> No
         FileSystems.delete(found)
 
 
-def finalize_shard(draft: ShardDraft, losers: list[tuple[str, str, str]], out_dir: str,
-                   stage: str = "ingest") -> ShardStats:
+def finalize_shard(
+    draft: ShardDraft, losers: list[tuple[str, str, str]], out_dir: str, stage: str = "ingest"
+) -> ShardStats:
     """Write every file of a shard; ``_stats.json`` last. Idempotent: a finished shard is left alone."""
     paths = shard_paths(out_dir, draft.shard)
     if exists(paths["stats"]):
@@ -128,13 +148,24 @@ def finalize_shard(draft: ShardDraft, losers: list[tuple[str, str, str]], out_di
     rows, tar_bytes = write_shard_tar(draft, staged, paths["tar"])
     rows, rejections = unstaged_as_errors(rows, draft.rejections)
     write_table(paths["parquet"], rows, IndexRow, SCHEMA_VERSION)
-    write_table(join(out_dir, REJECTED_DIR, f"{stage}-{shard_name(draft.shard)}.parquet"), rejections,
-                Rejection, SCHEMA_VERSION)
+    write_table(
+        join(out_dir, REJECTED_DIR, f"{stage}-{shard_name(draft.shard)}.parquet"),
+        rejections,
+        Rejection,
+        SCHEMA_VERSION,
+    )
     reasons = Counter(row.status for row in rows if row.status != "success")
     written = sum(row.status == "success" for row in rows)
-    stats = ShardStats(shard=draft.shard, stage=stage, inputs=len(rows), written=written,
-                       rejected=len(rows) - written, rejected_by_reason=dict(reasons), tar_bytes=tar_bytes,
-                       duration_s=round(draft.duration_s, 3))
+    stats = ShardStats(
+        shard=draft.shard,
+        stage=stage,
+        inputs=len(rows),
+        written=written,
+        rejected=len(rows) - written,
+        rejected_by_reason=dict(reasons),
+        tar_bytes=tar_bytes,
+        duration_s=round(draft.duration_s, 3),
+    )
     write_stats(paths["stats"], stats)
     remove_staging(out_dir, draft.shard)  # the draft, and the tars of every download attempt of this shard
     remove_leftover_temps(out_dir, draft.shard, stage)
@@ -161,6 +192,11 @@ class FinalizeShard(beam.DoFn):
         self.rejected.inc(stats.rejected)
         for reason, count in stats.rejected_by_reason.items():
             beam.metrics.Metrics.counter(self.stage, f"dropped_{reason}").inc(count)
-        log.info("shard %s: %d written, %d rejected %s", shard_name(shard), stats.written, stats.rejected,
-                 dict(stats.rejected_by_reason))
+        log.info(
+            "shard %s: %d written, %d rejected %s",
+            shard_name(shard),
+            stats.written,
+            stats.rejected,
+            dict(stats.rejected_by_reason),
+        )
         yield stats
