@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from apache_beam.io.filesystems import FileSystems
-
 from visinstruct.cli.errors import UserError
 from visinstruct.configs import load
 
@@ -41,9 +39,10 @@ def load_job(cls: type, args: argparse.Namespace):
 def input_shards(spec: str) -> list[str]:
     """The tars an ``input:`` spec names (folder, glob or brace pattern), or a one-line UserError when none."""
     from visinstruct.cli.shards import ShardError, resolve_shards
+    from visinstruct.transforms.shards import exists
 
     try:
-        inputs = [p for p in resolve_shards(spec) if FileSystems.exists(p)]
+        inputs = [p for p in resolve_shards(spec) if exists(p)]
     except ShardError as e:
         raise UserError(str(e)) from None
     if not inputs:

@@ -23,12 +23,18 @@ import time
 from collections import Counter
 from dataclasses import replace
 
-from apache_beam.io.filesystems import FileSystems
-
 from visinstruct.cli.shards import Progress, ShardError, ShardFiles, read_index, shard_files, tar_samples
 from visinstruct.schemas import SCHEMA_VERSION, IndexRow, JsonDict, Rejection, ShardStats, from_table
 from visinstruct.transforms import takedown as takedown_lists
-from visinstruct.transforms.shards import TarShardWriter, join, read_table, write_stats, write_table
+from visinstruct.transforms.shards import (
+    TarShardWriter,
+    delete,
+    exists,
+    join,
+    read_table,
+    write_stats,
+    write_table,
+)
 from visinstruct.transforms.takedown import Takedown, TakedownError
 
 log = logging.getLogger(__name__)
@@ -122,7 +128,7 @@ def _plan_shard(files: ShardFiles, takedown: Takedown, seen: set[str]) -> tuple[
     journal = _previous_rejections(files)
     for key in journal.keys() & written:  # dead letters are written first: this removal never finished
         removals.setdefault(key, (journal[key].detail.get("matched_by", "earlier"), journal[key].url))
-    complete = FileSystems.exists(files.stats)
+    complete = exists(files.stats)
     if not complete and not journal:
         if removals:
             raise ShardError(f"shard {files.name} is incomplete (no {files.stats}): finish writing it first")
@@ -156,8 +162,8 @@ def rewrite_shard(files: ShardFiles, removals: dict[str, str]) -> ShardStats:
                 "sample; run validate"
             )
         write_table(_rejected_path(files), rejections, Rejection, SCHEMA_VERSION)
-        if FileSystems.exists(files.stats):  # from here until the new stats exist, the shard reads as incomplete
-            FileSystems.delete([files.stats])
+        if exists(files.stats):  # from here until the new stats exist, the shard reads as incomplete
+            delete([files.stats])
         tar_bytes = writer.finish(files.tar)
     except BaseException:
         writer.abort()
@@ -212,7 +218,7 @@ def _rejected_path(files: ShardFiles) -> str:
 def _previous_rejections(files: ShardFiles) -> dict[str, Rejection]:
     """Rejections of earlier removals from this shard, by key: a second takedown adds to them."""
     path = _rejected_path(files)
-    if not FileSystems.exists(path):
+    if not exists(path):
         return {}
     return {r.key: r for r in from_table(Rejection, read_table(path, Rejection))}
 

@@ -20,10 +20,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
-from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.schemas import IndexRow
-from visinstruct.transforms.shards import IMG2DATASET_STAGE, UnsafeMember, read_stats, read_table, read_tar_samples
+from visinstruct.transforms.shards import (
+    IMG2DATASET_STAGE,
+    FileInfo,
+    UnsafeMember,
+    exists,
+    match,
+    read_stats,
+    read_table,
+    read_tar_samples,
+)
 
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 GLOB_CHARS = "*?["
@@ -62,7 +70,7 @@ def shard_files(tar: str) -> ShardFiles:
 def file_size(path: str) -> int | None:
     """Size in bytes, or ``None`` when the file does not exist."""
     found = match_paths(path)
-    return found[0].size_in_bytes if found else None
+    return found[0].size if found else None
 
 
 def read_index(path: str, columns: list[str] | None = None) -> pa.Table | None:
@@ -71,7 +79,7 @@ def read_index(path: str, columns: list[str] | None = None) -> pa.Table | None:
     An index written before a nullable column was added to :class:`IndexRow` reads with that column all null,
     so the read-only commands work on older shards too. Raises :class:`ShardError` when it is unreadable.
     """
-    if not FileSystems.exists(path):
+    if not exists(path):
         return None
     try:
         return read_table(path, IndexRow, columns)
@@ -109,7 +117,7 @@ def samples_noting_losses(files: ShardFiles, losses: list[Unread]) -> Iterator[t
         for key, members in read_tar_samples(files.tar):
             read.add(key)
             yield key, members
-    except (tarfile.TarError, UnsafeMember, OSError) as e:  # OSError: Beam's BeamIOError for a missing tar
+    except (tarfile.TarError, UnsafeMember, OSError) as e:  # OSError: a missing tar (BeamIOError for a URL)
         error = str(e).splitlines()[0] if str(e) else type(e).__name__
     index = read_index(files.index, ["key", "status"])
     if index is None:
@@ -132,10 +140,10 @@ def describe_losses(losses: list[Unread]) -> str:
     return f"{count} could not be read from {len(losses)} shards (shard {first.shard}: {why}); run validate"
 
 
-def match_paths(pattern: str) -> list:
-    """Beam ``FileMetadata`` of the files a glob or a literal path matches (so ``gs://`` globs work too)."""
+def match_paths(pattern: str) -> list[FileInfo]:
+    """The files a glob or a literal path matches, local or remote (``gs://`` globs too), with their sizes."""
     try:
-        return FileSystems.match([pattern])[0].metadata_list
+        return match(pattern)
     except Exception as e:  # noqa: BLE001 - Beam wraps every filesystem's errors in BeamIOError
         raise ShardError(f"cannot list {pattern}: {e}".splitlines()[0]) from e
 
@@ -255,7 +263,7 @@ def _list_shard(files: ShardFiles) -> dict:
         "inputs": None,
         "rejected": None,
         "tar_bytes": file_size(files.tar),
-        "complete": FileSystems.exists(files.stats),
+        "complete": exists(files.stats),
         "stages": ["ingest"],
     }
     index = read_index(files.index, ["status", "clip_score", "conversation_kind"])

@@ -2,8 +2,9 @@
 
 The work is done by plain functions in :mod:`visinstruct.cli.shards` (ls), :mod:`~visinstruct.cli.show`,
 :mod:`~visinstruct.cli.stats`, :mod:`~visinstruct.cli.validate`, :mod:`~visinstruct.cli.export`,
-:mod:`~visinstruct.cli.gallery` and :mod:`~visinstruct.cli.remove`; they load (with Beam's filesystems) only when
-a command runs, so that ``visinstruct --help`` stays quick. Only ``remove`` changes a dataset.
+:mod:`~visinstruct.cli.gallery` and :mod:`~visinstruct.cli.remove`; they load only when a command runs, and Beam
+(about 2 s to import) only for a remote PATH (``gs://...``), so that ``--help`` and ``ls`` of a local folder are
+quick. Only ``remove`` changes a dataset.
 """
 
 from __future__ import annotations

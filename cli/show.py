@@ -13,10 +13,10 @@ import random
 import re
 
 import pyarrow.compute as pc
-from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.cli.shards import IMAGE_EXTENSIONS, ShardError, ShardFiles, read_index, shard_files, tar_samples
 from visinstruct.schemas import IndexRow, SampleMeta, from_table, parse_key, shard_name
+from visinstruct.transforms.shards import exists, open_read
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -87,13 +87,13 @@ def _find_key(paths: list[str], key: str) -> tuple[ShardFiles, IndexRow | str]:
     ordered = sorted(paths, key=lambda tar: shard_files(tar).name != home)  # the key's own shard first
     for tar in ordered:
         files = shard_files(tar)
-        if FileSystems.exists(files.index):
+        if exists(files.index):
             row = _index_row(files, key)
             if row is not None and row.status != "success":
                 raise ShardError(f"sample {key} was not written: {row.status} ({row.error_message})")
             if row is not None:
                 return files, row
-        elif FileSystems.exists(files.tar) and any(k == key for k, _ in tar_samples(files)):
+        elif exists(files.tar) and any(k == key for k, _ in tar_samples(files)):
             return files, key
     raise ShardError(f"no sample {key!r} in {len(paths)} shards")
 
@@ -102,7 +102,7 @@ def _read_sample(files: ShardFiles, key: str, row: IndexRow | str) -> dict[str, 
     """``{ext: bytes}``: read at the index's offsets when there is one, else by scanning the tar."""
     if isinstance(row, IndexRow) and row.members:
         sample = {}
-        with FileSystems.open(files.tar, mime_type="application/x-tar", compression_type="uncompressed") as f:
+        with open_read(files.tar, "application/x-tar") as f:
             for member in sorted(row.members, key=lambda m: m.offset):
                 f.seek(member.offset)
                 data = f.read(member.size)

@@ -41,8 +41,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from apache_beam.io.filesystems import FileSystems
-
 from visinstruct.cli.shards import (
     IMAGE_EXTENSIONS,
     Progress,
@@ -57,7 +55,9 @@ from visinstruct.transforms.shards import (
     IMG2DATASET_STAGE,
     UnsafeMember,
     check_member,
+    exists,
     filled_columns,
+    open_read,
     read_stats,
     tar_end_problem,
 )
@@ -129,7 +129,7 @@ def _check_tar(files: ShardFiles, report: Report) -> TarSamples | None:
     key, current = None, {}
     try:
         with (
-            FileSystems.open(files.tar, mime_type="application/x-tar", compression_type="uncompressed") as f,
+            open_read(files.tar, "application/x-tar") as f,
             tarfile.open(fileobj=f, mode="r|") as tar,
         ):
             for info in tar:
@@ -271,7 +271,7 @@ def _member(member: tuple[str, int, int] | None) -> str:
 
 
 def _check_stats(files: ShardFiles, samples: TarSamples | None, rows: list[IndexRow] | None, report: Report) -> None:
-    if not FileSystems.exists(files.stats):
+    if not exists(files.stats):
         report.add(files.name, None, "incomplete", f"no {files.stats}: the shard was never finished")
         return
     try:

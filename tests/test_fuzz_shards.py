@@ -447,3 +447,22 @@ def test_a_write_that_fails_part_way_is_undone(tmp_path):
         data = {m.name: (m.offset_data, m.size) for m in tar}
     assert list(data) == ["000000000.jpg", "000000000.txt", "000000002.jpg", "000000002.txt"]
     assert [(m.offset, m.size) for m in last] == [data[m.name] for m in last]
+
+
+def test_a_member_name_that_is_not_utf8_stops_reading_there_and_costs_no_more_than_the_rest(whole, tmp_path):
+    folder, rows = whole
+    shards = Path(shutil.copytree(folder, tmp_path / "in"))
+    with tarfile.open(folder / "00000.tar") as archive:
+        members = [(m, archive.extractfile(m).read()) for m in archive]
+    with tarfile.open(shards / "00000.tar", "w", format=tarfile.USTAR_FORMAT, errors="surrogateescape") as archive:
+        for i, (info, data) in enumerate(members):
+            if i == 6:  # a member of the third sample, renamed to bytes that are not UTF-8
+                info.name = b"\xff\xfe.txt".decode("utf-8", "surrogateescape")
+            archive.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match="not UTF-8"):  # UnsafeMember, as a link or an escaping name
+        list(read_tar_samples(str(shards / "00000.tar")))
+    stats = rewrite_shard(str(shards / "00000.tar"), 0, str(tmp_path / "out"), "filter", keep_all)
+    assert stats.inputs == len(rows)  # every indexed row accounted for: written, or dead-lettered
+    index = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
+    assert {r["status"] for r in index} <= {"success", MISSING, "http_404"} and MISSING in {r["status"] for r in index}
+    assert validate(resolve_shards(str(tmp_path / "out"))).ok

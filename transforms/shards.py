@@ -1,5 +1,8 @@
-"""Write and read shard files atomically and reproducibly, on any Beam filesystem.
+"""Write and read shard files atomically and reproducibly, on local disk or any Beam filesystem.
 
+- :func:`exists`, :func:`open_read`, :func:`match`, :func:`delete` and :func:`join` use the local filesystem for
+  local paths and Beam's ``FileSystems`` only for URLs (``gs://...``), imported on first use: importing Beam
+  takes about 2 s, which the shard commands on local folders never pay.
 - :func:`atomic_write` writes to a temporary name beside the target and renames on success, so a killed or
   retried Beam bundle never leaves a partial file under a final name.
 - :class:`TarShardWriter` writes WebDataset tars with fixed metadata (mtime 0, uid/gid 0, mode 0644, no
@@ -15,15 +18,16 @@ import io
 import json
 import os
 import posixpath
+import re
+import shutil
 import tarfile
 import tempfile
 import uuid
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.schemas import Member, ShardStats, arrow_schema, shard_name, to_row, to_table
 from visinstruct.schemas.arrow import field_key
@@ -36,13 +40,114 @@ IMG2DATASET_STAGE = "img2dataset"  # the stage named by img2dataset's stats (it 
 IMG2DATASET_FAILURES = ("failed_to_download", "failed_to_resize")
 
 
+def is_remote(path: str) -> bool:
+    """Whether ``path`` is a URL (``gs://...``) for Beam's filesystems rather than a local path."""
+    return "://" in path
+
+
+def _beam_filesystems():
+    """Beam's ``FileSystems``, imported only when a URL needs it (see the module docstring)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems
+
+
+class FileInfo(NamedTuple):
+    """A file :func:`match` found: its path and size in bytes."""
+
+    path: str
+    size: int
+
+
 def join(*parts: str) -> str:
     """Join path parts for local paths and URLs (gs://...) alike."""
-    return FileSystems.join(*parts) if "://" in parts[0] else os.path.join(*parts)
+    return _beam_filesystems().join(*parts) if is_remote(parts[0]) else os.path.join(*parts)
 
 
 def exists(path: str) -> bool:
-    return FileSystems.exists(path)
+    return _beam_filesystems().exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def open_read(path: str, mime_type: str = "application/octet-stream") -> BinaryIO:
+    """``path`` opened for reading bytes, never decompressed."""
+    if is_remote(path):
+        return _beam_filesystems().open(path, mime_type=mime_type, compression_type="uncompressed")
+    return open(path, "rb")  # the caller closes it
+
+
+def delete(paths: list[str]) -> None:
+    """Delete files (folders with what they hold); a local path that does not exist raises ``FileNotFoundError``."""
+    remote = [p for p in paths if is_remote(p)]
+    if remote:
+        _beam_filesystems().delete(remote)
+    for path in paths:
+        if is_remote(path):
+            continue
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def match(pattern: str) -> list[FileInfo]:
+    """The files a glob or a literal path matches, with their sizes; Beam's ``FileSystems.match`` for a URL.
+
+    Local patterns match as Beam's local filesystem matches them (which this replaced): a literal path matches
+    itself when it exists; ``*`` matches within one path segment, ``**`` across segments, ``?`` any one character
+    and ``[...]`` a class; dot-files are not special; a pattern ending in ``/`` matches what the folder holds;
+    paths come back as the pattern spells them (``./x.tar`` for ``./*.tar``); a glob with no folder part matches
+    nothing. Raises ``OSError`` (Beam's ``BeamIOError``) when a remote listing fails.
+    """
+    if is_remote(pattern):
+        return [FileInfo(m.path, m.size_in_bytes) for m in _beam_filesystems().match([pattern])[0].metadata_list]
+    if pattern.endswith(("/", "\\")):
+        pattern += "*"
+    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    if prefix == pattern:
+        return [FileInfo(pattern, os.path.getsize(pattern))] if os.path.exists(pattern) else []
+    folder, regex = os.path.dirname(prefix), _glob_regex(pattern)
+    if not os.path.exists(folder):
+        return []
+    # Only "**", "?" and "[...]" can match a "/": without them a match has as many slashes as the pattern, so
+    # folders deeper than that (a shard folder's rejected/ and _staging/) need no walk.
+    depth = None if ("**" in pattern or "?" in pattern or "[" in pattern) else pattern.count("/")
+    found = []
+    for parent, folders, files in os.walk(folder):
+        if depth is not None:  # a file in a subfolder has one slash more than the subfolder's path
+            folders[:] = [d for d in folders if os.path.join(parent, d).count("/") < depth]
+        for name in files:
+            path = os.path.join(parent, name)
+            if regex.match(path):
+                with contextlib.suppress(OSError):  # gone since it was listed, or a broken link
+                    found.append(FileInfo(path, os.path.getsize(path)))
+    return found
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A pattern as a regular expression, by the rules of Beam's ``FileSystem.translate_pattern``."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c, i = pattern[i], i + 1
+        if c == "*" and pattern[i : i + 1] == "*":
+            out.append(".*")
+            i += 1
+        elif c == "*":
+            out.append(r"[^/\\]*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            j = i + (pattern[i : i + 1] == "!")
+            j += pattern[j : j + 1] == "]"
+            j = pattern.find("]", j)
+            if j < 0:
+                out.append(r"\[")
+                continue
+            body, i = pattern[i:j].replace("\\", "\\\\"), j + 1
+            body = "^" + body[1:] if body[0] == "!" else "\\" + body if body[0] == "^" else body
+            out.append(f"[{body}]")
+        else:
+            out.append(re.escape(c))
+    return re.compile("(?ms)" + "".join(out) + r"\Z")
 
 
 def makedirs(path: str) -> None:
@@ -53,7 +158,7 @@ def makedirs(path: str) -> None:
 @contextlib.contextmanager
 def atomic_write(path: str) -> Iterator[io.BufferedWriter]:
     """Yield a binary file; on success it appears at ``path`` in one rename, on failure nothing appears."""
-    if "://" not in path:
+    if not is_remote(path):
         folder = os.path.dirname(path) or "."
         os.makedirs(folder, exist_ok=True)
         fd, tmp = _create_temporary(folder, os.path.basename(path))
@@ -66,16 +171,17 @@ def atomic_write(path: str) -> Iterator[io.BufferedWriter]:
                 os.unlink(tmp)
             raise
         return
+    filesystems = _beam_filesystems()
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
-        with FileSystems.create(tmp) as f:
+        with filesystems.create(tmp) as f:
             yield f
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
-        FileSystems.rename([tmp], [path])
+        if filesystems.exists(path):
+            filesystems.delete([path])
+        filesystems.rename([tmp], [path])
     except BaseException:
         with contextlib.suppress(Exception):
-            FileSystems.delete([tmp])
+            filesystems.delete([tmp])
         raise
 
 
@@ -101,7 +207,7 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def read_bytes(path: str) -> bytes:
-    with FileSystems.open(path, mime_type="application/octet-stream", compression_type="uncompressed") as f:
+    with open_read(path) as f:
         return f.read()
 
 
@@ -172,6 +278,10 @@ def check_member(info: tarfile.TarInfo) -> None:
     name = info.name
     if name.startswith("/") or "\\" in name or ".." in posixpath.normpath(name).split("/"):
         raise UnsafeMember(f"unsafe member name {name!r}")
+    try:  # tarfile decodes names with surrogate escapes: such a key could never be written to an index
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafeMember(f"member name {name!r} is not UTF-8") from None
 
 
 class ShardReadError(tarfile.ReadError):
@@ -187,7 +297,7 @@ def read_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     :class:`ShardReadError` where the tar stops being readable (after yielding every whole sample before it) and
     :class:`UnsafeMember` at a link or an escaping name.
     """
-    with FileSystems.open(path, mime_type="application/x-tar", compression_type="uncompressed") as f:
+    with open_read(path, "application/x-tar") as f:
         try:
             tar = tarfile.open(fileobj=f, mode="r|")
         except tarfile.TarError as e:
@@ -226,7 +336,7 @@ def tar_end_problem(path: str, end: int) -> TarEndProblem | None:
     tarfile stops quietly at a cut or unreadable header once one member was read, so only the end-of-archive
     blocks prove a tar is whole: a tar cut at a member boundary otherwise reads as a shorter, valid one.
     """
-    with FileSystems.open(path, mime_type="application/x-tar", compression_type="uncompressed") as f:
+    with open_read(path, "application/x-tar") as f:
         f.seek(end)
         tail = f.read(END_OF_ARCHIVE)
     if len(tail) == END_OF_ARCHIVE and not tail.strip(b"\0"):

@@ -14,9 +14,8 @@ import re
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
-from visinstruct.transforms.shards import read_bytes
+from visinstruct.transforms.shards import exists, match, open_read, read_bytes
 
 REASON = "takedown"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -50,7 +49,7 @@ class Takedown:
 
 def read_list(path: str) -> list[str]:
     """The entries of a text list: one per line, whitespace stripped; blank lines and ``#`` comments skipped."""
-    if not FileSystems.exists(path):
+    if not exists(path):
         raise TakedownError(f"no such takedown list: {path}")
     try:
         text = read_bytes(path).decode("utf-8")
@@ -72,7 +71,7 @@ def load_takedown(urls_file: str | None = None, sha256_file: str | None = None) 
 
 def _from_table(path: str) -> Takedown:
     try:
-        with FileSystems.open(path) as f:
+        with open_read(path) as f:
             table = pq.read_table(f)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file; the message says which
         raise TakedownError(f"cannot read {path}: {e}".splitlines()[0]) from e
@@ -94,7 +93,7 @@ def load_takedown_lists(specs: list[str]) -> Takedown:
     """
     takedown = Takedown()
     for spec in specs:
-        matches = sorted(m.path for m in FileSystems.match([spec])[0].metadata_list)
+        matches = sorted(m.path for m in match(spec))
         if not matches:
             raise TakedownError(f"no takedown list matches {spec}")
         for path in matches:
