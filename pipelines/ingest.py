@@ -175,7 +175,7 @@ def reference_hashes(folder: str | None, cfg: IngestConfig) -> list[tuple[str, s
     """``(file name, phash)`` of each image in a reference folder, processed like the samples."""
     if not folder:
         return []
-    from visinstruct.transforms.images import ImageRejected
+    from visinstruct.schemas import Dropped
     from visinstruct.transforms.read import _folder_pairs
 
     out = []
@@ -183,7 +183,7 @@ def reference_hashes(folder: str | None, cfg: IngestConfig) -> list[tuple[str, s
         with open(pair.path, "rb") as f:
             try:
                 out.append((pair.path, process_image(f.read(), cfg.resize).phash))
-            except ImageRejected as e:
+            except Dropped as e:
                 log.warning("reference image %s skipped: %s", pair.path, e)
     return out
 

@@ -4,6 +4,7 @@ The shard layout these records describe is documented in FORMAT.md at the reposi
 """
 
 from visinstruct.schemas.arrow import JsonDict, arrow_schema, from_row, from_table, to_row, to_table
+from visinstruct.schemas.decision import Decision, Dropped
 from visinstruct.schemas.keys import index_digits, key_for_row, make_key, parse_key, shard_name
 from visinstruct.schemas.records import (
     IMAGE_TOKEN,
@@ -36,6 +37,8 @@ __all__ = [
     "STATS_SCHEMA",
     "Box",
     "ClipScore",
+    "Decision",
+    "Dropped",
     "FetchedImage",
     "GenerationInfo",
     "ImageTextPair",

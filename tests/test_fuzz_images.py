@@ -18,8 +18,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageDraw
 
 from visinstruct.configs import ResizeConfig
+from visinstruct.schemas import Dropped
 from visinstruct.transforms.filter_stages import DecodeForClip, ReadShardSamples, decode_for_clip
-from visinstruct.transforms.images import ImageRejected, process_image
+from visinstruct.transforms.images import process_image
 
 # Pillow warns about odd EXIF and palettes in damaged files; only exceptions matter here.
 pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -87,7 +88,7 @@ def outcome(fn) -> str:
     try:
         fn()
         return "ok"
-    except ImageRejected as e:
+    except Dropped as e:
         assert e.reason in REASONS, e
         return e.reason
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from visinstruct.configs import ConfigError, ResizeConfig, from_dict
-from visinstruct.transforms.images import ImageRejected, hamming, phash, process_image, target_size
+from visinstruct.schemas import Dropped
+from visinstruct.transforms.images import hamming, phash, process_image, target_size
 
 
 def photo(size=(400, 300), fmt="JPEG", mode="RGB") -> bytes:
@@ -78,7 +79,7 @@ def test_a_border_color_that_is_no_colour_is_a_config_error():
     ],
 )
 def test_default_bounds_reject_icons_and_strips_instead_of_upscaling_them(size, reason):
-    with pytest.raises(ImageRejected) as err:
+    with pytest.raises(Dropped) as err:
         process_image(saved(Image.new("RGB", size, (30, 60, 90)), "PNG"), ResizeConfig())
     assert err.value.reason == reason
 
@@ -129,7 +130,7 @@ def test_sha256_is_of_the_original_bytes():
     ],
 )
 def test_broken_inputs_are_rejected_with_a_reason(data, reason):
-    with pytest.raises(ImageRejected) as err:
+    with pytest.raises(Dropped) as err:
         process_image(data, ResizeConfig())
     assert err.value.reason == reason
 
@@ -150,10 +151,10 @@ def png_bomb(width: int, height: int) -> bytes:
 
 
 def test_decompression_bomb_is_rejected_before_decoding():
-    with pytest.raises(ImageRejected) as err:
+    with pytest.raises(Dropped) as err:
         process_image(png_bomb(50_000, 50_000), ResizeConfig())
     assert err.value.reason == "decompression_bomb"
-    with pytest.raises(ImageRejected) as err:
+    with pytest.raises(Dropped) as err:
         process_image(photo((400, 300)), ResizeConfig(max_pixels=100 * 100))
     assert err.value.reason == "decompression_bomb"
 
@@ -167,7 +168,7 @@ def test_decompression_bomb_is_rejected_before_decoding():
     ],
 )
 def test_size_bounds(cfg, reason):
-    with pytest.raises(ImageRejected) as err:
+    with pytest.raises(Dropped) as err:
         process_image(photo((400, 300)), cfg)
     assert err.value.reason == reason
     process_image(photo((400, 300)), ResizeConfig(min_image_size=300, max_aspect_ratio=1.34))

@@ -20,10 +20,19 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.configs import IngestConfig
-from visinstruct.schemas import ImageTextPair, IndexRow, JsonDict, Rejection, SampleMeta, from_table, shard_name
+from visinstruct.schemas import (
+    Dropped,
+    ImageTextPair,
+    IndexRow,
+    JsonDict,
+    Rejection,
+    SampleMeta,
+    from_table,
+    shard_name,
+)
 from visinstruct.transforms.fetch import RETRYABLE_STATUS, Fetcher
 from visinstruct.transforms.guard import INTERNAL_ERROR, guarded
-from visinstruct.transforms.images import ImageRejected, ProcessedImage, process_image
+from visinstruct.transforms.images import ProcessedImage, process_image
 from visinstruct.transforms.progress import ShardProgress, map_with_progress
 from visinstruct.transforms.shards import (
     ShardReadError,
@@ -94,7 +103,7 @@ def _read_local(pair: ImageTextPair) -> bytes | Rejection:
 def _decode(pair: ImageTextPair, data: bytes, cfg: IngestConfig) -> ProcessedImage | Rejection:
     try:
         return process_image(data, cfg.resize)
-    except ImageRejected as e:
+    except Dropped as e:
         return Rejection("decode", e.reason, str(e)[:500], pair.key, pair.location)
 
 

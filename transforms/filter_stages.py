@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 import apache_beam as beam
 import numpy as np
 
-from visinstruct.schemas import ClipScore, JsonDict, Rejection, SampleMeta
+from visinstruct.schemas import ClipScore, Dropped, JsonDict, Rejection, SampleMeta
 from visinstruct.transforms.guard import guarded
-from visinstruct.transforms.images import ImageRejected, decode_rgb
+from visinstruct.transforms.images import decode_rgb
 from visinstruct.transforms.rewrite import Judge, Judgement, image_member, iter_samples, read_meta
 from visinstruct.transforms.timing import add_busy
 
@@ -69,7 +69,7 @@ class ReadShardSamples(beam.DoFn):
 
 
 def decode_for_clip(data: bytes, preprocess: Callable) -> np.ndarray:
-    """Shard image bytes -> the model's input (CHW float32); raises :class:`ImageRejected` for damaged bytes."""
+    """Shard image bytes -> the model's input (CHW float32); raises :class:`Dropped` for damaged bytes."""
     return preprocess(decode_rgb(data))
 
 
@@ -101,7 +101,7 @@ class DecodeForClip(beam.DoFn):
     def _outcome(future, key: str, path: str) -> tuple[np.ndarray, float] | Rejection:
         try:
             return future.result()  # re-raises the decoding thread's exception here
-        except ImageRejected as e:
+        except Dropped as e:
             return Rejection(STAGE, e.reason, str(e)[:500], key, path)
 
     def _ready(self, drain: bool):

@@ -24,17 +24,10 @@ import numpy as np
 from PIL import Image, ImageColor, UnidentifiedImageError
 
 from visinstruct.configs import ResizeConfig
+from visinstruct.schemas import Dropped
 
 ACCEPTED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"}
 _SAVE = {"jpg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png"), "webp": ("WEBP", "image/webp")}
-
-
-class ImageRejected(Exception):
-    """An image that fails validation; ``reason`` is a stable code for the dead-letter table."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -52,16 +45,16 @@ class ProcessedImage:
 
 
 def check_size(width: int, height: int, cfg: ResizeConfig) -> None:
-    """Raise :class:`ImageRejected` when the original size breaks a configured bound."""
+    """Raise :class:`Dropped` when the original size breaks a configured bound."""
     if width * height > cfg.max_pixels:
-        raise ImageRejected("decompression_bomb", f"{width}x{height} exceeds max_pixels={cfg.max_pixels}")
+        raise Dropped("decompression_bomb", f"{width}x{height} exceeds max_pixels={cfg.max_pixels}")
     if min(width, height) < max(cfg.min_image_size, 1):
-        raise ImageRejected("too_small", f"{width}x{height} is smaller than min_image_size={cfg.min_image_size}")
+        raise Dropped("too_small", f"{width}x{height} is smaller than min_image_size={cfg.min_image_size}")
     if cfg.max_image_area is not None and width * height > cfg.max_image_area:
-        raise ImageRejected("too_large", f"{width}x{height} exceeds max_image_area={cfg.max_image_area}")
+        raise Dropped("too_large", f"{width}x{height} exceeds max_image_area={cfg.max_image_area}")
     ratio = max(width, height) / min(width, height)
     if cfg.max_aspect_ratio is not None and ratio > cfg.max_aspect_ratio:
-        raise ImageRejected("bad_aspect_ratio", f"aspect ratio {ratio:.2f} exceeds {cfg.max_aspect_ratio}")
+        raise Dropped("bad_aspect_ratio", f"aspect ratio {ratio:.2f} exceeds {cfg.max_aspect_ratio}")
 
 
 def target_size(width: int, height: int, cfg: ResizeConfig) -> tuple[int, int]:
@@ -116,19 +109,19 @@ def signature(data: bytes) -> str | None:
     return next((fmt for magic, fmt in _SIGNATURES.items() if data.startswith(magic)), None)
 
 
-def rejection_for(error: BaseException, action: str = "decode", data: bytes = b"") -> ImageRejected:
+def rejection_for(error: BaseException, action: str = "decode", data: bytes = b"") -> Dropped:
     """The rejection for an exception Pillow raised: ``not_an_image``, ``truncated``, ``decode_error`` or
     ``decompression_bomb``; ``data`` tells a damaged image header from bytes that are no image at all."""
     if isinstance(error, UnidentifiedImageError):
         fmt = signature(data)
         if fmt is None:
-            return ImageRejected("not_an_image", "the bytes are not an image Pillow can read")
-        return ImageRejected("decode_error", f"a damaged {fmt} header Pillow cannot read")
+            return Dropped("not_an_image", "the bytes are not an image Pillow can read")
+        return Dropped("decode_error", f"a damaged {fmt} header Pillow cannot read")
     if isinstance(error, Image.DecompressionBombError):
-        return ImageRejected("decompression_bomb", str(error)[:500])
+        return Dropped("decompression_bomb", str(error)[:500])
     text = f"{type(error).__name__}: {error}"
     truncated = isinstance(error, EOFError) or "truncat" in text.lower()
-    return ImageRejected("truncated" if truncated else "decode_error", f"cannot {action} image: {text}"[:500])
+    return Dropped("truncated" if truncated else "decode_error", f"cannot {action} image: {text}"[:500])
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:
@@ -155,7 +148,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Read the header of ``data`` (no pixels yet); raises :class:`ImageRejected` for anything Pillow rejects."""
+    """Read the header of ``data`` (no pixels yet); raises :class:`Dropped` for anything Pillow rejects."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # callers check sizes themselves
@@ -173,10 +166,10 @@ def load_rgb(img: Image.Image, max_pixels: int, size: tuple[int, int] | None = N
         size: for JPEGs, decode at the smallest DCT scale still at least this size (``Image.draft``).
 
     Raises:
-        ImageRejected: ``decompression_bomb``, ``truncated`` or ``decode_error``.
+        Dropped: ``decompression_bomb``, ``truncated`` or ``decode_error``.
     """
     if img.width * img.height > max_pixels:
-        raise ImageRejected("decompression_bomb", f"{img.width}x{img.height} exceeds max_pixels={max_pixels}")
+        raise Dropped("decompression_bomb", f"{img.width}x{img.height} exceeds max_pixels={max_pixels}")
     try:
         if size is not None and img.format in ("JPEG", "MPO") and size != img.size:
             img.draft("RGB", size)
@@ -185,16 +178,16 @@ def load_rgb(img: Image.Image, max_pixels: int, size: tuple[int, int] | None = N
             img.load()
         return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRejected("decompression_bomb", str(e)[:500]) from None
+        raise Dropped("decompression_bomb", str(e)[:500]) from None
     except PILLOW_ERRORS as e:
         raise rejection_for(e) from None
 
 
 def decode_rgb(data: bytes, max_pixels: int = ResizeConfig.max_pixels) -> Image.Image:
-    """The whole image as RGB at its own size (what the filter scores); raises only :class:`ImageRejected`."""
+    """The whole image as RGB at its own size (what the filter scores); raises only :class:`Dropped`."""
     img = open_image(data)
     if img.width < 1 or img.height < 1:
-        raise ImageRejected("too_small", f"{img.width}x{img.height} has no pixels")
+        raise Dropped("too_small", f"{img.width}x{img.height} has no pixels")
     return load_rgb(img, max_pixels)
 
 
@@ -202,7 +195,7 @@ def decode(data: bytes, cfg: ResizeConfig) -> tuple[Image.Image, int, int]:
     """Decode ``data`` into an RGB image sized for ``cfg``; returns ``(image, original_w, original_h)``."""
     img = open_image(data)
     if img.format not in ACCEPTED_FORMATS:
-        raise ImageRejected("unsupported_format", f"image format {img.format} is not accepted")
+        raise Dropped("unsupported_format", f"image format {img.format} is not accepted")
     width, height = img.size
     check_size(width, height, cfg)  # before decoding a single pixel
     return load_rgb(img, cfg.max_pixels, target_size(width, height, cfg)), width, height
@@ -271,7 +264,7 @@ def hamming(a: str, b: str) -> int:
 
 
 def process_image(data: bytes, cfg: ResizeConfig) -> ProcessedImage:
-    """Validate, resize, re-encode and hash one image; raises :class:`ImageRejected` with a reason code."""
+    """Validate, resize, re-encode and hash one image; raises :class:`Dropped` with a reason code."""
     img, width, height = decode(data, cfg)
     out = resize(img, cfg, (width, height))
     return ProcessedImage(
