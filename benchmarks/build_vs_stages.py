@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ingest_vs_img2dataset import _photos, generate_images, serve  # noqa: E402
 
 from visinstruct.testing.tiny_models import TINY_OPEN_CLIP_CONFIG, TINY_OPEN_CLIP_NAME, tiny_open_clip  # noqa: E402
+from visinstruct.transforms.layout import report_path, resolve_shards, shard_files  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
@@ -60,12 +61,10 @@ def configs(work: str, url_list: str, clip: dict, shard_size: int) -> dict[str, 
     generate = {"backend": "caption_only"}
     specs = {
         "build": {
-            "read": read,
-            "download": download,
-            "resize": resize,
+            "out": "unused",
+            "ingest": {"read": read, "download": download, "resize": resize, "write": {"shard_size": shard_size}},
             "filter": filter_,
             "generate": generate,
-            "write": {"path": "unused", "shard_size": shard_size},
         },
         "ingest": {
             "read": read,
@@ -102,10 +101,7 @@ def disk_bytes(folder: str) -> int:
 
 
 def samples(folder: str) -> list[str]:
-    index = pq.read_table(
-        [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".parquet") and f[:5].isdigit()],
-        columns=["key", "status"],
-    )
+    index = pq.read_table([shard_files(tar).index for tar in resolve_shards(folder)], columns=["key", "status"])
     return sorted(r["key"] for r in index.to_pylist() if r["status"] == "success")
 
 
@@ -120,7 +116,7 @@ def run_side(side: str, cmds: list[list[str]], out: str, log: str) -> dict:
     final = os.path.join(out, "dataset")
     result = {"seconds": round(seconds, 2), "disk_bytes": disk_bytes(out), "samples": samples(final)}
     if side == "build":
-        with open(os.path.join(final, "run_report.json")) as f:
+        with open(report_path(final)) as f:
             report = json.load(f)
         result["busy_seconds"] = {s["stage"]: s["busy_seconds"] for s in report["stages"]}
     return result

@@ -33,6 +33,7 @@ from visinstruct.configs import FilterConfig, IngestConfig, from_dict  # noqa: E
 from visinstruct.pipelines import filter as clip_filter  # noqa: E402
 from visinstruct.pipelines.ingest import run as ingest  # noqa: E402
 from visinstruct.testing.sample_data import photo_samples  # noqa: E402
+from visinstruct.transforms.layout import image_member, resolve_shards  # noqa: E402
 
 RUNNER = ["--runner=FnApiRunner"]
 
@@ -61,7 +62,7 @@ def make_shards(root: Path, n: int) -> list[str]:
         },
     )
     ingest(cfg, RUNNER)
-    return sorted(str(p) for p in (root / "shards").glob("*.tar"))
+    return resolve_shards(str(root / "shards"))
 
 
 def bare_loop(shards: list[str], model_name: str, batch: int, threads: int) -> tuple[float, int]:
@@ -71,7 +72,7 @@ def bare_loop(shards: list[str], model_name: str, batch: int, threads: int) -> t
     tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()
     samples = list(wds.WebDataset(shards, shardshuffle=False))
-    images = [preprocess(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples]
+    images = [preprocess(Image.open(io.BytesIO(s[image_member(s)])).convert("RGB")) for s in samples]
     texts = [s["txt"].decode() for s in samples]
     start = time.perf_counter()
     with torch.inference_mode():

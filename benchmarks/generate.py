@@ -34,6 +34,7 @@ from visinstruct.schemas import SampleMeta  # noqa: E402
 from visinstruct.testing.openai_server import OpenAIServer  # noqa: E402
 from visinstruct.testing.sample_data import shapes_dataset  # noqa: E402
 from visinstruct.testing.smollm2 import smollm2_gguf_path  # noqa: E402
+from visinstruct.transforms.layout import resolve_shards  # noqa: E402
 from visinstruct.transforms.llm import OpenAIBackend, TransformersBackend  # noqa: E402
 from visinstruct.transforms.prompts import load_templates  # noqa: E402
 
@@ -58,7 +59,7 @@ def make_shards(root: Path, n: int) -> list[str]:
         ),
         RUNNER,
     )
-    return sorted(str(p) for p in (root / "in").glob("*.tar"))
+    return resolve_shards(str(root / "in"))
 
 
 def requests_for(shards: list[str], cfg: GenerateConfig) -> list:

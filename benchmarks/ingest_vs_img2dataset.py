@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import hashlib
 import io
 import json
@@ -184,7 +183,7 @@ def nearest_distance(value: int, others: np.ndarray) -> int:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive for clients that want it (urllib3); urllib closes each time
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         body = self.server.files.get(self.path)
         time.sleep(self.server.latency)
         if body is None:
@@ -196,7 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class names it so
+    def log_message(self, format, *args) -> None:  # the base class names it so
         pass
 
 
@@ -299,13 +298,18 @@ def prepare_workload(args, work: str, name: str, urls: list[str], captions: list
 
 
 def count_written(folder: str) -> dict:
-    """Images (``.jpg`` members) in the top-level tars of an output folder, and the number of tars."""
-    images, shards = 0, 0
-    for path in sorted(glob.glob(os.path.join(folder, "*.tar"))):
-        shards += 1
+    """Image members in the tars of an output folder (either tool's), and the number of tars."""
+    from visinstruct.transforms.layout import IMAGE_EXTENSIONS, ShardError, resolve_shards
+
+    try:
+        paths = [p for p in resolve_shards(folder) if os.path.exists(p)]
+    except ShardError:  # the tool wrote no shard
+        paths = []
+    images = 0
+    for path in paths:
         with tarfile.open(path) as tar:
-            images += sum(1 for m in tar if m.isfile() and m.name.endswith(".jpg"))
-    return {"images": images, "shards": shards}
+            images += sum(1 for m in tar if m.isfile() and m.name.partition(".")[2] in IMAGE_EXTENSIONS)
+    return {"images": images, "shards": len(paths)}
 
 
 def run_tool(tool: str, workload: str, spec: dict, log_dir: str, round_no: int) -> dict:

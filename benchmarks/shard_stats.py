@@ -27,10 +27,10 @@ import time
 
 from PIL import Image
 
-from visinstruct.cli.shards import resolve_shards
 from visinstruct.cli.stats import dataset_stats
-from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, SampleMeta, ShardStats, make_key, shard_name
-from visinstruct.transforms.shards import TarShardWriter, join, write_stats, write_table
+from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, SampleMeta, ShardStats, make_key
+from visinstruct.transforms.layout import rejected_path, resolve_shards, shard_files, shard_in, write_stats
+from visinstruct.transforms.shards import TarShardWriter, write_table
 
 REJECTED_PER_SHARD = 2
 
@@ -86,11 +86,12 @@ def write_dataset(out: str, shards: int, samples: int, size: int) -> None:
                     members=members,
                 )
             )
-        tar_bytes = writer.finish(join(out, f"{shard_name(shard)}.tar"))
-        write_table(join(out, f"{shard_name(shard)}.parquet"), rows, IndexRow, SCHEMA_VERSION)
-        write_table(join(out, "rejected", f"ingest-{shard_name(shard)}.parquet"), dead, Rejection, SCHEMA_VERSION)
+        files = shard_in(out, shard)
+        tar_bytes = writer.finish(files.tar)
+        write_table(files.index, rows, IndexRow, SCHEMA_VERSION)
+        write_table(rejected_path(out, "ingest", shard), dead, Rejection, SCHEMA_VERSION)
         write_stats(
-            join(out, f"{shard_name(shard)}_stats.json"),
+            files.stats,
             ShardStats(
                 shard,
                 "ingest",
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {args.shards} shards of {args.samples} samples in {seconds:.1f} s", file=sys.stderr)
         paths = resolve_shards(out)
         tar_bytes = sum(os.path.getsize(p) for p in paths)
-        index_bytes = sum(os.path.getsize(p[: -len(".tar")] + ".parquet") for p in paths)
+        index_bytes = sum(os.path.getsize(shard_files(p).index) for p in paths)
         runs = {"stats": lambda: dataset_stats(paths), "baseline": lambda: baseline(paths)}
         times = {name: [] for name in runs}
         for repeat in range(args.repeats):

@@ -33,7 +33,7 @@ from easy_vqa_llava import build_shards  # noqa: E402
 
 from visinstruct.configs import CONFIG_DIR, LlavaTrainConfig, load  # noqa: E402
 from visinstruct.testing.sample_data import easy_vqa_samples  # noqa: E402
-from visinstruct.trainer.clip_train import make_optimizer  # noqa: E402
+from visinstruct.trainer.common import make_optimizer  # noqa: E402
 from visinstruct.trainer.llava_data import encoder_for, make_stream  # noqa: E402
 from visinstruct.trainer.llava_model import build_llava, set_trainable  # noqa: E402
 from visinstruct.trainer.llava_train import batch_loss  # noqa: E402

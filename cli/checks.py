@@ -78,12 +78,14 @@ def read_problems(read: ReadConfig, key: str = "read") -> list[str]:
     if _missing(read.path):
         found.append(f"{key}.path: no such file or folder: {_where(read.path)}")
     elif "://" not in read.path:  # the reader's own plan: formats, and the named columns in the file
-        from visinstruct.transforms.read import InputError, plan_units
+        from visinstruct.transforms.read import plan_units
+        from visinstruct.transforms.read_bounds import InputError
 
         try:
             plan_units(read)
-        except InputError as e:
-            found.append(str(e) if str(e).startswith("read.") else f"{key}.path: {e}")
+        except InputError as e:  # the reader names read.<key>; in a build that section is ingest.read
+            text = str(e)
+            found.append(key + text[len("read") :] if text.startswith("read.") else f"{key}.path: {text}")
     if read.image_root and _missing(read.image_root):
         found.append(f"{key}.image_root: no such folder: {_where(read.image_root)}")
     return found
@@ -198,7 +200,7 @@ def problems(cfg, local: bool = True) -> list[str]:
     if isinstance(cfg, GenerateConfig):
         return (_shards_problem(cfg.input, "input") if cfg.input else []) + generate_problems(cfg, "", local)
     if isinstance(cfg, BuildConfig):
-        found = read_problems(cfg.read) if cfg.read else _shards_problem(cfg.input, "input")
+        found = read_problems(cfg.ingest.read, "ingest.read") if cfg.ingest else _shards_problem(cfg.input, "input")
         if cfg.filter:
             found += clip_problems(cfg.filter.model, "filter.model", local)
         if cfg.generate:
@@ -247,7 +249,7 @@ def expected_error_line(exc: BaseException) -> str | None:
 @contextmanager
 def expected_errors() -> Iterator[None]:
     """Turn the expected errors of reading inputs and loading models into a one-line :class:`UserError`."""
-    from visinstruct.transforms.read import InputError
+    from visinstruct.transforms.read_bounds import InputError
 
     try:
         yield

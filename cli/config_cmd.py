@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from visinstruct.cli.errors import UserError
+from visinstruct.cli.jobs import add_set_argument
 from visinstruct.configs import CONFIGS, ConfigError, describe, load
 
 RUNS = ("ingest", "filter", "generate", "build")  # the configs a pipeline command runs: the narrowest first
@@ -39,14 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="which config the file is (default: its folder's name, else the first that loads)",
     )
     check.add_argument("path")
-    check.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key (repeatable), e.g. --set download.threads=8",
-    )
+    add_set_argument(check, "download.threads=8")
     check.add_argument(
         "--remote",
         action="store_true",

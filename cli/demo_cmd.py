@@ -21,21 +21,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pathlib import Path
 
+    from visinstruct.cli.demo import print_layout, run_demo  # needs the dev extra (easy-vqa, scikit-image)
     from visinstruct.cli.gallery import gallery
     from visinstruct.cli.jobs import finish
-    from visinstruct.pipelines.build import format_build_report
-    from visinstruct.pipelines.demo import print_layout, run_demo  # needs the dev extra (easy-vqa, scikit-image)
+    from visinstruct.cli.report import format_build_report
+    from visinstruct.pipelines.report import BUILD_PREFIXES
+    from visinstruct.transforms.layout import resolve_shards
 
     out = Path(args.out)
     reports = run_demo(out, beam_args)
-    gallery(
-        sorted(str(p) for p in (out / "dataset").glob("*.tar")),
-        str(out / "gallery.html"),
-        str(out / "gallery.png"),
-        limit=48,
-    )
+    gallery(resolve_shards(str(out / "dataset")), str(out / "gallery.html"), str(out / "gallery.png"), limit=48)
     print_layout(out)
     print()
     print(format_build_report(reports["build"]))
     build = reports["build"]
-    return finish("demo", build, build["stages"][-1]["stage"], {"filter": "filter.", "generate": "generate."})
+    return finish("demo", build, build["stages"][-1]["stage"], BUILD_PREFIXES)

@@ -3,7 +3,7 @@
 ``--format llava`` writes what LLaVA's ``train.py`` reads (``--data_path OUT/llava.json --image_folder
 OUT/images``)::
 
-    OUT/images/KEY.jpg          the image member as it is in the tar (jpg, png or webp)
+    OUT/images/KEY.jpg          the image member as it is in the tar (jpg, jpeg, png or webp)
     OUT/llava.json              [{"id": KEY, "image": "KEY.jpg", "conversations": [{"from", "value"}, ...]}, ...]
 
 Only samples with a valid conversation (``conversation_problems``) are exported; with ``caption_only`` a sample
@@ -29,20 +29,11 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from visinstruct.cli.shards import (
-    IMAGE_EXTENSIONS,
-    Progress,
-    ShardError,
-    Unread,
-    describe_losses,
-    match_paths,
-    samples_noting_losses,
-    shard_files,
-)
+from visinstruct.cli.shards import Progress, Unread, describe_losses, samples_noting_losses
 from visinstruct.schemas import IMAGE_TOKEN, SampleMeta, Turn, conversation_problems, to_row
+from visinstruct.transforms.layout import ShardError, image_member, match_paths, shard_files
 from visinstruct.transforms.shards import atomic_write, join, write_bytes
 
-FORMATS = ("llava", "parquet")
 MAX_KEY_CHARS = 64
 LLAVA_JSON = "llava.json"
 IMAGE_DIR = "images"
@@ -111,7 +102,7 @@ def written_samples(
         files = shard_files(tar)
         before = len(losses)
         for key, members in samples_noting_losses(files, losses):
-            ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+            ext = image_member(members)
             reason = (
                 "unsafe_key"
                 if not safe_key(key)

@@ -8,8 +8,10 @@ import sys
 
 from visinstruct.cli.checks import expected_errors, preflight
 from visinstruct.cli.errors import UserError
-from visinstruct.cli.jobs import add_job_arguments, finish, load_job
+from visinstruct.cli.jobs import FlagKeys, add_run_arguments, finish, load_job
 from visinstruct.configs import FilterConfig
+
+SHARDS_HELP = "input shards: a folder, a glob or a brace pattern of .tar files"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,18 +22,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "RunInference, write filtered shards and dead-letter rows. Unknown options "
         "go to Beam.",
     )
-    add_job_arguments(parser, "filter")
+    add_run_arguments(parser, "filter", FlagKeys("input", "write.path"), SHARDS_HELP, set_example="threshold=0.3")
     parser.add_argument(
         "--dry-run",
         action="store_true",
         help="write no shards; report the score distribution and what each threshold keeps",
     )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, accepts_beam_args=True)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from visinstruct.cli.report import format_report
     from visinstruct.pipelines import filter as clip_filter
-    from visinstruct.pipelines.report import format_report
 
     cfg, inputs = load_job(FilterConfig, args)
     if cfg.threshold is None and cfg.top_fraction is None and not args.dry_run:

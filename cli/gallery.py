@@ -26,18 +26,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from visinstruct.cli.shards import (
-    IMAGE_EXTENSIONS,
-    Progress,
-    ShardError,
-    ShardFiles,
-    match_paths,
-    read_index,
-    shard_files,
-)
+from visinstruct.cli.shards import Progress, read_index
 from visinstruct.cli.show import _read_sample, _written_keys
 from visinstruct.schemas import IndexRow, Rejection, SampleMeta, from_table
-from visinstruct.transforms.shards import atomic_write, join, read_table
+from visinstruct.transforms.layout import ShardError, ShardFiles, image_member, match_paths, shard_files
+from visinstruct.transforms.shards import atomic_write, read_table
 
 SHEET_COLUMNS = 8
 LABEL_HEIGHT = 14
@@ -82,7 +75,7 @@ def gallery(
     """Write the gallery page (and the contact sheet, when ``sheet_path`` is given).
 
     Args:
-        paths: tar paths from :func:`~visinstruct.cli.shards.resolve_shards`.
+        paths: tar paths from :func:`~visinstruct.transforms.layout.resolve_shards`.
         html_path: where the page goes.
         sheet_path: where the PNG contact sheet goes, or ``None`` for none.
         limit: at most this many samples, and this many rejected rows, are shown.
@@ -163,7 +156,7 @@ def _card(files: ShardFiles, row: IndexRow | str, thumb: int) -> Card:
     except ValueError:  # validate reports it; the card still shows the image
         meta = None
     caption = meta.caption if meta and meta.caption else sample.get("txt", b"").decode("utf-8", "replace") or None
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    ext = image_member(sample)
     return Card(key, files.name, meta, caption, thumbnail(sample[ext], thumb) if ext else None)
 
 
@@ -175,7 +168,7 @@ def thumbnail(data: bytes, size: int):
         with Image.open(io.BytesIO(data)) as image:
             image.draft("RGB", (size, size))  # JPEGs decode at a reduced scale: much faster for big images
             small = image.convert("RGB")
-    except Exception:  # noqa: BLE001 - Pillow raises many types for bad data; the card says it does not decode
+    except Exception:  # Pillow raises many types for bad data; the card says it does not decode
         return None
     small.thumbnail((size, size))
     return small
@@ -199,7 +192,7 @@ def _dead_letters(shards: set[ShardFiles]) -> dict[tuple[str, str], Rejection]:
     """``{(shard, key): Rejection}`` from the dead-letter tables of ``shards`` (``rejected/STAGE-NNNNN.parquet``)."""
     out = {}
     for files in sorted(shards, key=lambda f: f.tar):
-        for found in match_paths(join(files.folder, "rejected", f"*-{files.name}.parquet")):
+        for found in match_paths(files.rejected_pattern()):
             try:
                 rejections = from_table(Rejection, read_table(found.path, Rejection))
             except (pa.ArrowException, ValueError, OSError) as e:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from visinstruct.cli.checks import expected_errors, preflight
-from visinstruct.cli.jobs import add_job_arguments, finish, load_job
+from visinstruct.cli.filter_cmd import SHARDS_HELP
+from visinstruct.cli.jobs import FlagKeys, add_run_arguments, finish, load_job
 from visinstruct.configs import GenerateConfig
 
 
@@ -17,22 +18,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "complex-reasoning Q&A (or caption-only data), check every reply, and write "
         "shards whose JSON carries them. Unknown options go to Beam.",
     )
-    add_job_arguments(parser, "generate")
-    parser.set_defaults(run=run)
+    add_run_arguments(parser, "generate", FlagKeys("input", "write.path"), SHARDS_HELP, set_example="llm_fraction=0.5")
+    parser.set_defaults(run=run, accepts_beam_args=True)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from visinstruct.cli.report import format_llm_usage, format_report
     from visinstruct.pipelines import generate
-    from visinstruct.pipelines.report import format_report
 
     cfg, inputs = load_job(GenerateConfig, args)
     preflight(cfg, beam_args)
     with expected_errors():
         report = generate.run(cfg, inputs, beam_args)
     print(format_report(report))
-    print(
-        f"  LLM calls: {report['backend_calls']}, tokens spent: {report['prompt_tokens_spent']} prompt + "
-        f"{report['completion_tokens_spent']} completion ({report['completion_tokens']} completion tokens in "
-        "written samples)"
-    )
+    print(format_llm_usage(report))
     return finish("generate", report, "generate")

@@ -1,36 +1,89 @@
-"""What the commands that rewrite shards (filter, generate) share: input, output and config arguments."""
+"""The arguments every pipeline and training command shares, defined once: ``--config``, ``--input``, ``--out``
+and ``--set``, and how they fill the command's config.
+
+``--input`` and ``--out`` mean the same thing everywhere (what the command reads, where it writes); each command
+says which config key they set (:class:`FlagKeys`), and ``--help`` names it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from dataclasses import dataclass
 
 from visinstruct.cli.errors import UserError
-from visinstruct.configs import load
+from visinstruct.configs import ConfigError, apply_overrides, from_dict, load
+
+TRAINING_SHARDS = "training shards: a folder, a glob or a brace pattern of .tar files"
 
 
-def add_job_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("--config", required=True, help=f"YAML file (see `visinstruct config show {name}`)")
-    parser.add_argument("--input", help="input shards: a folder, a glob or a brace pattern of .tar files")
-    parser.add_argument("--out", help="output folder (overrides write.path)")
+@dataclass(frozen=True)
+class FlagKeys:
+    """The config keys ``--input`` and ``--out`` set; ``input_clears``: keys ``--input`` sets to null too (a build
+    that starts from shards drops its ingest section)."""
+
+    input: str
+    out: str
+    input_clears: tuple[str, ...] = ()
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    name: str,
+    keys: FlagKeys,
+    input_help: str,
+    *,
+    config_required: bool = True,
+    input_aliases: tuple[str, ...] = (),
+    out_aliases: tuple[str, ...] = (),
+    set_example: str = "KEY=VALUE",
+) -> None:
+    """``--config``, ``--input``, ``--out`` and ``--set`` for command ``name``, whose config takes them at ``keys``."""
+    parser.add_argument("--config", required=config_required, help=f"YAML file (see `visinstruct config show {name}`)")
+    parser.add_argument("--input", *input_aliases, dest="input", help=f"{input_help} (sets {keys.input})")
+    parser.add_argument("--out", *out_aliases, dest="out", help=f"output folder (sets {keys.out})")
+    add_set_argument(parser, set_example)
+    parser.set_defaults(flag_keys=keys)
+
+
+def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): a config key on the command line, its value parsed as YAML."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
+        help=f"override a config key (repeatable), e.g. --set {example}",
     )
-    parser.set_defaults(accepts_beam_args=True)
+
+
+def quoted(key: str, value: str) -> str:
+    """An override setting ``key`` to the text ``value`` as it is (JSON is YAML: a path never turns into a number)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def load_run(cls: type, args: argparse.Namespace, flag_overrides: list[str] | None = None):
+    """The command's config: the ``--config`` file (or defaults), then ``flag_overrides``, ``--set``, ``--input``
+    and ``--out`` in that order, checked once by the loader."""
+    keys: FlagKeys = args.flag_keys
+    overrides = list(flag_overrides or []) + list(args.overrides)
+    if args.input:
+        overrides += [f"{key}=null" for key in keys.input_clears] + [quoted(keys.input, args.input)]
+    if args.out:
+        overrides.append(quoted(keys.out, args.out))
+    if args.config is not None:
+        return load(cls, args.config, overrides)
+    try:
+        return from_dict(cls, apply_overrides({}, overrides), "command line")
+    except ConfigError as e:
+        raise UserError(str(e)) from None
 
 
 def load_job(cls: type, args: argparse.Namespace):
-    """The job's config (with ``--input``/``--out`` applied) and its input tars, or a one-line UserError."""
-    overrides = list(args.overrides)
-    if args.input:
-        overrides.append(f"input={args.input}")
-    if args.out:
-        overrides.append(f"write.path={args.out}")
-    cfg = load(cls, args.config, overrides)
+    """A rewriting stage's config and its input tars, or a one-line UserError when either is missing."""
+    cfg = load_run(cls, args)
     if not cfg.input or cfg.write is None:
         raise UserError("needs input shards (input: or --input) and an output folder (write.path: or --out)")
     return cfg, input_shards(cfg.input)
@@ -38,7 +91,7 @@ def load_job(cls: type, args: argparse.Namespace):
 
 def input_shards(spec: str) -> list[str]:
     """The tars an ``input:`` spec names (folder, glob or brace pattern), or a one-line UserError when none."""
-    from visinstruct.cli.shards import ShardError, resolve_shards
+    from visinstruct.transforms.layout import TAR_SUFFIX, ShardError, resolve_shards
     from visinstruct.transforms.shards import exists
 
     try:
@@ -46,27 +99,8 @@ def input_shards(spec: str) -> list[str]:
     except ShardError as e:
         raise UserError(str(e)) from None
     if not inputs:
-        raise UserError(f"{spec}: no .tar shards to read")
+        raise UserError(f"{spec}: no {TAR_SUFFIX} shards to read")
     return inputs
-
-
-def add_train_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    """``--config``, ``--out`` and ``--set`` of the training commands."""
-    parser.add_argument("--config", required=True, help=f"YAML file (see `visinstruct config show {name}`)")
-    parser.add_argument("--out", help="output folder (overrides out)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key (repeatable), e.g. --set steps=200",
-    )
-
-
-def load_train(cls: type, args: argparse.Namespace):
-    """A training config with ``--out`` and ``--set`` applied."""
-    return load(cls, args.config, list(args.overrides) + ([f"out={args.out}"] if args.out else []))
 
 
 def is_main_process() -> bool:
@@ -81,8 +115,6 @@ def finish(command: str, report: dict, stage: str, prefixes: dict[str, str] | No
 
     A run that wrote nothing or whose rows do not add up has failed, whatever Beam says (see ``failure_summary``).
     """
-    import sys
-
     from visinstruct.pipelines.report import failure_summary
 
     line = failure_summary(report, stage, prefixes)

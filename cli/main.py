@@ -130,8 +130,8 @@ def check_beam_args(command: str, beam_args: list[str], parser: argparse.Argumen
 
     unknown = unknown_options(beam_args)
     if unknown:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-        flags = [s for a in sub.choices[command]._actions for s in a.option_strings]  # noqa: SLF001
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        flags = [s for a in sub.choices[command]._actions for s in a.option_strings]
         raise UserError(unknown_option_message(command, unknown[0], beam_args, flags))
 
 

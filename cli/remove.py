@@ -9,38 +9,35 @@ any tar, and only they are rewritten. A removed sample stays accounted for, so e
 - a :class:`Rejection` (stage ``remove``, reason ``takedown``) goes to ``rejected/remove-NNNNN.parquet``;
 - ``_stats.json`` is rewritten with the new counts and stage ``remove``.
 
-Each file is replaced atomically, in an order that survives a kill at any point: the dead-letter rows first (they
-are the removal's journal), then ``_stats.json`` is deleted, the tar and the index are replaced, and the stats are
-written last. Until the tar is replaced the shard is unchanged but for those dead letters; after that it reads as
-incomplete until the stats exist. The next ``remove`` on the shard, whatever its lists, finishes the removal its
-journal names.
+Each shard is rewritten through the one shard rewrite (:func:`~visinstruct.transforms.rewrite.rewrite_shard`, in
+its own folder) with a judge that drops the samples to remove, and committed in the order that survives a kill at
+any point (:mod:`visinstruct.transforms.commit`): the dead-letter rows first (they are the removal's journal), then
+``_stats.json`` is deleted, the tar and the index are replaced, and the stats are written last. Until the tar is
+replaced the shard is unchanged but for those dead letters; after that it reads as incomplete until the stats
+exist. The next ``remove`` on the shard, whatever its lists, finishes the removal its journal names; earlier
+removals' dead letters are kept. A sample the index lists as written that the tar lacks is dead-lettered as
+``missing_in_tar``, as every rewrite does.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import fields
 
-from visinstruct.cli.shards import Progress, ShardError, ShardFiles, read_index, shard_files, tar_samples
-from visinstruct.schemas import SCHEMA_VERSION, IndexRow, JsonDict, Rejection, ShardStats, from_table
+from visinstruct.cli.shards import Progress, read_index
+from visinstruct.schemas import Decision, IndexRow, SampleMeta, ShardStats, from_table
 from visinstruct.transforms import takedown as takedown_lists
-from visinstruct.transforms.shards import (
-    TarShardWriter,
-    delete,
-    exists,
-    join,
-    read_table,
-    write_stats,
-    write_table,
-)
+from visinstruct.transforms.layout import ShardError, ShardFiles, shard_files
+from visinstruct.transforms.rewrite import Judge, identity_row, journal, rewrite_shard
+from visinstruct.transforms.shards import exists, read_table
 from visinstruct.transforms.takedown import Takedown, TakedownError
 
 log = logging.getLogger(__name__)
 STAGE = "remove"
 REASON = takedown_lists.REASON
 _COLUMNS = ["key", "status", "url", "path", "sha256"]
+_SET_BY_REWRITE = {"key", "status", "members", "error_message"}
 
 
 def load_takedown(urls_file: str | None = None, sha256_file: str | None = None) -> Takedown:
@@ -86,7 +83,7 @@ def remove_samples(
     ]
     if not dry_run:
         for files, removals in plans:
-            stats = rewrite_shard(files, {key: how for key, (how, _) in removals.items()})
+            stats = remove_from_shard(files, {key: how for key, (how, _) in removals.items()})
             log.info("shard %s: removed %d samples, %d written now", files.name, len(removals), stats.written)
     not_found = sorted(takedown.urls - seen) + sorted(d for d in takedown.sha256 if f"sha256:{d}" not in seen)
     return {
@@ -125,11 +122,11 @@ def _plan_shard(files: ShardFiles, takedown: Takedown, seen: set[str]) -> tuple[
             removals[row["key"]] = (how, location)
         else:
             absent += 1
-    journal = _previous_rejections(files)
-    for key in journal.keys() & written:  # dead letters are written first: this removal never finished
-        removals.setdefault(key, (journal[key].detail.get("matched_by", "earlier"), journal[key].url))
+    earlier = journal(files.tar, files.folder, STAGE)
+    for key in earlier.keys() & written:  # dead letters are written first: this removal never finished
+        removals.setdefault(key, (earlier[key].detail.get("matched_by", "earlier"), earlier[key].url))
     complete = exists(files.stats)
-    if not complete and not journal:
+    if not complete and not earlier:
         if removals:
             raise ShardError(f"shard {files.name} is incomplete (no {files.stats}): finish writing it first")
         return None, absent
@@ -140,87 +137,33 @@ def _plan_shard(files: ShardFiles, takedown: Takedown, seen: set[str]) -> tuple[
     return removals, absent
 
 
-def rewrite_shard(files: ShardFiles, removals: dict[str, str]) -> ShardStats:
-    """Rewrite one shard without the samples ``removals`` names (``{key: matched_by}``); returns its new stats.
+def remove_from_shard(files: ShardFiles, removals: dict[str, str]) -> ShardStats:
+    """Rewrite one shard in place without the samples ``removals`` names (``{key: matched_by}``); returns its new
+    stats."""
+    rows = {r.key: r for r in from_table(IndexRow, read_table(files.index, IndexRow))}
+    return rewrite_shard(files.tar, None, files.folder, STAGE, takedown_judge(rows, removals))
 
-    Order: the new tar is built in a temporary file; the dead-letter rows are written (the removal's journal);
-    ``_stats.json`` is deleted; the tar, then the index replace theirs; the stats are counted again from the new
-    index and written last.
+
+def takedown_judge(rows: dict[str, IndexRow], removals: dict[str, str]) -> Judge:
+    """Drop the samples ``removals`` names as ``takedown``; keep every other sample and its index row as they are.
+
+    A removed row keeps what identifies the input (key, url, path, sha256: what a later ingest needs to honour the
+    takedown); its content (caption, sizes, hashes, embeddings) is cleared.
     """
-    start = time.monotonic()
-    rows = from_table(IndexRow, read_table(files.index, IndexRow))
-    new_rows, rejections = _takedown_rows(files, rows, removals)
-    writer, members = TarShardWriter(), {}
-    try:
-        for key, sample in tar_samples(files):
-            if key not in removals:
-                members[key] = writer.add(key, list(sample.items()))
-        lost = [r.key for r in new_rows if r.status == "success" and r.key not in members]
-        if lost:  # rewriting would write an index that points at nothing: leave the shard as it is
-            raise ShardError(
-                f"shard {files.name}: the index lists {lost[0]} as written but the tar has no such "
-                "sample; run validate"
-            )
-        write_table(_rejected_path(files), rejections, Rejection, SCHEMA_VERSION)
-        if exists(files.stats):  # from here until the new stats exist, the shard reads as incomplete
-            delete([files.stats])
-        tar_bytes = writer.finish(files.tar)
-    except BaseException:
-        writer.abort()
-        raise
-    new_rows = [replace(r, members=members[r.key]) if r.status == "success" else r for r in new_rows]
-    write_table(files.index, new_rows, IndexRow, SCHEMA_VERSION)
-    reasons = Counter(r.status for r in new_rows if r.status != "success")
-    written = len(new_rows) - sum(reasons.values())
-    stats = ShardStats(
-        shard=int(files.name),
-        stage=STAGE,
-        inputs=len(new_rows),
-        written=written,
-        rejected=len(new_rows) - written,
-        rejected_by_reason=dict(reasons),
-        tar_bytes=tar_bytes,
-        duration_s=round(time.monotonic() - start, 3),
-    )
-    write_stats(files.stats, stats)
-    return stats
+
+    def judge(key: str, meta: SampleMeta, members: dict[str, bytes]) -> Decision[SampleMeta]:
+        if key not in removals:  # a sample the index lacks (validate reports it) keeps the row its metadata gives
+            return Decision.keep(None, **(_columns(rows[key]) if key in rows else {}))
+        row, message = rows[key], f"removed on request (matched by {removals[key]})"
+        detail = {"matched_by": removals[key], "sha256": row.sha256}
+        return Decision.drop(REASON, message, detail, **_columns(identity_row(row, REASON, message)))
+
+    return judge
 
 
-def _takedown_rows(
-    files: ShardFiles, rows: list[IndexRow], removals: dict[str, str]
-) -> tuple[list[IndexRow], list[Rejection]]:
-    """The index rows with the removed ones as ``takedown`` rows, and every removal's rejection, in key order."""
-    rejections = _previous_rejections(files)
-    new_rows = []
-    for row in rows:
-        if row.key in removals:
-            message = f"removed on request (matched by {removals[row.key]})"
-            rejections[row.key] = Rejection(
-                STAGE,
-                REASON,
-                message,
-                row.key,
-                row.url or row.path,
-                JsonDict({"matched_by": removals[row.key], "sha256": row.sha256}),
-            )
-            # Kept: what identifies the input, so a later ingest can honour the takedown. Dropped: its content.
-            row = IndexRow(
-                key=row.key, status=REASON, url=row.url, path=row.path, sha256=row.sha256, error_message=message
-            )
-        new_rows.append(row)
-    return new_rows, [rejections[k] for k in sorted(rejections)]
-
-
-def _rejected_path(files: ShardFiles) -> str:
-    return join(files.folder, "rejected", f"{STAGE}-{files.name}.parquet")
-
-
-def _previous_rejections(files: ShardFiles) -> dict[str, Rejection]:
-    """Rejections of earlier removals from this shard, by key: a second takedown adds to them."""
-    path = _rejected_path(files)
-    if not exists(path):
-        return {}
-    return {r.key: r for r in from_table(Rejection, read_table(path, Rejection))}
+def _columns(row: IndexRow) -> dict:
+    """An index row's columns a judge passes on (all but those the rewrite sets: key, status, members, message)."""
+    return {f.name: getattr(row, f.name) for f in fields(IndexRow) if f.name not in _SET_BY_REWRITE}
 
 
 def format_removal(report: dict, limit: int = 50) -> str:

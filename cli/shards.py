@@ -1,20 +1,15 @@
-"""The read-only shard commands' common ground, as plain functions: resolve a PATH, read a shard's files; ``ls``.
+"""The read-only shard commands' common ground, as plain functions: read a shard's files, note what could not be
+read; ``ls``.
 
 ``show``, ``stats`` and ``validate`` live in :mod:`visinstruct.cli.show`, :mod:`visinstruct.cli.stats` and
 :mod:`visinstruct.cli.validate`; :mod:`visinstruct.cli.shards_cmd` wires them all to the command line. Nothing
-here writes to a dataset.
-
-A PATH names shards as a folder, a glob (``shards/*.tar``) or a brace pattern (``shards/{00000..00099}.tar``),
-locally or on any Beam filesystem (``gs://...``). A shard is named by its tar; its index and stats lie beside it
-(FORMAT.md). In a folder, a shard whose tar is gone still counts when its index or stats remain, so ``stats``
-(which reads only the indexes) still works and ``validate`` reports the missing tar.
+here writes to a dataset. Where a shard's files lie, and which shards a PATH names, is
+:mod:`visinstruct.transforms.layout`'s to say.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,49 +17,17 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from visinstruct.schemas import IndexRow
-from visinstruct.transforms.shards import (
+from visinstruct.transforms.layout import (
     IMG2DATASET_STAGE,
-    FileInfo,
-    UnsafeMember,
-    exists,
-    match,
+    ShardError,
+    ShardFiles,
+    match_paths,
     read_stats,
-    read_table,
-    read_tar_samples,
+    shard_files,
 )
+from visinstruct.transforms.shards import UnsafeMember, exists, read_table, read_tar_samples
 
-IMAGE_EXTENSIONS = ("jpg", "png", "webp")
-GLOB_CHARS = "*?["
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
 Progress = Callable[[int, int], None]  # (shards done, shards in all)
-
-
-class ShardError(ValueError):
-    """A PATH that names no shards, or a sample that is not there; the message is one line for the terminal."""
-
-
-class _NoSuchPath(ShardError):
-    """A literal path that does not exist (a brace pattern collects these to report them together)."""
-
-
-@dataclass(frozen=True)
-class ShardFiles:
-    """The files of one shard: ``name`` is the tar's stem, e.g. ``00042``."""
-
-    name: str
-    tar: str
-    index: str
-    stats: str
-    folder: str
-
-
-def shard_files(tar: str) -> ShardFiles:
-    """The files of the shard whose tar is ``tar`` (which need not exist)."""
-    folder, _, base = tar.rpartition("/")
-    stem = base[: -len(".tar")] if base.endswith(".tar") else base
-    prefix = f"{folder}/" if folder else ""
-    return ShardFiles(stem, tar, f"{prefix}{stem}.parquet", f"{prefix}{stem}_stats.json", folder or ".")
 
 
 def file_size(path: str) -> int | None:
@@ -138,103 +101,6 @@ def describe_losses(losses: list[Unread]) -> str:
     first = losses[0]
     why = first.error or "the tar lacks them"
     return f"{count} could not be read from {len(losses)} shards (shard {first.shard}: {why}); run validate"
-
-
-def match_paths(pattern: str) -> list[FileInfo]:
-    """The files a glob or a literal path matches, local or remote (``gs://`` globs too), with their sizes."""
-    try:
-        return match(pattern)
-    except Exception as e:  # noqa: BLE001 - Beam wraps every filesystem's errors in BeamIOError
-        raise ShardError(f"cannot list {pattern}: {e}".splitlines()[0]) from e
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Resolving a PATH
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Expand ``{a,b}`` lists and ``{00000..00099}`` numeric ranges (zero padding kept), like the shell."""
-    found = _BRACE.search(pattern)
-    if not found:
-        return [pattern]
-    body, head, tail = found.group(1), pattern[: found.start()], pattern[found.end() :]
-    numbers = _RANGE.fullmatch(body)
-    if numbers:
-        lo, hi = numbers.groups()
-        padded = any(len(n.lstrip("-")) > 1 and n.lstrip("-").startswith("0") for n in (lo, hi))
-        width = max(len(lo), len(hi)) if padded else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        items = [f"{n:0{width}d}" for n in range(int(lo), int(hi) + step, step)]
-    elif "," in body:
-        items = body.split(",")
-    else:
-        raise ShardError(f"bad brace pattern {{{body}}} in {pattern}: expected {{a,b}} or {{00000..00099}}")
-    return [out for item in items for out in expand_braces(head + item + tail)]
-
-
-def resolve_shards(path: str) -> list[str]:
-    """The tar paths a PATH names, sorted; raises :class:`ShardError` with a one-line message when none.
-
-    Args:
-        path: a shard folder, a ``.tar`` file, a glob, or a brace pattern; local or any Beam filesystem URL.
-    """
-    if not path:
-        raise ShardError("no PATH given")
-    pieces = expand_braces(path)
-    found, missing = set(), []
-    for piece in pieces:
-        try:
-            found.update(_resolve_piece(piece))
-        except _NoSuchPath:
-            missing.append(piece)
-    if len(pieces) == 1 and missing:
-        raise ShardError(f"no such file or folder: {path}")
-    if missing:  # a brace pattern names shards one by one: report the gaps at once, not the first alone
-        more = f" (and {len(missing) - 1} more of {len(pieces)})" if len(missing) > 1 else ""
-        raise ShardError(f"no such shard: {missing[0]}{more}")
-    return sorted(found)
-
-
-def _resolve_piece(piece: str) -> list[str]:
-    if any(c in piece for c in GLOB_CHARS):
-        bare = "://" not in piece and "/" not in piece  # Beam lists nothing for a glob with no folder part
-        matches = [m.path for m in match_paths(f"./{piece}" if bare else piece)]
-        matches = [p[2:] for p in matches] if bare else matches
-        if not matches:
-            raise ShardError(f"nothing matches {piece}")
-        tars = [p for p in matches if p.endswith(".tar")]
-        if not tars:
-            raise ShardError(f"{piece} matches {len(matches)} files but no shards (.tar files)")
-        return tars
-    if _is_folder(piece):
-        return _folder_shards(piece)
-    if not match_paths(piece):
-        raise _NoSuchPath(piece)
-    if not piece.endswith(".tar"):
-        raise ShardError(f"{piece} is not a shard (expected a .tar file or a folder of them)")
-    return [piece]
-
-
-def _is_folder(path: str) -> bool:
-    if "://" not in path:
-        return os.path.isdir(path)
-    # Object stores have no folders: a prefix is one when something lies under it and it is no file itself.
-    return path.endswith("/") or (not match_paths(path) and bool(match_paths(path.rstrip("/") + "/*")))
-
-
-def _folder_shards(folder: str) -> list[str]:
-    folder = folder.rstrip("/") or "/"
-    stems = set()
-    for meta in match_paths(f"{folder}/*"):
-        name = meta.path.rpartition("/")[2]
-        if name.endswith(".tar"):
-            stems.add(name[: -len(".tar")])
-        for suffix in (".parquet", "_stats.json"):  # only shard-named ones: urls.parquet is no shard
-            if name.endswith(suffix) and name[: -len(suffix)].isdigit():
-                stems.add(name[: -len(suffix)])
-    if not stems:
-        raise ShardError(f"{folder} holds no shards (no .tar files)")
-    return [f"{folder}/{stem}.tar" for stem in stems]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ The work is done by plain functions in :mod:`visinstruct.cli.shards` (ls), :mod:
 :mod:`~visinstruct.cli.gallery` and :mod:`~visinstruct.cli.remove`; they load only when a command runs, and Beam
 (about 2 s to import) only for a remote PATH (``gs://...``), so that ``--help`` and ``ls`` of a local folder are
 quick. Only ``remove`` changes a dataset.
+
+Flags follow the pipeline commands': shards are the positional PATH (as img2dataset and webdataset users write
+them), and a command that writes a dataset or a page writes it to ``--out``.
 """
 
 from __future__ import annotations
@@ -58,10 +61,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pick.add_argument("--random", action="store_true", help="a random sample (see --seed)")
     show.add_argument("--seed", type=int, metavar="S", help="seed for --random, to show the same sample again")
     show.add_argument(
-        "--out",
+        "--save-images",
         metavar="DIR",
         default=os.path.join(tempfile.gettempdir(), "visinstruct-show"),
-        help="folder to write the image to (default: %(default)s)",
+        help="folder to save the sample's image in (default: %(default)s)",
     )
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
     show.set_defaults(run=run_show)
@@ -70,7 +73,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "validate",
         help="check shards against the format; exit status 1 on any problem",
         description="Stream every tar (safe member names, complete samples, JSON schema, "
-        "images decode) and compare it with its parquet index and _stats.json.",
+        "images decode) and compare it with its parquet index and stats file.",
     )
     validate.add_argument("path", metavar="PATH", help=PATH_HELP)
     validate.add_argument("--json", action="store_true", help="print JSON (every problem) instead of text")
@@ -89,7 +92,8 @@ def _add_writing_parsers(sub: argparse._SubParsersAction) -> None:
         "included.",
     )
     export.add_argument("path", metavar="PATH", help=PATH_HELP)
-    export.add_argument("out", metavar="OUT", help="folder to write to (refused when it holds files)")
+    export.add_argument("--out", metavar="OUT", help="folder to write to, required (refused when it holds files)")
+    export.add_argument("old_out", nargs="?", metavar="OUT", help=argparse.SUPPRESS)  # refused: see run_export
     export.add_argument("--format", choices=("llava", "parquet"), default="llava", help="default: %(default)s")
     export.add_argument(
         "--caption-only",
@@ -108,7 +112,7 @@ def _add_writing_parsers(sub: argparse._SubParsersAction) -> None:
         "the page is one self-contained file.",
     )
     gallery.add_argument("path", metavar="PATH", help=PATH_HELP)
-    gallery.add_argument("-o", "--output", metavar="HTML", default="gallery.html", help="default: %(default)s")
+    gallery.add_argument("-o", "--out", metavar="HTML", default="gallery.html", help="the page (default: %(default)s)")
     gallery.add_argument("--sheet", metavar="PNG", help="contact sheet path (default: the page's name with .png)")
     gallery.add_argument(
         "--limit",
@@ -128,7 +132,7 @@ def _add_writing_parsers(sub: argparse._SubParsersAction) -> None:
         description="Lists hold one entry a line (blank lines and # comments skipped). URLs "
         "match exactly after stripping whitespace, sha256 digests in any case. "
         "A removed sample keeps an index row with status 'takedown' and a "
-        "dead-letter row in rejected/remove-NNNNN.parquet, so counts still add up.",
+        "dead-letter row from the stage remove, so counts still add up.",
     )
     remove.add_argument("path", metavar="PATH", help=PATH_HELP)
     remove.add_argument("--urls", metavar="FILE", help="file of URLs (or local paths) to remove")
@@ -154,7 +158,7 @@ class _Counter:
 
 def _user_errors(function):
     """Run ``function``; a :class:`ShardError` (no shards, a bad key, an unreadable index) becomes a user error."""
-    from visinstruct.cli.shards import ShardError
+    from visinstruct.transforms.layout import ShardError
 
     try:
         return function()
@@ -163,7 +167,7 @@ def _user_errors(function):
 
 
 def _resolve(args: argparse.Namespace) -> list[str]:
-    from visinstruct.cli.shards import resolve_shards
+    from visinstruct.transforms.layout import resolve_shards
 
     return _user_errors(lambda: resolve_shards(args.path))
 
@@ -197,7 +201,7 @@ def run_show(args: argparse.Namespace, beam_args: list[str]) -> int:
     seed = (args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)) if args.random else None
     paths = _resolve(args)
     sample = _user_errors(
-        lambda: show_sample(paths, key=args.key, index=args.index, random_seed=seed, out_dir=args.out)
+        lambda: show_sample(paths, key=args.key, index=args.index, random_seed=seed, out_dir=args.save_images)
     )
     sample["seed"] = seed
     print(json.dumps(sample, indent=1, ensure_ascii=False) if args.json else format_sample(sample))
@@ -216,6 +220,10 @@ def run_validate(args: argparse.Namespace, beam_args: list[str]) -> int:
 def run_export(args: argparse.Namespace, beam_args: list[str]) -> int:
     from visinstruct.cli.export import export_llava, export_parquet, format_export
 
+    if args.old_out is not None:
+        raise UserError(f"the output folder is --out now: visinstruct export {args.path} --out {args.old_out}")
+    if args.out is None:
+        raise UserError(f"needs an output folder: visinstruct export {args.path} --out DIR")
     if args.caption_only and args.format != "llava":
         raise UserError("--caption-only goes with --format llava")
     paths = _resolve(args)
@@ -233,10 +241,10 @@ def run_gallery(args: argparse.Namespace, beam_args: list[str]) -> int:
 
     if args.limit < 1 or args.thumb < 16:
         raise UserError("--limit must be at least 1 and --thumb at least 16")
-    sheet = args.sheet or os.path.splitext(args.output)[0] + ".png"
+    sheet = args.sheet or os.path.splitext(args.out)[0] + ".png"
     paths = _resolve(args)
     report = _user_errors(
-        lambda: gallery(paths, args.output, sheet, args.limit, args.seed, args.thumb, _Counter("gallery", args))
+        lambda: gallery(paths, args.out, sheet, args.limit, args.seed, args.thumb, _Counter("gallery", args))
     )
     sheet_note = f"; contact sheet {report['sheet']}" if report["sheet"] else ""
     unread = (

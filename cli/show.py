@@ -14,8 +14,9 @@ import re
 
 import pyarrow.compute as pc
 
-from visinstruct.cli.shards import IMAGE_EXTENSIONS, ShardError, ShardFiles, read_index, shard_files, tar_samples
+from visinstruct.cli.shards import read_index, tar_samples
 from visinstruct.schemas import IndexRow, SampleMeta, from_table, parse_key, shard_name
+from visinstruct.transforms.layout import ShardError, ShardFiles, image_member, shard_files
 from visinstruct.transforms.shards import exists, open_read
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -124,7 +125,7 @@ def _describe(files: ShardFiles, key: str, sample: dict[str, bytes], out_dir: st
         meta = SampleMeta.from_json(sample["json"]) if "json" in sample else None
     except ValueError as e:
         raise ShardError(f"sample {key}: bad JSON member ({e}); run validate".splitlines()[0]) from e
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    ext = image_member(sample)
     image_path = None
     if ext:
         os.makedirs(out_dir, exist_ok=True)
@@ -149,7 +150,7 @@ def _image_size(data: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.size
-    except Exception:  # noqa: BLE001 - Pillow raises many types for bad data; validate reports it
+    except Exception:  # Pillow raises many types for bad data; validate reports it
         return None
 
 

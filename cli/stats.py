@@ -14,7 +14,15 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from visinstruct.cli.shards import Progress, ShardError, ShardFiles, match_paths, read_index, shard_files
+from visinstruct.cli.shards import Progress, read_index
+from visinstruct.transforms.layout import (
+    ShardError,
+    ShardFiles,
+    match_paths,
+    rejected_pattern,
+    rejected_shard,
+    shard_files,
+)
 from visinstruct.transforms.shards import read_bytes
 
 CLIP_BUCKET = 0.05
@@ -36,7 +44,7 @@ def dataset_stats(paths: list[str], progress: Progress | None = None) -> dict:
     """Counts and distributions of a dataset, JSON-ready.
 
     Args:
-        paths: tar paths from :func:`~visinstruct.cli.shards.resolve_shards`; only the index and the
+        paths: tar paths from :func:`~visinstruct.transforms.layout.resolve_shards`; only the index and the
             ``rejected/*.parquet`` tables beside each are read.
         progress: called with ``(shards done, shards)`` after each index.
 
@@ -90,9 +98,9 @@ def _rejections_by_stage(shards: list[ShardFiles]) -> dict[str, dict[str, int]]:
         wanted.setdefault(files.folder, set()).add(files.name)
     counts: Counter = Counter()
     for folder, names in sorted(wanted.items()):
-        for meta in match_paths(f"{folder.rstrip('/')}/rejected/*.parquet"):
-            stem = meta.path.rpartition("/")[2][: -len(".parquet")]
-            if stem.rpartition("-")[2] in names:  # a glob over some shards counts only their rejections
+        for meta in match_paths(rejected_pattern(folder)):
+            stage_shard = rejected_shard(meta.path)
+            if stage_shard and stage_shard[1] in names:  # a glob over some shards counts only their rejections
                 table = pq.read_table(pa.BufferReader(read_bytes(meta.path)), columns=["stage", "reason"]).to_pydict()
                 counts.update(zip(table["stage"], table["reason"]))
     out: dict[str, dict[str, int]] = {}

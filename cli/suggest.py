@@ -1,28 +1,22 @@
 """ "Did you mean" for an option neither the command nor Beam knows.
 
-Most such options are habits from img2dataset (``--output_folder``, ``--url_list``, ``--thread_count``): our
-settings live in the config, so the suggestion is the config key as ``--set key=value`` (or the command's own
-``--out``/``--input``), else the closest Beam flag, else the closest config key.
+Most such options are habits from img2dataset (``--output_folder``, ``--url_list``, ``--thread_count``; ``ingest``
+takes them itself, the other commands do not): the suggestion is the config key as ``--set key=value`` (or the
+command's own ``--out``/``--input``), else the closest Beam flag, else the closest config key.
 """
 
 from __future__ import annotations
 
 import difflib
 
-# img2dataset's argument -> our config key (the same names are found without this table).
-IMG2DATASET = {
-    "output_folder": "write.path",
-    "url_list": "read.path",
-    "input_format": "read.format",
-    "thread_count": "download.threads",
-    "number_sample_per_shard": "write.shard_size",
-    "incremental_mode": "write.resume",
-    "user_agent_token": "download.user_agent",
-    "disallowed_header_directives": "download.optout_values",
-    "processes_count": None,
-    "output_format": None,
+from visinstruct.cli.ingest_cmd import IMG2DATASET
+
+# img2dataset's folders: the keys --out and --input set, in whichever config the command has.
+FOLDERS = {
+    "output_folder": ("write.path", "out"),
+    "url_list": ("read.path", "ingest.read.path", "input", "data.shards"),
 }
-COMMAND_FLAGS = {"write.path": "--out", "input": "--input"}  # keys that filter, generate and build take as flags
+COMMAND_FLAGS = {"write.path": "--out", "out": "--out", "input": "--input", "data.shards": "--input"}
 TOP_LEVEL = {"-v", "--verbose", "-q", "--quiet"}
 
 
@@ -43,11 +37,15 @@ def _config_key(command: str, name: str) -> str | None:
     if cls is None:
         return None
     keys = [key for key, type_name, _, _ in describe(cls) if type_name != "section"]
+    folder = next((key for key in FOLDERS.get(name, ()) if key in keys), None)
+    if folder is not None:
+        return folder
     wanted = IMG2DATASET.get(name, name)
-    if wanted is None:
-        return None
     if wanted in keys:
         return wanted
+    within = [key for key in keys if key.endswith(f".{wanted}")]  # a build's ingest.download.threads
+    if within:
+        return within[0]
     leaf = {key.rsplit(".", 1)[-1]: key for key in keys}
     for candidate in (wanted, wanted.rsplit(".", 1)[-1]):  # a standalone filter's write.path is write.path too
         if candidate in leaf:

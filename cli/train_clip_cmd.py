@@ -1,12 +1,12 @@
-"""``visinstruct train-clip --config FILE [--out DIR] [--set KEY=VALUE]``; several processes: ``torchrun ... -m
-visinstruct.cli.main train-clip ...``."""
+"""``visinstruct train-clip --config FILE [--input SHARDS] [--out DIR] [--set KEY=VALUE]``; several processes:
+``torchrun ... -m visinstruct.cli.main train-clip ...``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from visinstruct.cli.jobs import add_train_arguments, is_main_process, load_train
+from visinstruct.cli.jobs import TRAINING_SHARDS, FlagKeys, add_run_arguments, is_main_process, load_run
 from visinstruct.configs import ClipTrainConfig
 
 
@@ -18,12 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(image tower locked) or the reverse. Writes a checkpoint open_clip and "
         "`visinstruct filter` load. Under torchrun, one process per device (DDP).",
     )
-    add_train_arguments(parser, "train-clip")
+    add_run_arguments(parser, "train-clip", FlagKeys("data.shards", "out"), TRAINING_SHARDS, set_example="steps=200")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    cfg = load_train(ClipTrainConfig, args)
+    cfg = load_run(ClipTrainConfig, args)
     from visinstruct.trainer.clip_train import train  # torch and open_clip load only for this command
 
     summary = train(cfg)

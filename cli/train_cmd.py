@@ -1,12 +1,12 @@
-"""``visinstruct train --config FILE [--out DIR] [--set KEY=VALUE]``: the LLaVA-style reference trainer. Several
-processes: ``torchrun --nproc_per_node=N -m visinstruct.cli.main train ...``."""
+"""``visinstruct train --config FILE [--input SHARDS] [--out DIR] [--set KEY=VALUE]``: the LLaVA-style reference
+trainer. Several processes: ``torchrun --nproc_per_node=N -m visinstruct.cli.main train ...``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from visinstruct.cli.jobs import add_train_arguments, is_main_process, load_train
+from visinstruct.cli.jobs import TRAINING_SHARDS, FlagKeys, add_run_arguments, is_main_process, load_run
 from visinstruct.configs import LlavaTrainConfig
 
 
@@ -21,12 +21,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "chat` load; a rerun continues from OUT/resume.pt. Under torchrun, one "
         "process per device (DDP).",
     )
-    add_train_arguments(parser, "train")
+    add_run_arguments(parser, "train", FlagKeys("data.shards", "out"), TRAINING_SHARDS, set_example="steps=200")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    cfg = load_train(LlavaTrainConfig, args)
+    cfg = load_run(LlavaTrainConfig, args)
     from visinstruct.trainer.llava_train import train  # torch and transformers load only for this command
 
     summary = train(cfg)

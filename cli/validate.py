@@ -41,24 +41,23 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from visinstruct.cli.shards import (
+from visinstruct.cli.shards import Progress, file_size, read_index
+from visinstruct.schemas import IndexRow, Member, SampleMeta, conversation_problems, from_table
+from visinstruct.transforms.layout import (
     IMAGE_EXTENSIONS,
-    Progress,
+    IMG2DATASET_STAGE,
     ShardError,
     ShardFiles,
-    file_size,
-    read_index,
+    image_member,
+    read_stats,
     shard_files,
 )
-from visinstruct.schemas import IndexRow, Member, SampleMeta, conversation_problems, from_table
 from visinstruct.transforms.shards import (
-    IMG2DATASET_STAGE,
     UnsafeMember,
     check_member,
     exists,
     filled_columns,
     open_read,
-    read_stats,
     tar_end_problem,
 )
 
@@ -102,7 +101,7 @@ class Report:
 
 
 def validate(paths: list[str], progress: Progress | None = None) -> Report:
-    """Check every shard of ``paths`` (tar paths from :func:`~visinstruct.cli.shards.resolve_shards`)."""
+    """Check every shard of ``paths`` (tar paths from :func:`~visinstruct.transforms.layout.resolve_shards`)."""
     report, seen_keys = Report(), {}
     for done, tar in enumerate(paths, 1):
         files = shard_files(tar)
@@ -177,13 +176,14 @@ def _check_end(files: ShardFiles, end: int, report: Report) -> bool:
 
 def _check_sample(shard: str, key: str, sample: dict[str, bytes], report: Report) -> None:
     report.samples += 1
-    images = [ext for ext in IMAGE_EXTENSIONS if ext in sample]
-    missing = ["an image (jpg/png/webp)"] * (not images) + [f".{e}" for e in ("txt", "json") if e not in sample]
+    image = image_member(sample)
+    missing = [f"an image ({'/'.join(IMAGE_EXTENSIONS)})"] * (image is None)
+    missing += [f".{e}" for e in ("txt", "json") if e not in sample]
     if missing:
         report.add(shard, key, "missing_member", f"sample {key} has no {' and no '.join(missing)}")
     meta = _check_meta(shard, key, sample["json"], report) if "json" in sample else None
-    if images:
-        _check_image(shard, key, sample[images[0]], meta, report)
+    if image is not None:
+        _check_image(shard, key, sample[image], meta, report)
 
 
 def _check_meta(shard: str, key: str, data: bytes, report: Report) -> SampleMeta | None:
@@ -213,7 +213,7 @@ def _check_image(shard: str, key: str, data: bytes, meta: SampleMeta | None, rep
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             size = image.size
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, ValueError...)
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError...)
         report.add(shard, key, "bad_image", f"image of {key} does not decode: {type(e).__name__}: {e}")
         return
     report.images += 1
@@ -292,7 +292,12 @@ def _check_stats(files: ShardFiles, samples: TarSamples | None, rows: list[Index
         ]
     for name, claimed, actual, what in checks:
         if claimed != actual:
-            report.add(files.name, None, "stats_mismatch", f"_stats.json says {name} {claimed}; {what}: {actual}")
+            report.add(
+                files.name,
+                None,
+                "stats_mismatch",
+                f"{posixpath.basename(files.stats)} says {name} {claimed}; {what}: {actual}",
+            )
 
 
 def format_report(report: Report, limit: int | None = 200) -> str:

@@ -2,8 +2,10 @@
 
 A config class is a dataclass whose fields are made with :func:`opt` (default + one-line doc). Supported
 annotations: ``str``, ``int``, ``float``, ``bool``, ``X | None``, ``list[X]``, ``dict[str, X]``,
-``Literal[...]`` and nested config dataclasses. Value checks live in the class's ``__post_init__`` and raise
-``ValueError`` naming the field; the loader prefixes the file and the dotted key path.
+``Literal[...]`` and nested config dataclasses. A class may name keys it refuses in a ``REFUSED`` class attribute
+(key -> what to do instead): a key that would be ignored is an error, never a no-op. Value checks live in the
+class's ``__post_init__`` and raise ``ValueError`` naming the field; the loader prefixes the file and the dotted
+key path.
 """
 
 from __future__ import annotations
@@ -103,7 +105,10 @@ def _build(cls: type[T], data: Any, where: str) -> T:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     prefix = f"{where}." if where else ""
+    refused = getattr(cls, "REFUSED", {})  # keys a reader might expect here, and where they belong instead
     for key in data:
+        if key in refused:
+            raise ConfigError(f"'{prefix}{key}' has no effect here: {refused[key]}")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
@@ -176,16 +181,26 @@ def load(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> 
     return from_dict(cls, data, str(path))
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """Every key of a config class as ``(dotted key, type, default, doc)`` rows, nested sections expanded."""
+def describe(
+    cls: type, prefix: str = "", documented: dict[type, str] | None = None
+) -> list[tuple[str, str, str, str]]:
+    """Every key of a config class as ``(dotted key, type, default, doc)`` rows, nested sections expanded.
+
+    ``documented``: config classes documented on their own (class -> command name); a section of one of those
+    types is one row pointing there, not its keys again (a build's stage sections).
+    """
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or [tp]
         if dataclasses.is_dataclass(inner[0]):
-            rows.append((prefix + f.name, "section", "", f.metadata.get("doc", "")))
-            rows.extend(describe(inner[0], prefix + f.name + "."))
+            doc = f.metadata.get("doc", "")
+            if inner[0] in (documented or {}) and inner[0] is not cls:
+                rows.append((prefix + f.name, "section", "", f"{doc} (its keys: see `{documented[inner[0]]}`)"))
+                continue
+            rows.append((prefix + f.name, "section", "", doc))
+            rows.extend(describe(inner[0], prefix + f.name + ".", documented))
             continue
         if f.default is not _MISSING:
             default = repr(f.default)

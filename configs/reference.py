@@ -27,10 +27,11 @@ def _cell(text: str) -> str:
 def markdown_reference(configs: dict[str, type]) -> str:
     """One section per config (``visinstruct <name>``), one table row per key; sections as bold rows."""
     parts = [HEADER]
+    commands = {cls: name for name, cls in configs.items() if name != "write"}  # a build's sections: their own
     for name, cls in configs.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         parts.append(f"## {name}\n\n{_cell(doc)}\n\n| key | type | default | meaning |\n| --- | --- | --- | --- |")
-        for key, type_name, default, meaning in describe(cls):
+        for key, type_name, default, meaning in describe(cls, documented=commands):
             if type_name == "section":
                 parts.append(f"| **`{key}`** | section | | {_cell(meaning)} |")
             else:

@@ -7,7 +7,7 @@ Beam's own options (runner, project, workers...) are not here: they pass through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from visinstruct.configs.loader import opt
 
@@ -136,15 +136,17 @@ class DedupConfig:
 
 @dataclass
 class WriteConfig:
-    """The output dataset folder: WebDataset tars, parquet indexes, stats (see FORMAT.md)."""
+    """The output dataset folder of an ingest: WebDataset tars, parquet indexes, stats (see FORMAT.md)."""
 
-    path: str = opt(doc="output folder; local or any Beam filesystem")
+    path: str | None = opt(
+        None, "output folder; local or any Beam filesystem (standalone ingest: required, or --out; a build: its out)"
+    )
     shard_size: int = opt(10_000, "input rows per shard (img2dataset's number_sample_per_shard)")
     resume: bool = opt(
         True,
-        "skip shards whose _stats.json already exists, except shards whose rows all failed "
+        "skip shards whose stats file already exists, except shards whose rows all failed "
         "for a reason a rerun may fix (retryable or caused by the settings, e.g. "
-        "blocked_address), and reuse downloads a killed run finished (_staging/)",
+        "blocked_address), and reuse downloads a killed run finished (staged, see FORMAT.md)",
     )
     retry_failed: bool = opt(
         False,
@@ -158,28 +160,56 @@ class WriteConfig:
 
 
 @dataclass
+class OutputConfig:
+    """The output folder of a stage that rewrites shards (filter, generate): one output shard per input shard.
+
+    Only the path: the shard size, resuming and retrying belong to ingest, which cuts and downloads the shards, so
+    a rewriting stage refuses them rather than ignoring them.
+    """
+
+    REFUSED: ClassVar[dict[str, str]] = {
+        "shard_size": "filter and generate keep their input's shards; the shard size is ingest's: remove it",
+        "resume": "filter and generate rewrite every input shard; resuming is ingest's: remove it",
+        "retry_failed": "filter and generate rewrite every input shard; retrying downloads is ingest's: remove it",
+    }
+
+    path: str = opt(doc="output folder; local or any Beam filesystem")
+
+
+@dataclass(kw_only=True)
+class ComputeConfig:
+    """Where a model runs (the filter's CLIP, the generation LLM, the trainers): one definition of these keys."""
+
+    device: Device = opt(
+        "auto", "cuda when available (under torchrun: this process's LOCAL_RANK), else cpu; or force one"
+    )
+    precision: Precision = opt("auto", "bf16 on CUDA, fp32 on CPU, unless forced (fp16: inference only)")
+    threads: int | None = opt(None, "torch CPU threads per process; null lets torch decide")
+
+    def __post_init__(self):
+        _positive("threads", self.threads)
+
+
+@dataclass
 class IngestConfig:
     """``visinstruct ingest``: URL lists or annotated datasets to deduplicated, resized shards."""
 
     read: ReadConfig = opt(doc="input rows")
-    write: WriteConfig = opt(doc="output shards")
+    write: WriteConfig = opt(factory=WriteConfig, doc="output shards")
     download: DownloadConfig = opt(factory=DownloadConfig, doc="fetching")
     resize: ResizeConfig = opt(factory=ResizeConfig, doc="validation and resizing")
     dedup: DedupConfig = opt(factory=DedupConfig, doc="duplicate removal")
 
 
 @dataclass
-class ClipModelConfig:
+class ClipModelConfig(ComputeConfig):
     """A CLIP-like model for scoring image-text pairs."""
 
     backend: Literal["open_clip", "transformers"] = opt("open_clip", "model library")
     name: str = opt("ViT-B-32", "open_clip architecture or transformers model id / local path")
     pretrained: str | None = opt(None, "open_clip pretrained tag or checkpoint path")
-    device: Device = opt("auto", "cuda when available, else cpu; or force one")
-    precision: Precision = opt("auto", "bf16 on CUDA, fp32 on CPU, unless forced")
     min_batch_size: int = opt(1, "smallest batch RunInference forms")
     max_batch_size: int = opt(64, "largest batch RunInference forms")
-    threads: int | None = opt(None, "torch CPU threads; null lets torch decide")
     config_file: str | None = opt(
         None,
         "open_clip model config JSON to register first, named <name>.json "
@@ -193,10 +223,18 @@ class ClipModelConfig:
     )
 
     def __post_init__(self):
+        super().__post_init__()
         _positive("min_batch_size", self.min_batch_size)
         _positive("decode_threads", self.decode_threads)
         if self.max_batch_size < self.min_batch_size:
             raise ValueError("'max_batch_size' must be >= 'min_batch_size'")
+        if self.backend == "transformers":
+            given = [k for k in ("pretrained", "config_file") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(
+                    f"'{given[0]}' is open_clip's: with backend transformers, 'name' names the whole model; "
+                    f"remove {' and '.join(given)}"
+                )
 
 
 @dataclass
@@ -208,7 +246,7 @@ class FilterConfig:
     top_fraction: float | None = opt(None, "keep this fraction of best-scoring pairs (global, ties by key)")
     store_embeddings: bool = opt(False, "write float16 image and text embeddings to the parquet index")
     input: str | None = opt(None, "input shards (standalone runs): a folder, glob or brace pattern of tars")
-    write: WriteConfig | None = opt(None, "output shards (standalone runs)")
+    write: OutputConfig | None = opt(None, "output shards (standalone runs)")
 
     def __post_init__(self):
         if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
@@ -216,7 +254,7 @@ class FilterConfig:
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(ComputeConfig):
     """``visinstruct generate``: LLaVA-style conversations from captions and boxes with an LLM."""
 
     backend: Literal["transformers", "vllm", "openai", "caption_only"] = opt(
@@ -241,17 +279,17 @@ class GenerateConfig:
     min_chars: int = opt(2, "shortest accepted turn")
     max_chars: int = opt(2000, "longest accepted turn")
     batch_size: int = opt(8, "prompts per batch (local backends)")
-    device: Device = opt("auto", "transformers backend: cuda when available, else cpu")
     large_model: bool = opt(False, "share one model across the processes of a machine")
     concurrency: int = opt(8, "requests in flight (openai backend)")
     timeout: float = opt(120.0, "seconds per request (openai backend)")
     retries: int = opt(3, "extra attempts on 429, 5xx and timeouts (openai backend)")
     cache_dir: str | None = opt(None, "persistent response cache; reruns reuse answers")
     accelerator: str | None = opt(None, "Beam resource hint for the generation step only")
-    input: str | None = opt(None, "input shards (standalone runs): a folder or glob of .tar files")
-    write: WriteConfig | None = opt(None, "output shards (standalone runs)")
+    input: str | None = opt(None, "input shards (standalone runs): a folder, glob or brace pattern of tars")
+    write: OutputConfig | None = opt(None, "output shards (standalone runs)")
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.kinds or any(w < 0 for w in self.kinds.values()) or sum(self.kinds.values()) <= 0:
             raise ValueError("'kinds' needs at least one kind with a positive weight")
         for name in ("max_new_tokens", "batch_size", "concurrency", "timeout", "max_chars"):
@@ -260,30 +298,57 @@ class GenerateConfig:
             raise ValueError(f"'llm_fraction' must be within 0-1, got {self.llm_fraction}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("'temperature' must be >= 0 and 'top_p' within (0, 1]")
+        local = {"device": "auto", "precision": "auto", "threads": None}  # only the transformers backend uses them
+        given = [key for key, default in local.items() if getattr(self, key) != default]
+        if self.backend != "transformers" and given:
+            raise ValueError(
+                f"'{given[0]}' is the transformers backend's; backend {self.backend} does not use it: remove it"
+            )
+
+
+INGEST_SECTIONS = ("read", "download", "resize", "dedup")
 
 
 @dataclass
 class BuildConfig:
-    """``visinstruct build``: ingest, filter, generate and write in one Beam graph. A null stage is skipped."""
+    """``visinstruct build``: the stage configs it runs, composed in one Beam graph. A null stage is skipped.
 
-    write: WriteConfig = opt(doc="output shards")
-    read: ReadConfig | None = opt(None, "input rows to ingest; null to start from existing shards (input)")
+    Each section is that stage's own config; the build wires them (ingest or ``input`` -> filter -> generate, each
+    rewriting the previous stage's shards in place, all in ``out``), so a section refuses the keys the build sets.
+    """
+
+    out: str = opt(doc="output folder: the dataset (FORMAT.md) and its run report; or --out")
+    ingest: IngestConfig | None = opt(None, "ingest a URL list (an ingest config, without write.path); or input")
     input: str | None = opt(
         None,
-        "existing shards to start from instead of ingesting (a folder, glob or brace "
-        "pattern of .tar files; ours or img2dataset's); needs read: null",
+        "existing shards to start from instead of ingesting (a folder, glob or brace pattern of .tar files; ours "
+        "or img2dataset's); needs ingest: null",
     )
-    download: DownloadConfig = opt(factory=DownloadConfig, doc="fetching")
-    resize: ResizeConfig = opt(factory=ResizeConfig, doc="validation and resizing")
-    dedup: DedupConfig = opt(factory=DedupConfig, doc="duplicate removal")
-    filter: FilterConfig | None = opt(None, "CLIP filtering; null to skip")
-    generate: GenerateConfig | None = opt(None, "conversation generation; null to skip")
+    filter: FilterConfig | None = opt(None, "CLIP filtering (a filter config, without input and write); null to skip")
+    generate: GenerateConfig | None = opt(
+        None, "conversation generation (a generate config, without input and write); null to skip"
+    )
+
+    REFUSED: ClassVar[dict[str, str]] = {
+        **{k: f"a build's ingest settings go under 'ingest:': move it to 'ingest.{k}'" for k in INGEST_SECTIONS},
+        "write": "a build writes to 'out' (or --out); move shard_size, resume and retry_failed to 'ingest.write'",
+    }
 
     def __post_init__(self):
-        if (self.read is None) == (self.input is None):
-            raise ValueError("give either 'read' (ingest a URL list) or 'input' (start from existing shards)")
-        if self.read is None and self.filter is None and self.generate is None:
+        if (self.ingest is None) == (self.input is None):
+            raise ValueError("give either 'ingest' (ingest a URL list) or 'input' (start from existing shards)")
+        if self.ingest is None and self.filter is None and self.generate is None:
             raise ValueError("starting from existing shards ('input') needs a 'filter' or 'generate' stage")
+        if self.ingest is not None and self.ingest.write.path is not None:
+            raise ValueError("'ingest.write.path' is the build's 'out' (or --out): remove it")
+        for name in ("filter", "generate"):
+            stage = getattr(self, name)
+            for key in ("input", "write"):
+                if stage is not None and getattr(stage, key) is not None:
+                    raise ValueError(
+                        f"'{name}.{key}' is set by the build (each stage rewrites the previous stage's shards in "
+                        f"'out'): remove it; the build reads 'ingest' or 'input' and writes 'out' (or --out)"
+                    )
 
 
 CONFIGS = {

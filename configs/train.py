@@ -9,9 +9,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from visinstruct.configs.loader import opt
-from visinstruct.configs.stages import Device, _positive
+from visinstruct.configs.stages import ComputeConfig, _positive
 
 CaptionSource = Literal["auto", "txt", "conversation"]
+
+
+def refuse_fp16(precision: str) -> None:
+    """The trainers autocast to bf16 or run fp32; fp16 training needs loss scaling, which they do not do."""
+    if precision == "fp16":
+        raise ValueError("'precision' fp16 is for inference; the trainers take auto, fp32 or bf16")
 
 
 @dataclass
@@ -114,7 +120,7 @@ class ClipEvalConfig:
 
 
 @dataclass
-class ClipTrainConfig:
+class ClipTrainConfig(ComputeConfig):
     """``visinstruct train-clip``: contrastive training (CLIP, LiT, or LiT's reverse) on our shards."""
 
     out: str = opt(
@@ -128,15 +134,14 @@ class ClipTrainConfig:
     eval: ClipEvalConfig = opt(factory=ClipEvalConfig, doc="held-out evaluation")
     steps: int = opt(1000, "optimizer steps in all (the schedule's length)")
     seed: int = opt(0, "seeds the weights, the data order and every random draw")
-    device: Device = opt("auto", "cuda (this process's LOCAL_RANK under torchrun) when available, else cpu")
-    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "bf16 autocast on CUDA (auto), fp32 on CPU")
-    threads: int | None = opt(None, "torch CPU threads per process; null lets torch decide")
     log_every: int = opt(10, "steps between log lines (step, loss, lr, samples/s, temperature)")
     save_every: int | None = opt(None, "steps between checkpoints; the last step always saves")
     resume: bool = opt(True, "continue from out/resume.pt when it exists")
 
     def __post_init__(self):
-        for name in ("steps", "log_every", "save_every", "threads"):
+        super().__post_init__()
+        refuse_fp16(self.precision)
+        for name in ("steps", "log_every", "save_every"):
             _positive(name, getattr(self, name))
         if self.lock.unlocked_groups and self.lock.tower == "none":
             raise ValueError("'lock.unlocked_groups' needs lock.tower 'image' or 'text'")

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from visinstruct.configs.loader import opt
-from visinstruct.configs.stages import Device, _positive
-from visinstruct.configs.train import OptimConfig, StreamConfig
+from visinstruct.configs.stages import ComputeConfig, _positive
+from visinstruct.configs.train import OptimConfig, StreamConfig, refuse_fp16
 
 
 def _one_source(section: str, name: str | None, config: dict | None) -> None:
@@ -148,7 +148,7 @@ class LlavaEvalConfig:
 
 
 @dataclass
-class LlavaTrainConfig:
+class LlavaTrainConfig(ComputeConfig):
     """``visinstruct train``: a LLaVA-style model trained on our shards (stage 1: projector; stage 2: + the LM)."""
 
     out: str = opt(
@@ -168,16 +168,15 @@ class LlavaTrainConfig:
     eval: LlavaEvalConfig = opt(factory=LlavaEvalConfig, doc="held-out evaluation")
     steps: int = opt(1000, "optimizer steps in all (the schedule's length)")
     seed: int = opt(0, "seeds the new weights, the data order and every random draw")
-    device: Device = opt("auto", "cuda (this process's LOCAL_RANK under torchrun) when available, else cpu")
-    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "bf16 autocast on CUDA (auto), fp32 on CPU")
-    threads: int | None = opt(None, "torch CPU threads per process; null lets torch decide")
     log_every: int = opt(10, "steps between log lines (loss, lr, samples/s, tokens/s, progress)")
     save_every: int | None = opt(None, "steps between checkpoints; the last step always saves")
     resume: bool = opt(True, "continue from out/resume.pt when it exists")
     tensorboard: bool = opt(False, "also write TensorBoard scalars to out/tensorboard (needs the tensorboard package)")
 
     def __post_init__(self):
-        for name in ("steps", "grad_accum", "log_every", "save_every", "threads"):
+        super().__post_init__()
+        refuse_fp16(self.precision)
+        for name in ("steps", "grad_accum", "log_every", "save_every"):
             _positive(name, getattr(self, name))
         if self.data.augment:
             raise ValueError(

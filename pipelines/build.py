@@ -4,19 +4,21 @@ Graph::
 
     Ingest -> (shard paths) -> FilterShards (in place) -> (shard paths) -> GenerateShards (in place) -> ShardStats
 
-or, from existing shards (``read: null``, ``input: ...``)::
+or, from existing shards (``ingest: null``, ``input: ...``)::
 
-    tar paths -> FilterShards (into write.path) -> (shard paths) -> GenerateShards (in place) -> ShardStats
+    tar paths -> FilterShards (into out) -> (shard paths) -> GenerateShards (in place) -> ShardStats
 
 Each stage hands the next the paths of the shards it finished, and rewrites them where they are: no image bytes
 are shuffled between stages and no intermediate copy of the dataset is written. Each shard's index keeps one row
-per input row across all stages; each stage's drops go to ``rejected/<stage>-NNNNN.parquet``. A shard counts as
+per input row across all stages; each stage's drops go to that stage's dead-letter table. A shard counts as
 complete only once the last stage has written its stats, so an interrupted build redoes unfinished shards.
+
+The config is the stage configs it runs; this module wires them: ingest writes to ``out`` and every later stage
+rewrites the shards there (the config loader refuses a stage section that sets its own input or output).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from dataclasses import replace
@@ -26,14 +28,15 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from visinstruct.configs import BuildConfig, IngestConfig
+from visinstruct.configs import BuildConfig, OutputConfig
 from visinstruct.pipelines.filter import FilterShards
 from visinstruct.pipelines.generate import TOKEN_COUNTERS, GenerateShards
 from visinstruct.pipelines.ingest import Ingest, remove_empty_staging
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import counter_value, input_rows, summarize, write_report
-from visinstruct.schemas import IndexRow, shard_name
-from visinstruct.transforms.shards import join, read_bytes, read_table
+from visinstruct.schemas import IndexRow
+from visinstruct.transforms.layout import index_pattern, rejected_pattern, shard_in, shard_stem
+from visinstruct.transforms.shards import read_table
 from visinstruct.transforms.timing import BUSY_US
 
 INGEST_STAGES = ("read", "download", "decode", "dedup")
@@ -41,41 +44,41 @@ INGEST_STAGES = ("read", "download", "decode", "dedup")
 
 def stages_of(cfg: BuildConfig) -> list[str]:
     return (
-        (["ingest"] if cfg.read else []) + (["filter"] if cfg.filter else []) + (["generate"] if cfg.generate else [])
+        (["ingest"] if cfg.ingest else [])
+        + (["filter"] if cfg.filter else [])
+        + (["generate"] if cfg.generate else [])
     )
 
 
 class Build(beam.PTransform):
     """The whole build: ``PBegin`` -> ``ShardStats`` of the last stage, one per shard.
 
-    ``inputs`` are the tars to start from when ``cfg.read`` is null (the CLI resolves ``cfg.input`` into them);
-    the first stage writes them to ``write.path`` as shards numbered in their order.
+    ``inputs`` are the tars to start from when ``cfg.ingest`` is null (the CLI resolves ``cfg.input`` into them);
+    the first stage writes them to ``out`` as shards numbered in their order.
     """
 
     def __init__(self, cfg: BuildConfig, inputs: list[str] | None = None):
         super().__init__()
-        if cfg.read is None and not inputs:
+        if cfg.ingest is None and not inputs:
             raise ValueError("a build from existing shards needs the input tars")
         self.cfg, self.inputs = cfg, inputs or []
 
     def expand(self, pbegin):
-        cfg, out = self.cfg, self.cfg.write.path
+        cfg, out = self.cfg, self.cfg.out
         positions = {}
-        if cfg.read is not None:
-            ingest_cfg = IngestConfig(
-                read=cfg.read, write=cfg.write, download=cfg.download, resize=cfg.resize, dedup=cfg.dedup
-            )
+        if cfg.ingest is not None:
+            ingest_cfg = replace(cfg.ingest, write=replace(cfg.ingest.write, path=out))
             stats = pbegin | "Ingest" >> Ingest(ingest_cfg, complete_at={stages_of(cfg)[-1]})
-            paths = stats | "IngestedShards" >> beam.Map(lambda s: join(out, f"{shard_name(s.shard)}.tar"))
+            paths = stats | "IngestedShards" >> beam.Map(lambda s: shard_in(out, s.shard).tar)
         else:
             positions = {path: i for i, path in enumerate(self.inputs)}
             paths = pbegin | "InputShards" >> beam.Create(self.inputs) | "SpreadShards" >> beam.Reshuffle()
         if cfg.filter:
-            stats = paths | "Filter" >> FilterShards(replace(cfg.filter, write=cfg.write), positions)
-            paths = stats | "FilteredShards" >> beam.Map(lambda s: join(out, f"{shard_name(s.shard)}.tar"))
+            stats = paths | "Filter" >> FilterShards(replace(cfg.filter, write=OutputConfig(out)), positions)
+            paths = stats | "FilteredShards" >> beam.Map(lambda s: shard_in(out, s.shard).tar)
             positions = {}  # generation rewrites the filter's output in place
         if cfg.generate:
-            stats = paths | "Generate" >> GenerateShards(replace(cfg.generate, write=cfg.write), positions)
+            stats = paths | "Generate" >> GenerateShards(replace(cfg.generate, write=OutputConfig(out)), positions)
         return stats
 
 
@@ -84,8 +87,8 @@ def stage_counts(out_dir: str, stages: list[str], inputs: int) -> list[dict]:
 
     ``inputs`` are the rows that reached the first stage (a build from existing shards starts from their samples).
     """
-    pattern = join(out_dir, "rejected", "*.parquet")
-    tables = [pq.read_table(FileSystems.open(m.path)) for m in FileSystems.match([pattern])[0].metadata_list]
+    matched = FileSystems.match([rejected_pattern(out_dir)])[0].metadata_list
+    tables = [pq.read_table(FileSystems.open(m.path)) for m in matched]
     dropped: dict[str, Counter] = {stage: Counter() for stage in stages}
     for table in tables:
         for row in table.select(["stage", "reason"]).to_pylist():
@@ -104,10 +107,9 @@ def stage_counts(out_dir: str, stages: list[str], inputs: int) -> list[dict]:
 
 def clip_distribution(out_dir: str) -> dict | None:
     """Quantiles of the CLIP scores in the indexes (kept and dropped pairs alike)."""
-    pattern = join(out_dir, "*.parquet")
     scores = []
-    for meta in FileSystems.match([pattern])[0].metadata_list:
-        if meta.path.rsplit("/", 1)[-1][:5].isdigit():
+    for meta in FileSystems.match([index_pattern(out_dir)])[0].metadata_list:
+        if shard_stem(meta.path) is not None:
             column = read_table(meta.path, IndexRow, ["clip_score"]).column(0).to_pylist()
             scores += [s for s in column if s is not None]
     if not scores:
@@ -120,9 +122,9 @@ def clip_distribution(out_dir: str) -> dict | None:
 
 
 def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] | None = None) -> dict:
-    """Run the build; returns the run report (also written as ``run_report.json`` next to the shards).
+    """Run the build; returns the run report (also written next to the shards: ``layout.report_path``).
 
-    ``inputs``: the tars to start from when ``cfg.read`` is null.
+    ``inputs``: the tars to start from when ``cfg.ingest`` is null.
     """
     rows_before = input_rows(inputs) if inputs else None  # read first: the build may rewrite them in place
     start = time.monotonic()
@@ -131,12 +133,12 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] 
     result = p.run()
     result.wait_until_finish()
     seconds = time.monotonic() - start
-    out, stages = cfg.write.path, stages_of(cfg)
-    if cfg.read is not None:
+    out, stages = cfg.out, stages_of(cfg)
+    if cfg.ingest is not None:
         remove_empty_staging(out)
     report = summarize(out, stage=stages[-1])
     rows_read = counter_value(result, stages[0], "rows_read")  # rows into the first stage
-    if cfg.read is not None:  # every row read is in the index, written or rejected
+    if cfg.ingest is not None:  # every row read is in the index, written or rejected
         accounted = rows_read is None or rows_read == report["inputs"]
     else:  # the input shards' rows, earlier rejections included, all end in the output's index
         accounted = rows_before is None or rows_before == report["inputs"]
@@ -144,7 +146,7 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] 
         if report["shards"] < len(inputs):  # an input shard it could not read at all: a dead letter, no output
             report["shards_unwritten"] = len(inputs) - report["shards"]
             accounted = False
-    first_in = report["inputs"] if cfg.read is not None or rows_read is None else rows_read
+    first_in = report["inputs"] if cfg.ingest is not None or rows_read is None else rows_read
     report.update(
         stages=stage_counts(out, stages, first_in),
         rows_read=rows_read,
@@ -163,37 +165,3 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] 
     report["stages_add_up"] = report["stages"][-1]["out"] == report["written"]
     write_report(out, report)
     return report
-
-
-def format_build_report(report: dict) -> str:
-    """The short table printed at the end of a build."""
-    carried = report.get("carried_rejections")
-    lines = [
-        f"build: {report['inputs']} rows -> {report['written']} samples in {report['shards']} shards "
-        f"({report['seconds']} s, {report['rows_per_second']} rows/s)"
-        + (f"; {carried} rows were rejected before this build" if carried else ""),
-        f"  {'stage':<10} {'in':>7} {'out':>7} {'busy s':>8} {'rows/s':>8}  dropped",
-    ]
-    for s in report["stages"]:
-        reasons = ", ".join(f"{r} {n}" for r, n in s["dropped_by_reason"].items()) or "-"
-        rate = "-" if s.get("rows_per_busy_second") is None else s["rows_per_busy_second"]
-        lines.append(
-            f"  {s['stage']:<10} {s['in']:>7} {s['out']:>7} {s.get('busy_seconds', '-'):>8} {rate:>8}  {reasons}"
-        )
-    if report.get("clip"):
-        c = report["clip"]
-        lines.append(f"  CLIP scores: min {c['min']}, median {c['p50']}, max {c['max']} over {c['pairs']} pairs")
-    if report.get("backend_calls"):
-        lines.append(
-            f"  LLM: {report['backend_calls']} calls spent {report['prompt_tokens_spent']} prompt + "
-            f"{report['completion_tokens_spent']} completion tokens; the written samples hold "
-            f"{report['completion_tokens']} of those completion tokens"
-        )
-    lines.append("  (busy s: seconds of work per stage summed over workers and threads; stages overlap in one graph)")
-    state = "ok" if report["accounted"] and report["stages_add_up"] else "MISMATCH"
-    lines.append(f"  accounting: {state}; report {join(report['output'], 'run_report.json')}")
-    return "\n".join(lines)
-
-
-def load_report(out_dir: str) -> dict:
-    return json.loads(read_bytes(join(out_dir, "run_report.json")))

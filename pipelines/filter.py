@@ -3,7 +3,7 @@
 Graph (element shapes in comments)::
 
     tar paths -> ReadShardSamples -> DecodeForClip -> RunInference(CLIP) -> scores
-    scores -> TopFractionCut (global, exact) -> Decide -> (shard, Decision)
+    scores -> TopFractionCut (global, exact) -> Decide -> (shard, (key, Decision[ClipScore]))
     (decisions, rejections) -> CoGroupByKey(shard) -> RewriteShard -> ShardStats
 
 Reads our shards and img2dataset's. ``dry_run`` writes nothing and reports the score distribution and what
@@ -13,7 +13,6 @@ each candidate threshold or fraction would keep, since thresholds do not carry o
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import apache_beam as beam
@@ -22,56 +21,30 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from visinstruct.configs import FilterConfig
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import check_inputs, input_rows, summarize, write_report
-from visinstruct.schemas import Rejection
+from visinstruct.schemas import ClipScore, Decision, Rejection
 from visinstruct.transforms.clip import make_handler
 from visinstruct.transforms.filter_stages import (
     STAGE,
-    Decision,
     DecodeForClip,
     ReadShardSamples,
     failed_batch_rejections,
-    filter_judge,
+    score_decision,
+    shard_judge,
 )
-from visinstruct.transforms.rewrite import rewrite_shard
-from visinstruct.transforms.select import HistogramFn, TopFractionCut, distribution, ranks_within
+from visinstruct.transforms.rewrite_stage import RewriteShard
+from visinstruct.transforms.select import HistogramFn, TopFractionCut, distribution
 from visinstruct.transforms.shards import join, read_bytes, write_bytes
-from visinstruct.transforms.timing import busy
 
-log = logging.getLogger(__name__)
 DRY_RUN_THRESHOLDS = [round(0.10 + 0.02 * i, 2) for i in range(16)]
 DRY_RUN_FRACTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 DRY_RUN_NAME = "filter_dry_run.json"
 
 
-def decide(scored, cfg: FilterConfig, cut) -> tuple[str, Decision]:
-    """``((path, key), ClipOutput)`` -> ``(path, Decision)``: threshold first, then the top fraction."""
+def decide(scored, cfg: FilterConfig, cut) -> tuple[str, tuple[str, Decision[ClipScore]]]:
+    """``((path, key), ClipOutput)`` -> ``(path, (key, Decision))``: threshold first, then the top fraction."""
     (path, key), output = scored
-    score, reason = output.score, None
-    if cfg.threshold is not None and score < cfg.threshold:
-        reason = "clip_below_threshold"
-    elif cfg.top_fraction is not None and not ranks_within(score, key, cut):
-        reason = "clip_not_top_fraction"
-    embed = lambda v: None if v is None else v.tobytes()  # noqa: E731
-    return path, Decision(
-        key, score, reason is None, reason, embed(output.image_embedding), embed(output.text_embedding)
-    )
-
-
-class _RewriteShard(beam.DoFn):
-    def __init__(self, cfg: FilterConfig, positions: dict[str, int]):
-        self.cfg, self.positions = cfg, positions
-
-    def process(self, element):
-        path, groups = element
-        decisions = {d.key: d for d in groups["decisions"]}
-        rejections = {r.key: r for r in groups["rejections"] if r.key}
-        judge = filter_judge(decisions, rejections, self.cfg.model.name, self.cfg.model.pretrained)
-        with busy(STAGE):
-            stats = rewrite_shard(path, self.positions.get(path), self.cfg.write.path, STAGE, judge)
-        for reason, count in stats.rejected_by_reason.items():
-            beam.metrics.Metrics.counter("filter", f"dropped_{reason}").inc(count)
-        log.info("shard %05d: kept %d of %d", stats.shard, stats.written, stats.inputs)
-        yield stats
+    clip = ClipScore(output.score, cfg.model.name, cfg.model.pretrained)
+    return path, (key, score_decision(key, output, cfg.threshold, cfg.top_fraction, cut, clip))
 
 
 class ScorePairs(beam.PTransform):
@@ -132,12 +105,12 @@ class FilterShards(beam.PTransform):
                 | "KeyScore" >> beam.Map(lambda s: (s[0][1], s[1].score))  # (key, score)
                 | "TopFractionCut" >> TopFractionCut(cfg.top_fraction)
             )
-        decisions = scored | "Decide" >> beam.Map(decide, cfg=cfg, cut=cut)  # (path, Decision)
+        decisions = scored | "Decide" >> beam.Map(decide, cfg=cfg, cut=cut)  # (path, (key, Decision))
         every_shard = paths | "EveryShard" >> beam.Map(lambda p: (p, p))  # shards with no sample still get written
         return (
             {"decisions": decisions, "rejections": rejected, "paths": every_shard}
             | "JoinByShard" >> beam.CoGroupByKey()  # (path, {"decisions": [..], "rejections": [..], ...})
-            | "RewriteShard" >> beam.ParDo(_RewriteShard(cfg, self.positions))
+            | "RewriteShard" >> beam.ParDo(RewriteShard(STAGE, cfg.write.path, self.positions, shard_judge))
         )
 
 

@@ -2,9 +2,9 @@
 
 Graph (element shapes in comments)::
 
-    tar paths -> PlanSamples -> plans (LLM) | direct results (caption-only) | rejections
-    plans -> RunInference(GenerationHandler) -> (path, key, Judgement)
-    (judgements, rejections) -> CoGroupByKey(path) -> RewriteShard -> ShardStats
+    tar paths -> PlanSamples -> plans (LLM) | (path, (key, Decision)) (caption-only data, drops)
+    plans -> RunInference(GenerationHandler) -> (path, (key, Decision[SampleMeta]))
+    (decisions, tar paths) -> CoGroupByKey(path) -> RewriteShard -> ShardStats
 
 Image bytes never leave the tar: the LLM reads text only (captions, boxes, tags) and each output shard is
 written by re-reading its input tar.
@@ -17,9 +17,10 @@ dead-letter row and the bundle goes on.
 from __future__ import annotations
 
 import json
-import logging
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
+from typing import TypeVar
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
@@ -27,9 +28,10 @@ from apache_beam.ml.inference.base import RunInference
 from visinstruct.configs import GenerateConfig
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import check_inputs, counter_value, input_rows, summarize, write_report
-from visinstruct.schemas import GenerationInfo, JsonDict, Rejection, SampleMeta
+from visinstruct.schemas import Decision, GenerationInfo, Rejection, SampleMeta
 from visinstruct.transforms.guard import guarded
-from visinstruct.transforms.llm import GenerationHandler, Outcome, Plan
+from visinstruct.transforms.layout import image_member
+from visinstruct.transforms.llm import GenerationHandler, Plan, Reply
 from visinstruct.transforms.llm_openai import ChatRequest
 from visinstruct.transforms.prompts import (
     Templates,
@@ -41,27 +43,24 @@ from visinstruct.transforms.prompts import (
     pick,
     uses_llm,
 )
-from visinstruct.transforms.rewrite import Judgement, image_member, iter_samples, rewrite_shard, sample_meta
+from visinstruct.transforms.rewrite import Judge, iter_samples, sample_meta
+from visinstruct.transforms.rewrite_stage import RewriteShard
 from visinstruct.transforms.timing import busy
 
-log = logging.getLogger(__name__)
 STAGE = "generate"
 CAPTION_ONLY = "caption_only"
+T = TypeVar("T")
 RAW_LIMIT = 100_000  # characters of a rejected reply kept in its dead-letter row (a reply may be megabytes)
 
 
-def plan_sample(path: str, meta: SampleMeta, cfg: GenerateConfig, templates: Templates) -> Plan | Judgement:
-    """What to do with one sample: an LLM plan, or a finished caption-only (or rejected) judgement."""
+def plan_sample(path: str, meta: SampleMeta, cfg: GenerateConfig, templates: Templates) -> Plan | Decision[SampleMeta]:
+    """What to do with one sample: an LLM plan, or its finished decision (caption-only data, or a drop)."""
     if cfg.backend == CAPTION_ONLY or not uses_llm(meta.key, cfg.llm_fraction, cfg.seed):
         turns = caption_only(meta, templates, cfg.seed)
         if turns is None:
-            return Judgement(
-                rejection=Rejection(
-                    STAGE, "no_caption", "caption-only data needs a caption", meta.key, meta.url or meta.path
-                )
-            )
+            return Decision.drop("no_caption", "caption-only data needs a caption")
         info = GenerationInfo(CAPTION_ONLY, CAPTION_ONLY, templates.sha256, derive_seed(cfg.seed, meta.key, "brief"))
-        return Judgement(meta=replace(meta, conversations=turns, generation=info))
+        return Decision.keep(replace(meta, conversations=turns, generation=info))
     kind = choose_kind(meta.key, cfg.kinds, cfg.seed)
     template = templates.kinds[kind]
     question = pick(template.questions, meta.key, cfg.seed, "question") if template.format == "description" else None
@@ -69,15 +68,7 @@ def plan_sample(path: str, meta: SampleMeta, cfg: GenerateConfig, templates: Tem
     try:  # what no backend can send (lone surrogates from JSON escapes): this sample's problem, not the batch's
         json.dumps(messages, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:
-        return Judgement(
-            rejection=Rejection(
-                STAGE,
-                "bad_characters",
-                f"the prompt cannot be encoded: {e}"[:500],
-                meta.key,
-                safe_text(meta.url or meta.path),
-            )
-        )
+        return Decision.drop("bad_characters", f"the prompt cannot be encoded: {e}")
     request = ChatRequest(
         key=meta.key,
         messages=messages,
@@ -97,70 +88,50 @@ def safe_text(text: str | None, limit: int | None = None) -> str | None:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def judge_outcome(plan: Plan, outcome: Outcome, model: str, templates_sha: str) -> Judgement:
-    """A generation outcome as the sample's judgement: conversations and provenance, or a dead-letter row."""
-    result, verdict = outcome.result, outcome.verdict
-    if verdict.turns is None:
+def judge_reply(plan: Plan, reply: Reply, model: str, templates_sha: str) -> Decision[SampleMeta]:
+    """The LLM's reply as the sample's decision: conversations and provenance, or a drop keeping the raw reply."""
+    result, decision = reply.result, reply.decision
+    if not decision.kept:
         raw = result.text if isinstance(result.text, str) else None
-        detail = JsonDict(
-            {
-                "raw": safe_text(raw, RAW_LIMIT),
-                "raw_chars": len(raw or ""),
-                "kind": plan.kind,
-                "attempts": outcome.attempts,
-                "seed": outcome.seed,
-                "finish_reason": result.finish_reason,
-            }
-        )
-        return Judgement(
-            rejection=Rejection(
-                STAGE,
-                verdict.reason or "internal_error",
-                safe_text(verdict.message or verdict.reason, 500),
-                plan.key,
-                safe_text(plan.meta.url or plan.meta.path),
-                detail,
-            )
-        )
+        detail = {
+            "raw": safe_text(raw, RAW_LIMIT),
+            "raw_chars": len(raw or ""),
+            "kind": plan.kind,
+            "attempts": reply.attempts,
+            "seed": reply.seed,
+            "finish_reason": result.finish_reason,
+        }
+        return Decision.drop(decision.reason, safe_text(decision.message or decision.reason), detail)
     info = GenerationInfo(
-        plan.kind, model, templates_sha, outcome.seed or 0, result.prompt_tokens, result.completion_tokens
+        plan.kind, model, templates_sha, reply.seed or 0, result.prompt_tokens, result.completion_tokens
     )
-    return Judgement(meta=replace(plan.meta, conversations=verdict.turns, generation=info))
+    return Decision.keep(replace(plan.meta, conversations=decision.value, generation=info))
 
 
-def guarded_judgement(fn, key: str, url: str | None) -> Judgement:
-    """``fn()``'s judgement, or this sample's ``internal_error`` dead-letter judgement when it raises."""
+def guarded_decision(fn: Callable[[], T], key: str, url: str | None) -> T | Decision:
+    """``fn()``, or this sample's ``internal_error`` drop when it raises."""
     out = guarded(STAGE, fn, key, safe_text(url))
-    return out if isinstance(out, Judgement) else Judgement(rejection=out)
+    return Decision.from_rejection(out) if isinstance(out, Rejection) else out
 
 
-def judged(result, model: str, templates_sha: str) -> tuple[str, tuple[str, Judgement]]:
-    """RunInference's ``PredictionResult`` as ``(path, (key, Judgement))``, guarded per sample."""
+def judged(result, model: str, templates_sha: str) -> tuple[str, tuple[str, Decision[SampleMeta]]]:
+    """RunInference's ``PredictionResult`` as ``(path, (key, Decision))``, guarded per sample."""
     plan = result.example
-    judgement = guarded_judgement(
-        partial(judge_outcome, plan, result.inference, model, templates_sha), plan.key, plan.meta.url or plan.meta.path
+    decision = guarded_decision(
+        partial(judge_reply, plan, result.inference, model, templates_sha), plan.key, plan.meta.url or plan.meta.path
     )
-    return plan.path, (plan.key, judgement)
+    return plan.path, (plan.key, decision)
 
 
-def crashed_batch(failure) -> list[tuple[str, tuple[str, Judgement]]]:
-    """RunInference's ``(failed batch of plans, exception)`` as one dead-letter judgement per sample."""
+def crashed_batch(failure) -> list[tuple[str, tuple[str, Decision[SampleMeta]]]]:
+    """RunInference's ``(failed batch of plans, exception)`` as one ``inference_error`` drop per sample."""
     plans, error = failure
-    message = f"{type(error).__name__}: {error}"[:500] if isinstance(error, BaseException) else str(error)[:500]
-    return [
-        (
-            p.path,
-            (
-                p.key,
-                Judgement(rejection=Rejection(STAGE, "inference_error", message, p.key, p.meta.url or p.meta.path)),
-            ),
-        )
-        for p in plans
-    ]
+    message = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+    return [(p.path, (p.key, Decision.drop("inference_error", message))) for p in plans]
 
 
 class PlanSamples(beam.DoFn):
-    """``tar path`` -> ``Plan``; tagged ``done``: ``(path, (key, Judgement))`` for caption-only and rejections."""
+    """``tar path`` -> ``Plan``; tagged ``done``: ``(path, (key, Decision))`` for caption-only data and drops."""
 
     def __init__(self, cfg: GenerateConfig):
         self.cfg = cfg
@@ -175,54 +146,45 @@ class PlanSamples(beam.DoFn):
                 continue
             self.rows_read.inc()
             with busy(STAGE):
-                plan = guarded(STAGE, partial(self._plan, path, key, members), key)
-            if isinstance(plan, Rejection):
-                plan = Judgement(rejection=plan)
-            if isinstance(plan, Judgement):
+                plan = guarded_decision(partial(self._plan, path, key, members), key, None)
+            if isinstance(plan, Decision):
                 yield beam.pvalue.TaggedOutput("done", (path, (key, plan)))
             else:
                 yield plan
 
-    def _plan(self, path: str, key: str, members: dict) -> Plan | Judgement:
-        """One sample's plan, or its judgement when it has no usable metadata or image, or needs no LLM."""
+    def _plan(self, path: str, key: str, members: dict) -> Plan | Decision[SampleMeta]:
+        """One sample's plan, or its decision when it has no usable metadata or image, or needs no LLM."""
         try:
             meta = sample_meta(key, members)
         except ValueError as e:
-            return Judgement(rejection=Rejection(STAGE, "bad_metadata", safe_text(str(e), 500), key))
+            return Decision.drop("bad_metadata", safe_text(str(e)))
         if image_member(members) is None:
-            return Judgement(
-                rejection=Rejection(
-                    STAGE, "no_image", "sample has no image member", key, safe_text(meta.url or meta.path)
-                )
-            )
+            return Decision.drop("no_image", "sample has no image member")
         return plan_sample(path, meta, self.cfg, self.templates)
 
 
-class _RewriteShard(beam.DoFn):
-    def __init__(self, cfg: GenerateConfig, positions: dict[str, int]):
-        self.cfg, self.positions = cfg, positions
+def generate_judge(decisions: dict[str, Decision[SampleMeta]]) -> Judge:
+    """Generation as a judge of one shard: each sample's decision, or ``not_generated`` when none reached it."""
 
-    def process(self, element):
-        path, groups = element
-        judgements = dict(groups["judgements"])
+    def judge(key: str, meta: SampleMeta, members: dict[str, bytes]) -> Decision[SampleMeta]:
+        return decisions.get(key) or Decision.drop("not_generated", "no result reached the writer")
 
-        def lookup(key: str, meta: SampleMeta) -> Judgement:
-            return judgements.get(key) or Judgement(
-                rejection=Rejection(STAGE, "not_generated", "no result reached the writer", key, meta.url or meta.path)
-            )
+    return judge
 
-        def judge(key: str, meta: SampleMeta) -> Judgement:
-            return guarded_judgement(partial(lookup, key, meta), key, meta.url or meta.path)
 
-        with busy(STAGE):
-            stats = rewrite_shard(path, self.positions.get(path), self.cfg.write.path, STAGE, judge)
-        for reason, count in stats.rejected_by_reason.items():
-            beam.metrics.Metrics.counter(STAGE, f"dropped_{reason}").inc(count)
-        tokens = [j.meta.generation for j in judgements.values() if j.meta is not None and j.meta.generation]
-        beam.metrics.Metrics.counter(STAGE, "prompt_tokens").inc(sum(g.prompt_tokens for g in tokens))
-        beam.metrics.Metrics.counter(STAGE, "completion_tokens").inc(sum(g.completion_tokens for g in tokens))
-        log.info("shard %05d: %d conversations from %d samples", stats.shard, stats.written, stats.inputs)
-        yield stats
+def count_tokens(decisions: dict[str, Decision[SampleMeta]]) -> None:
+    """``prompt_tokens`` and ``completion_tokens``: the tokens of the conversations kept for this shard."""
+    kept = [d.value.generation for d in decisions.values() if d.kept and d.value.generation]
+    beam.metrics.Metrics.counter(STAGE, "prompt_tokens").inc(sum(g.prompt_tokens for g in kept))
+    beam.metrics.Metrics.counter(STAGE, "completion_tokens").inc(sum(g.completion_tokens for g in kept))
+
+
+def shard_judge(path: str, groups) -> Judge:
+    """The judge of one shard from its ``CoGroupByKey`` groups (``decisions``: ``(key, Decision)``); counts the
+    tokens of the conversations it keeps on the way."""
+    decisions = dict(groups["decisions"])
+    count_tokens(decisions)
+    return generate_judge(decisions)
 
 
 class GenerateShards(beam.PTransform):
@@ -237,27 +199,27 @@ class GenerateShards(beam.PTransform):
             raise ValueError(f"kinds {sorted(unknown)} have no template in {cfg.templates or 'the bundled file'}")
 
     def _generate(self, plans, sha: str) -> list:
-        """Plans -> ``(path, (key, Judgement))`` from the LLM, and from batches that crashed."""
+        """Plans -> ``(path, (key, Decision))`` from the LLM, and from batches that crashed."""
         cfg = self.cfg
         inference = RunInference(GenerationHandler(cfg, self.templates.object_vocabulary))
         if cfg.accelerator:  # a GPU for this step only
             inference = inference.with_resource_hints(accelerator=cfg.accelerator)
         results, failed = plans | "GenerateWithLLM" >> inference.with_exception_handling()
-        generated = results | "Judge" >> beam.Map(judged, cfg.model, sha)  # (path, (key, Judgement))
+        generated = results | "Judge" >> beam.Map(judged, cfg.model, sha)  # (path, (key, Decision))
         return [generated, failed.failed_inferences | "FailedBatches" >> beam.FlatMap(crashed_batch)]
 
     def expand(self, paths):
         cfg, sha = self.cfg, self.templates.sha256
         planned = paths | "PlanSamples" >> beam.ParDo(PlanSamples(cfg)).with_outputs("done", main="plans")
-        judgements = [planned.done]
+        decisions = [planned.done]
         if cfg.backend != CAPTION_ONLY:  # RunInference loads its model even for an empty input
-            judgements += self._generate(planned.plans, sha)
-        judgements = tuple(judgements) | "AllJudgements" >> beam.Flatten()  # (path, (key, Judgement))
+            decisions += self._generate(planned.plans, sha)
+        decisions = tuple(decisions) | "AllDecisions" >> beam.Flatten()  # (path, (key, Decision))
         every_shard = paths | "EveryShard" >> beam.Map(lambda p: (p, p))
         return (
-            {"judgements": judgements, "paths": every_shard}
-            | "JoinByShard" >> beam.CoGroupByKey()  # (path, {"judgements": [(key, J)], "paths": [path]})
-            | "RewriteShard" >> beam.ParDo(_RewriteShard(cfg, self.positions))
+            {"decisions": decisions, "paths": every_shard}
+            | "JoinByShard" >> beam.CoGroupByKey()  # (path, {"decisions": [(key, Decision)], "paths": [path]})
+            | "RewriteShard" >> beam.ParDo(RewriteShard(STAGE, cfg.write.path, self.positions, shard_judge))
         )
 
 

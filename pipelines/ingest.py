@@ -20,14 +20,16 @@ import apache_beam as beam
 from visinstruct.configs import ConfigError, IngestConfig, ReadConfig
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import summarize, write_report
-from visinstruct.schemas import ImageTextPair, IndexRow, JsonDict, Rejection, key_for_row, parse_key, shard_name
+from visinstruct.schemas import Decision, ImageTextPair, IndexRow, Rejection, key_for_row, parse_key, shard_name
 from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages
 from visinstruct.transforms.download import NOT_FINAL_REASONS, DownloadShard, all_not_final
-from visinstruct.transforms.guard import INTERNAL_ERROR, MESSAGE_LIMIT, count_internal_error, guarded, internal_error
+from visinstruct.transforms.guard import INTERNAL_ERROR, count_internal_error, guarded, internal_error
 from visinstruct.transforms.images import process_image
-from visinstruct.transforms.read import BadRow, InputError, plan_units, read_unit
-from visinstruct.transforms.shards import read_stats, read_table, shard_paths
-from visinstruct.transforms.staging import STAGING, remove_staging
+from visinstruct.transforms.layout import read_stats, shard_in, shard_stem, staging_dir, stats_pattern
+from visinstruct.transforms.read import plan_units, read_unit
+from visinstruct.transforms.read_bounds import InputError, bad_row
+from visinstruct.transforms.shards import match, read_table
+from visinstruct.transforms.staging import remove_staging
 from visinstruct.transforms.takedown import TakedownError, load_takedown_lists
 from visinstruct.transforms.write import FinalizeShard
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class _ReadUnit(beam.DoFn):
-    """``(unit, (format, [paths]))`` -> ``(unit, position, ImageTextPair | BadRow)``.
+    """``(unit, (format, [paths]))`` -> ``(unit, position, ImageTextPair | Decision)``.
 
     An input found unreadable only now (:class:`InputError`: a COCO or LLaVA JSON that does not parse) becomes one
     ``unreadable_file`` row with its message. Readers already turn a file damaged midway into such a row; any
@@ -56,13 +58,13 @@ class _ReadUnit(beam.DoFn):
                 position += 1
         except InputError as e:  # the input's fault, not ours
             log.warning("cannot read %s: %s", paths[0], e)
-            yield unit, position, BadRow("unreadable_file", str(e)[:MESSAGE_LIMIT], "", paths[0])
-        except Exception as e:  # noqa: BLE001 - see the class docstring; the guard's row, for a whole file
+            yield unit, position, bad_row("unreadable_file", str(e), url=paths[0])
+        except Exception as e:  # see the class docstring; the guard's row, for a whole file
             rejection = internal_error("read", e, url=paths[0])
             log.warning("reading %s stopped after %d rows: %s", paths[0], position, rejection.message)
             count_internal_error("read")
             message = f"reading stopped after {position} rows of {', '.join(paths)[:200]}: {rejection.message}"
-            yield unit, position, BadRow(INTERNAL_ERROR, message[:MESSAGE_LIMIT], "", paths[0])
+            yield unit, position, bad_row(INTERNAL_ERROR, message, url=paths[0])
 
 
 class _NumberRows(beam.DoFn):
@@ -88,8 +90,8 @@ class _NumberRows(beam.DoFn):
 
 
 def _keyed(item, key: str) -> ImageTextPair | Rejection:
-    if isinstance(item, BadRow):
-        return Rejection("read", item.reason, item.message, key, item.url, JsonDict({"raw": item.raw}))
+    if isinstance(item, Decision):
+        return item.rejection("read", key, item.index.get("url"))
     return replace(item, key=key)
 
 
@@ -107,7 +109,7 @@ class ReadPairs(beam.PTransform):
             | "Units" >> beam.Create(list(enumerate(units)))
             | "SpreadUnits" >> beam.Reshuffle()
             | "ReadUnits" >> beam.ParDo(_ReadUnit(self.cfg))
-        )  # (unit, position, pair | BadRow)
+        )  # (unit, position, pair | Decision)
         counts = (
             rows | "UnitOf" >> beam.Map(lambda r: (r[0], 1)) | "CountPerUnit" >> beam.CombinePerKey(sum)
         )  # (unit, rows)
@@ -123,20 +125,13 @@ def complete_shards(out_dir: str, stages: set[str] | None = None) -> set[int]:
     the settings, such as ``blocked_address`` when loopback was not allowed) is not complete: it says what went
     wrong with the run, not with its images, so a rerun (with corrected settings) does it again, and says so.
     """
-    from apache_beam.io.filesystems import FileSystems
-
-    pattern = FileSystems.join(out_dir, "*_stats.json") if "://" in out_dir else f"{out_dir.rstrip('/')}/*_stats.json"
-    try:
-        found = FileSystems.match([pattern])[0].metadata_list
-    except Exception:  # noqa: BLE001 - no folder yet: nothing is complete
-        return set()
     complete = set()
-    for meta in sorted(found, key=lambda m: m.path):
-        stem = meta.path.rsplit("/", 1)[-1][: -len("_stats.json")]
-        if not stem.isdigit():
+    for path in sorted(info.path for info in match(stats_pattern(out_dir))):  # none when there is no folder yet
+        stem = shard_stem(path)
+        if stem is None:
             continue
         try:
-            stats = read_stats(meta.path)
+            stats = read_stats(path)
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # JSON errors are ValueErrors
             log.warning(
                 "shard %s: its stats cannot be read (%s: %s); doing it again", stem, type(e).__name__, str(e)[:200]
@@ -159,7 +154,7 @@ def complete_shards(out_dir: str, stages: set[str] | None = None) -> set[int]:
 
 def _index_hashes(out_dir: str, shard: int):
     """``(key, sha256, phash)`` of the written samples of a complete shard (resume keeps dedup global)."""
-    table = read_table(shard_paths(out_dir, shard)["parquet"], IndexRow)
+    table = read_table(shard_in(out_dir, shard).index, IndexRow)
     for row in table.select(["key", "status", "sha256", "phash"]).to_pylist():
         if row["status"] == "success":
             yield row["key"], row["sha256"], row["phash"]
@@ -167,7 +162,7 @@ def _index_hashes(out_dir: str, shard: int):
 
 def has_retryable_failures(out_dir: str, shard: int) -> bool:
     """Whether a complete shard has rows that another attempt (or corrected settings) may fix."""
-    statuses = read_table(shard_paths(out_dir, shard)["parquet"], IndexRow).column("status").to_pylist()
+    statuses = read_table(shard_in(out_dir, shard).index, IndexRow).column("status").to_pylist()
     return any(status in NOT_FINAL_REASONS for status in statuses)
 
 
@@ -176,10 +171,10 @@ def reference_hashes(folder: str | None, cfg: IngestConfig) -> list[tuple[str, s
     if not folder:
         return []
     from visinstruct.schemas import Dropped
-    from visinstruct.transforms.read import _folder_pairs
+    from visinstruct.transforms.read_sources import folder_pairs
 
     out = []
-    for pair in _folder_pairs(folder):
+    for pair in folder_pairs(folder):
         with open(pair.path, "rb") as f:
             try:
                 out.append((pair.path, process_image(f.read(), cfg.resize).phash))
@@ -244,7 +239,7 @@ def remove_empty_staging(out_dir: str) -> None:
     """Drop the staging folder once every shard is final (local output; remote stores have no folders)."""
     import os
 
-    folder = os.path.join(out_dir, STAGING)
+    folder = staging_dir(out_dir)
     if "://" not in out_dir and os.path.isdir(folder) and not os.listdir(folder):
         os.rmdir(folder)
 

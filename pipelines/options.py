@@ -51,7 +51,7 @@ def beam_parser():
     parser = _BeamArgumentParser(allow_abbrev=False)
     for cls in _option_classes(PipelineOptions):
         try:
-            cls._add_argparse_args(parser)  # noqa: SLF001 - Beam's own registration hook, as Beam calls it
+            cls._add_argparse_args(parser)  # Beam's own registration hook, as Beam calls it
         except argparse.ArgumentError:  # two classes declaring one flag: the first declaration serves
             continue
     return parser
@@ -65,7 +65,7 @@ def unknown_options(beam_args: list[str]) -> list[str]:
 
 def known_beam_flags() -> list[str]:
     """Every Beam flag, e.g. ``--runner`` (for "did you mean")."""
-    return sorted({s for a in beam_parser()._actions for s in a.option_strings if s.startswith("--")})  # noqa: SLF001
+    return sorted({s for a in beam_parser()._actions for s in a.option_strings if s.startswith("--")})
 
 
 LOCAL_RUNNERS = {

@@ -1,6 +1,6 @@
 """Run reports: counts into and out of a stage, per reason, read back from the shards' stats files.
 
-The per-shard ``_stats.json`` files are the ground truth (each one checks ``inputs == written + rejected``);
+The per-shard stats files are the ground truth (each one checks ``inputs == written + rejected``);
 the report adds them up and checks them against the rows the pipeline read.
 """
 
@@ -13,9 +13,15 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
 from visinstruct.schemas import to_row
-from visinstruct.transforms.shards import join, read_stats, write_bytes
-
-REPORT_NAME = "run_report.json"
+from visinstruct.transforms.layout import (
+    REJECTED_DIR,
+    REPORT_NAME,
+    read_stats,
+    report_path,
+    shard_files,
+    stats_pattern,
+)
+from visinstruct.transforms.shards import write_bytes
 
 
 def counter_value(result, namespace: str, name: str) -> int | None:
@@ -29,9 +35,8 @@ def counter_value(result, namespace: str, name: str) -> int | None:
 
 
 def summarize(out_dir: str, stage: str, result=None) -> dict:
-    """Totals over every ``*_stats.json`` in ``out_dir`` for ``stage``, with a per-shard list."""
-    pattern = join(out_dir, "*_stats.json")
-    paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    """Totals over every shard's stats file in ``out_dir`` for ``stage``, with a per-shard list."""
+    paths = sorted(m.path for m in FileSystems.match([stats_pattern(out_dir)])[0].metadata_list)
     shards = [read_stats(p) for p in paths]
     shards = [s for s in shards if s.stage == stage]
     reasons: Counter = Counter()
@@ -56,16 +61,15 @@ def summarize(out_dir: str, stage: str, result=None) -> dict:
 
 
 def input_rows(tars: list[str]) -> int | None:
-    """Input rows of shards a stage reads, from their ``_stats.json``; ``None`` when any is missing or foreign.
+    """Input rows of shards a stage reads, from their stats files; ``None`` when any is missing or foreign.
 
     A stage that rewrites shards must end with as many input rows as it started from (earlier stages' drops are
     carried in the index), which is the accounting check of filter and generate.
     """
     total = 0
     for tar in tars:
-        stats = tar[: -len(".tar")] + "_stats.json"
         try:
-            total += read_stats(stats).inputs
+            total += read_stats(shard_files(tar).stats).inputs
         except (OSError, ValueError, TypeError, KeyError):  # absent, or img2dataset's own stats format
             return None
     return total
@@ -84,59 +88,43 @@ def check_inputs(report: dict, rows_before: int | None, shards_before: int | Non
 
 
 def write_report(out_dir: str, report: dict) -> str:
-    path = join(out_dir, REPORT_NAME)
+    path = report_path(out_dir)
     write_bytes(path, (json.dumps(report, indent=1) + "\n").encode())
     return path
 
 
-def format_report(report: dict) -> str:
-    """A short table a person reads at the end of a run."""
-    lines = [
-        f"{report['stage']}: {report['inputs']} rows in {report['shards']} shards -> "
-        f"{report['written']} written, {report['rejected']} rejected"
-    ]
-    if "rows_read" in report:
-        state = "ok" if report["accounted"] else "MISMATCH"
-        lines.append(f"  accounting: {report['rows_read']} rows read = written + rejected: {state}")
-    width = max([len(r) for r in report["rejected_by_reason"]] + [6])
-    for reason, count in report["rejected_by_reason"].items():
-        lines.append(f"  {reason:<{width}}  {count:>8}")
-    lines.append(f"  output: {report['output']} ({report['tar_bytes'] / 1e6:.1f} MB of tars)")
-    return "\n".join(lines)
-
-
-# What a person changes when a reason drops every row. ``{filter}``/``{generate}`` become the key prefix of that
-# stage's section: empty in a standalone filter/generate config, ``filter.``/``generate.`` in a build config.
+# What a person changes when a reason drops every row. ``{ingest}``/``{filter}``/``{generate}`` become the key prefix
+# of that stage's section: empty in a standalone stage's config, ``ingest.``/``filter.``/``generate.`` in a build's.
 REASON_HINTS = {
     "blocked_address": "the URLs resolve to loopback or private addresses, refused by default: set "
-    "download.allow_loopback: true (tests, demos) or download.allow_private: true if intended",
-    "missing_url": "no URL in those rows: check that read.url_col names the input's URL column",
-    "missing_column": "the input has no such column: check read.url_col and read.caption_col",
-    "bad_url": "that column holds no URL text: check that read.url_col names the input's URL column",
-    "field_too_long": "rows or URLs too long to be real: check read.format and read.url_col",
-    "unreadable_file": "the input file cannot be read: check read.path and read.format",
+    "{ingest}download.allow_loopback: true (tests, demos) or {ingest}download.allow_private: true if intended",
+    "missing_url": "no URL in those rows: check that {ingest}read.url_col names the input's URL column",
+    "missing_column": "the input has no such column: check {ingest}read.url_col and {ingest}read.caption_col",
+    "bad_url": "that column holds no URL text: check that {ingest}read.url_col names the input's URL column",
+    "field_too_long": "rows or URLs too long to be real: check {ingest}read.format and {ingest}read.url_col",
+    "unreadable_file": "the input file cannot be read: check {ingest}read.path and {ingest}read.format",
     "robots_unreachable": "the hosts' robots.txt did not answer, which RFC 9309 reads as disallow: check the "
-    "hosts (download.check_robots_txt: false only where you may crawl anyway)",
-    "bad_aspect_ratio": "images more elongated than resize.max_aspect_ratio: raise it (or null)",
-    "decompression_bomb": "images with more pixels than resize.max_pixels",
-    "invalid_url": "not http(s) URLs: check that read.url_col names the input's URL column",
-    "file_error": "local image files could not be read: check the paths and read.image_root",
-    "malformed_row": "rows the reader cannot parse: check read.format and the file",
+    "hosts ({ingest}download.check_robots_txt: false only where you may crawl anyway)",
+    "bad_aspect_ratio": "images more elongated than {ingest}resize.max_aspect_ratio: raise it (or null)",
+    "decompression_bomb": "images with more pixels than {ingest}resize.max_pixels",
+    "invalid_url": "not http(s) URLs: check that {ingest}read.url_col names the input's URL column",
+    "file_error": "local image files could not be read: check the paths and {ingest}read.image_root",
+    "malformed_row": "rows the reader cannot parse: check {ingest}read.format and the file",
     "dns_error": "host names do not resolve: check the URLs and this machine's DNS",
     "connection_error": "hosts refused the connection: check the URLs and the network",
-    "timeout": "hosts did not answer in time: raise download.timeout or lower download.threads",
-    "http_403": "the hosts refuse access: check the URLs and download.user_agent",
+    "timeout": "hosts did not answer in time: raise {ingest}download.timeout or lower {ingest}download.threads",
+    "http_403": "the hosts refuse access: check the URLs and {ingest}download.user_agent",
     "http_404": "the URLs no longer exist",
-    "http_429": "rate-limited: lower download.per_host_rps",
+    "http_429": "rate-limited: lower {ingest}download.per_host_rps",
     "robots_txt": "robots.txt disallows these paths",
-    "optout": "the images opt out of AI use (X-Robots-Tag), honoured by download.respect_optout",
-    "not_an_image": "the URLs do not serve images: check that read.url_col names the image URL column",
-    "too_small": "images smaller than resize.min_image_size: lower it",
-    "too_large": "bodies over download.max_bytes: raise it",
+    "optout": "the images opt out of AI use (X-Robots-Tag), honoured by {ingest}download.respect_optout",
+    "not_an_image": "the URLs do not serve images: check that {ingest}read.url_col names the image URL column",
+    "too_small": "images smaller than {ingest}resize.min_image_size: lower it",
+    "too_large": "bodies over {ingest}download.max_bytes: raise it",
     "clip_below_threshold": "every pair scored under {filter}threshold: lower it (see `visinstruct filter "
     "--dry-run`) or use {filter}top_fraction",
-    "inference_error": "the model failed on whole batches: see the messages in rejected/",
-    "internal_error": "a bug in visinstruct: the exception of each row is in rejected/ (please report it)",
+    "inference_error": f"the model failed on whole batches: see the messages in {REJECTED_DIR}/",
+    "internal_error": f"a bug in visinstruct: the exception of each row is in {REJECTED_DIR}/ (please report it)",
 }
 GENERATE_HINTS = {  # reasons the LLM stage gives, which mean something else there than in a download
     "connection_error": "the LLM server did not answer: check {generate}endpoint and that the server is up",
@@ -148,6 +136,7 @@ GENERATE_HINTS = {  # reasons the LLM stage gives, which mean something else the
     "inference_error": "the LLM backend failed on whole batches: check {generate}backend and {generate}model",
 }
 TOP_REASONS = 3
+BUILD_PREFIXES = {"ingest": "ingest.", "filter": "filter.", "generate": "generate."}  # a build's stage sections
 
 
 def reason_hint(reason: str, stage: str, prefixes: dict[str, str] | None = None) -> str | None:
@@ -157,11 +146,11 @@ def reason_hint(reason: str, stage: str, prefixes: dict[str, str] | None = None)
         hint = (
             "the LLM server fails: check its log and {generate}model"
             if stage == "generate"
-            else "the hosts answer with server errors: retry later (write.retry_failed: true)"
+            else "the hosts answer with server errors: retry later ({ingest}write.retry_failed: true)"
         )
     if hint is None:
         return None
-    prefixes = {"filter": "", "generate": ""} | (prefixes or {})
+    prefixes = dict.fromkeys(("ingest", "filter", "generate"), "") | (prefixes or {})
     return hint.format(**prefixes)
 
 
@@ -190,19 +179,19 @@ def failure_summary(report: dict, stage: str, prefixes: dict[str, str] | None = 
     Args:
         report: a run report (``summarize``'s keys; ``accounted``, ``stages_add_up``, ``stages`` when present).
         stage: the stage that gave the report's reasons (a build's per-stage counts take precedence).
-        prefixes: config key prefixes of the stages' sections, e.g. ``{"filter": "filter."}`` in a build.
+        prefixes: config key prefixes of the stages' sections, e.g. ``BUILD_PREFIXES`` in a build.
     """
     problems = []
     if report.get("shards_unwritten"):
         problems.append(
             f"{report['shards_unwritten']} input shards could not be read and were not written "
-            "(their dead letters in rejected/ say why; `visinstruct validate` checks the input)"
+            f"(their dead letters in {REJECTED_DIR}/ say why; `visinstruct validate` checks the input)"
         )
     elif not report.get("accounted", True) or not report.get("stages_add_up", True):
         read = report.get("rows_read", report.get("inputs_before"))
         problems.append(
             f"rows do not add up ({read if read is not None else '?'} in, {report['written']} written "
-            f"+ {report['rejected']} rejected; see run_report.json)"
+            f"+ {report['rejected']} rejected; see {REPORT_NAME})"
         )
     unanswered = llm_unanswered(report, stage)
     if unanswered and report["written"]:

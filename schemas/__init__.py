@@ -26,12 +26,10 @@ from visinstruct.schemas.records import (
 INDEX_SCHEMA = arrow_schema(IndexRow, SCHEMA_VERSION)  # NNNNN.parquet
 REJECTED_SCHEMA = arrow_schema(Rejection, SCHEMA_VERSION)  # rejected/*.parquet
 STATS_SCHEMA = arrow_schema(ShardStats, SCHEMA_VERSION)  # NNNNN_stats.json, as a table for `stats`
-PAIR_SCHEMA = arrow_schema(ImageTextPair, SCHEMA_VERSION)
 
 __all__ = [
     "IMAGE_TOKEN",
     "INDEX_SCHEMA",
-    "PAIR_SCHEMA",
     "REJECTED_SCHEMA",
     "SCHEMA_VERSION",
     "STATS_SCHEMA",

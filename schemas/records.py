@@ -336,10 +336,10 @@ def conversation_problems(turns: list[Turn], max_chars: int | None = None) -> li
 
 @dataclass(frozen=True)
 class Rejection:
-    """A dead-letter row: a record some stage dropped, and why.
+    """A dead-letter row: a record some stage dropped, and why (made from its :class:`~visinstruct.schemas.Decision`).
 
     Attributes:
-        stage: ``read``, ``download``, ``decode``, ``resize``, ``dedup``, ``filter``, ``generate``, ``write``.
+        stage: ``read``, ``download``, ``decode``, ``dedup``, ``filter``, ``generate``, ``remove``.
         reason: a stable reason code (``http_404``, ``timeout``, ``too_small``, ``clip_below_threshold``...).
         message: a human-readable explanation.
         key: the sample key (``""`` when the input row was too malformed to have one).

@@ -65,7 +65,7 @@ class QuietHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: LoopbackHTTPServer
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class names it so
+    def log_message(self, format: str, *args) -> None:  # the base class names it `format`
         pass
 
     def handle(self) -> None:

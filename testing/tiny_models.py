@@ -155,15 +155,28 @@ def tiny_hf_clip(save_dir: str | Path | None = None, seed: int = 0):
 
 
 def byte_tokenizer(chat_template: str = CHATML_TEMPLATE, model_max_length: int = 1024):
-    """The trainer's byte-level tokenizer (every UTF-8 byte is a token, no merges) with ChatML special tokens.
+    """A byte-level tokenizer (every UTF-8 byte is a token, no merges) with ChatML special tokens.
 
     Ids: 0 ``<|endoftext|>`` (padding and unknown), 1 ``<|im_start|>`` (bos), 2 ``<|im_end|>`` (eos), then the 256
-    bytes. Any text round-trips through ``encode``/``decode``. See
-    :func:`visinstruct.trainer.llava_model.byte_level_tokenizer`.
+    bytes. Any text round-trips through ``encode``/``decode``, and the vocabulary (259) keeps the model tiny.
     """
-    from visinstruct.trainer.llava_model import byte_level_tokenizer  # here: the trainer loads transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    return byte_level_tokenizer(model_max_length, chat_template)
+    pad, bos, eos = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+    vocab = {token: i for i, token in enumerate([pad, bos, eos] + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=pad))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=pad,
+        chat_template=chat_template,
+        model_max_length=model_max_length,
+    )
 
 
 def tiny_causal_lm(save_dir: str | Path | None = None, seed: int = 0):

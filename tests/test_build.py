@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from visinstruct.cli.demo import demo_rows, write_url_list
+from visinstruct.cli.report import format_build_report
 from visinstruct.cli.validate import validate
 from visinstruct.configs import BuildConfig, from_dict
-from visinstruct.pipelines.build import format_build_report
 from visinstruct.pipelines.build import run as build
-from visinstruct.pipelines.demo import demo_rows, write_url_list
 from visinstruct.schemas import SampleMeta
 from visinstruct.testing.server import ImageServer
 from visinstruct.testing.tiny_models import TINY_OPEN_CLIP_NAME
@@ -24,9 +24,19 @@ def build_config(tmp_path, url_list, tiny_checkpoint) -> BuildConfig:
     return from_dict(
         BuildConfig,
         {
-            "read": {"path": str(url_list), "boxes_col": "boxes", "save_additional_columns": ["origin"]},
-            "download": {"allow_loopback": True, "timeout": 2.0, "retries": 1, "backoff": 0.01, "per_host_rps": None},
-            "resize": {"image_size": 64},
+            "out": str(tmp_path / "dataset"),
+            "ingest": {
+                "read": {"path": str(url_list), "boxes_col": "boxes", "save_additional_columns": ["origin"]},
+                "download": {
+                    "allow_loopback": True,
+                    "timeout": 2.0,
+                    "retries": 1,
+                    "backoff": 0.01,
+                    "per_host_rps": None,
+                },
+                "resize": {"image_size": 64},
+                "write": {"shard_size": 16},
+            },
             "filter": {
                 "model": {
                     "name": TINY_OPEN_CLIP_NAME,
@@ -37,7 +47,6 @@ def build_config(tmp_path, url_list, tiny_checkpoint) -> BuildConfig:
                 "top_fraction": 0.75,
             },
             "generate": {"backend": "caption_only"},
-            "write": {"path": str(tmp_path / "dataset"), "shard_size": 16},
         },
     )
 
@@ -80,26 +89,17 @@ def test_build_from_existing_shards_filters_and_generates_into_a_new_folder(tmp_
     import yaml
 
     from visinstruct.cli.main import main
-    from visinstruct.configs import IngestConfig
     from visinstruct.pipelines.ingest import run as ingest
 
     with ImageServer() as srv:
         rows = demo_rows(srv, easy_vqa=12, shapes=6)
         write_url_list(rows, tmp_path / "urls.parquet")
         cfg = build_config(tmp_path, tmp_path / "urls.parquet", tiny_checkpoint)
-        ingested = ingest(
-            IngestConfig(
-                read=cfg.read,
-                write=replace(cfg.write, path=str(tmp_path / "ingested")),
-                download=cfg.download,
-                resize=cfg.resize,
-            ),
-            MULTI,
-        )
+        ingested = ingest(replace(cfg.ingest, write=replace(cfg.ingest.write, path=str(tmp_path / "ingested"))), MULTI)
     before = {p.name: p.read_bytes() for p in (tmp_path / "ingested").glob("*.tar")}
     settings = {
-        "write": {"path": "unused", "shard_size": 16},
-        "read": {"path": "ignored.parquet"},
+        "out": "unused",
+        "ingest": {"read": {"path": "ignored.parquet"}, "write": {"shard_size": 16}},
         "filter": {"model": to_plain(cfg.filter.model), "threshold": -1.0},
         "generate": {"backend": "caption_only"},
     }
@@ -132,12 +132,12 @@ def test_build_from_existing_shards_filters_and_generates_into_a_new_folder(tmp_
 def test_build_says_in_one_line_what_is_missing(tmp_path, capsys):
     from visinstruct.cli.main import main
 
-    (tmp_path / "neither.yaml").write_text(f"write: {{path: {tmp_path / 'out'}}}\n")
+    (tmp_path / "neither.yaml").write_text(f"out: {tmp_path / 'out'}\n")
     assert main(["build", "--config", str(tmp_path / "neither.yaml")]) == 2
-    assert "give either 'read' (ingest a URL list) or 'input'" in capsys.readouterr().err
+    assert "give either 'ingest' (ingest a URL list) or 'input'" in capsys.readouterr().err
     assert main(["build", "--config", str(tmp_path / "neither.yaml"), "--input", str(tmp_path)]) == 2
     assert "starting from existing shards ('input') needs a 'filter' or 'generate' stage" in capsys.readouterr().err
-    captions = f"write: {{path: {tmp_path / 'out'}}}\ngenerate: {{backend: caption_only}}\n"
+    captions = f"out: {tmp_path / 'out'}\ngenerate: {{backend: caption_only}}\n"
     (tmp_path / "captions.yaml").write_text(captions)
     assert main(["build", "--config", str(tmp_path / "captions.yaml"), "--input", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip().endswith(f"no such file or folder: {tmp_path / 'nope'}")

@@ -181,22 +181,24 @@ def test_config_check_runs_the_same_checks_without_running_anything(tmp_path, ca
     bad = write_yaml(
         tmp_path / "bad.yaml",
         {
-            "read": {"path": str(tmp_path / "urls.csv")},
-            "write": {"path": "o"},
+            "out": "o",
+            "ingest": {"read": {"path": str(tmp_path / "urls.csv")}},
             "filter": {"model": {"name": "ViT-B-33"}},
             "generate": {},
         },
     )
     assert main(["config", "check", bad]) == 2  # the kind, build, is the only one that loads
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == f"visinstruct config: error: {bad}: read.path: no such file or folder: {tmp_path / 'urls.csv'}"
+    assert err[0] == (
+        f"visinstruct config: error: {bad}: ingest.read.path: no such file or folder: {tmp_path / 'urls.csv'}"
+    )
     assert "filter.model.name: open_clip knows no model 'ViT-B-33'" in err[1]
     assert "generate.model: model 'HuggingFaceTB/SmolLM2-135M-Instruct' is not in the local cache" in err[2]
     assert len(err) == 3 and not (tmp_path / "o").exists()
     (tmp_path / "urls.csv").write_text("image,text\nhttp://127.0.0.1/a.jpg,a cat\n")
     assert main(["config", "check", "build", bad]) == 2  # the reader's column check, before any run
     assert capsys.readouterr().err.splitlines()[0] == (
-        f"visinstruct config: error: {bad}: read.url_col: column 'url' not in urls.csv (columns: image, text)"
+        f"visinstruct config: error: {bad}: ingest.read.url_col: column 'url' not in urls.csv (columns: image, text)"
     )
 
 
@@ -220,17 +222,65 @@ def test_an_unexpected_exception_is_one_line_and_the_traceback_is_one_flag_away(
 # -- class 11: options nobody knows are refused ---------------------------------------------------------------------
 
 
-def test_an_img2dataset_habit_is_refused_with_the_key_to_use_instead(tmp_path):
+def test_an_img2dataset_option_we_do_not_honour_is_refused_saying_so(tmp_path):
     config = write_yaml(
         tmp_path / "ingest.yaml", {"read": {"path": str(tmp_path)}, "write": {"path": str(tmp_path / "out")}}
     )
-    proc = visinstruct("ingest", "--config", config, "--output_folder", "elsewhere", RUNNER, cwd=tmp_path)
+    proc = visinstruct("ingest", "--config", config, "--processes_count", "16", RUNNER, cwd=tmp_path)
     assert proc.returncode == 2
     assert one_line(proc.stderr) == (
-        "visinstruct ingest: error: unknown option --output_folder: neither visinstruct "
-        "ingest nor Beam knows it; did you mean --set write.path=elsewhere?"
+        "visinstruct ingest: error: --processes_count is img2dataset's and visinstruct does not honour it: "
+        "Beam runs the workers: --direct_num_workers N locally, --max_num_workers N on Dataflow"
     )
-    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_ingest_needs_no_yaml_and_takes_img2dataset_option_names(tmp_path, capsys):
+    """``visinstruct ingest --url-list ... --out ...``, img2dataset's spelling of each option mapped to our key."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (96, 64), (80 * i, 120, 200)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a picture number {i}")
+    argv = ["-q", "ingest", "--url_list", str(images), "--output_folder", str(tmp_path / "shards")]
+    argv += ["--image_size", "32", "--resize_mode", "center_crop", "--number_sample_per_shard", "2", RUNNER]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "shards" / "run_report.json").read_text())
+    assert report["written"] == 3 and report["shards"] == 2  # two rows per shard
+    with tarfile.open(sorted((tmp_path / "shards").glob("*.tar"))[0]) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        assert Image.open(tar.extractfile(member)).size == (32, 32)  # resized as --image_size asked
+    capsys.readouterr()
+    assert main(["ingest", "--out", str(tmp_path / "x")]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        "visinstruct ingest: error: needs an input: --input (or --url-list) FILE, or a --config file with read.path"
+    )
+
+
+def test_a_build_key_that_would_be_ignored_is_refused_in_one_line(tmp_path, capsys):
+    config = write_yaml(
+        tmp_path / "build.yaml",
+        {
+            "out": str(tmp_path / "built"),
+            "input": str(tmp_path),
+            "generate": {"backend": "caption_only", "write": {"path": str(tmp_path / "gen"), "resume": False}},
+        },
+    )
+    assert main(["build", "--config", config, RUNNER]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"visinstruct build: error: {config}: 'generate.write.resume' has no effect here: filter and generate "
+        "rewrite every input shard; resuming is ingest's: remove it"
+    )
+    assert not (tmp_path / "built").exists()
+
+
+def test_export_writes_to_out_and_says_so_when_given_the_old_positional_folder(tmp_path, capsys):
+    shards = some_shard(tmp_path / "in")
+    assert main(["export", shards, str(tmp_path / "llava")]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"visinstruct export: error: the output folder is --out now: visinstruct export {shards} --out "
+        f"{tmp_path / 'llava'}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -240,8 +290,9 @@ def test_an_img2dataset_habit_is_refused_with_the_key_to_use_instead(tmp_path):
             ["filter", "--output_folder=x"],
             "unknown option --output_folder: neither visinstruct filter nor Beam knows it; did you mean --out x?",
         ),
-        (["ingest", "--thread_count", "16"], "did you mean --set download.threads=16?"),
-        (["ingest", "--image_size", "224"], "did you mean --set resize.image_size=224?"),
+        (["build", "--thread_count", "16"], "did you mean --set ingest.download.threads=16?"),
+        (["build", "--image_size", "224"], "did you mean --set ingest.resize.image_size=224?"),
+        (["build", "--output_folder", "x"], "did you mean --out x?"),
         (["ingest", "--runer=FnApiRunner"], "did you mean --runner?"),
         (["ingest", "-v"], "-v goes before the command: visinstruct -v ingest ..."),
     ],
@@ -368,7 +419,7 @@ def test_a_build_that_keeps_nothing_names_the_stage_section_in_its_hint(tmp_path
     config = write_yaml(
         tmp_path / "build.yaml",
         {
-            "write": {"path": str(tmp_path / "built")},
+            "out": str(tmp_path / "built"),
             "input": shards,
             "generate": {
                 "backend": "openai",

@@ -5,13 +5,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from visinstruct.configs import (
     CONFIG_DIR,
     CONFIGS,
     BuildConfig,
+    ClipModelConfig,
+    ClipTrainConfig,
+    ComputeConfig,
     ConfigError,
+    FilterConfig,
+    GenerateConfig,
     IngestConfig,
+    LlavaTrainConfig,
     describe,
     from_dict,
     load,
@@ -69,8 +76,10 @@ def test_wrong_type_or_value_names_the_key(tmp_path, extra, message):
 
 
 def test_missing_required_key(tmp_path):
-    with pytest.raises(ConfigError, match="missing required key 'write'"):
-        load(IngestConfig, write(tmp_path, "read:\n  path: x\n"))
+    with pytest.raises(ConfigError, match="missing required key 'read'"):
+        load(IngestConfig, write(tmp_path, "write:\n  path: x\n"))
+    with pytest.raises(ConfigError, match="missing required key 'out'"):
+        from_dict(BuildConfig, {"ingest": {"read": {"path": "x"}}})
 
 
 def test_bad_yaml_and_missing_file_are_one_line_errors(tmp_path):
@@ -90,11 +99,67 @@ def test_overrides_apply_and_are_checked(tmp_path):
         load(IngestConfig, path, ["dedup.phash_max_distance=99"])
 
 
-def test_optional_stage_sections_in_build_config():
-    cfg = from_dict(BuildConfig, {"read": {"path": "x"}, "write": {"path": "y"}, "filter": {"threshold": 0.28}})
-    assert cfg.filter.threshold == 0.28 and cfg.filter.model.name == "ViT-B-32" and cfg.generate is None
-    with pytest.raises(ConfigError, match=r"top_fraction' must be within \(0, 1\]"):
-        from_dict(BuildConfig, {"read": {"path": "x"}, "write": {"path": "y"}, "filter": {"top_fraction": 2}})
+INGEST = {"read": {"path": "x"}, "write": {"shard_size": 8}}
+
+
+def test_a_build_config_is_the_stage_configs_it_runs():
+    cfg = from_dict(BuildConfig, {"out": "y", "ingest": INGEST, "filter": {"threshold": 0.28}})
+    assert isinstance(cfg.ingest, IngestConfig) and isinstance(cfg.filter, FilterConfig) and cfg.generate is None
+    assert cfg.ingest.write.shard_size == 8 and cfg.ingest.write.path is None  # the build writes to out
+    assert cfg.filter.threshold == 0.28 and cfg.filter.model.name == "ViT-B-32"
+    with pytest.raises(ConfigError, match=r"in 'filter': 'top_fraction' must be within \(0, 1\]"):
+        from_dict(BuildConfig, {"out": "y", "ingest": INGEST, "filter": {"top_fraction": 2}})
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            {"ingest": {**INGEST, "write": {"path": "elsewhere"}}},
+            "'ingest.write.path' is the build's 'out' (or --out): remove it",
+        ),
+        ({"filter": {"write": {"path": "z"}}}, "'filter.write' is set by the build"),
+        ({"generate": {"input": "shards/"}}, "'generate.input' is set by the build"),
+        (
+            {"generate": {"write": {"path": "z", "shard_size": 4}}},
+            "'generate.write.shard_size' has no effect here: filter and generate keep their input's shards",
+        ),
+        ({"download": {"threads": 4}}, "'download' has no effect here: a build's ingest settings go under 'ingest:'"),
+        ({"write": {"shard_size": 4}}, "'write' has no effect here: a build writes to 'out' (or --out)"),
+    ],
+)
+def test_a_build_refuses_what_it_would_ignore_or_overwrite(settings, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(BuildConfig, {"out": "y", "ingest": INGEST} | settings, "b.yaml")
+    assert str(err.value).startswith(f"b.yaml: {message}") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["resume", "retry_failed", "shard_size"])
+@pytest.mark.parametrize("cls", [FilterConfig, GenerateConfig])
+def test_a_rewriting_stage_refuses_ingest_only_write_keys(cls, key):
+    """Filter and generate rewrite every input shard as it is: these keys would do nothing there."""
+    with pytest.raises(ConfigError, match=rf"^f.yaml: 'write.{key}' has no effect here: .*: remove it$"):
+        from_dict(cls, {"write": {"path": "out", key: 1}}, "f.yaml")
+
+
+def test_device_precision_threads_are_one_definition_shared_by_every_model_config():
+    for cls in (ClipModelConfig, GenerateConfig, ClipTrainConfig, LlavaTrainConfig):
+        assert issubclass(cls, ComputeConfig)
+    assert from_dict(GenerateConfig, {"precision": "bf16", "threads": 2}).threads == 2
+    with pytest.raises(ConfigError, match="in 'model': 'threads' must be > 0"):
+        from_dict(FilterConfig, {"model": {"threads": 0}})
+    with pytest.raises(ConfigError, match="fp16 is for inference"):
+        from_dict(ClipTrainConfig, {"out": "o", "data": {"shards": "s"}, "precision": "fp16"})
+
+
+def test_a_remote_generation_backend_refuses_the_local_model_keys():
+    with pytest.raises(ConfigError, match="^g.yaml: 'device' is the transformers backend's; backend vllm does not"):
+        from_dict(GenerateConfig, {"backend": "vllm", "device": "cuda"}, "g.yaml")
+
+
+def test_a_transformers_clip_refuses_open_clip_keys():
+    with pytest.raises(ConfigError, match="'pretrained' is open_clip's: .*remove pretrained"):
+        from_dict(ClipModelConfig, {"backend": "transformers", "name": "openai/clip", "pretrained": "x.pt"})
 
 
 def test_every_bundled_yaml_loads_with_its_config_class():
@@ -134,5 +199,46 @@ def test_config_md_lists_every_key_as_the_classes_define_it():
 
     text = (Path(__file__).parents[1] / "CONFIG.md").read_text(encoding="utf-8")
     assert text == markdown_reference(CONFIGS), "CONFIG.md is stale: run `visinstruct config reference > CONFIG.md`"
+    commands = {cls: name for name, cls in CONFIGS.items() if name != "write"}
     for name, cls in CONFIGS.items():
-        assert f"## {name}\n" in text and all(f"`{key}`" in text for key, *_ in describe(cls))
+        assert f"## {name}\n" in text and all(f"`{key}`" in text for key, *_ in describe(cls, documented=commands))
+    assert "| **`ingest`** | section | | ingest a URL list" in text and "`ingest.read.path`" not in text
+
+
+@pytest.mark.parametrize(
+    "command, input_key, out_key",
+    [
+        ("ingest", "read.path", "write.path"),
+        ("filter", "input", "write.path"),
+        ("generate", "input", "write.path"),
+        ("build", "input", "out"),
+        ("train-clip", "data.shards", "out"),
+        ("train", "data.shards", "out"),
+    ],
+)
+def test_input_and_out_mean_the_same_in_every_pipeline_and_training_command(tmp_path, command, input_key, out_key):
+    """``--input`` is what a command reads and ``--out`` where it writes; each sets its config's key for that."""
+    from visinstruct.cli.jobs import load_run
+    from visinstruct.cli.main import build_parser
+
+    settings = {
+        "ingest": {"read": {"path": "u"}},
+        "filter": {},
+        "generate": {},
+        "build": {"out": "o", "ingest": {"read": {"path": "u"}}, "generate": {"backend": "caption_only"}},
+        "train-clip": {"out": "o", "data": {"shards": "s"}},
+        "train": {"out": "o", "data": {"shards": "s"}, "model": {"init_from": "m"}},
+    }[command]
+    path = write(tmp_path, yaml.safe_dump(settings))
+    args = build_parser().parse_args([command, "--config", str(path), "--input", "in/{00..01}.tar", "--out", "new"])
+    cfg = load_run(CONFIGS[command], args)
+
+    def get(key: str):
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        return value
+
+    assert (get(input_key), get(out_key)) == ("in/{00..01}.tar", "new")  # a brace pattern stays text
+    if command == "build":
+        assert cfg.ingest is None  # starting from shards replaces the ingest stage

@@ -106,14 +106,15 @@ def test_build_translates_with_every_stage_and_gpus_only_on_model_steps(tmp_path
         cfg = from_dict(
             BuildConfig,
             {
-                "read": {"path": str(urls)},
-                "write": {"path": "gs://demo-bucket/dataset", "resume": False},
+                "out": "gs://demo-bucket/dataset",
+                "ingest": {"read": {"path": str(urls)}, "write": {"resume": False}},
                 "filter": {"model": {"name": "ViT-B-32", "accelerator": ACCELERATOR}, "threshold": 0.28},
                 "generate": {"backend": "vllm", "model": "Qwen/Qwen2.5-7B-Instruct", "accelerator": ACCELERATOR},
             },
         )
     else:  # what the README tells Dataflow users to run (a local URL list: the dry run reads no bucket)
-        cfg = load(BuildConfig, CONFIG_DIR / "build" / "dataflow.yaml", [f"read.path={urls}", "write.resume=false"])
+        overrides = [f"ingest.read.path={urls}", "ingest.write.resume=false"]
+        cfg = load(BuildConfig, CONFIG_DIR / "build" / "dataflow.yaml", overrides)
         assert cfg.filter.model.accelerator and cfg.generate.accelerator and cfg.generate.backend == "vllm"
     p = dataflow_pipeline()
     _ = p | "Build" >> Build(cfg)
@@ -132,6 +133,6 @@ def test_build_translates_with_every_stage_and_gpus_only_on_model_steps(tmp_path
     gpu = {name for name, h in hints.items() if h.get("beam:resources:accelerator:v1")}
     assert gpu and all("ScoreWithClip" in name or "GenerateWithLLM" in name for name in gpu)
     dofns = unpickled_dofns(p)  # every DoFn comes back from its pickle, ours among them
-    ours_all = ("DownloadShard", "FinalizeShard", "ReadShardSamples", "DecodeForClip", "PlanSamples", "_RewriteShard")
+    ours_all = ("DownloadShard", "FinalizeShard", "ReadShardSamples", "DecodeForClip", "PlanSamples", "RewriteShard")
     for ours in ours_all:
         assert ours in dofns, (ours, sorted(set(dofns)))

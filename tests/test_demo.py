@@ -5,9 +5,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
+from visinstruct.cli.demo import BROKEN, start_over, wrong_caption
 from visinstruct.cli.main import main
 from visinstruct.cli.validate import validate
-from visinstruct.pipelines.demo import BROKEN, start_over, wrong_caption
 
 
 def test_a_wrong_caption_names_a_colour_the_image_does_not_have():

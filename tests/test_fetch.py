@@ -8,15 +8,9 @@ import pytest
 
 from visinstruct.configs import DownloadConfig
 from visinstruct.testing.server import ImageServer, encode_test_image
-from visinstruct.transforms.fetch import (
-    CONTROL_CHARS,
-    RETRYABLE_STATUS,
-    ROBOTS_FAILURE_TTL_S,
-    Fetcher,
-    address_allowed,
-    optout_directive,
-    parse_retry_after,
-)
+from visinstruct.transforms.addresses import address_allowed
+from visinstruct.transforms.fetch import CONTROL_CHARS, ROBOTS_FAILURE_TTL_S, Fetcher, optout_directive
+from visinstruct.transforms.http import RETRYABLE_REASONS, parse_retry_after
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,8 +29,13 @@ def fetcher(**overrides) -> Fetcher:
     return Fetcher(DownloadConfig(**settings))
 
 
+def attempts(decision) -> int:
+    """How many attempts a fetch took: the kept body says so, and so does a dead letter's detail."""
+    return decision.value.attempts if decision.kept else decision.detail["attempts"]
+
+
 @pytest.mark.parametrize(
-    "fault, params, reason, attempts",
+    "fault, params, reason, n",
     [
         ("404", {}, "http_404", 1),  # not retryable
         ("500", {}, "http_500", 3),  # retried, then given up
@@ -51,10 +50,10 @@ def fetcher(**overrides) -> Fetcher:
         ("noindex", {}, "optout", 1),
     ],
 )
-def test_each_fault_is_rejected_with_its_reason(server, fault, params, reason, attempts):
+def test_each_fault_is_rejected_with_its_reason(server, fault, params, reason, n):
     f = fetcher(max_bytes=1024 * 1024, timeout=0.6)
     result = f.fetch(server.fault_url(fault, **params))
-    assert (result.ok, result.reason, result.attempts) == (False, reason, attempts), result.message
+    assert (result.kept, result.reason, attempts(result)) == (False, reason, n), result.message
 
 
 @pytest.mark.parametrize(
@@ -68,21 +67,21 @@ def test_each_fault_is_rejected_with_its_reason(server, fault, params, reason, a
 )
 def test_recoverable_faults_end_with_the_image(server, fault, params):
     result = fetcher().fetch(server.fault_url(fault, **params))
-    assert result.ok, result.message
-    assert result.data == encode_test_image("jpeg")
+    assert result.kept, result.message
+    assert result.value.data == encode_test_image("jpeg")
 
 
 def test_429_waits_for_retry_after_then_succeeds(server):
     url = server.fault_url("429", n=1, retry_after=0.5)
     start = time.monotonic()
     result = fetcher().fetch(url)
-    assert result.ok and result.attempts == 2
+    assert result.kept and attempts(result) == 2
     assert time.monotonic() - start >= 0.5
 
 
 def test_retry_after_longer_than_max_backoff_gives_up_at_once(server):
     result = fetcher(max_backoff=1.0).fetch(server.fault_url("429", n=1, retry_after=60))
-    assert (result.reason, result.attempts) == ("http_429", 1)
+    assert (result.reason, attempts(result)) == ("http_429", 1)
     assert "Retry-After" in result.message
 
 
@@ -96,7 +95,7 @@ def test_loopback_is_refused_by_default_without_a_request(server):
     server.reset_log()
     for url in (server.url("/image.jpg"), server.url("/image.jpg").replace("127.0.0.1", "localhost")):
         result = fetcher(allow_loopback=False).fetch(url)
-        assert (result.reason, result.attempts) == ("blocked_address", 1)
+        assert (result.reason, attempts(result)) == ("blocked_address", 1)
     assert server.requests == []
 
 
@@ -181,7 +180,7 @@ def test_robots_txt_is_honoured_by_default_and_fetched_once(server):
             for _ in range(8):
                 assert entered.acquire(timeout=30)
             server.robots_gate.set()
-            assert all(r.ok for r in results.result(timeout=30))
+            assert all(r.kept for r in results.result(timeout=30))
     finally:
         server.robots_gate.set()
         server.robots_gate = None
@@ -189,7 +188,7 @@ def test_robots_txt_is_honoured_by_default_and_fetched_once(server):
     robots_at = next(r.time for r in server.requests if r.path == "/robots.txt")
     assert all(r.time > robots_at for r in server.requests if r.path != "/robots.txt")  # all waited for it
     assert fetcher().fetch(server.fault_url("private")).reason == "robots_txt"
-    assert fetcher(check_robots_txt=False).fetch(server.fault_url("private")).ok
+    assert fetcher(check_robots_txt=False).fetch(server.fault_url("private")).kept
 
 
 def test_a_robots_txt_load_that_raises_costs_that_url_only_and_is_tried_again(server, monkeypatch, caplog):
@@ -207,7 +206,7 @@ def test_a_robots_txt_load_that_raises_costs_that_url_only_and_is_tried_again(se
     first = f.fetch(server.url("/image.jpg"))
     assert (first.reason, first.message) == ("internal_error", "RuntimeError: planted bug")
     assert "download: internal error" in caplog.text  # the guard's log line
-    assert f.fetch(server.url("/image.png")).ok  # the origin's robots.txt is loaded again, not the error reused
+    assert f.fetch(server.url("/image.png")).kept  # the origin's robots.txt is loaded again, not the error reused
     assert len(calls) == 2 and server.hits("/robots.txt") == 1
 
 
@@ -225,9 +224,9 @@ def test_a_failed_robots_verdict_is_tried_again_after_its_time_and_a_good_one_is
     assert f.fetch(server.url("/image.png")).reason == "robots_unreachable"  # within its time: reused
     assert server.hits("/robots.txt") == 1
     now[0] += ROBOTS_FAILURE_TTL_S
-    assert f.fetch(server.url("/image.png")).ok  # the host is back: robots.txt is asked for again
+    assert f.fetch(server.url("/image.png")).kept  # the host is back: robots.txt is asked for again
     now[0] += 100 * ROBOTS_FAILURE_TTL_S
-    assert f.fetch(server.url("/image.jpg")).ok
+    assert f.fetch(server.url("/image.jpg")).kept
     assert server.hits("/robots.txt") == 2  # a verdict that came from a robots.txt is kept
 
 
@@ -239,19 +238,20 @@ def test_a_bug_anywhere_in_a_fetch_is_that_urls_internal_error_logged_by_the_gua
 
     monkeypatch.setattr(f, "_attempt", planted)
     result = f.fetch(server.url("/image.jpg"))
-    assert (result.ok, result.reason, result.message) == (False, "internal_error", "KeyError: 'planted'")
+    assert (result.kept, result.reason, result.message) == (False, "internal_error", "KeyError: 'planted'")
     assert "download: internal error on http://127.0.0.1" in caplog.text
 
 
-def test_one_set_of_retryable_statuses_for_images_and_llm_replies():
-    from visinstruct.transforms import llm_openai, read
+def test_one_set_of_retryable_reasons_for_images_and_llm_replies():
+    from visinstruct.transforms import download, llm, read_bounds
 
-    assert llm_openai.RETRYABLE_STATUS is RETRYABLE_STATUS and 425 in RETRYABLE_STATUS
-    assert read.CONTROL_CHARS is CONTROL_CHARS
+    assert "http_425" in RETRYABLE_REASONS and "http_404" not in RETRYABLE_REASONS
+    assert RETRYABLE_REASONS <= download.RETRYABLE_REASONS and RETRYABLE_REASONS <= llm.RETRYABLE_REASONS
+    assert read_bounds.CONTROL_CHARS is CONTROL_CHARS
 
 
 def test_optout_can_be_switched_off(server):
-    assert fetcher(respect_optout=False).fetch(server.fault_url("noai")).ok
+    assert fetcher(respect_optout=False).fetch(server.fault_url("noai")).kept
 
 
 def test_user_agent_is_sent(server):
@@ -263,7 +263,7 @@ def test_user_agent_is_sent(server):
 def test_per_host_rate_limit_spaces_requests(server):
     server.reset_log()
     results = fetcher(per_host_rps=20.0).fetch_all([server.url("/image.jpg")] * 8)
-    assert all(r.ok for r in results)
+    assert all(r.kept for r in results)
     times = sorted(r.time for r in server.requests)
     assert times[-1] - times[0] >= 7 / 20 * 0.9
     server.reset_log()
@@ -281,9 +281,8 @@ def test_fetch_all_keeps_order_and_never_raises(server):
         server.url("/image.webp"),
     ]
     results = fetcher().fetch_all(urls)
-    assert [r.url for r in results] == urls
     assert [r.reason for r in results] == [None, "invalid_url", "invalid_url", "http_404", None]
-    assert results[4].data == encode_test_image("webp")
+    assert results[4].value.data == encode_test_image("webp")
 
 
 def test_header_parsers():
@@ -338,14 +337,14 @@ def test_a_dripping_body_is_cut_off_at_the_deadline(server):
 def test_every_form_of_a_loopback_or_private_host_is_refused_before_a_request(server, host):
     server.reset_log()
     result = fetcher(allow_loopback=False).fetch(f"http://{host}:{server.port}/image.jpg")
-    assert (result.reason, result.attempts) == ("blocked_address", 1), result.message
+    assert (result.reason, attempts(result)) == ("blocked_address", 1), result.message
     assert server.requests == []  # neither the image nor robots.txt was asked for
 
 
 @pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "017700000001", "127.1", "[::ffff:127.0.0.1]"])
 def test_the_numeric_forms_really_reach_loopback_when_it_is_allowed(server, host):
     # The refusal above is not a parser quirk: these hosts are 127.0.0.1 to the resolver and the socket.
-    assert fetcher().fetch(f"http://{host}:{server.port}/image.jpg").data == encode_test_image("jpeg")
+    assert fetcher().fetch(f"http://{host}:{server.port}/image.jpg").value.data == encode_test_image("jpeg")
 
 
 @pytest.mark.parametrize(
@@ -372,7 +371,7 @@ def test_the_numeric_forms_really_reach_loopback_when_it_is_allowed(server, host
 )
 def test_hostile_urls_end_with_a_reason_and_never_raise(url, reason):
     result = fetcher(retries=0).fetch(url)
-    assert (result.ok, result.reason) == (False, reason), result.message
+    assert (result.kept, result.reason) == (False, reason), result.message
 
 
 @pytest.mark.parametrize(

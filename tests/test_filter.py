@@ -19,12 +19,13 @@ from PIL import Image
 from visinstruct.configs import FilterConfig, IngestConfig, from_dict
 from visinstruct.pipelines import filter as clip_filter
 from visinstruct.pipelines.ingest import run as ingest
-from visinstruct.schemas import SampleMeta
+from visinstruct.schemas import ClipScore, Rejection, SampleMeta
 from visinstruct.testing import sample_data
 from visinstruct.testing.tiny_models import TINY_OPEN_CLIP_CONFIG, TINY_OPEN_CLIP_NAME, tiny_hf_clip, tiny_open_clip
 from visinstruct.transforms import filter_stages
-from visinstruct.transforms.clip import OpenClipHandler, make_handler
-from visinstruct.transforms.filter_stages import decode_for_clip
+from visinstruct.transforms.clip import ClipOutput, OpenClipHandler, make_handler
+from visinstruct.transforms.filter_stages import STAGE, decode_for_clip, score_decision, shard_judge
+from visinstruct.transforms.rewrite_stage import RewriteShard
 from visinstruct.transforms.select import TopFractionCut, ranks_within, top_count
 
 pytestmark = pytest.mark.timeout(600)
@@ -146,6 +147,75 @@ def test_threshold_keeps_exactly_the_pairs_scoring_at_least_it(shards, tiny_chec
     rejected = pq.read_table(tmp_path / "rejected").to_pylist()
     assert {r["key"] for r in rejected if r["reason"] == "decode_error"} == {"000070001"}
     assert all(json.loads(r["detail"])["score"] < threshold for r in rejected if r["reason"] == "clip_below_threshold")
+
+
+def write_tar(path, samples: dict[str, dict[str, bytes]]) -> str:
+    """A tar of ``{key: {extension: bytes}}`` written member by member, as another tool would."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_a_jpeg_member_is_scored_and_written_back_under_its_name(tiny_checkpoint, tmp_path):
+    """Other tools name JPEGs ``KEY.jpeg``: the filter scores them as it scores ``.jpg`` and keeps the name."""
+    pictures = [s["image"] for s in sample_data.shapes_samples(3, seed=2)]
+    captions = ["a red circle", "two blue squares", "a green triangle"]
+    members = {}
+    for i, (image, caption) in enumerate(zip(pictures, captions)):
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, "JPEG")
+        members[f"00000000{i}"] = {"jpeg": buf.getvalue(), "txt": caption.encode()}
+    tar = write_tar(tmp_path / "in" / "00000.tar", members)
+    report = clip_filter.run(open_clip_cfg(tiny_checkpoint, tmp_path / "out", threshold=-1.0), [tar], RUNNER)
+    assert (report["written"], report["rejected"]) == (3, 0) and report["accounted"]
+    model, preprocess, tokenizer = tiny_open_clip(seed=7)
+    out = list(wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in out] == sorted(members)
+    for sample in out:
+        assert sample["jpeg"] == members[sample["__key__"]]["jpeg"] and "jpg" not in sample
+        with torch.no_grad():
+            image = preprocess(Image.open(io.BytesIO(sample["jpeg"])).convert("RGB")).unsqueeze(0)
+            a = torch.nn.functional.normalize(model.encode_image(image), dim=-1)
+            b = torch.nn.functional.normalize(model.encode_text(tokenizer([sample["txt"].decode()])), dim=-1)
+        assert abs(SampleMeta.from_json(sample["json"]).clip.score - float((a * b).sum())) < 1e-5
+
+
+def test_the_filter_judge_through_rewrite_shard_keeps_drops_and_accounts_every_sample(tmp_path):
+    """The filter's judge of one shard, fed decisions and rejections as the pipeline groups them: a kept pair
+    carries its score in its JSON, a dropped one its score in the index and detail, an unscored one its reason."""
+    keys = [f"00000000{i}" for i in range(4)]
+    tar = write_tar(tmp_path / "in" / "00000.tar", {k: {"jpg": _jpeg(), "txt": b"a red card"} for k in keys})
+    clip = ClipScore(0.0, "tiny", None)
+    embedding = np.ones(4, np.float16)
+    groups = {
+        "decisions": [
+            (keys[0], score_decision(keys[0], ClipOutput(0.31, embedding), 0.2, None, None, clip)),
+            (keys[1], score_decision(keys[1], ClipOutput(0.12), 0.2, None, None, clip)),
+        ],
+        "rejections": [Rejection(STAGE, "decode_error", "truncated", keys[2], tar)],
+        "paths": [tar],
+    }
+    with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
+        stats = (
+            p
+            | beam.Create([(tar, groups)])
+            | beam.ParDo(RewriteShard(STAGE, str(tmp_path / "out"), {}, shard_judge))
+            | beam.Map(lambda s: (s.inputs, s.written, dict(s.rejected_by_reason)))
+        )
+        assert_that(stats, equal_to([(4, 1, {"clip_below_threshold": 1, "decode_error": 1, "not_scored": 1})]))
+    assert written(tmp_path / "out")[keys[0]].clip == ClipScore(0.31, "tiny", None)
+    index = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()}
+    assert [index[k]["status"] for k in keys] == ["success", "clip_below_threshold", "decode_error", "not_scored"]
+    assert (index[keys[0]]["clip_score"], index[keys[1]]["clip_score"]) == (0.31, 0.12)
+    assert np.frombuffer(index[keys[0]]["clip_image_embedding"], np.float16).tolist() == [1.0] * 4
+    dead = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "rejected").to_pylist()}
+    assert json.loads(dead[keys[1]]["detail"]) == {"score": 0.12, "model": "tiny"}
+    assert dead[keys[2]]["message"] == "truncated" and dead[keys[3]]["message"] == "no score reached the writer"
 
 
 def test_scores_do_not_depend_on_batch_size_or_order(shards, tiny_checkpoint, tmp_path):

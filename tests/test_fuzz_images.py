@@ -7,7 +7,6 @@ through ingest's ``process_image`` and through the filter's decoder on a real Be
 
 import io
 import random
-import tarfile
 from collections import Counter
 
 import apache_beam as beam
@@ -19,8 +18,10 @@ from PIL import Image, ImageDraw
 
 from visinstruct.configs import ResizeConfig
 from visinstruct.schemas import Dropped
+from visinstruct.testing.tars import write_tar
 from visinstruct.transforms.filter_stages import DecodeForClip, ReadShardSamples, decode_for_clip
 from visinstruct.transforms.images import process_image
+from visinstruct.transforms.layout import shard_in
 
 # Pillow warns about odd EXIF and palettes in damaged files; only exceptions matter here.
 pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -84,7 +85,7 @@ def damaged(data: bytes, seed: int, n: int) -> list[tuple[str, bytes]]:
 
 
 def outcome(fn) -> str:
-    """``ok``, or the rejection reason; any other exception propagates out of the test with its case named."""
+    """``ok``, or the reason of the drop; any other exception propagates out of the test with its case named."""
     try:
         fn()
         return "ok"
@@ -168,15 +169,9 @@ def test_samples_with_broken_metadata_or_no_image_are_dead_lettered_and_the_rest
         "000000004": {"txt": b"a caption and no image"},
         "000000005": {"png": encoded("png"), "txt": "ünïcödé".encode()},
     }
-    path = tmp_path / "00000.tar"
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples.items():
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    path = write_tar(shard_in(str(tmp_path), 0).tar, samples)
     with test_pipeline.TestPipeline(runner="FnApiRunner") as p:
-        out = p | beam.Create([str(path)]) | beam.ParDo(ReadShardSamples()).with_outputs("rejected", main="samples")
+        out = p | beam.Create([path]) | beam.ParDo(ReadShardSamples()).with_outputs("rejected", main="samples")
         assert_that(
             out.samples | "Captions" >> beam.Map(lambda e: (e[0][1], e[1][1])),
             equal_to([("000000000", "a good sample"), ("000000005", "ünïcödé")]),

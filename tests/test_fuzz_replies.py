@@ -1,7 +1,7 @@
 """Reply-parser fuzz: whatever an LLM (or a broken server) sends ends as turns or as a rejection with a reason.
 
 Seeded random and adversarial replies go through everything generation does with one: the client's reading of a
-2xx body, the reply reader, the handler's judgement (finish reason included), the dead-letter row and the sample
+2xx body, the reply reader, the handler's decision (finish reason included), the dead-letter row and the sample
 JSON a kept reply becomes, written with pyarrow. A few go through the real loopback server as well.
 """
 
@@ -14,12 +14,13 @@ import re
 import pytest
 
 from visinstruct.configs import GenerateConfig, from_dict
-from visinstruct.pipelines.generate import judge_outcome
-from visinstruct.schemas import SCHEMA_VERSION, Box, Rejection, SampleMeta, conversation_problems
+from visinstruct.pipelines.generate import STAGE, judge_reply
+from visinstruct.schemas import SCHEMA_VERSION, Box, Decision, Rejection, SampleMeta, conversation_problems
 from visinstruct.testing.openai_server import OpenAIServer
-from visinstruct.transforms.conversations import Bounds, Verdict, read_reply
-from visinstruct.transforms.llm import GenerationHandler, Outcome, Plan, judge_result
-from visinstruct.transforms.llm_openai import ChatRequest, ChatResult, _AttemptError, _parse_completion
+from visinstruct.transforms.conversations import Bounds, read_reply
+from visinstruct.transforms.http import HttpError
+from visinstruct.transforms.llm import GenerationHandler, Plan, Reply, judge_result
+from visinstruct.transforms.llm_openai import ChatRequest, ChatResult, _parse_completion
 from visinstruct.transforms.prompts import load_templates
 from visinstruct.transforms.shards import write_table
 
@@ -137,42 +138,48 @@ ADVERSARIAL = {
 }
 
 
-def check_verdict(verdict: Verdict) -> None:
-    """A verdict is turns that make valid, writable data, or a reason code: never both, never neither."""
-    assert isinstance(verdict, Verdict)
-    if verdict.turns is None:
-        assert isinstance(verdict.reason, str) and REASON.fullmatch(verdict.reason), verdict
+def check_decision(decision: Decision) -> None:
+    """A decision keeps turns that make valid, writable data, or drops with a reason code: never both."""
+    assert isinstance(decision, Decision)
+    if not decision.kept:
+        assert isinstance(decision.reason, str) and REASON.fullmatch(decision.reason), decision
+        assert decision.value is None
         return
-    assert verdict.reason is None and not conversation_problems(verdict.turns)
-    SampleMeta(key="000000001", conversations=verdict.turns).to_json().encode("utf-8")  # writable as a member
+    assert decision.value and not conversation_problems(decision.value)
+    SampleMeta(key="000000001", conversations=decision.value).to_json().encode("utf-8")  # writable as a member
 
 
-def read_every_way(text: str) -> list[Verdict]:
-    verdicts = []
+def read_every_way(text: str) -> list[Decision]:
+    decisions = []
     for meta in METAS:
-        verdicts.append(read_reply("qa", text, meta, None, VOCAB, Bounds()))
-        verdicts.append(read_reply("description", text, meta, "Describe it.", VOCAB, Bounds()))
-        verdicts.append(read_reply("description", text, meta, None, VOCAB, Bounds(min_chars=0)))
-    return verdicts
+        decisions.append(read_reply("qa", text, meta, None, VOCAB, Bounds()))
+        decisions.append(read_reply("description", text, meta, "Describe it.", VOCAB, Bounds()))
+        decisions.append(read_reply("description", text, meta, None, VOCAB, Bounds(min_chars=0)))
+    return decisions
 
 
-def dead_letter_is_writable(text: str, verdict: Verdict, tmp_path, finish: str | None = "stop") -> None:
-    """The judgement generation makes of this reply writes (kept sample JSON, or a dead-letter parquet row)."""
+def dead_letter_is_writable(text: str, decision: Decision, tmp_path, finish: str | None = "stop") -> None:
+    """The decision generation makes of this reply writes (kept sample JSON, or a dead-letter parquet row)."""
     plan = Plan("p", "000000001", "conversation", "qa", None, METAS[0], ChatRequest("000000001", []))
     result = ChatResult("000000001", text, finish_reason=finish)
-    judgement = judge_outcome(plan, Outcome(result, verdict, 1, False, 3), "m", "0" * 64)
-    if judgement.rejection is None:
-        judgement.meta.to_json().encode("utf-8")
+    written_as(judge_reply(plan, Reply(result, decision, 1, False, 3), "m", "0" * 64), tmp_path / "rejected.parquet")
+
+
+def written_as(decision: Decision[SampleMeta], path) -> None:
+    """A kept sample's JSON member, or a dropped one's dead-letter row written to a parquet table at ``path``."""
+    if decision.kept:
+        decision.value.to_json().encode("utf-8")
         return
-    assert isinstance(judgement.rejection, Rejection) and REASON.fullmatch(judgement.rejection.reason)
-    write_table(str(tmp_path / "rejected.parquet"), [judgement.rejection], Rejection, SCHEMA_VERSION)
+    rejection = decision.rejection(STAGE, "000000001")
+    assert REASON.fullmatch(rejection.reason)
+    write_table(str(path), [rejection], Rejection, SCHEMA_VERSION)
 
 
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
 def test_adversarial_replies_end_as_turns_or_a_reason(name, tmp_path):
     text = ADVERSARIAL[name]
-    for verdict in read_every_way(text):
-        check_verdict(verdict)
+    for decision in read_every_way(text):
+        check_decision(decision)
     dead_letter_is_writable(text, read_every_way(text)[0], tmp_path)
 
 
@@ -190,12 +197,12 @@ def test_seeded_random_replies_end_as_turns_or_a_reason(seed, tmp_path):
     plan = Plan("p", "000000001", "conversation", "qa", None, METAS[0], ChatRequest("000000001", [], max_tokens=9))
     for _ in range(60):
         text = random_text(rng)
-        verdicts = read_every_way(text)
-        for verdict in verdicts:
-            check_verdict(verdict)
+        decisions = read_every_way(text)
+        for decision in decisions:
+            check_decision(decision)
         finish = rng.choice(["stop", "length", None, "content_filter"])
-        check_verdict(judge_result(plan, ChatResult("000000001", text, finish_reason=finish), VOCAB, Bounds()))
-        dead_letter_is_writable(text, verdicts[0], tmp_path, finish)
+        check_decision(judge_result(plan, ChatResult("000000001", text, finish_reason=finish), VOCAB, Bounds()))
+        dead_letter_is_writable(text, decisions[0], tmp_path, finish)
 
 
 def test_the_random_replies_reach_every_part_of_the_reader():
@@ -237,12 +244,12 @@ def test_the_clients_reading_of_any_2xx_body_is_an_answer_or_a_reasoned_failure(
     for body in completion_bodies(random.Random(11)):
         try:
             result = _parse_completion("k", body, 1)
-        except _AttemptError as e:
+        except HttpError as e:
             assert REASON.fullmatch(e.reason)
         else:
             assert isinstance(result.text, str) and result.text.strip() and result.completion_tokens >= 0
-            for verdict in read_every_way(result.text):
-                check_verdict(verdict)
+            for decision in read_every_way(result.text):
+                check_decision(decision)
 
 
 def test_adversarial_replies_through_the_real_server_and_handler(tmp_path):
@@ -273,12 +280,10 @@ def test_adversarial_replies_through_the_real_server_and_handler(tmp_path):
             )
             for i in range(len(texts))
         ]
-        outcomes = [r.inference for r in handler.run_inference(plans, handler.load_model())]
-    reasons = [o.verdict.reason for o in outcomes]
+        replies = [r.inference for r in handler.run_inference(plans, handler.load_model())]
+    reasons = [r.decision.reason for r in replies]
     assert reasons[:2] == ["bad_characters", "bad_characters"] and reasons[2] in {"repetitive", "bad_length"}
     assert reasons[5] == "empty_completion"
-    for plan, outcome in zip(plans, outcomes):
-        check_verdict(outcome.verdict)
-        judgement = judge_outcome(plan, outcome, "m", "0" * 64)
-        if judgement.rejection is not None:
-            write_table(str(tmp_path / f"{plan.key}.parquet"), [judgement.rejection], Rejection, SCHEMA_VERSION)
+    for plan, reply in zip(plans, replies):
+        check_decision(reply.decision)
+        written_as(judge_reply(plan, reply, "m", "0" * 64), tmp_path / f"{plan.key}.parquet")

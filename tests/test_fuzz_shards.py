@@ -22,18 +22,17 @@ from PIL import Image
 from visinstruct.cli.export import export_llava
 from visinstruct.cli.gallery import gallery
 from visinstruct.cli.main import main
-from visinstruct.cli.shards import ShardError, resolve_shards
 from visinstruct.cli.validate import validate
 from visinstruct.configs import GenerateConfig, from_dict
 from visinstruct.pipelines import generate
-from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, SampleMeta, ShardStats, Turn, from_table
-from visinstruct.transforms.rewrite import MISSING, UNREADABLE, Judgement, rewrite_shard
+from visinstruct.schemas import SCHEMA_VERSION, Decision, IndexRow, Rejection, SampleMeta, ShardStats, Turn, from_table
+from visinstruct.transforms.layout import ShardError, resolve_shards, write_stats
+from visinstruct.transforms.rewrite import MISSING, UNREADABLE, rewrite_shard
 from visinstruct.transforms.shards import (
     ShardReadError,
     TarShardWriter,
     read_table,
     read_tar_samples,
-    write_stats,
     write_table,
 )
 
@@ -120,8 +119,8 @@ def cut_copy(whole: Path, at: int, tmp_path: Path) -> Path:
     return folder
 
 
-def keep_all(key: str, meta: SampleMeta) -> Judgement:
-    return Judgement(meta=meta)
+def keep_all(key: str, meta: SampleMeta, members: dict[str, bytes]) -> Decision[SampleMeta]:
+    return Decision.keep(meta)
 
 
 def written_keys(rows: list[IndexRow]) -> set[str]:
@@ -198,7 +197,7 @@ def test_the_commands_exit_non_zero_and_say_how_many_samples_they_could_not_read
     # its members could have followed), so the tar reader gives samples 0 only; reading at the index's offsets
     # (gallery, show) still finds sample 1's bytes.
     cut = cut_copy(folder, third.offset, tmp_path)
-    assert main(["export", str(cut), str(tmp_path / "x")]) == 1
+    assert main(["export", str(cut), "--out", str(tmp_path / "x")]) == 1
     out = capsys.readouterr().out
     assert "exported 1 samples" in out and "NOT READ: 4 indexed samples could not be read from 1 shards" in out
     assert main(["gallery", str(cut), "-o", str(tmp_path / "g.html")]) == 1

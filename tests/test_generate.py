@@ -1,20 +1,26 @@
 """Conversation generation: reply checking, deterministic plans, backends, and the stage end to end."""
 
+import io
 import json
 import re
+import tarfile
 
+import apache_beam as beam
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from apache_beam.testing import test_pipeline
 
 from visinstruct.configs import GenerateConfig, IngestConfig, from_dict
 from visinstruct.pipelines import generate
 from visinstruct.pipelines.ingest import run as ingest
-from visinstruct.schemas import Box, SampleMeta, Turn
+from visinstruct.pipelines.report import counter_value
+from visinstruct.schemas import Box, Decision, GenerationInfo, SampleMeta, Turn
 from visinstruct.testing.openai_server import OpenAIServer
 from visinstruct.testing.sample_data import shapes_dataset
 from visinstruct.transforms.conversations import Bounds, parse_qa, read_reply, repetition
 from visinstruct.transforms.prompts import caption_only, choose_kind, derive_seed, load_templates, uses_llm
+from visinstruct.transforms.rewrite_stage import RewriteShard
 
 pytestmark = pytest.mark.timeout(600)
 RUNNER = ["--runner=FnApiRunner"]
@@ -26,7 +32,7 @@ META = SampleMeta(
 VOCAB = load_templates().object_vocabulary
 
 
-def verdict(reply, fmt="qa", question=None):
+def decision(reply, fmt="qa", question=None):
     return read_reply(fmt, reply, META, question, VOCAB, Bounds())
 
 
@@ -39,14 +45,14 @@ def test_qa_replies_become_llava_turns():
         ("What shapes are there?", "A red circle and a blue square."),
         ("Where is the circle?", "On the left, next to the square."),
     ]
-    assert verdict(reply).turns == [
+    assert decision(reply).value == [
         Turn("human", "<image>\nWhat shapes are there?"),
         Turn("gpt", "A red circle and a blue square."),
         Turn("human", "Where is the circle?"),
         Turn("gpt", "On the left, next to the square."),
     ]
-    description = verdict("Description: A red circle sits left of a blue square.", "description", "Describe it.")
-    assert description.turns == [
+    description = decision("Description: A red circle sits left of a blue square.", "description", "Describe it.")
+    assert description.value == [
         Turn("human", "<image>\nDescribe it."),
         Turn("gpt", "A red circle sits left of a blue square."),
     ]
@@ -74,11 +80,11 @@ def test_qa_replies_become_llava_turns():
     ],
 )
 def test_bad_replies_are_rejected_with_their_reason(reply, reason):
-    assert verdict(reply).reason == reason
+    assert decision(reply).reason == reason
 
 
 def test_objects_in_the_context_are_allowed_in_plural_too():
-    assert verdict("Question: How many shapes?\nAnswer: Two: a circle and a square, no other squares.").turns
+    assert decision("Question: How many shapes?\nAnswer: Two: a circle and a square, no other squares.").value
 
 
 @pytest.mark.parametrize(
@@ -91,7 +97,7 @@ def test_objects_in_the_context_are_allowed_in_plural_too():
     ],
 )
 def test_ordinary_numbers_and_words_are_not_mentions_of_the_context(answer):
-    assert verdict(f"Question: What can you tell me?\nAnswer: {answer}").turns
+    assert decision(f"Question: What can you tell me?\nAnswer: {answer}").value
 
 
 LOOPING = " ".join(["The teal circle is a small circle that is a little larger than the other circle."] * 8)[:-30]
@@ -130,14 +136,14 @@ def test_template_examples_and_normal_answers_are_not_repetitive():
 @pytest.mark.parametrize("text", LOOPS)
 def test_looping_answers_are_rejected_as_repetitive(text):
     assert repetition(text) is not None
-    assert verdict(f"Question: What is in the picture?\nAnswer: {text}").reason == "repetitive"
-    assert verdict(text, "description", "Describe it.").reason == "repetitive"
+    assert decision(f"Question: What is in the picture?\nAnswer: {text}").reason == "repetitive"
+    assert decision(text, "description", "Describe it.").reason == "repetitive"
 
 
 def test_good_answers_pass_the_whole_reply_reader():
     for text in GOOD_ANSWERS:  # the caption names every object, as a real context does
         meta = SampleMeta(key="000000001", caption=text)
-        assert read_reply("description", text, meta, "Describe it.", VOCAB, Bounds()).turns, text
+        assert read_reply("description", text, meta, "Describe it.", VOCAB, Bounds()).value, text
     assert repetition(LOOPING).startswith("repeated sentences hold")
 
 
@@ -158,7 +164,7 @@ def test_a_caption_no_backend_can_send_is_that_samples_rejection_not_the_batchs(
     cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": "http://127.0.0.1:9/v1"})
     meta = SampleMeta(key="000000007", caption="a red circle \udce9 on white", url="http://x/\udce9.jpg")
     plan = generate.plan_sample("p", meta, cfg, load_templates())
-    assert plan.rejection.reason == "bad_characters" and plan.rejection.url == "http://x/\\udce9.jpg"
+    assert plan.reason == "bad_characters" and "cannot be encoded" in plan.message
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +208,68 @@ def test_caption_only_data_is_deterministic(shards, tmp_path):
     assert tree(tmp_path / "a") == tree(tmp_path / "b")
     for meta in samples(tmp_path / "a").values():
         assert meta.conversations[1].value == meta.caption and meta.generation.kind == "caption_only"
+
+
+def test_a_jpeg_member_is_an_image_to_generate_for(tmp_path):
+    """Other tools name JPEGs ``KEY.jpeg``: such a sample gets its conversation, its member kept under its name."""
+    members = {
+        "000000000": {"jpeg": b"\xff\xd8 jpeg bytes", "txt": b"a red circle"},
+        "000000001": {"jpeg": b"\xff\xd8 more jpeg bytes", "txt": b"two blue squares"},
+        "000000002": {"txt": b"a caption without its picture"},
+    }
+    tar = write_tar(tmp_path / "in" / "00000.tar", members)
+    cfg = from_dict(GenerateConfig, {"backend": "caption_only", "write": {"path": str(tmp_path / "out")}})
+    report = generate.run(cfg, [tar], RUNNER)
+    assert report["written"] == 2 and report["rejected_by_reason"] == {"no_image": 1} and report["accounted"]
+    out = {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False)}
+    assert sorted(out) == ["000000000", "000000001"]
+    for key, sample in out.items():
+        assert sample["jpeg"] == members[key]["jpeg"]
+        turns = SampleMeta.from_json(sample["json"]).conversations
+        assert turns[1] == Turn("gpt", members[key]["txt"].decode())
+
+
+def test_the_generate_judge_through_rewrite_shard_writes_counts_tokens_and_dead_letters(tmp_path):
+    """Generation's judge of one shard, fed decisions as the pipeline groups them: a kept conversation is written
+    and its tokens counted, a dropped reply keeps its detail, a sample no decision reached is ``not_generated``."""
+    keys = ["000000000", "000000001", "000000002"]
+    tar = write_tar(tmp_path / "in" / "00000.tar", {k: {"jpg": b"\xff\xd8", "txt": b"a red circle"} for k in keys})
+    turns = [Turn("human", "<image>\nWhat is it?"), Turn("gpt", "A red circle.")]
+    info = GenerationInfo("conversation", "m", "0" * 64, 5, prompt_tokens=11, completion_tokens=7)
+    kept = SampleMeta(key=keys[0], caption="a red circle", conversations=turns, generation=info)
+    groups = {
+        "decisions": [
+            (keys[0], Decision.keep(kept)),
+            (keys[1], Decision.drop("refusal", "an answer refuses", {"raw": "I'm sorry"})),
+        ],
+        "paths": [tar],
+    }
+    p = test_pipeline.TestPipeline(runner="FnApiRunner")
+    _ = (
+        p
+        | beam.Create([(tar, groups)])
+        | beam.ParDo(RewriteShard(generate.STAGE, str(tmp_path / "out"), {}, generate.shard_judge))
+    )
+    result = p.run()
+    result.wait_until_finish()
+    names = ("prompt_tokens", "completion_tokens", "dropped_refusal", "dropped_not_generated")
+    assert [counter_value(result, generate.STAGE, n) for n in names] == [11, 7, 1, 1]
+    assert samples(tmp_path / "out") == {keys[0]: kept}
+    dead = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "rejected").to_pylist()}
+    assert json.loads(dead[keys[1]]["detail"]) == {"raw": "I'm sorry"} and dead[keys[1]]["reason"] == "refusal"
+    assert dead[keys[2]]["reason"] == "not_generated"
+
+
+def write_tar(path, members: dict[str, dict[str, bytes]]) -> str:
+    """A tar of ``{key: {extension: bytes}}`` written member by member, as another tool would."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, sample in members.items():
+            for ext, data in sample.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
 
 
 def scripted(request: dict) -> str:
@@ -302,7 +370,7 @@ def test_openai_faults_end_written_after_retry_or_dead_lettered(tmp_path, monkey
             for i, m in enumerate(markers)
         ]
         outcomes = [r.inference for r in handler.run_inference(plans, backend)]
-    assert [o.verdict.reason for o in outcomes] == [
+    assert [o.decision.reason for o in outcomes] == [
         None,
         None,
         None,
@@ -345,10 +413,10 @@ def test_replies_cut_at_the_token_limit_are_rejected_as_truncated():
             for i, limit in enumerate([64, 8])
         ]
         whole, cut = [r.inference for r in handler.run_inference(plans, handler.load_model())]
-    assert whole.result.finish_reason == "stop" and whole.verdict.turns
+    assert whole.result.finish_reason == "stop" and whole.decision.value
     # "Question: What is there? Answer: A red circle" reads as a valid pair: only finish_reason tells
     assert cut.result.finish_reason == "length" and cut.result.text.endswith("A red circle")
-    assert cut.verdict.reason == "truncated_reply" and "max_new_tokens" in cut.verdict.message
+    assert cut.decision.reason == "truncated_reply" and "max_new_tokens" in cut.decision.message
 
 
 def test_local_backend_finish_reason_is_length_only_when_no_stop_token_came_within_the_limit():

@@ -8,7 +8,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from visinstruct.schemas import Rejection
-from visinstruct.transforms.guard import INTERNAL_ERROR, MESSAGE_LIMIT, guarded, internal_error
+from visinstruct.schemas.decision import MESSAGE_CHARS
+from visinstruct.transforms.guard import INTERNAL_ERROR, guarded, internal_error
 
 
 def test_a_value_passes_through():
@@ -33,7 +34,7 @@ def test_an_exception_becomes_an_internal_error_row_naming_its_class():
 
 def test_the_message_is_bounded():
     row = internal_error("read", ValueError("x" * 100_000))
-    assert len(row.message) == MESSAGE_LIMIT
+    assert len(row.message) == MESSAGE_CHARS
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])

@@ -13,10 +13,10 @@ import pytest
 
 from visinstruct.configs import DownloadConfig, IngestConfig, ReadConfig, from_dict
 from visinstruct.pipelines.ingest import run
-from visinstruct.schemas import ImageTextPair
+from visinstruct.schemas import Decision, ImageTextPair
 from visinstruct.testing.server import ImageServer, encode_test_image
 from visinstruct.transforms.fetch import Fetcher
-from visinstruct.transforms.read import BadRow, plan_units, read_unit
+from visinstruct.transforms.read import plan_units, read_unit
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -97,12 +97,13 @@ def test_the_reader_gives_every_hostile_row_a_pair_or_a_reason(server, tmp_path)
     rows = hostile_rows(server)
     cfg = ReadConfig(path=write_list(tmp_path / "urls.tsv", rows))
     got = [row for fmt, paths in plan_units(cfg) for row in read_unit(fmt, paths, cfg)]
-    assert [g.reason if isinstance(g, BadRow) else "pair" for g in got] == [
+    assert [g.reason if isinstance(g, Decision) else "pair" for g in got] == [
         reason if stage == "read" else "pair" for _, _, stage, reason in rows
     ]
-    for bad in (g for g in got if isinstance(g, BadRow)):
-        assert len(bad.raw) <= 500 and len(bad.url or "") <= 500
-        (bad.raw + bad.message + (bad.url or "")).encode("utf-8")  # dead letters are valid UTF-8
+    for bad in (g for g in got if isinstance(g, Decision)):
+        raw, url = bad.detail["raw"], bad.index.get("url") or ""
+        assert len(raw) <= 500 and len(url) <= 500
+        (raw + bad.message + url).encode("utf-8")  # dead letters are valid UTF-8
 
 
 def test_the_fetcher_gives_every_hostile_url_a_reason(server, tmp_path):
@@ -160,11 +161,12 @@ def test_near_dedup_of_many_copies_of_a_few_placeholders_is_fast_and_keeps_the_s
         for i in range(400)
     ]
     rng.shuffle(members)
-    assert list(near_losers(members, 3)) == list(brute_force(members, 3))
+    found = [(key, loss.reason, loss.detail["duplicate_of"]) for key, loss in near_losers(members, 3)]
+    assert found == list(brute_force(members, 3))
     # Two placeholders a crawl serves thousands of times, sharing a band but 10 bits apart: comparing each copy
     # of the second with every smaller key would take 2.5e9 comparisons.
     first, second = f"{bases[0]:016x}", f"{bases[0] ^ (0x3FF << 40):016x}"
     copies = [(f"{i:09d}", first if i < 50_000 else second) for i in range(100_000)]
     losers = list(near_losers(copies, 4))
     assert len(losers) == 99_998
-    assert {winner for _, _, winner in losers} == {"000000000", "000050000"}
+    assert {loss.detail["duplicate_of"] for _, loss in losers} == {"000000000", "000050000"}

@@ -22,7 +22,7 @@ from visinstruct.configs import IngestConfig, from_dict
 from visinstruct.pipelines.ingest import run
 from visinstruct.schemas import ImageTextPair, key_for_row
 from visinstruct.testing.server import ImageServer, encode_test_image
-from visinstruct.transforms import write
+from visinstruct.transforms import commit, write
 from visinstruct.transforms.download import NOT_FINAL_REASONS, RETRYABLE_REASONS, DownloadShard, build_draft
 from visinstruct.transforms.fetch import Fetcher
 from visinstruct.transforms.progress import ShardProgress
@@ -87,10 +87,10 @@ def killed_while_finalizing(cfg, monkeypatch, finalized: set[int] = frozenset())
     """Run ingest until every shard is downloaded, then crash finalizing each shard not in ``finalized``."""
     real = write.finalize_shard
 
-    def crash(draft, losers, out_dir, stage="ingest"):
+    def crash(draft, losers, out_dir, stage="ingest", dropped=None):
         if draft.shard not in finalized:
             raise RuntimeError("killed")
-        return real(draft, losers, out_dir, stage)
+        return real(draft, losers, out_dir, stage, dropped)
 
     with monkeypatch.context() as m:
         m.setattr(write, "finalize_shard", crash)
@@ -163,7 +163,7 @@ def test_a_run_killed_between_renaming_the_tar_and_its_stats_does_not_download_a
     """Finalizing renames the staging tar to the final tar before it writes ``_stats.json``: killed in between,
     the committed draft points at a tar that moved, and the rerun finds it under its final name."""
     cfg = config(tmp_path, urls_of(server))
-    killed_in(write, "write_stats", cfg, monkeypatch, spared={0, 2})  # (0 and 2 may come after: not finalized)
+    killed_in(commit, "write_stats", cfg, monkeypatch, spared={0, 2})  # (0 and 2 may come after: not finalized)
     out = tmp_path / "out"
     assert (out / "00001.tar").exists() and not (out / "00001_stats.json").exists()  # renamed from staging
     assert [p.name for p in (out / "_staging").glob("00001.*")] == ["00001.draft.json"]
@@ -358,10 +358,10 @@ import json, sys, threading
 from pathlib import Path
 from visinstruct.configs import IngestConfig, from_dict
 from visinstruct.pipelines.ingest import run
-from visinstruct.transforms import download, write
+from visinstruct.transforms import commit, download
 
 settings, step, marks = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-module = {"commit_draft": download, "write_stats": write}[step]
+module = {"commit_draft": download, "write_stats": commit}[step]
 real, lock, calls = getattr(module, step), threading.Lock(), []
 
 def gated(first, second, *rest):

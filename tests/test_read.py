@@ -10,10 +10,11 @@ import webdataset as wds
 
 from visinstruct.configs import ConfigError, IngestConfig, ReadConfig, from_dict
 from visinstruct.pipelines.ingest import run
-from visinstruct.schemas import Box, SampleMeta, Turn
+from visinstruct.schemas import Box, Decision, SampleMeta, Turn
 from visinstruct.testing.sample_data import shapes_dataset
 from visinstruct.testing.server import encode_test_image
-from visinstruct.transforms.read import MAX_CAPTION_CHARS, MAX_ROW_CHARS, BadRow, InputError, plan_units, read_unit
+from visinstruct.transforms.read import plan_units, read_unit
+from visinstruct.transforms.read_bounds import MAX_CAPTION_CHARS, MAX_ROW_CHARS, InputError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -61,7 +62,7 @@ def test_malformed_rows_become_bad_rows_not_errors(tmp_path):
         '{"url": "  "}\n{"url": "http://x/2.jpg", "caption": 5}\n'
     )
     got = rows(tmp_path / "bad.jsonl")
-    assert [r.reason if isinstance(r, BadRow) else "ok" for r in got] == [
+    assert [r.reason if isinstance(r, Decision) else "ok" for r in got] == [
         "ok",
         "malformed_row",
         "malformed_row",
@@ -70,7 +71,31 @@ def test_malformed_rows_become_bad_rows_not_errors(tmp_path):
         "bad_caption",
     ]
     (tmp_path / "bad.csv").write_text("url,caption\nhttp://x/1.jpg,a\nhttp://x/2.jpg,b,extra\n")
-    assert [type(r).__name__ for r in rows(tmp_path / "bad.csv")] == ["ImageTextPair", "BadRow"]
+    assert [type(r).__name__ for r in rows(tmp_path / "bad.csv")] == ["ImageTextPair", "Decision"]
+
+
+def test_a_dropped_row_is_one_dead_letter_row_with_its_url_and_an_excerpt(tmp_path):
+    # The read stage's drops become rejected/read-NNNNN.parquet rows: the URL when the row has one, detail.raw always.
+    (tmp_path / "bad.jsonl").write_text('not json\n{"url": "http://x/2.jpg", "caption": 5}\n{"caption": "no url"}\n')
+    cfg = from_dict(
+        IngestConfig, {"read": {"path": str(tmp_path / "bad.jsonl")}, "write": {"path": str(tmp_path / "out")}}
+    )
+    report = run(cfg, ["--runner=FnApiRunner"])
+    assert report["written"] == 0
+    assert report["rejected_by_reason"] == {"malformed_row": 1, "bad_caption": 1, "missing_column": 1}
+    got = sorted(pq.read_table(tmp_path / "out" / "rejected").to_pylist(), key=lambda r: r["key"])
+    assert [(r["stage"], r["key"], r["reason"], r["message"], r["url"], json.loads(r["detail"])) for r in got] == [
+        ("read", "000000000", "malformed_row", "line 1 is not a JSON object", None, {"raw": "not json\n"}),
+        (
+            "read",
+            "000000001",
+            "bad_caption",
+            "column 'caption' is not text",
+            "http://x/2.jpg",
+            {"raw": '{"url": "http://x/2.jpg", "caption": 5}'},
+        ),
+        ("read", "000000002", "missing_column", "row has no column 'url'", None, {"raw": '{"caption": "no url"}'}),
+    ]
 
 
 def test_boxes_and_tags_columns_as_lists_or_json_text(tmp_path):
@@ -162,7 +187,7 @@ def test_llava_json_keeps_conversations_and_rejects_bad_entries(tmp_path):
 
 
 def outcomes(got):
-    return [r.reason if isinstance(r, BadRow) else "ok" for r in got]
+    return [r.reason if isinstance(r, Decision) else "ok" for r in got]
 
 
 @pytest.mark.parametrize("ext, sep", [("csv", ","), ("tsv", "\t")])
@@ -175,8 +200,8 @@ def test_a_caption_over_128_kib_is_one_rejected_row_and_the_file_goes_on(tmp_pat
     )
     got = rows(path)
     assert outcomes(got) == ["ok", "field_too_long", "ok"]
-    assert got[1].url == "http://x/2.jpg" and str(MAX_CAPTION_CHARS) in got[1].message
-    assert len(got[1].raw) <= 500  # the dead-letter row keeps an excerpt, not the 130 KiB
+    assert got[1].index["url"] == "http://x/2.jpg" and str(MAX_CAPTION_CHARS) in got[1].message
+    assert len(got[1].detail["raw"]) <= 500  # the dead-letter row keeps an excerpt, not the 130 KiB
 
 
 def test_a_caption_within_the_bound_is_kept_whole(tmp_path):
@@ -210,7 +235,7 @@ def test_nul_bytes_bad_utf8_and_long_urls_in_csv_cost_their_row_only(tmp_path, e
     assert outcomes(got) == [expected for _, _, expected in DELIMITED_CASES]
     assert got[-1].caption == "café"
     for bad in got[1:-1]:
-        bad.raw.encode("utf-8")  # dead-letter excerpts are valid UTF-8 (parquet refuses anything else)
+        bad.detail["raw"].encode("utf-8")  # dead-letter excerpts are valid UTF-8 (parquet refuses anything else)
 
 
 def test_jsonl_lines_that_are_not_objects_or_not_utf8_cost_their_line_only(tmp_path):
@@ -294,7 +319,7 @@ def test_url_looking_lines_inside_a_caption_over_the_parser_limit_never_become_r
     )
     got = rows(path)
     assert outcomes(got) == ["ok", "field_too_long", "ok"]
-    assert [p.url for p in got if not isinstance(p, BadRow)] == ["http://x/1.jpg", "http://x/3.jpg"]
+    assert [p.url for p in got if not isinstance(p, Decision)] == ["http://x/1.jpg", "http://x/3.jpg"]
 
 
 def test_a_quote_that_never_closes_within_the_bound_rejects_the_rest_of_the_file_once(tmp_path):
@@ -311,20 +336,20 @@ def test_a_quote_that_never_closes_within_the_bound_rejects_the_rest_of_the_file
 
 
 def test_a_planted_bug_in_one_row_is_that_rows_internal_error(tmp_path, monkeypatch):
-    from visinstruct.transforms import read
+    from visinstruct.transforms import read_lists
 
-    real = read.pair_problem
+    real = read_lists.pair_problem
 
     def buggy(pair):
         if pair.url.endswith("boom.jpg"):
             raise RuntimeError("planted bug")
         return real(pair)
 
-    monkeypatch.setattr(read, "pair_problem", buggy)
+    monkeypatch.setattr(read_lists, "pair_problem", buggy)
     (tmp_path / "a.csv").write_text("url,caption\nhttp://x/1.jpg,a\nhttp://x/boom.jpg,b\nhttp://x/3.jpg,c\n")
     got = rows(tmp_path / "a.csv")
     assert outcomes(got) == ["ok", "internal_error", "ok"]
-    assert got[1].message == "RuntimeError: planted bug" and "boom.jpg" in got[1].raw
+    assert got[1].message == "RuntimeError: planted bug" and "boom.jpg" in got[1].detail["raw"]
 
 
 def test_a_compressed_file_cut_short_or_corrupt_keeps_its_rows_and_says_where_it_stopped(tmp_path):
@@ -484,7 +509,7 @@ def test_the_quote_tracker_ends_records_where_the_csv_parser_does(sep):
     import csv
     import random
 
-    from visinstruct.transforms.read import _still_quoted
+    from visinstruct.transforms.read_bounds import still_quoted
 
     rng = random.Random(7)
     for _ in range(3000):
@@ -495,7 +520,7 @@ def test_the_quote_tracker_ends_records_where_the_csv_parser_does(sep):
         parser_ends = [len(taken) for _ in csv.reader(fed, delimiter=sep)]
         tracker_ends, inside = [], False
         for number, line in enumerate(lines, 1):
-            inside = _still_quoted(line, sep, inside)
+            inside = still_quoted(line, sep, inside)
             if not inside or number == len(lines):
                 tracker_ends.append(number)
         assert tracker_ends == parser_ends, repr(text)

@@ -17,6 +17,8 @@ from visinstruct.schemas import (
     STATS_SCHEMA,
     Box,
     ClipScore,
+    Decision,
+    Dropped,
     FetchedImage,
     GenerationInfo,
     ImageTextPair,
@@ -36,6 +38,7 @@ from visinstruct.schemas import (
     parse_key,
     to_table,
 )
+from visinstruct.schemas.decision import MESSAGE_CHARS
 
 CONVERSATION = [
     Turn("human", "<image>\nWhat is the dog doing?"),
@@ -346,3 +349,42 @@ def test_conversation_problems(turns, problem):
 def test_records_are_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         EXAMPLES[0].caption = "changed"
+
+
+# -- Decision: the one keep-or-drop type ----------------------------------------------------------------------------
+
+
+def test_a_kept_decision_carries_its_value_and_index_and_has_no_dead_letter_row():
+    kept = Decision.keep("pair", clip_score=0.3)
+    assert (kept.kept, kept.value, kept.reason, dict(kept.index)) == (True, "pair", None, {"clip_score": 0.3})
+    with pytest.raises(ValueError, match="a kept record has no dead-letter row"):
+        kept.rejection("filter", "000000001")
+
+
+def test_a_drop_is_its_dead_letter_row_and_reads_back_from_it():
+    drop = Decision.drop("too_small", "32x20 is under 64 pixels", {"width": 32}, clip_score=0.1)
+    row = drop.rejection("decode", "000000001", "http://x/a.jpg")
+    assert row == Rejection(
+        "decode", "too_small", "32x20 is under 64 pixels", "000000001", "http://x/a.jpg", {"width": 32}
+    )
+    back = Decision.from_rejection(row, clip_score=0.1)
+    assert (back.kept, back.reason, back.message, dict(back.detail)) == (
+        False,
+        "too_small",
+        drop.message,
+        {"width": 32},
+    )
+    assert back.index == drop.index
+
+
+def test_a_drop_needs_a_reason_and_its_message_is_bounded():
+    with pytest.raises(ValueError, match="needs a reason"):
+        Decision.drop("", "no reason")
+    assert len(Decision.drop("decode_error", "x" * 100_000).message) == MESSAGE_CHARS
+
+
+def test_dropped_is_the_same_decision_raised():
+    with pytest.raises(Dropped) as raised:
+        raise Dropped("not_an_image", "the bytes are not an image", {"bytes": 12})
+    assert str(raised.value) == "the bytes are not an image"
+    assert raised.value.decision == Decision.drop("not_an_image", "the bytes are not an image", {"bytes": 12})

@@ -19,7 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from visinstruct.cli.main import main
-from visinstruct.cli.shards import ShardError, expand_braces, format_listing, list_shards, resolve_shards
+from visinstruct.cli.shards import format_listing, list_shards
 from visinstruct.cli.show import format_sample, show_sample
 from visinstruct.cli.stats import dataset_stats, format_stats
 from visinstruct.cli.validate import format_report, validate
@@ -27,7 +27,7 @@ from visinstruct.configs import IngestConfig, from_dict
 from visinstruct.pipelines.ingest import run as ingest
 from visinstruct.schemas import SampleMeta, ShardStats
 from visinstruct.testing.server import ImageServer, encode_test_image
-from visinstruct.transforms.shards import read_stats, write_stats
+from visinstruct.transforms.layout import ShardError, expand_braces, read_stats, resolve_shards, write_stats
 
 pytestmark = pytest.mark.timeout(300)
 RUNNER = ["--runner=FnApiRunner"]
@@ -534,7 +534,7 @@ def test_commands_exit_zero_and_print_their_reports(dataset, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1].split()[:4] == ["total", "6", "10", "4"]
     assert main(["stats", str(dataset), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == dataset_stats(resolve_shards(str(dataset)))
-    assert main(["show", str(dataset), "--random", "--seed", "3", "--out", str(tmp_path)]) == 0
+    assert main(["show", str(dataset), "--random", "--seed", "3", "--save-images", str(tmp_path)]) == 0
     assert "random seed    3" in capsys.readouterr().out
     assert main(["validate", str(dataset / "{00000..00002}.tar")]) == 0
     assert capsys.readouterr().out.strip() == "ok: 3 shards, 6 samples, 6 images checked, no problems"

@@ -63,9 +63,9 @@ def test_shard_commands_on_local_paths_import_neither_beam_nor_torch(dataset, tm
     commands = {
         "ls": ["ls", str(folder)],
         "stats": ["stats", str(folder)],
-        "show": ["show", str(folder), "--index", "1", "--out", str(tmp_path / "show")],
+        "show": ["show", str(folder), "--index", "1", "--save-images", str(tmp_path / "show")],
         "validate": ["validate", str(folder / "{00000..00001}.tar")],
-        "export": ["export", f"{folder}/*.tar", str(tmp_path / "llava")],
+        "export": ["export", f"{folder}/*.tar", "--out", str(tmp_path / "llava")],
         "gallery": ["gallery", str(folder), "-o", str(tmp_path / "gallery.html")],
         "remove": ["remove", str(folder), "--urls", str(tmp_path / "urls.txt")],
     }
@@ -174,7 +174,7 @@ def test_remote_paths_still_go_through_beams_filesystems(dataset, tmp_path, caps
         for argv in (["stats", where, "--json"], ["validate", f"{where}/0000[01].tar", "--json"]):
             assert main(argv) == 0
             outputs.setdefault(argv[0], []).append(json.loads(capsys.readouterr().out))
-        assert main(["show", f"{where}/*.tar", "--index", "2", "--json", "--out", str(tmp_path)]) == 0
+        assert main(["show", f"{where}/*.tar", "--index", "2", "--json", "--save-images", str(tmp_path)]) == 0
         sample = json.loads(capsys.readouterr().out)
         outputs.setdefault("show", []).append({k: v for k, v in sample.items() if k not in ("image", "shard_path")})
     for name, (local, remote) in outputs.items():

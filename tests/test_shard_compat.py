@@ -22,12 +22,13 @@ import pytest
 from PIL import Image
 
 from visinstruct.cli.main import main
-from visinstruct.cli.shards import list_shards, resolve_shards
+from visinstruct.cli.shards import list_shards
 from visinstruct.cli.validate import validate
 from visinstruct.configs import GenerateConfig, IngestConfig, from_dict
 from visinstruct.pipelines import generate
 from visinstruct.pipelines.ingest import run as ingest
 from visinstruct.testing.server import ImageServer, encode_test_image
+from visinstruct.transforms.layout import resolve_shards
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -139,13 +140,13 @@ def test_every_shard_command_reads_img2dataset_output(i2d, tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert (stats["inputs"], stats["written"]) == (7, 5)
     assert stats["rejected_by_reason"] == {"failed_to_download": 1, "failed_to_resize": 1}
-    assert main(["show", str(i2d), "000012", "--out", str(tmp_path / "show")]) == 2  # rejected by img2dataset
+    assert main(["show", str(i2d), "000012", "--save-images", str(tmp_path / "show")]) == 2  # rejected by img2dataset
     assert "failed_to_resize" in capsys.readouterr().err
-    assert main(["show", str(i2d), "000010", "--out", str(tmp_path / "show"), "--json"]) == 0
+    assert main(["show", str(i2d), "000010", "--save-images", str(tmp_path / "show"), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert (shown["caption"], shown["image_size"], shown["meta"]["exif"]) == ("a photo number 10", [32, 32], "{}")
     assert main(["validate", str(i2d)]) == 0
-    assert main(["export", str(i2d), str(tmp_path / "llava"), "--caption-only"]) == 0
+    assert main(["export", str(i2d), "--out", str(tmp_path / "llava"), "--caption-only"]) == 0
     assert len(json.loads((tmp_path / "llava" / "llava.json").read_text())) == 5
     capsys.readouterr()
     assert main(["gallery", str(i2d), "-o", str(tmp_path / "g.html"), "--json"]) == 0
@@ -189,13 +190,13 @@ def test_every_shard_command_exits_zero_every_time_after_a_correct_result(i2d, t
     commands = [
         ["ls", str(i2d)],
         ["stats", str(i2d)],
-        ["show", str(i2d), "000010", "--out", str(tmp_path)],
+        ["show", str(i2d), "000010", "--save-images", str(tmp_path)],
         ["validate", str(i2d)],
         ["gallery", str(i2d), "-o", str(tmp_path / "g.html")],
         ["remove", str(i2d), "--urls", str(tmp_path / "none.txt"), "--dry-run"],
     ]
     runs = [cmd for cmd in commands for _ in range(RUNS_PER_COMMAND)]
-    runs += [["export", str(i2d), str(tmp_path / f"x{i}"), "--caption-only"] for i in range(RUNS_PER_COMMAND)]
+    runs += [["export", str(i2d), "--out", str(tmp_path / f"x{i}"), "--caption-only"] for i in range(RUNS_PER_COMMAND)]
 
     def run(argv):
         done = subprocess.run([*ENTRY, *argv], capture_output=True, text=True, timeout=300)
@@ -234,8 +235,8 @@ def test_every_file_written_honours_the_umask(tmp_path, umask, mode):
             )
             assert ingest(cfg, ["--runner=FnApiRunner"])["written"] == 1
             out = tmp_path / "out"
-            assert main(["export", str(out), str(tmp_path / "exp"), "--caption-only"]) == 0
-            assert main(["export", str(out), str(tmp_path / "flat"), "--format", "parquet"]) == 0
+            assert main(["export", str(out), "--out", str(tmp_path / "exp"), "--caption-only"]) == 0
+            assert main(["export", str(out), "--out", str(tmp_path / "flat"), "--format", "parquet"]) == 0
             assert main(["gallery", str(out), "-o", str(tmp_path / "gal" / "g.html")]) == 0
             (tmp_path / "takedown.txt").write_text(urls[0] + "\n")
             assert main(["remove", str(out), "--urls", str(tmp_path / "takedown.txt")]) == 0

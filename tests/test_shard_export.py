@@ -21,19 +21,20 @@ import webdataset as wds
 from PIL import Image
 from test_shard_cli import CONVERSATION, RUNNER, SIZES, copy_of, sample, symlink, write_shard
 
-from visinstruct.cli import remove as remove_module
 from visinstruct.cli.export import BRIEF_PROMPT, export_llava, export_parquet
 from visinstruct.cli.gallery import Card, _pick, gallery, render_page
 from visinstruct.cli.main import main
 from visinstruct.cli.remove import load_takedown, remove_samples
-from visinstruct.cli.shards import ShardError, list_shards, resolve_shards, shard_files
+from visinstruct.cli.shards import list_shards
 from visinstruct.cli.stats import dataset_stats
 from visinstruct.cli.validate import validate
 from visinstruct.configs import IngestConfig, from_dict
 from visinstruct.pipelines.ingest import run as ingest
 from visinstruct.schemas import IndexRow, SampleMeta, Turn, conversation_problems
 from visinstruct.testing.server import encode_test_image
-from visinstruct.transforms.shards import read_stats
+from visinstruct.transforms import commit as commit_module
+from visinstruct.transforms import rewrite as rewrite_module
+from visinstruct.transforms.layout import ShardError, read_stats, resolve_shards, shard_files
 
 pytestmark = pytest.mark.timeout(300)
 HOSTILE = '<b>"bold"</b> & <script>alert(1)</script>'
@@ -158,8 +159,10 @@ def test_remove_by_url_rewrites_only_the_affected_shard(dataset, tmp_path, monke
     untouched = {p.name: p.read_bytes() for p in out.glob("0000[02]*")}
     url = json.loads(tar_members(out / "00001.tar")["000010000"]["json"])["url"]
     opened = []
-    real = remove_module.tar_samples
-    monkeypatch.setattr(remove_module, "tar_samples", lambda files: opened.append(files.name) or real(files))
+    real = rewrite_module.read_tar_samples
+    monkeypatch.setattr(
+        rewrite_module, "read_tar_samples", lambda path: opened.append(shard_files(path).name) or real(path)
+    )
     takedown = load_takedown(urls_file=takedown_file(tmp_path, "urls.txt", [f"  {url}\t", "https://x.test/none"]))
     report = remove_samples(resolve_shards(str(out)), takedown)
     assert report["removed"] == [{"key": "000010000", "shard": "00001", "url": url, "matched_by": "url"}]
@@ -207,8 +210,8 @@ def test_a_takedown_also_counts_the_rows_that_had_no_sample(dataset, tmp_path):
     assert [r["key"] for r in report["removed"]] == ["000000001"] and report["already_absent"] == 1
 
 
-KILLS = {  # where a removal is cut off: (function, part of its path, before or after it runs, what validate finds,
-    # what the next removal, of another sample of the shard, removes)
+KILLS = {  # where a removal's commit is cut off: (function, part of its path, before or after it runs, what
+    # validate finds, what the next removal, of another sample of the shard, removes)
     "after the dead letters": ("write_table", "/rejected/", "after", [], ["000000000", "000000003"]),
     "before the index": (
         "write_table",
@@ -227,7 +230,7 @@ def test_an_interrupted_removal_is_finished_by_the_next_one(dataset, tmp_path, m
     out = copy_of(dataset, tmp_path)
     urls = [json.loads(tar_members(out / "00000.tar")[k]["json"])["url"] for k in ("000000000", "000000003")]
     first, second = (load_takedown(takedown_file(tmp_path, f"u{i}.txt", [u])) for i, u in enumerate(urls))
-    real = getattr(remove_module, name)
+    real = getattr(commit_module, name)
 
     def cut_off(path, *args):
         if part in path and when == "before":
@@ -236,7 +239,7 @@ def test_an_interrupted_removal_is_finished_by_the_next_one(dataset, tmp_path, m
         if part in path:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(remove_module, name, cut_off)
+    monkeypatch.setattr(commit_module, name, cut_off)
     with pytest.raises(KeyboardInterrupt):
         remove_samples(resolve_shards(str(out)), first)
     assert [p.code for p in validate(resolve_shards(str(out))).problems] == problems
@@ -380,7 +383,7 @@ def test_the_gallery_renders_in_headless_chromium_with_every_image_loaded(datase
 
 def test_the_commands_print_their_reports(dataset, tmp_path, capsys):
     out = copy_of(dataset, tmp_path)
-    assert main(["export", str(out), str(tmp_path / "llava"), "--caption-only"]) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "llava"), "--caption-only"]) == 0
     assert capsys.readouterr().out.startswith(f"exported 6 samples from 3 shards to {tmp_path}/llava/llava.json")
     assert main(["gallery", str(out), "-o", str(tmp_path / "g.html"), "--limit", "2"]) == 0
     assert capsys.readouterr().out.strip() == (
@@ -399,12 +402,12 @@ def test_the_commands_print_their_reports(dataset, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["export", "empty", "out"], "visinstruct export: error: empty holds no shards (no .tar files)"),
+        (["export", "empty", "--out", "out"], "visinstruct export: error: empty holds no shards (no .tar files)"),
         (
-            ["export", "shards", "out", "--format", "parquet", "--caption-only"],
+            ["export", "shards", "--out", "out", "--format", "parquet", "--caption-only"],
             "visinstruct export: error: --caption-only goes with --format llava",
         ),
-        (["export", "shards", "shards"], "visinstruct export: error: shards is not empty"),
+        (["export", "shards", "--out", "shards"], "visinstruct export: error: shards is not empty"),
         (["gallery", "note.txt"], "visinstruct gallery: error: note.txt is not a shard"),
         (["remove", "shards"], "visinstruct remove: error: give --urls FILE or --sha256 FILE"),
         (["remove", "nope", "--urls", "note.txt"], "visinstruct remove: error: no such file or folder: nope"),

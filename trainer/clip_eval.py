@@ -89,11 +89,6 @@ def matching_scores(image: np.ndarray, text: np.ndarray, captions: list[str], se
     return (image * text).sum(axis=1), (image[images] * text[texts]).sum(axis=1)
 
 
-def matching_auc(image: np.ndarray, text: np.ndarray, captions: list[str], seed: int = 0) -> float:
-    """AUC of the cosine of matching pairs against the same images with shuffled, different captions."""
-    return auc(*matching_scores(image, text, captions, seed))
-
-
 @torch.no_grad()
 def embed(model: torch.nn.Module, batches: Iterable[dict], device: str, dtype: torch.dtype) -> tuple:
     """Normalised image and text embeddings (float32 numpy) and the captions of batches from ``trainer.data``."""
@@ -112,7 +107,8 @@ def embed(model: torch.nn.Module, batches: Iterable[dict], device: str, dtype: t
 
 
 def evaluate_embeddings(image: np.ndarray, text: np.ndarray, captions: list[str], seed: int = 0) -> dict:
-    """Every metric of the module on embeddings: recall@1/5 both ways, ``matching_auc``, the filter threshold that
+    """Every metric of the module on embeddings: recall@1/5 both ways, ``matching_auc`` (the AUC of the cosine of
+    matching pairs against the same images with shuffled, different captions), the filter threshold that
     best separates matching from shuffled pairs (``threshold``, with its ``threshold_balanced_accuracy``), and the
     sample count."""
     matching, mismatched = matching_scores(image, text, captions, seed)

@@ -35,7 +35,6 @@ import torch.distributed as dist
 from visinstruct.configs import ClipTrainConfig, LockConfig
 from visinstruct.trainer import common
 from visinstruct.trainer.clip_eval import embed, evaluate_embeddings
-from visinstruct.trainer.common import METRICS_FILE, RESUME_FILE, make_optimizer  # noqa: F401 (re-exported)
 from visinstruct.trainer.data import ShardStream, iterate_once, shard_list
 from visinstruct.trainer.losses import clamp_logit_scale, clip_loss
 

@@ -31,7 +31,6 @@ pipeline is spelled out here with ``wds.DataPipeline`` and the same stages, seed
 from __future__ import annotations
 
 import functools
-import glob
 import io
 import itertools
 import json
@@ -44,24 +43,32 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from visinstruct.transforms.layout import SPEC_SEPARATOR, ShardError, expand_braces, image_member, resolve_shards
+from visinstruct.transforms.shards import exists, is_remote
+
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def shard_list(spec: str) -> list[str]:
-    """The tars a spec names, sorted: a folder's ``*.tar``, a glob, a brace pattern, or ``::``-joined specs.
+    """The tars a spec names: a folder, a ``.tar``, a glob or a brace pattern (each part's tars sorted, as
+    :func:`~visinstruct.transforms.layout.resolve_shards` finds them), or several joined by ``::``.
+
+    A URL (``https://...``, ``gs://...``) or a ``pipe:`` command is only brace-expanded: webdataset opens it
+    itself, and nothing can list it. A local folder gives only the tars that exist (a shard whose tar is gone but
+    whose index remains is no training data).
 
     Raises:
-        FileNotFoundError: when nothing matches (a typo should not train on zero shards).
+        FileNotFoundError: when a local part names no shards (a typo should not train on zero shards).
     """
     urls = []
-    for part in wds.shardlists.expand_urls(spec):
-        if os.path.isdir(part):
-            urls += sorted(glob.glob(os.path.join(part, "*.tar")))
-        elif any(c in part for c in "*?["):
-            urls += sorted(glob.glob(part))
-        elif os.path.exists(part) or "://" in part or part.startswith("pipe:"):
-            urls.append(part)
+    for part in spec.split(SPEC_SEPARATOR):
+        try:
+            if part.startswith("pipe:") or is_remote(part):
+                urls += expand_braces(part)
+            else:
+                urls += [tar for tar in resolve_shards(part) if exists(tar)]
+        except ShardError as e:
+            raise FileNotFoundError(str(e)) from None
     if not urls:
         raise FileNotFoundError(f"{spec}: no shards (.tar files) match")
     return urls
@@ -88,10 +95,6 @@ def caption_of(sample: dict[str, Any], source: str = "auto") -> str | None:
     return None
 
 
-def _image_member(sample: dict[str, Any]) -> str | None:
-    return next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-
-
 def decode_batch(
     raw: list[dict[str, Any]], image_transform: Callable, text_transform: Callable | None, caption: str
 ) -> dict[str, Any]:
@@ -99,7 +102,7 @@ def decode_batch(
     images, captions = [], []
     for sample in raw:
         try:
-            image = Image.open(io.BytesIO(sample[_image_member(sample)])).convert("RGB")
+            image = Image.open(io.BytesIO(sample[image_member(sample)])).convert("RGB")
         except Exception as e:
             where = f"{sample.get('__url__')}: sample {sample['__key__']}"
             raise ValueError(f"{where}: cannot decode its image: {e}") from e
@@ -120,7 +123,7 @@ def text_of(sample: dict[str, Any], caption: str | Callable[[dict[str, Any]], An
 
 
 def _usable(sample: dict[str, Any], caption: str | Callable) -> bool:
-    return _image_member(sample) is not None and text_of(sample, caption) is not None
+    return image_member(sample) is not None and text_of(sample, caption) is not None
 
 
 def _every(src: Iterator, start: int, step: int) -> Iterator:

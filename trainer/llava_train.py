@@ -39,7 +39,6 @@ import torch.nn.functional as F
 
 from visinstruct.configs import LlavaTrainConfig
 from visinstruct.trainer import common
-from visinstruct.trainer.common import RESUME_FILE  # noqa: F401 (re-exported)
 from visinstruct.trainer.llava_data import (
     IGNORE_INDEX,
     ConversationEncoder,

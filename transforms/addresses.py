@@ -6,7 +6,7 @@ Two checks, both needed:
   a resolver accepts (``2130706433``, ``0x7f.1``, ``017700000001``, ``127.1``, a trailing dot, IPv6 in brackets)
   and ``localhost`` names. Resolvers differ on these forms (glibc reads ``0x7f.1`` as 127.0.0.1, others call it
   a name), so the decision must not depend on the resolver of the worker.
-- :func:`address_allowed` judges every address a host resolves to, at connect time (``fetch.py``), including
+- :func:`address_allowed` judges every address a host resolves to, at connect time (``http.py``), including
   IPv6 forms that carry an IPv4 address to its destination: IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible
   ``::a.b.c.d``, SIIT ``::ffff:0:a.b.c.d``, NAT64 ``64:ff9b::/96`` (RFC 6052), 6to4 ``2002::/16``, Teredo
   ``2001::/32`` (server and client) and ISATAP interface ids. Such an address is judged by the IPv4 address it

@@ -93,7 +93,7 @@ class ClipHandler(ModelHandler[Example, ClipOutput, Any]):
         with busy("filter"):
             try:
                 outputs = self._score(batch, model)
-            except Exception:  # noqa: BLE001 - one example (a caption the tokenizer chokes on...) fails its batch
+            except Exception:  # one example (a caption the tokenizer chokes on...) fails its batch
                 if len(batch) == 1:
                     raise
                 log.warning("a batch of %d failed; scoring its examples one by one", len(batch), exc_info=True)
@@ -126,7 +126,7 @@ class ClipHandler(ModelHandler[Example, ClipOutput, Any]):
         """One example of a failed batch, so that only the examples that fail alone are lost."""
         try:
             return self._score([example], model)[0]
-        except Exception as e:  # noqa: BLE001 - this example's failure becomes its dead-letter row
+        except Exception as e:  # this example's failure becomes its dead-letter row
             return ClipOutput(math.nan, error=f"{type(e).__name__}: {e}"[:500])
 
     def model_id(self) -> str:

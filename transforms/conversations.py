@@ -1,6 +1,7 @@
 """Read an LLM reply into LLaVA turns and decide whether it is good training data: plain functions, no Beam.
 
-A reply is rejected, with a stable reason, when it:
+The answer is a :class:`~visinstruct.schemas.Decision`: keep, with the turns as its value, or drop with a stable
+reason, when the reply:
 
 - holds characters no training text should (NUL and other control characters, lone surrogates:
   ``bad_characters``);
@@ -22,7 +23,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from visinstruct.schemas import IMAGE_TOKEN, SampleMeta, Turn, conversation_problems
+from visinstruct.schemas import IMAGE_TOKEN, Decision, SampleMeta, Turn, conversation_problems
 
 _QUESTION = re.compile(r"^(?:question|q|user|human)\s*\d*\s*[:：]\s*(.*)$", re.IGNORECASE)
 _ANSWER = re.compile(r"^(?:answer|a|assistant|gpt)\s*\d*\s*[:：]\s*(.*)$", re.IGNORECASE)
@@ -56,15 +57,6 @@ class Bounds:
 
     min_chars: int = 2
     max_chars: int = 2000
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Turns when the reply is good; else a reason code and message."""
-
-    turns: list[Turn] | None
-    reason: str | None = None
-    message: str | None = None
 
 
 def _clean(line: str) -> str:
@@ -191,48 +183,49 @@ def context_mention(text: str, meta: SampleMeta) -> str | None:
     return next((m.group(0) for m in _TWO_DECIMALS.finditer(text) if round(float(m.group(0)), 2) in coordinates), None)
 
 
-def check(pairs: list[tuple[str, str]], meta: SampleMeta, vocabulary: list[str], bounds: Bounds) -> Verdict:
-    """The verdict on parsed pairs (see the module docstring for the reasons, in the order they are checked)."""
+def check(
+    pairs: list[tuple[str, str]], meta: SampleMeta, vocabulary: list[str], bounds: Bounds
+) -> Decision[list[Turn]]:
+    """The decision on parsed pairs (see the module docstring for the reasons, in the order they are checked)."""
     if not pairs:
-        return Verdict(None, "unparseable", "no question and answer could be read from the reply")
+        return Decision.drop("unparseable", "no question and answer could be read from the reply")
     texts = [t for pair in pairs for t in pair]
     if any(_REFUSAL.search(a) for _, a in pairs):
-        return Verdict(None, "refusal", "an answer refuses or talks about being a model")
+        return Decision.drop("refusal", "an answer refuses or talks about being a model")
     if hit := next((m for t in texts if (m := context_mention(t, meta))), None):
-        return Verdict(None, "mentions_context", f"mentions what the model was shown: {hit!r}")
+        return Decision.drop("mentions_context", f"mentions what the model was shown: {hit!r}")
     questions = [_normal(q) for q, _ in pairs]
     if len(set(questions)) != len(questions):
-        return Verdict(None, "duplicate_question", "the same question is asked twice")
+        return Decision.drop("duplicate_question", "the same question is asked twice")
     if loop := next((r for t in texts if (r := repetition(t))), None):
-        return Verdict(None, "repetitive", f"a turn repeats itself: {loop}")
+        return Decision.drop("repetitive", f"a turn repeats itself: {loop}")
     if made_up := unknown_objects([a for _, a in pairs], meta, vocabulary):
-        return Verdict(None, "unknown_object", f"names objects the image does not have: {', '.join(made_up)}")
+        return Decision.drop("unknown_object", f"names objects the image does not have: {', '.join(made_up)}")
     if bad := next((t for t in texts if not bounds.min_chars <= len(t) <= bounds.max_chars), None):
-        return Verdict(
-            None, "bad_length", f"a turn of {len(bad)} characters is outside {bounds.min_chars}-{bounds.max_chars}"
+        return Decision.drop(
+            "bad_length", f"a turn of {len(bad)} characters is outside {bounds.min_chars}-{bounds.max_chars}"
         )
     if marker := next((m for t in texts if (m := _CHAT_MARKER.search(t))), None):
-        return Verdict(None, "bad_format", f"a turn holds the chat marker {marker.group(0)!r}")
+        return Decision.drop("bad_format", f"a turn holds the chat marker {marker.group(0)!r}")
     turns = to_turns(pairs)
     if problems := conversation_problems(turns):
-        return Verdict(None, "bad_format", "; ".join(problems))
-    return Verdict(turns)
+        return Decision.drop("bad_format", "; ".join(problems))
+    return Decision.keep(turns)
 
 
 def read_reply(
     kind_format: str, reply: str, meta: SampleMeta, question: str | None, vocabulary: list[str], bounds: Bounds
-) -> Verdict:
+) -> Decision[list[Turn]]:
     """Parse and check one reply: ``qa`` replies hold pairs, ``description`` replies answer ``question``."""
     if not isinstance(reply, str):
-        return Verdict(None, "unparseable", f"the reply is a {type(reply).__name__}, not text")
+        return Decision.drop("unparseable", f"the reply is a {type(reply).__name__}, not text")
     if len(reply) > REPLY_TURNS_LIMIT * bounds.max_chars:  # not read at all: reading a megabyte takes seconds
-        return Verdict(
-            None,
+        return Decision.drop(
             "bad_length",
             f"the reply has {len(reply)} characters, more than {REPLY_TURNS_LIMIT} turns of {bounds.max_chars}",
         )
     if bad := _BAD_CHARS.search(reply):
-        return Verdict(None, "bad_characters", f"the reply holds the character U+{ord(bad.group(0)):04X}")
+        return Decision.drop("bad_characters", f"the reply holds the character U+{ord(bad.group(0)):04X}")
     if kind_format == "description":
         text = " ".join(c for line in reply.splitlines() if (c := _clean(line)) and not _FENCE.fullmatch(c))
         text = re.sub(r"^(?:answer|description)\s*[:：]\s*", "", text, flags=re.IGNORECASE)

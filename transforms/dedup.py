@@ -19,17 +19,32 @@ from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 
-from visinstruct.schemas import ImageTextPair, JsonDict, Rejection
+from visinstruct.schemas import Decision, ImageTextPair, JsonDict, Rejection
 from visinstruct.transforms.images import hamming
 
-Loser = tuple[str, str, str]  # (key, reason, winner key or reference name)
+Loser = tuple[str, Decision]  # (key, its drop: reason, message, detail["duplicate_of"] = winner or reference name)
+MESSAGES = {
+    "duplicate_sha256": "same image bytes as {}",
+    "near_duplicate": "near-identical to {}",
+    "near_reference": "near-identical to reference image {}",
+}
+
+
+def lost_to(reason: str, winner: str) -> Decision:
+    """The drop of a key that lost to ``winner`` (a smaller key, or a reference image's name)."""
+    return Decision.drop(reason, MESSAGES[reason].format(winner), {"duplicate_of": winner})
+
+
+def first_loss(losses: Iterable[Decision]) -> Decision:
+    """A key can lose several ways; one is kept, deterministically (the smallest reason, then winner)."""
+    return min(losses, key=lambda d: (d.reason, d.detail["duplicate_of"]))
 
 
 def exact_losers(keys: Iterable[str]) -> Iterator[Loser]:
     """Every key but the smallest, as a ``duplicate_sha256`` loser."""
     ordered = sorted(set(keys))
     for key in ordered[1:]:
-        yield key, "duplicate_sha256", ordered[0]
+        yield key, lost_to("duplicate_sha256", ordered[0])
 
 
 def band_keys(phash: str, distance: int) -> list[tuple[int, int]]:
@@ -51,7 +66,7 @@ def near_losers(members: Iterable[tuple[str, str]], distance: int) -> Iterator[L
     for key, h in sorted(set(members)):
         winners = [other for oh, other in first.items() if hamming(h, oh) <= distance]
         if winners:
-            yield key, "near_duplicate", min(winners)
+            yield key, lost_to("near_duplicate", min(winners))
         first.setdefault(h, key)
 
 
@@ -127,16 +142,11 @@ class FindDuplicateImages(beam.PTransform):
                 hashes
                 | "NearReference"
                 >> beam.FlatMap(
-                    lambda h: [(h[0], "near_reference", name)] if (name := reference_hits(h[2], refs, dist)) else []
+                    lambda h: (
+                        [(h[0], lost_to("near_reference", name))] if (name := reference_hits(h[2], refs, dist)) else []
+                    )
                 )
             )
         if not outputs:
             return hashes.pipeline | "NoDedup" >> beam.Create([])
-        # A key can lose several ways; keep one reason, deterministically (the smallest).
-        return (
-            tuple(outputs)
-            | "AllLosers" >> beam.Flatten()
-            | "KeyByLoser" >> beam.Map(lambda loser: (loser[0], loser))
-            | "OneReasonPerKey" >> beam.CombinePerKey(min)
-            | "DropLoserKey" >> beam.Values()
-        )
+        return tuple(outputs) | "AllLosers" >> beam.Flatten() | "OneReasonPerKey" >> beam.CombinePerKey(first_loss)

@@ -24,24 +24,23 @@ from visinstruct.schemas import (
     Dropped,
     ImageTextPair,
     IndexRow,
-    JsonDict,
     Rejection,
     SampleMeta,
     from_table,
     shard_name,
 )
-from visinstruct.transforms.fetch import RETRYABLE_STATUS, Fetcher
+from visinstruct.transforms.fetch import Fetcher
 from visinstruct.transforms.guard import INTERNAL_ERROR, guarded
+from visinstruct.transforms.http import RETRYABLE_REASONS as HTTP_RETRYABLE_REASONS
 from visinstruct.transforms.images import ProcessedImage, process_image
+from visinstruct.transforms.layout import shard_in
 from visinstruct.transforms.progress import ShardProgress, map_with_progress
 from visinstruct.transforms.shards import (
     ShardReadError,
     TarShardWriter,
     exists,
-    join,
     read_table,
     read_tar_samples,
-    shard_paths,
 )
 from visinstruct.transforms.staging import (
     ShardDraft,
@@ -54,21 +53,9 @@ from visinstruct.transforms.takedown import REASON as TAKEDOWN
 from visinstruct.transforms.takedown import Takedown, load_takedown_lists
 from visinstruct.transforms.timing import add_busy
 
-REJECTED_DIR = "rejected"
-
 log = logging.getLogger(__name__)
-# Failures another attempt may fix.
-RETRYABLE_REASONS = frozenset(
-    {
-        "timeout",
-        "connection_error",
-        "truncated",
-        "dns_error",
-        "empty_body",
-        "robots_unreachable",
-        *(f"http_{s}" for s in RETRYABLE_STATUS),
-    }
-)
+# Failures another attempt may fix: the HTTP exchange's, and a DNS error, an empty body, an unreachable robots.txt.
+RETRYABLE_REASONS = frozenset({"dns_error", "empty_body", "robots_unreachable", *HTTP_RETRYABLE_REASONS})
 # Failures the run's settings (or a bug of ours) caused, not the image: a wrong url_col, loopback or private
 # addresses not allowed, an unreadable image folder, an internal error. A corrected rerun may fix them.
 # (Opt-outs, robots.txt, 404s, bad images and duplicates are the image's or its site's: final.)
@@ -111,14 +98,12 @@ def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) 
     """Fetch one pair's image and validate/resize it; every failure (any exception too) is a :class:`Rejection`."""
     location = pair.location
     if pair.url is not None:  # URLs come from untrusted lists: only the checked HTTP(S) fetcher reads them
-        result = guarded("download", lambda: fetcher.fetch(location), pair.key, location)
-        if isinstance(result, Rejection):
-            return result
-        if not result.ok:
-            return Rejection(
-                "download", result.reason, result.message, pair.key, location, JsonDict({"attempts": result.attempts})
-            )
-        data = result.data
+        fetched = guarded("download", lambda: fetcher.fetch(location), pair.key, location)
+        if isinstance(fetched, Rejection):
+            return fetched
+        if not fetched.kept:
+            return fetched.rejection("download", pair.key, location)  # its detail: {"attempts": n}
+        data = fetched.value.data
     else:  # paths come from sources the user points at (folders, COCO, LLaVA JSON): local or gs://...
         data = guarded("download", lambda: _read_local(pair), pair.key, location)
         if isinstance(data, Rejection):
@@ -153,21 +138,20 @@ def load_previous(out_dir: str, shard: int) -> Previous:
     Successes map to ``(index row, {ext: bytes})`` read from the tar; other failures to their rejection. A tar
     damaged since it was written keeps what can still be read; rows whose sample is gone are downloaded again.
     """
-    paths = shard_paths(out_dir, shard)
+    paths = shard_in(out_dir, shard)
     samples = {}
     try:
-        for key, sample in read_tar_samples(paths["tar"]):
+        for key, sample in read_tar_samples(paths.tar):
             samples[key] = sample
     except (ShardReadError, OSError) as e:
         log.warning(
             "shard %s: its tar is damaged (%s); samples past the damage are downloaded again", shard_name(shard), e
         )
     rejections = {}  # every stage's dead letters for this shard (ingest, and later ones such as remove)
-    pattern = join(out_dir, REJECTED_DIR, f"*-{shard_name(shard)}.parquet")
-    for meta in FileSystems.match([pattern])[0].metadata_list:
+    for meta in FileSystems.match([paths.rejected_pattern()])[0].metadata_list:
         rejections.update({r.key: r for r in from_table(Rejection, read_table(meta.path, Rejection))})
     previous: Previous = {}
-    for row in from_table(IndexRow, read_table(paths["parquet"], IndexRow)):
+    for row in from_table(IndexRow, read_table(paths.index, IndexRow)):
         if row.status == "success":
             if row.key in samples:
                 previous[row.key] = (row, samples[row.key])
@@ -324,7 +308,7 @@ class DownloadShard(beam.DoFn):
     def process(self, element):
         shard, rows = element
         rows, out = list(rows), self.cfg.write.path
-        stats = shard_paths(out, shard)["stats"]
+        stats = shard_in(out, shard).stats
         if exists(stats):  # a retry, or a build redoing a shard its later stages never finished
             FileSystems.delete([stats])  # until the new stats land, the shard is incomplete
         digest = input_digest(rows, self.cfg, self.takedown_digest)

@@ -6,36 +6,25 @@ grouped, and each output shard is written by re-reading its input tar, so no ima
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import partial
 
 import apache_beam as beam
 import numpy as np
 
-from visinstruct.schemas import ClipScore, Dropped, JsonDict, Rejection, SampleMeta
+from visinstruct.schemas import ClipScore, Decision, Dropped, Rejection, SampleMeta
 from visinstruct.transforms.guard import guarded
 from visinstruct.transforms.images import decode_rgb
-from visinstruct.transforms.rewrite import Judge, Judgement, image_member, iter_samples, read_meta
+from visinstruct.transforms.layout import image_member
+from visinstruct.transforms.rewrite import Judge, iter_samples, read_meta
+from visinstruct.transforms.select import ranks_within
 from visinstruct.transforms.timing import add_busy
 
-log = logging.getLogger(__name__)
 STAGE = "filter"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The filter's verdict on one sample."""
-
-    key: str
-    score: float
-    kept: bool
-    reason: str | None = None
-    image_embedding: bytes | None = None
-    text_embedding: bytes | None = None
 
 
 def shard_sample(path: str, key: str, members: dict[str, bytes]):
@@ -61,7 +50,7 @@ class ReadShardSamples(beam.DoFn):
                 yield beam.pvalue.TaggedOutput("rejected", (path, members))
                 continue
             self.rows_read.inc()
-            outcome = guarded(STAGE, lambda: shard_sample(path, key, members), key, path)  # noqa: B023 - called now
+            outcome = guarded(STAGE, partial(shard_sample, path, key, members), key, path)
             if isinstance(outcome, Rejection):
                 yield beam.pvalue.TaggedOutput("rejected", (path, outcome))
             else:
@@ -102,13 +91,13 @@ class DecodeForClip(beam.DoFn):
         try:
             return future.result()  # re-raises the decoding thread's exception here
         except Dropped as e:
-            return Rejection(STAGE, e.reason, str(e)[:500], key, path)
+            return e.decision.rejection(STAGE, key, path)
 
     def _ready(self, drain: bool):
         while self.pending and (drain or len(self.pending) > 2 * self.threads or self.pending[0][1].done()):
             (path, key), future, caption = self.pending.popleft()
             # The guard runs in this thread, not the decoding one, so its counter lands in the DoFn's metrics.
-            outcome = guarded(STAGE, lambda: self._outcome(future, key, path), key, path)  # noqa: B023 - called now
+            outcome = guarded(STAGE, partial(self._outcome, future, key, path), key, path)
             if isinstance(outcome, Rejection):
                 yield beam.pvalue.TaggedOutput("rejected", (path, outcome))
                 continue
@@ -139,30 +128,54 @@ def failed_batch_rejections(failure) -> list[tuple[str, Rejection]]:
     return [(path, Rejection(STAGE, "inference_error", message, key, path)) for (path, key), _ in batch]
 
 
-def filter_judge(
-    decisions: dict[str, Decision], rejections: dict[str, Rejection], model: str, pretrained: str | None
-) -> Judge:
-    """The filter's verdict per sample: its decision (score in the JSON either way), or why it was not scored."""
+def score_decision(
+    key: str, output, threshold: float | None, top_fraction: float | None, cut, clip: ClipScore
+) -> Decision[ClipScore]:
+    """One scored pair's decision: threshold first, then the top fraction (``cut`` from :class:`TopFractionCut`).
 
-    def judge(key: str, meta: SampleMeta) -> Judgement:
+    ``clip`` names the model; the value is it with this pair's score. The score and embeddings are index columns
+    whether the pair is kept or not, so a dropped row still says how it scored.
+    """
+    score = round(output.score, 6)
+    index = {
+        "clip_score": score,
+        "clip_image_embedding": _bytes(output.image_embedding),
+        "clip_text_embedding": _bytes(output.text_embedding),
+    }
+    reason = None
+    if threshold is not None and output.score < threshold:
+        reason = "clip_below_threshold"
+    elif top_fraction is not None and not ranks_within(output.score, key, cut):
+        reason = "clip_not_top_fraction"
+    if reason is None:
+        return Decision.keep(replace(clip, score=score), **index)
+    detail = {"score": output.score, "model": clip.model}
+    return Decision.drop(reason, f"CLIP score {output.score:.4f} ({reason})", detail, **index)
+
+
+def _bytes(vector: np.ndarray | None) -> bytes | None:
+    return None if vector is None else vector.tobytes()
+
+
+def filter_judge(decisions: dict[str, Decision[ClipScore]], rejections: dict[str, Rejection]) -> Judge:
+    """The filter as a judge of one shard: a scored sample keeps its decision (kept, it carries the score in its
+    JSON); one that never reached the model is dropped for the reason it did not."""
+
+    def judge(key: str, meta: SampleMeta, members: dict[str, bytes]) -> Decision[SampleMeta]:
         decision = decisions.get(key)
         if decision is None:
-            return Judgement(
-                rejection=rejections.get(key)
-                or Rejection(STAGE, "not_scored", "no score reached the writer", key, meta.url or meta.path)
-            )
-        meta = replace(meta, clip=ClipScore(round(decision.score, 6), model, pretrained))
-        index = {"clip_image_embedding": decision.image_embedding, "clip_text_embedding": decision.text_embedding}
+            rejection = rejections.get(key)
+            if rejection is not None:
+                return Decision.from_rejection(rejection)
+            return Decision.drop("not_scored", "no score reached the writer")
         if decision.kept:
-            return Judgement(meta=meta, index=index)
-        rejection = Rejection(
-            STAGE,
-            decision.reason,
-            f"CLIP score {decision.score:.4f} ({decision.reason})",
-            key,
-            meta.url or meta.path,
-            JsonDict({"score": decision.score, "model": model}),
-        )
-        return Judgement(rejection=rejection, index=index | {"clip_score": meta.clip.score})
+            return Decision.keep(replace(meta, clip=decision.value), **decision.index)
+        return decision
 
     return judge
+
+
+def shard_judge(path: str, groups) -> Judge:
+    """The judge of one shard from its ``CoGroupByKey`` groups: ``decisions`` ``(key, Decision)`` and
+    ``rejections`` ``Rejection`` (a shard-wide one, keyed by no sample, is the writer's to find again)."""
+    return filter_judge(dict(groups["decisions"]), {r.key: r for r in groups["rejections"] if r.key})

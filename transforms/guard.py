@@ -1,10 +1,10 @@
 """The one guard every per-record step uses: what one record can raise becomes that record's dead-letter row.
 
 A Beam bundle that raises is retried, and a bundle retried four times on one bad record fails a Dataflow job. So a
-per-record step calls its plain function through :func:`guarded`: expected failures are already rejections with
-their own reasons; anything else (a bug, a library raising something undocumented on odd input) becomes a
-:class:`Rejection` with reason ``internal_error``, the exception's class name and message, and the Beam counter
-``<stage>/internal_error``, and the bundle goes on with the next record.
+per-record step calls its plain function through :func:`guarded`: expected failures are already decisions with
+their own reasons; anything else (a bug, a library raising something undocumented on odd input) is dropped with
+reason ``internal_error``, the exception's class name and message (a :class:`Rejection`, the dead-letter row), and
+counted as the Beam counter ``<stage>/internal_error``, and the bundle goes on with the next record.
 
 Never wrap a whole shard or bundle in it: one record's failure must cost that record only.
 """
@@ -15,20 +15,19 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from visinstruct.schemas import JsonDict, Rejection
+from visinstruct.schemas import Decision, Rejection
 
 INTERNAL_ERROR = "internal_error"
-MESSAGE_LIMIT = 500
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 def internal_error(stage: str, exc: BaseException, key: str = "", url: str | None = None) -> Rejection:
-    """The dead-letter row for an unexpected exception, with its class name and (bounded) message."""
+    """The dead-letter row for an unexpected exception, with its class name and message (bounded, as every
+    decision's message is)."""
     kind = type(exc).__name__
-    message = f"{kind}: {exc}"[:MESSAGE_LIMIT]
-    return Rejection(stage, INTERNAL_ERROR, message, key, url, JsonDict({"exception": kind}))
+    return Decision.drop(INTERNAL_ERROR, f"{kind}: {exc}", {"exception": kind}).rejection(stage, key, url)
 
 
 def count_internal_error(stage: str) -> None:

@@ -1,5 +1,9 @@
 """Validate, resize, re-encode and hash one image: plain functions, no Beam.
 
+Whatever the bytes hold, a function here returns or raises :class:`~visinstruct.schemas.Dropped` with a reason code
+(``not_an_image``, ``truncated``, ``decode_error``, ``decompression_bomb``, ``too_small``...), never anything else:
+the calling step turns the drop into that record's dead-letter row.
+
 Resize modes follow img2dataset's resizer (same names and meaning), implemented with Pillow so that big JPEG
 downscales can decode at a reduced DCT scale (``Image.draft``), which measured about 1.5x cheaper than a full
 decode plus resize:
@@ -109,8 +113,8 @@ def signature(data: bytes) -> str | None:
     return next((fmt for magic, fmt in _SIGNATURES.items() if data.startswith(magic)), None)
 
 
-def rejection_for(error: BaseException, action: str = "decode", data: bytes = b"") -> Dropped:
-    """The rejection for an exception Pillow raised: ``not_an_image``, ``truncated``, ``decode_error`` or
+def _dropped(error: BaseException, action: str = "decode", data: bytes = b"") -> Dropped:
+    """The drop for an exception Pillow raised: ``not_an_image``, ``truncated``, ``decode_error`` or
     ``decompression_bomb``; ``data`` tells a damaged image header from bytes that are no image at all."""
     if isinstance(error, UnidentifiedImageError):
         fmt = signature(data)
@@ -118,10 +122,10 @@ def rejection_for(error: BaseException, action: str = "decode", data: bytes = b"
             return Dropped("not_an_image", "the bytes are not an image Pillow can read")
         return Dropped("decode_error", f"a damaged {fmt} header Pillow cannot read")
     if isinstance(error, Image.DecompressionBombError):
-        return Dropped("decompression_bomb", str(error)[:500])
+        return Dropped("decompression_bomb", str(error))
     text = f"{type(error).__name__}: {error}"
     truncated = isinstance(error, EOFError) or "truncat" in text.lower()
-    return Dropped("truncated" if truncated else "decode_error", f"cannot {action} image: {text}"[:500])
+    return Dropped("truncated" if truncated else "decode_error", f"cannot {action} image: {text}")
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:
@@ -154,7 +158,7 @@ def open_image(data: bytes) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # callers check sizes themselves
             return Image.open(io.BytesIO(data))
     except PILLOW_ERRORS as e:
-        raise rejection_for(e, "open", data) from None
+        raise _dropped(e, "open", data) from None
 
 
 def load_rgb(img: Image.Image, max_pixels: int, size: tuple[int, int] | None = None) -> Image.Image:
@@ -178,9 +182,9 @@ def load_rgb(img: Image.Image, max_pixels: int, size: tuple[int, int] | None = N
             img.load()
         return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise Dropped("decompression_bomb", str(e)[:500]) from None
+        raise Dropped("decompression_bomb", str(e)) from None
     except PILLOW_ERRORS as e:
-        raise rejection_for(e) from None
+        raise _dropped(e) from None
 
 
 def decode_rgb(data: bytes, max_pixels: int = ResizeConfig.max_pixels) -> Image.Image:
@@ -264,7 +268,7 @@ def hamming(a: str, b: str) -> int:
 
 
 def process_image(data: bytes, cfg: ResizeConfig) -> ProcessedImage:
-    """Validate, resize, re-encode and hash one image; raises :class:`Dropped` with a reason code."""
+    """Validate, resize, re-encode and hash one image; raises only :class:`Dropped`, with a reason code."""
     img, width, height = decode(data, cfg)
     out = resize(img, cfg, (width, height))
     return ProcessedImage(

@@ -117,6 +117,16 @@ def rejected_path(folder: str, stage: str, shard: int | str) -> str:
     return join(folder, REJECTED_DIR, f"{stage}-{name}{INDEX_SUFFIX}")
 
 
+def rejected_shard(path: str) -> tuple[str, str] | None:
+    """The ``(stage, shard name)`` a dead-letter table's path names (``.../rejected/filter-00042.parquet`` ->
+    ``("filter", "00042")``), or ``None`` for a file not named like one."""
+    base = path.rpartition("/")[2]
+    if not base.endswith(INDEX_SUFFIX):
+        return None
+    stage, _, name = base[: -len(INDEX_SUFFIX)].rpartition("-")
+    return (stage, name) if stage and name else None
+
+
 def rejected_pattern(folder: str) -> str:
     """A glob matching every dead-letter table of a dataset folder."""
     return join(folder, REJECTED_DIR, f"*{INDEX_SUFFIX}")
@@ -149,6 +159,13 @@ def staging_tar(folder: str, shard: int, attempt: str) -> str:
 def draft_path(folder: str, shard: int) -> str:
     """A shard's committed draft: ``_staging/NNNNN.draft.json``."""
     return join(folder, STAGING_DIR, f"{shard_name(shard)}{DRAFT_SUFFIX}")
+
+
+def staging_patterns(folder: str, shard: int) -> list[str]:
+    """Globs matching every staging file of a shard: its draft, the tars of all its attempts, and the temporary
+    files of writes a kill cut short (``.NNNNN.*.tmp``, see :func:`~visinstruct.transforms.shards.atomic_write`)."""
+    name = shard_name(shard)
+    return [join(folder, STAGING_DIR, f"{name}.*"), join(folder, STAGING_DIR, f".{name}.*")]
 
 
 def shard_stem(filename: str) -> str | None:

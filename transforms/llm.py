@@ -32,11 +32,12 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from visinstruct.configs import GenerateConfig
-from visinstruct.schemas import SampleMeta, Turn
-from visinstruct.transforms.conversations import Bounds, Verdict, read_reply
+from visinstruct.schemas import Decision, SampleMeta, Turn
+from visinstruct.transforms.conversations import Bounds, read_reply
 from visinstruct.transforms.devices import pick_device, pick_dtype
 from visinstruct.transforms.guard import guarded
-from visinstruct.transforms.llm_openai import RETRYABLE_STATUS, ChatRequest, ChatResult, OpenAIChatClient
+from visinstruct.transforms.http import RETRYABLE_REASONS as HTTP_RETRYABLE_REASONS
+from visinstruct.transforms.llm_openai import ChatRequest, ChatResult, OpenAIChatClient
 from visinstruct.transforms.prompts import derive_seed, request_fingerprint
 from visinstruct.transforms.shards import exists, join, read_bytes, write_bytes
 from visinstruct.transforms.timing import busy
@@ -47,9 +48,7 @@ TRUNCATED = "truncated_reply"
 
 # A rerun with the same config may succeed: the server was down, slow, overloaded or garbled an answer, or a
 # whole batch crashed (RunInference's ``inference_error``).
-RETRYABLE_REASONS = frozenset(
-    {"connection_error", "timeout", "malformed_response", "inference_error", *(f"http_{s}" for s in RETRYABLE_STATUS)}
-)
+RETRYABLE_REASONS = frozenset({"malformed_response", "inference_error", *HTTP_RETRYABLE_REASONS})
 # The config is wrong for this server or model: a bad request, key, endpoint or model name, or a token limit
 # too small for the answers (every reply cut short).
 CONFIG_REASONS = frozenset({"http_400", "http_401", "http_403", "http_404", "http_422", TRUNCATED})
@@ -69,11 +68,12 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """A plan's result: the reply that was kept (or the last one), its verdict, and what it cost."""
+class Reply:
+    """What asking the LLM for a plan came to: the backend's result that was kept (or the last one), the
+    decision on it (turns, or a drop with its reason), and what it cost."""
 
     result: ChatResult
-    verdict: Verdict
+    decision: Decision[list[Turn]]
     attempts: int
     cached: bool
     seed: int | None
@@ -113,8 +113,12 @@ class TransformersBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
+        if cfg.threads:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
         device = pick_device(cfg.device)
-        dtype = pick_dtype("auto", device)
+        dtype = pick_dtype(cfg.precision, device)
         source, extra = cfg.model, {}
         if cfg.model.endswith(".gguf"):  # transformers reads GGUF (with the gguf package) from its folder
             source, extra = os.path.dirname(cfg.model) or ".", {"gguf_file": os.path.basename(cfg.model)}
@@ -275,7 +279,7 @@ class OpenAIBackend:
 BACKENDS = {"transformers": TransformersBackend, "vllm": VllmBackend, "openai": OpenAIBackend}
 
 
-class GenerationHandler(ModelHandler[Plan, Outcome, object]):
+class GenerationHandler(ModelHandler[Plan, Reply, object]):
     """RunInference handler: cache lookup, batched generation, checking, one retry with another seed."""
 
     def __init__(self, cfg: GenerateConfig, vocabulary: list[str]):
@@ -313,43 +317,42 @@ class GenerationHandler(ModelHandler[Plan, Outcome, object]):
                 found[i] = result
         return [(replace(r, key=p.key), i not in missing) for i, (p, r) in enumerate(zip(plans, found))]
 
-    def _judge(self, plan: Plan, result: ChatResult) -> Verdict:
-        """The verdict on one result; what it raises becomes an ``internal_error`` verdict for this plan only."""
-        verdict = guarded(
+    def _judge(self, plan: Plan, result: ChatResult) -> Decision[list[Turn]]:
+        """The decision on one result; what it raises becomes an ``internal_error`` drop for this plan only."""
+        decision = guarded(
             STAGE,
             partial(judge_result, plan, result, self.vocabulary, self.bounds),
             plan.key,
             plan.meta.url or plan.meta.path,
         )
-        return verdict if isinstance(verdict, Verdict) else Verdict(None, verdict.reason, verdict.message)
+        return decision if isinstance(decision, Decision) else Decision.from_rejection(decision)
 
     def run_inference(self, batch: Sequence[Plan], backend, inference_args=None) -> Iterable[PredictionResult]:
         with busy("generate"):
-            outcomes = self._generate(backend, batch)
-        for plan, outcome in zip(batch, outcomes):
-            yield PredictionResult(plan, outcome, self.cfg.model)
+            replies = self._generate(backend, batch)
+        for plan, reply in zip(batch, replies):
+            yield PredictionResult(plan, reply, self.cfg.model)
 
-    def _generate(self, backend, batch: Sequence[Plan]) -> list[Outcome]:
+    def _generate(self, backend, batch: Sequence[Plan]) -> list[Reply]:
         cache = ResponseCache(self.cfg.cache_dir)
         answers = self._ask(backend, list(batch), cache)
-        outcomes = [Outcome(r, self._judge(p, r), 1, cached, p.request.seed) for p, (r, cached) in zip(batch, answers)]
+        replies = [Reply(r, self._judge(p, r), 1, cached, p.request.seed) for p, (r, cached) in zip(batch, answers)]
         # Another seed changes nothing under greedy decoding (temperature 0), so only sampling runs retry.
         retrying = self.cfg.retry_new_seed and self.cfg.temperature > 0
-        retry = [i for i, o in enumerate(outcomes) if o.verdict.turns is None] if retrying else []
+        retry = [i for i, r in enumerate(replies) if not r.decision.kept] if retrying else []
         if retry:
             again = [_reseeded(batch[i]) for i in retry]
             for i, plan, (result, cached) in zip(retry, again, self._ask(backend, again, cache)):
-                outcomes[i] = Outcome(result, self._judge(plan, result), 2, cached, plan.request.seed)
-        return outcomes
+                replies[i] = Reply(result, self._judge(plan, result), 2, cached, plan.request.seed)
+        return replies
 
 
-def judge_result(plan: Plan, result: ChatResult, vocabulary: list[str], bounds: Bounds) -> Verdict:
-    """A backend's result as a verdict: its failure, ``truncated_reply`` when cut at the limit, else the reply's."""
+def judge_result(plan: Plan, result: ChatResult, vocabulary: list[str], bounds: Bounds) -> Decision[list[Turn]]:
+    """A backend's result as a decision: its failure, ``truncated_reply`` when cut at the limit, else the reply's."""
     if not result.ok:
-        return Verdict(None, result.reason, result.message)
+        return Decision.drop(result.reason, result.message or result.reason)
     if result.finish_reason == "length":
-        return Verdict(
-            None,
+        return Decision.drop(
             TRUNCATED,
             f"the reply was cut at the token limit ({plan.request.max_tokens} tokens, generate.max_new_tokens)",
         )
@@ -368,7 +371,3 @@ def _sampling(request: ChatRequest) -> dict:
 def _reseeded(plan: Plan) -> Plan:
     seed = derive_seed(plan.request.seed or 0, plan.key, "retry")
     return replace(plan, request=replace(plan.request, seed=seed))
-
-
-def turns_json(turns: list[Turn]) -> list[dict]:
-    return [{"from": t.role, "value": t.value} for t in turns]

@@ -4,8 +4,8 @@ One client serves vLLM and TGI servers, Ollama and hosted APIs alike (``POST {ba
 streaming). What a generation stage that sends millions of prompts needs:
 
 - bounded concurrency: at most ``concurrency`` requests in flight per client, whichever threads call it;
-- a total time limit per attempt (connect, headers and body together), enforced on every socket read, so a
-  server that drips bytes or stalls mid-answer is cut off at the limit;
+- a total time limit per attempt (connect, headers and body together), so a server that drips bytes or stalls
+  mid-answer is cut off at the limit;
 - retries with exponential backoff and jitter for retryable failures only: timeouts, connection errors, 408,
   429 and 5xx gateway statuses, honouring Retry-After (and giving up at once when it asks for more than
   ``max_backoff``); 400/401/403/404 are final. A malformed 200 (not JSON, no ``choices``) is retried once only:
@@ -13,38 +13,40 @@ streaming). What a generation stage that sends millions of prompts needs:
   ``retries`` times would only multiply the cost;
 - the API key read from an environment variable and kept out of every message, log line, repr and pickle.
 
-Every failure becomes a :class:`ChatResult` with a stable reason code, never an exception.
+Connections, the time limit, retries and reason codes come from the HTTP core (``http.py``); this module has what
+is the protocol's own: the request and answer JSON, the key, ``finish_reason``. The client talks to a configured
+server (often on localhost), so the SSRF policy of the image fetcher does not apply. Every failure becomes a
+:class:`ChatResult` with a stable reason code, never an exception.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import random
 import re
-import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import urllib3
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import NewConnectionError
-
-from visinstruct.transforms.fetch import RETRYABLE_STATUS, parse_retry_after  # noqa: F401 - llm.py imports it here
+from visinstruct.transforms.http import (
+    HttpError,
+    RetryPolicy,
+    attempt_deadline,
+    pool_manager,
+    read_capped,
+    retrying,
+    send,
+    status_error,
+)
 
 logger = logging.getLogger(__name__)
 
 MALFORMED_RETRIES = 1  # see the module docstring
 MAX_RESPONSE_BYTES = 16 * 2**20  # a chat completion is kilobytes; more means something is wrong
 _SECRET_HEADER = re.compile(r"auth|key|token|secret|cookie", re.IGNORECASE)
-_CHUNK = 64 * 1024
-_LOCAL = threading.local()  # .deadline: the monotonic time the running attempt of this thread must end by
 
 
 @dataclass(frozen=True)
@@ -96,62 +98,6 @@ class ChatResult:
     @property
     def ok(self) -> bool:
         return self.reason is None
-
-
-class _AttemptError(Exception):
-    """A failed attempt; ``retryable`` says whether another attempt may succeed."""
-
-    def __init__(self, reason: str, message: str, retryable: bool = False, retry_after: float | None = None):
-        super().__init__(message)
-        self.reason, self.retryable, self.retry_after = reason, retryable, retry_after
-
-
-@functools.cache
-def _deadline_socket_class(cls: type) -> type:
-    """A subclass of a socket class whose reads stop at the calling thread's attempt deadline.
-
-    A socket timeout bounds each read, not the whole answer: a server sending a byte every few seconds would
-    never trip it. Setting the timeout to the time left before every read bounds the total, for the status
-    line and headers as well as the body (http.client reads through ``recv_into``).
-    """
-
-    def recv_into(self, buffer, *args):
-        deadline = getattr(_LOCAL, "deadline", None)
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("the attempt's time limit has passed")
-            self.settimeout(remaining)
-        return cls.recv_into(self, buffer, *args)
-
-    # No new slots: the layout stays the same, so an existing socket object can take this class.
-    return type(f"Deadline{cls.__name__}", (cls,), {"__slots__": (), "recv_into": recv_into})
-
-
-def _arm(conn: HTTPConnection) -> None:
-    # urllib3's SSLTransport (TLS inside a TLS proxy) is not a socket: it keeps the plain per-read timeout.
-    if isinstance(conn.sock, socket.socket):
-        conn.sock.__class__ = _deadline_socket_class(type(conn.sock))
-
-
-class _DeadlineHTTPConnection(HTTPConnection):
-    def connect(self) -> None:
-        super().connect()
-        _arm(self)
-
-
-class _DeadlineHTTPSConnection(HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()  # the socket is the TLS one by now
-        _arm(self)
-
-
-class _DeadlineHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _DeadlineHTTPConnection
-
-
-class _DeadlineHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _DeadlineHTTPSConnection
 
 
 class OpenAIChatClient:
@@ -227,8 +173,10 @@ class OpenAIChatClient:
         self._secrets = tuple(sorted(set(secrets), key=len, reverse=True))  # longest first: no partial leftovers
         self._slots = threading.BoundedSemaphore(concurrency)
         self._rng = random.Random()
-        self._pool = urllib3.PoolManager(num_pools=4, maxsize=concurrency, block=False)
-        self._pool.pool_classes_by_scheme = {"http": _DeadlineHTTPPool, "https": _DeadlineHTTPSPool}
+        self._policy = RetryPolicy(
+            retries, backoff, max_backoff, reason_retries={"malformed_response": MALFORMED_RETRIES}
+        )
+        self._pool = pool_manager(maxsize=concurrency)
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="llm-openai")
 
     def __repr__(self) -> str:
@@ -267,29 +215,24 @@ class OpenAIChatClient:
                 attempts=0,
                 message=self._scrub(f"cannot encode the request as JSON: {e}"),
             )
-        attempt = malformed = 0
-        while True:
-            attempt += 1
+        tried = [0]
+
+        def attempt(n: int) -> ChatResult:
+            tried[0] = n
             try:
-                return self._attempt(request.key, payload, attempt)
-            except _AttemptError as e:
-                malformed += e.reason == "malformed_response"
-                retry = e.retryable and attempt <= self.retries and malformed <= MALFORMED_RETRIES
-                delay = self._delay(attempt, e.retry_after) if retry else None
-                message = self._scrub(str(e))
-                if retry and delay is None:
-                    message += f" (Retry-After {e.retry_after:.0f}s exceeds max_backoff={self.max_backoff:g}s)"
-                if delay is None:
-                    logger.debug("chat %s: %s after %d attempt(s): %s", request.key, e.reason, attempt, message)
-                    return ChatResult(request.key, reason=e.reason, message=message, attempts=attempt)
-                logger.debug(
-                    "chat %s: attempt %d: %s: %s; retrying in %.2fs", request.key, attempt, e.reason, message, delay
-                )
-                time.sleep(delay)
-            except Exception as e:  # noqa: BLE001 - a bug here must not take down the caller's whole bundle
-                message = self._scrub(f"{type(e).__name__}: {e}")
-                logger.error("chat %s: unexpected error: %s", request.key, message)
-                return ChatResult(request.key, reason="internal_error", message=message, attempts=attempt)
+                return self._attempt(request.key, payload, n)
+            except HttpError as e:  # scrubbed before anything logs it: error bodies may quote the key back
+                raise e.with_message(self._scrub(str(e))) from None
+
+        try:
+            return retrying(attempt, self._policy, self._rng)
+        except HttpError as e:
+            logger.debug("chat %s: %s after %d attempt(s): %s", request.key, e.reason, e.attempts, e)
+            return ChatResult(request.key, reason=e.reason, message=str(e), attempts=e.attempts)
+        except Exception as e:  # a bug here must not take down the caller's whole bundle
+            message = self._scrub(f"{type(e).__name__}: {e}")
+            logger.error("chat %s: unexpected error: %s", request.key, message)
+            return ChatResult(request.key, reason="internal_error", message=message, attempts=tried[0])
 
     # -- one attempt -------------------------------------------------------------------------------------------------
 
@@ -306,75 +249,26 @@ class OpenAIChatClient:
             body["seed"] = request.seed
         return json.dumps(body, ensure_ascii=False, allow_nan=False).encode()
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float | None:
-        """Seconds to wait before the next attempt, or None when Retry-After asks for more than max_backoff."""
-        delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
-        delay *= 0.5 + self._rng.random() / 2  # jitter: retries from many workers do not arrive together
-        if retry_after is None:
-            return delay
-        return None if retry_after > self.max_backoff else max(delay, retry_after)
-
     def _attempt(self, key: str, payload: bytes, attempt: int) -> ChatResult:
+        """One request and its whole answer within ``timeout``; a failure raises :class:`HttpError`."""
         with self._slots:  # bounds requests in flight across every thread that calls this client
-            _LOCAL.deadline = time.monotonic() + self.timeout
             try:
-                status, headers, body = self._exchange(payload)
-            finally:
-                _LOCAL.deadline = None
-        if not 200 <= status < 300:
-            raise self._status_error(status, headers, body)
+                with attempt_deadline(self.timeout):
+                    resp = send(self._pool, "POST", self.url, payload, self._headers)
+                    try:
+                        body = read_capped(resp, MAX_RESPONSE_BYTES, reason="malformed_response")
+                    finally:
+                        resp.release_conn()
+            except HttpError as e:
+                messages = {
+                    "timeout": f"no complete answer within {self.timeout:g}s",
+                    "connection_error": f"cannot connect to {self.url}: {e}",
+                }
+                raise e.with_message(messages.get(e.reason, f"{self.url}: {e}")) from None
+        if not 200 <= resp.status < 300:
+            # Auth errors may quote (part of) the key back, as OpenAI's do: keep their bodies out of messages.
+            raise status_error(resp.status, resp.headers, "" if resp.status in (401, 403) else _error_detail(body))
         return _parse_completion(key, body, attempt)
-
-    def _exchange(self, payload: bytes) -> tuple[int, urllib3.HTTPHeaderDict, bytes]:
-        """One HTTP exchange within the thread's deadline: status, headers and the whole body."""
-        try:
-            resp = self._pool.request(
-                "POST",
-                self.url,
-                body=payload,
-                headers=self._headers,
-                retries=False,
-                redirect=False,
-                preload_content=False,
-                timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
-            )
-        except urllib3.exceptions.HTTPError as e:
-            raise self._transport_error(e) from None
-        try:
-            chunks, size = [], 0
-            while chunk := resp.read1(_CHUNK):
-                size += len(chunk)
-                if size > MAX_RESPONSE_BYTES:
-                    resp.close()
-                    raise _AttemptError("malformed_response", f"answer exceeds {MAX_RESPONSE_BYTES} bytes")
-                chunks.append(chunk)
-            return resp.status, resp.headers, b"".join(chunks)
-        except urllib3.exceptions.HTTPError as e:
-            resp.close()
-            raise self._transport_error(e) from None
-        finally:
-            resp.release_conn()
-
-    def _status_error(self, status: int, headers: urllib3.HTTPHeaderDict, body: bytes) -> _AttemptError:
-        retryable = status in RETRYABLE_STATUS
-        # Auth errors may quote (part of) the key back, as OpenAI's do: keep their bodies out of messages.
-        detail = "" if status in (401, 403) else _error_detail(body)
-        message = self._scrub(f"HTTP {status}" + (f": {detail}" if detail else ""))
-        retry_after = parse_retry_after(headers.get("Retry-After")) if retryable else None
-        return _AttemptError(f"http_{status}", message, retryable, retry_after)
-
-    def _transport_error(self, e: Exception) -> _AttemptError:
-        """A urllib3 exception as a retryable attempt error; its text names host and port, never headers."""
-        inner = getattr(e, "reason", None)  # MaxRetryError and friends wrap the real error
-        cause = inner if isinstance(inner, Exception) else e
-        # NewConnectionError subclasses ConnectTimeoutError in urllib3 2.x: test it before the timeouts.
-        if isinstance(cause, NewConnectionError):
-            text = re.sub(r"^\w*Connection\w*\(host=[^)]*\): ", "", str(cause))
-            return _AttemptError("connection_error", self._scrub(f"cannot connect to {self.url}: {text}"), True)
-        if isinstance(cause, (urllib3.exceptions.TimeoutError, TimeoutError)):
-            return _AttemptError("timeout", f"no complete answer within {self.timeout:g}s", True)
-        text = re.sub(r"\w*Connection\w*\(host=[^)]*\): ", "", str(cause))
-        return _AttemptError("connection_error", self._scrub(f"{type(cause).__name__}: {text}"), True)
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
@@ -383,23 +277,23 @@ class OpenAIChatClient:
 
 
 def _parse_completion(key: str, body: bytes, attempt: int) -> ChatResult:
-    """The answer of a 2xx body; raises ``_AttemptError`` for a malformed or empty one."""
+    """The answer of a 2xx body; raises ``HttpError`` for a malformed or empty one."""
     try:
         data = json.loads(body)
     except ValueError as e:  # UnicodeDecodeError included
-        raise _AttemptError("malformed_response", f"answer is not JSON: {e}", retryable=True) from None
+        raise HttpError("malformed_response", f"answer is not JSON: {e}", retryable=True) from None
     try:
         choice = data["choices"][0]
         content, finish = choice["message"].get("content"), choice.get("finish_reason")
     except (KeyError, IndexError, TypeError, AttributeError):
-        raise _AttemptError("malformed_response", "answer has no choices[0].message", retryable=True) from None
+        raise HttpError("malformed_response", "answer has no choices[0].message", retryable=True) from None
     if isinstance(content, list):  # content parts, as some servers return them
         content = "".join(t for p in content if isinstance(p, dict) and isinstance(t := p.get("text"), str))
     if content is not None and not isinstance(content, str):
-        raise _AttemptError("malformed_response", f"message content is a {type(content).__name__}", retryable=True)
+        raise HttpError("malformed_response", f"message content is a {type(content).__name__}", retryable=True)
     if not content or not content.strip():
         # Not retried: with the same prompt and seed, a server gives the same empty answer again.
-        raise _AttemptError("empty_completion", f"empty assistant message (finish_reason={finish})")
+        raise HttpError("empty_completion", f"empty assistant message (finish_reason={finish})")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     return ChatResult(
         key,

@@ -85,7 +85,7 @@ def map_with_progress(
     def run():
         try:
             box["results"] = run_map(work, items)
-        except BaseException as e:  # noqa: BLE001 - handed to the calling thread, which raises it
+        except BaseException as e:  # handed to the calling thread, which raises it
             box["error"] = e
         finally:
             finished.put(_DONE)

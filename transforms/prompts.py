@@ -17,7 +17,6 @@ from visinstruct.configs import CONFIG_DIR
 from visinstruct.schemas import IMAGE_TOKEN, SampleMeta, Turn
 
 DEFAULT_TEMPLATES = CONFIG_DIR / "prompts" / "llava.yaml"
-KINDS = ("conversation", "detailed", "complex_reasoning")
 
 
 @dataclass(frozen=True)

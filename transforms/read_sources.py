@@ -1,8 +1,8 @@
 """Readers for sources that are not URL lists: image folders, COCO annotation files, LLaVA training JSON.
 
 Each reader is split in two so that :func:`visinstruct.transforms.read.read_unit` can guard every record: a
-generator of raw records (or :class:`BadRow` for what is already known bad) and a per-record conversion to an
-:class:`ImageTextPair`. Any exception a record raises in its conversion costs that record only.
+generator of raw records (or the drop of what is already known bad) and a per-record conversion to an
+:class:`ImageTextPair` or its drop. Any exception a record raises in its conversion costs that record only.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from apache_beam.io.filesystems import FileSystems
-
 from visinstruct.configs import ReadConfig
-from visinstruct.schemas import Box, ImageTextPair, JsonDict, Turn, conversation_problems
-from visinstruct.transforms.read import EXCERPT, IMAGE_EXTENSIONS, MAX_CAPTION_CHARS, BadRow, InputError, excerpt
+from visinstruct.schemas import Box, Decision, ImageTextPair, JsonDict, Turn, conversation_problems
+from visinstruct.transforms.read_bounds import EXCERPT, MAX_CAPTION_CHARS, InputError, bad_row, excerpt, open_input
 
-Convert = Callable[[object, ReadConfig], "ImageTextPair | BadRow"]
+# Files of an input folder read as images (what Pillow decodes; the written shard holds jpg, png or webp).
+FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+Convert = Callable[[object, ReadConfig], "ImageTextPair | Decision"]
 
 
 def source_rows(fmt: str, paths: list[str], cfg: ReadConfig) -> tuple[Iterator, Convert]:
@@ -37,10 +37,18 @@ def source_rows(fmt: str, paths: list[str], cfg: ReadConfig) -> tuple[Iterator, 
 def folder_images(folder: str) -> Iterator[str]:
     """Image files in a folder, recursively, sorted by path."""
     paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names)
-    return (p for p in paths if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
+    return (p for p in paths if os.path.splitext(p)[1].lower() in FOLDER_IMAGE_EXTENSIONS)
 
 
-def folder_pair(path: str, _: ReadConfig | None = None) -> ImageTextPair | BadRow:
+def folder_pairs(folder: str) -> Iterator[ImageTextPair]:
+    """The readable images of a folder as pairs (reference sets for dedup)."""
+    for path in folder_images(folder):
+        pair = folder_pair(path)
+        if isinstance(pair, ImageTextPair):
+            yield pair
+
+
+def folder_pair(path: str, _: ReadConfig | None = None) -> ImageTextPair | Decision:
     """An image captioned by a sibling ``.txt`` when there is one (read up to just over the caption bound)."""
     caption_file = os.path.splitext(path)[0] + ".txt"
     caption = None
@@ -49,12 +57,12 @@ def folder_pair(path: str, _: ReadConfig | None = None) -> ImageTextPair | BadRo
             with open(caption_file, encoding="utf-8-sig", errors="surrogateescape") as f:
                 caption = f.read(MAX_CAPTION_CHARS + 1).strip()
         except OSError as e:
-            return BadRow("file_error", excerpt(f"cannot read {caption_file}: {e}"))
+            return bad_row("file_error", excerpt(f"cannot read {caption_file}: {e}"))
     return ImageTextPair(key="", path=path, caption=caption)
 
 
 def _load_json(path: str):
-    with FileSystems.open(path, mime_type="application/octet-stream", compression_type="auto") as f:
+    with open_input(path) as f:
         text = f.read().decode("utf-8-sig", "surrogateescape")  # bad bytes: that entry's bad_encoding, later
     try:
         return json.loads(text)
@@ -75,28 +83,28 @@ def _items(doc, field: str) -> list:
     return value if isinstance(value, list) else []
 
 
-def coco_records(documents: list) -> Iterator[tuple[dict, list[str], list] | BadRow]:
+def coco_records(documents: list) -> Iterator[tuple[dict, list[str], list] | Decision]:
     """COCO instances and/or captions files merged by image id, in order of first appearance.
 
-    Yields ``(image, captions, annotations with a bbox)`` per image, then a :class:`BadRow` for each entry that
+    Yields ``(image, captions, annotations with a bbox)`` per image, then the drop of each entry that
     does not fit (no id, an unknown image id, a non-object).
     """
     images: dict = {}
     categories: dict = {}
-    bad: list[BadRow] = []
+    bad: list[Decision] = []
     for doc in documents:
         if not isinstance(doc, dict):
-            bad.append(BadRow("malformed_row", "a COCO file is not a JSON object"))
+            bad.append(bad_row("malformed_row", "a COCO file is not a JSON object"))
         for image in _items(doc, "images"):
             try:
                 images.setdefault(image["id"], image)
             except (KeyError, TypeError):
-                bad.append(BadRow("malformed_row", "image entry without a usable id", _raw(image)))
+                bad.append(bad_row("malformed_row", "image entry without a usable id", _raw(image)))
         for cat in _items(doc, "categories"):
             try:
                 categories[cat["id"]] = str(cat["name"])
             except (KeyError, TypeError):
-                bad.append(BadRow("malformed_row", "category without id and name", _raw(cat)))
+                bad.append(bad_row("malformed_row", "category without id and name", _raw(cat)))
     captions: dict = {i: [] for i in images}
     boxes: dict = {i: [] for i in images}
     for doc in documents:
@@ -105,17 +113,17 @@ def coco_records(documents: list) -> Iterator[tuple[dict, list[str], list] | Bad
                 image_id = ann.get("image_id")
                 target = captions if "caption" in ann else boxes if "bbox" in ann else None
                 if image_id not in images:
-                    bad.append(BadRow("malformed_row", "annotation for an unknown image_id", _raw(ann)))
+                    bad.append(bad_row("malformed_row", "annotation for an unknown image_id", _raw(ann)))
                 elif target is not None:
                     target[image_id].append(ann)
             except (AttributeError, TypeError):
-                bad.append(BadRow("malformed_row", "annotation is not an object with an image_id", _raw(ann)))
+                bad.append(bad_row("malformed_row", "annotation is not an object with an image_id", _raw(ann)))
     for image_id, image in images.items():
         yield image, captions[image_id], [(ann, categories) for ann in boxes[image_id]]
     yield from bad
 
 
-def coco_pair(record: tuple, cfg: ReadConfig) -> ImageTextPair | BadRow:
+def coco_pair(record: tuple, cfg: ReadConfig) -> ImageTextPair | Decision:
     """One merged COCO image as a pair: the first caption becomes ``caption``, the rest ``captions``; boxes
     are COCO's pixel ``[x, y, w, h]`` normalised to ``[x1, y1, x2, y2]`` by the image size, with the category."""
     image, caption_anns, box_anns = record
@@ -123,10 +131,10 @@ def coco_pair(record: tuple, cfg: ReadConfig) -> ImageTextPair | BadRow:
     try:
         found = [_coco_box(ann, image, categories) for ann, categories in box_anns]
     except (KeyError, ValueError, TypeError, ArithmeticError) as e:
-        return BadRow("bad_box", f"image {image.get('id')}: {type(e).__name__}: {e}"[:EXCERPT], _raw(image))
+        return bad_row("bad_box", f"image {image.get('id')}: {type(e).__name__}: {e}"[:EXCERPT], _raw(image))
     url = image.get("coco_url") if not cfg.image_root and image.get("coco_url") else None
     if url is None and not isinstance(image.get("file_name"), str):
-        return BadRow("missing_url", f"image {image.get('id')} has neither coco_url nor file_name", _raw(image))
+        return bad_row("missing_url", f"image {image.get('id')} has neither coco_url nor file_name", _raw(image))
     path = None if url else _resolve(image["file_name"], cfg)
     return ImageTextPair(
         key="",
@@ -142,25 +150,25 @@ def coco_pair(record: tuple, cfg: ReadConfig) -> ImageTextPair | BadRow:
 def _coco_box(ann: dict, image: dict, categories: dict) -> Box:
     x, y, w, h = (float(v) for v in ann["bbox"])
     width, height = float(image["width"]), float(image["height"])
-    clamp = lambda v: min(1.0, max(0.0, v))  # noqa: E731 - COCO boxes may overshoot the border by rounding
+    clamp = lambda v: min(1.0, max(0.0, v))  # COCO boxes may overshoot the border by rounding
     return Box(
         categories.get(ann.get("category_id"), str(ann.get("category_id"))),
         [clamp(x / width), clamp(y / height), clamp((x + w) / width), clamp((y + h) / height)],
     )
 
 
-def llava_pair(entry, cfg: ReadConfig) -> ImageTextPair | BadRow:
+def llava_pair(entry, cfg: ReadConfig) -> ImageTextPair | Decision:
     """One entry of LLaVA's training JSON (``{"id", "image", "conversations"}``); conversations are kept."""
     raw = _raw(entry)
     if not isinstance(entry, dict) or not entry.get("image"):
-        return BadRow("missing_url", "entry has no image", raw)
+        return bad_row("missing_url", "entry has no image", raw)
     try:
         turns = [Turn(str(t["from"]), str(t["value"])) for t in entry.get("conversations", [])]
     except (KeyError, TypeError):
-        return BadRow("bad_conversation", "turns need 'from' and 'value'", raw)
+        return bad_row("bad_conversation", "turns need 'from' and 'value'", raw)
     problems = conversation_problems(turns)
     if problems:
-        return BadRow("bad_conversation", "; ".join(problems), raw)
+        return bad_row("bad_conversation", "; ".join(problems), raw)
     location = _resolve(str(entry["image"]), cfg)
     pair = ImageTextPair(key="", conversations=turns, source=JsonDict({"llava_id": entry.get("id")}))
     if location.startswith(("http://", "https://")):

@@ -1,9 +1,17 @@
-"""Rewrite a shard sample by sample: the writing half of every stage that reads shards (filter, generate).
+"""Rewrite a shard sample by sample: the one way every stage that reads shards writes them (filter, generate,
+remove).
 
-A stage supplies a *judge* that, for each sample of the input tar, returns the new metadata (sample kept) or a
-rejection (sample dropped), plus index columns of its own. :func:`rewrite_shard` does the rest the same way
-for every stage: an index row for every input sample, dead-letter rows, reproducible tar bytes, atomic files,
-``_stats.json`` last. Nothing is shuffled: the input tar is read again where the shard is written.
+A stage supplies a :data:`Judge` that, for each sample of the input tar, returns a :class:`Decision`: keep (with the
+new metadata, or ``None`` to keep the sample's members as they are) or drop (a reason code, a message, a detail),
+plus index columns of its own either way. :func:`rewrite_shard` does the rest the same way for every stage: an
+index row for every input row, dead-letter rows, reproducible tar bytes, and the commit of
+:func:`~visinstruct.transforms.commit.commit_shard` (atomic files, ``_stats.json`` last). Nothing is shuffled: the
+input tar is read again where the shard is written.
+
+A rewrite may write into the input's own folder (a build rewrites its shards in place; ``remove`` always does).
+Then this stage's dead letters from an earlier run on the shard are its journal: a row it carries keeps its dead
+letter, and a row the earlier run dropped from the tar but could not yet mark in the index (killed between the
+two) is finished from that journal instead of being reported missing.
 """
 
 from __future__ import annotations
@@ -13,50 +21,24 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import pyarrow as pa
 
-from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, SampleMeta, ShardStats, from_table
+from visinstruct.schemas import SCHEMA_VERSION, Decision, IndexRow, Rejection, SampleMeta, ShardStats, from_table
+from visinstruct.transforms.commit import commit_shard, drops
 from visinstruct.transforms.guard import guarded
-from visinstruct.transforms.shards import (
-    TarShardWriter,
-    exists,
-    join,
-    read_table,
-    read_tar_samples,
-    write_stats,
-    write_table,
-)
+from visinstruct.transforms.layout import index_of, rejected_path, shard_files, shard_id, shard_in
+from visinstruct.transforms.shards import TarShardWriter, exists, is_remote, read_table, read_tar_samples, write_table
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 UNREADABLE = "unreadable_shard"  # the tar stops being readable (cut short, bad header, not a tar)
 MISSING = "missing_in_tar"  # the index lists a written sample the tar does not give
 DUPLICATE_KEY = "duplicate_key"  # a further row of a key the input index already has
 
+# key, metadata, members -> keep (new metadata, or None: members unchanged) or drop; index columns either way.
+Judge = Callable[[str, SampleMeta, dict[str, bytes]], Decision[SampleMeta]]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Judgement:
-    """A stage's verdict on one sample: ``meta`` to keep it (with the stage's fields), or a ``rejection``."""
-
-    meta: SampleMeta | None = None
-    rejection: Rejection | None = None
-    index: dict = field(default_factory=dict)  # IndexRow fields the stage fills (clip_score...)
-
-
-Judge = Callable[[str, SampleMeta], Judgement]
-
-
-def shard_id(path: str, position: int | None) -> int:
-    """Output shard id: the input tar's numeric stem (``00042.tar`` -> 42), else its position in the input."""
-    stem = os.path.basename(path).split(".", 1)[0]
-    if stem.isdigit():
-        return int(stem)
-    if position is None:
-        raise ValueError(f"{path}: shard names must be numbers (00042.tar) when read from a pipeline")
-    return position
 
 
 def iter_samples(path: str, stage: str) -> Iterator[tuple[str | None, dict | Rejection]]:
@@ -67,7 +49,7 @@ def iter_samples(path: str, stage: str) -> Iterator[tuple[str | None, dict | Rej
     """
     try:
         yield from read_tar_samples(path)
-    except Exception as e:  # noqa: BLE001 - tarfile, Beam's filesystems and the OS raise many types here
+    except Exception as e:  # tarfile, Beam's filesystems and the OS raise many types here
         yield None, Rejection(stage, UNREADABLE, f"{type(e).__name__}: {e}"[:500], "", path)
 
 
@@ -98,10 +80,6 @@ def read_meta(stage: str, key: str, members: dict[str, bytes], url: str | None =
         return Rejection(stage, "bad_metadata", f"{type(e).__name__}: {e}"[:500], key, url)
 
 
-def image_member(members: dict[str, bytes]) -> str | None:
-    return next((ext for ext in IMAGE_EXTS if ext in members), None)
-
-
 def index_row(meta: SampleMeta, **extra) -> IndexRow:
     """The index row of a sample from its metadata; ``extra`` fields (the stage's own) win."""
     fields = dict(
@@ -122,19 +100,38 @@ def index_row(meta: SampleMeta, **extra) -> IndexRow:
     return IndexRow(**(fields | extra))
 
 
+def identity_row(row: IndexRow, status: str, message: str) -> IndexRow:
+    """A dropped row that keeps only what identifies its input (key, url, path, sha256), with its reason."""
+    return IndexRow(row.key, status, url=row.url, path=row.path, sha256=row.sha256, error_message=message)
+
+
 def input_index(tar_path: str) -> list[IndexRow] | None:
     """The rows of the input shard's index (one per input row, across stages), or ``None`` when there is none.
 
     Another tool's parquet reads too when it has our required columns (img2dataset's does); one that cannot be
     read as an index counts as none.
     """
-    index = tar_path[: -len(".tar")] + ".parquet" if tar_path.endswith(".tar") else None
+    index = index_of(tar_path)
     if index is None or not exists(index):
         return None
     try:
         return from_table(IndexRow, read_table(index, IndexRow))
     except (pa.ArrowException, ValueError, KeyError, OSError, TypeError):
         return None
+
+
+def journal(path: str, out_dir: str, stage: str) -> dict[str, Rejection]:
+    """This stage's earlier dead letters of the shard, by key, when it is rewritten in its own folder; else none."""
+    files = shard_files(path)
+    if not _same_folder(files.folder, out_dir) or not exists(files.rejected(stage)):
+        return {}
+    return {r.key: r for r in from_table(Rejection, read_table(files.rejected(stage), Rejection)) if r.key}
+
+
+def _same_folder(a: str, b: str) -> bool:
+    if is_remote(a) or is_remote(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def first_rows(earlier: list[IndexRow] | None, stage: str, path: str) -> tuple[list[IndexRow] | None, list[Rejection]]:
@@ -156,25 +153,31 @@ def first_rows(earlier: list[IndexRow] | None, stage: str, path: str) -> tuple[l
 
 
 def unread_rows(
-    earlier: list[IndexRow], seen: set[str], stage: str, path: str, error: Rejection | None
-) -> tuple[list[IndexRow], list[Rejection]]:
-    """Input index rows without a sample read from the tar: carried as they are when an earlier stage rejected
-    them, else (the index says written, the tar did not give it) ``missing_in_tar`` rows and dead letters.
+    earlier: list[IndexRow], seen: set[str], stage: str, path: str, error: Rejection | None, kept: dict[str, Rejection]
+) -> tuple[list[IndexRow], list[Rejection], list[Rejection]]:
+    """Input index rows without a sample read from the tar: their rows, new dead letters, and journal ones kept.
 
-    The index keeps one row per *input row* of the shard across every stage, so ``inputs`` stays the number of
-    rows the dataset started from and every drop, whichever stage or cut made it, stays on record.
+    A row an earlier stage rejected is carried as it is (with this stage's journal letter for it, if any). A row
+    the index says written that the tar did not give is finished from the journal when an earlier run of this
+    stage dropped it, else it becomes a ``missing_in_tar`` row and dead letter. The index keeps one row per
+    *input row* of the shard across every stage, so ``inputs`` stays the number of rows the dataset started from.
     """
     why = f"the tar stopped being readable: {error.message}" if error else "the tar has no such sample"
-    rows, dead = [], []
+    rows, dead, carried = [], [], []
     for row in earlier:
         if row.key in seen:
             continue
-        if row.status == "success":
+        letter = kept.get(row.key)
+        if row.status == "success" and letter is not None:  # dropped by a run killed before its index
+            row = identity_row(row, letter.reason, letter.message)
+        elif row.status == "success":
             message = f"indexed as written but not read from {path}: {why}"[:500]
             row = replace(row, status=MISSING, error_message=message, members=[])
             dead.append(Rejection(stage, MISSING, message, row.key, row.url or row.path))
+        if letter is not None and letter.reason == row.status:
+            carried.append(letter)
         rows.append(row)
-    return rows, dead
+    return rows, dead, carried
 
 
 def judge_sample(
@@ -188,23 +191,25 @@ def judge_sample(
     """
     meta = guarded(stage, lambda: read_meta(stage, key, members), key)
     if isinstance(meta, Rejection):
-        meta, verdict = SampleMeta(key=key), Judgement(rejection=meta)
+        meta, decision = SampleMeta(key=key), Decision.from_rejection(meta)
     else:
-        outcome = guarded(stage, lambda: judge(key, meta), key, meta.url or meta.path)
-        verdict = Judgement(rejection=outcome) if isinstance(outcome, Rejection) else outcome
-    if verdict.meta is not None:
-        kept = verdict.meta
+        decision = guarded(stage, lambda: judge(key, meta, members), key, meta.url or meta.path)
+        if isinstance(decision, Rejection):
+            decision = Decision.from_rejection(decision)
+    if decision.kept:
+        kept = decision.value or meta
 
         def add() -> list:
-            return writer.add(key, list(dict(members, json=kept.to_json().encode("utf-8")).items()))
+            new = members if decision.value is None else dict(members, json=kept.to_json().encode("utf-8"))
+            return writer.add(key, list(new.items()))
 
         added = guarded(stage, add, key, meta.url or meta.path)
         if not isinstance(added, Rejection):  # the tar's key, whatever key the judge's record carries
-            return index_row(kept, key=key, members=added, **verdict.index), None
-        verdict = Judgement(rejection=added, index=verdict.index)
-    rejection = verdict.rejection
-    row = replace(index_row(meta, key=key, **verdict.index), status=rejection.reason, error_message=rejection.message)
-    return row, rejection
+            return index_row(kept, **(dict(decision.index) | {"key": key, "members": added})), None
+        decision = Decision.from_rejection(added, **decision.index)
+    row = index_row(meta, **(dict(decision.index) | {"key": key}))
+    row = replace(row, status=decision.reason, error_message=decision.message)
+    return row, decision.rejection(stage, key, meta.url or meta.path)
 
 
 class AccountingError(RuntimeError):
@@ -242,8 +247,11 @@ def read_and_judge(
     return rows, dead, error
 
 
-def rewrite_shard(path: str, position: int, out_dir: str, stage: str, judge: Judge) -> ShardStats:
-    """Write the stage's version of one input shard into ``out_dir``; returns its stats.
+def rewrite_shard(
+    path: str, position: int | None, out_dir: str, stage: str, judge: Judge, dropped: Counter | None = None
+) -> ShardStats:
+    """Write the stage's version of one input shard into ``out_dir`` (which may be its own folder); returns its
+    stats. ``dropped``, when given, gains this stage's new drops by reason once they are committed.
 
     Every input row comes out written, judged, or dead-lettered with a reason: a sample the index lists but the
     tar does not give (a tar cut short in transit) becomes a ``missing_in_tar`` row, and the recount is checked
@@ -251,51 +259,41 @@ def rewrite_shard(path: str, position: int, out_dir: str, stage: str, judge: Jud
     written at all: only its ``unreadable_shard`` dead letter is, the shard stays incomplete (no ``_stats.json``)
     and the returned stats count nothing.
     """
-    start = time.monotonic()
-    shard = shard_id(path, position)
-    stem = f"{shard:05d}"
+    start, shard = time.monotonic(), shard_id(path, position)
     (earlier, duplicates), writer = first_rows(input_index(path), stage, path), TarShardWriter()
     try:
         rows, dead, error = read_and_judge(path, stage, judge, writer)
-        dead = duplicates + dead
         if duplicates:
-            log.warning("shard %s: %d duplicated index rows dead-lettered as %s", stem, len(duplicates), DUPLICATE_KEY)
+            log.warning(
+                "shard %05d: %d duplicated index rows dead-lettered as %s", shard, len(duplicates), DUPLICATE_KEY
+            )
         if error is not None and earlier is None:
             writer.abort()
             log.warning(
-                "shard %s not written: %s has no index to account for its rows (%s)", stem, path, error.message
+                "shard %05d not written: %s has no index to account for its rows (%s)", shard, path, error.message
             )
-            write_table(join(out_dir, "rejected", f"{stage}-{stem}.parquet"), [error], Rejection, SCHEMA_VERSION)
+            write_table(rejected_path(out_dir, stage, shard), [error], Rejection, SCHEMA_VERSION)
+            if dropped is not None:
+                dropped.update(drops([error]))
             return ShardStats(shard=shard, stage=stage, inputs=0, written=0, rejected=0)
-        carried, missing = unread_rows(earlier or [], {r.key for r in rows}, stage, path, error)
+        before = journal(path, out_dir, stage)
+        carried, missing, kept = unread_rows(earlier or [], {r.key for r in rows}, stage, path, error, before)
         rows = sorted(rows + carried, key=lambda r: r.key)
-        dead += missing  # each carries the read error; a keyless row would count as one more drop
+        new = duplicates + dead + missing  # the read error is no dead letter of its own: each missing row names it
         if error is not None:
             log.warning(
-                "shard %s: %s; %d indexed samples after it dead-lettered as %s",
-                stem,
+                "shard %05d: %s; %d indexed samples after it dead-lettered as %s",
+                shard,
                 error.message,
                 len(missing),
                 MISSING,
             )
         check_accounting(shard, rows, earlier)
-        tar_bytes = writer.finish(join(out_dir, f"{stem}.tar"))
     except BaseException:
         writer.abort()
         raise
-    write_table(join(out_dir, f"{stem}.parquet"), rows, IndexRow, SCHEMA_VERSION)
-    write_table(join(out_dir, "rejected", f"{stage}-{stem}.parquet"), dead, Rejection, SCHEMA_VERSION)
-    reasons = Counter(r.status for r in rows if r.status != "success")
-    written = sum(r.status == "success" for r in rows)
-    stats = ShardStats(
-        shard=shard,
-        stage=stage,
-        inputs=len(rows),
-        written=written,
-        rejected=len(rows) - written,
-        rejected_by_reason=dict(reasons),
-        tar_bytes=tar_bytes,
-        duration_s=round(time.monotonic() - start, 3),
-    )
-    write_stats(join(out_dir, f"{stem}_stats.json"), stats)
+    dead = sorted(new + kept, key=lambda r: r.key)
+    stats = commit_shard(shard_in(out_dir, shard), rows, dead, writer, stage, time.monotonic() - start)
+    if dropped is not None:
+        dropped.update(drops(new))
     return stats

@@ -115,7 +115,7 @@ def distribution(hist: np.ndarray, thresholds: list[float], fractions: list[floa
         return {"pairs": 0}
     cumulative_from_top = np.cumsum(hist[::-1])[::-1]  # pairs scoring in this bin or above
     nonzero = np.nonzero(hist)[0]
-    centre = lambda b: round(bin_low(b) + 1.0 / BINS, 4)  # noqa: E731
+    centre = lambda b: round(bin_low(b) + 1.0 / BINS, 4)
 
     def quantile(q: float) -> float:
         return centre(int(np.searchsorted(np.cumsum(hist), math.ceil(q * total))))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import os
 import posixpath
 import re
@@ -29,15 +28,12 @@ from typing import BinaryIO, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from visinstruct.schemas import Member, ShardStats, arrow_schema, shard_name, to_row, to_table
+from visinstruct.schemas import Member, arrow_schema, to_table
 from visinstruct.schemas.arrow import field_key
 
 TAR_FORMAT = tarfile.USTAR_FORMAT
-DEFAULT_EXTENSIONS = ("jpg", "png", "webp", "txt", "json")
 END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE  # two zero blocks close every tar
 FILLED_KEY = b"visinstruct:filled_columns"
-IMG2DATASET_STAGE = "img2dataset"  # the stage named by img2dataset's stats (it has no stage of ours)
-IMG2DATASET_FAILURES = ("failed_to_download", "failed_to_resize")
 
 
 def is_remote(path: str) -> bool:
@@ -148,11 +144,6 @@ def _glob_regex(pattern: str) -> re.Pattern:
         else:
             out.append(re.escape(c))
     return re.compile("(?ms)" + "".join(out) + r"\Z")
-
-
-def makedirs(path: str) -> None:
-    if "://" not in path:
-        os.makedirs(path, exist_ok=True)
 
 
 @contextlib.contextmanager
@@ -348,16 +339,6 @@ def tar_end_problem(path: str, end: int) -> TarEndProblem | None:
     return TarEndProblem("bad_tar", f"{path}: unreadable header at byte {end}")
 
 
-def shard_paths(out_dir: str, shard: int) -> dict[str, str]:
-    """The files of shard ``shard`` in ``out_dir``."""
-    stem = shard_name(shard)
-    return {
-        "tar": join(out_dir, f"{stem}.tar"),
-        "parquet": join(out_dir, f"{stem}.parquet"),
-        "stats": join(out_dir, f"{stem}_stats.json"),
-    }
-
-
 def write_table(path: str, records: list, cls: type, schema_version: int) -> None:
     """A parquet table of records, atomically; deterministic bytes for the same records."""
     table = to_table(records, cls, schema_version)
@@ -409,44 +390,3 @@ def _field_defaults(cls: type) -> dict:
         elif f.default_factory is not dataclasses.MISSING:
             out[field_key(f)] = f.default_factory()
     return out
-
-
-def write_stats(path: str, stats: ShardStats) -> None:
-    write_bytes(
-        path,
-        (
-            json.dumps(
-                to_row(stats) | {"rejected_by_reason": dict(sorted(stats.rejected_by_reason.items()))}, indent=1
-            )
-            + "\n"
-        ).encode(),
-    )
-
-
-def read_stats(path: str) -> ShardStats:
-    """A shard's ``_stats.json``: ours, or img2dataset's (see :func:`img2dataset_stats`)."""
-    data = json.loads(read_bytes(path))
-    if isinstance(data, dict) and "count" in data and "inputs" not in data:
-        return img2dataset_stats(path, data)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return ShardStats(**data)
-
-
-def img2dataset_stats(path: str, data: dict) -> ShardStats:
-    """img2dataset's stats (``count``, ``successes``, ``failed_to_download``, ``failed_to_resize``...) as ours.
-
-    The reasons are the statuses img2dataset writes in its index, so stats and index agree as ours do; the stage is
-    ``img2dataset``; img2dataset records no tar size, so ``tar_bytes`` is 0 (not checked against the tar).
-    """
-    failed = {reason: int(data.get(reason) or 0) for reason in IMG2DATASET_FAILURES}
-    stem = os.path.basename(path)[: -len("_stats.json")]
-    return ShardStats(
-        shard=int(stem) if stem.isdigit() else 0,
-        stage=IMG2DATASET_STAGE,
-        inputs=int(data["count"]),
-        written=int(data.get("successes") or 0),
-        rejected=sum(failed.values()),
-        rejected_by_reason={reason: n for reason, n in failed.items() if n},
-        duration_s=float(data.get("duration") or 0.0),
-    )

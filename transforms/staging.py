@@ -24,14 +24,12 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-from apache_beam.io.filesystems import FileSystems
-
 from visinstruct.configs import IngestConfig
 from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, from_row, shard_name, to_row
-from visinstruct.transforms.shards import exists, join, read_bytes, shard_paths, write_bytes
+from visinstruct.transforms.layout import draft_path, shard_in, staging_dir, staging_patterns, staging_tar
+from visinstruct.transforms.shards import delete, exists, join, match, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
-STAGING = "_staging"
 # Download settings that change how fast rows are fetched, not what a fetched row becomes: changing them
 # (more threads after a kill) keeps committed drafts. Timeouts and retries only change retryable failures,
 # which `write.retry_failed` redoes anyway.
@@ -54,11 +52,7 @@ class ShardDraft:
 
 def staging_path(out_dir: str, shard: int) -> str:
     """A fresh staging tar name for one download attempt of ``shard``."""
-    return join(out_dir, STAGING, f"{shard_name(shard)}.{uuid.uuid4().hex[:12]}.tar")
-
-
-def draft_path(out_dir: str, shard: int) -> str:
-    return join(out_dir, STAGING, f"{shard_name(shard)}.draft.json")
+    return staging_tar(out_dir, shard, uuid.uuid4().hex[:12])
 
 
 def input_digest(rows: list, cfg: IngestConfig, takedown_digest: str = "") -> str:
@@ -93,7 +87,8 @@ def commit_draft(out_dir: str, draft: ShardDraft, digest: str) -> None:
 
 def _size(path: str) -> int | None:
     """Bytes in ``path``, or None when there is no such file."""
-    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes if exists(path) else None
+    found = match(path)
+    return found[0].size if found else None
 
 
 def load_draft(out_dir: str, shard: int, digest: str) -> ShardDraft | None:
@@ -113,9 +108,9 @@ def load_draft(out_dir: str, shard: int, digest: str) -> ShardDraft | None:
                 shard_name(shard),
             )
             return None
-        tar = join(out_dir, STAGING, document["staging_tar"])
+        tar = join(staging_dir(out_dir), document["staging_tar"])
         if _size(tar) != document["tar_bytes"]:
-            tar = shard_paths(out_dir, shard)["tar"]  # renamed by a finalize killed before its stats
+            tar = shard_in(out_dir, shard).tar  # renamed by a finalize killed before its stats
             if _size(tar) != document["tar_bytes"]:
                 log.warning("shard %s: its staging tar is missing or cut short; downloading again", shard_name(shard))
                 return None
@@ -140,13 +135,9 @@ def load_draft(out_dir: str, shard: int, digest: str) -> ShardDraft | None:
 def remove_staging(out_dir: str, shard: int) -> None:
     """Delete every staging file of ``shard``: its draft first (a kill midway leaves no draft whose tar is gone),
     then the tars of all its attempts and the temporary files of writes a kill cut short (``.NNNNN.*.tmp``)."""
-    draft, name = draft_path(out_dir, shard), shard_name(shard)
+    draft = draft_path(out_dir, shard)
     if exists(draft):
-        FileSystems.delete([draft])
-    patterns = [join(out_dir, STAGING, f"{name}.*"), join(out_dir, STAGING, f".{name}.*")]
-    try:
-        found = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
-    except Exception:  # noqa: BLE001 - no staging folder: nothing to remove
-        return
+        delete([draft])
+    found = [info.path for pattern in staging_patterns(out_dir, shard) for info in match(pattern)]
     if found:
-        FileSystems.delete(found)
+        delete(found)

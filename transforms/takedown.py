@@ -73,7 +73,7 @@ def _from_table(path: str) -> Takedown:
     try:
         with open_read(path) as f:
             table = pq.read_table(f)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file; the message says which
+    except Exception as e:  # pyarrow raises several types for a bad file; the message says which
         raise TakedownError(f"cannot read {path}: {e}".splitlines()[0]) from e
     columns = [c for c in ("url", "sha256") if c in table.column_names]
     if not columns:

@@ -1,8 +1,9 @@
-"""Finalize a shard: drop cross-shard duplicates, write tar, parquet index, dead-letter table, then stats.
+"""Finalize a shard: drop cross-shard duplicates, then commit tar, index, dead letters and stats.
 
-Order matters for retries: the staging files (and temporary files a killed write left) are removed only after
-``_stats.json`` exists, and ``_stats.json`` is written last, so a shard is either complete (stats present) or can
-be finished again from staging (also by a rerun after a kill: see :mod:`visinstruct.transforms.staging`).
+The commit (:func:`~visinstruct.transforms.commit.commit_shard`) writes ``_stats.json`` last, and the staging files
+(and temporary files a killed write left) are removed only after it exists, so a shard is either complete (stats
+present) or can be finished again from staging (also by a rerun after a kill: see
+:mod:`visinstruct.transforms.staging`).
 """
 
 from __future__ import annotations
@@ -13,53 +14,34 @@ from collections import Counter
 from dataclasses import replace
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
-from visinstruct.schemas import SCHEMA_VERSION, IndexRow, JsonDict, Rejection, ShardStats, parse_key, shard_name
-from visinstruct.transforms.download import REJECTED_DIR
+from visinstruct.schemas import Decision, IndexRow, Rejection, ShardStats, parse_key, shard_name
+from visinstruct.transforms.commit import TarSource, commit_shard, drops
+from visinstruct.transforms.dedup import Loser
 from visinstruct.transforms.guard import guarded, internal_error
-from visinstruct.transforms.shards import (
-    TarShardWriter,
-    exists,
-    join,
-    read_stats,
-    read_tar_samples,
-    shard_paths,
-    write_stats,
-    write_table,
-)
+from visinstruct.transforms.layout import REJECTED_DIR, read_stats, shard_in
+from visinstruct.transforms.rewrite_stage import count_drops
+from visinstruct.transforms.shards import TarShardWriter, delete, exists, join, match, read_tar_samples
 from visinstruct.transforms.staging import ShardDraft, remove_staging
 from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
-DEDUP_MESSAGES = {
-    "duplicate_sha256": "same image bytes as {}",
-    "near_duplicate": "near-identical to {}",
-    "near_reference": "near-identical to reference image {}",
-}
 
 
-def dedup_rejection(row: IndexRow, reason: str, other: str) -> Rejection:
-    """The dead-letter row of a written row that lost to ``other`` (a smaller key or a reference image)."""
-    message = DEDUP_MESSAGES.get(reason, reason + " of {}").format(other)
-    return Rejection(
-        "dedup",
-        reason,
-        message,
-        row.key,
-        row.url or row.path,
-        JsonDict({"duplicate_of": other, "sha256": row.sha256, "phash": row.phash}),
-    )
+def dedup_rejection(row: IndexRow, loss: Decision) -> Rejection:
+    """The dead-letter row of a written row that lost to another (a smaller key or a reference image)."""
+    detail = {**loss.detail, "sha256": row.sha256, "phash": row.phash}
+    return Decision.drop(loss.reason, loss.message, detail).rejection("dedup", row.key, row.url or row.path)
 
 
-def apply_losers(draft: ShardDraft, losers: list[tuple[str, str, str]]) -> ShardDraft:
+def apply_losers(draft: ShardDraft, losers: list[Loser]) -> ShardDraft:
     """The draft with each loser's row turned into a dedup rejection (any error: an ``internal_error`` one)."""
-    by_key = {key: (reason, other) for key, reason, other in losers}
+    by_key = dict(losers)
     rows, rejections = [], list(draft.rejections)
     for row in draft.rows:
         if row.key in by_key and row.status == "success":
             rejection = guarded(
-                "dedup", functools.partial(dedup_rejection, row, *by_key[row.key]), row.key, row.url or row.path
+                "dedup", functools.partial(dedup_rejection, row, by_key[row.key]), row.key, row.url or row.path
             )
             rejections.append(rejection)
             row = replace(row, status=rejection.reason, error_message=rejection.message, members=[])
@@ -67,31 +49,25 @@ def apply_losers(draft: ShardDraft, losers: list[tuple[str, str, str]]) -> Shard
     return replace(draft, rows=rows, rejections=sorted(rejections, key=lambda r: r.key))
 
 
-def write_shard_tar(draft: ShardDraft, staged: set[str], tar_path: str) -> tuple[list[IndexRow], int]:
-    """Write the final tar from the staging tar (holding ``staged``), keeping only successful rows.
+def kept_tar(draft: ShardDraft, staged: set[str], tar_path: str) -> tuple[list[IndexRow], TarSource]:
+    """The final tar's samples from the staging tar (holding ``staged``): only successful rows are kept.
 
-    Returns the rows with their members' offsets in the final tar, and the tar's size.
+    Returns the rows with their members' offsets in that tar, and the tar to commit: when nothing was dropped,
+    the staging tar itself (offsets included; the commit renames it), else a writer holding the kept samples.
     """
     keep = {row.key for row in draft.rows if row.status == "success"}
     source = draft.staging_tar if exists(draft.staging_tar) else tar_path  # a retry after the rename
-    if keep == staged:  # nothing dropped: the staging tar is the final tar, offsets included
-        if source != tar_path:
-            if exists(tar_path):
-                FileSystems.delete([tar_path])
-            FileSystems.rename([source], [tar_path])
-        return draft.rows, FileSystems.match([tar_path])[0].metadata_list[0].size_in_bytes
-    writer = TarShardWriter()
-    members = {}
+    if keep == staged:
+        return draft.rows, source
+    writer, members = TarShardWriter(), {}
     try:
         for key, sample in read_tar_samples(source):
             if key in keep:
                 members[key] = writer.add(key, list(sample.items()))
-        size = writer.finish(tar_path)
     except BaseException:
         writer.abort()
         raise
-    rows = [replace(row, members=members.get(row.key, [])) for row in draft.rows]
-    return rows, size
+    return [replace(row, members=members.get(row.key, [])) for row in draft.rows], writer
 
 
 def unstaged_as_errors(rows: list[IndexRow], rejections: list[Rejection]) -> tuple[list, list]:
@@ -129,44 +105,34 @@ def remove_leftover_temps(out_dir: str, shard: int, stage: str = "ingest") -> No
     found = []
     for pattern in patterns:
         try:
-            found += [m.path for m in FileSystems.match([pattern])[0].metadata_list]
-        except Exception:  # noqa: BLE001 - no such folder: nothing to remove
+            found += [m.path for m in match(pattern)]
+        except OSError:  # a remote folder that cannot be listed: nothing to remove
             continue
     if found:
-        FileSystems.delete(found)
+        delete(found)
 
 
 def finalize_shard(
-    draft: ShardDraft, losers: list[tuple[str, str, str]], out_dir: str, stage: str = "ingest"
+    draft: ShardDraft,
+    losers: list[Loser],
+    out_dir: str,
+    stage: str = "ingest",
+    dropped: Counter | None = None,
 ) -> ShardStats:
-    """Write every file of a shard; ``_stats.json`` last. Idempotent: a finished shard is left alone."""
-    paths = shard_paths(out_dir, draft.shard)
-    if exists(paths["stats"]):
-        return read_stats(paths["stats"])
+    """Commit every file of a shard; ``_stats.json`` last. Idempotent: a finished shard is left alone.
+
+    ``dropped``, when given, gains the shard's dead letters by reason (nothing for a shard already finished).
+    """
+    files = shard_in(out_dir, draft.shard)
+    if exists(files.stats):
+        return read_stats(files.stats)
     staged = {row.key for row in draft.rows if row.members}
     draft = apply_losers(draft, losers)
-    rows, tar_bytes = write_shard_tar(draft, staged, paths["tar"])
+    rows, tar = kept_tar(draft, staged, files.tar)
     rows, rejections = unstaged_as_errors(rows, draft.rejections)
-    write_table(paths["parquet"], rows, IndexRow, SCHEMA_VERSION)
-    write_table(
-        join(out_dir, REJECTED_DIR, f"{stage}-{shard_name(draft.shard)}.parquet"),
-        rejections,
-        Rejection,
-        SCHEMA_VERSION,
-    )
-    reasons = Counter(row.status for row in rows if row.status != "success")
-    written = sum(row.status == "success" for row in rows)
-    stats = ShardStats(
-        shard=draft.shard,
-        stage=stage,
-        inputs=len(rows),
-        written=written,
-        rejected=len(rows) - written,
-        rejected_by_reason=dict(reasons),
-        tar_bytes=tar_bytes,
-        duration_s=round(draft.duration_s, 3),
-    )
-    write_stats(paths["stats"], stats)
+    stats = commit_shard(files, rows, rejections, tar, stage, draft.duration_s)
+    if dropped is not None:
+        dropped.update(drops(rejections))
     remove_staging(out_dir, draft.shard)  # the draft, and the tars of every download attempt of this shard
     remove_leftover_temps(out_dir, draft.shard, stage)
     return stats
@@ -186,12 +152,12 @@ class FinalizeShard(beam.DoFn):
         if not drafts:  # losers of an already complete shard: it was finalized with the same decisions
             return
         losers = [loser for loser in groups["losers"] if parse_key(loser[0])[0] == shard]
+        dropped = Counter()
         with busy(self.stage):
-            stats = finalize_shard(drafts[0], losers, self.out_dir, self.stage)
+            stats = finalize_shard(drafts[0], losers, self.out_dir, self.stage, dropped)
         self.written.inc(stats.written)
         self.rejected.inc(stats.rejected)
-        for reason, count in stats.rejected_by_reason.items():
-            beam.metrics.Metrics.counter(self.stage, f"dropped_{reason}").inc(count)
+        count_drops(self.stage, dropped)
         log.info(
             "shard %s: %d written, %d rejected %s",
             shard_name(shard),

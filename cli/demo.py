@@ -28,14 +28,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from visinstruct.cli.report import format_build_report
 from visinstruct.configs import CONFIG_DIR, BuildConfig, ClipTrainConfig, IngestConfig, LlavaTrainConfig, from_dict
 from visinstruct.configs import load as load_config
 from visinstruct.pipelines import build, ingest
-from visinstruct.pipelines.build import format_build_report
 from visinstruct.schemas import to_row
 from visinstruct.testing import sample_data
 from visinstruct.testing.server import ImageServer
 from visinstruct.testing.smollm2 import smollm2_gguf_path
+from visinstruct.transforms.layout import INDEX_SUFFIX, REJECTED_DIR, REPORT_NAME, STATS_SUFFIX, shard_stem
 
 log = logging.getLogger(__name__)
 LLM_FRACTION = 0.15  # about 9 of the samples go to SmolLM2 (a minute or so on 2 cores); the rest get caption-only data
@@ -47,7 +48,7 @@ LAYOUT = {
     "urls.parquet": "the demo's URL list (img2dataset's layout, plus the boxes and each URL's origin)",
     "clip_data/": "the CLIP's training and held-out shards (ingested from the same server)",
     "clip/": "the CLIP trained on the spot: model.pt, its open_clip config, metrics.jsonl, eval.json",
-    "dataset/": "the build's output: tars, parquet indexes, _stats.json, rejected/, run_report.json",
+    "dataset/": f"the build's output: tars, parquet indexes, *{STATS_SUFFIX}, {REJECTED_DIR}/, {REPORT_NAME}",
     "llm_cache/": "SmolLM2's accepted answers by prompt (generate.cache_dir: a rerun of the build reuses them)",
     "llava/": "the LLaVA reference model trained briefly on dataset/ (model/ loads with transformers)",
     "gallery.html": "samples with their scores and conversations, and rejected examples with their reasons",
@@ -169,13 +170,18 @@ def clip_config(data: Path, out: Path) -> ClipTrainConfig:
 
 
 def build_config(url_list: Path, out: Path, clip: Path, threshold: float) -> BuildConfig:
+    """The demo's build: each section is that stage's config; the build wires them and writes to ``out``."""
     name = "visinstruct-easyvqa-clip"
     return from_dict(
         BuildConfig,
         {
-            "read": {"path": str(url_list), "boxes_col": "boxes", "save_additional_columns": ["origin"]},
-            "download": _DOWNLOAD,
-            "resize": {"image_size": 224, "resize_mode": "border", "encode_format": "jpg", "encode_quality": 90},
+            "out": str(out),
+            "ingest": {
+                "read": {"path": str(url_list), "boxes_col": "boxes", "save_additional_columns": ["origin"]},
+                "download": _DOWNLOAD,
+                "resize": {"image_size": 224, "resize_mode": "border", "encode_format": "jpg", "encode_quality": 90},
+                "write": {"shard_size": 32},
+            },
             "filter": {
                 "model": {
                     "name": name,
@@ -195,7 +201,6 @@ def build_config(url_list: Path, out: Path, clip: Path, threshold: float) -> Bui
                 "llm_fraction": LLM_FRACTION,
                 "cache_dir": str(out.parent / "llm_cache"),
             },
-            "write": {"path": str(out), "shard_size": 32},
         },
         source="demo",
     )
@@ -216,7 +221,8 @@ def kept_by_origin(url_list: Path, dataset: Path) -> dict[str, dict[str, int]]:
     The index holds one row per input row, keyed in input order, so sorted keys line up with the URL list.
     """
     origins = pq.read_table(url_list, columns=["origin"]).column(0).to_pylist()
-    index = pq.read_table(sorted(str(p) for p in dataset.glob("0*.parquet")), columns=["key", "status"])
+    indexes = sorted(str(p) for p in dataset.iterdir() if p.name.endswith(INDEX_SUFFIX) and shard_stem(p.name))
+    index = pq.read_table(indexes, columns=["key", "status"])
     statuses = [r["status"] for r in sorted(index.to_pylist(), key=lambda r: r["key"])]
     if len(statuses) != len(origins):
         raise RuntimeError(f"{dataset}: {len(statuses)} index rows for {len(origins)} URLs")

@@ -1,0 +1,64 @@
+"""What the pipeline commands print at the end of a run: the run report (``pipelines/report.py``) as a short table.
+
+Display only: the reports are data the pipelines return and write beside the shards; whether a run failed is
+:func:`visinstruct.pipelines.report.failure_summary`'s call.
+"""
+
+from __future__ import annotations
+
+from visinstruct.transforms.layout import report_path
+
+
+def format_report(report: dict) -> str:
+    """A short table a person reads at the end of an ingest, filter or generate run."""
+    lines = [
+        f"{report['stage']}: {report['inputs']} rows in {report['shards']} shards -> "
+        f"{report['written']} written, {report['rejected']} rejected"
+    ]
+    if "rows_read" in report:
+        state = "ok" if report["accounted"] else "MISMATCH"
+        lines.append(f"  accounting: {report['rows_read']} rows read = written + rejected: {state}")
+    width = max([len(r) for r in report["rejected_by_reason"]] + [6])
+    for reason, count in report["rejected_by_reason"].items():
+        lines.append(f"  {reason:<{width}}  {count:>8}")
+    lines.append(f"  output: {report['output']} ({report['tar_bytes'] / 1e6:.1f} MB of tars)")
+    return "\n".join(lines)
+
+
+def format_llm_usage(report: dict) -> str:
+    """The LLM calls of a generation run and the tokens they spent."""
+    return (
+        f"  LLM calls: {report['backend_calls']}, tokens spent: {report['prompt_tokens_spent']} prompt + "
+        f"{report['completion_tokens_spent']} completion ({report['completion_tokens']} completion tokens in "
+        "written samples)"
+    )
+
+
+def format_build_report(report: dict) -> str:
+    """The short table printed at the end of a build: rows into and out of each stage, and why they dropped."""
+    carried = report.get("carried_rejections")
+    lines = [
+        f"build: {report['inputs']} rows -> {report['written']} samples in {report['shards']} shards "
+        f"({report['seconds']} s, {report['rows_per_second']} rows/s)"
+        + (f"; {carried} rows were rejected before this build" if carried else ""),
+        f"  {'stage':<10} {'in':>7} {'out':>7} {'busy s':>8} {'rows/s':>8}  dropped",
+    ]
+    for s in report["stages"]:
+        reasons = ", ".join(f"{r} {n}" for r, n in s["dropped_by_reason"].items()) or "-"
+        rate = "-" if s.get("rows_per_busy_second") is None else s["rows_per_busy_second"]
+        lines.append(
+            f"  {s['stage']:<10} {s['in']:>7} {s['out']:>7} {s.get('busy_seconds', '-'):>8} {rate:>8}  {reasons}"
+        )
+    if report.get("clip"):
+        c = report["clip"]
+        lines.append(f"  CLIP scores: min {c['min']}, median {c['p50']}, max {c['max']} over {c['pairs']} pairs")
+    if report.get("backend_calls"):
+        lines.append(
+            f"  LLM: {report['backend_calls']} calls spent {report['prompt_tokens_spent']} prompt + "
+            f"{report['completion_tokens_spent']} completion tokens; the written samples hold "
+            f"{report['completion_tokens']} of those completion tokens"
+        )
+    lines.append("  (busy s: seconds of work per stage summed over workers and threads; stages overlap in one graph)")
+    state = "ok" if report["accounted"] and report["stages_add_up"] else "MISMATCH"
+    lines.append(f"  accounting: {state}; report {report_path(report['output'])}")
+    return "\n".join(lines)
