@@ -34,6 +34,7 @@ from visinstruct.schemas import SampleMeta  # noqa: E402
 from visinstruct.testing.openai_server import OpenAIServer  # noqa: E402
 from visinstruct.testing.sample_data import shapes_dataset  # noqa: E402
 from visinstruct.testing.smollm2 import smollm2_gguf_path  # noqa: E402
+from visinstruct.transforms.generate_stages import plan_sample  # noqa: E402
 from visinstruct.transforms.layout import resolve_shards  # noqa: E402
 from visinstruct.transforms.llm import OpenAIBackend, TransformersBackend  # noqa: E402
 from visinstruct.transforms.prompts import load_templates  # noqa: E402
@@ -65,7 +66,7 @@ def make_shards(root: Path, n: int) -> list[str]:
 def requests_for(shards: list[str], cfg: GenerateConfig) -> list:
     templates = load_templates(cfg.templates)
     metas = [SampleMeta.from_json(s["json"]) for s in wds.WebDataset(shards, shardshuffle=False)]
-    return [generate.plan_sample(shards[0], m, cfg, templates).request for m in metas]
+    return [plan_sample(shards[0], m, cfg, templates).request for m in metas]
 
 
 def timed(fn) -> float:
@@ -79,8 +80,7 @@ def bench_transformers(shards: list[str], root: Path, args) -> dict:
         GenerateConfig,
         {
             "model": str(smollm2_gguf_path()),
-            "device": "cpu",
-            "batch_size": args.batch,
+            "transformers": {"device": "cpu", "batch_size": args.batch},
             "max_new_tokens": args.max_new_tokens,
             "temperature": 0.0,
             "retry_new_seed": False,
@@ -113,11 +113,9 @@ def bench_openai(shards: list[str], root: Path, args) -> dict:
             GenerateConfig,
             {
                 "backend": "openai",
-                "endpoint": srv.base_url,
+                "openai": {"endpoint": srv.base_url, "concurrency": 8, "api_key_env": None},
                 "model": "m",
-                "concurrency": 8,
                 "temperature": 0.0,
-                "api_key_env": None,
                 "write": {"path": str(root / "out-http")},
             },
         )

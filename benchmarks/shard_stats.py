@@ -30,6 +30,7 @@ from PIL import Image
 from visinstruct.cli.stats import dataset_stats
 from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, SampleMeta, ShardStats, make_key
 from visinstruct.transforms.layout import rejected_path, resolve_shards, shard_files, shard_in, write_stats
+from visinstruct.transforms.rewrite import index_row
 from visinstruct.transforms.shards import TarShardWriter, write_table
 
 REJECTED_PER_SHARD = 2
@@ -72,20 +73,7 @@ def write_dataset(out: str, shards: int, samples: int, size: int) -> None:
                 sha256=digest,
             )
             members = writer.add(key, [("jpg", data), ("txt", caption.encode()), ("json", meta.to_json().encode())])
-            rows.append(
-                IndexRow(
-                    key,
-                    "success",
-                    url=url,
-                    caption=caption,
-                    width=size,
-                    height=size,
-                    original_width=size * 4,
-                    original_height=size * 3,
-                    sha256=digest,
-                    members=members,
-                )
-            )
+            rows.append(index_row(meta, members=members))
         files = shard_in(out, shard)
         tar_bytes = writer.finish(files.tar)
         write_table(files.index, rows, IndexRow, SCHEMA_VERSION)

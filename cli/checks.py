@@ -165,10 +165,13 @@ def generate_problems(cfg: GenerateConfig, key: str = "", local: bool = True) ->
     if cfg.templates and _missing(cfg.templates):
         found.append(f"{key}templates: no such file: {_where(cfg.templates)}")
     if cfg.backend == "openai":
-        if not cfg.endpoint:
-            found.append(f"{key}endpoint: backend openai needs the server's base URL, e.g. http://127.0.0.1:8000/v1")
-        elif not cfg.endpoint.startswith(("http://", "https://")):
-            found.append(f"{key}endpoint: must be an http(s) URL, got {cfg.endpoint!r}")
+        endpoint = cfg.openai.endpoint
+        if not endpoint:
+            found.append(
+                f"{key}openai.endpoint: backend openai needs the server's base URL, e.g. http://127.0.0.1:8000/v1"
+            )
+        elif not endpoint.startswith(("http://", "https://")):
+            found.append(f"{key}openai.endpoint: must be an http(s) URL, got {endpoint!r}")
     elif cfg.backend == "transformers":
         if _looks_like_path(cfg.model):
             if _missing(cfg.model):
@@ -194,7 +197,8 @@ def problems(cfg, local: bool = True) -> list[str]:
     ``local``: the models load on this machine (a local runner), so its model cache counts.
     """
     if isinstance(cfg, IngestConfig):
-        return read_problems(cfg.read)
+        output = [] if cfg.write.path else ["write.path: ingest needs an output folder (write.path, or --out DIR)"]
+        return output + read_problems(cfg.read)
     if isinstance(cfg, FilterConfig):
         return (_shards_problem(cfg.input, "input") if cfg.input else []) + clip_problems(cfg.model, "model", local)
     if isinstance(cfg, GenerateConfig):

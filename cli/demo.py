@@ -194,8 +194,7 @@ def build_config(url_list: Path, out: Path, clip: Path, threshold: float) -> Bui
             "generate": {
                 "backend": "transformers",
                 "model": str(smollm2_gguf_path()),
-                "device": "cpu",
-                "batch_size": 8,
+                "transformers": {"device": "cpu", "batch_size": 8},
                 "max_new_tokens": 160,
                 "temperature": 0.0,
                 "llm_fraction": LLM_FRACTION,

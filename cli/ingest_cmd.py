@@ -9,6 +9,7 @@ never ignored.
 from __future__ import annotations
 
 import argparse
+import re
 
 from visinstruct.cli.errors import UserError
 from visinstruct.cli.jobs import FlagKeys, add_run_arguments
@@ -32,7 +33,6 @@ IMG2DATASET = {
     "timeout": "download.timeout",
     "retries": "download.retries",
     "thread_count": "download.threads",
-    "user_agent_token": "download.user_agent",
     "disallowed_header_directives": "download.optout_values",
 }
 _PARALLELISM = "Beam runs the workers: --direct_num_workers N locally, --max_num_workers N on Dataflow"
@@ -58,6 +58,8 @@ REFUSED = {
     "upscale_interpolation": "resizing uses Pillow's LANCZOS (resize.resize_only_if_bigger to never upscale)",
     "downscale_interpolation": "resizing uses Pillow's LANCZOS",
 }
+# What a --user_agent_token may hold: printable ASCII without the parentheses that would end its comment.
+USER_AGENT_TOKEN = re.compile(r"[\x20-\x27\x2a-\x7e]+")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -81,6 +83,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     options = parser.add_argument_group("img2dataset's options (each sets the config key it names)")
     for name, key in IMG2DATASET.items():
         options.add_argument(f"--{name}", dest=f"i2d_{name}", metavar="VALUE", help=f"sets {key}")
+    options.add_argument(
+        "--user_agent_token",
+        metavar="TOKEN",
+        help="appended to download.user_agent as '(compatible; TOKEN)', as img2dataset does",
+    )
     for name in REFUSED:  # accepted by the parser only to be refused with the reason
         parser.add_argument(f"--{name}", dest=f"refused_{name}", help=argparse.SUPPRESS)
     parser.set_defaults(run=run, accepts_beam_args=True)
@@ -95,6 +102,19 @@ def img2dataset_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{key}={value}" for key, value in given.items() if value is not None]
 
 
+def with_token(user_agent: str, token: str | None) -> str:
+    """``user_agent`` with img2dataset's ``(compatible; TOKEN)`` appended; a one-line UserError for a bad token.
+
+    The token is appended, never a replacement: the first word stays the agent name that robots.txt rules and
+    X-Robots-Tag directives are matched against (``Fetcher.agents``).
+    """
+    if token is None:
+        return user_agent
+    if not USER_AGENT_TOKEN.fullmatch(token):
+        raise UserError(f"--user_agent_token {token!r}: printable ASCII without parentheses only")
+    return f"{user_agent} (compatible; {token})"
+
+
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from visinstruct.cli.checks import expected_errors, preflight
     from visinstruct.cli.jobs import finish, load_run
@@ -105,8 +125,7 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.config is None and not args.input:
         raise UserError("needs an input: --input (or --url-list) FILE, or a --config file with read.path")
     cfg = load_run(IngestConfig, args, overrides)
-    if cfg.write.path is None:
-        raise UserError("needs an output folder: --out DIR, or write.path in the config")
+    cfg.download.user_agent = with_token(cfg.download.user_agent, args.user_agent_token)
     preflight(cfg, beam_args)
     with expected_errors():
         report = run_ingest(cfg, beam_args)

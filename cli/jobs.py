@@ -103,11 +103,24 @@ def input_shards(spec: str) -> list[str]:
     return inputs
 
 
-def is_main_process() -> bool:
-    """Under torchrun only rank 0 prints the summary."""
+def add_training_parser(sub: argparse._SubParsersAction, name: str, run, *, help: str, description: str) -> None:
+    """A trainer's command ``name``: ``--config``, ``--input`` (its training shards, ``data.shards``), ``--out``,
+    ``--set``, and ``run``."""
+    parser = sub.add_parser(name, help=help, description=description)
+    add_run_arguments(parser, name, FlagKeys("data.shards", "out"), TRAINING_SHARDS, set_example="steps=200")
+    parser.set_defaults(run=run)
+
+
+def print_training_eval(summary: dict) -> bool:
+    """Print a trainer's held-out evaluation (one JSON line, when it ran) and say whether this process prints the
+    rest of the summary: under torchrun only rank 0 prints, the others return False having printed nothing."""
     import os
 
-    return os.environ.get("RANK", "0") == "0"
+    if os.environ.get("RANK", "0") != "0":
+        return False
+    if summary["eval"] is not None:
+        print(json.dumps({"step": summary["step"], "seconds": round(summary["seconds"], 1), **summary["eval"]}))
+    return True
 
 
 def finish(command: str, report: dict, stage: str, prefixes: dict[str, str] | None = None) -> int:

@@ -25,36 +25,97 @@ PATH_HELP = (
     "shards: a folder, a .tar file, a glob ('shards/*.tar') or a brace pattern "
     "('shards/{00000..00099}.tar'); local or any Beam filesystem (gs://...). Quote globs and braces."
 )
+REPORT_JSON_HELP = "print the report as JSON"
+
+
+def _command(
+    sub: argparse._SubParsersAction, name: str, run, *, help: str, description: str, json_help: str, options=None
+) -> None:
+    """Register one shard tool: its positional PATH, the options ``options(parser)`` adds, ``--json``, its runner."""
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.add_argument("path", metavar="PATH", help=PATH_HELP)
+    if options is not None:
+        options(parser)
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.set_defaults(run=run)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``ls``, ``stats``, ``show``, ``validate``, ``export``, ``gallery`` and ``remove``."""
-    ls = sub.add_parser(
+    _command(
+        sub,
         "ls",
+        run_ls,
         help="list shards: samples written, inputs, rejected, size, complete, stages run",
         description="One line per shard, from the parquet indexes (tars are counted only when a shard has no index).",
+        json_help="print JSON instead of a table",
     )
-    ls.add_argument("path", metavar="PATH", help=PATH_HELP)
-    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ls.set_defaults(run=run_ls)
-
-    stats = sub.add_parser(
+    _command(
+        sub,
         "stats",
+        run_stats,
         help="dataset summary from the parquet indexes (never opens a tar)",
         description="Counts, rejections by stage and reason, image sizes, caption lengths, CLIP "
         "scores and conversation kinds, read from the indexes and dead-letter tables.",
+        json_help="print JSON instead of the report",
     )
-    stats.add_argument("path", metavar="PATH", help=PATH_HELP)
-    stats.add_argument("--json", action="store_true", help="print JSON instead of the report")
-    stats.set_defaults(run=run_stats)
-
-    show = sub.add_parser(
+    _command(
+        sub,
         "show",
+        run_show,
         help="print one sample and write its image to a file",
         description="Pick a sample by KEY, by --index over written samples in shard order, or "
         "--random; the first sample when none is given.",
+        json_help="print JSON instead of text",
+        options=_show_options,
     )
-    show.add_argument("path", metavar="PATH", help=PATH_HELP)
+    _command(
+        sub,
+        "validate",
+        run_validate,
+        help="check shards against the format; exit status 1 on any problem",
+        description="Stream every tar (safe member names, complete samples, JSON schema, "
+        "images decode) and compare it with its parquet index and stats file.",
+        json_help="print JSON (every problem) instead of text",
+    )
+    _command(
+        sub,
+        "export",
+        run_export,
+        help="write samples as LLaVA's training JSON + images, or a parquet table",
+        description="--format llava: OUT/llava.json (a list of {id, image, conversations}) and "
+        "OUT/images/KEY.EXT, for LLaVA's --data_path and --image_folder; only "
+        "samples with a valid conversation, unless --caption-only. --format "
+        "parquet: OUT/samples.parquet, one row per written sample, image bytes "
+        "included.",
+        json_help=REPORT_JSON_HELP,
+        options=_export_options,
+    )
+    _command(
+        sub,
+        "gallery",
+        run_gallery,
+        help="an HTML page of thumbnails, captions, scores, conversations and rejections, and a PNG contact sheet",
+        description="Samples are spread evenly over the dataset (or picked with --seed); "
+        "the page is one self-contained file.",
+        json_help=REPORT_JSON_HELP,
+        options=_gallery_options,
+    )
+    _command(
+        sub,
+        "remove",
+        run_remove,
+        help="takedown: remove samples by URL or sha256, rewriting only their shards",
+        description="Lists hold one entry a line (blank lines and # comments skipped). URLs "
+        "match exactly after stripping whitespace, sha256 digests in any case. "
+        "A removed sample keeps an index row with status 'takedown' and a "
+        "dead-letter row from the stage remove, so counts still add up.",
+        json_help=REPORT_JSON_HELP,
+        options=_remove_options,
+    )
+
+
+def _show_options(show: argparse.ArgumentParser) -> None:
     show.add_argument("key", metavar="KEY", nargs="?", help="sample key, e.g. 000420007")
     pick = show.add_mutually_exclusive_group()
     pick.add_argument("--index", type=int, metavar="N", help="the N-th written sample (from 0)")
@@ -66,32 +127,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=os.path.join(tempfile.gettempdir(), "visinstruct-show"),
         help="folder to save the sample's image in (default: %(default)s)",
     )
-    show.add_argument("--json", action="store_true", help="print JSON instead of text")
-    show.set_defaults(run=run_show)
-
-    validate = sub.add_parser(
-        "validate",
-        help="check shards against the format; exit status 1 on any problem",
-        description="Stream every tar (safe member names, complete samples, JSON schema, "
-        "images decode) and compare it with its parquet index and stats file.",
-    )
-    validate.add_argument("path", metavar="PATH", help=PATH_HELP)
-    validate.add_argument("--json", action="store_true", help="print JSON (every problem) instead of text")
-    validate.set_defaults(run=run_validate)
-    _add_writing_parsers(sub)
 
 
-def _add_writing_parsers(sub: argparse._SubParsersAction) -> None:
-    export = sub.add_parser(
-        "export",
-        help="write samples as LLaVA's training JSON + images, or a parquet table",
-        description="--format llava: OUT/llava.json (a list of {id, image, conversations}) and "
-        "OUT/images/KEY.EXT, for LLaVA's --data_path and --image_folder; only "
-        "samples with a valid conversation, unless --caption-only. --format "
-        "parquet: OUT/samples.parquet, one row per written sample, image bytes "
-        "included.",
-    )
-    export.add_argument("path", metavar="PATH", help=PATH_HELP)
+def _export_options(export: argparse.ArgumentParser) -> None:
     export.add_argument("--out", metavar="OUT", help="folder to write to, required (refused when it holds files)")
     export.add_argument("old_out", nargs="?", metavar="OUT", help=argparse.SUPPRESS)  # refused: see run_export
     export.add_argument("--format", choices=("llava", "parquet"), default="llava", help="default: %(default)s")
@@ -102,16 +140,9 @@ def _add_writing_parsers(sub: argparse._SubParsersAction) -> None:
         "'<image>\\nDescribe the image briefly.' answered by its caption",
     )
     export.add_argument("--overwrite", action="store_true", help="write into OUT even when it holds files")
-    export.add_argument("--json", action="store_true", help="print the report as JSON")
-    export.set_defaults(run=run_export)
 
-    gallery = sub.add_parser(
-        "gallery",
-        help="an HTML page of thumbnails, captions, scores, conversations and rejections, and a PNG contact sheet",
-        description="Samples are spread evenly over the dataset (or picked with --seed); "
-        "the page is one self-contained file.",
-    )
-    gallery.add_argument("path", metavar="PATH", help=PATH_HELP)
+
+def _gallery_options(gallery: argparse.ArgumentParser) -> None:
     gallery.add_argument("-o", "--out", metavar="HTML", default="gallery.html", help="the page (default: %(default)s)")
     gallery.add_argument("--sheet", metavar="PNG", help="contact sheet path (default: the page's name with .png)")
     gallery.add_argument(
@@ -123,23 +154,12 @@ def _add_writing_parsers(sub: argparse._SubParsersAction) -> None:
     )
     gallery.add_argument("--seed", type=int, metavar="S", help="pick samples at random with this seed")
     gallery.add_argument("--thumb", type=int, default=160, metavar="PX", help="thumbnail size (default: %(default)s)")
-    gallery.add_argument("--json", action="store_true", help="print the report as JSON")
-    gallery.set_defaults(run=run_gallery)
 
-    remove = sub.add_parser(
-        "remove",
-        help="takedown: remove samples by URL or sha256, rewriting only their shards",
-        description="Lists hold one entry a line (blank lines and # comments skipped). URLs "
-        "match exactly after stripping whitespace, sha256 digests in any case. "
-        "A removed sample keeps an index row with status 'takedown' and a "
-        "dead-letter row from the stage remove, so counts still add up.",
-    )
-    remove.add_argument("path", metavar="PATH", help=PATH_HELP)
+
+def _remove_options(remove: argparse.ArgumentParser) -> None:
     remove.add_argument("--urls", metavar="FILE", help="file of URLs (or local paths) to remove")
     remove.add_argument("--sha256", metavar="FILE", help="file of sha256 digests of the original image bytes")
     remove.add_argument("--dry-run", action="store_true", help="report what would be removed, change nothing")
-    remove.add_argument("--json", action="store_true", help="print the report as JSON")
-    remove.set_defaults(run=run_remove)
 
 
 class _Counter:

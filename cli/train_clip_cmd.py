@@ -4,22 +4,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from visinstruct.cli.jobs import TRAINING_SHARDS, FlagKeys, add_run_arguments, is_main_process, load_run
+from visinstruct.cli.jobs import add_training_parser, load_run, print_training_eval
 from visinstruct.configs import ClipTrainConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
+    add_training_parser(
+        sub,
         "train-clip",
+        run,
         help="train a CLIP (or LiT) model on shards, for the filter to use",
         description="Contrastive training of an open_clip model on our shards: full CLIP, LiT "
         "(image tower locked) or the reverse. Writes a checkpoint open_clip and "
         "`visinstruct filter` load. Under torchrun, one process per device (DDP).",
     )
-    add_run_arguments(parser, "train-clip", FlagKeys("data.shards", "out"), TRAINING_SHARDS, set_example="steps=200")
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
@@ -27,10 +26,8 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from visinstruct.trainer.clip_train import train  # torch and open_clip load only for this command
 
     summary = train(cfg)
-    if not is_main_process():
+    if not print_training_eval(summary):
         return 0
-    if summary["eval"] is not None:
-        print(json.dumps({"step": summary["step"], "seconds": round(summary["seconds"], 1), **summary["eval"]}))
     print(
         f"train-clip: step {summary['step']}, checkpoint {summary['checkpoint']} "
         f"(model.name {cfg.model.name}, model.config_file {summary['config_file']})"

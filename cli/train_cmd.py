@@ -4,15 +4,16 @@ trainer. Several processes: ``torchrun --nproc_per_node=N -m visinstruct.cli.mai
 from __future__ import annotations
 
 import argparse
-import json
 
-from visinstruct.cli.jobs import TRAINING_SHARDS, FlagKeys, add_run_arguments, is_main_process, load_run
+from visinstruct.cli.jobs import add_training_parser, load_run, print_training_eval
 from visinstruct.configs import LlavaTrainConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
+    add_training_parser(
+        sub,
         "train",
+        run,
         help="train a LLaVA-style model on shards (transformers' Llava)",
         description="Train transformers' LlavaForConditionalGeneration (vision tower, MLP "
         "projector, causal LM) on our shards: stage 1 the projector on captions, "
@@ -21,8 +22,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "chat` load; a rerun continues from OUT/resume.pt. Under torchrun, one "
         "process per device (DDP).",
     )
-    add_run_arguments(parser, "train", FlagKeys("data.shards", "out"), TRAINING_SHARDS, set_example="steps=200")
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
@@ -30,10 +29,8 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     from visinstruct.trainer.llava_train import train  # torch and transformers load only for this command
 
     summary = train(cfg)
-    if not is_main_process():
+    if not print_training_eval(summary):
         return 0
-    if summary["eval"] is not None:
-        print(json.dumps({"step": summary["step"], "seconds": round(summary["seconds"], 1), **summary["eval"]}))
     print(
         f"train: step {summary['step']}, checkpoint {summary['checkpoint']} "
         f'(visinstruct chat --checkpoint {summary["checkpoint"]} --image IMAGE "...")'

@@ -27,7 +27,7 @@ def _cell(text: str) -> str:
 def markdown_reference(configs: dict[str, type]) -> str:
     """One section per config (``visinstruct <name>``), one table row per key; sections as bold rows."""
     parts = [HEADER]
-    commands = {cls: name for name, cls in configs.items() if name != "write"}  # a build's sections: their own
+    commands = {cls: name for name, cls in configs.items()}  # a build's stage sections: documented on their own
     for name, cls in configs.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         parts.append(f"## {name}\n\n{_cell(doc)}\n\n| key | type | default | meaning |\n| --- | --- | --- | --- |")

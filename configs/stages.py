@@ -254,15 +254,75 @@ class FilterConfig:
 
 
 @dataclass
-class GenerateConfig(ComputeConfig):
-    """``visinstruct generate``: LLaVA-style conversations from captions and boxes with an LLM."""
+class LocalLLMConfig:
+    """A generation backend that runs the model inside the pipeline's workers (transformers, vllm)."""
+
+    batch_size: int = opt(8, "prompts per batch")
+    large_model: bool = opt(False, "share one model across the processes of a machine")
+    accelerator: str | None = opt(
+        None, "Beam resource hint for the generation step only, e.g. 'type:nvidia-l4;count:1;install-nvidia-driver'"
+    )
+
+    def __post_init__(self):
+        _positive("batch_size", self.batch_size)
+
+
+@dataclass
+class TransformersLLMConfig(ComputeConfig, LocalLLMConfig):
+    """The transformers backend: a local causal LM, where it runs (device, precision, threads) and its batches."""
+
+    def __post_init__(self):
+        ComputeConfig.__post_init__(self)
+        LocalLLMConfig.__post_init__(self)
+
+
+@dataclass
+class OpenAIConfig:
+    """The openai backend: an OpenAI-compatible server (vLLM, TGI, Ollama, hosted APIs) and how it is asked."""
+
+    endpoint: str | None = opt(None, "base URL of the server, e.g. http://host:8000/v1; the openai backend needs it")
+    api_key_env: str | None = opt("OPENAI_API_KEY", "environment variable holding the API key (never written)")
+    concurrency: int = opt(8, "requests in flight per worker; a batch holds four rounds of them")
+    timeout: float = opt(120.0, "seconds one request may take in all (connect, wait, read the answer)")
+    retries: int = opt(3, "extra attempts on 429, 5xx, timeouts and connection errors")
+
+    def __post_init__(self):
+        for name in ("concurrency", "timeout"):
+            _positive(name, getattr(self, name))
+        _positive("retries", self.retries, allow_zero=True)
+
+
+# Each backend with keys of its own, and the class of its section (``generate.<backend>``).
+_BACKEND_SECTIONS: dict[str, type] = {
+    "transformers": TransformersLLMConfig,
+    "vllm": LocalLLMConfig,
+    "openai": OpenAIConfig,
+}
+_MOVED = {
+    **dict.fromkeys(("endpoint", "api_key_env", "concurrency", "timeout", "retries"), ("openai",)),
+    **dict.fromkeys(("device", "precision", "threads"), ("transformers",)),
+    **dict.fromkeys(("batch_size", "large_model", "accelerator"), ("transformers", "vllm")),
+}
+
+
+@dataclass
+class GenerateConfig:
+    """``visinstruct generate``: LLaVA-style conversations from captions and boxes with an LLM.
+
+    Keys every LLM backend honours sit at the top; a backend's own keys sit in its section (``openai:``,
+    ``transformers:``, ``vllm:``), and only the chosen backend's section is accepted.
+    """
+
+    REFUSED: ClassVar[dict[str, str]] = {
+        key: f"only the {' and '.join(backends)} backend{'s use' if len(backends) > 1 else ' uses'} it: move it to "
+        + " or ".join(f"'{{section}}{b}.{key}'" for b in backends)
+        for key, backends in _MOVED.items()
+    }
 
     backend: Literal["transformers", "vllm", "openai", "caption_only"] = opt(
         "transformers", "LLM backend; caption_only writes stage-1 data with no LLM"
     )
-    model: str = opt("HuggingFaceTB/SmolLM2-135M-Instruct", "hub id, local folder, .gguf file, or endpoint model")
-    endpoint: str | None = opt(None, "base URL of an OpenAI-compatible server, e.g. http://host:8000/v1")
-    api_key_env: str | None = opt("OPENAI_API_KEY", "environment variable holding the API key (never written)")
+    model: str = opt("HuggingFaceTB/SmolLM2-135M-Instruct", "hub id, local folder, .gguf file, or the server's model")
     templates: str | None = opt(None, "prompt template YAML; null for the bundled configs/prompts/llava.yaml")
     kinds: dict[str, float] = opt(
         factory=lambda: {"conversation": 1.0, "detailed": 1.0, "complex_reasoning": 1.0},
@@ -278,32 +338,36 @@ class GenerateConfig(ComputeConfig):
     retry_new_seed: bool = opt(True, "ask once more, with another seed, when a reply is rejected (sampling only)")
     min_chars: int = opt(2, "shortest accepted turn")
     max_chars: int = opt(2000, "longest accepted turn")
-    batch_size: int = opt(8, "prompts per batch (local backends)")
-    large_model: bool = opt(False, "share one model across the processes of a machine")
-    concurrency: int = opt(8, "requests in flight (openai backend)")
-    timeout: float = opt(120.0, "seconds per request (openai backend)")
-    retries: int = opt(3, "extra attempts on 429, 5xx and timeouts (openai backend)")
     cache_dir: str | None = opt(None, "persistent response cache; reruns reuse answers")
-    accelerator: str | None = opt(None, "Beam resource hint for the generation step only")
+    transformers: TransformersLLMConfig | None = opt(
+        None, "the transformers backend's keys (backend: transformers only)"
+    )
+    vllm: LocalLLMConfig | None = opt(None, "the vllm backend's keys (backend: vllm only)")
+    openai: OpenAIConfig | None = opt(None, "the openai backend's keys (backend: openai only)")
     input: str | None = opt(None, "input shards (standalone runs): a folder, glob or brace pattern of tars")
     write: OutputConfig | None = opt(None, "output shards (standalone runs)")
 
     def __post_init__(self):
-        super().__post_init__()
         if not self.kinds or any(w < 0 for w in self.kinds.values()) or sum(self.kinds.values()) <= 0:
             raise ValueError("'kinds' needs at least one kind with a positive weight")
-        for name in ("max_new_tokens", "batch_size", "concurrency", "timeout", "max_chars"):
+        for name in ("max_new_tokens", "max_chars"):
             _positive(name, getattr(self, name))
         if not 0 <= self.llm_fraction <= 1:
             raise ValueError(f"'llm_fraction' must be within 0-1, got {self.llm_fraction}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("'temperature' must be >= 0 and 'top_p' within (0, 1]")
-        local = {"device": "auto", "precision": "auto", "threads": None}  # only the transformers backend uses them
-        given = [key for key, default in local.items() if getattr(self, key) != default]
-        if self.backend != "transformers" and given:
-            raise ValueError(
-                f"'{given[0]}' is the transformers backend's; backend {self.backend} does not use it: remove it"
-            )
+        for name, cls in _BACKEND_SECTIONS.items():
+            if name != self.backend and getattr(self, name) is not None:
+                raise ValueError(
+                    f"'{name}' holds the {name} backend's keys and the backend is {self.backend}: remove it"
+                )
+            if name == self.backend and getattr(self, name) is None:
+                setattr(self, name, cls())  # the chosen backend's section, its defaults when not given
+
+    @property
+    def local(self) -> LocalLLMConfig | None:
+        """The chosen backend's section when it runs the model in the workers (transformers, vllm), else None."""
+        return self.transformers or self.vllm
 
 
 INGEST_SECTIONS = ("read", "download", "resize", "dedup")
@@ -356,5 +420,4 @@ CONFIGS = {
     "filter": FilterConfig,
     "generate": GenerateConfig,
     "build": BuildConfig,
-    "write": WriteConfig,
 }

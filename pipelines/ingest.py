@@ -187,7 +187,12 @@ class Ingest(beam.PTransform):
     """The whole ingest stage as one composable transform: ``PBegin`` -> ``ShardStats`` per shard written."""
 
     def __init__(self, cfg: IngestConfig, complete_at: set[str] | None = None):
-        """``complete_at``: the stages whose stats mark a shard complete (a build: only its last stage)."""
+        """``complete_at``: the stages whose stats mark a shard complete (a build: only its last stage).
+
+        ``write.path`` is optional in a config (a build sets it): without one, one line here, not an error in Beam.
+        """
+        if not cfg.write.path:
+            raise ConfigError("ingest needs write.path (the output folder)")
         super().__init__()
         self.cfg, self.complete_at = cfg, complete_at
 

@@ -112,6 +112,8 @@ REASON_HINTS = {
     "malformed_row": "rows the reader cannot parse: check {ingest}read.format and the file",
     "dns_error": "host names do not resolve: check the URLs and this machine's DNS",
     "connection_error": "hosts refused the connection: check the URLs and the network",
+    "ssl_error": "TLS with the hosts failed (a certificate that does not verify, https to a plain-http port): "
+    "check the URLs; a rerun with {ingest}write.retry_failed: true tries them again",
     "timeout": "hosts did not answer in time: raise {ingest}download.timeout or lower {ingest}download.threads",
     "http_403": "the hosts refuse access: check the URLs and {ingest}download.user_agent",
     "http_404": "the URLs no longer exist",
@@ -127,10 +129,13 @@ REASON_HINTS = {
     "internal_error": f"a bug in visinstruct: the exception of each row is in {REJECTED_DIR}/ (please report it)",
 }
 GENERATE_HINTS = {  # reasons the LLM stage gives, which mean something else there than in a download
-    "connection_error": "the LLM server did not answer: check {generate}endpoint and that the server is up",
-    "timeout": "the LLM server did not answer in time: raise {generate}timeout or check the server",
-    "http_404": "the LLM server has no such route or model: check {generate}endpoint and {generate}model",
-    "http_401": "the LLM server refused the key: check the variable {generate}api_key_env names",
+    "connection_error": "the LLM server did not answer: check {generate}openai.endpoint and that the server is up",
+    "ssl_error": "TLS with the LLM server failed: check the scheme of {generate}openai.endpoint and its certificate",
+    "truncated": "the LLM server cut its answers off: check the server (or a proxy in between); a rerun retries",
+    "invalid_url": "the client cannot send to {generate}openai.endpoint: check it",
+    "timeout": "the LLM server did not answer in time: raise {generate}openai.timeout or check the server",
+    "http_404": "the LLM server has no such route or model: check {generate}openai.endpoint and {generate}model",
+    "http_401": "the LLM server refused the key: check the variable {generate}openai.api_key_env names",
     "empty_completion": "the LLM returned empty replies: check {generate}model and {generate}max_new_tokens",
     "truncated_reply": "replies cut at the token limit: raise {generate}max_new_tokens",
     "inference_error": "the LLM backend failed on whole batches: check {generate}backend and {generate}model",

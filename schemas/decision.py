@@ -47,10 +47,6 @@ class Decision(Generic[T]):
             raise ValueError("a dropped record needs a reason code")
         return cls(reason=reason, message=_one_line(message), detail=dict(detail or {}), index=index)
 
-    def with_index(self, **index: Any) -> Decision[T]:
-        """The same decision with more index columns (later ones win)."""
-        return Decision(self.value, self.reason, self.message, self.detail, {**self.index, **index})
-
     def rejection(self, stage: str, key: str = "", url: str | None = None) -> Rejection:
         """The dead-letter row of a dropped record."""
         if self.kept:

@@ -257,6 +257,12 @@ class OpenAIServer(LoopbackService):
             raise RuntimeError("OpenAIServer has no port before start()")
         return f"http://{self.host}:{self.port}/v1"
 
+    def generate_settings(self, **openai: Any) -> dict[str, Any]:
+        """The ``generate`` config keys that point the openai backend at this server, asked once (no retry, no second
+        seed, no API key); ``openai`` adds or changes keys of the ``openai:`` section."""
+        section = {"endpoint": self.base_url, "retries": 0, "api_key_env": None, **openai}
+        return {"backend": "openai", "model": "m", "retry_new_seed": False, "openai": section}
+
     # -- request log -------------------------------------------------------------------------------------------------
 
     @property

@@ -24,6 +24,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from visinstruct.schemas import Box
+from visinstruct.testing.server import encode_test_image
 
 YES_NO = ("yes", "no")
 EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
@@ -383,3 +384,23 @@ def shapes_dataset(
         {"info": info, "licenses": [], "images": images, "annotations": captions},
     )
     return out
+
+
+def llava_json_dataset(root: Path, entries: int, images: int, shard_size: int) -> dict[str, Any]:
+    """A LLaVA JSON dataset in ``root`` and the ingest settings that turn it into shards in ``root/out``.
+
+    ``root/llava.json`` holds ``entries`` samples asking what shape the picture is, over PNGs ``root/images/I.png``
+    (48 + 16 I by 40 pixels) of which only the first ``images`` exist: an entry past them names a missing image,
+    which ingest dead-letters. Shards hold ``shard_size`` samples, resized to 32-pixel PNGs.
+    """
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for i in range(images):
+        (root / "images" / f"{i}.png").write_bytes(encode_test_image("png", (48 + 16 * i, 40)))
+    conversation = [{"from": "human", "value": "<image>\nWhat shape is this?"}, {"from": "gpt", "value": "A square."}]
+    samples = [{"id": f"s{i}", "image": f"{i}.png", "conversations": conversation} for i in range(entries)]
+    (root / "llava.json").write_text(json.dumps(samples))
+    return {
+        "read": {"path": str(root / "llava.json"), "image_root": str(root / "images")},
+        "write": {"path": str(root / "out"), "shard_size": shard_size},
+        "resize": {"image_size": 32, "resize_mode": "border", "encode_format": "png"},
+    }

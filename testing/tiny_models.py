@@ -142,12 +142,7 @@ def tiny_hf_clip(save_dir: str | Path | None = None, seed: int = 0):
     }
     vision = {**small, "image_size": TINY_IMAGE_SIZE, "patch_size": 16}
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
-    with _seeded(seed):
-        model = CLIPModel(config).eval()
-    if save_dir is not None:
-        model.save_pretrained(save_dir)
-        processor.save_pretrained(save_dir)
-    return model, processor
+    return _hf_model(CLIPModel, config, processor, save_dir, seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -209,9 +204,15 @@ def tiny_causal_lm(save_dir: str | Path | None = None, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
+    return _hf_model(LlamaForCausalLM, config, tokenizer, save_dir, seed)
+
+
+def _hf_model(model_class, config, preprocessor, save_dir: str | Path | None, seed: int):
+    """``(model_class(config), preprocessor)``, the model's weights drawn from ``seed``, in eval mode; both saved to
+    ``save_dir`` when given, so that transformers' ``from_pretrained(save_dir)`` loads them offline."""
     with _seeded(seed):
-        model = LlamaForCausalLM(config).eval()
+        model = model_class(config).eval()
     if save_dir is not None:
         model.save_pretrained(save_dir)
-        tokenizer.save_pretrained(save_dir)
-    return model, tokenizer
+        preprocessor.save_pretrained(save_dir)
+    return model, preprocessor

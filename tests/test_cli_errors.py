@@ -69,6 +69,19 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+def run_on_a_shard(command: str, config: str, tmp_path: Path) -> int:
+    """``visinstruct COMMAND --config CONFIG`` on an empty shard in ``tmp_path/in``, writing to ``tmp_path/out``."""
+    return main(
+        [command, "--config", config, "--input", some_shard(tmp_path / "in"), "--out", str(tmp_path / "out"), RUNNER]
+    )
+
+
+def unreachable_llm() -> dict:
+    """A generate config whose OpenAI-protocol server is down (nothing listens on its port), asked once."""
+    openai = {"endpoint": f"http://127.0.0.1:{closed_port()}/v1", "retries": 0, "timeout": 5.0}
+    return {"backend": "openai", "model": "m", "retry_new_seed": False, "openai": openai}
+
+
 # -- class 4: common mistakes are one line and exit 2 ---------------------------------------------------------------
 
 
@@ -105,41 +118,13 @@ def test_a_missing_relative_input_names_the_file_and_the_folder_it_was_resolved_
 def test_a_model_that_cannot_load_is_refused_before_the_run(tmp_path, capsys, monkeypatch, model, expected):
     monkeypatch.chdir(tmp_path)
     config = write_yaml(tmp_path / "filter.yaml", {"model": model, "threshold": 0.2})
-    assert (
-        main(
-            [
-                "filter",
-                "--config",
-                config,
-                "--input",
-                some_shard(tmp_path / "in"),
-                "--out",
-                str(tmp_path / "out"),
-                RUNNER,
-            ]
-        )
-        == 2
-    )
+    assert run_on_a_shard("filter", config, tmp_path) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith("visinstruct filter: error: ") and expected in line, line
 
 
 def test_the_bundled_filter_example_offline_says_its_weights_are_not_cached(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "filter",
-                "--config",
-                str(REPO / "configs/filter/example.yaml"),
-                "--input",
-                some_shard(tmp_path / "in"),
-                "--out",
-                str(tmp_path / "out"),
-                RUNNER,
-            ]
-        )
-        == 2
-    )
+    assert run_on_a_shard("filter", str(REPO / "configs/filter/example.yaml"), tmp_path) == 2
     line = one_line(capsys.readouterr().err)
     assert "model.pretrained: the weights of ViT-B-32 laion2b_s34b_b79k" in line
     assert "not in the local cache and HF_HUB_OFFLINE is set" in line
@@ -150,21 +135,7 @@ def test_the_bundled_filter_example_offline_says_its_weights_are_not_cached(tmp_
 
 def test_generate_with_the_default_config_offline_says_the_model_is_not_cached(tmp_path, capsys):
     config = write_yaml(tmp_path / "generate.yaml", {})
-    assert (
-        main(
-            [
-                "generate",
-                "--config",
-                config,
-                "--input",
-                some_shard(tmp_path / "in"),
-                "--out",
-                str(tmp_path / "out"),
-                RUNNER,
-            ]
-        )
-        == 2
-    )
+    assert run_on_a_shard("generate", config, tmp_path) == 2
     assert one_line(capsys.readouterr().err) == (
         "visinstruct generate: error: model: model 'HuggingFaceTB/SmolLM2-135M-Instruct' is not in the local cache "
         "and HF_HUB_OFFLINE is set: download it where the hub is reachable (`hf download "
@@ -370,23 +341,13 @@ def ingested_shards(tmp_path: Path) -> str:
 
 def test_generate_against_a_server_that_is_down_exits_1_pointing_at_the_endpoint(tmp_path, capsys):
     shards = ingested_shards(tmp_path)
-    config = write_yaml(
-        tmp_path / "generate.yaml",
-        {
-            "backend": "openai",
-            "endpoint": f"http://127.0.0.1:{closed_port()}/v1",
-            "model": "m",
-            "retries": 0,
-            "retry_new_seed": False,
-            "timeout": 5.0,
-        },
-    )
+    config = write_yaml(tmp_path / "generate.yaml", unreachable_llm())
     capsys.readouterr()
     assert main(["-q", "generate", "--config", config, "--input", shards, "--out", str(tmp_path / "out"), RUNNER]) == 1
     line = one_line(capsys.readouterr().err)
     assert line.startswith(
         "visinstruct generate: failed: no sample written: all 3 rows rejected - top reasons: "
-        "connection_error 3 (the LLM server did not answer: check endpoint and that the server "
+        "connection_error 3 (the LLM server did not answer: check openai.endpoint and that the server "
         "is up)"
     ), line
 
@@ -417,24 +378,13 @@ def test_a_filter_that_keeps_nothing_exits_1_saying_to_lower_the_threshold(tmp_p
 def test_a_build_that_keeps_nothing_names_the_stage_section_in_its_hint(tmp_path, capsys):
     shards = ingested_shards(tmp_path)
     config = write_yaml(
-        tmp_path / "build.yaml",
-        {
-            "out": str(tmp_path / "built"),
-            "input": shards,
-            "generate": {
-                "backend": "openai",
-                "endpoint": f"http://127.0.0.1:{closed_port()}/v1",
-                "model": "m",
-                "retries": 0,
-                "retry_new_seed": False,
-            },
-        },
+        tmp_path / "build.yaml", {"out": str(tmp_path / "built"), "input": shards, "generate": unreachable_llm()}
     )
     capsys.readouterr()
     assert main(["-q", "build", "--config", config, RUNNER]) == 1
     line = one_line(capsys.readouterr().err)
     assert line.startswith("visinstruct build: failed: no sample written")
-    assert "connection_error 3 (the LLM server did not answer: check generate.endpoint" in line
+    assert "connection_error 3 (the LLM server did not answer: check generate.openai.endpoint" in line
     assert json.loads((tmp_path / "built" / "run_report.json").read_text())["written"] == 0
 
 
@@ -483,20 +433,13 @@ def test_only_local_runners_count_as_this_machine():
     assert not is_local(["--runner=DataflowRunner"]) and not is_local(["--runner", "FlinkRunner"])
 
 
-def test_generate_whose_llm_answered_nothing_fails_though_its_caption_only_share_was_written(tmp_path, capsys):
+@pytest.mark.parametrize("host", ["down", "unresolvable"])
+def test_generate_whose_llm_answered_nothing_fails_though_its_caption_only_share_was_written(tmp_path, capsys, host):
     shards = ingested_shards(tmp_path)
-    config = write_yaml(
-        tmp_path / "generate.yaml",
-        {
-            "backend": "openai",
-            "endpoint": f"http://127.0.0.1:{closed_port()}/v1",
-            "model": "m",
-            "retries": 0,
-            "retry_new_seed": False,
-            "timeout": 5.0,
-            "llm_fraction": 0.5,
-        },
-    )
+    settings = unreachable_llm() | {"llm_fraction": 0.5}
+    if host == "unresolvable":  # a mistyped endpoint host is the server unreachable, not a run that looks fine
+        settings["openai"]["endpoint"] = "http://nonexistent-host.invalid:1/v1"
+    config = write_yaml(tmp_path / "generate.yaml", settings)
     capsys.readouterr()
     assert main(["-q", "generate", "--config", config, "--input", shards, "--out", str(tmp_path / "out"), RUNNER]) == 1
     report = json.loads((tmp_path / "out" / "run_report.json").read_text())
@@ -504,6 +447,16 @@ def test_generate_whose_llm_answered_nothing_fails_though_its_caption_only_share
     assert report["written"] == 3 - sent > 0  # the caption-only share
     line = one_line(capsys.readouterr().err)
     assert line.startswith(f"visinstruct generate: failed: the LLM answered none of the {sent} samples sent"), line
+
+
+def test_an_openai_generation_without_an_endpoint_is_refused_naming_the_key_in_its_section(tmp_path):
+    config = write_yaml(tmp_path / "generate.yaml", {"backend": "openai", "model": "m"})
+    proc = visinstruct("config", "check", "generate", config, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert one_line(proc.stderr) == (
+        f"visinstruct config: error: {config}: openai.endpoint: backend openai needs the server's base URL, "
+        "e.g. http://127.0.0.1:8000/v1"
+    )
 
 
 def test_a_caption_only_generation_over_rows_ingest_rejected_is_no_failure():

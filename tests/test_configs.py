@@ -19,6 +19,7 @@ from visinstruct.configs import (
     GenerateConfig,
     IngestConfig,
     LlavaTrainConfig,
+    TransformersLLMConfig,
     describe,
     from_dict,
     load,
@@ -143,18 +144,58 @@ def test_a_rewriting_stage_refuses_ingest_only_write_keys(cls, key):
 
 
 def test_device_precision_threads_are_one_definition_shared_by_every_model_config():
-    for cls in (ClipModelConfig, GenerateConfig, ClipTrainConfig, LlavaTrainConfig):
+    for cls in (ClipModelConfig, TransformersLLMConfig, ClipTrainConfig, LlavaTrainConfig):
         assert issubclass(cls, ComputeConfig)
-    assert from_dict(GenerateConfig, {"precision": "bf16", "threads": 2}).threads == 2
+    cfg = from_dict(GenerateConfig, {"transformers": {"precision": "bf16", "threads": 2}})
+    assert cfg.transformers.threads == 2
     with pytest.raises(ConfigError, match="in 'model': 'threads' must be > 0"):
         from_dict(FilterConfig, {"model": {"threads": 0}})
     with pytest.raises(ConfigError, match="fp16 is for inference"):
         from_dict(ClipTrainConfig, {"out": "o", "data": {"shards": "s"}, "precision": "fp16"})
 
 
-def test_a_remote_generation_backend_refuses_the_local_model_keys():
-    with pytest.raises(ConfigError, match="^g.yaml: 'device' is the transformers backend's; backend vllm does not"):
-        from_dict(GenerateConfig, {"backend": "vllm", "device": "cuda"}, "g.yaml")
+def test_a_backends_own_keys_sit_in_its_section_and_only_the_chosen_backend_has_one():
+    cfg = from_dict(GenerateConfig, {"backend": "openai", "openai": {"endpoint": "http://h:8000/v1", "retries": 0}})
+    assert (cfg.openai.endpoint, cfg.openai.retries, cfg.openai.concurrency) == ("http://h:8000/v1", 0, 8)
+    assert cfg.transformers is None and cfg.vllm is None and cfg.local is None
+    local = from_dict(GenerateConfig, {"backend": "vllm"})  # the chosen backend's section: its defaults
+    assert local.local is local.vllm and local.vllm.batch_size == 8 and local.openai is None
+    assert from_dict(GenerateConfig, {"backend": "caption_only"}).local is None
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"backend": "vllm", "transformers": {"device": "cuda"}}, "'transformers' holds the transformers backend's"),
+        ({"openai": {"endpoint": "http://h/v1"}}, "'openai' holds the openai backend's keys and the backend is"),
+        ({"backend": "openai", "endpoint": "http://h/v1"}, "'endpoint' has no effect here: only the openai backend"),
+        ({"device": "cuda"}, "'device' has no effect here: only the transformers backend uses it: move it to "),
+        ({"backend": "openai", "openai": {"concurrency": 0}}, "in 'openai': 'concurrency' must be > 0, got 0"),
+        ({"transformers": {"threads": 0}}, "in 'transformers': 'threads' must be > 0, got 0"),
+    ],
+)
+def test_a_backend_key_out_of_its_section_or_a_section_of_another_backend_is_one_line(settings, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(GenerateConfig, settings, "g.yaml")
+    assert message in str(err.value) and str(err.value).startswith("g.yaml: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key, where",
+    [
+        ("endpoint", "'generate.openai.endpoint'"),
+        ("concurrency", "'generate.openai.concurrency'"),
+        ("precision", "'generate.transformers.precision'"),
+        ("batch_size", "'generate.transformers.batch_size' or 'generate.vllm.batch_size'"),
+        ("accelerator", "'generate.transformers.accelerator' or 'generate.vllm.accelerator'"),
+    ],
+)
+def test_an_old_flat_generate_key_says_where_it_moved_in_a_build_too(key, where):
+    settings = {"out": "o", "input": "s/", "generate": {"backend": "openai", key: 1}}
+    with pytest.raises(ConfigError) as err:
+        from_dict(BuildConfig, settings, "b.yaml")
+    assert str(err.value).startswith(f"b.yaml: 'generate.{key}' has no effect here: ")
+    assert str(err.value).endswith(f" it: move it to {where}")
 
 
 def test_a_transformers_clip_refuses_open_clip_keys():
@@ -169,6 +210,14 @@ def test_every_bundled_yaml_loads_with_its_config_class():
         kind = path.parent.name  # configs/<kind>/<name>.yaml
         if kind in CONFIGS:
             load(CONFIGS[kind], path)
+
+
+def test_every_config_shown_is_a_command_whose_file_it_reads():
+    """``config show NAME`` documents what ``visinstruct NAME --config`` reads; a section is shown within its stage."""
+    from visinstruct.cli.main import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert set(CONFIGS) <= set(commands) and "write" not in CONFIGS
 
 
 def test_every_key_is_documented():
@@ -199,7 +248,7 @@ def test_config_md_lists_every_key_as_the_classes_define_it():
 
     text = (Path(__file__).parents[1] / "CONFIG.md").read_text(encoding="utf-8")
     assert text == markdown_reference(CONFIGS), "CONFIG.md is stale: run `visinstruct config reference > CONFIG.md`"
-    commands = {cls: name for name, cls in CONFIGS.items() if name != "write"}
+    commands = {cls: name for name, cls in CONFIGS.items()}
     for name, cls in CONFIGS.items():
         assert f"## {name}\n" in text and all(f"`{key}`" in text for key, *_ in describe(cls, documented=commands))
     assert "| **`ingest`** | section | | ingest a URL list" in text and "`ingest.read.path`" not in text

@@ -109,13 +109,17 @@ def test_build_translates_with_every_stage_and_gpus_only_on_model_steps(tmp_path
                 "out": "gs://demo-bucket/dataset",
                 "ingest": {"read": {"path": str(urls)}, "write": {"resume": False}},
                 "filter": {"model": {"name": "ViT-B-32", "accelerator": ACCELERATOR}, "threshold": 0.28},
-                "generate": {"backend": "vllm", "model": "Qwen/Qwen2.5-7B-Instruct", "accelerator": ACCELERATOR},
+                "generate": {
+                    "backend": "vllm",
+                    "model": "Qwen/Qwen2.5-7B-Instruct",
+                    "vllm": {"accelerator": ACCELERATOR},
+                },
             },
         )
     else:  # what the README tells Dataflow users to run (a local URL list: the dry run reads no bucket)
         overrides = [f"ingest.read.path={urls}", "ingest.write.resume=false"]
         cfg = load(BuildConfig, CONFIG_DIR / "build" / "dataflow.yaml", overrides)
-        assert cfg.filter.model.accelerator and cfg.generate.accelerator and cfg.generate.backend == "vllm"
+        assert cfg.filter.model.accelerator and cfg.generate.vllm.accelerator and cfg.generate.backend == "vllm"
     p = dataflow_pipeline()
     _ = p | "Build" >> Build(cfg)
     assert p.run().state == "DONE"

@@ -57,6 +57,20 @@ def test_each_fault_is_rejected_with_its_reason(server, fault, params, reason, n
 
 
 @pytest.mark.parametrize(
+    "fault, params, message",
+    [
+        ("huge", {"megabytes": 2}, "Content-Length 2097152 exceeds download.max_bytes=1048576"),
+        ("huge_stream", {"megabytes": 2}, "the body exceeds download.max_bytes=1048576"),
+        ("hang", {}, "no complete answer within download.timeout=0.6s (Read timed out."),
+        ("slow", {"seconds": 3}, "no complete answer within download.timeout=0.6s (Read timed out."),
+    ],
+)
+def test_a_limit_reached_names_the_config_key_to_change(server, fault, params, message):
+    result = fetcher(max_bytes=1024 * 1024, timeout=0.6, retries=0).fetch(server.fault_url(fault, **params))
+    assert result.message.startswith(message), result.message
+
+
+@pytest.mark.parametrize(
     "fault, params",
     [
         ("flaky", {"n": 2}),  # two 503s, then the image
@@ -176,7 +190,7 @@ def test_robots_txt_is_honoured_by_default_and_fetched_once(server):
     server.robots_gate = threading.Event()
     try:
         with ThreadPoolExecutor(1) as pool:
-            results = pool.submit(f.fetch_all, [server.url("/image.png")] * 16)  # 8 threads, one new origin
+            results = pool.submit(f.map, f.fetch, [server.url("/image.png")] * 16)  # 8 threads, one new origin
             for _ in range(8):
                 assert entered.acquire(timeout=30)
             server.robots_gate.set()
@@ -250,6 +264,20 @@ def test_one_set_of_retryable_reasons_for_images_and_llm_replies():
     assert read_bounds.CONTROL_CHARS is CONTROL_CHARS
 
 
+def test_a_tls_failure_is_an_ssl_error_with_a_hint_and_a_rerun_retries_it(server):
+    from visinstruct.pipelines.report import reason_hint
+    from visinstruct.transforms import download
+
+    # TLS to a plain-http port: robots.txt fails first, and says ssl_error, as the image would
+    result = fetcher(retries=0).fetch(server.url("/image.jpg").replace("http:", "https:"))
+    assert result.reason == "ssl_error", result.message
+    assert "ssl_error" in download.RETRYABLE_REASONS
+    assert "write.retry_failed: true" in reason_hint("ssl_error", "ingest")
+    assert "ingest.write.retry_failed" in reason_hint("ssl_error", "ingest", {"ingest": "ingest."})
+    network = ["timeout", "connection_error", "dns_error", "too_large", "blocked_address", "robots_unreachable"]
+    assert all(reason_hint(reason, "ingest") for reason in network)
+
+
 def test_optout_can_be_switched_off(server):
     assert fetcher(respect_optout=False).fetch(server.fault_url("noai")).kept
 
@@ -262,17 +290,19 @@ def test_user_agent_is_sent(server):
 
 def test_per_host_rate_limit_spaces_requests(server):
     server.reset_log()
-    results = fetcher(per_host_rps=20.0).fetch_all([server.url("/image.jpg")] * 8)
+    limited = fetcher(per_host_rps=20.0)
+    results = limited.map(limited.fetch, [server.url("/image.jpg")] * 8)
     assert all(r.kept for r in results)
     times = sorted(r.time for r in server.requests)
     assert times[-1] - times[0] >= 7 / 20 * 0.9
     server.reset_log()
-    fetcher().fetch_all([server.url("/image.jpg")] * 8)
+    unlimited = fetcher()
+    unlimited.map(unlimited.fetch, [server.url("/image.jpg")] * 8)
     times = sorted(r.time for r in server.requests)
     assert times[-1] - times[0] < 0.3  # no limit: concurrent
 
 
-def test_fetch_all_keeps_order_and_never_raises(server):
+def test_mapped_fetches_keep_order_and_never_raise(server):
     urls = [
         server.url("/image.png"),
         "ftp://example.com/x.jpg",
@@ -280,7 +310,8 @@ def test_fetch_all_keeps_order_and_never_raises(server):
         server.fault_url("404"),
         server.url("/image.webp"),
     ]
-    results = fetcher().fetch_all(urls)
+    f = fetcher()
+    results = f.map(f.fetch, urls)
     assert [r.reason for r in results] == [None, "invalid_url", "invalid_url", "http_404", None]
     assert results[4].value.data == encode_test_image("webp")
 

@@ -4,7 +4,6 @@ import io
 import json
 import math
 import random
-import tarfile
 
 import apache_beam as beam
 import numpy as np
@@ -21,6 +20,7 @@ from visinstruct.pipelines import filter as clip_filter
 from visinstruct.pipelines.ingest import run as ingest
 from visinstruct.schemas import ClipScore, Rejection, SampleMeta
 from visinstruct.testing import sample_data
+from visinstruct.testing.tars import write_tar
 from visinstruct.testing.tiny_models import TINY_OPEN_CLIP_CONFIG, TINY_OPEN_CLIP_NAME, tiny_hf_clip, tiny_open_clip
 from visinstruct.transforms import filter_stages
 from visinstruct.transforms.clip import ClipOutput, OpenClipHandler, make_handler
@@ -50,12 +50,11 @@ def shards(tmp_path_factory):
         },
     )
     assert ingest(cfg, RUNNER)["written"] == 14
-    with tarfile.open(root / "in" / "00007.tar", "w") as tar:  # one good sample, one corrupt image
-        for key, jpg in (("000070000", _jpeg()), ("000070001", _jpeg()[:300] + b"\x00" * 500)):
-            for ext, data in (("jpg", jpg), ("txt", b"a test card")):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    corrupt = _jpeg()[:300] + b"\x00" * 500
+    write_tar(  # one good sample, one corrupt image
+        root / "in" / "00007.tar",
+        {key: {"jpg": jpg, "txt": b"a test card"} for key, jpg in (("000070000", _jpeg()), ("000070001", corrupt))},
+    )
     return root
 
 
@@ -147,18 +146,6 @@ def test_threshold_keeps_exactly_the_pairs_scoring_at_least_it(shards, tiny_chec
     rejected = pq.read_table(tmp_path / "rejected").to_pylist()
     assert {r["key"] for r in rejected if r["reason"] == "decode_error"} == {"000070001"}
     assert all(json.loads(r["detail"])["score"] < threshold for r in rejected if r["reason"] == "clip_below_threshold")
-
-
-def write_tar(path, samples: dict[str, dict[str, bytes]]) -> str:
-    """A tar of ``{key: {extension: bytes}}`` written member by member, as another tool would."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples.items():
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def test_a_jpeg_member_is_scored_and_written_back_under_its_name(tiny_checkpoint, tmp_path):
@@ -357,27 +344,24 @@ def test_cli_filters_img2dataset_shards_keeping_their_fields(tiny_checkpoint, tm
 
     shards = tmp_path / "i2d"
     shards.mkdir()
-    with tarfile.open(shards / "00000.tar", "w") as tar:  # img2dataset's layout and JSON fields
-        for i in range(4):
-            key = f"00000000{i}"
-            meta = {
-                "url": f"http://x/{i}.jpg",
-                "key": key,
-                "status": "success",
-                "error_message": None,
-                "width": 40,
-                "height": 30,
-                "original_width": 400,
-                "original_height": 300,
-                "exif": "{}",
-                "sha256": "ab" * 32,
-                "caption": f"picture {i}",
-            }
-            members = (("jpg", _jpeg()), ("txt", meta["caption"].encode()), ("json", json.dumps(meta).encode()))
-            for ext, data in members:
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    samples = {}
+    for i in range(4):  # img2dataset's layout and JSON fields
+        key = f"00000000{i}"
+        meta = {
+            "url": f"http://x/{i}.jpg",
+            "key": key,
+            "status": "success",
+            "error_message": None,
+            "width": 40,
+            "height": 30,
+            "original_width": 400,
+            "original_height": 300,
+            "exif": "{}",
+            "sha256": "ab" * 32,
+            "caption": f"picture {i}",
+        }
+        samples[key] = {"jpg": _jpeg(), "txt": meta["caption"].encode(), "json": json.dumps(meta).encode()}
+    write_tar(shards / "00000.tar", samples)
     config = tmp_path / "filter.yaml"
     config.write_text(
         f"model:\n  name: {TINY_OPEN_CLIP_NAME}\n  pretrained: {tiny_checkpoint / 'tiny.pt'}\n"

@@ -14,10 +14,10 @@ import re
 import pytest
 
 from visinstruct.configs import GenerateConfig, from_dict
-from visinstruct.pipelines.generate import STAGE, judge_reply
 from visinstruct.schemas import SCHEMA_VERSION, Box, Decision, Rejection, SampleMeta, conversation_problems
 from visinstruct.testing.openai_server import OpenAIServer
 from visinstruct.transforms.conversations import Bounds, read_reply
+from visinstruct.transforms.generate_stages import STAGE, judge_reply
 from visinstruct.transforms.http import HttpError
 from visinstruct.transforms.llm import GenerationHandler, Plan, Reply, judge_result
 from visinstruct.transforms.llm_openai import ChatRequest, ChatResult, _parse_completion
@@ -255,18 +255,7 @@ def test_the_clients_reading_of_any_2xx_body_is_an_answer_or_a_reasoned_failure(
 def test_adversarial_replies_through_the_real_server_and_handler(tmp_path):
     texts = [ADVERSARIAL[n] for n in ("lone_surrogate", "nul", "huge", "fences", "line_separators", "whitespace")]
     with OpenAIServer(responder=lambda r: texts[int(r["messages"][-1]["content"])]) as srv:
-        cfg = from_dict(
-            GenerateConfig,
-            {
-                "backend": "openai",
-                "endpoint": srv.base_url,
-                "model": "m",
-                "retries": 0,
-                "api_key_env": None,
-                "retry_new_seed": False,
-                "max_new_tokens": 10**6,
-            },
-        )
+        cfg = from_dict(GenerateConfig, srv.generate_settings() | {"max_new_tokens": 10**6})
         handler = GenerationHandler(cfg, VOCAB)
         plans = [
             Plan(

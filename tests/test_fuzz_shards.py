@@ -25,8 +25,9 @@ from visinstruct.cli.main import main
 from visinstruct.cli.validate import validate
 from visinstruct.configs import GenerateConfig, from_dict
 from visinstruct.pipelines import generate
-from visinstruct.schemas import SCHEMA_VERSION, Decision, IndexRow, Rejection, SampleMeta, ShardStats, Turn, from_table
-from visinstruct.transforms.layout import ShardError, resolve_shards, write_stats
+from visinstruct.schemas import SCHEMA_VERSION, Decision, IndexRow, Rejection, SampleMeta, Turn, from_table
+from visinstruct.transforms.commit import recount
+from visinstruct.transforms.layout import ShardError, resolve_shards, shard_in, write_stats
 from visinstruct.transforms.rewrite import MISSING, UNREADABLE, rewrite_shard
 from visinstruct.transforms.shards import (
     ShardReadError,
@@ -72,21 +73,15 @@ def write_dataset(folder: Path, samples: int = SAMPLES) -> list[IndexRow]:
     rows.append(
         IndexRow(key=f"00000{samples:04d}", status="http_404", url="http://example.test/gone.jpg", error_message="404")
     )
-    size = writer.finish(str(folder / "00000.tar"))
-    write_table(str(folder / "00000.parquet"), rows, IndexRow, SCHEMA_VERSION)
-    write_stats(
-        str(folder / "00000_stats.json"),
-        ShardStats(
-            shard=0,
-            stage="ingest",
-            inputs=len(rows),
-            written=samples,
-            rejected=1,
-            rejected_by_reason={"http_404": 1},
-            tar_bytes=size,
-        ),
-    )
+    write_index_and_stats(folder, rows, writer.finish(shard_in(str(folder), 0).tar))
     return rows
+
+
+def write_index_and_stats(folder: Path, rows: list[IndexRow], tar_bytes: int) -> None:
+    """Shard 00000's parquet index and the stats counted from its rows, beside its tar of ``tar_bytes``."""
+    files = shard_in(str(folder), 0)
+    write_table(files.index, rows, IndexRow, SCHEMA_VERSION)
+    write_stats(files.stats, recount(0, "ingest", rows, tar_bytes))
 
 
 def cut_points(tar: Path) -> list[int]:
@@ -268,24 +263,7 @@ def write_raw_shard(folder: Path, samples: dict[str, dict[str, bytes]], index: l
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    write_table(str(folder / "00000.parquet"), index, IndexRow, SCHEMA_VERSION)
-    reasons = {}
-    for r in index:
-        if r.status != "success":
-            reasons[r.status] = reasons.get(r.status, 0) + 1
-    written = sum(r.status == "success" for r in index)
-    write_stats(
-        str(folder / "00000_stats.json"),
-        ShardStats(
-            shard=0,
-            stage="ingest",
-            inputs=len(index),
-            written=written,
-            rejected=len(index) - written,
-            rejected_by_reason=reasons,
-            tar_bytes=(folder / "00000.tar").stat().st_size,
-        ),
-    )
+    write_index_and_stats(folder, index, (folder / "00000.tar").stat().st_size)
     return folder / "00000.tar"
 
 

@@ -1,9 +1,7 @@
 """Conversation generation: reply checking, deterministic plans, backends, and the stage end to end."""
 
-import io
 import json
 import re
-import tarfile
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -18,6 +16,8 @@ from visinstruct.pipelines.report import counter_value
 from visinstruct.schemas import Box, Decision, GenerationInfo, SampleMeta, Turn
 from visinstruct.testing.openai_server import OpenAIServer
 from visinstruct.testing.sample_data import shapes_dataset
+from visinstruct.testing.tars import write_tar
+from visinstruct.transforms import generate_stages
 from visinstruct.transforms.conversations import Bounds, parse_qa, read_reply, repetition
 from visinstruct.transforms.prompts import caption_only, choose_kind, derive_seed, load_templates, uses_llm
 from visinstruct.transforms.rewrite_stage import RewriteShard
@@ -161,9 +161,9 @@ def test_plans_are_deterministic_per_key():
 
 
 def test_a_caption_no_backend_can_send_is_that_samples_rejection_not_the_batchs():
-    cfg = from_dict(GenerateConfig, {"backend": "openai", "endpoint": "http://127.0.0.1:9/v1"})
+    cfg = from_dict(GenerateConfig, {"backend": "openai", "openai": {"endpoint": "http://127.0.0.1:9/v1"}})
     meta = SampleMeta(key="000000007", caption="a red circle \udce9 on white", url="http://x/\udce9.jpg")
-    plan = generate.plan_sample("p", meta, cfg, load_templates())
+    plan = generate_stages.plan_sample("p", meta, cfg, load_templates())
     assert plan.reason == "bad_characters" and "cannot be encoded" in plan.message
 
 
@@ -248,28 +248,16 @@ def test_the_generate_judge_through_rewrite_shard_writes_counts_tokens_and_dead_
     _ = (
         p
         | beam.Create([(tar, groups)])
-        | beam.ParDo(RewriteShard(generate.STAGE, str(tmp_path / "out"), {}, generate.shard_judge))
+        | beam.ParDo(RewriteShard(generate_stages.STAGE, str(tmp_path / "out"), {}, generate_stages.shard_judge))
     )
     result = p.run()
     result.wait_until_finish()
     names = ("prompt_tokens", "completion_tokens", "dropped_refusal", "dropped_not_generated")
-    assert [counter_value(result, generate.STAGE, n) for n in names] == [11, 7, 1, 1]
+    assert [counter_value(result, generate_stages.STAGE, n) for n in names] == [11, 7, 1, 1]
     assert samples(tmp_path / "out") == {keys[0]: kept}
     dead = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "rejected").to_pylist()}
     assert json.loads(dead[keys[1]]["detail"]) == {"raw": "I'm sorry"} and dead[keys[1]]["reason"] == "refusal"
     assert dead[keys[2]]["reason"] == "not_generated"
-
-
-def write_tar(path, members: dict[str, dict[str, bytes]]) -> str:
-    """A tar of ``{key: {extension: bytes}}`` written member by member, as another tool would."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for key, sample in members.items():
-            for ext, data in sample.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def scripted(request: dict) -> str:
@@ -291,15 +279,16 @@ def test_openai_backend_end_to_end_with_faults_retries_cache_and_no_key_leak(sha
     settings = {
         "backend": "openai",
         "model": "scripted",
-        "api_key_env": "VI_TEST_KEY",
-        "retries": 2,
-        "timeout": 5.0,
         "temperature": 0.0,
         "cache_dir": str(tmp_path / "cache"),
         "write": {"path": str(tmp_path / "out")},
     }
+
+    def server(endpoint: str) -> dict:
+        return {"endpoint": endpoint, "api_key_env": "VI_TEST_KEY", "retries": 2, "timeout": 5.0}
+
     with OpenAIServer(responder=scripted, require_key=secret) as srv:
-        cfg = from_dict(GenerateConfig, settings | {"endpoint": srv.base_url})
+        cfg = from_dict(GenerateConfig, settings | {"openai": server(srv.base_url)})
         report = generate.run(cfg, shards, RUNNER)
         calls = srv.calls
     kept = samples(tmp_path / "out")
@@ -318,7 +307,7 @@ def test_openai_backend_end_to_end_with_faults_retries_cache_and_no_key_leak(sha
     assert report["completion_tokens_spent"] >= report["completion_tokens"] > 0
     # A rerun with the cache makes no backend call and writes the same shards.
     with OpenAIServer(responder=scripted, require_key=secret) as srv:
-        again_settings = settings | {"endpoint": srv.base_url, "write": {"path": str(tmp_path / "again")}}
+        again_settings = settings | {"openai": server(srv.base_url), "write": {"path": str(tmp_path / "again")}}
         cfg = from_dict(GenerateConfig, again_settings)
         again = generate.run(cfg, shards, RUNNER)
         assert srv.calls == 0
@@ -338,10 +327,8 @@ def test_openai_faults_end_written_after_retry_or_dead_lettered(tmp_path, monkey
             GenerateConfig,
             {
                 "backend": "openai",
-                "endpoint": srv.base_url,
+                "openai": {"endpoint": srv.base_url, "retries": 1, "timeout": 1.0},
                 "model": "m",
-                "retries": 1,
-                "timeout": 1.0,
                 "retry_new_seed": False,
             },
         )
@@ -392,10 +379,8 @@ def test_replies_cut_at_the_token_limit_are_rejected_as_truncated():
             GenerateConfig,
             {
                 "backend": "openai",
-                "endpoint": srv.base_url,
+                "openai": {"endpoint": srv.base_url, "retries": 0, "api_key_env": None},
                 "model": "m",
-                "retries": 0,
-                "api_key_env": None,
                 "retry_new_seed": False,
             },
         )
@@ -435,7 +420,9 @@ def test_transformers_sampling_is_seeded_per_sample_not_per_batch(tmp_path):
     from visinstruct.transforms.llm_openai import ChatRequest
 
     tiny_causal_lm(save_dir=tmp_path / "lm", seed=1)
-    backend = TransformersBackend(from_dict(GenerateConfig, {"model": str(tmp_path / "lm"), "device": "cpu"}))
+    backend = TransformersBackend(
+        from_dict(GenerateConfig, {"model": str(tmp_path / "lm"), "transformers": {"device": "cpu"}})
+    )
 
     def ask(key, text, seed):
         return ChatRequest(key, [{"role": "user", "content": text}], max_tokens=12, temperature=1.0, seed=seed)
@@ -459,7 +446,7 @@ def test_real_smollm2_writes_conversations_for_shapes_with_boxes(shards, tmp_pat
         {
             "backend": "transformers",
             "model": str(smollm2_gguf_path()),
-            "batch_size": 9,
+            "transformers": {"batch_size": 9},
             "max_new_tokens": 64,
             "temperature": 0.0,
             "retry_new_seed": False,
@@ -513,7 +500,7 @@ def test_a_bug_on_one_sample_dead_letters_that_sample_only(shards, tmp_path, mon
     unique = [k for k, c in sorted(captions.items()) if list(captions.values()).count(c) == 1]
     bad_prompt, bad_reply = sorted(captions)[1], sorted(captions)[5]
     cut = next(k for k in unique if k not in (bad_prompt, bad_reply))  # its caption tells the server who it is
-    real_build, real_read = generate.build_messages, llm.read_reply
+    real_build, real_read = generate_stages.build_messages, llm.read_reply
 
     def build_messages(template, meta):  # a planted bug in prompt building, for one sample
         if meta.key == bad_prompt:
@@ -525,7 +512,7 @@ def test_a_bug_on_one_sample_dead_letters_that_sample_only(shards, tmp_path, mon
             raise ZeroDivisionError("planted in read_reply")
         return real_read(kind_format, reply, meta, *args)
 
-    monkeypatch.setattr(generate, "build_messages", build_messages)
+    monkeypatch.setattr(generate_stages, "build_messages", build_messages)
     monkeypatch.setattr(llm, "read_reply", read_reply)
     with OpenAIServer(
         responder=lambda r: " ".join([GOOD_QA] * 20) if captions[cut] in r["messages"][-1]["content"] else GOOD_QA
@@ -534,9 +521,8 @@ def test_a_bug_on_one_sample_dead_letters_that_sample_only(shards, tmp_path, mon
             GenerateConfig,
             {
                 "backend": "openai",
-                "endpoint": srv.base_url,
+                "openai": {"endpoint": srv.base_url, "api_key_env": None},
                 "model": "m",
-                "api_key_env": None,
                 "kinds": {"conversation": 1.0},
                 "max_new_tokens": 64,
                 "temperature": 0.0,
@@ -561,20 +547,25 @@ def test_a_bug_on_one_sample_dead_letters_that_sample_only(shards, tmp_path, mon
     assert detail["finish_reason"] == "length" and detail["raw"].startswith(GOOD_QA.split("\n")[0])
 
 
-def test_with_the_llm_server_down_every_row_is_a_retryable_connection_error_naming_the_endpoint(shards, tmp_path):
+@pytest.mark.parametrize("down", ["stopped", "unresolvable"])
+def test_with_the_llm_server_unreachable_every_row_is_a_retryable_connection_error_naming_the_endpoint(
+    shards, tmp_path, down
+):
+    """A server that is down and an endpoint host that does not resolve (a typo) both mean nothing answered."""
     from visinstruct.pipelines.report import reason_hint
     from visinstruct.transforms.llm import CONFIG_REASONS, RETRYABLE_REASONS
 
-    with OpenAIServer() as srv:
-        endpoint = srv.base_url  # stopped on leaving: nothing listens there any more
+    if down == "stopped":
+        with OpenAIServer() as srv:
+            endpoint = srv.base_url  # stopped on leaving: nothing listens there any more
+    else:
+        endpoint = "http://nonexistent-host.invalid:1/v1"  # .invalid never resolves (RFC 6761)
     cfg = from_dict(
         GenerateConfig,
         {
             "backend": "openai",
-            "endpoint": endpoint,
+            "openai": {"endpoint": endpoint, "retries": 0, "api_key_env": None},
             "model": "m",
-            "retries": 0,
-            "api_key_env": None,
             "write": {"path": str(tmp_path / "out")},
         },
     )
@@ -583,7 +574,18 @@ def test_with_the_llm_server_down_every_row_is_a_retryable_connection_error_nami
     rejected = pq.read_table(tmp_path / "out" / "rejected").to_pylist()
     assert len(rejected) == 9 and all(f"cannot connect to {endpoint}" in r["message"] for r in rejected)
     assert "connection_error" in RETRYABLE_REASONS and not RETRYABLE_REASONS & CONFIG_REASONS
-    assert "generate.endpoint" in reason_hint("connection_error", "generate", {"generate": "generate."})
+    assert "generate.openai.endpoint" in reason_hint("connection_error", "generate", {"generate": "generate."})
+
+
+def test_every_reason_the_llm_client_gives_counts_as_unanswered_and_has_a_hint():
+    """A run whose every LLM row failed for one of these is a failed run, and its line says what to change."""
+    from visinstruct.pipelines.report import reason_hint
+    from visinstruct.transforms.llm import CONFIG_REASONS, RETRYABLE_REASONS
+
+    transport = ["connection_error", "timeout", "ssl_error", "truncated", "invalid_url", "http_404", "http_401"]
+    assert set(transport) <= RETRYABLE_REASONS | CONFIG_REASONS
+    for reason in transport:
+        assert "LLM" in reason_hint(reason, "generate") or "openai." in reason_hint(reason, "generate"), reason
 
 
 def samples_of(shards) -> dict[str, SampleMeta]:

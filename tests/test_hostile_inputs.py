@@ -112,7 +112,7 @@ def test_the_fetcher_gives_every_hostile_url_a_reason(server, tmp_path):
     pairs = [g for fmt, paths in plan_units(cfg) for g in read_unit(fmt, paths, cfg) if isinstance(g, ImageTextPair)]
     fetcher = Fetcher(DownloadConfig(allow_loopback=True, timeout=2.0, retries=0, per_host_rps=None, threads=8))
     try:
-        results = fetcher.fetch_all([p.url for p in pairs])
+        results = fetcher.map(fetcher.fetch, [p.url for p in pairs])
     finally:
         fetcher.close()
     expected = [reason for _, _, stage, reason in rows if stage != "read"]

@@ -120,6 +120,15 @@ def test_a_status_error_is_http_code_retryable_only_for_transient_statuses(image
 def test_a_body_over_the_cap_is_too_large(images, fault):
     error = failure(lambda: get(pool_manager(maxsize=2), images.fault_url(fault, megabytes=2), max_bytes=1 << 20))
     assert (error.reason, error.retryable) == ("too_large", False)
+    assert str(error).endswith("exceeds the limit of 1048576 bytes"), str(error)
+
+
+def test_a_capped_read_names_the_setting_that_holds_the_cap(images):
+    pool = pool_manager(maxsize=2)
+    with attempt_deadline(2.0):
+        resp = send(pool, "GET", images.fault_url("huge", megabytes=2))
+        error = failure(lambda: read_capped(resp, 1024, setting="download.max_bytes"))
+    assert str(error) == "Content-Length 2097152 exceeds download.max_bytes=1024"
 
 
 def test_a_body_within_the_cap_is_read_whole(images):
@@ -144,6 +153,19 @@ def test_a_cut_body_is_truncated_and_a_silent_server_a_timeout(images):
     cut = failure(lambda: get(pool, images.fault_url("truncated")))
     hung = failure(lambda: get(pool, images.fault_url("hang"), timeout=0.3))
     assert (cut.reason, cut.retryable, hung.reason, hung.retryable) == ("truncated", True, "timeout", True)
+
+
+def test_a_timeout_while_sending_the_request_is_a_timeout_not_a_connection_error(images):
+    # /hang never reads: a body larger than the socket buffers blocks the send until the deadline, and urllib3
+    # wraps that TimeoutError in ProtocolError("Connection aborted.", ...).
+    with attempt_deadline(0.3):
+        error = failure(lambda: send(pool_manager(maxsize=2), "GET", images.fault_url("hang"), b"x" * (32 << 20)))
+    assert (error.reason, error.retryable) == ("timeout", True), str(error)
+
+
+def test_a_message_names_no_pool_or_connection_object(images):
+    hung = failure(lambda: get(pool_manager(maxsize=2), images.fault_url("hang"), timeout=0.3))
+    assert "host=" not in str(hung) and "Read timed out" in str(hung), str(hung)
 
 
 def test_tls_to_a_plain_http_port_is_an_ssl_error(images):

@@ -310,6 +310,52 @@ def test_a_missing_takedown_list_fails_before_anything_runs(server, tmp_path):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.tar"))
 
 
+def test_an_ingest_without_an_output_folder_is_refused_in_one_line(server, tmp_path, capsys):
+    """``write.path`` is optional in a config (a build sets it); a standalone ingest without one is refused."""
+    from visinstruct.cli.main import main
+    from visinstruct.configs import ConfigError
+
+    settings = {"read": {"path": write_urls(tmp_path / "urls.parquet", [server.url("/photo0.jpg")])}}
+    with pytest.raises(ConfigError, match=r"^ingest needs write.path \(the output folder\)$"):
+        run(from_dict(IngestConfig, settings), RUNNER)
+    config = tmp_path / "ingest.yaml"
+    config.write_text(json.dumps(settings))  # JSON is YAML
+    assert main(["config", "check", "ingest", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"visinstruct config: error: {config}: write.path: ingest needs an output folder (write.path, or --out DIR)\n"
+    )
+    assert main(["ingest", "--config", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        "visinstruct ingest: error: write.path: ingest needs an output folder (write.path, or --out DIR)\n"
+    )
+
+
+def test_a_user_agent_token_is_appended_and_the_agent_name_still_matches_opt_outs(server, tmp_path):
+    """img2dataset's ``--user_agent_token`` appends to the User-Agent; the first word stays ours, so an
+    ``X-Robots-Tag: visinstruct: noai`` still opts out."""
+    from visinstruct.cli.main import main
+    from visinstruct.configs import DownloadConfig
+
+    server.add_image("/for-us-noai.jpg", encode_test_image("jpeg", (80, 60)), {"X-Robots-Tag": "visinstruct: noai"})
+    urls = write_urls(tmp_path / "urls.parquet", [server.url("/photo2.jpg"), server.url("/for-us-noai.jpg")])
+    out = tmp_path / "out"
+    server.reset_log()
+    argv = ["-q", "ingest", "--url-list", urls, "--out", str(out), "--user_agent_token", "my-crawl/1.0"]
+    assert main([*argv, "--set", "download.allow_loopback=true", *RUNNER]) == 0
+    agents = {r.headers.get("User-Agent") for r in server.requests}
+    assert agents == {f"{DownloadConfig().user_agent} (compatible; my-crawl/1.0)"}
+    assert list(statuses(out).values()) == ["success", "optout"]
+
+
+def test_a_user_agent_token_that_would_break_the_header_is_refused(capsys):
+    from visinstruct.cli.main import main
+
+    assert main(["ingest", "--url-list", "u.txt", "--out", "o", "--user_agent_token", "a) evil"]) == 2
+    assert capsys.readouterr().err == (
+        "visinstruct ingest: error: --user_agent_token 'a) evil': printable ASCII without parentheses only\n"
+    )
+
+
 def test_a_planted_bug_in_one_record_costs_that_record_only(server, tmp_path, monkeypatch):
     """A bug one record triggers (in decoding, in building its metadata) becomes its ``internal_error`` row, with
     the exception's class, and a counter; every other row is written. FnApiRunner runs DoFns in this process, so

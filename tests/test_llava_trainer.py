@@ -4,8 +4,6 @@ torchrun; ``chat`` answers from the checkpoint, which plain transformers loads."
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from visinstruct.configs import CONFIG_DIR, ConfigError, IngestConfig, LlavaTrai
 from visinstruct.testing import sample_data
 from visinstruct.testing.smollm2 import SMOLLM2_CHAT_TEMPLATE
 from visinstruct.testing.tiny_models import tiny_causal_lm, tiny_hf_clip
+from visinstruct.testing.trainers import torchrun, train_argv
 from visinstruct.trainer import llava_train
 from visinstruct.trainer.llava_data import IGNORE_INDEX, ConversationEncoder, encoder_for, resolve_template
 from visinstruct.trainer.llava_model import build_llava, byte_level_tokenizer
@@ -81,22 +80,7 @@ def trained(shards, tmp_path_factory):
     from visinstruct.cli.main import main
 
     out = tmp_path_factory.mktemp("llava-run")
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(TINY_YAML),
-                "--out",
-                str(out),
-                "--set",
-                f"data.shards={shards / 'train'}",
-                "--set",
-                f"eval.shards={shards / 'test'}",
-            ]
-        )
-        == 0
-    )
+    assert main(train_argv("train", TINY_YAML, out, shards)) == 0
     return out
 
 
@@ -367,22 +351,7 @@ def test_train_runs_under_torchrun_with_two_gloo_processes(shards, tmp_path):
         "log_every=2",
         "data.num_workers=1",
     ]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "visinstruct.cli.main",
-        "train",
-        "--config",
-        str(TINY_YAML),
-    ]
-    for s in sets:
-        command += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    proc = torchrun("train", TINY_YAML, sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("train: step 4,") == 1  # rank 0 prints the summary; both ranks saved state below
     resume = torch.load(tmp_path / "out" / "resume.pt", weights_only=True)

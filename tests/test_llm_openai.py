@@ -126,6 +126,7 @@ def test_hanging_and_dripping_answers_end_as_timeout_at_the_limit(server, marker
         result = c.complete(ask(f"Describe it {marker}"))
     elapsed = time.monotonic() - start
     assert (result.reason, result.attempts) == ("timeout", 1), result.message
+    assert result.message == "no complete answer within openai.timeout=0.5s"  # the key to raise
     assert 0.45 <= elapsed < 0.9  # one total limit, although the slow answer sends a piece every 0.3 s
 
 
@@ -136,6 +137,18 @@ def test_timeouts_are_retried_and_a_slow_answer_within_the_limit_lands(server):
         slow = c.complete(ChatRequest("k", [{"role": "user", "content": "go [[fault:slow:0.5]]"}]))
     assert (hung.reason, hung.attempts) == ("timeout", 2)
     assert (slow.text, slow.attempts) == ("Echo: go", 1)
+
+
+@pytest.mark.parametrize("endpoint", ["stopped", "http://nonexistent-host.invalid:1/v1"])
+def test_an_unreachable_server_is_a_retried_connection_error_naming_the_endpoint(endpoint):
+    """Nothing listening and a host that does not resolve (a mistyped endpoint) are one thing: no server there."""
+    if endpoint == "stopped":
+        with OpenAIServer() as srv:
+            endpoint = srv.base_url  # nothing listens there once the server stopped
+    with OpenAIChatClient(endpoint, "m", api_key_env=None, retries=1, backoff=0.01) as c:
+        result = c.complete(ask("hello"))
+    assert (result.reason, result.attempts) == ("connection_error", 2)
+    assert result.message.startswith(f"cannot connect to {endpoint.rstrip('/')}/chat/completions: ")
 
 
 def test_complete_all_keeps_order_bounds_concurrency_and_counts_add_up(server):

@@ -1,9 +1,10 @@
 """The one shard rewrite and the one commit: every stage that writes shards is a judge handed to them.
 
-Each judge (ingest's finalize dropping dedup losers, a filter, a generator, ``remove``) runs through the same
-commit on real files: tars read back with ``tarfile``, indexes and dead letters with pyarrow. Then the commit's
-order under an in-place rewrite (a failure after the dead letters leaves the old shard readable, and the next run
-finishes), and the ``dropped_<reason>`` counters of a real Beam run, counted from the decisions.
+Each judge (ingest's finalize dropping dedup losers, the filter's, generation's, ``remove``'s: the product's own)
+runs through the same ``rewrite_shard`` and commit on real files: tars read back with ``tarfile``, indexes and
+dead letters with pyarrow. Then the commit's order under an in-place rewrite (a failure after the dead letters
+leaves the old shard readable, and the next run finishes), and the ``dropped_<reason>`` counters of a real Beam
+run, counted from the decisions (also by a retried bundle whose shard its first attempt committed).
 """
 
 import json
@@ -18,17 +19,27 @@ import pytest
 
 from visinstruct.cli.remove import load_takedown, remove_samples
 from visinstruct.cli.validate import validate
-from visinstruct.schemas import ClipScore, Decision, GenerationInfo, IndexRow, Rejection, SampleMeta, Turn
+from visinstruct.schemas import (
+    ClipScore,
+    Decision,
+    GenerationInfo,
+    IndexRow,
+    Rejection,
+    SampleMeta,
+    Turn,
+    from_table,
+)
 from visinstruct.testing.server import encode_test_image
 from visinstruct.transforms import commit as commit_module
+from visinstruct.transforms import filter_stages, generate_stages
 from visinstruct.transforms.commit import commit_shard
 from visinstruct.transforms.dedup import lost_to
 from visinstruct.transforms.layout import read_stats, resolve_shards, shard_in
-from visinstruct.transforms.rewrite import rewrite_shard
+from visinstruct.transforms.rewrite import Earlier, rewrite_shard
 from visinstruct.transforms.rewrite_stage import RewriteShard
-from visinstruct.transforms.shards import TarShardWriter
+from visinstruct.transforms.shards import TarShardWriter, read_table
 from visinstruct.transforms.staging import ShardDraft
-from visinstruct.transforms.write import finalize_shard
+from visinstruct.transforms.write import FinalizeShard, dedup_judge, finalize_shard
 
 KEYS = ["000000000", "000000001", "000000002"]  # written; 000000003 was rejected by ingest (http_404)
 IMAGES = [encode_test_image("jpeg", (40 + 8 * i, 32)) for i in range(3)]
@@ -64,58 +75,91 @@ def index(folder: Path) -> dict[str, dict]:
     return {r["key"]: r for r in pq.read_table(folder / "00000.parquet").to_pylist()}
 
 
+def index_rows(folder: Path) -> dict[str, IndexRow]:
+    return {r.key: r for r in from_table(IndexRow, read_table(str(folder / "00000.parquet"), IndexRow))}
+
+
 def dead_letters(folder: Path, stage: str) -> list[dict]:
     return pq.read_table(folder / "rejected" / f"{stage}-00000.parquet").to_pylist()
 
 
-def filter_judge(key: str, meta: SampleMeta, members: dict[str, bytes]) -> Decision[SampleMeta]:
-    """Keeps a pair scoring 0.2 or more; the score is an index column whether it is kept or not."""
+def scored(key: str) -> Decision[ClipScore]:
+    """The filter's decision for a pair (as ``score_decision`` makes it): kept from 0.2 up, the score indexed."""
     score = SCORES[key]
     if score < 0.2:
         return Decision.drop("clip_below_threshold", f"CLIP score {score}", {"score": score}, clip_score=score)
-    return Decision.keep(replace(meta, clip=ClipScore(score, "tiny")), clip_score=score)
+    return Decision.keep(ClipScore(score, "tiny"), clip_score=score)
 
 
-def judge_of(path: str, groups) -> object:
-    """A picklable ``make_judge`` for :class:`RewriteShard`."""
-    return filter_judge
+SCORED = [(key, scored(key)) for key in KEYS]  # the filter's CoGroupByKey group "decisions" of shard 00000
+filter_judge = filter_stages.filter_judge(dict(SCORED), {})
+
+
+def staged_draft(out: Path, sha256: str = "same") -> ShardDraft:
+    """Shard 00000 as ingest's download leaves it: a staging tar of three samples, and a ``http_404`` row."""
+    staging = out / "_staging" / "00000.a1.tar"
+    staging.parent.mkdir(parents=True)
+    writer, rows = TarShardWriter(), []
+    for key in KEYS:
+        placed = writer.add(key, list(members_of(key).items()))
+        rows.append(IndexRow(key, "success", url=f"https://img.test/{key}.jpg", sha256=sha256, members=placed))
+    rows.append(IndexRow("000000003", "http_404", url="https://img.test/gone.jpg", error_message="404"))
+    dead = [Rejection("download", "http_404", "404", "000000003", "https://img.test/gone.jpg")]
+    return ShardDraft(0, str(staging), rows, dead, 1.25, writer.finish(str(staging)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # One judge each, through the one rewrite and commit
 
 
-def test_ingest_finalize_drops_a_dedup_loser_and_commits_through_the_one_commit(tmp_path):
+def test_ingest_finalize_is_a_judge_that_drops_a_dedup_loser_and_keeps_the_draft_rows(tmp_path):
     out = tmp_path / "out"
-    staging = out / "_staging" / "00000.a1.tar"
-    staging.parent.mkdir(parents=True)
-    writer, rows = TarShardWriter(), []
-    for key in KEYS:
-        placed = writer.add(key, list(members_of(key).items()))
-        rows.append(IndexRow(key, "success", url=f"https://img.test/{key}.jpg", sha256="same", members=placed))
-    size = writer.finish(str(staging))
-    draft = ShardDraft(0, str(staging), rows, [], 1.25, size)
+    draft = staged_draft(out)
+    judge = dedup_judge(draft.rows, [("000000002", lost_to("duplicate_sha256", "000000000"))])
     dropped = Counter()
-    stats = finalize_shard(draft, [("000000002", lost_to("duplicate_sha256", "000000000"))], str(out), dropped=dropped)
+    earlier = Earlier(draft.rows, draft.rejections, draft.duration_s, step="dedup")
+    stats = rewrite_shard(draft.staging_tar, 0, str(out), "ingest", judge, dropped, earlier)
     assert (stats.stage, stats.inputs, stats.written, stats.rejected_by_reason) == (
         "ingest",
-        3,
+        4,
         2,
-        {"duplicate_sha256": 1},
+        {"duplicate_sha256": 1, "http_404": 1},
     )
-    assert sorted(tar_samples(out / "00000.tar")) == ["000000000", "000000001"]
-    assert index(out)["000000002"]["status"] == "duplicate_sha256" and index(out)["000000002"]["members"] == []
-    [letter] = dead_letters(out, "ingest")
-    assert (letter["stage"], letter["reason"], json.loads(letter["detail"])["duplicate_of"]) == (
-        "dedup",
-        "duplicate_sha256",
-        "000000000",
-    )
-    assert dropped == {"duplicate_sha256": 1} and not list((out / "_staging").iterdir())
+    assert stats.duration_s >= 1.25 and dropped == {"duplicate_sha256": 1, "http_404": 1}  # all ingest's drops
+    samples = tar_samples(out / "00000.tar")
+    assert samples == {key: members_of(key) for key in KEYS[:2]}
+    rows = index_rows(out)
+    for row in draft.rows[:2] + draft.rows[3:]:  # the draft's rows exactly, but for where the members now lie
+        assert replace(rows[row.key], members=[]) == replace(row, members=[])
+    lost = replace(draft.rows[2], status="duplicate_sha256", error_message="same image bytes as 000000000", members=[])
+    assert rows["000000002"] == lost
+    assert [m.name for m in rows["000000001"].members] == [f"000000001.{ext}" for ext in members_of("000000001")]
+    letters = dead_letters(out, "ingest")
+    assert [(d["key"], d["stage"], d["reason"]) for d in letters] == [
+        ("000000002", "dedup", "duplicate_sha256"),
+        ("000000003", "download", "http_404"),
+    ]
+    assert json.loads(letters[0]["detail"]) == {"duplicate_of": "000000000", "sha256": "same", "phash": None}
+    assert validate(resolve_shards(str(out))).problems == []
+
+
+def test_ingest_finalize_rewrites_through_the_one_rewrite_and_leaves_a_finished_shard_alone(tmp_path):
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    losers = [("000000002", lost_to("duplicate_sha256", "000000000"))]
+    draft = staged_draft(reference)
+    earlier = Earlier(draft.rows, draft.rejections, draft.duration_s, step="dedup")
+    rewrite_shard(draft.staging_tar, 0, str(reference), "ingest", dedup_judge(draft.rows, losers), None, earlier)
+    draft, dropped = staged_draft(out), Counter()
+    stats = finalize_shard(draft, losers, str(out), dropped=dropped)
+    for name in ("00000.tar", "00000.parquet", "rejected/ingest-00000.parquet"):  # what the judge alone made
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
+    assert dropped == {"duplicate_sha256": 1, "http_404": 1} and not list((out / "_staging").iterdir())
     assert read_stats(str(out / "00000_stats.json")) == stats
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert finalize_shard(draft, [], str(out)) == stats  # a finished shard is left alone
-    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    again = Counter()  # a retried bundle: its first attempt committed the shard, Beam kept none of its counters
+    assert finalize_shard(draft, losers, str(out), dropped=again) == stats
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # left alone
+    assert again == dropped  # counted from the committed dead letters
 
 
 def test_ingest_finalize_with_no_drop_renames_the_staging_tar(tmp_path):
@@ -163,19 +207,22 @@ def test_a_filter_judge_drops_with_its_reason_and_carries_earlier_rejections(tmp
 def test_a_generate_judge_keeps_samples_with_new_metadata_and_index_columns(tmp_path):
     write_ingested(tmp_path / "in")
     info = GenerationInfo("conversation", "tiny-llm", "t" * 64, 17, 40, 9)
-
-    def generate(key: str, meta: SampleMeta, members: dict[str, bytes]) -> Decision[SampleMeta]:
+    decisions = {}  # what RunInference's results become (judge_reply); none reached the writer for 000000002
+    for key in KEYS[:2]:
+        meta = SampleMeta.from_json(members_of(key)["json"])
         turns = [Turn("human", "<image>\nWhat is it?"), Turn("gpt", meta.caption)]
-        return Decision.keep(replace(meta, conversations=turns, generation=info))
-
-    stats = rewrite_shard(str(tmp_path / "in" / "00000.tar"), 0, str(tmp_path / "out"), "generate", generate)
-    assert (stats.inputs, stats.written, stats.rejected_by_reason) == (4, 3, {"http_404": 1})
+        decisions[key] = Decision.keep(replace(meta, conversations=turns, generation=info))
+    judge = generate_stages.generate_judge(decisions)
+    stats = rewrite_shard(str(tmp_path / "in" / "00000.tar"), 0, str(tmp_path / "out"), "generate", judge)
+    assert (stats.inputs, stats.written, stats.rejected_by_reason) == (4, 2, {"http_404": 1, "not_generated": 1})
     sample = tar_samples(tmp_path / "out" / "00000.tar")["000000001"]
     written = json.loads(sample["json"])
     assert written["conversations"][1] == {"from": "gpt", "value": "caption 000000001"}
     assert written["generation"]["model"] == "tiny-llm" and sample["jpg"] == IMAGES[1]
     assert index(tmp_path / "out")["000000001"]["conversation_kind"] == "conversation"
-    assert dead_letters(tmp_path / "out", "generate") == []
+    assert [(d["key"], d["reason"]) for d in dead_letters(tmp_path / "out", "generate")] == [
+        ("000000002", "not_generated")
+    ]
 
 
 def test_remove_is_a_judge_that_keeps_identity_and_merges_its_journal(tmp_path):
@@ -267,8 +314,8 @@ def test_rewrite_shard_counts_this_stages_drops_from_its_decisions_in_a_real_pip
     p = beam.Pipeline(runner="FnApiRunner")
     stats = (
         p
-        | beam.Create([(path, {"decisions": []})])
-        | "RewriteShard" >> beam.ParDo(RewriteShard("filter", str(tmp_path / "out"), {}, judge_of))
+        | beam.Create([(path, {"decisions": SCORED, "rejections": []})])
+        | "RewriteShard" >> beam.ParDo(RewriteShard("filter", str(tmp_path / "out"), {}, filter_stages.shard_judge))
     )
     _ = stats | beam.Map(lambda s: (tmp_path / "stats.json").write_text(json.dumps(s.written)))
     result = p.run()
@@ -280,3 +327,24 @@ def test_rewrite_shard_counts_this_stages_drops_from_its_decisions_in_a_real_pip
     assert counters["dropped_clip_below_threshold"] == 1
     assert not [name for name in counters if name.startswith("dropped_") and name != "dropped_clip_below_threshold"]
     assert counters["busy_us"] > 0 and json.loads((tmp_path / "stats.json").read_text()) == 2
+
+
+def test_a_retried_finalize_of_a_committed_shard_still_counts_its_drops_in_a_real_pipeline(tmp_path):
+    out = tmp_path / "out"
+    losers = [("000000002", lost_to("duplicate_sha256", "000000000"))]
+    draft = staged_draft(out)
+    finalize_shard(draft, losers, str(out))  # the first attempt: committed, then its counters discarded
+    p = beam.Pipeline(runner="FnApiRunner")
+    _ = (
+        p
+        | beam.Create([(0, {"draft": [draft], "losers": losers})])
+        | "FinalizeShard" >> beam.ParDo(FinalizeShard(str(out)))
+    )
+    result = p.run()
+    result.wait_until_finish()
+    counters = {
+        c.key.metric.name: c.committed
+        for c in result.metrics().query(beam.metrics.MetricsFilter().with_namespace("ingest"))["counters"]
+    }
+    assert (counters["dropped_duplicate_sha256"], counters["dropped_http_404"]) == (1, 1)
+    assert (counters["written"], counters["rejected"]) == (2, 2)

@@ -26,13 +26,13 @@ from visinstruct.cli.validate import format_report, validate
 from visinstruct.configs import IngestConfig, from_dict
 from visinstruct.pipelines.ingest import run as ingest
 from visinstruct.schemas import SampleMeta, ShardStats
+from visinstruct.testing.sample_data import llava_json_dataset
 from visinstruct.testing.server import ImageServer, encode_test_image
 from visinstruct.transforms.layout import ShardError, expand_braces, read_stats, resolve_shards, write_stats
 
 pytestmark = pytest.mark.timeout(300)
 RUNNER = ["--runner=FnApiRunner"]
 SIZES = [(80, 60), (90, 70), (100, 50), (70, 70), (120, 90), (64, 128)]
-CONVERSATION = [{"from": "human", "value": "<image>\nWhat shape is this?"}, {"from": "gpt", "value": "A square."}]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,20 +84,7 @@ def dataset(tmp_path_factory) -> Path:
 def llava(tmp_path_factory) -> Path:
     """One shard of two LLaVA samples with conversations."""
     root = tmp_path_factory.mktemp("llava")
-    (root / "images").mkdir()
-    entries = []
-    for i in range(2):
-        (root / "images" / f"{i}.png").write_bytes(encode_test_image("png", (48 + 16 * i, 40)))
-        entries.append({"id": f"s{i}", "image": f"{i}.png", "conversations": CONVERSATION})
-    (root / "llava.json").write_text(json.dumps(entries))
-    cfg = from_dict(
-        IngestConfig,
-        {
-            "read": {"path": str(root / "llava.json"), "image_root": str(root / "images")},
-            "write": {"path": str(root / "out"), "shard_size": 8},
-            "resize": {"image_size": 32, "resize_mode": "border", "encode_format": "png"},
-        },
-    )
+    cfg = from_dict(IngestConfig, llava_json_dataset(root, entries=2, images=2, shard_size=8))
     assert ingest(cfg, RUNNER)["written"] == 2
     return root / "out"
 

@@ -21,32 +21,19 @@ from apache_beam.io.filesystems import FileSystems
 from visinstruct.cli.main import main
 from visinstruct.configs import IngestConfig, from_dict
 from visinstruct.pipelines.ingest import run as ingest
-from visinstruct.testing.server import encode_test_image
+from visinstruct.testing.sample_data import llava_json_dataset
 from visinstruct.transforms import shards
 
 pytestmark = pytest.mark.timeout(300)
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "visinstruct")
 HEAVY = ("apache_beam", "torch", "transformers")
-CONVERSATION = [{"from": "human", "value": "<image>\nWhat shape is this?"}, {"from": "gpt", "value": "A square."}]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """Two shards of LLaVA samples (three written) and a dead letter for an image that is not there."""
     root = tmp_path_factory.mktemp("llava")
-    (root / "images").mkdir()
-    for i in range(3):
-        (root / "images" / f"{i}.png").write_bytes(encode_test_image("png", (48 + 16 * i, 40)))
-    entries = [{"id": f"s{i}", "image": f"{i}.png", "conversations": CONVERSATION} for i in range(4)]
-    (root / "llava.json").write_text(json.dumps(entries))
-    cfg = from_dict(
-        IngestConfig,
-        {
-            "read": {"path": str(root / "llava.json"), "image_root": str(root / "images")},
-            "write": {"path": str(root / "out"), "shard_size": 2},
-            "resize": {"image_size": 32, "resize_mode": "border", "encode_format": "png"},
-        },
-    )
+    cfg = from_dict(IngestConfig, llava_json_dataset(root, entries=4, images=3, shard_size=2))
     report = ingest(cfg, ["--runner=FnApiRunner"])
     assert (report["written"], report["rejected"]) == (3, 1)
     return root / "out"

@@ -6,8 +6,6 @@ import math
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from visinstruct.configs import CONFIG_DIR, ClipTrainConfig, FilterConfig, IngestConfig, from_dict, load
 from visinstruct.testing import sample_data
 from visinstruct.testing.tiny_models import tiny_open_clip
+from visinstruct.testing.trainers import torchrun, train_argv
 from visinstruct.trainer import clip_train
 from visinstruct.trainer.clip_eval import auc, retrieval_recall, separating_threshold, shuffled_pairs
 from visinstruct.trainer.data import ShardStream, caption_of, shard_list
@@ -81,22 +80,7 @@ def trained(shards, tmp_path_factory):
     from visinstruct.cli.main import main
 
     out = tmp_path_factory.mktemp("clip-run")
-    assert (
-        main(
-            [
-                "train-clip",
-                "--config",
-                str(EASYVQA_YAML),
-                "--out",
-                str(out),
-                "--set",
-                f"data.shards={shards / 'train'}",
-                "--set",
-                f"eval.shards={shards / 'test'}",
-            ]
-        )
-        == 0
-    )
+    assert main(train_argv("train-clip", EASYVQA_YAML, out, shards)) == 0
     return out
 
 
@@ -296,22 +280,7 @@ def test_train_clip_runs_under_torchrun_with_two_processes(shards, tmp_path):
     config = tmp_path / "ddp.yaml"
     config.write_text(EASYVQA_YAML.read_text())
     sets = [f"data.shards={shards / 'train'}", f"out={tmp_path / 'out'}", *SHORT, "steps=4", "data.num_workers=1"]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "visinstruct.cli.main",
-        "train-clip",
-        "--config",
-        str(config),
-    ]
-    for s in sets:
-        command += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    proc = torchrun("train-clip", config, sets)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("train-clip: step 4,") == 1  # rank 0 reports; torchrun fails if any process does
     # near initialisation every caption is about as likely: the loss is about log(negatives + 1), and with gathered

@@ -210,31 +210,26 @@ def setup(cfg: ClipTrainConfig, procs: common.Processes) -> Run:
         procs.rank,
         procs.world_size,
     )
-    torch.manual_seed(cfg.seed + 1 + procs.rank)  # training's own draws (dropout...); a resume restores them
-    ddp = common.wrap_ddp(model, procs)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run = Run.start(
+        cfg,
+        procs,
+        model,
+        stream,
+        locked,
+        model_config=model_config,
+        eval_transform=eval_transform,
+        tokenizer=tokenizer,
+    )
     log.info(
-        "train-clip %s: %d of %d parameters trainable (lock: %s), %d process(es) x batch %d, %d steps",
+        "train-clip %s: %s (lock: %s), %d process(es) x batch %d, %d steps",
         cfg.model.name,
-        trainable,
-        sum(p.numel() for p in model.parameters()),
+        run.trainable(),
         cfg.lock.tower,
         procs.world_size,
         d.batch_size,
         cfg.steps,
     )
-    return Run(
-        cfg,
-        procs,
-        model,
-        ddp,
-        common.make_optimizer(model, cfg.optim),
-        stream,
-        locked,
-        model_config,
-        eval_transform,
-        tokenizer,
-    )
+    return run
 
 
 def _loop(run: Run, step: int, last: int) -> dict:

@@ -174,6 +174,19 @@ class BaseRun:
     stream: ShardStream
     locked: list[torch.nn.Module]  # modules kept in eval mode
 
+    @classmethod
+    def start(cls, cfg: TrainConfig, procs: Processes, model: torch.nn.Module, stream: ShardStream, locked, **own):
+        """A trainer's run, ready for its loop: this process's own draws seeded (dropout...; a resume restores
+        them), ``model`` wrapped for DDP, its optimizer made; ``own`` fills the trainer's ``Run`` fields."""
+        torch.manual_seed(cfg.seed + 1 + procs.rank)
+        ddp = wrap_ddp(model, procs)
+        return cls(cfg, procs, model, ddp, make_optimizer(model, cfg.optim), stream, locked, **own)
+
+    def trainable(self) -> str:
+        """``"T of N parameters trainable"``, for the trainer's first log line."""
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return f"{trainable} of {sum(p.numel() for p in self.model.parameters())} parameters trainable"
+
 
 def process_states(run: BaseRun) -> list[dict]:
     """Every process's RNG state and data position, by rank (every process must call it)."""

@@ -100,32 +100,19 @@ def setup(cfg: LlavaTrainConfig, procs: common.Processes) -> Run:
     model.to(procs.device)
     common.prepare_output(cfg, procs)
     stream = make_stream(cfg, processor, encoder, procs.rank, procs.world_size)
-    torch.manual_seed(cfg.seed + 1 + procs.rank)  # training's own draws (dropout...); a resume restores them
-    ddp = common.wrap_ddp(model, procs)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    board = _tensorboard(cfg) if procs.rank == 0 else None
+    run = Run.start(cfg, procs, model, stream, locked, processor=processor, encoder=encoder, board=board)
     log.info(
-        "train stage %d: %d of %d parameters trainable, %d image tokens, %d process(es) x %d x batch %d, %d steps",
+        "train stage %d: %s, %d image tokens, %d process(es) x %d x batch %d, %d steps",
         cfg.stage,
-        trainable,
-        sum(p.numel() for p in model.parameters()),
+        run.trainable(),
         model.config.image_seq_length,
         procs.world_size,
         cfg.grad_accum,
         cfg.data.batch_size,
         cfg.steps,
     )
-    return Run(
-        cfg,
-        procs,
-        model,
-        ddp,
-        common.make_optimizer(model, cfg.optim),
-        stream,
-        locked,
-        processor,
-        encoder,
-        _tensorboard(cfg) if procs.rank == 0 else None,
-    )
+    return run
 
 
 def _tensorboard(cfg: LlavaTrainConfig):

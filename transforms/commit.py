@@ -20,9 +20,9 @@ import os
 from collections import Counter
 from collections.abc import Iterable
 
-from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, ShardStats
+from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, ShardStats, from_table
 from visinstruct.transforms.layout import ShardFiles, write_stats
-from visinstruct.transforms.shards import TarShardWriter, delete, exists, is_remote, match, write_table
+from visinstruct.transforms.shards import TarShardWriter, delete, exists, is_remote, match, read_table, write_table
 
 # The kept samples: a writer holding them (written to the shard's tar name), or a finished tar file (moved there).
 TarSource = TarShardWriter | str
@@ -47,6 +47,17 @@ def recount(shard: int, stage: str, rows: list[IndexRow], tar_bytes: int = 0, du
 def drops(dead: Iterable[Rejection]) -> Counter[str]:
     """This stage's drops by reason: the dead letters it commits for a shard (carried rows have none here)."""
     return Counter(r.reason for r in dead)
+
+
+def committed_drops(files: ShardFiles, stage: str) -> Counter[str]:
+    """:func:`drops` of the dead letters ``stage`` committed for a finished shard (none when it has no table).
+
+    What a retried bundle counts for a shard its first attempt committed: Beam keeps only the counters of the
+    attempt that succeeds, so the retry must count the drops it finds instead of the ones it would have made.
+    """
+    if not exists(files.rejected(stage)):
+        return Counter()
+    return drops(from_table(Rejection, read_table(files.rejected(stage), Rejection)))
 
 
 def commit_shard(

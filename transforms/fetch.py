@@ -55,7 +55,7 @@ from visinstruct.transforms.http import (
 
 REDIRECTS = {301, 302, 303, 307, 308}
 # RFC 9309 2.3.1.4: a robots.txt that cannot be reached reads as complete disallow
-UNREACHABLE_ROBOTS = {"timeout", "connection_error", "ssl_error", "truncated"}
+UNREACHABLE_ROBOTS = {"timeout", "connection_error", "truncated"}
 ROBOTS_FAILURE_TTL_S = 120.0  # how long a failed robots.txt verdict stands before the origin's next URL asks again
 MAX_URL_CHARS = 8192  # what browsers and CDNs accept; longer (in a list, or a redirect's Location) is junk or attack
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # CR/LF in a URL would inject headers; NUL truncates in C code
@@ -134,10 +134,6 @@ class Fetcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.pool.clear()
 
-    def fetch_all(self, urls: list[str]) -> list[Decision[Fetched]]:
-        """Fetch many URLs concurrently; decisions in the order of ``urls``."""
-        return self.map(self.fetch, urls)
-
     def map(self, fn, items: list) -> list:
         """``[fn(item) for item in items]`` on the fetch threads (fetch, decode and resize overlap there)."""
         return list(self._executor.map(fn, items))
@@ -157,7 +153,19 @@ class Fetcher:
         return Decision.keep(Fetched(data, final_url, attempts))
 
     def _attempt(self, url: str, image: bool = True) -> tuple[bytes, str]:
-        """One attempt, redirects included, within ``timeout``: the body and the URL it came from."""
+        """One attempt, redirects included, within ``timeout``: the body and the URL it came from.
+
+        A timeout's message names the key to raise (``download.timeout``), as ``too_large``'s does.
+        """
+        try:
+            return self._redirects(url, image)
+        except HttpError as e:
+            if e.reason != "timeout":
+                raise
+            raise e.with_message(f"no complete answer within download.timeout={self.cfg.timeout:g}s ({e})") from None
+
+    def _redirects(self, url: str, image: bool) -> tuple[bytes, str]:
+        """Follow redirects up to ``max_redirects`` within the attempt's deadline."""
         seen = {url}
         with attempt_deadline(self.cfg.timeout):
             for _ in range(self.cfg.max_redirects + 1):
@@ -216,7 +224,7 @@ class Fetcher:
                 directive = optout_directive(resp.headers.getlist("X-Robots-Tag"), self.agents, self.optouts)
                 if directive:
                     raise HttpError("optout", f"X-Robots-Tag opts out: {directive}")
-            data = read_capped(resp, self.cfg.max_bytes)
+            data = read_capped(resp, self.cfg.max_bytes, setting="download.max_bytes")
             if not data:
                 raise HttpError("empty_body", "the response body is empty")
             return data
@@ -276,7 +284,7 @@ class Fetcher:
             parser.parse(result.value.data.decode("utf-8", "replace").splitlines())
             return parser
         reason = result.reason
-        if reason in ("blocked_address", "dns_error", "invalid_url"):  # the image would fail the same way
+        if reason in ("blocked_address", "dns_error", "ssl_error", "invalid_url"):  # the image would fail the same way
             return HttpError(reason, result.message)
         status = int(reason[5:]) if reason.startswith("http_") and reason[5:].isdigit() else None
         if reason in UNREACHABLE_ROBOTS or (status is not None and (status >= 500 or status == 429)):

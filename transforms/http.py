@@ -48,7 +48,7 @@ RETRYABLE_REASONS = frozenset(
 CHUNK = 64 * 1024
 AddressCheck = Callable[[str], bool]  # an IP address as text -> may it be contacted?
 _LOCAL = threading.local()  # .deadline: the monotonic time the running attempt of this thread must end by
-_CONNECTION_REPR = re.compile(r"\w*Connection\w*\(host=[^)]*\): ")  # urllib3 prefixes errors with it
+_CONNECTION_REPR = re.compile(r"\w*(?:Connection|Pool)\w*\(host=[^)]*\): ")  # urllib3 prefixes errors with it
 
 
 class HttpError(Exception):
@@ -211,19 +211,24 @@ def send(
         raise classify(e) from None
 
 
-def read_capped(resp: urllib3.BaseHTTPResponse, max_bytes: int, reason: str = "too_large") -> bytes:
-    """The whole body, or ``HttpError(reason)`` once Content-Length or the bytes read exceed ``max_bytes``."""
+def read_capped(resp: urllib3.BaseHTTPResponse, max_bytes: int, reason: str = "too_large", setting: str = "") -> bytes:
+    """The whole body, or ``HttpError(reason)`` once Content-Length or the bytes read exceed ``max_bytes``.
+
+    ``setting`` names the config key that holds ``max_bytes`` (``download.max_bytes``): the message then says
+    which key to raise.
+    """
+    limit = f"{setting}={max_bytes}" if setting else f"the limit of {max_bytes} bytes"
     length = resp.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > max_bytes:
         resp.close()
-        raise HttpError(reason, f"Content-Length {length} exceeds the limit of {max_bytes} bytes")
+        raise HttpError(reason, f"Content-Length {length} exceeds {limit}")
     chunks, size = [], 0
     try:
         while chunk := resp.read1(CHUNK):  # at most one recv: the deadline is checked between pieces
             size += len(chunk)
             if size > max_bytes:
                 resp.close()
-                raise HttpError(reason, f"the body exceeds the limit of {max_bytes} bytes")
+                raise HttpError(reason, f"the body exceeds {limit}")
             chunks.append(chunk)
     except (urllib3.exceptions.HTTPError, OSError) as e:
         resp.close()
@@ -282,7 +287,8 @@ def classify(e: Exception) -> HttpError:
     # NewConnectionError subclasses ConnectTimeoutError in urllib3 2.x: test it before the timeouts.
     if isinstance(cause, NewConnectionError):
         return HttpError("connection_error", text, retryable=True)
-    if isinstance(cause, (urllib3.exceptions.TimeoutError, TimeoutError)):
+    # urllib3 wraps a timeout while sending the request as ProtocolError("Connection aborted.", TimeoutError()).
+    if isinstance(cause, (urllib3.exceptions.TimeoutError, TimeoutError)) or "timed out" in text.lower():
         return HttpError("timeout", text, retryable=True)
     if isinstance(cause, (urllib3.exceptions.SSLError, ssl.SSLError)):
         # A certificate that does not verify will not verify in a second; a handshake cut short might.

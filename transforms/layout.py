@@ -107,10 +107,6 @@ def index_of(tar: str) -> str | None:
     return shard_files(tar).index if tar.endswith(TAR_SUFFIX) else None
 
 
-def stats_of(tar: str) -> str:
-    return shard_files(tar).stats
-
-
 def rejected_path(folder: str, stage: str, shard: int | str) -> str:
     """``folder/rejected/<stage>-NNNNN.parquet``."""
     name = shard if isinstance(shard, str) else shard_name(shard)

@@ -46,12 +46,14 @@ log = logging.getLogger(__name__)
 STAGE = "generate"
 TRUNCATED = "truncated_reply"
 
-# A rerun with the same config may succeed: the server was down, slow, overloaded or garbled an answer, or a
-# whole batch crashed (RunInference's ``inference_error``).
+# A rerun with the same config may succeed: the server was down or unreachable (its host not resolving included,
+# see ``llm_openai``), slow, overloaded, cut or garbled an answer or its TLS handshake, or a whole batch crashed
+# (RunInference's ``inference_error``).
 RETRYABLE_REASONS = frozenset({"malformed_response", "inference_error", *HTTP_RETRYABLE_REASONS})
 # The config is wrong for this server or model: a bad request, key, endpoint or model name, or a token limit
-# too small for the answers (every reply cut short).
-CONFIG_REASONS = frozenset({"http_400", "http_401", "http_403", "http_404", "http_422", TRUNCATED})
+# too small for the answers (every reply cut short), or an endpoint the client cannot send to. (``ssl_error`` is
+# in the set above whether the handshake was cut or the certificate does not verify: either way nothing answered.)
+CONFIG_REASONS = frozenset({"http_400", "http_401", "http_403", "http_404", "http_422", "invalid_url", TRUNCATED})
 
 
 @dataclass(frozen=True)
@@ -112,13 +114,13 @@ class TransformersBackend:
     def __init__(self, cfg: GenerateConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.cfg = cfg
-        if cfg.threads:
+        self.cfg, local = cfg, cfg.transformers
+        if local.threads:
             import torch
 
-            torch.set_num_threads(cfg.threads)
-        device = pick_device(cfg.device)
-        dtype = pick_dtype(cfg.precision, device)
+            torch.set_num_threads(local.threads)
+        device = pick_device(local.device)
+        dtype = pick_dtype(local.precision, device)
         source, extra = cfg.model, {}
         if cfg.model.endswith(".gguf"):  # transformers reads GGUF (with the gguf package) from its folder
             source, extra = os.path.dirname(cfg.model) or ".", {"gguf_file": os.path.basename(cfg.model)}
@@ -261,15 +263,16 @@ class OpenAIBackend:
     """Any OpenAI-compatible endpoint, with bounded concurrency and retries (see ``llm_openai``)."""
 
     def __init__(self, cfg: GenerateConfig):
-        if not cfg.endpoint:
-            raise ValueError("backend 'openai' needs endpoint (e.g. http://127.0.0.1:8000/v1)")
+        server = cfg.openai
+        if not server.endpoint:
+            raise ValueError("backend 'openai' needs openai.endpoint (e.g. http://127.0.0.1:8000/v1)")
         self.client = OpenAIChatClient(
-            cfg.endpoint,
+            server.endpoint,
             cfg.model,
-            api_key_env=cfg.api_key_env,
-            timeout=cfg.timeout,
-            retries=cfg.retries,
-            concurrency=cfg.concurrency,
+            api_key_env=server.api_key_env,
+            timeout=server.timeout,
+            retries=server.retries,
+            concurrency=server.concurrency,
         )
 
     def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
@@ -285,9 +288,10 @@ class GenerationHandler(ModelHandler[Plan, Reply, object]):
     def __init__(self, cfg: GenerateConfig, vocabulary: list[str]):
         # Fixed batches: Beam's adaptive batching starts at one element and, with seconds per batch, stays small
         # (measured: batches of 1, 1, 2 instead of 4, 1.7x slower). An HTTP batch is the unit of concurrency, and
-        # waits for its slowest request, so it spans several rounds of `concurrency`.
-        size = max(cfg.batch_size, 4 * cfg.concurrency) if cfg.backend == "openai" else cfg.batch_size
-        super().__init__(min_batch_size=size, max_batch_size=size, large_model=cfg.large_model)
+        # waits for its slowest request, so it spans four rounds of `openai.concurrency`.
+        local = cfg.local
+        size = local.batch_size if local else 4 * cfg.openai.concurrency
+        super().__init__(min_batch_size=size, max_batch_size=size, large_model=local.large_model if local else False)
         self.cfg, self.vocabulary = cfg, vocabulary
         self.bounds = Bounds(cfg.min_chars, cfg.max_chars)
 

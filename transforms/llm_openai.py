@@ -79,8 +79,10 @@ class ChatResult:
         text: The assistant's answer, or None on failure.
         prompt_tokens: ``usage.prompt_tokens`` of the answer (0 when the server reports no usage, or on failure).
         completion_tokens: ``usage.completion_tokens`` likewise.
-        reason: None on success; else ``http_<status>``, ``timeout``, ``connection_error``, ``malformed_response``,
-            ``empty_completion``, ``invalid_request`` (the request could not be encoded) or ``internal_error``.
+        reason: None on success; else ``http_<status>``, ``timeout``, ``connection_error`` (refused, or the host
+            does not resolve), ``ssl_error``, ``truncated`` (the answer was cut off), ``invalid_url``,
+            ``malformed_response``, ``empty_completion``, ``invalid_request`` (the request could not be encoded) or
+            ``internal_error``.
         message: A human-readable account of the failure (never containing the API key).
         attempts: How many HTTP attempts were made (0 when the request could not be encoded).
         finish_reason: ``choices[0].finish_reason`` (``"length"`` means the answer was cut at ``max_tokens``).
@@ -260,11 +262,7 @@ class OpenAIChatClient:
                     finally:
                         resp.release_conn()
             except HttpError as e:
-                messages = {
-                    "timeout": f"no complete answer within {self.timeout:g}s",
-                    "connection_error": f"cannot connect to {self.url}: {e}",
-                }
-                raise e.with_message(messages.get(e.reason, f"{self.url}: {e}")) from None
+                raise _as_server_error(e, self.url, self.timeout) from None
         if not 200 <= resp.status < 300:
             # Auth errors may quote (part of) the key back, as OpenAI's do: keep their bodies out of messages.
             raise status_error(resp.status, resp.headers, "" if resp.status in (401, 403) else _error_detail(body))
@@ -274,6 +272,20 @@ class OpenAIChatClient:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def _as_server_error(error: HttpError, url: str, timeout: float) -> HttpError:
+    """A transport failure as this client reports it: in terms of the configured server and its settings.
+
+    A host that does not resolve is the server being unreachable, as a refused connection is (the endpoint's host
+    is mistyped, or the server's DNS name is not up yet): ``connection_error``, retried like it. The image fetcher
+    keeps ``dns_error`` apart because there a URL's dead host is that row's own fault.
+    """
+    if error.reason in ("connection_error", "dns_error"):
+        return HttpError("connection_error", f"cannot connect to {url}: {error}", retryable=True)
+    if error.reason == "timeout":
+        return error.with_message(f"no complete answer within openai.timeout={timeout:g}s")
+    return error.with_message(f"{url}: {error}")
 
 
 def _parse_completion(key: str, body: bytes, attempt: int) -> ChatResult:

@@ -1,4 +1,4 @@
-"""Rewrite a shard sample by sample: the one way every stage that reads shards writes them (filter, generate,
+"""Rewrite a shard sample by sample: the one way every stage writes shards (ingest's finalize, filter, generate,
 remove).
 
 A stage supplies a :data:`Judge` that, for each sample of the input tar, returns a :class:`Decision`: keep (with the
@@ -7,6 +7,9 @@ plus index columns of its own either way. :func:`rewrite_shard` does the rest th
 index row for every input row, dead-letter rows, reproducible tar bytes, and the commit of
 :func:`~visinstruct.transforms.commit.commit_shard` (atomic files, ``_stats.json`` last). Nothing is shuffled: the
 input tar is read again where the shard is written.
+
+A stage may also finish a draft of its own (ingest's finalize: the staging tar and the download's rows, from which
+the judge drops dedup losers): :class:`Earlier` then stands for the index beside the tar.
 
 A rewrite may write into the input's own folder (a build rewrites its shards in place; ``remove`` always does).
 Then this stage's dead letters from an earlier run on the shard are its journal: a row it carries keeps its dead
@@ -21,7 +24,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
@@ -39,6 +42,17 @@ DUPLICATE_KEY = "duplicate_key"  # a further row of a key the input index alread
 Judge = Callable[[str, SampleMeta, dict[str, bytes]], Decision[SampleMeta]]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """A stage's own draft of the shard, read instead of the index beside the tar (ingest's finalize: its staging
+    tar holds the written samples, the download's rows and dead letters account for the rest)."""
+
+    rows: list[IndexRow] | None  # one per input row, as the stage made them (None: no index)
+    dead: list[Rejection] = field(default_factory=list)  # the stage's dead letters so far: committed and counted
+    duration_s: float = 0.0  # seconds the stage spent on the shard before the rewrite
+    step: str | None = None  # the ``stage`` column of the dead letters the rewrite makes (ingest's: ``dedup``)
 
 
 def iter_samples(path: str, stage: str) -> Iterator[tuple[str | None, dict | Rejection]]:
@@ -248,10 +262,18 @@ def read_and_judge(
 
 
 def rewrite_shard(
-    path: str, position: int | None, out_dir: str, stage: str, judge: Judge, dropped: Counter | None = None
+    path: str,
+    position: int | None,
+    out_dir: str,
+    stage: str,
+    judge: Judge,
+    dropped: Counter | None = None,
+    earlier: Earlier | None = None,
 ) -> ShardStats:
     """Write the stage's version of one input shard into ``out_dir`` (which may be its own folder); returns its
-    stats. ``dropped``, when given, gains this stage's new drops by reason once they are committed.
+    stats. ``dropped``, when given, gains this stage's new drops by reason once they are committed. ``earlier``,
+    when given, is the stage's own draft of the shard: its rows stand for the input index (no journal is read) and
+    its dead letters are committed and counted with the judge's.
 
     Every input row comes out written, judged, or dead-lettered with a reason: a sample the index lists but the
     tar does not give (a tar cut short in transit) becomes a ``missing_in_tar`` row, and the recount is checked
@@ -260,14 +282,19 @@ def rewrite_shard(
     and the returned stats count nothing.
     """
     start, shard = time.monotonic(), shard_id(path, position)
-    (earlier, duplicates), writer = first_rows(input_index(path), stage, path), TarShardWriter()
+    if earlier is not None:
+        draft, before = earlier, {}
+    else:  # the index beside the tar, and this stage's journal when the shard is rewritten in its own folder
+        draft, before = Earlier(input_index(path)), journal(path, out_dir, stage)
+    step = draft.step or stage
+    (first, duplicates), writer = first_rows(draft.rows, step, path), TarShardWriter()
     try:
-        rows, dead, error = read_and_judge(path, stage, judge, writer)
+        rows, dead, error = read_and_judge(path, step, judge, writer)
         if duplicates:
             log.warning(
                 "shard %05d: %d duplicated index rows dead-lettered as %s", shard, len(duplicates), DUPLICATE_KEY
             )
-        if error is not None and earlier is None:
+        if error is not None and first is None:
             writer.abort()
             log.warning(
                 "shard %05d not written: %s has no index to account for its rows (%s)", shard, path, error.message
@@ -276,10 +303,9 @@ def rewrite_shard(
             if dropped is not None:
                 dropped.update(drops([error]))
             return ShardStats(shard=shard, stage=stage, inputs=0, written=0, rejected=0)
-        before = journal(path, out_dir, stage)
-        carried, missing, kept = unread_rows(earlier or [], {r.key for r in rows}, stage, path, error, before)
+        carried, missing, kept = unread_rows(first or [], {r.key for r in rows}, step, path, error, before)
         rows = sorted(rows + carried, key=lambda r: r.key)
-        new = duplicates + dead + missing  # the read error is no dead letter of its own: each missing row names it
+        new = draft.dead + duplicates + dead + missing  # the read error is no letter of its own: missing rows name it
         if error is not None:
             log.warning(
                 "shard %05d: %s; %d indexed samples after it dead-lettered as %s",
@@ -288,12 +314,13 @@ def rewrite_shard(
                 len(missing),
                 MISSING,
             )
-        check_accounting(shard, rows, earlier)
+        check_accounting(shard, rows, first)
     except BaseException:
         writer.abort()
         raise
     dead = sorted(new + kept, key=lambda r: r.key)
-    stats = commit_shard(shard_in(out_dir, shard), rows, dead, writer, stage, time.monotonic() - start)
+    duration = draft.duration_s + time.monotonic() - start
+    stats = commit_shard(shard_in(out_dir, shard), rows, dead, writer, stage, duration)
     if dropped is not None:
         dropped.update(drops(new))
     return stats

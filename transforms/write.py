@@ -1,4 +1,5 @@
-"""Finalize a shard: drop cross-shard duplicates, then commit tar, index, dead letters and stats.
+"""Finalize a shard: drop cross-shard duplicates (a judge through the one rewrite), commit tar, index, dead letters
+and stats.
 
 The commit (:func:`~visinstruct.transforms.commit.commit_shard`) writes ``_stats.json`` last, and the staging files
 (and temporary files a killed write left) are removed only after it exists, so a shard is either complete (stats
@@ -8,72 +9,52 @@ present) or can be finished again from staging (also by a rerun after a kill: se
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections import Counter
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import apache_beam as beam
 
-from visinstruct.schemas import Decision, IndexRow, Rejection, ShardStats, parse_key, shard_name
-from visinstruct.transforms.commit import TarSource, commit_shard, drops
+from visinstruct.schemas import Decision, IndexRow, Rejection, SampleMeta, ShardStats, parse_key, shard_name
+from visinstruct.transforms.commit import commit_shard, committed_drops, drops
 from visinstruct.transforms.dedup import Loser
-from visinstruct.transforms.guard import guarded, internal_error
+from visinstruct.transforms.guard import internal_error
 from visinstruct.transforms.layout import REJECTED_DIR, read_stats, shard_in
+from visinstruct.transforms.rewrite import Earlier, Judge, rewrite_shard
 from visinstruct.transforms.rewrite_stage import count_drops
-from visinstruct.transforms.shards import TarShardWriter, delete, exists, join, match, read_tar_samples
+from visinstruct.transforms.shards import delete, exists, join, match
 from visinstruct.transforms.staging import ShardDraft, remove_staging
 from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
 
 
-def dedup_rejection(row: IndexRow, loss: Decision) -> Rejection:
-    """The dead-letter row of a written row that lost to another (a smaller key or a reference image)."""
-    detail = {**loss.detail, "sha256": row.sha256, "phash": row.phash}
-    return Decision.drop(loss.reason, loss.message, detail).rejection("dedup", row.key, row.url or row.path)
+def draft_columns(row: IndexRow) -> dict:
+    """A draft row's index columns, for a judge that keeps them as they are (the rewrite places the members)."""
+    return {f.name: getattr(row, f.name) for f in fields(IndexRow) if f.name not in ("key", "members")}
 
 
-def apply_losers(draft: ShardDraft, losers: list[Loser]) -> ShardDraft:
-    """The draft with each loser's row turned into a dedup rejection (any error: an ``internal_error`` one)."""
-    by_key = dict(losers)
-    rows, rejections = [], list(draft.rejections)
-    for row in draft.rows:
-        if row.key in by_key and row.status == "success":
-            rejection = guarded(
-                "dedup", functools.partial(dedup_rejection, row, by_key[row.key]), row.key, row.url or row.path
-            )
-            rejections.append(rejection)
-            row = replace(row, status=rejection.reason, error_message=rejection.message, members=[])
-        rows.append(row)
-    return replace(draft, rows=rows, rejections=sorted(rejections, key=lambda r: r.key))
+def dedup_judge(rows: list[IndexRow], losers: list[Loser]) -> Judge:
+    """Ingest's finalize as a judge of its staging tar: a sample that lost to another (a smaller key or a reference
+    image) is dropped with that loss; every sample keeps its draft's index row."""
+    by_key, lost = {row.key: row for row in rows}, dict(losers)
 
+    def judge(key: str, meta: SampleMeta, members: dict[str, bytes]) -> Decision[SampleMeta]:
+        row = by_key[key]
+        loss = lost.get(key)
+        if loss is None:
+            return Decision.keep(None, **draft_columns(row))
+        detail = {**loss.detail, "sha256": row.sha256, "phash": row.phash}
+        return Decision.drop(loss.reason, loss.message, detail, **draft_columns(row))
 
-def kept_tar(draft: ShardDraft, staged: set[str], tar_path: str) -> tuple[list[IndexRow], TarSource]:
-    """The final tar's samples from the staging tar (holding ``staged``): only successful rows are kept.
-
-    Returns the rows with their members' offsets in that tar, and the tar to commit: when nothing was dropped,
-    the staging tar itself (offsets included; the commit renames it), else a writer holding the kept samples.
-    """
-    keep = {row.key for row in draft.rows if row.status == "success"}
-    source = draft.staging_tar if exists(draft.staging_tar) else tar_path  # a retry after the rename
-    if keep == staged:
-        return draft.rows, source
-    writer, members = TarShardWriter(), {}
-    try:
-        for key, sample in read_tar_samples(source):
-            if key in keep:
-                members[key] = writer.add(key, list(sample.items()))
-    except BaseException:
-        writer.abort()
-        raise
-    return [replace(row, members=members.get(row.key, [])) for row in draft.rows], writer
+    return judge
 
 
 def unstaged_as_errors(rows: list[IndexRow], rejections: list[Rejection]) -> tuple[list, list]:
     """Rows marked written whose sample the staging tar lacked become ``internal_error`` rejections.
 
-    Never expected; but an index must not claim a sample its tar does not hold.
+    Never expected; but an index must not claim a sample its tar does not hold, and a bug's rows are not final
+    (``write.retry_failed`` downloads them again).
     """
     missing = [row for row in rows if row.status == "success" and not row.members]
     if not missing:
@@ -89,7 +70,7 @@ def unstaged_as_errors(rows: list[IndexRow], rejections: list[Rejection]) -> tup
         replace(row, status=lost[row.key].reason, error_message=lost[row.key].message) if row.key in lost else row
         for row in rows
     ]
-    return rows, sorted([*rejections, *lost.values()], key=lambda r: r.key)
+    return rows, [*rejections, *lost.values()]
 
 
 def remove_leftover_temps(out_dir: str, shard: int, stage: str = "ingest") -> None:
@@ -121,18 +102,27 @@ def finalize_shard(
 ) -> ShardStats:
     """Commit every file of a shard; ``_stats.json`` last. Idempotent: a finished shard is left alone.
 
-    ``dropped``, when given, gains the shard's dead letters by reason (nothing for a shard already finished).
+    The staging tar is rewritten by :func:`dedup_judge` through the one rewrite, or, when that judge would keep
+    every sample, committed itself (renamed; its offsets hold, and a shard is not written twice). ``dropped``, when
+    given, gains the shard's dead letters by reason: for a shard already finished, those it committed (a retried
+    bundle counts what its first attempt did, whose counters Beam discarded).
     """
     files = shard_in(out_dir, draft.shard)
     if exists(files.stats):
+        if dropped is not None:
+            dropped.update(committed_drops(files, stage))
         return read_stats(files.stats)
-    staged = {row.key for row in draft.rows if row.members}
-    draft = apply_losers(draft, losers)
-    rows, tar = kept_tar(draft, staged, files.tar)
-    rows, rejections = unstaged_as_errors(rows, draft.rejections)
-    stats = commit_shard(files, rows, rejections, tar, stage, draft.duration_s)
-    if dropped is not None:
-        dropped.update(drops(rejections))
+    source = draft.staging_tar if exists(draft.staging_tar) else files.tar  # a retry after the rename
+    rows, dead = unstaged_as_errors(draft.rows, draft.rejections)
+    dead = sorted(dead, key=lambda r: r.key)
+    lost = {key for key, _ in losers}
+    if not any(row.status == "success" and row.key in lost for row in rows):  # the judge would keep every sample
+        stats = commit_shard(files, rows, dead, source, stage, draft.duration_s)
+        if dropped is not None:
+            dropped.update(drops(dead))
+    else:
+        earlier = Earlier(rows, dead, draft.duration_s, step="dedup")
+        stats = rewrite_shard(source, draft.shard, out_dir, stage, dedup_judge(rows, losers), dropped, earlier)
     remove_staging(out_dir, draft.shard)  # the draft, and the tars of every download attempt of this shard
     remove_leftover_temps(out_dir, draft.shard, stage)
     return stats
