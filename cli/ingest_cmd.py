@@ -9,10 +9,9 @@ never ignored.
 from __future__ import annotations
 
 import argparse
-import re
 
 from visinstruct.cli.errors import UserError
-from visinstruct.cli.jobs import FlagKeys, add_run_arguments
+from visinstruct.cli.jobs import FlagKeys, add_run_arguments, quoted
 from visinstruct.configs import IngestConfig
 
 # img2dataset's option -> our config key. url_list and output_folder are --input and --out themselves.
@@ -58,8 +57,6 @@ REFUSED = {
     "upscale_interpolation": "resizing uses Pillow's LANCZOS (resize.resize_only_if_bigger to never upscale)",
     "downscale_interpolation": "resizing uses Pillow's LANCZOS",
 }
-# What a --user_agent_token may hold: printable ASCII without the parentheses that would end its comment.
-USER_AGENT_TOKEN = re.compile(r"[\x20-\x27\x2a-\x7e]+")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     options.add_argument(
         "--user_agent_token",
         metavar="TOKEN",
-        help="appended to download.user_agent as '(compatible; TOKEN)', as img2dataset does",
+        help="sets download.user_agent_token: appended to the User-Agent as '(compatible; TOKEN)', and "
+        "X-Robots-Tag directives addressed to TOKEN are honoured, as img2dataset does",
     )
     for name in REFUSED:  # accepted by the parser only to be refused with the reason
         parser.add_argument(f"--{name}", dest=f"refused_{name}", help=argparse.SUPPRESS)
@@ -99,20 +97,10 @@ def img2dataset_overrides(args: argparse.Namespace) -> list[str]:
         if getattr(args, f"refused_{name}") is not None:
             raise UserError(f"--{name} is img2dataset's and visinstruct does not honour it: {why}")
     given = {key: getattr(args, f"i2d_{name}") for name, key in IMG2DATASET.items()}
-    return [f"{key}={value}" for key, value in given.items() if value is not None]
-
-
-def with_token(user_agent: str, token: str | None) -> str:
-    """``user_agent`` with img2dataset's ``(compatible; TOKEN)`` appended; a one-line UserError for a bad token.
-
-    The token is appended, never a replacement: the first word stays the agent name that robots.txt rules and
-    X-Robots-Tag directives are matched against (``Fetcher.agents``).
-    """
-    if token is None:
-        return user_agent
-    if not USER_AGENT_TOKEN.fullmatch(token):
-        raise UserError(f"--user_agent_token {token!r}: printable ASCII without parentheses only")
-    return f"{user_agent} (compatible; {token})"
+    overrides = [f"{key}={value}" for key, value in given.items() if value is not None]
+    if args.user_agent_token is not None:  # text as it is: a token such as 1.0 must not become a number
+        overrides.append(quoted("download.user_agent_token", args.user_agent_token))
+    return overrides
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
@@ -125,7 +113,6 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     if args.config is None and not args.input:
         raise UserError("needs an input: --input (or --url-list) FILE, or a --config file with read.path")
     cfg = load_run(IngestConfig, args, overrides)
-    cfg.download.user_agent = with_token(cfg.download.user_agent, args.user_agent_token)
     preflight(cfg, beam_args)
     with expected_errors():
         report = run_ingest(cfg, beam_args)

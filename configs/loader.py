@@ -3,8 +3,9 @@
 A config class is a dataclass whose fields are made with :func:`opt` (default + one-line doc). Supported
 annotations: ``str``, ``int``, ``float``, ``bool``, ``X | None``, ``list[X]``, ``dict[str, X]``,
 ``Literal[...]`` and nested config dataclasses. A class may name keys it refuses in a ``REFUSED`` class attribute
-(key -> what to do instead; ``{section}`` in it becomes the section's own key path, e.g. ``generate.``): a key
-that would be ignored is an error, never a no-op. Value checks live in the
+(key -> what to do instead, or a function of the section's given keys that returns it, for advice that depends on
+another key such as the chosen backend; ``{section}`` in it becomes the section's own key path, e.g.
+``generate.``): a key that would be ignored is an error, never a no-op. Value checks live in the
 class's ``__post_init__`` and raise ``ValueError`` naming the field; the loader prefixes the file and the dotted
 key path.
 """
@@ -109,7 +110,8 @@ def _build(cls: type[T], data: Any, where: str) -> T:
     refused = getattr(cls, "REFUSED", {})  # keys a reader might expect here, and where they belong instead
     for key in data:
         if key in refused:
-            raise ConfigError(f"'{prefix}{key}' has no effect here: {refused[key].replace('{section}', prefix)}")
+            why = refused[key](data) if callable(refused[key]) else refused[key]
+            raise ConfigError(f"'{prefix}{key}' has no effect here: {why.replace('{section}', prefix)}")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"

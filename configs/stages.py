@@ -6,6 +6,8 @@ Beam's own options (runner, project, workers...) are not here: they pass through
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -16,6 +18,8 @@ ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "b
 ImageFormat = Literal["jpg", "png", "webp"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# What a user_agent_token may hold: printable ASCII without the parentheses that would end its comment.
+USER_AGENT_TOKEN = re.compile(r"[\x20-\x27\x2a-\x7e]+")
 
 
 def _positive(name: str, value: float | None, allow_zero: bool = False) -> None:
@@ -58,6 +62,11 @@ class DownloadConfig:
     max_redirects: int = opt(5, "redirects followed before giving up")
     max_bytes: int = opt(32 * 1024 * 1024, "largest body accepted, in bytes")
     user_agent: str = opt("visinstruct/0.1 (+https://github.com/visinstruct/visinstruct)", "User-Agent header")
+    user_agent_token: str | None = opt(
+        None,
+        "img2dataset's token (--user_agent_token): appended to the User-Agent as '(compatible; TOKEN)', and "
+        "X-Robots-Tag directives addressed to it are honoured too",
+    )
     per_host_rps: float | None = opt(10.0, "requests per second to one host; null for no limit")
     respect_optout: bool = opt(True, "skip images whose X-Robots-Tag opts out (see optout_values)")
     optout_values: list[str] = opt(
@@ -79,6 +88,10 @@ class DownloadConfig:
         for name in ("retries", "backoff", "max_backoff", "max_redirects", "progress_interval"):
             _positive(name, getattr(self, name), allow_zero=True)
         _positive("per_host_rps", self.per_host_rps)
+        if self.user_agent_token is not None and not USER_AGENT_TOKEN.fullmatch(self.user_agent_token):
+            raise ValueError(
+                f"'user_agent_token' must be printable ASCII without parentheses, got {self.user_agent_token!r}"
+            )
 
 
 @dataclass
@@ -298,11 +311,37 @@ _BACKEND_SECTIONS: dict[str, type] = {
     "vllm": LocalLLMConfig,
     "openai": OpenAIConfig,
 }
-_MOVED = {
-    **dict.fromkeys(("endpoint", "api_key_env", "concurrency", "timeout", "retries"), ("openai",)),
-    **dict.fromkeys(("device", "precision", "threads"), ("transformers",)),
-    **dict.fromkeys(("batch_size", "large_model", "accelerator"), ("transformers", "vllm")),
+_DEFAULT_BACKEND = "transformers"
+_ONE_BACKEND = {
+    **dict.fromkeys(("endpoint", "api_key_env", "concurrency", "timeout", "retries"), "openai"),
+    **dict.fromkeys(("device", "precision", "threads"), "transformers"),
 }
+_OPENAI_INSTEAD = {  # a local model's key, with the openai backend (no model in the workers)
+    "batch_size": "openai batches are 4 x '{section}openai.concurrency' requests: set that instead",
+    "large_model": "the openai backend loads no model in the workers: remove it",
+    "accelerator": "the openai backend loads no model in the workers (the server has the GPU): remove it",
+}
+
+
+def _local_model_key(key: str) -> Callable[[dict], str]:
+    """The advice for a flat ``batch_size``/``large_model``/``accelerator``: where it goes with the chosen backend.
+
+    Only the chosen backend's section is accepted, so the advice names that one; advice that then fails (moving
+    it to a section the backend refuses) would be worse than none.
+    """
+
+    def advice(data: dict) -> str:
+        backend = data.get("backend", _DEFAULT_BACKEND)
+        if backend in ("transformers", "vllm"):
+            return f"the {backend} backend's own keys sit in its section: move it to '{{section}}{backend}.{key}'"
+        if backend == "openai":
+            return _OPENAI_INSTEAD[key]
+        if backend == "caption_only":
+            return "the caption_only backend runs no model: remove it"
+        places = " or ".join(f"'{{section}}{b}.{key}'" for b in ("transformers", "vllm"))
+        return f"only the transformers and vllm backends use it: move it to {places}"
+
+    return advice
 
 
 @dataclass
@@ -313,14 +352,13 @@ class GenerateConfig:
     ``transformers:``, ``vllm:``), and only the chosen backend's section is accepted.
     """
 
-    REFUSED: ClassVar[dict[str, str]] = {
-        key: f"only the {' and '.join(backends)} backend{'s use' if len(backends) > 1 else ' uses'} it: move it to "
-        + " or ".join(f"'{{section}}{b}.{key}'" for b in backends)
-        for key, backends in _MOVED.items()
+    REFUSED: ClassVar[dict[str, str | Callable[[dict], str]]] = {
+        **{k: f"only the {b} backend uses it: move it to '{{section}}{b}.{k}'" for k, b in _ONE_BACKEND.items()},
+        **{k: _local_model_key(k) for k in ("batch_size", "large_model", "accelerator")},
     }
 
     backend: Literal["transformers", "vllm", "openai", "caption_only"] = opt(
-        "transformers", "LLM backend; caption_only writes stage-1 data with no LLM"
+        _DEFAULT_BACKEND, "LLM backend; caption_only writes stage-1 data with no LLM"
     )
     model: str = opt("HuggingFaceTB/SmolLM2-135M-Instruct", "hub id, local folder, .gguf file, or the server's model")
     templates: str | None = opt(None, "prompt template YAML; null for the bundled configs/prompts/llava.yaml")

@@ -386,6 +386,13 @@ def shapes_dataset(
     return out
 
 
+# The conversation of every sample :func:`llava_json_dataset` writes.
+LLAVA_CONVERSATION = [
+    {"from": "human", "value": "<image>\nWhat shape is this?"},
+    {"from": "gpt", "value": "A square."},
+]
+
+
 def llava_json_dataset(root: Path, entries: int, images: int, shard_size: int) -> dict[str, Any]:
     """A LLaVA JSON dataset in ``root`` and the ingest settings that turn it into shards in ``root/out``.
 
@@ -396,8 +403,7 @@ def llava_json_dataset(root: Path, entries: int, images: int, shard_size: int) -
     (root / "images").mkdir(parents=True, exist_ok=True)
     for i in range(images):
         (root / "images" / f"{i}.png").write_bytes(encode_test_image("png", (48 + 16 * i, 40)))
-    conversation = [{"from": "human", "value": "<image>\nWhat shape is this?"}, {"from": "gpt", "value": "A square."}]
-    samples = [{"id": f"s{i}", "image": f"{i}.png", "conversations": conversation} for i in range(entries)]
+    samples = [{"id": f"s{i}", "image": f"{i}.png", "conversations": LLAVA_CONVERSATION} for i in range(entries)]
     (root / "llava.json").write_text(json.dumps(samples))
     return {
         "read": {"path": str(root / "llava.json"), "image_root": str(root / "images")},

@@ -65,6 +65,10 @@ def test_unknown_top_level_key_lists_known_keys(tmp_path):
             r"'read.save_additional_columns\[1\]' must be a string, got 3",
         ),
         ("download:\n  threads: 0\n", "in 'download': 'threads' must be > 0, got 0"),
+        (
+            "download:\n  user_agent_token: a) evil\n",
+            r"in 'download': 'user_agent_token' must be printable ASCII without parentheses, got 'a\) evil'",
+        ),
         ("dedup: 3\n", "'dedup' must be a mapping"),
     ],
 )
@@ -181,21 +185,49 @@ def test_a_backend_key_out_of_its_section_or_a_section_of_another_backend_is_one
 
 
 @pytest.mark.parametrize(
-    "key, where",
+    "backend, key, advice, fixed",
     [
-        ("endpoint", "'generate.openai.endpoint'"),
-        ("concurrency", "'generate.openai.concurrency'"),
-        ("precision", "'generate.transformers.precision'"),
-        ("batch_size", "'generate.transformers.batch_size' or 'generate.vllm.batch_size'"),
-        ("accelerator", "'generate.transformers.accelerator' or 'generate.vllm.accelerator'"),
+        ("openai", "endpoint", "only the openai backend uses it: move it to 'generate.openai.endpoint'", None),
+        ("openai", "concurrency", "only the openai backend uses it: move it to 'generate.openai.concurrency'", None),
+        (
+            "openai",
+            "precision",
+            "only the transformers backend uses it: move it to 'generate.transformers.precision'",
+            None,
+        ),
+        (
+            "openai",
+            "batch_size",
+            "openai batches are 4 x 'generate.openai.concurrency' requests: set that instead",
+            {"openai": {"concurrency": 2}},
+        ),
+        ("openai", "large_model", "the openai backend loads no model in the workers: remove it", {}),
+        ("openai", "accelerator", "the openai backend loads no model in the workers (the server has the GPU): ", {}),
+        ("caption_only", "large_model", "the caption_only backend runs no model: remove it", {}),
+        (
+            "vllm",
+            "batch_size",
+            "the vllm backend's own keys sit in its section: move it to 'generate.vllm.batch_size'",
+            {"vllm": {"batch_size": 2}},
+        ),
+        (
+            None,  # the default backend, transformers
+            "accelerator",
+            "the transformers backend's own keys sit in its section: move it to 'generate.transformers.accelerator'",
+            {"transformers": {"accelerator": "type:nvidia-l4"}},
+        ),
     ],
 )
-def test_an_old_flat_generate_key_says_where_it_moved_in_a_build_too(key, where):
-    settings = {"out": "o", "input": "s/", "generate": {"backend": "openai", key: 1}}
+def test_an_old_flat_generate_key_says_what_to_do_with_the_chosen_backend_in_a_build_too(backend, key, advice, fixed):
+    """The advice fits the backend (only its section is accepted), and following it gives a config that loads."""
+    chosen = {} if backend is None else {"backend": backend}
+    value = "type:nvidia-l4" if key in ("accelerator", "endpoint", "precision") else 2
     with pytest.raises(ConfigError) as err:
-        from_dict(BuildConfig, settings, "b.yaml")
-    assert str(err.value).startswith(f"b.yaml: 'generate.{key}' has no effect here: ")
-    assert str(err.value).endswith(f" it: move it to {where}")
+        from_dict(BuildConfig, {"out": "o", "input": "s/", "generate": {**chosen, key: value}}, "b.yaml")
+    assert str(err.value).startswith(f"b.yaml: 'generate.{key}' has no effect here: {advice}")
+    if fixed is not None:
+        cfg = from_dict(BuildConfig, {"out": "o", "input": "s/", "generate": {**chosen, **fixed}}, "b.yaml")
+        assert cfg.generate.backend == (backend or "transformers")
 
 
 def test_a_transformers_clip_refuses_open_clip_keys():

@@ -288,6 +288,19 @@ def test_user_agent_is_sent(server):
     assert server.requests[-1].headers.get("User-Agent") == "mybot/2.0"
 
 
+def test_a_user_agent_token_is_appended_and_an_opt_out_addressed_to_it_is_honoured(server):
+    """As img2dataset does: ``(compatible; TOKEN)`` in the header, ``TOKEN: noai`` (any case) opts out."""
+    jpeg = server.images["jpeg"]
+    server.add_image("/token-noai.jpg", jpeg, {"X-Robots-Tag": "MYCRAWL: noai"})
+    server.add_image("/other-noai.jpg", jpeg, {"X-Robots-Tag": "otherbot: noai"})
+    f = fetcher(user_agent="mybot/2.0", user_agent_token="MyCrawl")
+    server.reset_log()
+    token, other = (f.fetch(server.url(p)) for p in ("/token-noai.jpg", "/other-noai.jpg"))
+    assert (token.kept, token.reason, other.kept) == (False, "optout", True)
+    assert {r.headers.get("User-Agent") for r in server.requests} == {"mybot/2.0 (compatible; MyCrawl)"}
+    assert fetcher(user_agent="mybot/2.0").fetch(server.url("/token-noai.jpg")).kept  # no token: not for us
+
+
 def test_per_host_rate_limit_spaces_requests(server):
     server.reset_log()
     limited = fetcher(per_host_rps=20.0)

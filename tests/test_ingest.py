@@ -330,21 +330,30 @@ def test_an_ingest_without_an_output_folder_is_refused_in_one_line(server, tmp_p
     )
 
 
-def test_a_user_agent_token_is_appended_and_the_agent_name_still_matches_opt_outs(server, tmp_path):
-    """img2dataset's ``--user_agent_token`` appends to the User-Agent; the first word stays ours, so an
-    ``X-Robots-Tag: visinstruct: noai`` still opts out."""
+def test_a_user_agent_token_is_appended_and_opt_outs_addressed_to_it_are_honoured(server, tmp_path):
+    """img2dataset's ``--user_agent_token`` appends to the User-Agent and, as in img2dataset, an
+    ``X-Robots-Tag: TOKEN: noai`` opts out (any case); the first word stays ours, so ``visinstruct: noai`` does
+    too, while a directive addressed to another crawler still does not."""
     from visinstruct.cli.main import main
     from visinstruct.configs import DownloadConfig
 
-    server.add_image("/for-us-noai.jpg", encode_test_image("jpeg", (80, 60)), {"X-Robots-Tag": "visinstruct: noai"})
-    urls = write_urls(tmp_path / "urls.parquet", [server.url("/photo2.jpg"), server.url("/for-us-noai.jpg")])
+    jpeg = encode_test_image("jpeg", (80, 60))
+    for name, tag in (("us", "visinstruct: noai"), ("token", "mycrawl: noai"), ("other", "otherbot: noai")):
+        server.add_image(f"/{name}.jpg", jpeg, {"X-Robots-Tag": tag})
+    names = ["/photo2.jpg", "/us.jpg", "/token.jpg", "/other.jpg"]
+    urls = write_urls(tmp_path / "urls.parquet", [server.url(n) for n in names])
     out = tmp_path / "out"
     server.reset_log()
-    argv = ["-q", "ingest", "--url-list", urls, "--out", str(out), "--user_agent_token", "my-crawl/1.0"]
+    argv = ["-q", "ingest", "--url-list", urls, "--out", str(out), "--user_agent_token", "MyCrawl"]
     assert main([*argv, "--set", "download.allow_loopback=true", *RUNNER]) == 0
     agents = {r.headers.get("User-Agent") for r in server.requests}
-    assert agents == {f"{DownloadConfig().user_agent} (compatible; my-crawl/1.0)"}
-    assert list(statuses(out).values()) == ["success", "optout"]
+    assert agents == {f"{DownloadConfig().user_agent} (compatible; MyCrawl)"}
+    assert list(statuses(out).values()) == ["success", "optout", "optout", "success"]
+    rejected = pq.read_table(out / "rejected").to_pylist()
+    assert {(r["url"].rsplit("/", 1)[1], r["reason"], r["message"]) for r in rejected} == {
+        ("us.jpg", "optout", "X-Robots-Tag opts out: noai"),
+        ("token.jpg", "optout", "X-Robots-Tag opts out: noai"),
+    }
 
 
 def test_a_user_agent_token_that_would_break_the_header_is_refused(capsys):
@@ -352,7 +361,8 @@ def test_a_user_agent_token_that_would_break_the_header_is_refused(capsys):
 
     assert main(["ingest", "--url-list", "u.txt", "--out", "o", "--user_agent_token", "a) evil"]) == 2
     assert capsys.readouterr().err == (
-        "visinstruct ingest: error: --user_agent_token 'a) evil': printable ASCII without parentheses only\n"
+        "visinstruct ingest: error: command line: in 'download': 'user_agent_token' must be printable ASCII "
+        "without parentheses, got 'a) evil'\n"
     )
 
 

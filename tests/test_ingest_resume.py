@@ -441,7 +441,7 @@ def test_a_row_whose_sample_the_staging_tar_lacks_is_not_counted_as_written():
         IndexRow("000000001", "success"),
         IndexRow("000000002", "http_404"),
     ]
-    fixed, rejections = unstaged_as_errors(rows, [])
+    fixed, rejections = unstaged_as_errors(rows, [], {"000000000"})  # the keys the staging tar holds
     assert [r.status for r in fixed] == ["success", "internal_error", "http_404"]
     assert [(r.key, r.stage, r.reason) for r in rejections] == [("000000001", "download", "internal_error")]
 

@@ -24,6 +24,7 @@ from visinstruct.schemas import (
     Decision,
     GenerationInfo,
     IndexRow,
+    Member,
     Rejection,
     SampleMeta,
     Turn,
@@ -34,10 +35,11 @@ from visinstruct.transforms import commit as commit_module
 from visinstruct.transforms import filter_stages, generate_stages
 from visinstruct.transforms.commit import commit_shard
 from visinstruct.transforms.dedup import lost_to
+from visinstruct.transforms.download import NOT_FINAL_REASONS
 from visinstruct.transforms.layout import read_stats, resolve_shards, shard_in
 from visinstruct.transforms.rewrite import Earlier, rewrite_shard
 from visinstruct.transforms.rewrite_stage import RewriteShard
-from visinstruct.transforms.shards import TarShardWriter, read_table
+from visinstruct.transforms.shards import ShardReadError, TarShardWriter, read_table
 from visinstruct.transforms.staging import ShardDraft
 from visinstruct.transforms.write import FinalizeShard, dedup_judge, finalize_shard
 
@@ -95,13 +97,14 @@ SCORED = [(key, scored(key)) for key in KEYS]  # the filter's CoGroupByKey group
 filter_judge = filter_stages.filter_judge(dict(SCORED), {})
 
 
-def staged_draft(out: Path, sha256: str = "same") -> ShardDraft:
-    """Shard 00000 as ingest's download leaves it: a staging tar of three samples, and a ``http_404`` row."""
+def staged_draft(out: Path, sha256: str = "same", staged: list[str] = KEYS) -> ShardDraft:
+    """Shard 00000 as ingest's download leaves it: three written rows (their samples in the staging tar: those of
+    ``staged``), and a ``http_404`` row."""
     staging = out / "_staging" / "00000.a1.tar"
     staging.parent.mkdir(parents=True)
     writer, rows = TarShardWriter(), []
     for key in KEYS:
-        placed = writer.add(key, list(members_of(key).items()))
+        placed = writer.add(key, list(members_of(key).items())) if key in staged else [Member(f"{key}.jpg", 512, 9)]
         rows.append(IndexRow(key, "success", url=f"https://img.test/{key}.jpg", sha256=sha256, members=placed))
     rows.append(IndexRow("000000003", "http_404", url="https://img.test/gone.jpg", error_message="404"))
     dead = [Rejection("download", "http_404", "404", "000000003", "https://img.test/gone.jpg")]
@@ -143,23 +146,94 @@ def test_ingest_finalize_is_a_judge_that_drops_a_dedup_loser_and_keeps_the_draft
     assert validate(resolve_shards(str(out))).problems == []
 
 
-def test_ingest_finalize_rewrites_through_the_one_rewrite_and_leaves_a_finished_shard_alone(tmp_path):
-    out, reference = tmp_path / "out", tmp_path / "reference"
+def test_ingest_finalize_drops_a_loser_as_before_and_leaves_a_finished_shard_alone(tmp_path):
+    out = tmp_path / "out"
     losers = [("000000002", lost_to("duplicate_sha256", "000000000"))]
-    draft = staged_draft(reference)
-    earlier = Earlier(draft.rows, draft.rejections, draft.duration_s, step="dedup")
-    rewrite_shard(draft.staging_tar, 0, str(reference), "ingest", dedup_judge(draft.rows, losers), None, earlier)
     draft, dropped = staged_draft(out), Counter()
     stats = finalize_shard(draft, losers, str(out), dropped=dropped)
-    for name in ("00000.tar", "00000.parquet", "rejected/ingest-00000.parquet"):  # what the judge alone made
-        assert (out / name).read_bytes() == (reference / name).read_bytes()
+    assert tar_samples(out / "00000.tar") == {key: members_of(key) for key in KEYS[:2]}
+    rows = {key: (r["status"], r["error_message"], r["sha256"]) for key, r in index(out).items()}
+    assert rows == {  # what the finalize before the one rewrite (1b76b4a) committed
+        "000000000": ("success", None, "same"),
+        "000000001": ("success", None, "same"),
+        "000000002": ("duplicate_sha256", "same image bytes as 000000000", "same"),
+        "000000003": ("http_404", "404", None),
+    }
+    letters = [(d["stage"], d["reason"], d["message"], d["key"], d["url"]) for d in dead_letters(out, "ingest")]
+    assert letters == [
+        ("dedup", "duplicate_sha256", "same image bytes as 000000000", "000000002", "https://img.test/000000002.jpg"),
+        ("download", "http_404", "404", "000000003", "https://img.test/gone.jpg"),
+    ]
+    assert json.loads(dead_letters(out, "ingest")[0]["detail"]) == {
+        "duplicate_of": "000000000",
+        "sha256": "same",
+        "phash": None,
+    }
+    assert (stats.inputs, stats.written, stats.rejected_by_reason) == (4, 2, {"duplicate_sha256": 1, "http_404": 1})
+    assert stats.duration_s >= 1.25  # the download's seconds and the finalize's, as with no loser
     assert dropped == {"duplicate_sha256": 1, "http_404": 1} and not list((out / "_staging").iterdir())
-    assert read_stats(str(out / "00000_stats.json")) == stats
+    assert read_stats(str(out / "00000_stats.json")) == stats and validate(resolve_shards(str(out))).problems == []
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     again = Counter()  # a retried bundle: its first attempt committed the shard, Beam kept none of its counters
     assert finalize_shard(draft, losers, str(out), dropped=again) == stats
     assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # left alone
     assert again == dropped  # counted from the committed dead letters
+
+
+@pytest.mark.parametrize("losers", [[], [("000000001", lost_to("duplicate_sha256", "000000000"))]])
+def test_ingest_finalize_makes_a_written_row_the_staging_tar_lacks_a_retryable_download_error(tmp_path, losers):
+    out = tmp_path / "out"
+    draft = staged_draft(out, staged=KEYS[:2])  # the draft says 000000002 was written; its tar does not hold it
+    stats = finalize_shard(draft, losers, str(out))
+    row = index(out)["000000002"]
+    assert (row["status"], row["error_message"], row["members"]) == (
+        "internal_error",
+        "LookupError: the staging tar lacks this sample",
+        [],
+    )
+    assert ("000000002", "download", "internal_error") in [
+        (d["key"], d["stage"], d["reason"]) for d in dead_letters(out, "ingest")
+    ]
+    assert "internal_error" in NOT_FINAL_REASONS and stats.rejected_by_reason["internal_error"] == 1
+    assert "000000002" not in tar_samples(out / "00000.tar")
+    assert validate(resolve_shards(str(out))).problems == []
+
+
+@pytest.mark.parametrize("losers", [[], [("000000001", lost_to("duplicate_sha256", "000000000"))]])
+def test_ingest_finalize_raises_for_a_cut_staging_tar_and_commits_nothing(tmp_path, losers):
+    out = tmp_path / "out"
+    draft = staged_draft(out)
+    staging = Path(draft.staging_tar)
+    staging.write_bytes(staging.read_bytes()[: staging.stat().st_size // 2])
+    with pytest.raises(ShardReadError):
+        finalize_shard(draft, losers, str(out))
+    assert not (out / "00000_stats.json").exists() and not (out / "00000.parquet").exists()
+    assert (out / "_staging" / "00000.a1.tar").exists()  # left for a rerun to download the shard again
+
+
+def test_ingest_finalize_places_a_written_sample_whose_draft_row_lacks_its_members(tmp_path):
+    out = tmp_path / "out"
+    draft = staged_draft(out)
+    draft.rows[1] = replace(draft.rows[1], members=[])  # the sample is in the staging tar all the same
+    stats = finalize_shard(draft, [], str(out))
+    assert stats.written == 3 and tar_samples(out / "00000.tar") == {key: members_of(key) for key in KEYS}
+    assert [m.name for m in index_rows(out)["000000001"].members] == [f"000000001.{e}" for e in members_of(KEYS[1])]
+    assert validate(resolve_shards(str(out))).problems == []
+
+
+def test_ingest_finalize_never_keeps_a_staged_sample_whose_draft_row_is_not_written(tmp_path):
+    out = tmp_path / "out"
+    draft = staged_draft(out)
+    draft.rows[1] = replace(draft.rows[1], status="http_404", error_message="404", members=[])
+    draft.rejections.append(Rejection("download", "http_404", "404", "000000001", "https://img.test/000000001.jpg"))
+    finalize_shard(draft, [], str(out))
+    assert set(tar_samples(out / "00000.tar")) == {"000000000", "000000002"}
+    assert index(out)["000000001"]["status"] == "internal_error"  # a download at odds with itself: redone
+    assert [(d["key"], d["stage"], d["reason"]) for d in dead_letters(out, "ingest")] == [
+        ("000000001", "dedup", "internal_error"),
+        ("000000003", "download", "http_404"),
+    ]
+    assert validate(resolve_shards(str(out))).problems == []
 
 
 def test_ingest_finalize_with_no_drop_renames_the_staging_tar(tmp_path):
@@ -172,6 +246,7 @@ def test_ingest_finalize_with_no_drop_renames_the_staging_tar(tmp_path):
     staged = staging.read_bytes()
     stats = finalize_shard(ShardDraft(0, str(staging), rows, [], 0.1, len(staged)), [], str(out))
     assert (out / "00000.tar").read_bytes() == staged and stats.tar_bytes == len(staged) and stats.written == 3
+    assert stats.duration_s >= 0.1  # the download's seconds and the finalize's, as with a loser
     for key, row in index(out).items():  # the staging tar's offsets hold in the final tar
         assert {m["name"]: staged[m["offset"] : m["offset"] + m["size"]] for m in row["members"]} == {
             f"{key}.{ext}": data for ext, data in members_of(key).items()

@@ -19,7 +19,7 @@ import pytest
 import test_shard_cli
 import webdataset as wds
 from PIL import Image
-from test_shard_cli import CONVERSATION, RUNNER, SIZES, copy_of, sample, symlink, write_shard
+from test_shard_cli import RUNNER, SIZES, copy_of, sample, symlink, write_shard
 
 from visinstruct.cli.export import BRIEF_PROMPT, export_llava, export_parquet
 from visinstruct.cli.gallery import Card, _pick, gallery, render_page
@@ -31,6 +31,7 @@ from visinstruct.cli.validate import validate
 from visinstruct.configs import IngestConfig, from_dict
 from visinstruct.pipelines.ingest import run as ingest
 from visinstruct.schemas import IndexRow, SampleMeta, Turn, conversation_problems
+from visinstruct.testing.sample_data import LLAVA_CONVERSATION
 from visinstruct.testing.server import encode_test_image
 from visinstruct.transforms import commit as commit_module
 from visinstruct.transforms import rewrite as rewrite_module
@@ -61,7 +62,7 @@ def test_llava_export_loads_as_llava_json_with_every_image_present(llava, tmp_pa
     members = tar_members(llava / "00000.tar")
     assert report["exported"] == len(entries) == 2 and report["skipped"] == {}
     for entry in entries:
-        assert set(entry) == {"id", "image", "conversations"} and entry["conversations"] == CONVERSATION
+        assert set(entry) == {"id", "image", "conversations"} and entry["conversations"] == LLAVA_CONVERSATION
         image = tmp_path / "out" / "images" / entry["image"]
         assert image.read_bytes() == members[entry["id"]]["png"]
         assert Image.open(image).size == (32, 32)
@@ -85,7 +86,7 @@ def test_the_llava_export_reads_back_through_ingest(llava, tmp_path):
     )
     assert ingest(cfg, RUNNER)["written"] == 2
     again = tar_members(tmp_path / "again" / "00000.tar")
-    assert [json.loads(s["json"])["conversations"] for s in again.values()] == [CONVERSATION] * 2
+    assert [json.loads(s["json"])["conversations"] for s in again.values()] == [LLAVA_CONVERSATION] * 2
 
 
 def test_samples_without_a_conversation_need_caption_only(dataset, tmp_path):

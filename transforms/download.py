@@ -35,6 +35,7 @@ from visinstruct.transforms.http import RETRYABLE_REASONS as HTTP_RETRYABLE_REAS
 from visinstruct.transforms.images import ProcessedImage, process_image
 from visinstruct.transforms.layout import shard_in
 from visinstruct.transforms.progress import ShardProgress, map_with_progress
+from visinstruct.transforms.rewrite import index_row
 from visinstruct.transforms.shards import (
     ShardReadError,
     TarShardWriter,
@@ -198,23 +199,9 @@ def _add_row(draft: ShardDraft, writer: TarShardWriter, row, outcome) -> None:
     if isinstance(outcome, ProcessedImage):
         # stage "decode": making the sample is the end of turning bytes into one (and builds count it as ingest)
         members = guarded("decode", functools.partial(sample_members, pair, outcome), pair.key, pair.location)
-        if not isinstance(members, Rejection):
-            draft.rows.append(
-                IndexRow(
-                    key=pair.key,
-                    status="success",
-                    url=pair.url,
-                    path=pair.path,
-                    caption=pair.caption,
-                    width=outcome.width,
-                    height=outcome.height,
-                    original_width=outcome.original_width,
-                    original_height=outcome.original_height,
-                    sha256=outcome.sha256,
-                    phash=outcome.phash,
-                    members=writer.add(pair.key, members),
-                )
-            )
+        if not isinstance(members, Rejection):  # the row says what the sample's JSON says (one way to build both)
+            meta = SampleMeta.from_pair(pair, outcome)
+            draft.rows.append(index_row(meta, members=writer.add(pair.key, members)))
             return
         outcome = members
     draft.rows.append(rejected_row(outcome, pair))

@@ -10,9 +10,10 @@ What a crawler fed arbitrary URLs needs, and img2dataset users asked for:
 - a body size cap (``max_bytes``, reason ``too_large``), a redirect cap with loop detection;
 - a per-host request rate limit, on by default, and connection reuse per host;
 - opt-outs honoured: ``X-Robots-Tag`` directives (noai, noimageai, noindex, noml) addressed to everyone or
-  to us, and each host's robots.txt (on by default; fetched once per origin and cached; RFC 9309: a 4xx answer
-  allows everything, a 5xx or no answer disallows everything, reason ``robots_unreachable``). A verdict read
-  from a robots.txt is kept for the fetcher's life; a failed one (unreachable, DNS error...) for
+  to us (our agent name, img2dataset, or ``download.user_agent_token`` as img2dataset does), and each host's
+  robots.txt (on by default; fetched once per origin and cached; RFC 9309: a 4xx answer allows everything, a
+  5xx or no answer disallows everything, reason ``robots_unreachable``). A verdict read from a robots.txt is
+  kept for the fetcher's life; a failed one (unreachable, DNS error...) for
   :data:`ROBOTS_FAILURE_TTL_S` seconds, then the next URL of that origin asks again, so a transient outage does
   not block a host for a worker's lifetime; a bug while loading it is not kept at all.
 
@@ -111,18 +112,22 @@ class Fetcher:
     def __init__(self, cfg: DownloadConfig, seed: int = 0, clock: Callable[[], float] = time.monotonic):
         """``clock`` (seconds) times how long a failed robots.txt verdict is kept; tests pass their own."""
         self.cfg, self._clock = cfg, clock
+        token = cfg.user_agent_token
+        user_agent = f"{cfg.user_agent} (compatible; {token})" if token else cfg.user_agent
         self.pool = pool_manager(
             maxsize=max(4, cfg.threads),
             num_pools=256,
-            headers={"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5"},
+            headers={"User-Agent": user_agent, "Accept": "image/*,*/*;q=0.5"},
             address_allowed=functools.partial(
                 address_allowed, allow_loopback=cfg.allow_loopback, allow_private=cfg.allow_private
             ),
         )
         self.policy = RetryPolicy(cfg.retries, cfg.backoff, cfg.max_backoff)
         self.limiter = HostRateLimiter(cfg.per_host_rps)
+        # X-Robots-Tag parts addressed to these apply to us: our agent name (the User-Agent's first word),
+        # img2dataset (its opt-outs are meant for tools like us) and, as img2dataset does, the user_agent_token
         agent = cfg.user_agent.split("/", 1)[0].strip().lower()
-        self.agents = {"*", agent, "img2dataset"}  # img2dataset's opt-outs are meant for tools like us
+        self.agents = {"*", agent, "img2dataset"} | ({token.strip().lower()} if token else set())
         self.optouts = {v.lower() for v in cfg.optout_values}
         self.agent = cfg.user_agent.split("/", 1)[0]
         self._robots: dict[str, tuple[Future, float]] = {}  # origin -> (verdict, when it expires)

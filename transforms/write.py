@@ -10,6 +10,9 @@ present) or can be finished again from staging (also by a rerun after a kill: se
 from __future__ import annotations
 
 import logging
+import posixpath
+import tarfile
+import time
 from collections import Counter
 from dataclasses import fields, replace
 
@@ -22,7 +25,7 @@ from visinstruct.transforms.guard import internal_error
 from visinstruct.transforms.layout import REJECTED_DIR, read_stats, shard_in
 from visinstruct.transforms.rewrite import Earlier, Judge, rewrite_shard
 from visinstruct.transforms.rewrite_stage import count_drops
-from visinstruct.transforms.shards import delete, exists, join, match
+from visinstruct.transforms.shards import ShardReadError, delete, exists, join, match, open_read, tar_end_problem
 from visinstruct.transforms.staging import ShardDraft, remove_staging
 from visinstruct.transforms.timing import busy
 
@@ -36,11 +39,19 @@ def draft_columns(row: IndexRow) -> dict:
 
 def dedup_judge(rows: list[IndexRow], losers: list[Loser]) -> Judge:
     """Ingest's finalize as a judge of its staging tar: a sample that lost to another (a smaller key or a reference
-    image) is dropped with that loss; every sample keeps its draft's index row."""
+    image) is dropped with that loss; every sample keeps its draft's index row.
+
+    A sample whose draft row is not ``success`` (or that has no draft row) is never kept: the download that staged
+    it contradicts itself, so the judge refuses it and the guard makes it an ``internal_error`` row, which is not
+    final (``write.retry_failed`` downloads it again).
+    """
     by_key, lost = {row.key: row for row in rows}, dict(losers)
 
     def judge(key: str, meta: SampleMeta, members: dict[str, bytes]) -> Decision[SampleMeta]:
-        row = by_key[key]
+        row = by_key.get(key)
+        if row is None or row.status != "success":
+            status = row.status if row else "missing"
+            raise LookupError(f"the staging tar holds this sample but its draft row is {status}")
         loss = lost.get(key)
         if loss is None:
             return Decision.keep(None, **draft_columns(row))
@@ -50,13 +61,34 @@ def dedup_judge(rows: list[IndexRow], losers: list[Loser]) -> Judge:
     return judge
 
 
-def unstaged_as_errors(rows: list[IndexRow], rejections: list[Rejection]) -> tuple[list, list]:
-    """Rows marked written whose sample the staging tar lacked become ``internal_error`` rejections.
+def staged_keys(path: str) -> set[str]:
+    """The keys of the samples a staging tar holds, from its member headers (the data is skipped by seeking).
+
+    Raises :class:`ShardReadError` when the tar is cut short or unreadable: committing its rows as lost would make
+    a damaged staging file final, while raising lets Beam retry the bundle and a rerun download the shard again.
+    """
+    try:
+        with open_read(path, "application/x-tar") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            keys = {posixpath.basename(info.name).partition(".")[0] for info in tar}
+            end = tar.offset
+    except (tarfile.TarError, EOFError) as e:
+        raise ShardReadError(f"{path}: {type(e).__name__}: {e}") from e
+    problem = tar_end_problem(path, end)
+    if problem:
+        raise ShardReadError(problem.message)
+    return keys
+
+
+def unstaged_as_errors(
+    rows: list[IndexRow], rejections: list[Rejection], staged: set[str]
+) -> tuple[list[IndexRow], list[Rejection]]:
+    """Rows marked written whose key is not among ``staged`` (the staging tar's samples, :func:`staged_keys`)
+    become ``internal_error`` rejections of stage ``download``.
 
     Never expected; but an index must not claim a sample its tar does not hold, and a bug's rows are not final
     (``write.retry_failed`` downloads them again).
     """
-    missing = [row for row in rows if row.status == "success" and not row.members]
+    missing = [row for row in rows if row.status == "success" and row.key not in staged]
     if not missing:
         return rows, rejections
     log.warning("%d written rows have no sample in the staging tar (first: %s)", len(missing), missing[0].key)
@@ -67,7 +99,9 @@ def unstaged_as_errors(rows: list[IndexRow], rejections: list[Rejection]) -> tup
         for row in missing
     }
     rows = [
-        replace(row, status=lost[row.key].reason, error_message=lost[row.key].message) if row.key in lost else row
+        replace(row, status=lost[row.key].reason, error_message=lost[row.key].message, members=[])
+        if row.key in lost
+        else row
         for row in rows
     ]
     return rows, [*rejections, *lost.values()]
@@ -103,25 +137,32 @@ def finalize_shard(
     """Commit every file of a shard; ``_stats.json`` last. Idempotent: a finished shard is left alone.
 
     The staging tar is rewritten by :func:`dedup_judge` through the one rewrite, or, when that judge would keep
-    every sample, committed itself (renamed; its offsets hold, and a shard is not written twice). ``dropped``, when
-    given, gains the shard's dead letters by reason: for a shard already finished, those it committed (a retried
-    bundle counts what its first attempt did, whose counters Beam discarded).
+    every sample as its draft row places it, committed itself (renamed; its offsets hold, and a shard is not
+    written twice). Which samples the tar holds is read from the tar (:func:`staged_keys`, which raises for a
+    damaged one), not from the draft. ``duration_s`` is the download's time plus the finalize's, either way.
+    ``dropped``, when given, gains the shard's dead letters by reason: for a shard already finished, those it
+    committed (a retried bundle counts what its first attempt did, whose counters Beam discarded).
     """
-    files = shard_in(out_dir, draft.shard)
+    start, files = time.monotonic(), shard_in(out_dir, draft.shard)
     if exists(files.stats):
         if dropped is not None:
             dropped.update(committed_drops(files, stage))
         return read_stats(files.stats)
     source = draft.staging_tar if exists(draft.staging_tar) else files.tar  # a retry after the rename
-    rows, dead = unstaged_as_errors(draft.rows, draft.rejections)
-    dead = sorted(dead, key=lambda r: r.key)
+    staged = staged_keys(source)
+    rows, dead = unstaged_as_errors(draft.rows, draft.rejections, staged)
     lost = {key for key, _ in losers}
-    if not any(row.status == "success" and row.key in lost for row in rows):  # the judge would keep every sample
-        stats = commit_shard(files, rows, dead, source, stage, draft.duration_s)
+    keep = {row.key for row in rows if row.status == "success" and row.key not in lost}
+    placed = all(row.members for row in rows if row.status == "success")
+    if keep == staged and placed:  # the judge would keep every sample where the staging tar has it
+        dead = sorted(dead, key=lambda r: r.key)
+        stats = commit_shard(files, rows, dead, source, stage, draft.duration_s + time.monotonic() - start)
         if dropped is not None:
             dropped.update(drops(dead))
     else:
-        earlier = Earlier(rows, dead, draft.duration_s, step="dedup")
+        refused = {row.key for row in rows if row.status != "success"} & staged  # the judge's internal_error rows
+        dead = sorted((r for r in dead if r.key not in refused), key=lambda r: r.key)
+        earlier = Earlier(rows, dead, draft.duration_s + time.monotonic() - start, step="dedup")
         stats = rewrite_shard(source, draft.shard, out_dir, stage, dedup_judge(rows, losers), dropped, earlier)
     remove_staging(out_dir, draft.shard)  # the draft, and the tars of every download attempt of this shard
     remove_leftover_temps(out_dir, draft.shard, stage)
