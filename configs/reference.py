@@ -7,9 +7,10 @@ from visinstruct.configs.loader import describe
 HEADER = """# Config reference
 
 Every key of every config, with its type, default and meaning. Generated from the config classes
-(`configs/stages.py`, `configs/train.py`, `configs/train_llava.py`) by `visinstruct config reference > CONFIG.md`;
-a test fails when this file and the classes disagree. `visinstruct config show NAME` prints one of them, and
-`visinstruct config check NAME FILE` checks a YAML file. Keys nest as in YAML: `download.threads` is
+(`configs/stages.py`, `configs/generate.py`, `configs/build.py`, `configs/train.py`, `configs/train_llava.py`)
+by `visinstruct config reference > CONFIG.md`; a test fails when this file and the classes disagree.
+`visinstruct config show NAME` prints one of them, and `visinstruct config check NAME FILE` checks a YAML file.
+Keys nest as in YAML: `download.threads` is
 
 ```yaml
 download:

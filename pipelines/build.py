@@ -28,14 +28,15 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from visinstruct.configs import BuildConfig, OutputConfig
+from visinstruct.configs import BuildConfig, GenerateConfig, OutputConfig
 from visinstruct.pipelines.filter import FilterShards
-from visinstruct.pipelines.generate import TOKEN_COUNTERS, GenerateShards
+from visinstruct.pipelines.generate import TOKEN_COUNTERS, GenerateShards, parts_rejected
 from visinstruct.pipelines.ingest import Ingest, remove_empty_staging
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import counter_value, input_rows, summarize, write_report
 from visinstruct.schemas import IndexRow
 from visinstruct.transforms.layout import index_pattern, rejected_pattern, shard_in, shard_stem
+from visinstruct.transforms.plans import scorer_defaults
 from visinstruct.transforms.shards import read_table
 from visinstruct.transforms.timing import BUSY_US
 
@@ -48,6 +49,17 @@ def stages_of(cfg: BuildConfig) -> list[str]:
         + (["filter"] if cfg.filter else [])
         + (["generate"] if cfg.generate else [])
     )
+
+
+def generate_config(cfg: BuildConfig, out: str) -> GenerateConfig:
+    """The generate stage's config in a build: writing to ``out``, its grounding check scoring with the filter's
+    CLIP unless it names its own."""
+    generate = replace(cfg.generate, write=OutputConfig(out))
+    grounding = generate.grounding
+    if grounding is not None and grounding.model is None and cfg.filter is not None:
+        model = replace(cfg.filter.model, **scorer_defaults())  # the filter's RunInference keys do not apply
+        generate = replace(generate, grounding=replace(grounding, model=model))
+    return generate
 
 
 class Build(beam.PTransform):
@@ -78,7 +90,7 @@ class Build(beam.PTransform):
             paths = stats | "FilteredShards" >> beam.Map(lambda s: shard_in(out, s.shard).tar)
             positions = {}  # generation rewrites the filter's output in place
         if cfg.generate:
-            stats = paths | "Generate" >> GenerateShards(replace(cfg.generate, write=OutputConfig(out)), positions)
+            stats = paths | "Generate" >> GenerateShards(generate_config(cfg, out), positions)
         return stats
 
 
@@ -157,6 +169,8 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] 
         clip=clip_distribution(out),
         **{name: counter_value(result, "generate", name) or 0 for name in TOKEN_COUNTERS},
     )
+    if cfg.generate is not None:
+        report["parts_rejected"] = parts_rejected(result)
     for stage in report["stages"]:  # seconds of work per stage, summed over workers (stages overlap in one graph)
         busy_s = (counter_value(result, stage["stage"], BUSY_US) or 0) / 1e6
         stage.update(

@@ -27,6 +27,7 @@ from visinstruct.transforms.generate_stages import (
     shard_judge,
 )
 from visinstruct.transforms.llm import GenerationHandler
+from visinstruct.transforms.plans import check_kinds, needs_image
 from visinstruct.transforms.prompts import load_templates
 from visinstruct.transforms.rewrite_stage import RewriteShard
 
@@ -38,18 +39,18 @@ class GenerateShards(beam.PTransform):
         super().__init__()
         self.cfg, self.positions = cfg, positions or {}
         self.templates = load_templates(cfg.templates)  # fail at construction on a bad file or unknown kind
-        unknown = set(cfg.kinds) - set(self.templates.kinds)
-        if unknown:
-            raise ValueError(f"kinds {sorted(unknown)} have no template in {cfg.templates or 'the bundled file'}")
+        check_kinds(cfg, self.templates)
 
     def _generate(self, plans, sha: str) -> list:
         """Plans -> ``(path, (key, Decision))`` from the LLM, and from batches that crashed."""
         cfg = self.cfg
-        inference = RunInference(GenerationHandler(cfg, self.templates.object_vocabulary))
+        handler = GenerationHandler(cfg, self.templates, needs_image(cfg, self.templates))
+        inference = RunInference(handler)
         if cfg.local and cfg.local.accelerator:  # a GPU for this step only
             inference = inference.with_resource_hints(accelerator=cfg.local.accelerator)
         results, failed = plans | "GenerateWithLLM" >> inference.with_exception_handling()
-        generated = results | "Judge" >> beam.Map(judged, cfg.model, sha)  # (path, (key, Decision))
+        # (path, (key, Decision))
+        generated = results | "Judge" >> beam.Map(judged, cfg.model, sha, cfg.recaption_caption)
         return [generated, failed.failed_inferences | "FailedBatches" >> beam.FlatMap(crashed_batch)]
 
     def expand(self, paths):
@@ -91,7 +92,23 @@ TOKEN_COUNTERS = (
     "completion_tokens_spent",
     "prompt_tokens",
     "completion_tokens",
+    "image_tokens_spent",
+    "image_tokens",
 )
+PART_PREFIX = "part_rejected_"  # counters of rejected parts by reason (a row may be written with some rejected)
+
+
+def parts_rejected(result) -> dict[str, int]:
+    """Rejected parts by reason, over written and dropped rows alike (the kinds asked per image)."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    counters = result.metrics().query(MetricsFilter().with_namespace(STAGE))["counters"]
+    out: dict[str, int] = {}
+    for c in counters:
+        if c.key.metric.name.startswith(PART_PREFIX):
+            reason = c.key.metric.name.removeprefix(PART_PREFIX)
+            out[reason] = out.get(reason, 0) + (c.committed if c.committed is not None else c.attempted)
+    return dict(sorted(out.items()))
 
 
 def run(cfg: GenerateConfig, inputs: list[str], beam_args: list[str] | None = None) -> dict:
@@ -106,5 +123,6 @@ def run(cfg: GenerateConfig, inputs: list[str], beam_args: list[str] | None = No
     report = check_inputs(summarize(cfg.write.path, stage=STAGE, result=result), rows_before, len(inputs))
     for name in TOKEN_COUNTERS:
         report[name] = counter_value(result, STAGE, name) or 0
+    report["parts_rejected"] = parts_rejected(result)
     write_report(cfg.write.path, report)
     return report

@@ -19,9 +19,9 @@ import json
 import reprlib
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin
 
-from visinstruct.schemas.arrow import JsonDict, field_key, from_row, to_row
+from visinstruct.schemas.arrow import JsonDict, field_key, from_row, to_row, type_hints
 
 SCHEMA_VERSION = 1
 IMAGE_TOKEN = "<image>"
@@ -109,7 +109,16 @@ class ClipScore:
 
 @dataclass(frozen=True)
 class GenerationInfo:
-    """Provenance of a generated conversation."""
+    """Provenance of a generated conversation.
+
+    ``kind`` names the kinds whose turns the conversation holds, joined by ``+`` when several were asked for one
+    image (``parts`` then has one entry per kind asked: its seed, tokens, and its ``reason`` when it was rejected).
+    A kind that saw the image records it in ``image`` (sha256 of the bytes sent, size, format) and its image
+    tokens apart in ``image_tokens`` (when the backend reports them); ``recaption`` is the re-caption that
+    text-only kinds read in two-pass runs when it is not itself one of the conversation's kinds, ``grounding``
+    the lowest CLIP agreement of a reply with its image.
+    Fields left at None or empty are not written.
+    """
 
     kind: str
     model: str
@@ -117,6 +126,14 @@ class GenerationInfo:
     seed: int
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    image_tokens: int | None = None
+    image: JsonDict | None = None
+    parts: list[JsonDict] = field(default_factory=list)
+    recaption: str | None = None
+    grounding: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None and v != []}
 
 
 @dataclass(frozen=True)
@@ -181,8 +198,10 @@ class SampleMeta:
                 continue
             if f.name in ("boxes", "conversations"):
                 value = [to_row(v) for v in value]
-            elif f.name in ("clip", "generation"):
+            elif f.name == "clip":
                 value = asdict(value)
+            elif f.name == "generation":
+                value = value.to_dict()
             out[field_key(f)] = value
         for k, v in self.extra.items():
             out.setdefault(k, v)
@@ -254,7 +273,7 @@ def _check_text(data: Any) -> None:
 
 def _check_shape(cls: type, row: dict, where: str) -> None:
     """Raise ``ValueError`` unless every field of ``row`` present has the JSON shape its annotation asks for."""
-    hints = get_type_hints(cls)
+    hints = type_hints(cls)
     for f in fields(cls):
         name = field_key(f)
         if name not in row:

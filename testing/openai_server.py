@@ -29,10 +29,16 @@ counter. Without ``N`` every such request fails.
 Answers come from ``responder(request_json) -> str``; the default echoes the last user message with its markers
 removed. ``usage`` counts whitespace-separated words, and an answer longer than ``max_tokens`` words is cut there
 with ``finish_reason: "length"``.
+
+Images arrive as ``image_url`` content parts: :func:`image_urls` lists a request's, and :func:`request_images` (or
+``ChatRequestRecord.images``) decodes their ``data:`` URIs, so a test can check that the bytes a model was shown
+are the sample's own.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import re
@@ -67,6 +73,11 @@ class ChatRequestRecord:
     start: float
     end: float | None = None
 
+    @property
+    def images(self) -> list[tuple[str, bytes]]:
+        """The request's images, decoded from their data URIs: ``(mime, bytes)`` in message order."""
+        return request_images(self.json) if isinstance(self.json, dict) else []
+
 
 def message_text(message: dict) -> str:
     """The text of a chat message whose content is a string or a list of OpenAI content parts."""
@@ -80,6 +91,33 @@ def last_user_text(body: dict) -> str:
     """The text of the last ``user`` message of a chat request, or ``""``."""
     users = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
     return message_text(users[-1]) if users else ""
+
+
+def image_urls(body: dict) -> list[dict]:
+    """The ``image_url`` objects (``{"url": ..., "detail": ...}``) of every message of a request, in order."""
+    return [
+        part.get("image_url") or {}
+        for m in body.get("messages") or []
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for part in m["content"]
+        if isinstance(part, dict) and part.get("type") == "image_url"
+    ]
+
+
+def decode_data_uri(url: str) -> tuple[str, bytes]:
+    """``(mime, bytes)`` of a base64 ``data:`` URI; ValueError for anything else (an https URL, bad base64)."""
+    match = re.fullmatch(r"data:([\w.+-]+/[\w.+-]+);base64,(.*)", url or "", re.DOTALL)
+    if match is None:
+        raise ValueError(f"not a base64 data URI: {str(url)[:40]!r}")
+    try:
+        return match.group(1), base64.b64decode(match.group(2), validate=True)
+    except binascii.Error as e:
+        raise ValueError(f"bad base64 in a data URI: {e}") from e
+
+
+def request_images(body: dict) -> list[tuple[str, bytes]]:
+    """The images a request carries, decoded: ``(mime, bytes)`` per ``image_url`` part, in order."""
+    return [decode_data_uri(image.get("url", "")) for image in image_urls(body)]
 
 
 def echo_responder(body: dict) -> str:

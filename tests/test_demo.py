@@ -1,6 +1,7 @@
 """`make demo` stays true: the demo runs every step end to end on bundled data, and its counts add up."""
 
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -8,6 +9,18 @@ import pytest
 from visinstruct.cli.demo import BROKEN, start_over, wrong_caption
 from visinstruct.cli.main import main
 from visinstruct.cli.validate import validate
+from visinstruct.transforms.llm import CONFIG_REASONS, RETRYABLE_REASONS
+
+# Why generation drops a sample: the reply checks (conversations.py), the vision checks (llm.py), planning and
+# writing (generate_stages.py, plans.py), and the backend's failures.
+GENERATION_REASONS = {
+    *("unparseable", "refusal", "mentions_context", "duplicate_question", "repetitive", "unknown_object"),
+    *("bad_length", "bad_format", "bad_characters", "empty_completion", "invalid_request"),
+    *("truncated_reply", "low_grounding", "copies_caption", "recaption_rejected"),
+    *("no_caption", "bad_metadata", "no_image", "not_generated", "internal_error"),
+    *RETRYABLE_REASONS,
+    *CONFIG_REASONS,
+}
 
 
 def test_a_wrong_caption_names_a_colour_the_image_does_not_have():
@@ -18,7 +31,7 @@ def test_a_wrong_caption_names_a_colour_the_image_does_not_have():
 
 
 def test_a_rerun_starts_over_and_removes_only_what_the_demo_wrote(tmp_path):
-    for folder in ("clip", "dataset", "llava", "llm_cache"):
+    for folder in ("clip", "dataset", "llava", "llm_cache", "grounded"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "x").write_text("earlier run")
     (tmp_path / "demo_report.json").write_text("{}")
@@ -65,3 +78,19 @@ def test_demo_runs_every_step_and_accounts_for_every_url(tmp_path, capsys):
     # it ends with where everything is and the build's table
     assert "everything is in" in printed and printed.rstrip().endswith("run_report.json")
     assert "kept by origin" in printed
+
+    # step 5: the tiny LLaVA as the vision model on the first shard; its replies may all be rejected, but every
+    # sample that reached it is written or dead-lettered by generation with a reason generation gives
+    grounded = reports["grounded"]
+    assert (tmp_path / "grounded").is_dir() and grounded["shards"] == 1
+    assert grounded["accounted"] and grounded["inputs"] == grounded["written"] + grounded["rejected"]
+    assert grounded["samples_in"] == grounded["written"] + sum(grounded["generate_rejected"].values()) > 0
+    assert grounded["backend_calls"] == 2 * grounded["samples_in"]  # both image kinds asked for every sample
+    assert grounded["image_tokens_spent"] > 0 and grounded["parts_rejected"]
+    letters = pq.read_table(tmp_path / "grounded" / "rejected" / "generate-00000.parquet").to_pylist()
+    assert len(letters) == sum(grounded["generate_rejected"].values())
+    assert {r["stage"] for r in letters} <= {"generate"}
+    assert {r["reason"] for r in letters} <= GENERATION_REASONS, grounded["generate_rejected"]
+    assert set(grounded["parts_rejected"]) <= GENERATION_REASONS
+    line = f"{grounded['samples_in']} samples in, {grounded['written']} written, {len(letters)} rejected"
+    assert line in printed and re.search(r"\d+ image tokens spent", printed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -19,8 +20,9 @@ from visinstruct.testing.openai_server import OpenAIServer
 from visinstruct.transforms.conversations import Bounds, read_reply
 from visinstruct.transforms.generate_stages import STAGE, judge_reply
 from visinstruct.transforms.http import HttpError
-from visinstruct.transforms.llm import GenerationHandler, Plan, Reply, judge_result
+from visinstruct.transforms.llm import GenerationHandler, PartReply, Reply, judge_result
 from visinstruct.transforms.llm_openai import ChatRequest, ChatResult, _parse_completion
+from visinstruct.transforms.plans import Plan
 from visinstruct.transforms.prompts import load_templates
 from visinstruct.transforms.shards import write_table
 
@@ -160,9 +162,10 @@ def read_every_way(text: str) -> list[Decision]:
 
 def dead_letter_is_writable(text: str, decision: Decision, tmp_path, finish: str | None = "stop") -> None:
     """The decision generation makes of this reply writes (kept sample JSON, or a dead-letter parquet row)."""
-    plan = Plan("p", "000000001", "conversation", "qa", None, METAS[0], ChatRequest("000000001", []))
+    plan = Plan.single("p", METAS[0], ChatRequest("000000001", []))
     result = ChatResult("000000001", text, finish_reason=finish)
-    written_as(judge_reply(plan, Reply(result, decision, 1, False, 3), "m", "0" * 64), tmp_path / "rejected.parquet")
+    reply = Reply((PartReply("conversation", result, decision, 1, False, 3),))
+    written_as(judge_reply(plan, reply, "m", "0" * 64), tmp_path / "rejected.parquet")
 
 
 def written_as(decision: Decision[SampleMeta], path) -> None:
@@ -194,14 +197,15 @@ def test_what_no_training_text_should_hold_is_rejected_with_a_reason():
 @pytest.mark.parametrize("seed", range(8))
 def test_seeded_random_replies_end_as_turns_or_a_reason(seed, tmp_path):
     rng = random.Random(seed)
-    plan = Plan("p", "000000001", "conversation", "qa", None, METAS[0], ChatRequest("000000001", [], max_tokens=9))
+    plan = Plan.single("p", METAS[0], ChatRequest("000000001", [], max_tokens=9))
     for _ in range(60):
         text = random_text(rng)
         decisions = read_every_way(text)
         for decision in decisions:
             check_decision(decision)
         finish = rng.choice(["stop", "length", None, "content_filter"])
-        check_decision(judge_result(plan, ChatResult("000000001", text, finish_reason=finish), VOCAB, Bounds()))
+        result = ChatResult("000000001", text, finish_reason=finish)
+        check_decision(judge_result(plan.parts[0], plan.meta, result, VOCAB, Bounds()))
         dead_letter_is_writable(text, decisions[0], tmp_path, finish)
 
 
@@ -256,23 +260,19 @@ def test_adversarial_replies_through_the_real_server_and_handler(tmp_path):
     texts = [ADVERSARIAL[n] for n in ("lone_surrogate", "nul", "huge", "fences", "line_separators", "whitespace")]
     with OpenAIServer(responder=lambda r: texts[int(r["messages"][-1]["content"])]) as srv:
         cfg = from_dict(GenerateConfig, srv.generate_settings() | {"max_new_tokens": 10**6})
-        handler = GenerationHandler(cfg, VOCAB)
+        handler = GenerationHandler(cfg, load_templates())
         plans = [
-            Plan(
+            Plan.single(
                 "p",
-                f"{i:09d}",
-                "conversation",
-                "qa",
-                None,
-                METAS[0],
+                replace(METAS[0], key=f"{i:09d}"),
                 ChatRequest(f"{i:09d}", [{"role": "user", "content": str(i)}], max_tokens=10**6),
             )
             for i in range(len(texts))
         ]
         replies = [r.inference for r in handler.run_inference(plans, handler.load_model())]
-    reasons = [r.decision.reason for r in replies]
+    reasons = [r.parts[0].decision.reason for r in replies]
     assert reasons[:2] == ["bad_characters", "bad_characters"] and reasons[2] in {"repetitive", "bad_length"}
     assert reasons[5] == "empty_completion"
     for plan, reply in zip(plans, replies):
-        check_decision(reply.decision)
+        check_decision(reply.parts[0].decision)
         written_as(judge_reply(plan, reply, "m", "0" * 64), tmp_path / f"{plan.key}.parquet")

@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -317,8 +318,9 @@ def test_openai_backend_end_to_end_with_faults_retries_cache_and_no_key_leak(sha
 
 
 def test_openai_faults_end_written_after_retry_or_dead_lettered(tmp_path, monkeypatch):
-    from visinstruct.transforms.llm import GenerationHandler, Plan
+    from visinstruct.transforms.llm import GenerationHandler
     from visinstruct.transforms.llm_openai import ChatRequest
+    from visinstruct.transforms.plans import Plan
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     good = "Question: What is there?\nAnswer: A red circle and a blue square."
@@ -332,7 +334,7 @@ def test_openai_faults_end_written_after_retry_or_dead_lettered(tmp_path, monkey
                 "retry_new_seed": False,
             },
         )
-        handler = GenerationHandler(cfg, VOCAB)
+        handler = GenerationHandler(cfg, load_templates())
         backend = handler.load_model()
         markers = [
             "",
@@ -345,18 +347,14 @@ def test_openai_faults_end_written_after_retry_or_dead_lettered(tmp_path, monkey
             "[[fault:401]]",
         ]
         plans = [
-            Plan(
+            Plan.single(
                 "p",
-                f"{i:09d}",
-                "conversation",
-                "qa",
-                None,
-                META,
+                replace(META, key=f"{i:09d}"),
                 ChatRequest(f"{i:09d}", [{"role": "user", "content": f"sample {i} {m}"}], seed=i),
             )
             for i, m in enumerate(markers)
         ]
-        outcomes = [r.inference for r in handler.run_inference(plans, backend)]
+        outcomes = [r.inference.parts[0] for r in handler.run_inference(plans, backend)]
     assert [o.decision.reason for o in outcomes] == [
         None,
         None,
@@ -370,8 +368,9 @@ def test_openai_faults_end_written_after_retry_or_dead_lettered(tmp_path, monkey
 
 
 def test_replies_cut_at_the_token_limit_are_rejected_as_truncated():
-    from visinstruct.transforms.llm import GenerationHandler, Plan
+    from visinstruct.transforms.llm import GenerationHandler
     from visinstruct.transforms.llm_openai import ChatRequest
+    from visinstruct.transforms.plans import Plan
 
     good = "Question: What is there?\nAnswer: A red circle and a blue square."  # 12 words: the server's tokens
     with OpenAIServer(responder=lambda r: good) as srv:
@@ -384,20 +383,16 @@ def test_replies_cut_at_the_token_limit_are_rejected_as_truncated():
                 "retry_new_seed": False,
             },
         )
-        handler = GenerationHandler(cfg, VOCAB)
+        handler = GenerationHandler(cfg, load_templates())
         plans = [
-            Plan(
+            Plan.single(
                 "p",
-                f"{i:09d}",
-                "conversation",
-                "qa",
-                None,
-                META,
+                replace(META, key=f"{i:09d}"),
                 ChatRequest(f"{i:09d}", [{"role": "user", "content": f"sample {i}"}], max_tokens=limit),
             )
             for i, limit in enumerate([64, 8])
         ]
-        whole, cut = [r.inference for r in handler.run_inference(plans, handler.load_model())]
+        whole, cut = [r.inference.parts[0] for r in handler.run_inference(plans, handler.load_model())]
     assert whole.result.finish_reason == "stop" and whole.decision.value
     # "Question: What is there? Answer: A red circle" reads as a valid pair: only finish_reason tells
     assert cut.result.finish_reason == "length" and cut.result.text.endswith("A red circle")
@@ -405,7 +400,7 @@ def test_replies_cut_at_the_token_limit_are_rejected_as_truncated():
 
 
 def test_local_backend_finish_reason_is_length_only_when_no_stop_token_came_within_the_limit():
-    from visinstruct.transforms.llm import _cut
+    from visinstruct.transforms.backends import _cut
 
     stops = frozenset({2, 7})
     assert _cut([5, 6, 2, 0, 0], stops, 5) == ([5, 6], "stop")
@@ -416,7 +411,7 @@ def test_local_backend_finish_reason_is_length_only_when_no_stop_token_came_with
 
 def test_transformers_sampling_is_seeded_per_sample_not_per_batch(tmp_path):
     from visinstruct.testing.tiny_models import tiny_causal_lm
-    from visinstruct.transforms.llm import TransformersBackend
+    from visinstruct.transforms.backends import TransformersBackend
     from visinstruct.transforms.llm_openai import ChatRequest
 
     tiny_causal_lm(save_dir=tmp_path / "lm", seed=1)
@@ -494,13 +489,13 @@ GOOD_QA = (
 
 
 def test_a_bug_on_one_sample_dead_letters_that_sample_only(shards, tmp_path, monkeypatch):
-    from visinstruct.transforms import llm
+    from visinstruct.transforms import llm, plans
 
     captions = {key: meta.caption for key, meta in samples_of(shards).items()}
     unique = [k for k, c in sorted(captions.items()) if list(captions.values()).count(c) == 1]
     bad_prompt, bad_reply = sorted(captions)[1], sorted(captions)[5]
     cut = next(k for k in unique if k not in (bad_prompt, bad_reply))  # its caption tells the server who it is
-    real_build, real_read = generate_stages.build_messages, llm.read_reply
+    real_build, real_read = plans.build_messages, llm.read_reply
 
     def build_messages(template, meta):  # a planted bug in prompt building, for one sample
         if meta.key == bad_prompt:
@@ -512,7 +507,7 @@ def test_a_bug_on_one_sample_dead_letters_that_sample_only(shards, tmp_path, mon
             raise ZeroDivisionError("planted in read_reply")
         return real_read(kind_format, reply, meta, *args)
 
-    monkeypatch.setattr(generate_stages, "build_messages", build_messages)
+    monkeypatch.setattr(plans, "build_messages", build_messages)
     monkeypatch.setattr(llm, "read_reply", read_reply)
     with OpenAIServer(
         responder=lambda r: " ".join([GOOD_QA] * 20) if captions[cut] in r["messages"][-1]["content"] else GOOD_QA

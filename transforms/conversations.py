@@ -232,3 +232,24 @@ def read_reply(
         pairs = [(question or "", text)] if text else []
         return check(pairs, meta, vocabulary, bounds)
     return check(parse_qa(reply), meta, vocabulary, bounds)
+
+
+COPY_SHARE = 0.5  # a re-caption that is a web caption for half or more of its words copies it
+
+
+def copies_caption(reply: str, meta: SampleMeta) -> str | None:
+    """The web caption a re-caption copies verbatim, or None.
+
+    A re-caption copies a caption (of two words or more) when it holds the caption word for word (case and
+    punctuation aside) and the caption is at least half of it: "A dog on grass." copied into "A dog on grass. It is
+    brown." is a copy, the same words inside a long description that goes on about what the image shows are not.
+    """
+    said = _normal(reply).split()
+    for caption in [meta.caption, *meta.captions]:
+        words = _normal(caption or "").split()
+        if len(words) < 2 or len(words) < COPY_SHARE * len(said):
+            continue
+        n = len(words)
+        if any(said[i : i + n] == words for i in range(len(said) - n + 1)):
+            return caption
+    return None

@@ -1,18 +1,13 @@
-"""LLM backends behind one interface, a persistent response cache, and the RunInference handler for generation.
+"""The RunInference handler for generation, and a persistent response cache.
 
-Backends take :class:`ChatRequest` batches and return :class:`ChatResult` lists (never raising per sample: what
-one row's result handling raises becomes that row's ``internal_error`` result), each with its ``finish_reason``
-(``"length"`` when the answer was cut at the token limit):
-
-- ``transformers``: any causal LM by hub id, local folder or ``.gguf`` file, its chat template, batched
-  generation. Sampling is seeded per sample (each row draws from its own generator), so a sample's answer does
-  not depend on which samples share its batch;
-- ``vllm``: the vllm package on GPU workers, with per-request seeds;
-- ``openai``: any OpenAI-compatible endpoint (:mod:`visinstruct.transforms.llm_openai`).
-
-:class:`GenerationHandler` checks every reply (:mod:`~visinstruct.transforms.conversations`), optionally asks
-once more with another seed, and keeps answers in a :class:`ResponseCache` so reruns only pay for new samples.
-A reply cut at the token limit is rejected as ``truncated_reply`` before it is read.
+:class:`GenerationHandler` takes a batch of :class:`~visinstruct.transforms.plans.Plan` (one per sample, a part
+per kind asked) and asks the backend (:mod:`~visinstruct.transforms.backends`) for every part at once: first the
+parts it can ask now, then, in two-pass runs, the text-only parts that read the kept re-caption. It checks every
+reply (:mod:`~visinstruct.transforms.conversations`; a reply cut at the token limit is ``truncated_reply`` before
+it is read), scores the replies of kinds that saw the image against it with CLIP when ``grounding`` is set
+(``low_grounding``), asks once more with another seed for a rejected part, and keeps answers in a
+:class:`ResponseCache` so reruns only pay for new samples. A request's cache key holds the image it carried (sha256
+of the bytes sent and the settings that prepared them).
 
 :data:`RETRYABLE_REASONS` and :data:`CONFIG_REASONS` say which generation reasons a rerun can fix by itself (the
 server was down) and which need a changed config (wrong model name, too few tokens): a shard whose every row
@@ -23,8 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -32,15 +27,17 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from visinstruct.configs import GenerateConfig
-from visinstruct.schemas import Decision, SampleMeta, Turn
-from visinstruct.transforms.conversations import Bounds, read_reply
-from visinstruct.transforms.devices import pick_device, pick_dtype
+from visinstruct.schemas import IMAGE_TOKEN, Decision, SampleMeta, Turn
+from visinstruct.transforms.backends import BACKENDS
+from visinstruct.transforms.conversations import Bounds, copies_caption, read_reply
 from visinstruct.transforms.guard import guarded
 from visinstruct.transforms.http import RETRYABLE_REASONS as HTTP_RETRYABLE_REASONS
-from visinstruct.transforms.llm_openai import ChatRequest, ChatResult, OpenAIChatClient
-from visinstruct.transforms.prompts import derive_seed, request_fingerprint
+from visinstruct.transforms.llm_openai import ChatRequest, ChatResult
+from visinstruct.transforms.plans import RECAPTION, Part, Plan, second_pass_part
+from visinstruct.transforms.prompts import Templates, derive_seed, request_fingerprint
 from visinstruct.transforms.shards import exists, join, read_bytes, write_bytes
 from visinstruct.transforms.timing import busy
+from visinstruct.transforms.vision import image_fingerprint
 
 log = logging.getLogger(__name__)
 STAGE = "generate"
@@ -54,31 +51,6 @@ RETRYABLE_REASONS = frozenset({"malformed_response", "inference_error", *HTTP_RE
 # too small for the answers (every reply cut short), or an endpoint the client cannot send to. (``ssl_error`` is
 # in the set above whether the handshake was cut or the certificate does not verify: either way nothing answered.)
 CONFIG_REASONS = frozenset({"http_400", "http_401", "http_403", "http_404", "http_422", "invalid_url", TRUNCATED})
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One sample's generation job: where it comes from, what to ask, and how to read the reply."""
-
-    path: str
-    key: str
-    kind: str
-    format: str  # "qa" or "description"
-    question: str | None  # the instruction of a description kind
-    meta: SampleMeta
-    request: ChatRequest
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What asking the LLM for a plan came to: the backend's result that was kept (or the last one), the
-    decision on it (turns, or a drop with its reason), and what it cost."""
-
-    result: ChatResult
-    decision: Decision[list[Turn]]
-    attempts: int
-    cached: bool
-    seed: int | None
 
 
 class ResponseCache:
@@ -108,259 +80,226 @@ class ResponseCache:
                 log.warning("response cache: cannot store %s: %s: %s", fingerprint, type(e).__name__, e)
 
 
-class TransformersBackend:
-    """A local causal LM: batched generation with its chat template, CPU or GPU."""
+@dataclass(frozen=True)
+class PartReply:
+    """What asking for one part came to: the backend's result that was kept (or the last one), the decision on it
+    (turns, or a drop with its reason), what it cost, and its CLIP agreement with the image when scored."""
 
-    def __init__(self, cfg: GenerateConfig):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.cfg, local = cfg, cfg.transformers
-        if local.threads:
-            import torch
-
-            torch.set_num_threads(local.threads)
-        device = pick_device(local.device)
-        dtype = pick_dtype(local.precision, device)
-        source, extra = cfg.model, {}
-        if cfg.model.endswith(".gguf"):  # transformers reads GGUF (with the gguf package) from its folder
-            source, extra = os.path.dirname(cfg.model) or ".", {"gguf_file": os.path.basename(cfg.model)}
-        self.tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        self.tokenizer.padding_side = "left"  # generation continues from the right end of every row
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra).to(device).eval()
-        self.device = device
-        self.stops = _stop_ids(self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id)
-
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        import torch
-        from transformers import LogitsProcessorList
-
-        texts = [
-            self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
-            for r in requests
-        ]
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        sampler = PerRowSampler([r.seed or 0 for r in requests], requests[0].temperature, requests[0].top_p)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **batch,
-                max_new_tokens=max(r.max_tokens for r in requests),
-                do_sample=False,
-                logits_processor=LogitsProcessorList([sampler]) if sampler.active else None,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        width = batch["input_ids"].shape[1]
-
-        def result(i: int, request: ChatRequest) -> ChatResult:
-            new, finish = _cut(out[i, width:].tolist(), self.stops, request.max_tokens)
-            text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
-            return ChatResult(
-                request.key,
-                text,
-                int(batch["attention_mask"][i].sum()),
-                len(new),
-                None if text else "empty_completion",
-                None if text else "empty reply",
-                finish_reason=finish,
-            )
-
-        return per_sample(requests, result)
+    kind: str
+    result: ChatResult
+    decision: Decision[list[Turn]]
+    attempts: int
+    cached: bool
+    seed: int | None
+    grounding: float | None = None
 
 
-def _stop_ids(*ids) -> frozenset[int]:
-    """Token ids that end a generation: the tokenizer's EOS and the model's (an int or a list, or None)."""
-    flat = [i for v in ids for i in (v if isinstance(v, (list, tuple)) else [v])]
-    return frozenset(i for i in flat if isinstance(i, int))
+@dataclass(frozen=True)
+class Reply:
+    """A plan's replies, one per part in the plan's order, and the kept re-caption (two-pass runs), if any."""
+
+    parts: tuple[PartReply, ...]
+    recaption: str | None = None
 
 
-def _cut(tokens: list[int], stops: frozenset[int], limit: int) -> tuple[list[int], str]:
-    """A row's answer tokens and finish reason: ``stop`` at a stop token, ``length`` when it ran to ``limit``."""
-    end = next((i for i, t in enumerate(tokens[:limit]) if t in stops), None)
-    if end is not None:
-        return tokens[:end], "stop"
-    return tokens[:limit], "length" if len(tokens) >= limit else "stop"
+@dataclass
+class Models:
+    """What the handler loads once per worker: the backend, and the CLIP scorer of the grounding check."""
+
+    backend: object
+    scorer: object | None = None
 
 
-def per_sample(requests: Sequence[ChatRequest], make: Callable[[int, ChatRequest], ChatResult]) -> list[ChatResult]:
-    """``make(i, request)`` for every request; what one row raises becomes that row's ``internal_error`` result."""
-    results = []
-    for i, request in enumerate(requests):
-        out = guarded(STAGE, partial(make, i, request), request.key)
-        results.append(
-            out if isinstance(out, ChatResult) else ChatResult(request.key, reason=out.reason, message=out.message)
-        )
-    return results
+class GenerationHandler(ModelHandler[Plan, Reply, Models]):
+    """RunInference handler: cache lookup, batched generation in one or two passes, checking, one retry with
+    another seed."""
 
-
-class PerRowSampler:
-    """Temperature/top-p sampling with one generator per row, as a logits processor under greedy search.
-
-    Each step it draws a token per row from that row's own ``torch.Generator`` and leaves only that token
-    possible, so greedy search picks it. A row's tokens depend on its seed alone, not on its batch.
-    """
-
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
-        self.active = temperature > 0
-        self.temperature, self.top_p = temperature, top_p
-        if self.active:
-            import torch
-
-            self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1).cpu()
-        out = torch.full_like(scores, float("-inf"))
-        for row, generator in enumerate(self.generators):
-            p, order = probs[row].sort(descending=True)
-            keep = p.cumsum(0) - p < self.top_p  # the smallest prefix whose mass reaches top_p
-            token = order[keep][torch.multinomial(p[keep], 1, generator=generator)]
-            out[row, token] = 0.0
-        return out
-
-
-class VllmBackend:
-    """vLLM on a GPU worker (``pip install visinstruct[gpu]``); seeds are per request."""
-
-    def __init__(self, cfg: GenerateConfig):
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise ImportError("backend 'vllm' needs the gpu extra: pip install 'visinstruct[gpu]'") from None
-        self.llm = LLM(model=cfg.model, seed=cfg.seed)
-
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        from vllm import SamplingParams
-
-        params = [
-            SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=r.seed)
-            for r in requests
-        ]
-        outputs = self.llm.chat([r.messages for r in requests], params, use_tqdm=False)
-        if len(outputs) != len(requests):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests")
-
-        def result(i: int, request: ChatRequest) -> ChatResult:
-            completion = outputs[i].outputs[0]
-            text = completion.text.strip()
-            # vLLM's finish_reason is "stop" or "length", as OpenAI's (CompletionOutput.finish_reason)
-            return ChatResult(
-                request.key,
-                text,
-                len(outputs[i].prompt_token_ids),
-                len(completion.token_ids),
-                None if text else "empty_completion",
-                None if text else "empty reply",
-                finish_reason=completion.finish_reason,
-            )
-
-        return per_sample(requests, result)
-
-
-class OpenAIBackend:
-    """Any OpenAI-compatible endpoint, with bounded concurrency and retries (see ``llm_openai``)."""
-
-    def __init__(self, cfg: GenerateConfig):
-        server = cfg.openai
-        if not server.endpoint:
-            raise ValueError("backend 'openai' needs openai.endpoint (e.g. http://127.0.0.1:8000/v1)")
-        self.client = OpenAIChatClient(
-            server.endpoint,
-            cfg.model,
-            api_key_env=server.api_key_env,
-            timeout=server.timeout,
-            retries=server.retries,
-            concurrency=server.concurrency,
-        )
-
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        return self.client.complete_all(list(requests))
-
-
-BACKENDS = {"transformers": TransformersBackend, "vllm": VllmBackend, "openai": OpenAIBackend}
-
-
-class GenerationHandler(ModelHandler[Plan, Reply, object]):
-    """RunInference handler: cache lookup, batched generation, checking, one retry with another seed."""
-
-    def __init__(self, cfg: GenerateConfig, vocabulary: list[str]):
+    def __init__(self, cfg: GenerateConfig, templates: Templates, vision: bool = False):
         # Fixed batches: Beam's adaptive batching starts at one element and, with seconds per batch, stays small
         # (measured: batches of 1, 1, 2 instead of 4, 1.7x slower). An HTTP batch is the unit of concurrency, and
         # waits for its slowest request, so it spans four rounds of `openai.concurrency`.
         local = cfg.local
         size = local.batch_size if local else 4 * cfg.openai.concurrency
         super().__init__(min_batch_size=size, max_batch_size=size, large_model=local.large_model if local else False)
-        self.cfg, self.vocabulary = cfg, vocabulary
+        self.cfg, self.templates, self.vision = cfg, templates, vision
         self.bounds = Bounds(cfg.min_chars, cfg.max_chars)
 
-    def load_model(self):
-        return BACKENDS[self.cfg.backend](self.cfg)
+    def load_model(self) -> Models:
+        scorer = None
+        if self.cfg.grounding is not None:
+            from visinstruct.transforms.grounding import GroundingScorer
+
+            scorer = GroundingScorer(self.cfg.grounding)
+            scorer.load()
+        return Models(BACKENDS[self.cfg.backend](self.cfg, vision=self.vision), scorer)
 
     def get_metrics_namespace(self) -> str:
         return "generate"
 
-    def _ask(self, backend, plans: list[Plan], cache: ResponseCache) -> list[tuple[ChatResult, bool]]:
-        """Replies for ``plans`` (from the cache where possible), each with whether it was cached."""
-        fingerprints = [request_fingerprint(self.cfg.model, p.request.messages, _sampling(p.request)) for p in plans]
+    def run_inference(self, batch: Sequence[Plan], models: Models, inference_args=None) -> Iterable[PredictionResult]:
+        with busy("generate"):
+            replies = self._generate(models, list(batch))
+        for plan, reply in zip(batch, replies):
+            yield PredictionResult(plan, reply, self.cfg.model)
+
+    def _generate(self, models: Models, batch: list[Plan]) -> list[Reply]:
+        cache = ResponseCache(self.cfg.cache_dir)
+        first = [(i, j) for i, plan in enumerate(batch) for j, part in enumerate(plan.parts) if part.request]
+        replies = self._answer(models, batch, first, cache)
+        recaptions = {i: recaption_text(r) for (i, j), r in replies.items() if batch[i].parts[j].kind == RECAPTION}
+        recaptions = {i: text for i, text in recaptions.items() if text is not None}
+        if self.cfg.recaption_first:
+            second = []
+            for i, plan in enumerate(batch):
+                for j, part in enumerate(plan.parts):
+                    if part.request is None and i in recaptions:
+                        template = self.templates.kinds[part.kind]
+                        built = second_pass_part(part, template, plan.meta, recaptions[i], self.cfg)
+                        batch[i] = plan = replace(plan, parts=(*plan.parts[:j], built, *plan.parts[j + 1 :]))
+                        second.append((i, j))
+            replies.update(self._answer(models, batch, second, cache))
+        out = []
+        for i, plan in enumerate(batch):
+            parts = tuple(
+                replies.get((i, j)) or _not_asked(part, replies.get((i, 0))) for j, part in enumerate(plan.parts)
+            )
+            out.append(Reply(parts, recaptions.get(i)))
+        return out
+
+    def _answer(self, models: Models, batch: list[Plan], items: list[tuple[int, int]], cache) -> dict:
+        """Replies for the parts ``items`` (``(plan index, part index)``), checked and scored, rejected ones asked
+        once more with another seed when sampling."""
+        parts = {item: batch[item[0]].parts[item[1]] for item in items}
+        replies = self._ask_and_judge(models, batch, parts, cache, attempt=1)
+        # Another seed changes nothing under greedy decoding (temperature 0), so only sampling runs retry.
+        if self.cfg.retry_new_seed and self.cfg.temperature > 0:
+            again = {
+                item: _reseeded(parts[item], batch[item[0]].key) for item, r in replies.items() if not r.decision.kept
+            }
+            if again:
+                replies.update(self._ask_and_judge(models, batch, again, cache, attempt=2))
+        return replies
+
+    def _ask_and_judge(self, models: Models, batch: list[Plan], parts: dict, cache, attempt: int) -> dict:
+        items = list(parts)
+        answers = self._ask(models.backend, [parts[item].request for item in items], cache)
+        replies = {}
+        for item, (result, cached) in zip(items, answers):
+            plan, part = batch[item[0]], parts[item]
+            decision = self._judge(plan, part, result)
+            replies[item] = PartReply(part.kind, result, decision, attempt, cached, part.seed)
+        if models.scorer is not None:
+            replies.update(self._ground(models.scorer, batch, parts, replies))
+        return replies
+
+    def _ground(self, scorer, batch: list[Plan], parts: dict, replies: dict) -> dict:
+        """The kept replies of parts that saw the image, scored against it; below the threshold ``low_grounding``.
+
+        A description is scored as it is; question-answer pairs as one line each (``question: answer``), so that a
+        short answer ("Two.") is scored with what it answers.
+        """
+        items = [item for item, r in replies.items() if r.decision.kept and parts[item].sees_image]
+        if not items:
+            return {}
+        texts = [grounding_text(replies[item].decision.value, parts[item].format) for item in items]
+        scores = scorer.scores([(batch[item[0]].image, text) for item, text in zip(items, texts)])
+        threshold, out = self.cfg.grounding.threshold, {}
+        for item, score in zip(items, scores):
+            score = None if math.isnan(score) else round(float(score), 4)  # NaN: the image or text could not be scored
+            decision = replies[item].decision
+            if score is None or score < threshold:
+                said = "could not be scored" if score is None else f"agrees with its image at {score:.3f} (CLIP)"
+                decision = Decision.drop(
+                    "low_grounding",
+                    f"the reply {said}, under generate.grounding.threshold={threshold:g}",
+                    {"grounding": score},
+                )
+            out[item] = replace(replies[item], decision=decision, grounding=score)
+        return out
+
+    def _ask(self, backend, requests: list[ChatRequest], cache: ResponseCache) -> list[tuple[ChatResult, bool]]:
+        """Results for ``requests`` (from the cache where possible), each with whether it was cached."""
+        fingerprints = [self._fingerprint(r) for r in requests]
         found = [cache.get(fp) for fp in fingerprints]
         missing = [i for i, r in enumerate(found) if r is None]
         if missing:
-            beam.metrics.Metrics.counter("generate", "backend_calls").inc(len(missing))
-            fresh = backend.generate([plans[i].request for i in missing])
+            beam.metrics.Metrics.counter(STAGE, "backend_calls").inc(len(missing))
+            fresh = backend.generate([requests[i] for i in missing])
             if len(fresh) != len(missing):  # zip would lose samples quietly: fail the batch, each row dead-lettered
                 raise RuntimeError(f"backend returned {len(fresh)} results for {len(missing)} requests")
             # tokens spent on every call, kept answer or not (the written samples' own counts are in their JSON)
-            beam.metrics.Metrics.counter("generate", "prompt_tokens_spent").inc(sum(r.prompt_tokens for r in fresh))
-            beam.metrics.Metrics.counter("generate", "completion_tokens_spent").inc(
-                sum(r.completion_tokens for r in fresh)
-            )
+            counter = beam.metrics.Metrics.counter
+            counter(STAGE, "prompt_tokens_spent").inc(sum(r.prompt_tokens for r in fresh))
+            counter(STAGE, "completion_tokens_spent").inc(sum(r.completion_tokens for r in fresh))
+            counter(STAGE, "image_tokens_spent").inc(sum(r.image_tokens or 0 for r in fresh))
             for i, result in zip(missing, fresh):
                 cache.put(fingerprints[i], result)
                 found[i] = result
-        return [(replace(r, key=p.key), i not in missing) for i, (p, r) in enumerate(zip(plans, found))]
+        return [(replace(r, key=q.key), i not in missing) for i, (q, r) in enumerate(zip(requests, found))]
 
-    def _judge(self, plan: Plan, result: ChatResult) -> Decision[list[Turn]]:
-        """The decision on one result; what it raises becomes an ``internal_error`` drop for this plan only."""
+    def _fingerprint(self, request: ChatRequest) -> str:
+        image = image_fingerprint(request.image, self.cfg.image, detail=self.cfg.backend == "openai")
+        return request_fingerprint(self.cfg.model, request.messages, _sampling(request), image)
+
+    def _judge(self, plan: Plan, part: Part, result: ChatResult) -> Decision[list[Turn]]:
+        """The decision on one result; what it raises becomes an ``internal_error`` drop for this part only."""
+        # A kind that saw the image may name what no caption mentions: the made-up-object check is for text kinds.
+        vocabulary = [] if part.sees_image else self.templates.object_vocabulary
+        meta = part.context or plan.meta
         decision = guarded(
             STAGE,
-            partial(judge_result, plan, result, self.vocabulary, self.bounds),
+            partial(judge_result, part, meta, result, vocabulary, self.bounds),
             plan.key,
             plan.meta.url or plan.meta.path,
         )
         return decision if isinstance(decision, Decision) else Decision.from_rejection(decision)
 
-    def run_inference(self, batch: Sequence[Plan], backend, inference_args=None) -> Iterable[PredictionResult]:
-        with busy("generate"):
-            replies = self._generate(backend, batch)
-        for plan, reply in zip(batch, replies):
-            yield PredictionResult(plan, reply, self.cfg.model)
 
-    def _generate(self, backend, batch: Sequence[Plan]) -> list[Reply]:
-        cache = ResponseCache(self.cfg.cache_dir)
-        answers = self._ask(backend, list(batch), cache)
-        replies = [Reply(r, self._judge(p, r), 1, cached, p.request.seed) for p, (r, cached) in zip(batch, answers)]
-        # Another seed changes nothing under greedy decoding (temperature 0), so only sampling runs retry.
-        retrying = self.cfg.retry_new_seed and self.cfg.temperature > 0
-        retry = [i for i, r in enumerate(replies) if not r.decision.kept] if retrying else []
-        if retry:
-            again = [_reseeded(batch[i]) for i in retry]
-            for i, plan, (result, cached) in zip(retry, again, self._ask(backend, again, cache)):
-                replies[i] = Reply(result, self._judge(plan, result), 2, cached, plan.request.seed)
-        return replies
-
-
-def judge_result(plan: Plan, result: ChatResult, vocabulary: list[str], bounds: Bounds) -> Decision[list[Turn]]:
-    """A backend's result as a decision: its failure, ``truncated_reply`` when cut at the limit, else the reply's."""
+def judge_result(
+    part: Part, meta: SampleMeta, result: ChatResult, vocabulary: list[str], bounds: Bounds
+) -> Decision[list[Turn]]:
+    """A backend's result as a decision: its failure, ``truncated_reply`` when cut at the limit, ``copies_caption``
+    for a re-caption that repeats the web caption, else the reply's own checks."""
     if not result.ok:
         return Decision.drop(result.reason, result.message or result.reason)
     if result.finish_reason == "length":
         return Decision.drop(
             TRUNCATED,
-            f"the reply was cut at the token limit ({plan.request.max_tokens} tokens, generate.max_new_tokens)",
+            f"the reply was cut at the token limit ({part.request.max_tokens} tokens, generate.max_new_tokens)",
         )
-    return read_reply(plan.format, result.text, plan.meta, plan.question, vocabulary, bounds)
+    decision = read_reply(part.format, result.text, meta, part.question, vocabulary, bounds)
+    if decision.kept and part.sees_image and part.format == "description":
+        if copied := copies_caption(decision.value[-1].value, meta):
+            return Decision.drop("copies_caption", f"the re-caption repeats the web caption: {copied!r}")
+    return decision
+
+
+def grounding_text(turns: list[Turn], fmt: str) -> str:
+    """What of a reply the grounding check scores: a description's text, or each ``question: answer`` on a line."""
+    if fmt == "description":
+        return turns[-1].value
+    pairs = zip(turns[0::2], turns[1::2])
+    lines = [f"{q.value.replace(IMAGE_TOKEN, '').strip().rstrip('?')}: {a.value}" for q, a in pairs]
+    return "\n".join(lines)
+
+
+def recaption_text(reply: PartReply) -> str | None:
+    """The kept re-caption's text (the description turn), or None when it was rejected."""
+    return reply.decision.value[-1].value if reply.decision.kept else None
+
+
+def _not_asked(part: Part, recaption: PartReply | None) -> PartReply:
+    """A second-pass part that was never asked: the re-caption it reads was rejected."""
+    why = recaption.decision.reason if recaption is not None else "missing"
+    decision = Decision.drop("recaption_rejected", f"the re-caption this kind reads was rejected ({why})")
+    return PartReply(
+        part.kind,
+        ChatResult(part.request.key if part.request else "", reason="recaption_rejected"),
+        decision,
+        0,
+        False,
+        part.seed,
+    )
 
 
 def _sampling(request: ChatRequest) -> dict:
@@ -372,6 +311,6 @@ def _sampling(request: ChatRequest) -> dict:
     }
 
 
-def _reseeded(plan: Plan) -> Plan:
-    seed = derive_seed(plan.request.seed or 0, plan.key, "retry")
-    return replace(plan, request=replace(plan.request, seed=seed))
+def _reseeded(part: Part, key: str) -> Part:
+    seed = derive_seed(part.seed or 0, key, "retry")
+    return replace(part, seed=seed, request=replace(part.request, seed=seed))

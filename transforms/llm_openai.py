@@ -29,6 +29,7 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from visinstruct.transforms.http import (
@@ -41,6 +42,9 @@ from visinstruct.transforms.http import (
     send,
     status_error,
 )
+
+if TYPE_CHECKING:
+    from visinstruct.transforms.vision import PreparedImage
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,9 @@ class ChatRequest:
         temperature: Sampling temperature; 0 asks for greedy decoding.
         top_p: Nucleus sampling mass.
         seed: Sent as ``seed`` when not None (servers that support it then sample reproducibly).
+        image: The image that the ``{"type": "image"}`` placeholder of ``messages`` stands for (kinds that see the
+            image), or None. Backends render it (:mod:`visinstruct.transforms.vision`); this client sends
+            ``messages`` as they are, so its caller renders them first (``vision.openai_messages``).
     """
 
     key: str
@@ -68,6 +75,7 @@ class ChatRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    image: PreparedImage | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,8 @@ class ChatResult:
         message: A human-readable account of the failure (never containing the API key).
         attempts: How many HTTP attempts were made (0 when the request could not be encoded).
         finish_reason: ``choices[0].finish_reason`` (``"length"`` means the answer was cut at ``max_tokens``).
+        image_tokens: The prompt's image tokens when the backend reports them (``usage.prompt_tokens_details.
+            image_tokens``; a local model's count), else None. They are part of ``prompt_tokens``.
     """
 
     key: str
@@ -96,6 +106,7 @@ class ChatResult:
     message: str | None = None
     attempts: int = 1
     finish_reason: str | None = None
+    image_tokens: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -307,6 +318,7 @@ def _parse_completion(key: str, body: bytes, attempt: int) -> ChatResult:
         # Not retried: with the same prompt and seed, a server gives the same empty answer again.
         raise HttpError("empty_completion", f"empty assistant message (finish_reason={finish})")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
     return ChatResult(
         key,
         text=content,
@@ -314,6 +326,7 @@ def _parse_completion(key: str, body: bytes, attempt: int) -> ChatResult:
         completion_tokens=_count(usage.get("completion_tokens")),
         attempts=attempt,
         finish_reason=finish if isinstance(finish, str) else None,
+        image_tokens=_count(details["image_tokens"]) if "image_tokens" in details else None,
     )
 
 

@@ -215,6 +215,8 @@ def judge_sample(
 
         def add() -> list:
             new = members if decision.value is None else dict(members, json=kept.to_json().encode("utf-8"))
+            if "txt" in members and kept.caption != meta.caption:  # the .txt member is the caption (FORMAT.md)
+                new["txt"] = (kept.caption or "").encode("utf-8")
             return writer.add(key, list(new.items()))
 
         added = guarded(stage, add, key, meta.url or meta.path)
