@@ -38,6 +38,8 @@ INSTALL_REQUIRES = [
     "open_clip_torch>=2.24",
     "img2dataset>=1.45",
     "fsspec",
+    "ftfy>=6",  # curate: mojibake repair (Apache-2.0)
+    "py3langid>=0.3",  # curate: caption language ID, model weights in the package (BSD-3-Clause)
 ]
 
 EXTRAS = {

@@ -6,6 +6,7 @@ Load one with ``load(IngestConfig, "configs/ingest/demo.yaml", overrides=["downl
 from pathlib import Path
 
 from visinstruct.configs.build import CONFIGS, BuildConfig
+from visinstruct.configs.curate import CAPTION_RULES, CurateConfig, TextQualityConfig
 from visinstruct.configs.generate import (
     GenerateConfig,
     GroundingConfig,
@@ -45,13 +46,15 @@ from visinstruct.configs.train_llava import (
     VisionTowerConfig,
 )
 
-# build.py holds the pipelines' registry; the trainers' configs join it here (train.py imports stages.py).
+# build.py holds the pipelines' registry; the trainers' and curate's configs join it here (they import stages.py).
 CONFIGS["train-clip"] = ClipTrainConfig
 CONFIGS["train"] = LlavaTrainConfig
+CONFIGS["curate"] = CurateConfig
 
 CONFIG_DIR = Path(__file__).parent  # the bundled YAML files live beside this module
 
 __all__ = [
+    "CAPTION_RULES",
     "CONFIGS",
     "CONFIG_DIR",
     "BuildConfig",
@@ -61,6 +64,7 @@ __all__ = [
     "ClipTrainConfig",
     "ComputeConfig",
     "ConfigError",
+    "CurateConfig",
     "DedupConfig",
     "DownloadConfig",
     "FilterConfig",
@@ -81,6 +85,7 @@ __all__ = [
     "ResizeConfig",
     "StreamConfig",
     "TextConfig",
+    "TextQualityConfig",
     "TransformersLLMConfig",
     "VllmConfig",
     "VisionTowerConfig",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from visinstruct.configs.curate import CurateConfig
 from visinstruct.configs.generate import GenerateConfig
 from visinstruct.configs.loader import opt
 from visinstruct.configs.stages import FilterConfig, IngestConfig
@@ -27,6 +28,9 @@ class BuildConfig:
         "existing shards to start from instead of ingesting (a folder, glob or brace pattern of .tar files; ours "
         "or img2dataset's); needs ingest: null",
     )
+    curate: CurateConfig | None = opt(
+        None, "curation before the filter (a curate config, without input and write); null to skip"
+    )
     filter: FilterConfig | None = opt(None, "CLIP filtering (a filter config, without input and write); null to skip")
     generate: GenerateConfig | None = opt(
         None, "conversation generation (a generate config, without input and write); null to skip"
@@ -40,11 +44,11 @@ class BuildConfig:
     def __post_init__(self):
         if (self.ingest is None) == (self.input is None):
             raise ValueError("give either 'ingest' (ingest a URL list) or 'input' (start from existing shards)")
-        if self.ingest is None and self.filter is None and self.generate is None:
-            raise ValueError("starting from existing shards ('input') needs a 'filter' or 'generate' stage")
+        if self.ingest is None and self.curate is None and self.filter is None and self.generate is None:
+            raise ValueError("starting from existing shards ('input') needs a 'curate', 'filter' or 'generate' stage")
         if self.ingest is not None and self.ingest.write.path is not None:
             raise ValueError("'ingest.write.path' is the build's 'out' (or --out): remove it")
-        for name in ("filter", "generate"):
+        for name in ("curate", "filter", "generate"):
             stage = getattr(self, name)
             for key in ("input", "write"):
                 if stage is not None and getattr(stage, key) is not None:

@@ -1,12 +1,13 @@
-"""``visinstruct build``: ingest, CLIP filter and generation composed in one Beam graph.
+"""``visinstruct build``: ingest, curation, CLIP filter and generation composed in one Beam graph.
 
-Graph::
+Graph (each stage optional but the first)::
 
-    Ingest -> (shard paths) -> FilterShards (in place) -> (shard paths) -> GenerateShards (in place) -> ShardStats
+    Ingest -> (shard paths) -> CurateShards (in place) -> FilterShards (in place) -> GenerateShards (in place)
+    -> ShardStats
 
-or, from existing shards (``ingest: null``, ``input: ...``)::
+or, from existing shards (``ingest: null``, ``input: ...``), the first stage that runs writes into ``out``::
 
-    tar paths -> FilterShards (into out) -> (shard paths) -> GenerateShards (in place) -> ShardStats
+    tar paths -> CurateShards | FilterShards | GenerateShards (into out) -> ... (in place) -> ShardStats
 
 Each stage hands the next the paths of the shards it finished, and rewrites them where they are: no image bytes
 are shuffled between stages and no intermediate copy of the dataset is written. Each shard's index keeps one row
@@ -29,12 +30,14 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.configs import BuildConfig, GenerateConfig, OutputConfig
+from visinstruct.pipelines.curate import CurateShards
 from visinstruct.pipelines.filter import FilterShards
 from visinstruct.pipelines.generate import TOKEN_COUNTERS, GenerateShards, parts_rejected
 from visinstruct.pipelines.ingest import Ingest, remove_empty_staging
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import counter_value, input_rows, summarize, write_report
 from visinstruct.schemas import IndexRow
+from visinstruct.transforms.curate_stages import FIXED_MOJIBAKE
 from visinstruct.transforms.layout import index_pattern, rejected_pattern, shard_in, shard_stem
 from visinstruct.transforms.plans import scorer_defaults
 from visinstruct.transforms.shards import read_table
@@ -46,6 +49,7 @@ INGEST_STAGES = ("read", "download", "decode", "dedup")
 def stages_of(cfg: BuildConfig) -> list[str]:
     return (
         (["ingest"] if cfg.ingest else [])
+        + (["curate"] if cfg.curate else [])
         + (["filter"] if cfg.filter else [])
         + (["generate"] if cfg.generate else [])
     )
@@ -85,6 +89,10 @@ class Build(beam.PTransform):
         else:
             positions = {path: i for i, path in enumerate(self.inputs)}
             paths = pbegin | "InputShards" >> beam.Create(self.inputs) | "SpreadShards" >> beam.Reshuffle()
+        if cfg.curate:
+            stats = paths | "Curate" >> CurateShards(replace(cfg.curate, write=OutputConfig(out)), positions)
+            paths = stats | "CuratedShards" >> beam.Map(lambda s: shard_in(out, s.shard).tar)
+            positions = {}  # later stages rewrite curation's output in place
         if cfg.filter:
             stats = paths | "Filter" >> FilterShards(replace(cfg.filter, write=OutputConfig(out)), positions)
             paths = stats | "FilteredShards" >> beam.Map(lambda s: shard_in(out, s.shard).tar)
@@ -169,6 +177,8 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] 
         clip=clip_distribution(out),
         **{name: counter_value(result, "generate", name) or 0 for name in TOKEN_COUNTERS},
     )
+    if cfg.curate is not None:
+        report[FIXED_MOJIBAKE] = counter_value(result, "curate", FIXED_MOJIBAKE) or 0
     if cfg.generate is not None:
         report["parts_rejected"] = parts_rejected(result)
     for stage in report["stages"]:  # seconds of work per stage, summed over workers (stages overlap in one graph)

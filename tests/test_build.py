@@ -136,7 +136,8 @@ def test_build_says_in_one_line_what_is_missing(tmp_path, capsys):
     assert main(["build", "--config", str(tmp_path / "neither.yaml")]) == 2
     assert "give either 'ingest' (ingest a URL list) or 'input'" in capsys.readouterr().err
     assert main(["build", "--config", str(tmp_path / "neither.yaml"), "--input", str(tmp_path)]) == 2
-    assert "starting from existing shards ('input') needs a 'filter' or 'generate' stage" in capsys.readouterr().err
+    needs = "starting from existing shards ('input') needs a 'curate', 'filter' or 'generate' stage"
+    assert needs in capsys.readouterr().err
     captions = f"out: {tmp_path / 'out'}\ngenerate: {{backend: caption_only}}\n"
     (tmp_path / "captions.yaml").write_text(captions)
     assert main(["build", "--config", str(tmp_path / "captions.yaml"), "--input", str(tmp_path / "nope")]) == 2
