@@ -39,7 +39,7 @@ INSTALL_REQUIRES = [
     "img2dataset>=1.45",
     "fsspec",
     "ftfy>=6",  # curate: mojibake repair (Apache-2.0)
-    "py3langid>=0.3",  # curate: caption language ID, model weights in the package (BSD-3-Clause)
+    "py3langid>=0.4",  # curate: caption language ID, model weights in the package (BSD-3-Clause)
 ]
 
 EXTRAS = {

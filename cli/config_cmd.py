@@ -15,7 +15,7 @@ from visinstruct.cli.errors import UserError
 from visinstruct.cli.jobs import add_set_argument
 from visinstruct.configs import CONFIGS, ConfigError, describe, load
 
-RUNS = ("ingest", "filter", "generate", "build")  # the configs a pipeline command runs: the narrowest first
+RUNS = ("ingest", "filter", "generate", "curate", "build")  # the configs a pipeline command runs: the narrowest first
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

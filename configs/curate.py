@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from visinstruct.configs.loader import opt
@@ -18,8 +19,11 @@ class TextQualityConfig:
     languages: list[str] | None = opt(
         None, "allowed languages, ISO 639-1 codes (py3langid), e.g. [en]; null: any language"
     )
-    language_min_words: int = opt(3, "captions shorter than this are not language-checked (too short to tell)")
-    language_min_probability: float = opt(0.5, "a caption's language must be identified at least this surely")
+    language_min_words: int = opt(5, "captions shorter than this are not language-checked (too short to tell)")
+    language_min_probability: float = opt(
+        0.8, "a caption is dropped for its language only when identified at least this surely (names mislead)"
+    )
+    max_chars: int = opt(5000, "most characters a caption may have (checked first: no rule reads more)")
     min_words: int = opt(2, "fewest words a caption may have")
     max_words: int = opt(300, "most words a caption may have")
     rules: list[str] = opt(
@@ -39,8 +43,11 @@ class TextQualityConfig:
         unknown = sorted(set(self.rules) - set(CAPTION_RULES))
         if unknown:
             raise ValueError(f"unknown rules {unknown}: choose from {list(CAPTION_RULES)}")
-        if self.languages is not None and (not self.languages or any(len(c) != 2 for c in self.languages)):
-            raise ValueError(f"'languages' takes ISO 639-1 codes such as [en, de], got {self.languages}")
+        _positive("max_chars", self.max_chars)
+        if self.languages is not None:
+            self.languages = [str(code).strip().lower() for code in self.languages]
+            if not self.languages or any(not re.fullmatch("[a-z]{2}", code) for code in self.languages):
+                raise ValueError(f"'languages' takes ISO 639-1 codes such as [en, de], got {self.languages}")
 
 
 @dataclass

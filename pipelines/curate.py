@@ -20,6 +20,7 @@ from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import check_inputs, counter_value, input_rows, summarize, write_report
 from visinstruct.transforms.curate_stages import FIXED_MOJIBAKE, STAGE, shard_judge
 from visinstruct.transforms.rewrite_stage import RewriteShard
+from visinstruct.transforms.text_quality import unknown_languages
 
 
 def no_groups(path: str) -> tuple[str, dict]:
@@ -34,6 +35,8 @@ class CurateShards(beam.PTransform):
         super().__init__()
         if cfg.write is None or not cfg.write.path:
             raise ValueError("curate needs write.path (the output folder)")
+        if cfg.text.languages and (unknown := unknown_languages(cfg.text.languages)):
+            raise ValueError(f"curate: text.languages {unknown} are not languages py3langid knows (ISO 639-1)")
         self.cfg, self.positions = cfg, positions or {}
 
     def expand(self, paths):

@@ -227,3 +227,54 @@ def test_cjk_characters_count_as_words():
 def test_each_content_rule_can_be_switched_off(caption, rule, next_reason):
     others = [r for r in ("filename", "url", "boilerplate", "repeated_tokens") if r != rule]
     assert reason(caption, rules=others, min_words=3 if next_reason else 2) == next_reason
+
+
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "Amazon.com logo",
+        "Paris.fr city hall",
+        "bike.co bicycle shop",
+        "Mount Kilimanjaro Tanzania Africa",
+        "Croissant and cafe au lait",
+        "Machu Picchu Peru",
+    ],
+)
+def test_names_that_look_like_domains_or_other_languages_are_kept(caption):
+    assert reason(caption, languages=["en"]) is None
+
+
+def test_generated_alt_text_is_boilerplate():
+    assert reason("Image may contain: 2 people, people smiling, outdoor") == "boilerplate_caption"
+
+
+def test_undecodable_bytes_are_mojibake_that_no_repair_undoes():
+    assert reason("caf\ufffd au lait on a small table") == "mojibake"
+    assert reason("caf\ufffd au lait on a small table", fix_mojibake=False) == "mojibake"
+
+
+def test_a_caption_over_max_chars_is_dropped_before_any_rule_reads_it():
+    assert reason("a." * 10_000) == "too_many_chars"
+    assert reason("x.com " * 3000) == "too_many_chars"
+    assert reason("A dog. " * 100, max_chars=10_000) == "repeated_tokens"  # under the bound, the rules read it
+
+
+def test_language_codes_are_normalised_and_unknown_ones_refused_before_a_run(tmp_path):
+    from visinstruct.configs import CurateConfig, from_dict
+    from visinstruct.pipelines.curate import CurateShards
+
+    assert cfg(languages=["EN", " de"]).languages == ["en", "de"]
+    with pytest.raises(ValueError, match="ISO 639-1"):
+        cfg(languages=["eng"])
+    curate = from_dict(CurateConfig, {"text": {"languages": ["xx"]}, "write": {"path": str(tmp_path)}})
+    with pytest.raises(ValueError, match=r"\['xx'\] are not languages py3langid knows"):
+        CurateShards(curate)
+
+
+def test_a_caption_only_in_the_txt_member_is_the_samples_caption():
+    from visinstruct.transforms.rewrite import sample_meta
+
+    members = {"json": b'{"key": "000000001", "url": "http://x/1.jpg"}', "txt": b"A dog on a beach"}
+    assert sample_meta("000000001", members).caption == "A dog on a beach"
+    with_json_caption = {"json": b'{"key": "000000001", "caption": "A cat"}', "txt": b"A dog on a beach"}
+    assert sample_meta("000000001", with_json_caption).caption == "A cat"

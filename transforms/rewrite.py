@@ -68,7 +68,8 @@ def iter_samples(path: str, stage: str) -> Iterator[tuple[str | None, dict | Rej
 
 
 def sample_meta(key: str, members: dict[str, bytes]) -> SampleMeta:
-    """The sample's metadata: its JSON member (ours or img2dataset's), else just the key and caption.
+    """The sample's metadata: its JSON member (ours or img2dataset's), else just the key and caption; the caption
+    comes from the ``.txt`` member when the JSON has none.
 
     Raises ``ValueError`` (the sample's ``bad_metadata``) for a JSON member of any wrong shape, and for one whose
     ``key`` is not the tar's key: rows are indexed, sorted and accounted by the tar's key.
@@ -77,6 +78,8 @@ def sample_meta(key: str, members: dict[str, bytes]) -> SampleMeta:
         meta = SampleMeta.from_json(members["json"])
         if meta.key != key:
             raise ValueError(f"sample {key}: its JSON says key {meta.key!r}"[:500])
+        if meta.caption is None and "txt" in members:  # webdatasets whose JSON leaves the caption to the .txt
+            meta = replace(meta, caption=members["txt"].decode("utf-8", "replace"))
         return meta
     caption = members["txt"].decode("utf-8", "replace") if "txt" in members else None
     return SampleMeta(key=key, caption=caption)

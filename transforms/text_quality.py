@@ -1,6 +1,7 @@
 """Caption quality: one small rule per reason, checked in a fixed order by :func:`check_caption`.
 
-Order (the first rule that fails names the reason): ``no_caption``, ``mojibake`` (repaired or rejected),
+Order (the first rule that fails names the reason): ``no_caption``, ``too_many_chars`` (so that no rule reads an
+unbounded text), ``mojibake`` (repaired, or rejected: always for U+FFFD, which no repair can undo),
 ``filename_caption``, ``url_caption``, ``boilerplate_caption``, ``repeated_tokens`` (the four content-free rules,
 each skipped when not in ``cfg.rules``), ``too_few_words`` / ``too_many_words``, then ``wrong_language``.
 The cheap, certain rules run first; language identification, the one that needs a model, runs last and only on
@@ -32,16 +33,17 @@ _WORD = re.compile(rf"[{_CJK}]|(?:(?![{_CJK}])\w)+")
 
 _IMAGE_EXT = r"(?:jpe?g|jpe|png|gif|webp|bmp|tiff?|heic|heif|avif|raw|cr2|nef|arw|dng|svg|ico|mp4|mov|avi)"
 # a caption that IS a file name: a stem of name characters (no commas, colons, quotes: not a sentence) + extension
-_WHOLE_FILENAME = re.compile(rf"[\w\-.~+()\[\] ]*\w[\w\-.~+()\[\] ]*\.{_IMAGE_EXT}", re.IGNORECASE)
+# (repeats are bounded so that a long caption costs linear time, never a quadratic backtrack)
+_WHOLE_FILENAME = re.compile(rf"[\w\-.~+()\[\] ]{{0,200}}\w[\w\-.~+()\[\] ]{{0,200}}\.{_IMAGE_EXT}", re.IGNORECASE)
 _FILENAME_TOKENS = re.compile(
     "|".join(
         (
-            rf"[\w\-~+]+(?: ?\(\d+\))?\.{_IMAGE_EXT}\b",  # IMG_1234.jpg, photo (3).png, image.jpeg
+            rf"\b[\w\-~+]{{1,200}}(?: ?\(\d{{1,6}}\))?\.{_IMAGE_EXT}\b",  # IMG_1234.jpg, photo (3).png
             # names cameras and phones give their files: IMG_1234, DSC00012, DSCF0042, PXL_20230101_120000123
             r"\b(?:IMG|DSC[NF]?|DCIM|DJI|GOPR|GP|PXL|MVIMG|VID|SAM|WP|PANO|P|CIMG|IMAG|HPIM|PICT|DSCN)[_\-]?\d{3,}"
-            r"(?:[_\-]\w+)*\b",
+            r"(?:[_\-]\w{1,40}){0,8}\b",
             # generic stems numbered by a file manager: image (3), photo_12, Screenshot 2021-03-04, untitled-2
-            r"\b(?:image|img|photo|picture|pic|screenshot|scan|untitled|file)[ _\-]?\(?\d[\d\-_.]*\)?",
+            r"\b(?:image|img|photo|picture|pic|screenshot|scan|untitled|file)[ _\-]?\(?\d[\d\-_.]{0,40}\)?",
         )
     ),
     re.IGNORECASE,
@@ -49,7 +51,7 @@ _FILENAME_TOKENS = re.compile(
 
 _TLD = r"(?:com|net|org|edu|gov|io|co|uk|de|fr|es|it|nl|ru|cn|jp|br|in|au|ca|info|biz|me|tv|ly|us|eu|pl|ch|se)"
 _URL_TOKENS = re.compile(
-    rf"\b(?:https?|ftp)://\S+|\bwww\.\S+|\b[\w\-]+(?:\.[\w\-]+)*\.{_TLD}\b(?:/\S*)?",
+    rf"\b(?:https?|ftp)://\S{{1,2048}}|\bwww\.\S{{1,2048}}|\b[\w\-]{{1,63}}(?:\.[\w\-]{{1,63}}){{0,8}}\.{_TLD}\b(?:/\S{{0,2048}})?",
     re.IGNORECASE,
 )
 
@@ -79,6 +81,8 @@ _BOILERPLATE_PHRASES = re.compile(
     + r")\b",
     re.IGNORECASE,
 )
+_URL_FILLER = frozenset("visit see source via from at on by credit credits link more info here to the a".split())
+_AUTO_ALT_TEXT = re.compile(r"\s*(?:this )?(?:image|photo|picture) may contain\b", re.IGNORECASE)
 # generic media words, and filler: no content on their own (a caption of only these and phrases describes nothing)
 _MEDIA = frozenset(
     "image images photo photos picture pictures pic pics img graphic graphics vector vectors illustration".split()
@@ -95,14 +99,24 @@ def _word_spans(text: str) -> list[tuple[int, int]]:
     return [m.span() for m in _WORD.finditer(text)]
 
 
+def _inside(text: str, pattern: re.Pattern[str]) -> tuple[int, int, int]:
+    """``(words inside matches of pattern, words outside them, matches)``, in one sweep (matches come in order)."""
+    matches = [m.span() for m in pattern.finditer(text)]
+    inside = outside = i = 0
+    for start, end in _word_spans(text):
+        while i < len(matches) and matches[i][1] <= start:
+            i += 1
+        if i < len(matches) and matches[i][0] <= start and end <= matches[i][1]:
+            inside += 1
+        else:
+            outside += 1
+    return inside, outside, len(matches)
+
+
 def _covered_share(text: str, pattern: re.Pattern[str]) -> float:
     """The share of the caption's words that lie inside matches of ``pattern`` (0 for a caption without words)."""
-    spans = _word_spans(text)
-    if not spans:
-        return 0.0
-    matches = [m.span() for m in pattern.finditer(text)]
-    inside = sum(1 for s, e in spans if any(ms <= s and e <= me for ms, me in matches))
-    return inside / len(spans)
+    inside, outside, _ = _inside(text, pattern)
+    return inside / (inside + outside) if inside + outside else 0.0
 
 
 def quote(caption: str) -> str:
@@ -137,10 +151,14 @@ def is_filename(caption: str) -> bool:
 def is_url(caption: str) -> bool:
     """URLs or bare domains (``https://...``, ``www.x``, ``shop.example.com/p/1``) are at least half the words.
 
-    A brand written as a domain inside a real sentence ("a delivery van with the Amazon.com logo parked outside a
-    house") is two words of many, and stays.
+    Each URL counts as one word, and URLs must outnumber the other words that say something ("visit", "source",
+    "via"... say nothing): "Visit http://example.com" is dropped; a brand written as a domain ("Amazon.com logo",
+    "a delivery van with the Amazon.com logo parked outside a house") stays.
     """
-    return _covered_share(caption, _URL_TOKENS) >= MOSTLY
+    found = list(_URL_TOKENS.finditer(caption))
+    rest = words(_URL_TOKENS.sub(" ", caption))
+    content = [w for w in rest if w.lower() not in _URL_FILLER]
+    return len(found) > len(content)  # each URL one word: "Amazon.com logo" is half a URL, and stays
 
 
 def is_boilerplate(caption: str) -> bool:
@@ -159,6 +177,8 @@ def is_boilerplate(caption: str) -> bool:
     all_words = [w.lower() for w in words(caption)]
     if not all_words:
         return False
+    if _AUTO_ALT_TEXT.match(caption):  # "Image may contain: 2 people, smiling": a generator's tags, not a caption
+        return True
     stripped = _BOILERPLATE_PHRASES.sub(" ", caption)
     phrase_words = len(all_words) - len(words(stripped))
     rest = [w.lower() for w in words(stripped)]
@@ -198,6 +218,12 @@ def language_identifier() -> Any:
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
+def unknown_languages(codes: Iterable[str]) -> list[str]:
+    """The codes py3langid cannot name (a config that allows them would drop every caption it identifies)."""
+    known = set(language_identifier().nb_classes)
+    return sorted(c for c in codes if c not in known)
+
+
 def identify_language(text: str) -> tuple[str, float]:
     """The most likely ISO 639-1 language of ``text`` and its probability (0-1)."""
     language, probability = language_identifier().classify(text)
@@ -219,6 +245,10 @@ def check_caption(caption: str | None, cfg: TextQualityConfig) -> Decision[str]:
     """
     if caption is None or not caption.strip():
         return Decision.drop("no_caption", "the sample has no caption" if caption is None else "the caption is blank")
+    if len(caption) > cfg.max_chars:  # before any rule: none then reads more than max_chars
+        return _drop("too_many_chars", f"{len(caption)} characters, over max_chars {cfg.max_chars}", caption)
+    if "\ufffd" in caption:  # bytes that were not text in their encoding: replaced, past any repair
+        return _drop("mojibake", "the caption holds U+FFFD (undecodable bytes)", caption)
     repaired = repaired_mojibake(caption)
     if repaired != caption:
         if not cfg.fix_mojibake:
