@@ -30,6 +30,7 @@ from visinstruct.configs import GenerateConfig
 from visinstruct.schemas import IMAGE_TOKEN, Decision, SampleMeta, Turn
 from visinstruct.transforms.backends import BACKENDS
 from visinstruct.transforms.conversations import Bounds, copies_caption, read_reply
+from visinstruct.transforms.grounding import passes
 from visinstruct.transforms.guard import guarded
 from visinstruct.transforms.http import RETRYABLE_REASONS as HTTP_RETRYABLE_REASONS
 from visinstruct.transforms.llm_openai import ChatRequest, ChatResult
@@ -204,10 +205,10 @@ class GenerationHandler(ModelHandler[Plan, Reply, Models]):
         texts = [grounding_text(replies[item].decision.value, parts[item].format) for item in items]
         scores = scorer.scores([(batch[item[0]].image, text) for item, text in zip(items, texts)])
         threshold, out = self.cfg.grounding.threshold, {}
-        for item, score in zip(items, scores):
-            score = None if math.isnan(score) else round(float(score), 4)  # NaN: the image or text could not be scored
+        for item, raw in zip(items, scores):
+            score = None if math.isnan(raw) else round(float(raw), 4)  # NaN: the image or text could not be scored
             decision = replies[item].decision
-            if score is None or score < threshold:
+            if not passes(raw, threshold):
                 said = "could not be scored" if score is None else f"agrees with its image at {score:.3f} (CLIP)"
                 decision = Decision.drop(
                     "low_grounding",

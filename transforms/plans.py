@@ -114,20 +114,17 @@ def check_kinds(cfg: GenerateConfig, templates: Templates) -> None:
 _SCORER_IGNORES = ("min_batch_size", "large_model", "model_copies", "decode_threads", "accelerator")
 
 
-def ignored_model_keys(model) -> list[str]:
-    """Keys of a grounding ``model`` section set away from their defaults that the scorer would ignore."""
-    from visinstruct.configs import ClipModelConfig
-
-    default = ClipModelConfig()
-    return [k for k in _SCORER_IGNORES if getattr(model, k) != getattr(default, k)]
-
-
 def scorer_defaults() -> dict:
     """Those keys at their defaults (a build's grounding check takes the filter's model without them)."""
     from visinstruct.configs import ClipModelConfig
 
     default = ClipModelConfig()
     return {k: getattr(default, k) for k in _SCORER_IGNORES}
+
+
+def ignored_model_keys(model) -> list[str]:
+    """Keys of a grounding ``model`` section set away from their defaults that the scorer would ignore."""
+    return [k for k, default in scorer_defaults().items() if getattr(model, k) != default]
 
 
 def needs_image(cfg: GenerateConfig, templates: Templates) -> bool:
