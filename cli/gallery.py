@@ -1,9 +1,10 @@
 """``gallery``: a static HTML page of sample thumbnails, and a PNG contact sheet, to look at a dataset.
 
-The page shows each picked sample's thumbnail, key, size, CLIP score, caption, URL and conversation, then a
-section of rejected rows: key, stage, reason, URL and message, from the parquet index (every input row has its
-status there) and the dead-letter tables ``rejected/*-NNNNN.parquet`` (which name the stage). A rejected row has
-no image in the tar, so none is shown.
+The page shows each picked sample's thumbnail, key, size, CLIP score, what curation found (NSFW score, faces, and
+whether they are blurred: the thumbnail shows them as written), caption, URL and conversation, then a section of
+rejected rows, every reason in turn: key, stage, reason, URL and message, from the parquet index (every input row
+has its status there) and the dead-letter tables ``rejected/*-NNNNN.parquet`` (which name the stage). A rejected
+row has no image in the tar, so none is shown (nor should an image dropped as ``nsfw`` be).
 
 The page is one self-contained file: thumbnails are embedded as ``data:`` URIs, and a Content-Security-Policy
 allows nothing else to load (captions and URLs come from the web; they are escaped too). One small inline
@@ -216,6 +217,17 @@ def _link(url: str | None) -> str:
     return f'<a href="{text}" rel="noreferrer">{text}</a>' if url.startswith(("http://", "https://")) else text
 
 
+def _curation_facts(curation) -> list[str]:
+    """What curation found, for a card: the NSFW score and the faces (blurred in the thumbnail when written so)."""
+    if curation is None:
+        return []
+    facts = [] if curation.nsfw is None else [f"NSFW {curation.nsfw:.3f}"]
+    if curation.faces:
+        count = len(curation.faces)
+        facts.append(f"{count} face{'s' if count > 1 else ''}" + (" blurred" if curation.faces_blurred else ""))
+    return facts
+
+
 def _card_html(card: Card) -> str:
     esc = html.escape
     meta = card.meta
@@ -232,6 +244,7 @@ def _card_html(card: Card) -> str:
         facts.append(f"{meta.width}×{meta.height}")
     if meta and meta.clip:
         facts.append(f"CLIP {meta.clip.score:.3f}")
+    facts += _curation_facts(meta.curation if meta else None)
     turns = "".join(
         f'<p class="turn"><b>{esc(t.role)}</b> {esc(t.value)}</p>' for t in (meta.conversations if meta else [])
     )

@@ -34,6 +34,29 @@ def format_llm_usage(report: dict) -> str:
     )
 
 
+def curation_lines(report: dict) -> list[str]:
+    """What curation found, for the terminal: repairs, NSFW score quantiles, faces, near-copy comparisons."""
+    lines = []
+    if report.get("fixed_mojibake"):
+        lines.append(f"  captions repaired (mojibake): {report['fixed_mojibake']}")
+    if nsfw := report.get("nsfw"):
+        lines.append(
+            f"  NSFW scores of {nsfw['count']} images: p50 {nsfw['p50']}, p90 {nsfw['p90']}, p99 {nsfw['p99']}, "
+            f"max {nsfw['max']}"
+        )
+    faces = report.get("faces") or {}
+    if faces.get("images_checked"):
+        lines.append(
+            f"  faces: {faces['faces']} in {faces['images_with_faces']} of {faces['images_checked']} images"
+            + (f", blurred in {report['faces_blurred']}" if report.get("faces_blurred") else "")
+        )
+    if report.get("semdedup_comparisons"):
+        lines.append(
+            f"  semantic dedup: {report['semdedup_clusters']} clusters, {report['semdedup_comparisons']} comparisons"
+        )
+    return lines
+
+
 def format_build_report(report: dict) -> str:
     """The short table printed at the end of a build: rows into and out of each stage, and why they dropped."""
     carried = report.get("carried_rejections")
@@ -52,6 +75,7 @@ def format_build_report(report: dict) -> str:
     if report.get("clip"):
         c = report["clip"]
         lines.append(f"  CLIP scores: min {c['min']}, median {c['p50']}, max {c['max']} over {c['pairs']} pairs")
+    lines += curation_lines(report)
     if report.get("backend_calls"):
         lines.append(
             f"  LLM: {report['backend_calls']} calls spent {report['prompt_tokens_spent']} prompt + "

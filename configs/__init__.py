@@ -6,7 +6,15 @@ Load one with ``load(IngestConfig, "configs/ingest/demo.yaml", overrides=["downl
 from pathlib import Path
 
 from visinstruct.configs.build import CONFIGS, BuildConfig
-from visinstruct.configs.curate import CAPTION_RULES, CurateConfig, TextQualityConfig
+from visinstruct.configs.curate import (
+    CAPTION_RULES,
+    BenchmarkConfig,
+    CurateConfig,
+    DecontaminateConfig,
+    SafetyConfig,
+    SemDedupConfig,
+    TextQualityConfig,
+)
 from visinstruct.configs.generate import (
     GenerateConfig,
     GroundingConfig,
@@ -56,6 +64,10 @@ CONFIG_DIR = Path(__file__).parent  # the bundled YAML files live beside this mo
 __all__ = [
     "CAPTION_RULES",
     "CONFIGS",
+    "BenchmarkConfig",
+    "DecontaminateConfig",
+    "SafetyConfig",
+    "SemDedupConfig",
     "CONFIG_DIR",
     "BuildConfig",
     "ClipArchConfig",

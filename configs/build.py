@@ -46,6 +46,12 @@ class BuildConfig:
             raise ValueError("give either 'ingest' (ingest a URL list) or 'input' (start from existing shards)")
         if self.ingest is None and self.curate is None and self.filter is None and self.generate is None:
             raise ValueError("starting from existing shards ('input') needs a 'curate', 'filter' or 'generate' stage")
+        semdedup = self.curate.semdedup if self.curate else None
+        if semdedup and semdedup.embedding == "clip" and semdedup.model is None and self.filter is None:
+            raise ValueError(
+                "'curate.semdedup' embeds with the filter's CLIP, and this build has no filter: set "
+                "'curate.semdedup.model' or 'curate.semdedup.embedding: open_nsfw'"
+            )
         if self.ingest is not None and self.ingest.write.path is not None:
             raise ValueError("'ingest.write.path' is the build's 'out' (or --out): remove it")
         for name in ("curate", "filter", "generate"):

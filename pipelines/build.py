@@ -3,7 +3,7 @@
 Graph (each stage optional but the first)::
 
     Ingest -> (shard paths) -> CurateShards (in place) -> FilterShards (in place) -> GenerateShards (in place)
-    -> ShardStats
+    -> DecontaminateShards (in place: generated questions against the benchmarks) -> ShardStats
 
 or, from existing shards (``ingest: null``, ``input: ...``), the first stage that runs writes into ``out``::
 
@@ -25,25 +25,29 @@ from collections import Counter
 from dataclasses import replace
 
 import apache_beam as beam
-import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from visinstruct.configs import BuildConfig, GenerateConfig, OutputConfig
-from visinstruct.pipelines.curate import CurateShards
+from visinstruct.configs import BuildConfig, CurateConfig, GenerateConfig, OutputConfig
+from visinstruct.pipelines.curate import CurateShards, DecontaminateShards, add_curation
 from visinstruct.pipelines.filter import FilterShards
 from visinstruct.pipelines.generate import TOKEN_COUNTERS, GenerateShards, parts_rejected
 from visinstruct.pipelines.ingest import Ingest, remove_empty_staging
 from visinstruct.pipelines.options import pipeline_options
-from visinstruct.pipelines.report import counter_value, input_rows, summarize, write_report
-from visinstruct.schemas import IndexRow
-from visinstruct.transforms.curate_stages import FIXED_MOJIBAKE
-from visinstruct.transforms.layout import index_pattern, rejected_pattern, shard_in, shard_stem
+from visinstruct.pipelines.report import column_values, counter_value, input_rows, quantiles, summarize, write_report
+from visinstruct.transforms.curate_stages import DECONTAM_STAGE
+from visinstruct.transforms.layout import rejected_pattern, shard_in
 from visinstruct.transforms.plans import scorer_defaults
-from visinstruct.transforms.shards import read_table
 from visinstruct.transforms.timing import BUSY_US
 
 INGEST_STAGES = ("read", "download", "decode", "dedup")
+
+
+def checks_generated_questions(cfg: BuildConfig) -> bool:
+    """Whether generated conversations are checked against benchmark questions (a ``decontam`` stage after
+    generate): curation has benchmarks with questions and the build generates."""
+    contamination = cfg.curate.decontaminate if cfg.curate else None
+    return bool(cfg.generate and contamination and any(b.questions for b in contamination.benchmarks))
 
 
 def stages_of(cfg: BuildConfig) -> list[str]:
@@ -52,7 +56,18 @@ def stages_of(cfg: BuildConfig) -> list[str]:
         + (["curate"] if cfg.curate else [])
         + (["filter"] if cfg.filter else [])
         + (["generate"] if cfg.generate else [])
+        + ([DECONTAM_STAGE] if checks_generated_questions(cfg) else [])
     )
+
+
+def curate_config(cfg: BuildConfig, out: str) -> CurateConfig:
+    """The curate stage's config in a build: writing to ``out``, semantic dedup embedding with the filter's CLIP
+    unless it names its own."""
+    curate = replace(cfg.curate, write=OutputConfig(out))
+    semdedup = curate.semdedup
+    if semdedup is not None and semdedup.embedding == "clip" and semdedup.model is None and cfg.filter is not None:
+        curate = replace(curate, semdedup=replace(semdedup, model=cfg.filter.model))
+    return curate
 
 
 def generate_config(cfg: BuildConfig, out: str) -> GenerateConfig:
@@ -90,7 +105,7 @@ class Build(beam.PTransform):
             positions = {path: i for i, path in enumerate(self.inputs)}
             paths = pbegin | "InputShards" >> beam.Create(self.inputs) | "SpreadShards" >> beam.Reshuffle()
         if cfg.curate:
-            stats = paths | "Curate" >> CurateShards(replace(cfg.curate, write=OutputConfig(out)), positions)
+            stats = paths | "Curate" >> CurateShards(curate_config(cfg, out), positions)
             paths = stats | "CuratedShards" >> beam.Map(lambda s: shard_in(out, s.shard).tar)
             positions = {}  # later stages rewrite curation's output in place
         if cfg.filter:
@@ -99,6 +114,9 @@ class Build(beam.PTransform):
             positions = {}  # generation rewrites the filter's output in place
         if cfg.generate:
             stats = paths | "Generate" >> GenerateShards(generate_config(cfg, out), positions)
+            if checks_generated_questions(cfg):
+                paths = stats | "GeneratedShards" >> beam.Map(lambda s: shard_in(out, s.shard).tar)
+                stats = paths | "Decontaminate" >> DecontaminateShards(cfg.curate.decontaminate, out)
         return stats
 
 
@@ -118,8 +136,10 @@ def stage_counts(out_dir: str, stages: list[str], inputs: int) -> list[dict]:
     counts, remaining = [], inputs
     for stage in stages:
         out = remaining - sum(dropped[stage].values())
+        reasons = dict(dropped[stage].most_common())
+        rates = {reason: round(n / remaining, 4) for reason, n in reasons.items()} if remaining else {}
         counts.append(
-            {"stage": stage, "in": remaining, "out": out, "dropped_by_reason": dict(dropped[stage].most_common())}
+            {"stage": stage, "in": remaining, "out": out, "dropped_by_reason": reasons, "rate_by_reason": rates}
         )
         remaining = out
     return counts
@@ -127,18 +147,8 @@ def stage_counts(out_dir: str, stages: list[str], inputs: int) -> list[dict]:
 
 def clip_distribution(out_dir: str) -> dict | None:
     """Quantiles of the CLIP scores in the indexes (kept and dropped pairs alike)."""
-    scores = []
-    for meta in FileSystems.match([index_pattern(out_dir)])[0].metadata_list:
-        if shard_stem(meta.path) is not None:
-            column = read_table(meta.path, IndexRow, ["clip_score"]).column(0).to_pylist()
-            scores += [s for s in column if s is not None]
-    if not scores:
-        return None
-    q = np.quantile(np.array(scores), [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
-    return {
-        "pairs": len(scores),
-        **{k: round(float(v), 4) for k, v in zip(("min", "p10", "p25", "p50", "p75", "p90", "max"), q)},
-    }
+    found = quantiles([s for s in column_values(out_dir, "clip_score") if s is not None])
+    return None if found is None else {"pairs": found.pop("count"), **found}
 
 
 def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] | None = None) -> dict:
@@ -178,7 +188,7 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] 
         **{name: counter_value(result, "generate", name) or 0 for name in TOKEN_COUNTERS},
     )
     if cfg.curate is not None:
-        report[FIXED_MOJIBAKE] = counter_value(result, "curate", FIXED_MOJIBAKE) or 0
+        add_curation(report, result, out)
     if cfg.generate is not None:
         report["parts_rejected"] = parts_rejected(result)
     for stage in report["stages"]:  # seconds of work per stage, summed over workers (stages overlap in one graph)

@@ -60,6 +60,32 @@ def summarize(out_dir: str, stage: str, result=None) -> dict:
     return report
 
 
+def column_values(out_dir: str, column: str) -> list:
+    """One index column over every shard of ``out_dir`` (rows in shard order)."""
+    from visinstruct.schemas import IndexRow
+    from visinstruct.transforms.layout import index_pattern, shard_stem
+    from visinstruct.transforms.shards import read_table
+
+    values = []
+    for meta in sorted(FileSystems.match([index_pattern(out_dir)])[0].metadata_list, key=lambda m: m.path):
+        if shard_stem(meta.path) is not None:
+            values += read_table(meta.path, IndexRow, [column]).column(0).to_pylist()
+    return values
+
+
+QUANTILES = {"min": 0.0, "p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9, "p99": 0.99, "max": 1.0}
+
+
+def quantiles(values: list[float]) -> dict | None:
+    """How many values, and their quantiles (rounded to 4 digits); ``None`` for none."""
+    if not values:
+        return None
+    import numpy as np
+
+    q = np.quantile(np.asarray(values, dtype=np.float64), list(QUANTILES.values()))
+    return {"count": len(values), **{name: round(float(v), 4) for name, v in zip(QUANTILES, q)}}
+
+
 def input_rows(tars: list[str]) -> int | None:
     """Input rows of shards a stage reads, from their stats files; ``None`` when any is missing or foreign.
 
@@ -123,6 +149,11 @@ REASON_HINTS = {
     "not_an_image": "the URLs do not serve images: check that {ingest}read.url_col names the image URL column",
     "too_small": "images smaller than {ingest}resize.min_image_size: lower it",
     "too_large": "bodies over {ingest}download.max_bytes: raise it",
+    "nsfw": "images scored at least {curate}safety.nsfw_threshold by the NSFW model: raise it if that is too strict",
+    "wrong_language": "captions in languages outside {curate}text.languages: add them, or null for any",
+    "near_duplicate": "images near-identical to others (pHash at ingest, embeddings in curate): check "
+    "{ingest}dedup.phash_max_distance and {curate}semdedup.threshold",
+    "benchmark_overlap": "rows that copy a benchmark of {curate}decontaminate.benchmarks: check those files",
     "clip_below_threshold": "every pair scored under {filter}threshold: lower it (see `visinstruct filter "
     "--dry-run`) or use {filter}top_fraction",
     "inference_error": f"the model failed on whole batches: see the messages in {REJECTED_DIR}/",
@@ -141,7 +172,8 @@ GENERATE_HINTS = {  # reasons the LLM stage gives, which mean something else the
     "inference_error": "the LLM backend failed on whole batches: check {generate}backend and {generate}model",
 }
 TOP_REASONS = 3
-BUILD_PREFIXES = {"ingest": "ingest.", "filter": "filter.", "generate": "generate."}  # a build's stage sections
+# a build's stage sections
+BUILD_PREFIXES = {"ingest": "ingest.", "curate": "curate.", "filter": "filter.", "generate": "generate."}
 
 
 def reason_hint(reason: str, stage: str, prefixes: dict[str, str] | None = None) -> str | None:
@@ -155,7 +187,7 @@ def reason_hint(reason: str, stage: str, prefixes: dict[str, str] | None = None)
         )
     if hint is None:
         return None
-    prefixes = dict.fromkeys(("ingest", "filter", "generate"), "") | (prefixes or {})
+    prefixes = dict.fromkeys(("ingest", "curate", "filter", "generate"), "") | (prefixes or {})
     return hint.format(**prefixes)
 
 

@@ -8,6 +8,7 @@ and its table cannot drift apart. Shapes:
 - :class:`ClipScore`: a CLIP image-text score with the model that produced it.
 - :class:`Turn` lists: a conversation in LLaVA's format (``{"from": "human", "value": "<image>\\n..."}``).
 - :class:`GenerationInfo`: provenance of a generated conversation.
+- :class:`Curation`: what curation found in an image (NSFW score, faces, whether they were blurred).
 - :class:`SampleMeta`: the ``KEY.json`` member of a shard sample.
 - :class:`Rejection`: a dead-letter row (stage, reason code, message, key, url, detail).
 - :class:`IndexRow` / :class:`ShardStats`: the per-shard parquet index and ``_stats.json``.
@@ -137,6 +138,27 @@ class GenerationInfo:
 
 
 @dataclass(frozen=True)
+class Curation:
+    """What curation found in a sample's image: its NSFW score (0-1, open_nsfw), its face boxes (category
+    ``face``; an empty list: looked, found none; None: not looked for), and whether those faces were blurred in the
+    written image. Fields left at None are not written."""
+
+    nsfw: float | None = None
+    faces: list[Box] | None = None
+    faces_blurred: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.nsfw is not None:
+            out["nsfw"] = self.nsfw
+        if self.faces is not None:
+            out["faces"] = [to_row(box) for box in self.faces]
+        if self.faces_blurred is not None:
+            out["faces_blurred"] = self.faces_blurred
+        return out
+
+
+@dataclass(frozen=True)
 class SampleMeta:
     """The ``KEY.json`` member of a sample; fields a stage has not produced are left out of the JSON.
 
@@ -162,6 +184,7 @@ class SampleMeta:
     clip: ClipScore | None = None
     conversations: list[Turn] = field(default_factory=list)
     generation: GenerationInfo | None = None
+    curation: Curation | None = None
     extra: JsonDict = field(default_factory=JsonDict)
 
     @classmethod
@@ -200,7 +223,7 @@ class SampleMeta:
                 value = [to_row(v) for v in value]
             elif f.name == "clip":
                 value = asdict(value)
-            elif f.name == "generation":
+            elif f.name in ("generation", "curation"):
                 value = value.to_dict()
             out[field_key(f)] = value
         for k, v in self.extra.items():
@@ -407,6 +430,8 @@ class IndexRow:
     clip_image_embedding: bytes | None = None  # float16, normalised (filter.store_embeddings)
     clip_text_embedding: bytes | None = None
     conversation_kind: str | None = None
+    nsfw_score: float | None = None  # curate's safety check (open_nsfw, 0-1)
+    faces: int | None = None  # faces curate found (their boxes are in the JSON)
 
 
 @dataclass(frozen=True)

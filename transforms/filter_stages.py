@@ -27,30 +27,35 @@ from visinstruct.transforms.timing import add_busy
 STAGE = "filter"
 
 
-def shard_sample(path: str, key: str, members: dict[str, bytes]):
+def shard_sample(path: str, key: str, members: dict[str, bytes], stage: str = STAGE):
     """One sample of a tar -> ``((path, key), (image bytes, caption))``, or the :class:`Rejection` saying why not."""
     ext = image_member(members)
     if ext is None:
-        return Rejection(STAGE, "no_image", f"sample has no image member ({', '.join(members)})", key, path)
-    meta = read_meta(STAGE, key, members, path)  # anything but ValueError is left to the caller's guard
+        return Rejection(stage, "no_image", f"sample has no image member ({', '.join(members)})", key, path)
+    meta = read_meta(stage, key, members, path)  # anything but ValueError is left to the caller's guard
     if isinstance(meta, Rejection):
         return meta
     return (path, key), (members[ext], meta.caption or "")
 
 
 class ReadShardSamples(beam.DoFn):
-    """``tar path`` -> ``((path, key), (image bytes, caption))``; tagged ``rejected``: ``(path, Rejection)``."""
+    """``tar path`` -> ``((path, key), (image bytes, caption))``; tagged ``rejected``: ``(path, Rejection)``.
 
-    def __init__(self):
-        self.rows_read = beam.metrics.Metrics.counter(STAGE, "rows_read")
+    ``stage`` names the rejections and the ``rows_read`` counter (the filter's, or curate's image checks).
+    """
+
+    def __init__(self, stage: str = STAGE):
+        self.stage = stage
+        self.rows_read = beam.metrics.Metrics.counter(stage, "rows_read")
 
     def process(self, path):
-        for key, members in iter_samples(path, STAGE):
+        stage = self.stage
+        for key, members in iter_samples(path, stage):
             if key is None:
                 yield beam.pvalue.TaggedOutput("rejected", (path, members))
                 continue
             self.rows_read.inc()
-            outcome = guarded(STAGE, partial(shard_sample, path, key, members), key, path)
+            outcome = guarded(stage, partial(shard_sample, path, key, members, stage), key, path)
             if isinstance(outcome, Rejection):
                 yield beam.pvalue.TaggedOutput("rejected", (path, outcome))
             else:
@@ -68,10 +73,11 @@ class DecodeForClip(beam.DoFn):
     Elements come out while later ones are still decoding, so the threads work while RunInference (downstream
     in the same fused stage) runs the model: decoding overlaps inference. Damaged images go to ``rejected`` with
     their reason (``truncated``, ``decode_error``...); anything else one sample raises, as ``internal_error``.
+    ``preprocess`` is any model's (CLIP's, or curate's NSFW model); ``stage`` names rejections and busy time.
     """
 
-    def __init__(self, preprocess, threads: int):
-        self.preprocess, self.threads = preprocess, threads
+    def __init__(self, preprocess, threads: int, stage: str = STAGE):
+        self.preprocess, self.threads, self.stage = preprocess, threads, stage
 
     def setup(self):
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
@@ -86,23 +92,22 @@ class DecodeForClip(beam.DoFn):
         start = time.thread_time()  # CPU time: parallel decoding threads waiting for a core do no work
         return decode_for_clip(data, self.preprocess), time.thread_time() - start
 
-    @staticmethod
-    def _outcome(future, key: str, path: str) -> tuple[np.ndarray, float] | Rejection:
+    def _outcome(self, future, key: str, path: str) -> tuple[np.ndarray, float] | Rejection:
         try:
             return future.result()  # re-raises the decoding thread's exception here
         except Dropped as e:
-            return e.decision.rejection(STAGE, key, path)
+            return e.decision.rejection(self.stage, key, path)
 
     def _ready(self, drain: bool):
         while self.pending and (drain or len(self.pending) > 2 * self.threads or self.pending[0][1].done()):
             (path, key), future, caption = self.pending.popleft()
             # The guard runs in this thread, not the decoding one, so its counter lands in the DoFn's metrics.
-            outcome = guarded(STAGE, partial(self._outcome, future, key, path), key, path)
+            outcome = guarded(self.stage, partial(self._outcome, future, key, path), key, path)
             if isinstance(outcome, Rejection):
                 yield beam.pvalue.TaggedOutput("rejected", (path, outcome))
                 continue
             image, seconds = outcome
-            add_busy(STAGE, seconds)  # here, not in the decoding thread: metrics are per DoFn thread
+            add_busy(self.stage, seconds)  # here, not in the decoding thread: metrics are per DoFn thread
             yield (path, key), (image, caption)
 
     def process(self, element):
@@ -121,11 +126,11 @@ class DecodeForClip(beam.DoFn):
                 yield WindowedValue(out, 0, [GlobalWindow()])
 
 
-def failed_batch_rejections(failure) -> list[tuple[str, Rejection]]:
+def failed_batch_rejections(failure, stage: str = STAGE) -> list[tuple[str, Rejection]]:
     """RunInference's ``(failed batch, exception)`` as one dead-letter row per sample."""
     batch, error = failure
     message = f"{type(error).__name__}: {error}"[:500] if isinstance(error, BaseException) else str(error)[:500]
-    return [(path, Rejection(STAGE, "inference_error", message, key, path)) for (path, key), _ in batch]
+    return [(path, Rejection(stage, "inference_error", message, key, path)) for (path, key), _ in batch]
 
 
 def score_decision(

@@ -113,6 +113,8 @@ def index_row(meta: SampleMeta, **extra) -> IndexRow:
         phash=meta.phash,
         clip_score=meta.clip.score if meta.clip else None,
         conversation_kind=meta.generation.kind if meta.generation else None,
+        nsfw_score=meta.curation.nsfw if meta.curation else None,
+        faces=len(meta.curation.faces) if meta.curation and meta.curation.faces is not None else None,
     )
     return IndexRow(**(fields | extra))
 
