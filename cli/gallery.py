@@ -271,7 +271,8 @@ def render_page(
         f"samples and {len(rejected)} rejected rows."
         + (f" {unread} of the samples shown could not be read from their tars: run validate." if unread else "")
     )
-    reason_text = ", ".join(f"{esc(reason)} {n}" for reason, n in reasons.most_common()) or "none"
+    rows_in = written + total_rejected
+    reason_text = ", ".join(f"{esc(reason)} {n} ({n / rows_in:.1%})" for reason, n in reasons.most_common()) or "none"
     rows = "".join(
         f'<tr><td>{esc(files.name)}</td><td class="key">{esc(row.key)}</td><td>{esc(r.stage if r else "-")}'
         f'</td><td>{esc(row.status)}</td><td class="url">{_link(row.url or row.path)}</td>'

@@ -159,7 +159,8 @@ class DecontaminateConfig:
         names = [b.name for b in self.benchmarks]
         if len(set(names)) != len(names):
             raise ValueError(f"benchmark names must differ, got {names}")
-        _positive("ngram", self.ngram)
+        if self.ngram < 3:
+            raise ValueError(f"'ngram' must be >= 3 (shorter runs are everyday phrases), got {self.ngram}")
         if not 0 <= self.phash_distance <= 64:
             raise ValueError(f"'phash_distance' must be within 0-64, got {self.phash_distance}")
         if self.embedding_threshold is not None and not 0 < self.embedding_threshold <= 1:
@@ -178,6 +179,11 @@ class CurateConfig:
     write: OutputConfig | None = opt(None, "output shards (standalone runs)")
 
     def __post_init__(self):
+        if self.safety is None and self.semdedup is not None and self.semdedup.embedding == "open_nsfw":
+            raise ValueError(
+                "'semdedup.embedding: open_nsfw' uses the safety model's features: give a 'safety' section "
+                "(nsfw_threshold: null to embed without dropping)"
+            )
         if not any((self.text, self.safety, self.semdedup, self.decontaminate)):
             raise ValueError(
                 "curate has nothing to check: give it a 'text', 'safety', 'semdedup' or 'decontaminate' section"

@@ -25,8 +25,6 @@ from collections import Counter
 from dataclasses import replace
 
 import apache_beam as beam
-import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.configs import BuildConfig, CurateConfig, GenerateConfig, OutputConfig
 from visinstruct.pipelines.curate import CurateShards, DecontaminateShards, add_curation
@@ -34,9 +32,17 @@ from visinstruct.pipelines.filter import FilterShards
 from visinstruct.pipelines.generate import TOKEN_COUNTERS, GenerateShards, parts_rejected
 from visinstruct.pipelines.ingest import Ingest, remove_empty_staging
 from visinstruct.pipelines.options import pipeline_options
-from visinstruct.pipelines.report import column_values, counter_value, input_rows, quantiles, summarize, write_report
+from visinstruct.pipelines.report import (
+    column_values,
+    counter_value,
+    dead_letter_reasons,
+    input_rows,
+    quantiles,
+    summarize,
+    write_report,
+)
 from visinstruct.transforms.curate_stages import DECONTAM_STAGE
-from visinstruct.transforms.layout import rejected_pattern, shard_in
+from visinstruct.transforms.layout import shard_in
 from visinstruct.transforms.plans import scorer_defaults
 from visinstruct.transforms.timing import BUSY_US
 
@@ -125,14 +131,11 @@ def stage_counts(out_dir: str, stages: list[str], inputs: int) -> list[dict]:
 
     ``inputs`` are the rows that reached the first stage (a build from existing shards starts from their samples).
     """
-    matched = FileSystems.match([rejected_pattern(out_dir)])[0].metadata_list
-    tables = [pq.read_table(FileSystems.open(m.path)) for m in matched]
     dropped: dict[str, Counter] = {stage: Counter() for stage in stages}
-    for table in tables:
-        for row in table.select(["stage", "reason"]).to_pylist():
-            stage = "ingest" if row["stage"] in INGEST_STAGES else row["stage"]
-            if stage in dropped:
-                dropped[stage][row["reason"]] += 1
+    for by, reasons in dead_letter_reasons(out_dir).items():
+        stage = "ingest" if by in INGEST_STAGES else by
+        if stage in dropped:
+            dropped[stage].update(reasons)
     counts, remaining = [], inputs
     for stage in stages:
         out = remaining - sum(dropped[stage].values())

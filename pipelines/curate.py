@@ -25,7 +25,14 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from visinstruct.configs import ClipModelConfig, CurateConfig
 from visinstruct.configs.curate import DecontaminateConfig
 from visinstruct.pipelines.options import pipeline_options
-from visinstruct.pipelines.report import check_inputs, counter_value, input_rows, summarize, write_report
+from visinstruct.pipelines.report import (
+    check_inputs,
+    counter_value,
+    dead_letter_reasons,
+    input_rows,
+    summarize,
+    write_report,
+)
 from visinstruct.schemas import Rejection
 from visinstruct.transforms.curate_stages import (
     DECONTAM_STAGE,
@@ -35,7 +42,7 @@ from visinstruct.transforms.curate_stages import (
     benchmark_image_check,
     caption_passes,
     decontam_shard_judge,
-    is_nsfw,
+    nsfw_dropped,
     reference_matrix,
     shard_judge,
 )
@@ -100,9 +107,10 @@ class EmbedImages(beam.PTransform):
         decoded = samples | "Decode" >> beam.ParDo(DecodeForClip(self.preprocess, self.threads, STAGE)).with_outputs(
             "rejected", main="images"
         )
-        examples = decoded.images
-        if not self.text:  # ((path, key), (array, caption)) -> ((path, key), array)
-            examples = examples | "ImageOnly" >> beam.MapTuple(lambda k, example: (k, example[0]))
+        if self.text:  # CLIP's (image, text) examples: no caption, only the image embedding is used
+            examples = decoded.images | "NoCaption" >> beam.MapTuple(lambda k, example: (k, (example[0], "")))
+        else:  # ((path, key), (array, caption)) -> ((path, key), array)
+            examples = decoded.images | "ImageOnly" >> beam.MapTuple(lambda k, example: (k, example[0]))
         inference = RunInference(KeyedModelHandler(self.handler))
         if self.accelerator:
             inference = inference.with_resource_hints(accelerator=self.accelerator)
@@ -140,19 +148,22 @@ class ReferenceEmbeddings(beam.PTransform):
         self.cfg = cfg
 
     def expand(self, pbegin):
-        from visinstruct.transforms.decontam import reference_images
+        from visinstruct.transforms.decontam import read_reference, reference_files
 
-        benchmarks = [b for b in self.cfg.decontaminate.benchmarks if b.images]
+        files = [
+            (b.name, path) for b in self.cfg.decontaminate.benchmarks if b.images for path in reference_files(b.images)
+        ]
         images = (
             pbegin
-            | "Benchmarks" >> beam.Create(benchmarks)
+            | "ReferenceFiles" >> beam.Create(files)
+            | "SpreadFiles" >> beam.Reshuffle()
             | "ReferenceImages"
-            >> beam.FlatMap(lambda b: [((b.name, name), (data, "")) for name, data in reference_images(b)])
+            >> beam.FlatMapTuple(lambda name, path: (((name, ref), (data, "")) for ref, data in read_reference(path)))
         )
         embedded, _ = images | "EmbedReferences" >> image_embeddings(self.cfg)
         return (
             embedded
-            | "Rows" >> beam.MapTuple(lambda k, output: (k[0], k[1], np.asarray(output.embedding, np.float32)))
+            | "Rows" >> beam.MapTuple(lambda k, output: (k[0], k[1], embedding_of(output)))
             | "All" >> beam.combiners.ToList()
             | "Matrix" >> beam.Map(reference_matrix)
         )
@@ -164,7 +175,7 @@ def image_embeddings(cfg: CurateConfig) -> EmbedImages:
         from visinstruct.transforms.clip import make_handler
 
         model = clip_model(cfg)
-        handler = make_handler(model, with_embeddings=True)
+        handler = make_handler(model, with_embeddings=True, stage=STAGE)
         return EmbedImages(handler, handler.preprocessor(), model.decode_threads, model.accelerator, text=True)
     handler, preprocess, safety = nsfw_model(cfg)
     return EmbedImages(handler, preprocess, safety.decode_threads)
@@ -241,8 +252,8 @@ class ImageChecks(beam.PTransform):
         ):
             references = beam.pvalue.AsSingleton(embeddings.pipeline | "References" >> ReferenceEmbeddings(cfg))
             threshold = cfg.decontaminate.embedding_threshold
-            checked = embeddings | "BenchmarkImages" >> beam.MapTuple(
-                lambda k, vector, refs: (k, vector, benchmark_image_check(vector, refs, threshold)), refs=references
+            checked = embeddings | "BenchmarkImages" >> beam.Map(
+                lambda kv, refs: (kv[0], kv[1], benchmark_image_check(kv[1], refs, threshold)), refs=references
             )
             outputs.append(
                 checked
@@ -267,15 +278,16 @@ class ImageChecks(beam.PTransform):
         )
         joined = {"vector": embeddings, "caption": captions}
         threshold = cfg.safety.nsfw_threshold if cfg.safety else None
-        if self.nsfw_scores is not None and threshold is not None:
+        scoring = self.nsfw_scores is not None and threshold is not None
+        if scoring:
             joined["nsfw"] = self.nsfw_scores | "KeyScores" >> beam.MapTuple(
-                lambda path, ks: ((path, ks[0]), is_nsfw(ks[1], threshold))
+                lambda path, ks: ((path, ks[0]), nsfw_dropped(ks[1], threshold))
             )
 
-        def keep(kv):
+        def keep(kv):  # one passing caption, and (when scoring) one score under the threshold
             k, g = kv
-            ok = all(g["caption"]) and not any(g.get("nsfw", ()))
-            return [(k, v) for v in g["vector"]] if ok and g["caption"] else []
+            ok = list(g["caption"]) == [True] and (not scoring or list(g["nsfw"]) == [False])
+            return [(k, v) for v in g["vector"]] if ok else []
 
         return joined | "JoinChecks" >> beam.CoGroupByKey() | "Eligible" >> beam.FlatMap(keep)
 
@@ -331,8 +343,16 @@ def add_curation(report: dict, result, out_dir: str) -> dict:
     for name in COUNTERS:
         report[name] = counter_value(result, STAGE, name) or 0
     report.update(curation_summary(out_dir))
-    if report.get("inputs") and "rejected_by_reason" in report:  # a standalone run: over its shards' rows
-        report["rate_by_reason"] = {r: round(n / report["inputs"], 4) for r, n in report["rejected_by_reason"].items()}
+    return report
+
+
+def curate_rates(report: dict, out_dir: str) -> dict:
+    """A standalone run's drops by reason and their rates over the rows that reached curation (the dead letters of
+    this stage, not the reasons earlier stages rejected rows for)."""
+    dropped = dict(dead_letter_reasons(out_dir)[STAGE].most_common())
+    into = report["written"] + sum(dropped.values())
+    report["dropped_by_reason"] = dropped
+    report["rate_by_reason"] = {r: round(n / into, 4) for r, n in dropped.items()} if into else {}
     return report
 
 
@@ -347,5 +367,6 @@ def run(cfg: CurateConfig, inputs: list[str], beam_args: list[str] | None = None
     result.wait_until_finish()
     report = check_inputs(summarize(cfg.write.path, stage=STAGE, result=result), rows_before, len(inputs))
     add_curation(report, result, cfg.write.path)
+    curate_rates(report, cfg.write.path)
     write_report(cfg.write.path, report)
     return report

@@ -6,6 +6,7 @@ the report adds them up and checks them against the rows the pipeline read.
 
 from __future__ import annotations
 
+import collections
 import json
 from collections import Counter
 
@@ -58,6 +59,20 @@ def summarize(out_dir: str, stage: str, result=None) -> dict:
         report["rows_read"] = rows_read
         report["accounted"] = rows_read == report["inputs"]
     return report
+
+
+def dead_letter_reasons(out_dir: str) -> dict[str, Counter]:
+    """Dead letters by the stage that wrote them (its table's ``stage`` column) and reason, over ``out_dir``."""
+    import pyarrow.parquet as pq
+
+    from visinstruct.transforms.layout import rejected_pattern
+
+    found: dict[str, Counter] = {}
+    for meta in FileSystems.match([rejected_pattern(out_dir)])[0].metadata_list:
+        table = pq.read_table(FileSystems.open(meta.path), columns=["stage", "reason"])
+        for row in table.to_pylist():
+            found.setdefault(row["stage"], Counter())[row["reason"]] += 1
+    return collections.defaultdict(Counter, found)
 
 
 def column_values(out_dir: str, column: str) -> list:

@@ -135,3 +135,26 @@ def test_a_build_curates_before_the_next_stage_and_counts_add_up_stage_by_stage(
     assert (generate_stage["stage"], generate_stage["in"], generate_stage["out"]) == ("generate", 2, 2)
     assert sorted(captions_by_key(tmp_path / "out").values()) == sorted([GOOD, REPAIRED])
     assert report["fixed_mojibake"] == 1
+
+
+def test_a_build_checks_generated_questions_against_the_benchmarks_after_generate(shards, tmp_path):
+    from visinstruct.configs import BuildConfig
+    from visinstruct.pipelines import build
+    from visinstruct.transforms.prompts import load_templates
+
+    asked = load_templates().brief_questions
+    benchmark = tmp_path / "questions.txt"
+    benchmark.write_text("\n".join(asked[:6]) + "\n")  # half of caption-only's instructions are "benchmark" ones
+    curate_cfg = {"text": None, "safety": None, "decontaminate": {"benchmarks": [{"name": "bench"}]}}
+    curate_cfg["decontaminate"]["benchmarks"][0]["questions"] = str(benchmark)
+    settings = {"out": str(tmp_path / "out"), "input": str(shards), "curate": curate_cfg}
+    cfg = from_dict(BuildConfig, settings | {"generate": {"backend": "caption_only"}})
+    report = build.run(cfg, RUNNER, inputs=resolve_shards(str(shards)))
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert list(stages) == ["curate", "generate", "decontam"] and report["stages_add_up"] and report["accounted"]
+    dropped = stages["decontam"]["dropped_by_reason"]
+    assert set(dropped) == {"benchmark_overlap"} and 0 < dropped["benchmark_overlap"] < len(CAPTIONS)
+    kept = [SampleMeta.from_json(s["json"]).conversations[0].value for s in read(tmp_path / "out")]
+    assert kept and all(question.split("\n", 1)[1] in asked[6:] for question in kept)
+    letters = dead_letters(tmp_path / "out", "decontam")
+    assert len(letters) == dropped["benchmark_overlap"] and all(r["stage"] == "decontam" for r in letters.values())

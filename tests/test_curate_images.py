@@ -309,3 +309,46 @@ def test_semantic_dedup_removes_the_near_copies_phash_misses_and_keeps_every_dis
         kept_key = json.loads(row["detail"])["kept"]
         assert origin[stems[kept_key]] == origin[stems[key]] and kept_key < key
     assert report["accounted"] and report["semdedup_comparisons"] > 0
+
+
+def test_a_flipped_benchmark_photo_is_caught_by_its_embedding_where_phash_misses_it(photos, tmp_path):
+    references = tmp_path / "benchmark"
+    references.mkdir()
+    for sample in photo_samples():
+        if sample["name"] in ("astronaut", "coffee"):
+            flipped(sample["image"]).save(references / f"{sample['name']}-flipped.png")
+    benchmark = {"name": "photo-bench", "images": str(references)}
+    settings = {"text": None, "safety": {"faces": False}, "decontaminate": {"benchmarks": [benchmark]}}
+    settings["decontaminate"]["embedding_threshold"] = 0.9
+    report = run_curate(photos, tmp_path / "out", settings)
+    letters = {Path(r["url"] or "").stem: json.loads(r["detail"]) for r in dead_letters(tmp_path / "out").values()}
+    assert set(letters) == {"astronaut", "coffee"} and report["accounted"]
+    assert {d["method"] for d in letters.values()} == {"embedding"}  # a mirror image is 30+ bits away in pHash
+    assert letters["astronaut"]["reference"].endswith("astronaut-flipped.png") and letters["coffee"]["cosine"] >= 0.9
+
+
+def test_curating_its_own_output_again_keeps_the_blurred_faces_recorded_and_the_bytes(blurred, tmp_path):
+    import shutil
+
+    out, _ = blurred
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    run_curate(again, again, {"text": None, "safety": {"blur_faces": True}})  # in place, as a rerun of a build
+    before, after = by_name(out)["astronaut"], by_name(again)["astronaut"]
+    assert after["png"] == before["png"]  # not blurred twice
+    first, second = (SampleMeta.from_json(s["json"]).curation for s in (before, after))
+    assert second.faces == first.faces and len(first.faces) == 1 and second.faces_blurred is True
+
+
+def test_a_benchmark_file_that_does_not_exist_is_one_line_before_the_run(photos, tmp_path, capsys):
+    from visinstruct.cli.main import main
+
+    config = tmp_path / "curate.yaml"
+    config.write_text(
+        "decontaminate:\n  benchmarks:\n    - {name: vqav2, questions: " + str(tmp_path / "missing.json") + "}\n"
+    )
+    args = ["curate", "--config", str(config), "--input", str(photos), "--out", str(tmp_path / "out"), *RUNNER]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "decontaminate.benchmarks[0] (vqav2)" in err[0] and "missing.json" in err[0]
+    assert not (tmp_path / "out").exists()

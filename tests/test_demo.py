@@ -55,11 +55,13 @@ def test_demo_runs_every_step_and_accounts_for_every_url(tmp_path, capsys):
 
     build = reports["build"]
     stages = {s["stage"]: s for s in build["stages"]}
-    assert list(stages) == ["ingest", "filter", "generate"]
+    assert list(stages) == ["ingest", "curate", "filter", "generate"]
     assert build["accounted"] and build["stages_add_up"] and build["rows_read"] == build["inputs"] == len(urls)
     assert stages["ingest"]["in"] == len(urls)
     assert sum(stages["ingest"]["dropped_by_reason"].values()) == len(BROKEN) + 1  # and one repeated URL
-    assert stages["ingest"]["out"] == stages["filter"]["in"] and stages["filter"]["out"] == stages["generate"]["in"]
+    assert stages["ingest"]["out"] == stages["curate"]["in"] and stages["curate"]["out"] == stages["filter"]["in"]
+    assert stages["filter"]["out"] == stages["generate"]["in"]
+    assert build["nsfw"]["count"] == stages["curate"]["in"] and build["faces_blurred"] >= 1  # the astronaut's
     assert stages["generate"]["out"] == build["written"] and build["written"] + build["rejected"] == len(urls)
     assert set(stages["filter"]["dropped_by_reason"]) == {"clip_below_threshold"}
     by_origin = build["kept_by_origin"]

@@ -57,14 +57,14 @@ def cosine_scores(image_features, text_features) -> tuple[np.ndarray, np.ndarray
 class ClipHandler(ModelHandler[Example, ClipOutput, Any]):
     """Shared machinery: device, precision, threads, batching, embeddings on request."""
 
-    def __init__(self, cfg: ClipModelConfig, with_embeddings: bool = False):
+    def __init__(self, cfg: ClipModelConfig, with_embeddings: bool = False, stage: str = "filter"):
         super().__init__(
             min_batch_size=cfg.min_batch_size,
             max_batch_size=cfg.max_batch_size,
             large_model=cfg.large_model,
             model_copies=cfg.model_copies,
         )
-        self.cfg, self.with_embeddings = cfg, with_embeddings
+        self.cfg, self.with_embeddings, self.stage = cfg, with_embeddings, stage  # stage: whose busy time it is
 
     # Subclasses: build the model (on self.device, eval mode), encode images and texts.
     def _build(self, device: str) -> Any:
@@ -90,7 +90,7 @@ class ClipHandler(ModelHandler[Example, ClipOutput, Any]):
         return model
 
     def run_inference(self, batch: Sequence[Example], model: Any, inference_args=None) -> Iterable[PredictionResult]:
-        with busy("filter"):
+        with busy(self.stage):
             try:
                 outputs = self._score(batch, model)
             except Exception:  # one example (a caption the tokenizer chokes on...) fails its batch
@@ -246,5 +246,5 @@ def _features(output):
     return output if hasattr(output, "float") else output.pooler_output
 
 
-def make_handler(cfg: ClipModelConfig, with_embeddings: bool = False) -> ClipHandler:
-    return {"open_clip": OpenClipHandler, "transformers": HfClipHandler}[cfg.backend](cfg, with_embeddings)
+def make_handler(cfg: ClipModelConfig, with_embeddings: bool = False, stage: str = "filter") -> ClipHandler:
+    return {"open_clip": OpenClipHandler, "transformers": HfClipHandler}[cfg.backend](cfg, with_embeddings, stage)

@@ -15,6 +15,7 @@ in its JSON (``curation``: NSFW score, face boxes, ``faces_blurred``) and its in
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -52,22 +53,33 @@ def caption_decision(meta: SampleMeta, checked: Decision[str]) -> tuple[Decision
 
 
 def caption_passes(caption: str | None, cfg: TextQualityConfig | None) -> bool:
-    """Whether a caption survives the text checks (semantic dedup only compares samples that do)."""
+    """Whether a caption survives the text checks (semantic dedup only compares samples that do); a caption the
+    check fails on does not (the writer's judge gives it its ``internal_error`` row)."""
     if cfg is None:
         return True
     from visinstruct.transforms.text_quality import check_caption
 
-    return check_caption(caption, cfg).kept
+    try:
+        return check_caption(caption, cfg).kept
+    except Exception:  # the judge meets the same caption again, under the guard that dead-letters it
+        return False
+
+
+def nsfw_dropped(score: float, threshold: float | None) -> bool:
+    """Whether an NSFW score, rounded as the judge records it, is dropped (never with no threshold)."""
+    return threshold is not None and is_nsfw(round(score, NSFW_SCORE_DIGITS), threshold)
 
 
 _LOADED: dict[tuple[str, str], Any] = {}  # (what, repr of its config) -> built once per process
+_LOADING = threading.Lock()  # Beam runs several threads per worker: one of them builds, the others wait
 
 
 def _once(what: str, cfg: DecontaminateConfig, build):
     key = (what, repr(cfg))  # configs are mutable dataclasses (unhashable); their repr names every value
-    if key not in _LOADED:
-        _LOADED[key] = build()
-    return _LOADED[key]
+    with _LOADING:
+        if key not in _LOADED:
+            _LOADED[key] = build()
+        return _LOADED[key]
 
 
 def question_index(cfg: DecontaminateConfig):
@@ -112,12 +124,16 @@ def reference_matrix(rows: list):
 
 
 def sample_phash(meta: SampleMeta, members: dict[str, bytes]) -> str:
-    """The sample's pHash: the one ingest recorded, else computed from its image (another tool's shards)."""
+    """The sample's pHash: the one ingest recorded, else computed from its image (another tool's shards); raises
+    :class:`Dropped` for a sample without an image or with one that does not decode."""
     if meta.phash:
         return meta.phash
     from visinstruct.transforms.images import decode_rgb, phash
 
-    return phash(decode_rgb(members[image_member(members)]))
+    ext = image_member(members)
+    if ext is None:
+        raise Dropped("no_image", f"sample has no image member ({', '.join(members)})")
+    return phash(decode_rgb(members[ext]))
 
 
 def curate_judge(
@@ -170,7 +186,10 @@ def curate_judge(
         if phashes is not None:
             from visinstruct.transforms.decontam import phash_overlap
 
-            overlap = phash_overlap(sample_phash(meta, members), phashes, contamination.phash_distance)
+            try:
+                overlap = phash_overlap(sample_phash(meta, members), phashes, contamination.phash_distance)
+            except Dropped as e:
+                return replace(e.decision, index=index)
             if not overlap.kept:
                 return replace(overlap, index=index)
         if key in drops:
@@ -180,15 +199,21 @@ def curate_judge(
             fixed.inc()
         curation = Curation(nsfw=score)
         if safety is not None and safety.faces:
-            ext = image_member(members)
-            try:
-                faces, new = curate_faces(members[ext], ext, safety.face_min_size, safety.blur_faces)
-            except Dropped as e:  # the image does not decode: its reason, with its NSFW score kept
-                return replace(e.decision, index=index)
-            if new is not None:
-                members[ext] = new  # the rewrite writes the members the judge leaves (FORMAT.md: faces_blurred)
-                blurred.inc()
-            curation = replace(curation, faces=faces, faces_blurred=new is not None)
+            earlier = meta.curation
+            if earlier is not None and earlier.faces_blurred:  # a rerun over its own output: already blurred
+                curation = replace(curation, faces=earlier.faces, faces_blurred=True)
+            else:
+                ext = image_member(members)
+                if ext is None:
+                    return Decision.drop("no_image", f"sample has no image member ({', '.join(members)})", **index)
+                try:
+                    faces, new = curate_faces(members[ext], ext, safety.face_min_size, safety.blur_faces)
+                except Dropped as e:  # the image does not decode: its reason, with its NSFW score kept
+                    return replace(e.decision, index=index)
+                if new is not None:
+                    members[ext] = new  # the rewrite writes the members the judge leaves (FORMAT.md)
+                    blurred.inc()
+                curation = replace(curation, faces=faces, faces_blurred=new is not None)
         if curation == Curation():
             return kept
         return Decision.keep(replace(meta, curation=curation), **index)
@@ -200,9 +225,9 @@ def shard_judge(cfg: CurateConfig, scored: bool, path: str, groups: Mapping[str,
     """:class:`~visinstruct.transforms.rewrite_stage.RewriteShard`'s ``make_judge`` (bind ``cfg`` and ``scored``
     with ``functools.partial``): the judge of one shard from its ``CoGroupByKey`` groups (any may be absent)."""
     rejections: dict[str, Rejection] = {}
-    for rejection in groups.get("rejections", ()):
+    for rejection in sorted(groups.get("rejections", ()), key=lambda r: (r.key, r.reason, r.message)):
         if rejection.key:  # a shard-wide one (unreadable tar) is the writer's to find again
-            rejections.setdefault(rejection.key, rejection)
+            rejections.setdefault(rejection.key, rejection)  # one per key, the same on any runner
     drops: dict[str, Decision] = {}
     for key, decision in sorted(groups.get("decisions", ()), key=lambda kd: (kd[0], kd[1].reason)):
         drops.setdefault(key, decision)  # one reason per key, the same on any runner: benchmark before duplicate

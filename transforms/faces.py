@@ -52,15 +52,22 @@ PNG_COMPRESS_LEVEL = 6
 ORIENTATION = 0x0112  # the EXIF tag kept in a re-encoded image (every other EXIF field is dropped)
 _FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
-# CascadeClassifier.detectMultiScale is not const and one classifier must not run in two threads at once
-# (opencv/opencv#4287); Beam runs several threads per worker process. OpenCV parallelises each call internally, so
-# serialising calls costs little.
-_DETECT_LOCK = threading.Lock()
+_THREAD = threading.local()  # one classifier per thread: a CascadeClassifier is not safe to share across threads
+
+
+def thread_cascade() -> cv2.CascadeClassifier:
+    """This thread's own copy of the cascade (opencv/opencv#4287: one classifier used by two threads at once is not
+    safe; Beam runs several threads per worker), loaded once per thread (about 10 ms)."""
+    cascade = getattr(_THREAD, "cascade", None)
+    if cascade is None:
+        cascade = _THREAD.cascade = load_cascade.__wrapped__()
+    return cascade
 
 
 @lru_cache(maxsize=None)
 def load_cascade(name: str = CASCADE) -> cv2.CascadeClassifier:
-    """OpenCV's bundled cascade ``name``, loaded once per process.
+    """OpenCV's bundled cascade ``name``, loaded once per process (checks the file; :func:`thread_cascade` is what
+    detection uses).
 
     Raises:
         FileNotFoundError: the cascade file is not in this OpenCV install (a broken or foreign build): a run error.
@@ -99,7 +106,7 @@ def detect_faces(image: Image.Image, min_size: float = 0.05) -> list[Box]:
     """
     if not 0 < min_size <= 1:
         raise ValueError(f"min_size must be within (0, 1], got {min_size}")
-    cascade = load_cascade()
+    cascade = thread_cascade()
     size = detection_size(*image.size)
     grey = image.convert("L")
     if grey.size != size:
@@ -109,10 +116,9 @@ def detect_faces(image: Image.Image, min_size: float = 0.05) -> list[Box]:
     if smallest > min(width, height):
         return []  # no face of the asked size fits (tiny images, extreme aspect ratios)
     pixels = cv2.equalizeHist(np.asarray(grey))
-    with _DETECT_LOCK:
-        found = cascade.detectMultiScale(
-            pixels, scaleFactor=SCALE_FACTOR, minNeighbors=MIN_NEIGHBORS, minSize=(smallest, smallest)
-        )
+    found = cascade.detectMultiScale(
+        pixels, scaleFactor=SCALE_FACTOR, minNeighbors=MIN_NEIGHBORS, minSize=(smallest, smallest)
+    )
     boxes = [
         Box("face", [_unit(x / width), _unit(y / height), _unit((x + w) / width), _unit((y + h) / height)])
         for x, y, w, h in np.asarray(found, dtype=np.int64).reshape(-1, 4).tolist()

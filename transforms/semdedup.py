@@ -235,7 +235,7 @@ def cluster_duplicates(records: Iterable[Record], cfg: SemDedupConfig, salt: int
     """
     work = Work()
     groups: dict[bytes, list[Record]] = {}
-    for record in sorted(records, key=lambda r: r[0]):
+    for record in sorted(records, key=lambda r: (r[0], r[1])):  # by key, then path: the same order on any runner
         work.records += 1
         groups.setdefault(vector_id(record[2]), []).append(record)
     heads = sorted(groups.values(), key=lambda g: g[0][0])
