@@ -33,7 +33,6 @@ from visinstruct.pipelines.report import (
     summarize,
     write_report,
 )
-from visinstruct.schemas import Rejection
 from visinstruct.transforms.curate_stages import (
     DECONTAM_STAGE,
     FACES_BLURRED,
@@ -46,7 +45,12 @@ from visinstruct.transforms.curate_stages import (
     reference_matrix,
     shard_judge,
 )
-from visinstruct.transforms.filter_stages import DecodeForClip, ReadShardSamples, failed_batch_rejections
+from visinstruct.transforms.filter_stages import (
+    DecodeForClip,
+    ReadShardSamples,
+    SplitUnscored,
+    failed_batch_rejections,
+)
 from visinstruct.transforms.rewrite_stage import RewriteShard
 from visinstruct.transforms.text_quality import unknown_languages
 
@@ -82,18 +86,6 @@ def runs_nsfw(cfg: CurateConfig) -> bool:
     return scoring or embedding_kind(cfg) == "open_nsfw"
 
 
-class _Unscored(beam.DoFn):
-    """``((path, key), output)`` with ``output.error`` or a non-finite score -> ``rejected``: ``(path, Rejection)``."""
-
-    def process(self, element):
-        (path, key), output = element
-        if output.error is None and np.isfinite(output.score):
-            yield element
-            return
-        message = output.error or f"the model scored this image {output.score}"
-        yield beam.pvalue.TaggedOutput("rejected", (path, Rejection(STAGE, "inference_error", message, key, path)))
-
-
 class EmbedImages(beam.PTransform):
     """``((path, key), (image bytes, caption))`` -> ``((path, key), output)`` from one RunInference model;
     tagged side ``rejected``: ``(path, Rejection)`` (damaged images, failed batches, unscored examples)."""
@@ -118,7 +110,7 @@ class EmbedImages(beam.PTransform):
         outputs = (
             results
             | "Unwrap" >> beam.MapTuple(lambda k, result: (k, result.inference))
-            | "SplitUnscored" >> beam.ParDo(_Unscored()).with_outputs("rejected", main="scored")
+            | "SplitUnscored" >> beam.ParDo(SplitUnscored(STAGE)).with_outputs("rejected", main="scored")
         )
         failures = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_rejections, stage=STAGE)
         rejected = (decoded.rejected, outputs.rejected, failures) | "Rejected" >> beam.Flatten()

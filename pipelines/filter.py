@@ -13,7 +13,6 @@ each candidate threshold or fraction would keep, since thresholds do not carry o
 from __future__ import annotations
 
 import json
-import math
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
@@ -21,12 +20,13 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from visinstruct.configs import FilterConfig
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import check_inputs, input_rows, summarize, write_report
-from visinstruct.schemas import ClipScore, Decision, Rejection
+from visinstruct.schemas import ClipScore, Decision
 from visinstruct.transforms.clip import make_handler
 from visinstruct.transforms.filter_stages import (
     STAGE,
     DecodeForClip,
     ReadShardSamples,
+    SplitUnscored,
     failed_batch_rejections,
     score_decision,
     shard_judge,
@@ -68,24 +68,11 @@ class ScorePairs(beam.PTransform):
         outputs = (
             results
             | "Unwrap" >> beam.MapTuple(lambda key, result: (key, result.inference))
-            | "SplitUnscored" >> beam.ParDo(_SplitUnscored()).with_outputs("rejected", main="scored")
+            | "SplitUnscored" >> beam.ParDo(SplitUnscored()).with_outputs("rejected", main="scored")
         )
         failures = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(failed_batch_rejections)
         rejected = (read.rejected, decoded.rejected, outputs.rejected, failures) | "AllRejected" >> beam.Flatten()
         return outputs.scored, rejected  # ((path, key), ClipOutput), (path, Rejection)
-
-
-class _SplitUnscored(beam.DoFn):
-    """Examples the model could not score alone (``ClipOutput.error``) or scored NaN or infinite -> ``rejected``:
-    ``(path, Rejection)``. A NaN would otherwise reach the histogram and the threshold and fail the job there."""
-
-    def process(self, element):
-        (path, key), output = element
-        if output.error is None and math.isfinite(output.score):
-            yield element
-            return
-        message = output.error or f"the model scored this pair {output.score}"
-        yield beam.pvalue.TaggedOutput("rejected", (path, Rejection(STAGE, "inference_error", message, key, path)))
 
 
 class FilterShards(beam.PTransform):

@@ -6,6 +6,7 @@ grouped, and each output shard is written by re-reading its input tar, so no ima
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -124,6 +125,24 @@ class DecodeForClip(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, 0, [GlobalWindow()]))
             else:
                 yield WindowedValue(out, 0, [GlobalWindow()])
+
+
+class SplitUnscored(beam.DoFn):
+    """``((path, key), output)`` that the model could not score alone (``output.error``) or scored NaN or infinite
+    -> ``rejected``: ``(path, Rejection)``, reason ``inference_error``. A NaN would otherwise reach a histogram or a
+    threshold and fail the job there. Any model's outputs with ``score`` and ``error`` (CLIP's, the NSFW model's)."""
+
+    def __init__(self, stage: str = STAGE):
+        self.stage = stage
+
+    def process(self, element):
+        (path, key), output = element
+        if output.error is None and math.isfinite(output.score):
+            yield element
+            return
+        message = output.error or f"the model scored this example {output.score}"
+        rejection = Rejection(self.stage, "inference_error", message, key, path)
+        yield beam.pvalue.TaggedOutput("rejected", (path, rejection))
 
 
 def failed_batch_rejections(failure, stage: str = STAGE) -> list[tuple[str, Rejection]]:
