@@ -36,6 +36,11 @@ class VisionTowerConfig:
         "hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
         "num_attention_heads: 2}",
     )
+    clip_checkpoint: str | None = opt(
+        None,
+        "our own CLIP: a `visinstruct train-clip` run folder or its model.pt; its image tower becomes the LLaVA "
+        "tower (converted to transformers' CLIP vision model, weight for weight)",
+    )
     feature_layer: int = opt(-2, "hidden layer whose features feed the projector (LLaVA: the penultimate, -2)")
     select_strategy: Literal["auto", "default", "full"] = opt(
         "auto",
@@ -97,13 +102,19 @@ class LlavaModelConfig:
             given = [
                 f"{s}.{k}"
                 for s in ("vision", "lm")
-                for k in ("name", "config")
-                if getattr(getattr(self, s), k) is not None
+                for k in ("name", "config", "clip_checkpoint")
+                if getattr(getattr(self, s), k, None) is not None
             ]
             if given:
                 raise ValueError(f"'init_from' takes the whole model from the checkpoint: drop {', '.join(given)}")
             return
-        _one_source("vision", self.vision.name, self.vision.config)
+        vision = self.vision
+        if vision.clip_checkpoint is not None:
+            given = [f"vision.{k}" for k in ("name", "config") if getattr(vision, k) is not None]
+            if given:
+                raise ValueError(f"'vision.clip_checkpoint' is the whole tower: drop {', '.join(given)}")
+        else:
+            _one_source("vision", vision.name, vision.config)
         _one_source("lm", self.lm.name, self.lm.config)
 
 

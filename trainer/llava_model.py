@@ -7,8 +7,9 @@ token dropped, strategy ``default``, for CLIP; every token kept, ``full``, for S
 2-layer MLP projector and replace the ``<image>`` placeholder tokens, ``image_seq_length`` of them, in the LM's input.
 
 Either part comes from pretrained weights (a hub name or a local folder; for the LM also a ``.gguf`` file, which
-transformers dequantises) or from a config with random weights; ``<image>`` is added to the tokenizer as a special
-token and the LM's embeddings grow by one row.
+transformers dequantises; for the tower also a ``train-clip`` checkpoint, converted by
+:mod:`~visinstruct.trainer.clip_tower`) or from a config with random weights; ``<image>`` is added to the tokenizer
+as a special token and the LM's embeddings grow by one row.
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ def build_vision(vision: VisionTowerConfig):
     if vision.config is not None:
         config = AutoConfig.for_model(**vision.config)
         return config, None, _image_processor(config)
+    if vision.clip_checkpoint is not None:  # our own CLIP from train-clip
+        from visinstruct.trainer.clip_tower import convert
+
+        tower, _, processor = convert(vision.clip_checkpoint)
+        return tower.config, tower, processor
     whole = AutoConfig.from_pretrained(vision.name)
     config = getattr(whole, "vision_config", whole)  # a whole CLIP model's config holds its tower's
     if config.model_type not in VISION_CLASSES:
