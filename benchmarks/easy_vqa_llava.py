@@ -1,6 +1,7 @@
 """Benchmark: does data built by our stages teach a LLaVA-style model to look? easy-VQA, end to end, on a CPU.
 
     python benchmarks/easy_vqa_llava.py [--steps N] [--train-images 4000] [--test-images 200] [--out DIR]
+                                        [--clip RUN | --train-clip-steps N]
 
 easy-VQA (the ``easy-vqa`` package; nobody here wrote it) has 64x64 images of one coloured shape and questions
 about its colour, its shape, and yes/no questions ("is there a red shape?"). The script:
@@ -11,6 +12,10 @@ about its colour, its shape, and yes/no questions ("is there a red shape?"). The
    ``read.image_root``), into shards; the test images the same way, as held-out shards;
 3. trains ``configs/train/llava_easyvqa.yaml`` on the shards (``visinstruct train``: a new, frozen vision tower;
    the projector and a small Llama with a byte-level tokenizer trained from scratch), on one CPU thread;
+   With ``--clip RUN`` (a ``visinstruct train-clip`` run folder) or ``--train-clip-steps N`` (first train one:
+   ``visinstruct train-clip --config configs/train-clip/clip_easyvqa.yaml`` for N steps on the training images with
+   their captions, ingested as a folder of PNGs and .txt files, into ``OUT/clip``), the tower is our own CLIP:
+   ``configs/train/llava_easyvqa_ourclip.yaml`` with ``model.vision.clip_checkpoint`` set to the run;
 4. asks every question of the first ``--test-images`` test images twice, through ``visinstruct chat``'s code: with
    its image, and with a blank (white) image of the same size; a greedy answer is right when it equals the truth.
 
@@ -26,6 +31,7 @@ import collections
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +46,8 @@ from visinstruct.pipelines.ingest import run as ingest  # noqa: E402
 from visinstruct.testing.sample_data import easy_vqa_samples  # noqa: E402
 
 CONFIG = CONFIG_DIR / "train" / "llava_easyvqa.yaml"
+OUR_CLIP_CONFIG = CONFIG_DIR / "train" / "llava_easyvqa_ourclip.yaml"
+CLIP_CONFIG = CONFIG_DIR / "train-clip" / "clip_easyvqa.yaml"
 TYPES = ("color", "shape", "yes/no")
 
 
@@ -81,6 +89,46 @@ def build_shards(samples: list[dict], name: str, root: Path) -> Path:
     return root / name
 
 
+def build_caption_shards(samples: list[dict], name: str, root: Path) -> Path:
+    """Shards of easy-VQA images with their captions ("a blue circle"), for ``train-clip``: our ingest over a folder
+    of PNGs with .txt captions, as a user would run it; images without a caption are left out."""
+    folder = root / f"{name}-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    captioned = [s for s in samples if s["caption"]]
+    for s in captioned:
+        shutil.copy(s["image_path"], folder / f"{s['image_id']:05d}.png")
+        (folder / f"{s['image_id']:05d}.txt").write_text(s["caption"])
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(folder)},
+            "resize": {"image_size": 64},
+            "write": {"path": str(root / name), "shard_size": 500},
+        },
+    )
+    report = ingest(cfg, ["--runner=FnApiRunner"])
+    print(f"ingest {name}: {report['written']} of {len(captioned)} captioned images written")
+    return root / name
+
+
+def train_clip(train: list[dict], test: list[dict], steps: int, root: Path) -> tuple[Path, float]:
+    """``visinstruct train-clip --config configs/train-clip/clip_easyvqa.yaml`` for ``steps`` steps on the captioned
+    training images (held-out: the test images), into ``root/clip``; returns the run folder and its wall seconds."""
+    from visinstruct.cli.main import main as cli
+
+    train_shards = build_caption_shards(train, "clip-train", root)
+    test_shards = build_caption_shards(test, "clip-test", root)
+    out = root / "clip"
+    argv = ["train-clip", "--config", str(CLIP_CONFIG), "--out", str(out)]
+    for setting in (f"data.shards={train_shards}", f"eval.shards={test_shards}", f"steps={steps}"):
+        argv += ["--set", setting]
+    print("visinstruct " + " ".join(argv))
+    started = time.time()
+    if cli(argv) != 0:
+        raise SystemExit("train-clip failed")
+    return out, time.time() - started
+
+
 def ask(model, processor, items: list[tuple[Image.Image, str]], batch_size: int = 64) -> list[str]:
     from visinstruct.trainer.chat import answers
 
@@ -110,12 +158,47 @@ def majority_baseline(train: list[dict], questions: list[tuple[str, str, str]]) 
     return accuracy(questions, [best[kind] for _, _, kind in questions])
 
 
+def tower_record(clip_run: Path | None, clip_seconds: float | None, clip_steps: int | None, cfg) -> dict:
+    """Which vision tower the LLaVA had: the config's random one, or our CLIP with its held-out metrics."""
+    vision = cfg.model.vision
+    if clip_run is None:
+        return {
+            "kind": "random",
+            "config": vision.config,
+            "freeze": vision.freeze,
+            "feature_layer": vision.feature_layer,
+            "select_strategy": vision.select_strategy,
+        }
+    metrics = clip_run / "eval.json"
+    return {
+        "kind": "our_clip",
+        "clip_checkpoint": str(clip_run),
+        "clip_trained_here": clip_steps is not None,
+        "clip_steps": clip_steps,
+        "clip_train_seconds": None if clip_seconds is None else round(clip_seconds, 1),
+        "clip_eval": json.loads(metrics.read_text()) if metrics.is_file() else None,
+        "freeze": vision.freeze,
+        "feature_layer": vision.feature_layer,
+        "select_strategy": vision.select_strategy,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, help="training steps (default: the config's, 1000 batches of 32)")
     parser.add_argument("--train-images", type=int, default=4000, help="training images (easy-VQA has 4,000)")
     parser.add_argument("--test-images", type=int, default=200, help="test images whose questions are asked")
     parser.add_argument("--out", help="folder for shards, run and results (default: a temporary folder)")
+    tower = parser.add_mutually_exclusive_group()
+    tower.add_argument(
+        "--clip", help="a `visinstruct train-clip` run folder whose image tower becomes the LLaVA tower"
+    )
+    tower.add_argument(
+        "--train-clip-steps", type=int, help="first train our CLIP (clip_easyvqa.yaml) for N steps, into OUT/clip"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], help="extra KEY=VALUE override of the LLaVA config (repeatable)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("visinstruct.trainer").setLevel(logging.INFO)
@@ -126,22 +209,26 @@ def main(argv: list[str] | None = None) -> dict:
     test_samples = easy_vqa_samples("test", args.test_images)
     train_shards = build_shards(train_samples, "train", root)
     test_shards = build_shards(test_samples, "test", root)
+    clip_run, clip_seconds = (Path(args.clip), None) if args.clip else (None, None)
+    if args.train_clip_steps:
+        clip_run, clip_seconds = train_clip(train_samples, test_samples, args.train_clip_steps, root)
 
     from visinstruct.trainer.chat import load_checkpoint
     from visinstruct.trainer.llava_train import train
 
     steps = [f"steps={args.steps}"] if args.steps else []
-    cfg = load(
-        LlavaTrainConfig,
-        CONFIG,
-        [
-            f"data.shards={train_shards}",
-            f"eval.shards={test_shards}",
-            f"out={root / 'run'}",
-            "eval.max_samples=200",
-            *steps,
-        ],
-    )
+    tower = [f"model.vision.clip_checkpoint={clip_run}"] if clip_run else []
+    config = OUR_CLIP_CONFIG if clip_run else CONFIG
+    overrides = [
+        f"data.shards={train_shards}",
+        f"eval.shards={test_shards}",
+        f"out={root / 'run'}",
+        "eval.max_samples=200",
+        *steps,
+        *tower,
+        *args.set,
+    ]
+    cfg = load(LlavaTrainConfig, config, overrides)
     summary = train(cfg)
     model, processor = load_checkpoint(summary["checkpoint"])
 
@@ -152,6 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
     with_image = ask(model, processor, [(image, q[0]) for image, q in zip(images, questions)])
     without = ask(model, processor, [(blank, q[0]) for q in questions])
     results = {
+        "config": str(config.relative_to(CONFIG_DIR.parent))
+        if config.is_relative_to(CONFIG_DIR.parent)
+        else str(config),
+        "overrides": overrides,
+        "tower": tower_record(clip_run, clip_seconds, args.train_clip_steps, cfg),
         "steps": summary["step"],
         "train_seconds": round(summary["seconds"], 1),
         "train_samples_per_s": round(summary["samples_per_second"], 2),
@@ -173,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'accuracy':<16}" + "".join(f"{k:>9}" for k in (*TYPES, "all")))
     for name in ("with_image", "blank_image", "majority_answer"):
         print(f"{name:<16}" + "".join(f"{results[name][k]:>9.3f}" for k in (*TYPES, "all")))
+    print(f"tower: {results['tower']['kind']}" + (f" ({clip_run})" if clip_run else ""))
     print(f"results: {root / 'easy_vqa_llava.json'}")
     return results
 
