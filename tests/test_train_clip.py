@@ -310,3 +310,26 @@ def test_the_suggested_threshold_separates_matching_from_shuffled_scores_best():
     assert separating_threshold([0.5, 0.9], [0.1] * 100 + [0.45])[0] == 0.475
     with pytest.raises(ValueError):
         separating_threshold([0.5], [])
+
+
+def test_zero_shot_averages_each_class_prompts_and_counts_each_image_against_its_nearest_class():
+    from visinstruct.trainer.clip_eval import class_embeddings, zero_shot
+
+    names = ["circle", "triangle"]
+    axes = {"circle": np.array([1.0, 0.0, 0.0]), "triangle": np.array([0.0, 1.0, 0.0])}
+
+    def encode(texts):  # a prompt's embedding: its class's axis, tilted by its template (the third axis)
+        return np.stack(
+            [
+                axes[next(n for n in names if n in t)] * 2 + [0, 0, 1.0 if t.startswith("a photo") else -1.0]
+                for t in texts
+            ]
+        )
+
+    classes = class_embeddings(encode, names, ("a photo of a {}.", "a {}."))
+    assert np.allclose(classes, [[1, 0, 0], [0, 1, 0]], atol=1e-6)  # the template's tilt averages out
+    images = np.array([[0.9, 0.1, 0.4], [0.2, 0.8, 0.0], [0.6, 0.5, 0.0]], np.float32)
+    result = zero_shot(images, classes, [0, 1, 1], names)
+    assert result == {"accuracy": 2 / 3, "per_class": {"circle": 1.0, "triangle": 0.5}, "samples": 3}
+    with pytest.raises(ValueError):
+        zero_shot(images, classes, [0, 1], names)

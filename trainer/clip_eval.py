@@ -1,4 +1,5 @@
-"""Held-out evaluation of a CLIP model: recall@k both ways, and how well its cosine tells pairs from mismatches.
+"""Held-out evaluation of a CLIP model: recall@k both ways, how well its cosine tells pairs from mismatches, and
+zero-shot classification (class names through prompt templates, their embeddings averaged, as in CLIP's paper).
 
 Captions repeat in datasets such as easy-VQA ("a blue circle" describes many images), so a retrieval counts as
 correct when the retrieved caption is the query's caption as text (image to text: the gallery is the distinct
@@ -9,7 +10,7 @@ caption than with a shuffled one, the shuffled captions being those of other sam
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -120,3 +121,35 @@ def evaluate_embeddings(image: np.ndarray, text: np.ndarray, captions: list[str]
         "threshold_balanced_accuracy": accuracy,
         "samples": len(captions),
     }
+
+
+PROMPT_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}.")
+
+
+def class_embeddings(
+    encode_text: Callable[[list[str]], np.ndarray], classes: Sequence[str], templates: Sequence[str] = PROMPT_TEMPLATES
+) -> np.ndarray:
+    """One unit embedding per class: its prompts (each template filled with the class name) embedded, each
+    normalised, averaged and normalised again (CLIP's prompt ensembling). ``encode_text`` maps texts to ``[n, D]``."""
+    if not classes or not templates:
+        raise ValueError("zero-shot classification needs classes and prompt templates")
+    rows = []
+    for name in classes:
+        prompts = np.asarray(encode_text([template.format(name) for template in templates]), np.float64)
+        prompts /= np.linalg.norm(prompts, axis=1, keepdims=True)
+        mean = prompts.mean(axis=0)
+        rows.append(mean / np.linalg.norm(mean))
+    return np.stack(rows).astype(np.float32)
+
+
+def zero_shot(image: np.ndarray, classes: np.ndarray, labels: Sequence[int], names: Sequence[str]) -> dict:
+    """Zero-shot accuracy of unit image embeddings ``[N, D]`` against unit class embeddings ``[C, D]``: each image
+    is given its most similar class (the first on a tie); ``labels`` are the true class indices. Returns the overall
+    accuracy, each class's (by name, over its images) and the count."""
+    labels = np.asarray(labels)
+    if len(labels) != len(image) or not len(labels):
+        raise ValueError(f"zero_shot needs one label per image, got {len(labels)} for {len(image)}")
+    predicted = np.argmax(image @ classes.T, axis=1)
+    right = predicted == labels
+    per_class = {name: float(right[labels == c].mean()) for c, name in enumerate(names) if (labels == c).any()}
+    return {"accuracy": float(right.mean()), "per_class": per_class, "samples": int(len(labels))}
