@@ -31,6 +31,7 @@ import collections
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from PIL import Image  # noqa: E402
 
 from visinstruct.configs import CONFIG_DIR, IngestConfig, LlavaTrainConfig, from_dict, load  # noqa: E402
 from visinstruct.pipelines.ingest import run as ingest  # noqa: E402
-from visinstruct.testing.sample_data import easy_vqa_samples, ingest_captioned  # noqa: E402
+from visinstruct.testing.sample_data import easy_vqa_samples  # noqa: E402
 
 CONFIG = CONFIG_DIR / "train" / "llava_easyvqa.yaml"
 OUR_CLIP_CONFIG = CONFIG_DIR / "train" / "llava_easyvqa_ourclip.yaml"
@@ -89,11 +90,24 @@ def build_shards(samples: list[dict], name: str, root: Path) -> Path:
 
 
 def build_caption_shards(samples: list[dict], name: str, root: Path) -> Path:
-    """Shards of easy-VQA images with their captions ("a blue circle"), for ``train-clip``
-    (:func:`~visinstruct.testing.sample_data.ingest_captioned`)."""
-    report = ingest_captioned(samples, root / f"{name}-images", root / name, shard_size=500)
-    captioned = sum(1 for s in samples if s["caption"])
-    print(f"ingest {name}: {report['written']} of {captioned} captioned images written")
+    """Shards of easy-VQA images with their captions ("a blue circle"), for ``train-clip``: our ingest over a folder
+    of PNGs with .txt captions, as a user would run it; images without a caption are left out."""
+    folder = root / f"{name}-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    captioned = [s for s in samples if s["caption"]]
+    for s in captioned:
+        shutil.copy(s["image_path"], folder / f"{s['image_id']:05d}.png")
+        (folder / f"{s['image_id']:05d}.txt").write_text(s["caption"])
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(folder)},
+            "resize": {"image_size": 64},
+            "write": {"path": str(root / name), "shard_size": 500},
+        },
+    )
+    report = ingest(cfg, ["--runner=FnApiRunner"])
+    print(f"ingest {name}: {report['written']} of {len(captioned)} captioned images written")
     return root / name
 
 

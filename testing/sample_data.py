@@ -122,26 +122,6 @@ def easy_vqa_samples(split: str = "train", limit: int | None = None) -> list[dic
     ]
 
 
-def ingest_captioned(samples: Iterable[dict[str, Any]], folder: Path, out: Path, shard_size: int = 250) -> dict:
-    """Shards of easy-VQA images with their captions ("a blue circle"), as ``train-clip`` reads them: our ingest
-    over a folder of PNGs with ``.txt`` captions (the images kept at 64 px), as a user would run it. Samples without
-    a caption are left out. Returns the ingest's run report.
-    """
-    import shutil
-
-    from visinstruct.configs import IngestConfig, from_dict
-    from visinstruct.pipelines.ingest import run as ingest
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for s in samples:
-        if s["caption"]:
-            shutil.copy(s["image_path"], folder / f"{s['image_id']:05d}.png")
-            (folder / f"{s['image_id']:05d}.txt").write_text(s["caption"])
-    settings = {"read": {"path": str(folder)}, "resize": {"image_size": 64}}
-    cfg = from_dict(IngestConfig, settings | {"write": {"path": str(out), "shard_size": shard_size}})
-    return ingest(cfg, ["--runner=FnApiRunner"])
-
-
 # What the questions of one image say about its single shape. A negated question answered "no" asserts presence.
 _WHAT_COLOR_OF = re.compile(r"what (?:color is|is the color of) the (\w+)\?")
 _WHAT_IS_THE_COLOR_SHAPE = re.compile(r"what is the (\w+) shape\?")

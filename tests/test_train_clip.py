@@ -4,6 +4,7 @@ a resumed run continues exactly; negatives are gathered across DDP processes."""
 import json
 import math
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 import webdataset as wds
 from torchvision.transforms.functional import pil_to_tensor
 
-from visinstruct.configs import CONFIG_DIR, ClipTrainConfig, FilterConfig, from_dict, load
+from visinstruct.configs import CONFIG_DIR, ClipTrainConfig, FilterConfig, IngestConfig, from_dict, load
 from visinstruct.testing import sample_data
 from visinstruct.testing.tiny_models import tiny_open_clip
 from visinstruct.testing.trainers import torchrun, train_argv
@@ -28,13 +29,32 @@ EASYVQA_YAML = CONFIG_DIR / "train-clip" / "clip_easyvqa.yaml"
 NAME = "visinstruct-easyvqa-clip"
 
 
+def ingest_folder(samples, folder, out, shard_size=250):
+    """Our ingest pipeline over a folder of PNGs with .txt captions (as a user would run it)."""
+    from visinstruct.pipelines.ingest import run as ingest
+
+    folder.mkdir(parents=True)
+    for s in samples:
+        shutil.copy(s["image_path"], folder / f"{s['image_id']:05d}.png")
+        (folder / f"{s['image_id']:05d}.txt").write_text(s["caption"])
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(folder)},
+            "resize": {"image_size": 64},
+            "write": {"path": str(out), "shard_size": shard_size},
+        },
+    )
+    return ingest(cfg, RUNNER)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """easy-VQA shards: train images 0-1699 and held-out test images 0-239, those whose answers give a caption."""
     root = tmp_path_factory.mktemp("easyvqa")
     for split, limit in (("train", 1700), ("test", 240)):
         samples = [s for s in sample_data.easy_vqa_samples(split, limit) if s["caption"]]
-        assert sample_data.ingest_captioned(samples, root / f"{split}-images", root / split)["written"] == len(samples)
+        assert ingest_folder(samples, root / f"{split}-images", root / split)["written"] == len(samples)
     return root
 
 
@@ -90,7 +110,7 @@ def test_filter_keeps_matching_pairs_over_mismatched_ones_with_the_trained_model
     for s in samples[1::2]:
         s["caption"] = distinct[(distinct.index(s["caption"]) + 7) % len(distinct)]
     matching = {f"{s['image_id']:05d}" for s in samples[::2]}
-    sample_data.ingest_captioned(samples, tmp_path / "images", tmp_path / "mixed")
+    ingest_folder(samples, tmp_path / "images", tmp_path / "mixed")
     cfg = from_dict(
         FilterConfig,
         {
