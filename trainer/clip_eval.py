@@ -10,6 +10,7 @@ caption than with a shuffled one, the shuffled captions being those of other sam
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -153,3 +154,72 @@ def zero_shot(image: np.ndarray, classes: np.ndarray, labels: Sequence[int], nam
     right = predicted == labels
     per_class = {name: float(right[labels == c].mean()) for c, name in enumerate(names) if (labels == c).any()}
     return {"accuracy": float(right.mean()), "per_class": per_class, "samples": int(len(labels))}
+
+
+def class_labels(captions: Sequence[str], classes: Sequence[str]) -> list[int | None]:
+    """Each caption's class: the index of the one class name it contains as a whole word or phrase (any case),
+    or None when it names none of them or several."""
+    labels = []
+    for caption in captions:
+        text = f" {' '.join(re.findall(r'[a-z0-9]+', caption.lower()))} "
+        hits = [i for i, name in enumerate(classes) if f" {' '.join(re.findall(r'[a-z0-9]+', name.lower()))} " in text]
+        labels.append(hits[0] if len(hits) == 1 else None)
+    return labels
+
+
+def load_run(checkpoint: str, device: str = "cpu"):
+    """A ``train-clip`` run's model (eval mode), its eval transform and tokenizer, from its ``model.pt`` alone."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import open_clip
+
+    from visinstruct.trainer.clip_tower import load_clip_checkpoint
+
+    saved = load_clip_checkpoint(checkpoint)
+    weights = Path(checkpoint) if Path(checkpoint).suffix == ".pt" else Path(checkpoint) / "model.pt"
+    name = saved.get("model_name") or "visinstruct-clip"
+    with tempfile.TemporaryDirectory() as folder:  # open_clip takes a config as a JSON file named after the model
+        config = Path(folder) / f"{name}.json"
+        config.write_text(json.dumps(saved["model_config"]))
+        open_clip.add_model_config(str(config))
+    model, _, transform = open_clip.create_model_and_transforms(name, pretrained=str(weights), device=device)
+    return model.eval(), transform, open_clip.get_tokenizer(name)
+
+
+def evaluate_run(cfg) -> dict:
+    """``visinstruct eval`` of a CLIP (``cfg``: an ``EvalConfig``): recall@k both ways, the matching AUC and
+    threshold, and zero-shot accuracy per class set of ``cfg.zero_shot``, on ``cfg.input``'s image-caption pairs.
+    A class set reports how many samples its captions could not label (none or several of its names)."""
+    from visinstruct.trainer.data import iterate_once, shard_list
+
+    model, transform, tokenizer = load_run(cfg.checkpoint, cfg.device)
+    dtype = (
+        torch.bfloat16
+        if cfg.dtype == "bf16" or (cfg.dtype == "auto" and cfg.device.startswith("cuda"))
+        else (torch.float32)
+    )
+    batches = iterate_once(
+        shard_list(cfg.input), cfg.batch_size, transform, tokenizer, cfg.zero_shot.caption, limit=cfg.max_samples
+    )
+    image, text, captions = embed(model, batches, cfg.device, dtype)
+    report = evaluate_embeddings(image, text, captions, seed=cfg.seed)
+    report.update(retrieval_recall(image, text, captions, cfg.zero_shot.recall_k))
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> np.ndarray:
+        return model.encode_text(tokenizer(texts).to(cfg.device), normalize=True).float().cpu().numpy()
+
+    zero = {}
+    for set_name, names in cfg.zero_shot.classes.items():
+        labels = class_labels(captions, names)
+        kept = [i for i, label in enumerate(labels) if label is not None]
+        if not kept:
+            zero[set_name] = {"samples": 0, "unlabelled": len(labels)}
+            continue
+        result = zero_shot(
+            image[kept], class_embeddings(encode, names, cfg.zero_shot.templates), [labels[i] for i in kept], names
+        )
+        zero[set_name] = {**result, "chance": 1 / len(names), "unlabelled": len(labels) - len(kept)}
+    return {"retrieval": report, "zero_shot": zero, "templates": list(cfg.zero_shot.templates)}

@@ -197,18 +197,35 @@ def checkpoint_dir(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A saved model and its processor: ``(LlavaForConditionalGeneration, LlavaProcessor)``, the model in eval mode.
+    """A saved model and its processor: ``(model, processor)``, the model in eval mode.
+
+    Our checkpoints load as ``LlavaForConditionalGeneration``; any other transformers image-text-to-text checkpoint
+    (a local folder, or a hub name that is not a local path) through ``AutoModelForImageTextToText``.
 
     Args:
-        path: a run's output folder or its ``model/`` folder.
+        path: a run's output folder or its ``model/`` folder, or another image-text-to-text model.
         device: where to put the model.
         dtype: the weights' dtype.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-    folder = checkpoint_dir(path)
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    folder = str(path) if _hub_name(path) else str(checkpoint_dir(path))
+    try:
+        model_type = AutoConfig.from_pretrained(folder).model_type
+    except OSError as e:  # a hub name that is not there, or cannot be fetched (offline)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise FileNotFoundError(
+            f"{path}: no checkpoint here, nor a hub model this machine can load ({first})"
+        ) from None
+    cls = LlavaForConditionalGeneration if model_type == "llava" else AutoModelForImageTextToText
+    model = cls.from_pretrained(folder, dtype=dtype)
     return model.to(device).eval(), AutoProcessor.from_pretrained(folder)
+
+
+def _hub_name(path: str | Path) -> bool:
+    """Whether ``path`` names a hub model (``org/name``) rather than a local folder."""
+    text = str(path)
+    return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~"))
 
 
 def set_trainable(model, stage: int, freeze_vision: bool) -> list[torch.nn.Module]:

@@ -1,0 +1,416 @@
+"""`visinstruct eval`: a checkpoint asked held-out questions with its image and under each ablation; the numbers it
+reports are the numbers a direct computation with plain transformers (or open_clip) gives; bad data is counted,
+never fatal; the scoring follows VQA's and SQuAD's definitions."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visinstruct.configs import CONFIG_DIR, IngestConfig, from_dict
+from visinstruct.testing import sample_data
+from visinstruct.testing.trainers import train_argv
+from visinstruct.trainer import eval_questions
+from visinstruct.trainer.vqa_metrics import (
+    answer_type,
+    exact_match,
+    majority_answers,
+    mean_interval,
+    normalize_answer,
+    paired_difference,
+    token_f1,
+)
+
+pytestmark = pytest.mark.timeout(600)
+TINY_YAML = CONFIG_DIR / "train" / "llava_tiny.yaml"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@pytest.mark.parametrize(
+    "answer, normalised",
+    [
+        ("Two.", "2"),
+        ("A red circle!", "red circle"),
+        ("The  answer is 3.5", "answer is 3.5"),
+        ("1,000 people", "1000 people"),
+        ("don't", "dont"),
+        ("Yes", "yes"),
+    ],
+)
+def test_answers_normalise_as_vqa_compares_them(answer, normalised):
+    assert normalize_answer(answer) == normalised
+
+
+def test_exact_match_is_vqa_accuracy():
+    assert exact_match("Red.", ["red"]) == 1.0
+    assert exact_match("blue", ["red", "Blue"]) == 1.0  # two references: either will do
+    annotators = ["red"] * 2 + ["dark red"] * 8  # VQA: ten annotators, min(1, agreeing / 3)
+    assert exact_match("red", annotators) == pytest.approx(2 / 3)
+    assert exact_match("dark red", annotators) == 1.0
+    assert exact_match("green", annotators) == 0.0
+
+
+def test_token_f1_is_squads_best_over_references():
+    # "a red circle on white" vs "the red circle": tokens [red, circle, on, white] vs [red, circle]: P 2/4, R 2/2
+    assert token_f1("a red circle on white", ["the red circle"]) == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert token_f1("a red circle on white", ["green", "red circle on white"]) == 1.0
+    assert token_f1("", [""]) == 1.0 and token_f1("", ["red"]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "references, kind",
+    [
+        (["Yes"], "yes/no"),
+        (["two"], "number"),
+        (["red circle"], "other"),
+        (["a red circle on a white page"], "free-form"),
+    ],
+)
+def test_a_questions_type_is_vqas_answer_type(references, kind):
+    assert answer_type(references) == kind
+
+
+def test_intervals_are_seeded_bootstrap_percentiles_around_the_mean():
+    scores = [1.0] * 30 + [0.0] * 10
+    first, again = mean_interval(scores, seed=3), mean_interval(scores, seed=3)
+    assert first == again and first["mean"] == 0.75 and first["n"] == 40
+    assert first["low"] < 0.75 < first["high"] and first["high"] - first["low"] < 0.4
+    assert mean_interval([1.0] * 5) == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 5}
+    same = paired_difference(scores, scores)
+    assert (same["mean"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    assert paired_difference([1.0, 1.0], [0.0, 1.0])["mean"] == 0.5
+
+
+def test_the_majority_answer_of_a_type_breaks_ties_by_the_answer_not_the_order():
+    pairs = [("yes/no", ["no"]), ("yes/no", ["Yes"]), ("color", ["red"]), ("color", ["blue"]), ("color", ["red"])]
+    assert majority_answers(pairs) == majority_answers(pairs[::-1]) == {"yes/no": "no", "color": "red"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Questions: from conversations and question files, every skip counted
+
+
+def test_every_assistant_turn_is_a_question_with_the_turns_before_it_as_context():
+    turns = [
+        {"from": "human", "value": "<image>\nwhat shape?"},
+        {"from": "gpt", "value": "circle"},
+        {"from": "human", "value": "what colour?"},
+        {"from": "gpt", "value": "red"},
+    ]
+    first, second = eval_questions.conversation_questions("s1", "img", turns)
+    assert (first.text, first.references, first.context, first.type) == (
+        "<image>\nwhat shape?",
+        ("circle",),
+        (),
+        "other",
+    )
+    assert second.text == "what colour?" and second.references == ("red",)
+    assert [m["content"] for m in second.context] == ["<image>\nwhat shape?", "circle"]
+    assert second.messages()[-1] == {"role": "user", "content": "what colour?"}
+
+
+def test_a_question_file_keeps_what_it_can_and_counts_every_entry_it_cannot(tmp_path):
+    sample = sample_data.easy_vqa_samples("test", 1)[0]
+    shutil.copy(sample["image_path"], tmp_path / "shape.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    entries = [
+        {"question_id": 7, "image": "shape.png", "text": "what shape?", "answer": "circle", "category": "shape"},
+        {"image": "shape.png", "question": "is it red?", "answers": [{"answer": "yes"}] * 3},
+        {"image": "missing.png", "text": "what?", "answer": "x"},
+        {"image": "broken.png", "text": "what?", "answer": "x"},
+        {"image": "shape.png", "text": "no answer given"},
+    ]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in entries) + "\n{not json\n")
+    found = eval_questions.from_file(str(path), None, "Describe.")
+    assert [(q.id, q.type, q.references) for q in found.items] == [
+        ("7", "shape", ("circle",)),
+        ("1", "yes/no", ("yes",) * 3),
+    ]
+    assert found.samples == 6 and {q.image for q in found.items} == {"shape.png"}  # one image, kept once
+    assert dict(found.skipped) == {"image_missing": 1, "decode_error": 1, "no_reference": 1, "malformed_entry": 1}
+    assert found.samples == len({q.id for q in found.items}) + sum(found.skipped.values())
+
+
+def test_shuffled_images_stand_in_for_another_image_once_each():
+    keys = [f"k{i}" for i in range(9)]
+    mapping = eval_questions.shuffled_images(keys + keys[:3], seed=1)
+    assert sorted(mapping) == sorted(mapping.values()) == keys
+    assert all(mapping[k] != k for k in keys)
+    assert mapping == eval_questions.shuffled_images(keys, seed=1)
+    assert eval_questions.shuffled_images(["only"]) == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end: a tiny LLaVA trained on easy-VQA shards, evaluated, and checked against plain transformers
+
+
+def llava_json(split, limit, path, questions_per_image):
+    entries = []
+    for s in sample_data.easy_vqa_samples(split, limit):
+        turns = []
+        for i, (question, answer, _) in enumerate(s["questions"][:questions_per_image]):
+            turns += [
+                {"from": "human", "value": ("<image>\n" if i == 0 else "") + question},
+                {"from": "gpt", "value": answer},
+            ]
+        entries.append({"id": str(s["image_id"]), "image": os.path.basename(s["image_path"]), "conversations": turns})
+    path.write_text(json.dumps(entries))
+    return os.path.dirname(s["image_path"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """easy-VQA through our ingest (120 training images, 3 questions each; 8 held out with 2), and
+    `visinstruct train --config configs/train/llava_tiny.yaml` on it: 40 steps of 8 on one thread."""
+    from visinstruct.cli.main import main
+    from visinstruct.pipelines.ingest import run as ingest
+
+    root = tmp_path_factory.mktemp("eval")
+    for split, limit, per_image in (("train", 120, 3), ("test", 8, 2)):
+        image_root = llava_json(split, limit, root / f"{split}.json", per_image)
+        cfg = from_dict(
+            IngestConfig,
+            {
+                "read": {"path": str(root / f"{split}.json"), "format": "llava", "image_root": image_root},
+                "resize": {"image_size": 64},
+                "write": {"path": str(root / split), "shard_size": 120},
+            },
+        )
+        assert ingest(cfg, ["--runner=FnApiRunner"])["written"] == limit
+    assert main(train_argv("train", TINY_YAML, root / "run", root)) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained):
+    from visinstruct.cli.main import main
+
+    out = trained / "eval"
+    argv = ["eval", "--checkpoint", str(trained / "run"), "--input", str(trained / "test"), "--out", str(out)]
+    assert main([*argv, "--set", "batch_size=5", "--set", "max_new_tokens=8"]) == 0
+    records = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    return json.loads((out / "eval.json").read_text()), records
+
+
+def direct_answer(model, processor, image, turns, max_new_tokens=8):
+    """Greedy decoding with plain transformers, the prompt written out by hand in the checkpoint's ChatML."""
+    prompt = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns) + "<|im_start|>assistant\n"
+    inputs = (
+        processor(images=image, text=prompt, return_tensors="pt")
+        if image
+        else processor(text=prompt, return_tensors="pt")
+    )
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_eval_asks_every_held_out_question_under_every_condition(evaluated):
+    report, records = evaluated
+    assert report["kind"] == "vlm" and report["samples"] == 8 and report["images"] == 8
+    assert report["questions"] == len(records) == 16 and report["skipped"] == {}
+    assert sum(report["types"].values()) == 16
+    assert list(report["conditions"]) == ["image", "blank", "shuffled", "none"]
+    assert set(report["image_minus"]) == {"blank", "shuffled", "none"}
+    assert all(set(r["answers"]) == set(report["conditions"]) for r in records)
+    assert all(r["shuffled_image"] != r["image"] for r in records)
+
+
+def test_eval_numbers_are_the_means_of_its_per_question_scores(evaluated):
+    report, records = evaluated
+    for condition, per in report["conditions"].items():
+        for group, stats in per.items():
+            members = [r for r in records if group == "all" or r["type"] == group]
+            for metric in ("exact", "f1"):
+                mean = np.mean([r["scores"][condition][metric] for r in members])
+                assert stats[metric]["mean"] == pytest.approx(mean) and stats[metric]["n"] == len(members)
+                assert stats[metric]["low"] <= stats[metric]["mean"] <= stats[metric]["high"]
+        diff = report["image_minus"].get(condition, {}).get("all")
+        if diff is not None:
+            image_all = report["conditions"]["image"]["all"]["score"]["mean"]
+            assert diff["mean"] == pytest.approx(image_all - per["all"]["score"]["mean"])
+
+
+def test_eval_answers_are_what_plain_transformers_answers_for_a_handful(trained, evaluated):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    _, records = evaluated
+    model = LlavaForConditionalGeneration.from_pretrained(trained / "run" / "model").eval()
+    processor = AutoProcessor.from_pretrained(trained / "run" / "model")
+    samples = sample_data.easy_vqa_samples("test", 8)
+    for record in records[:4]:  # two images, two questions each: the second one with the first as context
+        sample = samples[int(record["id"].split("/")[1].split("-")[0])]
+        image = Image.open(sample["image_path"]).convert("RGB")
+        question, reference, _ = sample["questions"][int(record["id"].rsplit("-", 1)[1])]
+        assert record["question"].replace("<image>\n", "") == question and record["references"] == [reference]
+        context = (
+            []
+            if record["context_turns"] == 0
+            else [("user", "<image>\n" + sample["questions"][0][0]), ("assistant", sample["questions"][0][1])]
+        )
+        first = "<image>\n" if not context else ""
+        turns = [*context, ("user", first + question)]
+        with torch.inference_mode():
+            with_image = direct_answer(model, processor, image, turns)
+            blank = direct_answer(model, processor, Image.new("RGB", image.size, "white"), turns)
+            none = direct_answer(model, processor, None, [(r, t.replace("<image>\n", "")) for r, t in turns])
+        assert record["answers"] == {**record["answers"], "image": with_image, "blank": blank, "none": none}
+        assert record["scores"]["image"] == {
+            "exact": exact_match(with_image, [reference]),
+            "f1": token_f1(with_image, [reference]),
+        }
+
+
+def test_eval_writes_a_page_of_its_errors_with_their_images(trained, evaluated):
+    _, records = evaluated
+    page = (trained / "eval" / "errors.html").read_text()
+    wrong = [r for r in records if r["scores"]["image"]["exact"] < 1]
+    assert page.count("<figure>") == min(len(wrong), 48) and page.count('src="data:image/jpeg;base64,') == page.count(
+        "<figure>"
+    )
+    assert "Content-Security-Policy" in page
+
+
+def test_an_evaluation_with_nothing_to_ask_fails_in_one_line(tmp_path, capsys):
+    from visinstruct.cli.main import main
+
+    path = tmp_path / "questions.json"
+    path.write_text(json.dumps([{"image": "gone.png", "text": "what?", "answer": "x"}]))
+    assert main(["eval", "--checkpoint", str(tmp_path), "--questions", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no question to ask" in err and "image_missing 1" in err
+    assert main(["eval", "--checkpoint", str(tmp_path)]) == 2
+    assert "exactly one of 'input'" in capsys.readouterr().err
+
+
+def test_the_summary_reports_each_condition_by_type_and_what_the_image_adds():
+    from visinstruct.configs import EvalConfig
+    from visinstruct.trainer.eval_questions import Question
+    from visinstruct.trainer.vqa_eval import summarize
+
+    questions = [
+        Question(str(i), "img", (), "q", (ref,), kind)
+        for i, (ref, kind) in enumerate([("yes", "yes/no"), ("no", "yes/no"), ("yes", "yes/no"), ("red", "color")])
+    ]
+    scores = {
+        "image": [
+            {"exact": 1.0, "f1": 1.0},
+            {"exact": 1.0, "f1": 1.0},
+            {"exact": 0.0, "f1": 0.0},
+            {"exact": 1.0, "f1": 1.0},
+        ],
+        "blank": [
+            {"exact": 1.0, "f1": 1.0},
+            {"exact": 0.0, "f1": 0.0},
+            {"exact": 0.0, "f1": 0.5},
+            {"exact": 0.0, "f1": 0.0},
+        ],
+    }
+    cfg = EvalConfig(checkpoint="c", input="i")
+    summary = summarize(questions, scores, cfg)
+    assert summary["headline"] == {"color": "exact", "yes/no": "exact"}
+    assert summary["conditions"]["image"]["yes/no"]["score"]["mean"] == pytest.approx(2 / 3)
+    assert summary["conditions"]["blank"]["all"]["f1"]["mean"] == pytest.approx(1.5 / 4)
+    assert summary["image_minus"]["blank"]["all"]["mean"] == pytest.approx(3 / 4 - 1 / 4)
+    assert summary["image_minus"]["blank"]["color"] == {"mean": 1.0, "low": 1.0, "high": 1.0, "n": 1}
+    assert summary["majority"]["answers"] == {"yes/no": "yes", "color": "red"}
+    assert summary["majority"]["yes/no"] == pytest.approx(2 / 3) and summary["majority"]["all"] == 0.75
+
+
+TYPED_CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_checkpoint_whose_template_takes_typed_content_gets_the_same_prompt(trained):
+    from transformers import AutoProcessor
+
+    from visinstruct.trainer.chat import prompt_text
+
+    processor = AutoProcessor.from_pretrained(trained / "run" / "model")
+    conversation = [
+        {"role": "user", "content": "<image>\nwhat shape?"},
+        {"role": "assistant", "content": "circle"},
+        {"role": "user", "content": "what colour?"},
+    ]
+    ours = prompt_text(processor, conversation)
+    assert ours.count("<image>") == 1 and ours.endswith("what colour?<|im_end|>\n<|im_start|>assistant\n")
+    processor.chat_template = TYPED_CHATML  # as the hub's LLaVA processors do: content as typed items
+    assert prompt_text(processor, conversation) == ours
+    assert prompt_text(processor, "what shape?") == prompt_text(processor, "<image>\nwhat shape?")
+    assert "<image>" not in prompt_text(processor, conversation, image=False)
+
+
+@pytest.fixture(scope="module")
+def caption_shards(tmp_path_factory):
+    """40 captioned easy-VQA test images ("a blue circle") ingested from a folder of PNGs and .txt captions."""
+    from visinstruct.pipelines.ingest import run as ingest
+
+    root = tmp_path_factory.mktemp("clip-eval")
+    samples = [s for s in sample_data.easy_vqa_samples("test", 60) if s["caption"]][:40]
+    for s in samples:
+        shutil.copy(s["image_path"], root / f"{s['image_id']:05d}.png")
+        (root / f"{s['image_id']:05d}.txt").write_text(s["caption"])
+    cfg = from_dict(IngestConfig, {"read": {"path": str(root)}, "write": {"path": str(root / "shards")}})
+    assert ingest(cfg, ["--runner=FnApiRunner"])["written"] == len(samples) == 40
+    return root / "shards", samples
+
+
+def test_a_clip_checkpoint_gets_retrieval_and_zero_shot_as_open_clip_computes_them(caption_shards, tmp_path):
+    from visinstruct.cli.main import main
+    from visinstruct.testing.tiny_models import TINY_OPEN_CLIP_CONFIG, TINY_OPEN_CLIP_NAME, tiny_open_clip
+    from visinstruct.trainer.clip_eval import PROMPT_TEMPLATES
+
+    shards, samples = caption_shards
+    model, preprocess, tokenizer = tiny_open_clip(seed=5)
+    run = tmp_path / "clip"
+    run.mkdir()
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "step": 1,
+            "model_name": TINY_OPEN_CLIP_NAME,
+            "model_config": TINY_OPEN_CLIP_CONFIG,
+        },
+        run / "model.pt",
+    )
+    shapes = ["circle", "rectangle", "triangle"]
+    argv = ["eval", "--checkpoint", str(run), "--input", str(shards), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--set", f"zero_shot.classes={{shape: [{', '.join(shapes)}], colour: [red, blue]}}"]) == 0
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["kind"] == "clip" and report["retrieval"]["samples"] == 40
+
+    # the same numbers by hand: open_clip's embeddings, prompt-ensembled class embeddings, argmax
+    import io
+
+    import webdataset as wds
+
+    pixels, captions = [], []
+    for sample in wds.DataPipeline(
+        wds.SimpleShardList(sorted(map(str, shards.glob("*.tar")))), wds.tarfile_to_samples()
+    ):
+        member = next(k for k in ("jpg", "png", "webp") if k in sample)
+        pixels.append(preprocess(Image.open(io.BytesIO(sample[member])).convert("RGB")))
+        captions.append(sample["txt"].decode())
+    with torch.no_grad():
+        embedded = model.encode_image(torch.stack(pixels), normalize=True).numpy()
+        prompts = model.encode_text(tokenizer([t.format(s) for s in shapes for t in PROMPT_TEMPLATES]), normalize=True)
+    classes = prompts.reshape(len(shapes), len(PROMPT_TEMPLATES), -1).mean(dim=1)
+    classes = (classes / classes.norm(dim=1, keepdim=True)).numpy()
+    truth = [shapes.index(c.split()[-1]) for c in captions]
+    predicted = np.argmax(embedded @ classes.T, axis=1)
+    assert report["zero_shot"]["shape"]["accuracy"] == pytest.approx(float(np.mean(predicted == truth)))
+    assert report["zero_shot"]["shape"]["samples"] == 40 and report["zero_shot"]["shape"]["unlabelled"] == 0
+    named = sum(c.split()[1] in ("red", "blue") for c in captions)
+    assert (
+        report["zero_shot"]["colour"]["samples"] == named and report["zero_shot"]["colour"]["unlabelled"] == 40 - named
+    )
