@@ -471,6 +471,7 @@ def run_demo(out: str | Path, beam_args: list[str] | None = None) -> dict:
     write_outputs(cfg, report, answered, found)
     reports["eval"] = report
     print(format_report(report, cfg.out))
+    print(f"demo: evaluated in {time.monotonic() - start:.0f} s")
 
     shard = shards[0]
     start = _step(

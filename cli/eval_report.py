@@ -47,6 +47,17 @@ def format_report(report: dict[str, Any], out: str | None = None) -> str:
         lines.append(f"{'image - ' + condition:<16}" + "".join(f"{_cell(per[g], True):>{CELL}}" for g in groups))
     majority = report["majority"]
     lines.append(f"{'majority answer':<16}" + "".join(f"{majority[g]:>{CELL}.3f}" for g in groups))
+    both = "; ".join(
+        f"{c} {per[ALL]['exact']['mean']:.3f} / {per[ALL]['f1']['mean']:.3f}"
+        for c, per in report["conditions"].items()
+    )
+    lines.append(f"all questions, exact match / token F1: {both}")
+    lines.append(
+        "(majority answer: each type's most common answer among these questions; intervals resample images, each "
+        "with all its questions)"
+    )
+    if report["unaskable"]:
+        lines.append("not asked: " + ", ".join(f"{r} {n}" for r, n in report["unaskable"].items()))
     seconds = report["seconds"]
     lines.append(f"asked in {seconds['total'] - seconds['load']:.1f} s (model loaded in {seconds['load']:.1f} s)")
     if out:

@@ -14,14 +14,29 @@ is written last, when every image it names exists.
 sizes, sha256, phash, clip_score, conversations as LLaVA JSON text, the whole JSON member as ``metadata``, the
 image bytes and their format), one row group per shard.
 
+``--format hf`` writes a Hugging Face dataset (local OUT only; needs the ``datasets`` package)::
+
+    OUT/data-00000-of-0000N.arrow   what ``datasets.load_from_disk(OUT)`` reads (``save_to_disk``'s layout)
+    OUT/state.json, dataset_info.json
+    OUT/parquet/data-00000-of-0000N.parquet   the same rows, for ``load_dataset("parquet", data_files=...)``
+
+Columns (:data:`HF_COLUMNS`): key, shard, url, path, caption, sha256 (of the original bytes, as in the JSON member),
+conversations (``[{"from", "value"}]``, empty when the sample has none), metadata (the whole JSON member), and
+image, an ``Image`` feature holding the tar member's bytes unchanged (``{"bytes", "path": "KEY.EXT"}``). Rows are
+in shard order. The same shards give byte-identical files: ``state.json``'s ``_fingerprint`` (which ``datasets``
+otherwise derives from temporary paths) is the sha256 of the rows as staged (an Arrow stream), cut to 16 hex
+digits. ``--overwrite`` replaces an earlier hf export's files (``data-*``, ``parquet/data-*``, the two JSON files).
+
 Nothing in a tar names an output file: image files are named by keys checked to be plain digit strings, and by
 an extension from a fixed list, so nothing is written outside OUT.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -32,7 +47,7 @@ import pyarrow.parquet as pq
 from visinstruct.cli.shards import Progress, Unread, describe_losses, samples_noting_losses
 from visinstruct.schemas import IMAGE_TOKEN, SampleMeta, Turn, conversation_problems, to_row
 from visinstruct.transforms.layout import ShardError, image_member, match_paths, shard_files
-from visinstruct.transforms.shards import atomic_write, join, write_bytes
+from visinstruct.transforms.shards import atomic_write, delete, join, write_bytes
 
 MAX_KEY_CHARS = 64
 LLAVA_JSON = "llava.json"
@@ -61,6 +76,13 @@ PARQUET_SCHEMA = pa.schema(
 )
 
 
+HF_PARQUET_DIR = "parquet"
+HF_TEMPORARY = ".hf-export"  # rows staged in OUT before save_to_disk; removed at the end
+HF_BATCH_ROWS = 256  # rows a record batch of the staged file holds: bounded memory for images
+HF_MAX_SHARD_BYTES = 500 * 2**20  # save_to_disk's default shard size
+HF_COLUMNS = ("key", "shard", "url", "path", "caption", "sha256", "conversations", "metadata", "image")
+
+
 @dataclass(frozen=True)
 class Sample:
     """A written sample as export needs it; ``key`` is safe to name a file with."""
@@ -82,7 +104,8 @@ def check_out(out: str, overwrite: bool) -> None:
     """Refuse an OUT that already holds files (an export there would mix with them) unless ``overwrite``."""
     if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
         raise ShardError(f"{out} is a file; export writes to a folder")
-    found = match_paths(join(out, "*"))
+    # Locally every entry counts, a folder too (an earlier export's images/ or parquet/); a store has only files.
+    found = match_paths(join(out, "*")) if "://" in out else os.listdir(out) if os.path.isdir(out) else []
     if found and not overwrite:
         raise ShardError(f"{out} is not empty ({len(found)} entries); choose another folder or pass --overwrite")
 
@@ -212,6 +235,122 @@ def export_parquet(paths: list[str], out: str, overwrite: bool = False, progress
     }
 
 
+def hf_features():
+    """The ``datasets.Features`` of an hf export (see the module docstring); imports ``datasets``."""
+    import datasets
+
+    text = datasets.Value("string")
+    columns = {name: text for name in HF_COLUMNS}
+    columns["conversations"] = datasets.List({"from": text, "value": text})
+    columns["image"] = datasets.Image()
+    return datasets.Features(columns)
+
+
+def hf_row(sample: Sample) -> dict:
+    """One sample as a row of an hf export: the image member's bytes as they are, named ``KEY.EXT``."""
+    meta = sample.meta
+    return {
+        "key": sample.key,
+        "shard": sample.shard,
+        "url": meta.url,
+        "path": meta.path,
+        "caption": meta.caption,
+        "sha256": meta.sha256,
+        "conversations": [to_row(t) for t in meta.conversations],
+        "metadata": meta.to_json(),
+        "image": {"bytes": sample.image, "path": f"{sample.key}.{sample.image_format}"},
+    }
+
+
+def _stage_hf_rows(samples: Iterator[Sample], schema: pa.Schema, path: str) -> tuple[int, str]:
+    """Write rows to one Arrow stream file at ``path``; returns how many and the sha256 of the file."""
+    digest, count, batch = hashlib.sha256(), 0, []
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for sample in samples:
+            batch.append(hf_row(sample))
+            if len(batch) == HF_BATCH_ROWS:
+                writer.write_batch(pa.RecordBatch.from_pylist(batch, schema))
+                count, batch = count + len(batch), []
+        if batch:
+            writer.write_batch(pa.RecordBatch.from_pylist(batch, schema))
+            count += len(batch)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return count, digest.hexdigest()
+
+
+def _remove_hf_export(out: str) -> None:
+    """Remove the files an earlier hf export wrote to ``out`` (``--overwrite``), so no stale shard file stays."""
+    names = [n for n in os.listdir(out) if n.startswith("data-") and n.endswith(".arrow")]
+    names += [n for n in ("state.json", "dataset_info.json", HF_TEMPORARY) if os.path.exists(join(out, n))]
+    parquet = join(out, HF_PARQUET_DIR)
+    if os.path.isdir(parquet):
+        names += [
+            join(HF_PARQUET_DIR, n) for n in os.listdir(parquet) if n.startswith("data-") and n.endswith(".parquet")
+        ]
+    delete([join(out, n) for n in names])
+
+
+def export_hf(paths: list[str], out: str, overwrite: bool = False, progress: Progress | None = None) -> dict:
+    """Write every written sample as a Hugging Face dataset to ``out`` (see the module docstring).
+
+    Rows are staged in one Arrow file in ``out``, which ``datasets`` then saves in its layout and as parquet.
+
+    Returns:
+        format, out, dataset (the folder load_from_disk reads), parquet (the parquet files), exported, skipped
+        (``{reason: n}``), shards, and the unread samples.
+    """
+    if "://" in out:
+        raise ShardError(f"--format hf writes to a local folder, not {out}: export there and copy it")
+    try:
+        import datasets
+    except ImportError:
+        raise ShardError("--format hf needs the Hugging Face datasets package: pip install datasets") from None
+    check_out(out, overwrite)
+    os.makedirs(out, exist_ok=True)
+    _remove_hf_export(out)
+    skipped: Counter = Counter()
+    losses: list[Unread] = []
+    features = hf_features()
+    staged = join(out, HF_TEMPORARY)
+    os.makedirs(staged)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # our own progress line; theirs would fill the terminal and --json output
+    try:
+        rows = join(staged, "rows.arrow")
+        exported, digest = _stage_hf_rows(
+            written_samples(paths, skipped, progress, losses), features.arrow_schema, rows
+        )
+        if not exported:
+            hint = f"; {describe_losses(losses)}" if losses else ""
+            raise ShardError(f"nothing to export from {len(paths)} shards: {_reasons(skipped)}{hint}")
+        info = datasets.DatasetInfo(features=features)
+        dataset = datasets.Dataset.from_file(rows, info=info).select_columns(
+            list(HF_COLUMNS), new_fingerprint=digest[:16]
+        )  # a fingerprint from the rows, not from the staged file's path
+        shards = min(exported, dataset.data.nbytes // HF_MAX_SHARD_BYTES + 1)
+        parquet = [join(out, HF_PARQUET_DIR, f"data-{i:05d}-of-{shards:05d}.parquet") for i in range(shards)]
+        os.makedirs(join(out, HF_PARQUET_DIR), exist_ok=True)
+        for i, path in enumerate(parquet):
+            dataset.shard(num_shards=shards, index=i, contiguous=True).to_parquet(path)
+        dataset.save_to_disk(out, num_shards=shards)  # its state.json last: a folder cut short does not load
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+        if bars:
+            datasets.enable_progress_bars()
+    return {
+        "format": "hf",
+        "out": out,
+        "dataset": out,
+        "parquet": parquet,
+        "exported": exported,
+        "skipped": dict(skipped.most_common()),
+        "shards": len(paths),
+        **_unread(losses),
+    }
+
+
 def _unread(losses: list[Unread]) -> dict:
     """The report's account of what could not be read: ``unread`` (per shard) and a one-line ``unread_summary``."""
     return {"unread": [asdict(u) for u in losses], "unread_summary": describe_losses(losses) if losses else None}
@@ -246,9 +385,13 @@ def _reasons(skipped: Counter) -> str:
 
 def format_export(report: dict) -> str:
     """The export report for the terminal."""
-    where = (
-        f"{report['json']} (images in {report['image_folder']})" if report["format"] == "llava" else report["parquet"]
-    )
+    if report["format"] == "llava":
+        where = f"{report['json']} (images in {report['image_folder']})"
+    elif report["format"] == "hf":
+        parquet = join(report["dataset"], HF_PARQUET_DIR)
+        where = f"{report['dataset']} (for datasets.load_from_disk; parquet files in {parquet})"
+    else:
+        where = report["parquet"]
     lines = [f"exported {report['exported']} samples from {report['shards']} shards to {where}"]
     if report["skipped"]:
         lines.append(f"skipped {sum(report['skipped'].values())}: {_reasons(Counter(report['skipped']))}")

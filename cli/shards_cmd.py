@@ -82,12 +82,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         sub,
         "export",
         run_export,
-        help="write samples as LLaVA's training JSON + images, or a parquet table",
+        help="write samples as LLaVA's training JSON + images, a parquet table, or a Hugging Face dataset",
         description="--format llava: OUT/llava.json (a list of {id, image, conversations}) and "
         "OUT/images/KEY.EXT, for LLaVA's --data_path and --image_folder; only "
         "samples with a valid conversation, unless --caption-only. --format "
         "parquet: OUT/samples.parquet, one row per written sample, image bytes "
-        "included.",
+        "included. --format hf: a Hugging Face dataset in OUT (datasets.load_from_disk) and as parquet files in "
+        "OUT/parquet, with an Image column holding the image bytes unchanged and conversations as "
+        "[{from, value}]; needs the datasets package.",
         json_help=REPORT_JSON_HELP,
         options=_export_options,
     )
@@ -132,7 +134,7 @@ def _show_options(show: argparse.ArgumentParser) -> None:
 def _export_options(export: argparse.ArgumentParser) -> None:
     export.add_argument("--out", metavar="OUT", help="folder to write to, required (refused when it holds files)")
     export.add_argument("old_out", nargs="?", metavar="OUT", help=argparse.SUPPRESS)  # refused: see run_export
-    export.add_argument("--format", choices=("llava", "parquet"), default="llava", help="default: %(default)s")
+    export.add_argument("--format", choices=("llava", "parquet", "hf"), default="llava", help="default: %(default)s")
     export.add_argument(
         "--caption-only",
         action="store_true",
@@ -238,7 +240,7 @@ def run_validate(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 def run_export(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from visinstruct.cli.export import export_llava, export_parquet, format_export
+    from visinstruct.cli.export import export_hf, export_llava, export_parquet, format_export
 
     if args.old_out is not None:
         raise UserError(f"the output folder is --out now: visinstruct export {args.path} --out {args.old_out}")
@@ -250,6 +252,8 @@ def run_export(args: argparse.Namespace, beam_args: list[str]) -> int:
     progress = _Counter("export", args)
     if args.format == "llava":
         report = _user_errors(lambda: export_llava(paths, args.out, args.caption_only, args.overwrite, progress))
+    elif args.format == "hf":
+        report = _user_errors(lambda: export_hf(paths, args.out, args.overwrite, progress))
     else:
         report = _user_errors(lambda: export_parquet(paths, args.out, args.overwrite, progress))
     print(json.dumps(report, indent=1) if args.json else format_export(report))

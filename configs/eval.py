@@ -13,6 +13,7 @@ from visinstruct.configs.loader import opt
 from visinstruct.configs.stages import _positive
 
 Ablation = Literal["blank", "shuffled", "none"]
+ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}.")
 
 
 @dataclass
@@ -26,7 +27,7 @@ class ZeroShotConfig:
         "left out, and counted)",
     )
     templates: list[str] = opt(
-        factory=lambda: ["a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}."],
+        factory=lambda: list(ZERO_SHOT_TEMPLATES),
         doc="prompt templates ({} is the class name); each class's embedding is the mean of its prompts' (CLIP's "
         "prompt ensembling)",
     )
@@ -37,8 +38,8 @@ class ZeroShotConfig:
 
     def __post_init__(self):
         for name, classes in self.classes.items():
-            if len(set(classes)) < 2:
-                raise ValueError(f"zero_shot.classes.{name}: needs at least two distinct class names")
+            if len(classes) < 2 or len({c.lower() for c in classes}) != len(classes):
+                raise ValueError(f"zero_shot.classes.{name}: needs two or more class names, each named once")
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ValueError("zero_shot.templates: every template needs {} where the class name goes")
         for k in self.recall_k:
@@ -99,6 +100,8 @@ class EvalConfig:
     def __post_init__(self):
         if (self.input is None) == (self.questions is None):
             raise ValueError("give exactly one of 'input' (held-out shards, --input) and 'questions' (--questions)")
+        if self.image_root is not None and self.questions is None:
+            raise ValueError("'image_root' is where a question file's images are; shards (input) hold their own")
         for name in ("batch_size", "max_new_tokens", "bootstrap"):
             _positive(name, getattr(self, name))
         for name in ("max_samples", "max_questions", "errors"):

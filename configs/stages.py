@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 from visinstruct.configs.loader import opt
 
-InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt", "folder", "coco", "llava"]
+InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt", "folder", "coco", "llava", "hf"]
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 ImageFormat = Literal["jpg", "png", "webp"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -40,13 +40,42 @@ class ReadConfig:
     """Where input rows come from (img2dataset's option names where they exist)."""
 
     path: str = opt(doc="input file, glob or folder; local or any Beam filesystem (gs://...)")
-    format: InputFormat = opt("auto", "input format; 'auto' picks by extension")
-    url_col: str = opt("url", "column holding the image URL (or path)")
+    format: InputFormat = opt(
+        "auto",
+        "input format; 'auto' picks by extension (a folder Hugging Face datasets' save_to_disk wrote: hf); "
+        "hf: a local Hugging Face dataset, a save_to_disk folder or parquet files",
+    )
+    url_col: str = opt("url", "column holding the image URL (or path); hf reads images from image_col instead")
     caption_col: str | None = opt("caption", "column holding the caption; null for none")
     boxes_col: str | None = opt(None, "column of object boxes: a list (or JSON text) of {category, bbox}")
     tags_col: str | None = opt(None, "column of tags: a list (or JSON text) of strings")
     save_additional_columns: list[str] = opt(factory=list, doc="input columns kept in each sample's 'source'")
-    image_root: str | None = opt(None, "folder that relative image paths (COCO, LLaVA JSON) are resolved against")
+    image_root: str | None = opt(
+        None, "folder that relative image paths (COCO, LLaVA JSON, hf image paths) are resolved against"
+    )
+    image_col: str | None = opt(
+        None,
+        "hf: column holding the image: an Image feature ({bytes, path}), bytes, or a path; null: the one column "
+        "with an Image feature, else 'image'",
+    )
+    conversations_col: str | None = opt(
+        None,
+        "hf: column of LLaVA-style conversations, a list (or JSON text) of {from, value}; null: 'conversations' "
+        "when the input has it",
+    )
+    split: str | None = opt(
+        None, "hf: the split to read from a saved DatasetDict (a folder with dataset_dict.json) holding several"
+    )
+
+    HF_ONLY: ClassVar[tuple[str, ...]] = ("image_col", "conversations_col", "split")
+
+    def __post_init__(self):
+        if self.format not in ("hf", "auto"):
+            given = [k for k in self.HF_ONLY if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"'{given[0]}' is read.format hf's; remove it or set format: hf")
+        if self.format == "hf" and self.url_col != "url":
+            raise ValueError("'url_col': format hf reads each image from its row (image_col), never from a URL")
 
 
 @dataclass

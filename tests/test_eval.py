@@ -18,6 +18,7 @@ from visinstruct.trainer import eval_questions
 from visinstruct.trainer.vqa_metrics import (
     answer_type,
     exact_match,
+    headline,
     majority_answers,
     mean_interval,
     normalize_answer,
@@ -50,11 +51,17 @@ def test_answers_normalise_as_vqa_compares_them(answer, normalised):
 
 def test_exact_match_is_vqa_accuracy():
     assert exact_match("Red.", ["red"]) == 1.0
-    assert exact_match("blue", ["red", "Blue"]) == 1.0  # two references: either will do
-    annotators = ["red"] * 2 + ["dark red"] * 8  # VQA: ten annotators, min(1, agreeing / 3)
-    assert exact_match("red", annotators) == pytest.approx(2 / 3)
+    assert exact_match("round", ["circle", "round", "ring"]) == 1.0  # acceptable alternatives: any will do
+    annotators = ["red"] * 2 + ["dark red"] * 8  # VQA's ten annotators: leave each out, min(1, agreeing / 3), mean
+    assert exact_match("red", annotators) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)  # 0.6
     assert exact_match("dark red", annotators) == 1.0
     assert exact_match("green", annotators) == 0.0
+
+
+def test_a_type_is_judged_by_token_f1_when_most_of_its_answers_are_free_form():
+    detail = [["a red circle on a white page"], ["two blue squares side by side"], ["red"]]
+    assert headline(detail) == "f1" and headline([["red"], ["blue"]]) == "exact"
+    assert headline(detail, "exact") == "exact"
 
 
 def test_token_f1_is_squads_best_over_references():
@@ -91,6 +98,16 @@ def test_intervals_are_seeded_bootstrap_percentiles_around_the_mean():
 def test_the_majority_answer_of_a_type_breaks_ties_by_the_answer_not_the_order():
     pairs = [("yes/no", ["no"]), ("yes/no", ["Yes"]), ("color", ["red"]), ("color", ["blue"]), ("color", ["red"])]
     assert majority_answers(pairs) == majority_answers(pairs[::-1]) == {"yes/no": "no", "color": "red"}
+    assert majority_answers([("color", ["blue"] + ["red"] * 9)]) == {"color": "red"}  # the annotators' consensus
+
+
+def test_intervals_resample_images_so_correlated_questions_do_not_narrow_them():
+    # ten questions per image, all right or all wrong together: twenty images, not two hundred independent answers
+    scores = [float(i % 2) for i in range(20) for _ in range(10)]
+    images = [f"img{i}" for i in range(20) for _ in range(10)]
+    per_question, per_image = mean_interval(scores), mean_interval(scores, clusters=images)
+    assert per_question["mean"] == per_image["mean"] == 0.5
+    assert per_image["high"] - per_image["low"] > 2 * (per_question["high"] - per_question["low"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -269,9 +286,9 @@ def test_eval_answers_are_what_plain_transformers_answers_for_a_handful(trained,
 
 
 def test_eval_writes_a_page_of_its_errors_with_their_images(trained, evaluated):
-    _, records = evaluated
+    report, records = evaluated
     page = (trained / "eval" / "errors.html").read_text()
-    wrong = [r for r in records if r["scores"]["image"]["exact"] < 1]
+    wrong = [r for r in records if r["scores"]["image"][report["headline"][r["type"]]] < 1]
     assert page.count("<figure>") == min(len(wrong), 48) and page.count('src="data:image/jpeg;base64,') == page.count(
         "<figure>"
     )
@@ -324,6 +341,12 @@ def test_the_summary_reports_each_condition_by_type_and_what_the_image_adds():
     assert summary["majority"]["yes/no"] == pytest.approx(2 / 3) and summary["majority"]["all"] == 0.75
 
 
+HUB_STYLE_CHATML = (  # how the hub's LLaVA templates pick the image items: selectattr('type', 'equalto', 'image')
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}<image>\n{% endfor %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{ item['text'] }}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 TYPED_CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
@@ -344,8 +367,9 @@ def test_a_checkpoint_whose_template_takes_typed_content_gets_the_same_prompt(tr
     ]
     ours = prompt_text(processor, conversation)
     assert ours.count("<image>") == 1 and ours.endswith("what colour?<|im_end|>\n<|im_start|>assistant\n")
-    processor.chat_template = TYPED_CHATML  # as the hub's LLaVA processors do: content as typed items
-    assert prompt_text(processor, conversation) == ours
+    for template in (TYPED_CHATML, HUB_STYLE_CHATML):  # as the hub's processors do: content as typed items
+        processor.chat_template = template
+        assert prompt_text(processor, conversation) == ours
     assert prompt_text(processor, "what shape?") == prompt_text(processor, "<image>\nwhat shape?")
     assert "<image>" not in prompt_text(processor, conversation, image=False)
 
@@ -414,3 +438,75 @@ def test_a_clip_checkpoint_gets_retrieval_and_zero_shot_as_open_clip_computes_th
     assert (
         report["zero_shot"]["colour"]["samples"] == named and report["zero_shot"]["colour"]["unlabelled"] == 40 - named
     )
+
+
+def write_tar(path, samples):
+    """A webdataset tar of ``(key, png bytes, caption)`` samples."""
+    import webdataset as wds
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as tar:
+        for key, png, caption in samples:
+            tar.write({"__key__": key, "png": png, "txt": caption})
+
+
+def png(colour):
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_shards_of_two_folders_with_the_same_names_keep_their_own_images(tmp_path):
+    write_tar(tmp_path / "a" / "00000.tar", [("000000000", png("red"), "a red square")])
+    write_tar(tmp_path / "b" / "00000.tar", [("000000000", png("blue"), "a blue square")])
+    urls = [str(tmp_path / "a" / "00000.tar"), str(tmp_path / "b" / "00000.tar")]
+    found = eval_questions.from_shards(urls, "auto", "Describe.")
+    assert len(found.items) == len(found.images) == 2
+    for question in found.items:
+        colour = question.references[0].split()[1]
+        assert found.image(question.image).getpixel((0, 0)) == Image.new("RGB", (1, 1), colour).getpixel((0, 0))
+
+
+def test_a_damaged_shard_is_counted_and_the_others_are_read(tmp_path):
+    write_tar(tmp_path / "00000.tar", [(f"00000000{i}", png("red"), "a red square") for i in range(3)])
+    write_tar(tmp_path / "00001.tar", [(f"00001000{i}", png("blue"), "a blue square") for i in range(3)])
+    data = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(data[:700] + b"\xff" * 600)  # the second shard's tar is broken mid-way
+    found = eval_questions.from_shards([str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")], "auto", "D.")
+    assert found.skipped["unreadable_shard"] >= 1
+    assert [q.references[0] for q in found.items][:3] == ["a red square"] * 3
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'[{"image": "a.png", "text": "what?", "answer": "x"},', "not valid JSON"),
+        (b'{\n "questions": [{"image_id": 1, "question": "what?"}]\n}\n', "one JSON object"),
+        ("[]".encode() + "caf\xe9".encode("latin-1"), "not UTF-8"),
+    ],
+)
+def test_a_question_file_that_is_not_questions_is_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "questions.json"
+    path.write_bytes(content)
+    with pytest.raises(eval_questions.EvalDataError, match=message):
+        eval_questions.from_file(str(path), None, "Describe.")
+
+
+def test_a_question_too_long_for_the_model_is_counted_and_the_rest_are_asked(trained, tmp_path):
+    from visinstruct.cli.main import main
+
+    sample = sample_data.easy_vqa_samples("test", 1)[0]
+    question, answer, kind = sample["questions"][0]
+    entries = [
+        {"image": sample["image_path"], "text": question, "answer": answer, "category": kind},
+        {"image": sample["image_path"], "text": "why? " * 200, "answer": answer, "category": kind},  # 1,000 bytes
+    ]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in entries))
+    argv = ["eval", "--checkpoint", str(trained / "run"), "--questions", str(path), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--set", "ablations=[blank]", "--set", "max_new_tokens=4"]) == 0
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["unaskable"] == {"too_long": 1} and report["questions"] == 1
+    assert list(report["conditions"]) == ["image", "blank"]

@@ -22,7 +22,8 @@ from visinstruct.trainer.llava_model import load_checkpoint
 
 __all__ = ["answer", "answers", "generate", "load_checkpoint", "prompt_text"]
 _IMAGE_MARK = re.compile(re.escape(IMAGE_TOKEN) + r"\n?")
-_TYPED = re.compile(r"""\[\s*['"]type['"]\s*\]|\.type\b""")  # a template that reads content items' "type"
+# a template that reads content items' "type": item['type'], item.type, or selectattr('type', ...) as the hub's LLaVA
+_TYPED = re.compile(r"""['"]type['"]|\.type\b""")
 
 
 def _with_one_image(messages: list[dict[str, str]], image: bool) -> list[dict[str, str]]:
@@ -64,9 +65,10 @@ def prompt_text(processor, prompt: str | list[dict[str, str]], system: str | Non
         messages = [{"role": "system", "content": system}] + messages
     messages = _with_one_image(messages, image)
     template = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
-    if template and _TYPED.search(template):
-        return processor.apply_chat_template([_typed(m) for m in messages], add_generation_prompt=True, tokenize=False)
-    return processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered = [_typed(m) for m in messages] if template and _TYPED.search(template) else messages
+    return processor.tokenizer.apply_chat_template(
+        rendered, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
 
 
 def generate(
@@ -93,6 +95,8 @@ def generate(
     """
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"  # generation continues every row from its last real token
+    if tokenizer.pad_token is None:  # many hub LMs have none; padding is masked out of attention anyway
+        tokenizer.pad_token = tokenizer.eos_token
     texts = [prompt_text(processor, c, system, image=images is not None) for c in conversations]
     if images is None:
         inputs = processor(text=texts, padding=True, return_tensors="pt")

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from visinstruct.configs.eval import ZERO_SHOT_TEMPLATES
+
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:
     """Area under the ROC curve: P(a positive scores above a negative), ties counting one half (Mann-Whitney U)."""
@@ -108,15 +110,17 @@ def embed(model: torch.nn.Module, batches: Iterable[dict], device: str, dtype: t
     return np.concatenate(images), np.concatenate(texts), captions
 
 
-def evaluate_embeddings(image: np.ndarray, text: np.ndarray, captions: list[str], seed: int = 0) -> dict:
-    """Every metric of the module on embeddings: recall@1/5 both ways, ``matching_auc`` (the AUC of the cosine of
-    matching pairs against the same images with shuffled, different captions), the filter threshold that
+def evaluate_embeddings(
+    image: np.ndarray, text: np.ndarray, captions: list[str], seed: int = 0, ks: Iterable[int] = (1, 5)
+) -> dict:
+    """Every metric of the module on embeddings: recall@k both ways (``ks``), ``matching_auc`` (the AUC of the
+    cosine of matching pairs against the same images with shuffled, different captions), the filter threshold that
     best separates matching from shuffled pairs (``threshold``, with its ``threshold_balanced_accuracy``), and the
     sample count."""
     matching, mismatched = matching_scores(image, text, captions, seed)
     threshold, accuracy = separating_threshold(matching, mismatched)
     return {
-        **retrieval_recall(image, text, captions),
+        **retrieval_recall(image, text, captions, ks),
         "matching_auc": auc(matching, mismatched),
         "threshold": round(threshold, 4),
         "threshold_balanced_accuracy": accuracy,
@@ -124,7 +128,7 @@ def evaluate_embeddings(image: np.ndarray, text: np.ndarray, captions: list[str]
     }
 
 
-PROMPT_TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}.")
+PROMPT_TEMPLATES = ZERO_SHOT_TEMPLATES  # CLIP-paper style prompts (configs/eval.py: zero_shot.templates' default)
 
 
 def class_embeddings(
@@ -156,13 +160,21 @@ def zero_shot(image: np.ndarray, classes: np.ndarray, labels: Sequence[int], nam
     return {"accuracy": float(right.mean()), "per_class": per_class, "samples": int(len(labels))}
 
 
+_WORD = re.compile(r"\w+")
+
+
+def _words(text: str) -> str:
+    """Text as its lower-case words between spaces: a phrase is found in it as a whole (any script's letters)."""
+    return " " + " ".join(_WORD.findall(text.lower())) + " "
+
+
 def class_labels(captions: Sequence[str], classes: Sequence[str]) -> list[int | None]:
     """Each caption's class: the index of the one class name it contains as a whole word or phrase (any case),
     or None when it names none of them or several."""
     labels = []
     for caption in captions:
-        text = f" {' '.join(re.findall(r'[a-z0-9]+', caption.lower()))} "
-        hits = [i for i, name in enumerate(classes) if f" {' '.join(re.findall(r'[a-z0-9]+', name.lower()))} " in text]
+        text = _words(caption)
+        hits = [i for i, name in enumerate(classes) if _words(name) in text]
         labels.append(hits[0] if len(hits) == 1 else None)
     return labels
 
@@ -193,23 +205,25 @@ def evaluate_run(cfg) -> dict:
     threshold, and zero-shot accuracy per class set of ``cfg.zero_shot``, on ``cfg.input``'s image-caption pairs.
     A class set reports how many samples its captions could not label (none or several of its names)."""
     from visinstruct.trainer.data import iterate_once, shard_list
+    from visinstruct.transforms.devices import pick_device, pick_dtype
 
-    model, transform, tokenizer = load_run(cfg.checkpoint, cfg.device)
-    dtype = (
-        torch.bfloat16
-        if cfg.dtype == "bf16" or (cfg.dtype == "auto" and cfg.device.startswith("cuda"))
-        else (torch.float32)
-    )
+    device = pick_device(cfg.device)
+    model, transform, tokenizer = load_run(cfg.checkpoint, device)
+    dtype = pick_dtype(cfg.dtype, device)
     batches = iterate_once(
         shard_list(cfg.input), cfg.batch_size, transform, tokenizer, cfg.zero_shot.caption, limit=cfg.max_samples
     )
-    image, text, captions = embed(model, batches, cfg.device, dtype)
-    report = evaluate_embeddings(image, text, captions, seed=cfg.seed)
-    report.update(retrieval_recall(image, text, captions, cfg.zero_shot.recall_k))
+    try:
+        image, text, captions = embed(model, batches, device, dtype)
+    except ValueError as e:  # no sample with an image and a caption
+        from visinstruct.trainer.eval_questions import EvalDataError
+
+        raise EvalDataError(f"{cfg.input}: {e}") from None
+    report = evaluate_embeddings(image, text, captions, seed=cfg.seed, ks=cfg.zero_shot.recall_k)
 
     @torch.no_grad()
     def encode(texts: list[str]) -> np.ndarray:
-        return model.encode_text(tokenizer(texts).to(cfg.device), normalize=True).float().cpu().numpy()
+        return model.encode_text(tokenizer(texts).to(device), normalize=True).float().cpu().numpy()
 
     zero = {}
     for set_name, names in cfg.zero_shot.classes.items():

@@ -34,6 +34,12 @@ from visinstruct.transforms.layout import image_member
 from visinstruct.transforms.shards import read_bytes
 
 log = logging.getLogger(__name__)
+
+
+class EvalDataError(ValueError):
+    """The data gives nothing to evaluate, or cannot be read as what it claims to be: one line for the user."""
+
+
 QUESTION_KEYS = ("text", "question", "prompt")
 ANSWER_KEYS = ("answers", "answer", "gt_answer", "label")
 CATEGORY_KEYS = ("category", "question_type")
@@ -62,12 +68,11 @@ class Questions:
 
     items: list[Question] = field(default_factory=list)
     images: dict[str, bytes] = field(default_factory=dict)
-    origins: dict[str, str] = field(default_factory=dict)  # image key -> where it came from (shard or file)
     skipped: collections.Counter = field(default_factory=collections.Counter)
     samples: int = 0  # samples or entries read: each one gave questions or is counted in ``skipped``
     not_asked: int = 0  # questions beyond ``max_questions``
 
-    def add_image(self, key: str, data: bytes | None, origin: str) -> bool:
+    def add_image(self, key: str, data: bytes | None) -> bool:
         """Keep an image if it decodes; otherwise count the sample as skipped and say False."""
         if data is None:
             self.skipped["no_image"] += 1
@@ -77,7 +82,7 @@ class Questions:
         except Dropped as e:
             self.skipped[e.reason] += 1
             return False
-        self.images[key], self.origins[key] = data, origin
+        self.images[key] = data
         return True
 
     def image(self, key: str) -> Image.Image:
@@ -116,10 +121,18 @@ def from_shards(urls: list[str], source: str, caption_prompt: str, max_samples: 
     import webdataset as wds
 
     found = Questions()
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+
+    def unreadable(error: Exception) -> bool:  # a damaged tar: counted, and the rest is read
+        log.warning("eval: unreadable shard data skipped: %s: %s", type(error).__name__, error)
+        found.skipped["unreadable_shard"] += 1
+        return True
+
+    stems = [PurePosixPath(u).stem for u in urls]
+    names = {u: s if stems.count(s) == 1 else u.removesuffix(".tar") for u, s in zip(urls, stems)}
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=unreadable))
     for sample in itertools.islice(iter(pipeline), max_samples):
         found.samples += 1
-        key = f"{PurePosixPath(sample.get('__url__', '')).stem}/{sample['__key__']}"
+        key = f"{names.get(sample.get('__url__', ''), sample.get('__url__', ''))}/{sample['__key__']}"
         try:
             turns = conversation_of(sample, source=source, caption_prompt=caption_prompt)
             if turns is None:
@@ -130,7 +143,7 @@ def from_shards(urls: list[str], source: str, caption_prompt: str, max_samples: 
                 found.skipped["no_question"] += 1
                 continue
             member = image_member(sample)
-            if found.add_image(key, sample[member] if member else None, sample.get("__url__", "")):
+            if found.add_image(key, sample[member] if member else None):
                 found.items += questions
         except Exception as e:  # one sample's surprise is one skipped sample, not a failed evaluation
             log.warning("eval: sample %s skipped: %s: %s", key, type(e).__name__, e)
@@ -151,12 +164,30 @@ def _references(entry: dict[str, Any]) -> tuple[str, ...]:
 
 def read_entries(path: str) -> Iterator[Any]:
     """The entries of a question file: a JSON list, or JSON Lines (one entry per line; a bad line is yielded as
-    None, to be counted)."""
-    text = read_bytes(path).decode("utf-8")
+    None, to be counted). A file that is neither (not UTF-8, a broken JSON list, one JSON object such as VQA's
+    questions file) raises :class:`EvalDataError`."""
+    try:
+        text = read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
-        yield from json.loads(text)
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{path}: not valid JSON ({e})") from None
+        yield from entries
         return
+    if stripped.startswith("{") and "\n" in stripped.rstrip():
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON Lines, one object per line
+        if isinstance(whole, dict):
+            raise EvalDataError(
+                f"{path}: one JSON object, not a list of questions or JSON Lines (VQA's questions and annotations "
+                "files: join them into one entry per question, with image, question and answers)"
+            )
     for line in text.splitlines():
         if line.strip():
             try:
@@ -169,7 +200,7 @@ def from_file(path: str, image_root: str | None, caption_prompt: str, max_sample
     """The questions of a question file (see the module docstring); images are read relative to ``image_root``
     (default: the file's folder), on any filesystem Beam knows."""
     root = image_root if image_root is not None else str(PurePosixPath(path).parent)
-    found = Questions()
+    found, seen_ids = Questions(), set()
     for index, entry in enumerate(itertools.islice(read_entries(path), max_samples)):
         found.samples += 1
         try:
@@ -177,6 +208,9 @@ def from_file(path: str, image_root: str | None, caption_prompt: str, max_sample
                 found.skipped["malformed_entry"] += 1
                 continue
             entry_id = str(entry.get("question_id", entry.get("id", index)))
+            if entry_id in seen_ids:  # ids name questions in answers.jsonl: a repeated one gets its position
+                entry_id = f"{entry_id}#{index}"
+            seen_ids.add(entry_id)
             questions = _entry_questions(entry, entry_id, caption_prompt)
             if not questions:
                 found.skipped["no_question" if entry.get("conversations") else "no_reference"] += 1
@@ -191,7 +225,7 @@ def from_file(path: str, image_root: str | None, caption_prompt: str, max_sample
                     except (OSError, ValueError):
                         found.skipped["image_missing"] += 1
                         continue
-                if not found.add_image(key, data, name or ""):
+                if not found.add_image(key, data):
                     continue
             found.items += questions
         except Exception as e:  # one entry's surprise is one skipped entry

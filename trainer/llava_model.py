@@ -218,7 +218,11 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype = 
             f"{path}: no checkpoint here, nor a hub model this machine can load ({first})"
         ) from None
     cls = LlavaForConditionalGeneration if model_type == "llava" else AutoModelForImageTextToText
-    model = cls.from_pretrained(folder, dtype=dtype)
+    try:
+        model = cls.from_pretrained(folder, dtype=dtype)
+    except ValueError as e:  # a text LM, a CLIP...: transformers has no image-text-to-text class for it
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise FileNotFoundError(f"{path}: not an image-text-to-text model ({first})") from None
     return model.to(device).eval(), AutoProcessor.from_pretrained(folder)
 
 

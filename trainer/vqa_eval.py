@@ -21,21 +21,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from visinstruct.configs import EvalConfig
+from visinstruct.configs import EvalConfig, TextConfig
 from visinstruct.trainer import eval_questions, vqa_metrics
-from visinstruct.trainer.eval_questions import Question, Questions
+from visinstruct.trainer.eval_questions import EvalDataError, Question, Questions
 
 log = logging.getLogger(__name__)
 
 
-class EvalDataError(ValueError):
-    """The data gives nothing to evaluate (every sample skipped), or not what the checkpoint needs."""
-
-
 IMAGE = "image"  # the condition every ablation is compared with
-DEFAULT_CAPTION_PROMPT = "Describe the image briefly."
+DEFAULT_CAPTION_PROMPT = TextConfig.caption_prompt  # what the trainer's caption samples ask
 ALL = "all"
 
 
@@ -74,10 +68,30 @@ def read_questions(cfg: EvalConfig, caption_prompt: str) -> Questions:
     return found
 
 
-def _dtype(cfg: EvalConfig) -> torch.dtype:
-    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and cfg.device.startswith("cuda")):
-        return torch.bfloat16
-    return torch.float32
+def askable(model, processor, found: Questions, cfg: EvalConfig) -> Counter:
+    """Drop the questions this model cannot be asked, by reason: its chat template refuses the conversation
+    (``template_error``), or the prompt, image tokens and answer would not fit its context (``too_long``).
+    Returns the counts; one such question must not end the evaluation of the rest."""
+    from visinstruct.trainer.chat import prompt_text
+
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    image_tokens = getattr(model.config, "image_seq_length", 0) or 0
+    dropped, kept = Counter(), []
+    for question in found.items:
+        try:
+            text = prompt_text(processor, question.messages(), cfg.system)
+        except Exception:  # jinja2's TemplateError, or a template's raise_exception() on roles it does not take
+            dropped["template_error"] += 1
+            continue
+        if limit and len(processor.tokenizer(text)["input_ids"]) + image_tokens + cfg.max_new_tokens > limit:
+            dropped["too_long"] += 1
+            continue
+        kept.append(question)
+    found.items = kept
+    if not kept:
+        raise EvalDataError(f"no question this model can be asked: {dict(dropped)}")
+    return dropped
 
 
 def ask(model, processor, found: Questions, condition: str, cfg: EvalConfig, stand_in: dict[str, str]) -> list[str]:
@@ -109,13 +123,16 @@ def score(question: Question, answer: str) -> dict[str, float]:
 
 def summarize(questions: list[Question], scores: dict[str, list[dict[str, float]]], cfg: EvalConfig) -> dict[str, Any]:
     """Per condition and type (and ``all``): each metric's mean with its interval; per ablation and type, the
-    paired difference of the headline metric between the image and the ablation; the majority-answer floor."""
+    paired difference of the headline metric between the image and the ablation; the majority-answer floor (the
+    most common answer of each type among these questions). Intervals resample images, each with its questions."""
     types = sorted(Counter(q.type for q in questions))
     groups = {ALL: list(range(len(questions)))} | {
         t: [i for i, q in enumerate(questions) if q.type == t] for t in types
     }
-    metric = {i: vqa_metrics.headline(q.type, cfg.scorer) for i, q in enumerate(questions)}
+    judged_by = {t: vqa_metrics.headline([questions[i].references for i in groups[t]], cfg.scorer) for t in types}
+    metric = {i: judged_by[q.type] for i, q in enumerate(questions)}
     interval = {"confidence": cfg.confidence, "rounds": cfg.bootstrap, "seed": cfg.seed}
+    clusters = {g: [questions[i].image for i in members] for g, members in groups.items()}
 
     def headline(condition: str, members: list[int]) -> list[float]:
         return [scores[condition][i][metric[i]] for i in members]
@@ -123,9 +140,11 @@ def summarize(questions: list[Question], scores: dict[str, list[dict[str, float]
     conditions = {
         condition: {
             group: {
-                "score": vqa_metrics.mean_interval(headline(condition, members), **interval),
+                "score": vqa_metrics.mean_interval(headline(condition, members), **interval, clusters=clusters[group]),
                 **{
-                    name: vqa_metrics.mean_interval([per[i][name] for i in members], **interval)
+                    name: vqa_metrics.mean_interval(
+                        [per[i][name] for i in members], **interval, clusters=clusters[group]
+                    )
                     for name in ("exact", "f1")
                 },
             }
@@ -135,7 +154,9 @@ def summarize(questions: list[Question], scores: dict[str, list[dict[str, float]
     }
     differences = {
         condition: {
-            group: vqa_metrics.paired_difference(headline(IMAGE, members), headline(condition, members), **interval)
+            group: vqa_metrics.paired_difference(
+                headline(IMAGE, members), headline(condition, members), **interval, clusters=clusters[group]
+            )
             for group, members in groups.items()
         }
         for condition in scores
@@ -144,8 +165,8 @@ def summarize(questions: list[Question], scores: dict[str, list[dict[str, float]
     majority = vqa_metrics.majority_answers([(q.type, q.references) for q in questions])
     floor = [score(q, majority[q.type]) for q in questions]
     return {
-        "headline": {t: vqa_metrics.headline(t, cfg.scorer) for t in types},
-        "interval": interval,
+        "headline": judged_by,
+        "interval": {**interval, "resampled": "images"},
         "conditions": conditions,
         "image_minus": differences,
         "majority": {
@@ -168,6 +189,10 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any], list[dict[str, Any]], Que
     from visinstruct.trainer.chat import load_checkpoint
 
     started = time.monotonic()
+    if cfg.zero_shot.classes:
+        raise EvalDataError(
+            "zero_shot.classes is for a train-clip checkpoint; this one is answered question by question"
+        )
     text = trained_text(cfg.checkpoint)
     caption_prompt = cfg.caption_prompt or text.get("caption_prompt") or DEFAULT_CAPTION_PROMPT
     if cfg.system is None and text.get("system") is not None:
@@ -176,6 +201,8 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any], list[dict[str, Any]], Que
     if not found.items:
         skipped = ", ".join(f"{r} {n}" for r, n in found.skipped.most_common()) or "nothing read"
         raise EvalDataError(f"no question to ask: {found.samples} samples read; skipped: {skipped}")
+    if ALL in {q.type for q in found.items}:
+        raise EvalDataError(f"a question category may not be called {ALL!r}: the report uses it for every question")
     stand_in = eval_questions.shuffled_images([q.image for q in found.items], cfg.seed)
     conditions = [IMAGE, *(a for a in cfg.ablations if a != "shuffled" or stand_in)]
     if "shuffled" in cfg.ablations and not stand_in:
@@ -183,7 +210,11 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any], list[dict[str, Any]], Que
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model, processor = load_checkpoint(cfg.checkpoint, device=cfg.device, dtype=_dtype(cfg))
+    from visinstruct.transforms.devices import pick_device, pick_dtype
+
+    device = pick_device(cfg.device)
+    model, processor = load_checkpoint(cfg.checkpoint, device=device, dtype=pick_dtype(cfg.dtype, device))
+    unasked = askable(model, processor, found, cfg)
     loaded = time.monotonic()
     said, seconds = {}, {}
     for condition in conditions:
@@ -201,6 +232,7 @@ def evaluate(cfg: EvalConfig) -> tuple[dict[str, Any], list[dict[str, Any]], Que
         "questions": len(found.items),
         "skipped": dict(found.skipped.most_common()),
         "not_asked": found.not_asked,
+        "unaskable": dict(unasked.most_common()),
         "types": dict(sorted(Counter(q.type for q in found.items).items())),
         "scorer": cfg.scorer,
         **summarize(found.items, scores, cfg),

@@ -1,4 +1,5 @@
-"""Read input rows: URL lists (parquet, csv, tsv, jsonl, txt), image folders, COCO annotations, LLaVA JSON.
+"""Read input rows: URL lists (parquet, csv, tsv, jsonl, txt), image folders, COCO annotations, LLaVA JSON, and
+Hugging Face datasets (a ``save_to_disk`` folder or parquet files: format ``hf``).
 
 A *unit* is what one reader call consumes: one URL-list file, or a whole folder / set of annotation files
 (they must be merged before rows can be numbered). :func:`plan_units` lists them when the pipeline is built;
@@ -10,8 +11,9 @@ unreadable input, or a ``*_col`` option naming a column the input lacks, raises
 :class:`~visinstruct.transforms.read_bounds.InputError` (a ``ConfigError``) with a one-line message when the
 pipeline is planned.
 
-The formats live in :mod:`~visinstruct.transforms.read_lists` (URL lists) and
-:mod:`~visinstruct.transforms.read_sources` (folders, COCO, LLaVA); the bounds a row must fit, and the bounded
+The formats live in :mod:`~visinstruct.transforms.read_lists` (URL lists),
+:mod:`~visinstruct.transforms.read_sources` (folders, COCO, LLaVA) and :mod:`~visinstruct.transforms.read_hf`
+(Hugging Face datasets, one unit per data file); the bounds a row must fit, and the bounded
 reading of text, in :mod:`~visinstruct.transforms.read_bounds`.
 """
 
@@ -27,6 +29,7 @@ from visinstruct.configs import ReadConfig
 from visinstruct.schemas import Decision, ImageTextPair, Rejection
 from visinstruct.transforms.guard import guarded
 from visinstruct.transforms.read_bounds import EXCERPT, InputError, bad_row, excerpt, pair_problem
+from visinstruct.transforms.read_hf import hf_files, hf_pair, hf_rows, hf_schema, is_hf_folder, resolve_columns
 from visinstruct.transforms.read_lists import LIST_READERS, check_columns, pair_from_row
 from visinstruct.transforms.read_sources import source_rows
 
@@ -57,6 +60,11 @@ def plan_units(cfg: ReadConfig) -> list[tuple[str, list[str]]]:
     typo fails here, at pipeline construction, instead of rejecting every row.
     """
     fmt = cfg.format
+    if fmt == "hf" or (fmt == "auto" and _is_folder(cfg.path) and is_hf_folder(cfg.path)):
+        return _hf_units(cfg)
+    hf_keys = [k for k in cfg.HF_ONLY if getattr(cfg, k) is not None]
+    if hf_keys:  # format auto found another format: the key would be ignored
+        raise InputError(f"read.{hf_keys[0]} is read.format hf's, and {cfg.path} is not a Hugging Face dataset")
     if fmt == "folder" or (fmt == "auto" and _is_folder(cfg.path)):
         return [("folder", [cfg.path])]
     matches = sorted(m.path for m in FileSystems.match([cfg.path])[0].metadata_list)
@@ -75,6 +83,13 @@ def plan_units(cfg: ReadConfig) -> list[tuple[str, list[str]]]:
     return [(fmt, [p]) for p in matches]
 
 
+def _hf_units(cfg: ReadConfig) -> list[tuple[str, list[str]]]:
+    """One unit per data file of a Hugging Face dataset, in row order; the named columns checked in the first."""
+    files = hf_files(cfg)
+    resolve_columns(cfg, hf_schema(files[0]))
+    return [("hf", [path]) for path in files]
+
+
 def _is_folder(path: str) -> bool:
     return "://" not in path and os.path.isdir(path)
 
@@ -87,6 +102,9 @@ def read_unit(fmt: str, paths: list[str], cfg: ReadConfig) -> Iterator[ImageText
     """
     if fmt in LIST_READERS:
         rows, convert = _reader_rows(LIST_READERS[fmt](paths[0], fmt, cfg), paths[0]), pair_from_row
+    elif fmt == "hf":  # the columns resolved for this file (the image column may be found by its feature)
+        resolved = resolve_columns(cfg, hf_schema(paths[0]))
+        rows, convert = _reader_rows(hf_rows(paths[0]), paths[0]), lambda row, _: hf_pair(row, resolved)
     elif fmt in SOURCE_FORMATS:
         records, build = source_rows(fmt, paths, cfg)
         rows, convert = _reader_rows(records, paths[0]), lambda record, c: _checked(build(record, c))

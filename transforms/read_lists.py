@@ -124,12 +124,12 @@ def pair_from_row(row: dict, cfg: ReadConfig) -> ImageTextPair | Decision:
         if caption is not None and not isinstance(caption, str):
             return bad_row("bad_caption", f"column {cfg.caption_col!r} is not text", _raw(row), excerpt(url))
     try:
-        source = JsonDict({c: _plain(row.get(c)) for c in cfg.save_additional_columns if c in row})
+        source = JsonDict({c: plain_value(row.get(c)) for c in cfg.save_additional_columns if c in row})
     except UnicodeDecodeError:
         return bad_row("bad_encoding", "a saved column holds bytes that are not UTF-8", _raw(row), excerpt(url))
     try:
-        boxes = [Box(str(b["category"]), [float(v) for v in b["bbox"]]) for b in _listish(row, cfg.boxes_col)]
-        tags = [str(t) for t in _listish(row, cfg.tags_col)]
+        boxes = [Box(str(b["category"]), [float(v) for v in b["bbox"]]) for b in listish(row, cfg.boxes_col)]
+        tags = [str(t) for t in listish(row, cfg.tags_col)]
     except (KeyError, TypeError, ValueError, RecursionError) as e:
         return bad_row("bad_box", f"boxes or tags do not parse: {e}"[:EXCERPT], _raw(row), excerpt(url))
     pair = ImageTextPair(key="", url=url, caption=caption, boxes=boxes, tags=tags, source=source)
@@ -149,14 +149,14 @@ def _short(value):
     return value[:EXCERPT] if isinstance(value, (str, bytes)) else value
 
 
-def _plain(value):
+def plain_value(value):
     """A cell as a JSON-safe value: bytes decoded as UTF-8 (or ``UnicodeDecodeError``), dates as text."""
     if value is None or isinstance(value, (str, int, float)):
         return value
     return json.loads(json.dumps(value, default=lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)))
 
 
-def _listish(row: dict, column: str | None) -> list:
+def listish(row: dict, column: str | None) -> list:
     """A list-valued column: a real list (parquet, jsonl) or JSON text (csv, tsv); empty when absent."""
     value = row.get(column) if column else None
     if value is None or value == "":

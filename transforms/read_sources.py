@@ -72,7 +72,8 @@ def _load_json(path: str):
         raise InputError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
-def _resolve(name: str, cfg: ReadConfig) -> str:
+def resolve_location(name: str, cfg: ReadConfig) -> str:
+    """An image path of an annotation or dataset row, joined to ``read.image_root`` when relative."""
     if "://" in name or os.path.isabs(name) or not cfg.image_root:
         return name
     return os.path.join(cfg.image_root, name)
@@ -135,7 +136,7 @@ def coco_pair(record: tuple, cfg: ReadConfig) -> ImageTextPair | Decision:
     url = image.get("coco_url") if not cfg.image_root and image.get("coco_url") else None
     if url is None and not isinstance(image.get("file_name"), str):
         return bad_row("missing_url", f"image {image.get('id')} has neither coco_url nor file_name", _raw(image))
-    path = None if url else _resolve(image["file_name"], cfg)
+    path = None if url else resolve_location(image["file_name"], cfg)
     return ImageTextPair(
         key="",
         url=url,
@@ -169,7 +170,7 @@ def llava_pair(entry, cfg: ReadConfig) -> ImageTextPair | Decision:
     problems = conversation_problems(turns)
     if problems:
         return bad_row("bad_conversation", "; ".join(problems), raw)
-    location = _resolve(str(entry["image"]), cfg)
+    location = resolve_location(str(entry["image"]), cfg)
     pair = ImageTextPair(key="", conversations=turns, source=JsonDict({"llava_id": entry.get("id")}))
     if location.startswith(("http://", "https://")):
         return replace(pair, url=location)

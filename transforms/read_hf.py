@@ -1,0 +1,259 @@
+"""Hugging Face ``datasets`` as input (``read.format: hf``): a folder ``save_to_disk`` wrote, or parquet files.
+
+Read with pyarrow alone (``datasets`` is not needed on workers, and ``gs://`` inputs read like local ones):
+
+- a ``save_to_disk`` folder: its ``state.json`` lists the Arrow files (IPC streams) in row order;
+- a saved ``DatasetDict`` (``dataset_dict.json``): the split ``read.split`` names, or its only split;
+- parquet files (``Dataset.to_parquet``, the Hub's parquet conversion): a file or a glob, sorted by name.
+
+Each data file is one read unit. A row's image is ``read.image_col``: an ``Image`` feature (Arrow
+``struct<bytes, path>``), plain bytes, or a path. Bytes become the pair's ``image`` and are never fetched; a path
+alone is read like a LLaVA JSON image (``read.image_root``; an http(s) path is fetched as a URL). Conversations are
+LLaVA's ``[{from, value}]`` (``read.conversations_col``), a list or JSON text, checked as LLaVA JSON's are.
+
+A row that cannot become a pair is dropped with a reason: ``missing_image`` (no bytes and no path),
+``bad_image`` (the image cell is neither), ``bad_caption``, ``bad_conversation``, ``bad_box``, and the bounds of
+:func:`~visinstruct.transforms.read_bounds.pair_problem`. Bytes that do not decode are the decode stage's drop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from visinstruct.configs import ReadConfig
+from visinstruct.schemas import Box, Decision, ImageTextPair, JsonDict, Turn, conversation_problems
+from visinstruct.transforms.read_bounds import EXCERPT, InputError, bad_row, excerpt, open_input, pair_problem
+from visinstruct.transforms.read_lists import listish, plain_value
+from visinstruct.transforms.read_sources import resolve_location
+
+STATE_FILE = "state.json"  # what save_to_disk writes beside a Dataset's Arrow files
+DICT_FILE = "dataset_dict.json"  # ... and at the top of a DatasetDict, one folder per split
+DEFAULT_IMAGE_COL = "image"
+DEFAULT_CONVERSATIONS_COL = "conversations"
+BATCH_ROWS = 256  # rows converted to Python at a time: bounded memory for image columns
+
+
+def is_hf_folder(path: str) -> bool:
+    """Whether ``path`` is a local folder ``save_to_disk`` wrote (a Dataset or a DatasetDict)."""
+    return os.path.isfile(os.path.join(path, STATE_FILE)) or os.path.isfile(os.path.join(path, DICT_FILE))
+
+
+def _read_json(path: str):
+    try:
+        with open_input(path) as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read it: {type(e).__name__}: {e}"[:EXCERPT]) from None
+
+
+def _split_folder(folder: str, split: str | None) -> str:
+    """The folder of the split to read from a saved DatasetDict."""
+    splits = _read_json(os.path.join(folder, DICT_FILE)).get("splits", [])
+    if split is None and len(splits) == 1:
+        return os.path.join(folder, splits[0])
+    if split is None or split not in splits:
+        named = "names no split" if split is None else f"names split {split!r}, which is not there"
+        raise InputError(f"read.split: {folder} holds splits {', '.join(splits) or 'none'}; the config {named}")
+    return os.path.join(folder, split)
+
+
+def hf_files(cfg: ReadConfig) -> list[str]:
+    """The data files of an hf input in row order (see the module docstring); :class:`InputError` when there are
+    none, or ``read.split`` does not fit the input."""
+    folder = cfg.path.rstrip("/")
+    if FileSystems.exists(os.path.join(folder, DICT_FILE)):
+        folder = _split_folder(folder, cfg.split)
+    elif cfg.split is not None and FileSystems.exists(os.path.join(folder, STATE_FILE)):
+        raise InputError(f"read.split: {folder} holds one Dataset, not a DatasetDict of splits; remove read.split")
+    if FileSystems.exists(os.path.join(folder, STATE_FILE)):
+        try:
+            names = [entry["filename"] for entry in _read_json(os.path.join(folder, STATE_FILE))["_data_files"]]
+        except (KeyError, TypeError):
+            raise InputError(f"{folder}/{STATE_FILE} does not list the dataset's files (_data_files)") from None
+        if not names:
+            raise InputError(f"{folder}: the dataset holds no rows")
+        return [os.path.join(folder, name) for name in names]
+    if cfg.split is not None:
+        raise InputError("read.split: only a saved DatasetDict folder has splits; parquet files are read as given")
+    if "://" not in folder and os.path.isdir(folder):
+        raise InputError(f"{folder}: not a folder Hugging Face datasets' save_to_disk wrote (no {STATE_FILE})")
+    files = sorted(m.path for m in FileSystems.match([cfg.path])[0].metadata_list if m.path.endswith(".parquet"))
+    if not files:
+        raise InputError(f"{cfg.path}: no parquet files match, and it is no save_to_disk folder (format hf)")
+    return files
+
+
+def _open(path: str, f) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The schema and record batches of an open data file: parquet, or an Arrow IPC stream (save_to_disk) or file.
+
+    Only the schema is read here (a parquet footer, a stream's first message); batches are read as they are taken.
+    """
+    if path.endswith(".parquet"):
+        parquet = pq.ParquetFile(f)
+        return parquet.schema_arrow, parquet.iter_batches(batch_size=BATCH_ROWS)
+    try:
+        stream = pa.ipc.open_stream(f)
+        return stream.schema, iter(stream)
+    except pa.ArrowInvalid:  # not a stream: the IPC file format (random access), which other writers use
+        f.seek(0)
+        file = pa.ipc.open_file(f)
+        return file.schema, (file.get_batch(i) for i in range(file.num_record_batches))
+
+
+def hf_schema(path: str) -> pa.Schema:
+    """The Arrow schema of one data file (its ``huggingface`` metadata holds the features)."""
+    try:
+        with open_input(path) as f:
+            return _open(path, f)[0]
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise InputError(f"{path}: cannot read it as a Hugging Face dataset file: {type(e).__name__}: {e}") from None
+
+
+def image_columns(schema: pa.Schema) -> list[str]:
+    """Columns the schema's ``huggingface`` metadata declares as ``Image`` features."""
+    try:
+        features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))["info"]["features"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [
+        name for name, feature in features.items() if isinstance(feature, dict) and feature.get("_type") == "Image"
+    ]
+
+
+def resolve_columns(cfg: ReadConfig, schema: pa.Schema) -> ReadConfig:
+    """``cfg`` with ``image_col`` and ``conversations_col`` filled in for this input; :class:`InputError` when a
+    column the config names is not there."""
+    names = schema.names
+    image_col = cfg.image_col
+    if image_col is None:
+        declared = image_columns(schema)
+        image_col = declared[0] if len(declared) == 1 else DEFAULT_IMAGE_COL
+    conversations_col = cfg.conversations_col
+    if conversations_col is None and DEFAULT_CONVERSATIONS_COL in names:
+        conversations_col = DEFAULT_CONVERSATIONS_COL
+    named = [("image_col", image_col), ("conversations_col", conversations_col)]
+    if cfg.caption_col is not None and cfg.caption_col != "caption":
+        named.append(("caption_col", cfg.caption_col))
+    named += [(option, getattr(cfg, option)) for option in ("boxes_col", "tags_col") if getattr(cfg, option)]
+    named += [("save_additional_columns", c) for c in cfg.save_additional_columns]
+    for option, column in named:
+        if column is not None and column not in names:
+            shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
+            raise InputError(f"read.{option}: column {column!r} not in the dataset (columns: {shown})")
+    return replace(cfg, image_col=image_col, conversations_col=conversations_col)
+
+
+def hf_rows(path: str) -> Iterator[dict | Decision]:
+    """The rows of one data file as dicts, in order; a row that does not convert is its ``bad_encoding`` drop."""
+    with open_input(path) as f:
+        _, batches = _open(path, f)
+        yield from _batch_rows(batches)
+
+
+def _batch_rows(batches: Iterator[pa.RecordBatch]) -> Iterator[dict | Decision]:
+    for batch in batches:
+        try:
+            yield from batch.to_pylist()
+            continue
+        except (ValueError, UnicodeError, pa.ArrowException):
+            pass  # one cell does not convert (invalid UTF-8 in a string column): find it row by row
+        for i in range(batch.num_rows):
+            try:
+                yield batch.slice(i, 1).to_pylist()[0]
+            except (ValueError, UnicodeError, pa.ArrowException) as e:
+                yield bad_row("bad_encoding", excerpt(f"row {i} of a batch does not convert: {e}"))
+
+
+def _image(value) -> tuple[bytes | None, str | None] | str:
+    """``(bytes, path)`` of an image cell, or why it holds no image."""
+    if isinstance(value, dict):  # an Image feature: {"bytes": ..., "path": ...}
+        if not {"bytes", "path"} & value.keys():
+            return "bad_image"
+        data, path = value.get("bytes"), value.get("path")
+    elif isinstance(value, (bytes, str)):
+        data, path = (value, None) if isinstance(value, bytes) else (None, value)
+    elif value is None:
+        return "missing_image"
+    else:
+        return "bad_image"
+    if not isinstance(data, (bytes, type(None))) or not isinstance(path, (str, type(None))):
+        return "bad_image"
+    if not data and not (path and path.strip()):
+        return "missing_image"
+    return data or None, path
+
+
+def _turns(value) -> list[Turn]:
+    """A conversations cell as turns (a list or JSON text of ``{from, value}``); raises on any other shape."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, list):
+        raise TypeError(f"conversations hold {type(value).__name__}, not a list")
+    turns = []
+    for turn in value:
+        if (
+            not isinstance(turn, dict)
+            or not isinstance(turn.get("from"), str)
+            or not isinstance(turn.get("value"), str)
+        ):
+            raise TypeError("each turn needs text 'from' and 'value'")
+        turns.append(Turn(turn["from"], turn["value"]))
+    return turns
+
+
+def _raw(row: dict) -> str:
+    """A dropped row's dead-letter excerpt: its image bytes as their length, every other cell cut short."""
+
+    def short(value):
+        if isinstance(value, dict):
+            return {k: short(v) for k, v in value.items()}
+        if isinstance(value, bytes):
+            return f"<{len(value)} bytes>"
+        return value[:EXCERPT] if isinstance(value, str) else value
+
+    return excerpt(json.dumps({k: short(v) for k, v in row.items()}, default=repr, ensure_ascii=False))
+
+
+def hf_pair(row: dict, cfg: ReadConfig) -> ImageTextPair | Decision:
+    """One dataset row as a pair (``cfg`` as :func:`resolve_columns` filled it in)."""
+    image = _image(row.get(cfg.image_col))
+    if isinstance(image, str):
+        what = "is empty" if image == "missing_image" else "holds neither image bytes nor a path"
+        return bad_row(image, f"column {cfg.image_col!r} {what}", _raw(row))
+    data, name = image
+    caption = row.get(cfg.caption_col) if cfg.caption_col else None
+    if caption is not None and not isinstance(caption, str):
+        return bad_row("bad_caption", f"column {cfg.caption_col!r} is not text", _raw(row))
+    try:
+        turns = _turns(row.get(cfg.conversations_col)) if cfg.conversations_col else []
+    except (TypeError, ValueError, RecursionError) as e:
+        return bad_row("bad_conversation", f"{type(e).__name__}: {e}"[:EXCERPT], _raw(row))
+    problems = conversation_problems(turns) if turns else []
+    if problems:
+        return bad_row("bad_conversation", "; ".join(problems)[:EXCERPT], _raw(row))
+    try:
+        boxes = [Box(str(b["category"]), [float(v) for v in b["bbox"]]) for b in listish(row, cfg.boxes_col)]
+        tags = [str(t) for t in listish(row, cfg.tags_col)]
+        source = JsonDict({c: plain_value(row.get(c)) for c in cfg.save_additional_columns})
+    except UnicodeDecodeError:
+        return bad_row("bad_encoding", "a saved column holds bytes that are not UTF-8", _raw(row))
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        return bad_row("bad_box", f"boxes or tags do not parse: {e}"[:EXCERPT], _raw(row))
+    fields = dict(key="", caption=caption, conversations=turns, boxes=boxes, tags=tags, source=source)
+    if data is not None:
+        pair = ImageTextPair(image=data, **fields)  # the bytes are the image: nothing to fetch
+    else:
+        location = resolve_location(name, cfg)
+        remote = location.startswith(("http://", "https://"))
+        pair = ImageTextPair(url=location if remote else None, path=None if remote else location, **fields)
+    problem = pair_problem(pair)
+    return pair if problem is None else bad_row(problem.reason, problem.message, _raw(row), problem.index.get("url"))
