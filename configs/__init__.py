@@ -26,6 +26,7 @@ from visinstruct.configs.generate import (
     VllmConfig,
 )
 from visinstruct.configs.loader import ConfigError, apply_overrides, describe, from_dict, load, opt
+from visinstruct.configs.mix import MixConfig, MixSourceConfig
 from visinstruct.configs.stages import (
     ClipModelConfig,
     ComputeConfig,
@@ -60,6 +61,7 @@ CONFIGS["train-clip"] = ClipTrainConfig
 CONFIGS["train"] = LlavaTrainConfig
 CONFIGS["curate"] = CurateConfig
 CONFIGS["eval"] = EvalConfig
+CONFIGS["mix"] = MixConfig
 
 CONFIG_DIR = Path(__file__).parent  # the bundled YAML files live beside this module
 
@@ -93,6 +95,8 @@ __all__ = [
     "LlavaTrainConfig",
     "LocalLLMConfig",
     "LockConfig",
+    "MixConfig",
+    "MixSourceConfig",
     "OpenAIConfig",
     "OptimConfig",
     "OutputConfig",
