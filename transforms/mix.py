@@ -16,6 +16,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, replace
 from fractions import Fraction
+from pathlib import PurePosixPath as Path
 
 from visinstruct.configs.mix import MixConfig, MixSourceConfig
 from visinstruct.schemas import Decision, IndexRow, SampleMeta
@@ -125,7 +126,8 @@ def source_shards(source: MixSourceConfig) -> list[str]:
             raise MixError(f"source {source.name!r}: {tar} is not named like a shard of ours (00042.tar)")
         if not exists(files.index) or not exists(files.stats):
             raise MixError(
-                f"source {source.name!r}: {tar} is incomplete (no index or _stats.json): finish the run that writes it"
+                f"source {source.name!r}: {tar} is incomplete (no {Path(files.index).name} or "
+                f"{Path(files.stats).name}): finish the run that writes it"
             )
     names = Counter(shard_files(t).name for t in tars)
     twice = sorted(n for n, c in names.items() if c > 1)
