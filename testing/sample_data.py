@@ -146,6 +146,22 @@ def _facts(question: str, answer: str) -> list[str]:
     return [word] if (answer == "yes") != negated else []
 
 
+def easy_vqa_llava_json(split: str, limit: int, path: Path, questions_per_image: int) -> str:
+    """easy-VQA as LLaVA's training JSON at ``path``: one entry per image, its first ``questions_per_image``
+    questions and answers as turns (``<image>`` in the first); returns the image folder (``read.image_root``)."""
+    entries = []
+    for s in easy_vqa_samples(split, limit):
+        turns = []
+        for i, (question, answer, _) in enumerate(s["questions"][:questions_per_image]):
+            turns += [
+                {"from": "human", "value": ("<image>\n" if i == 0 else "") + question},
+                {"from": "gpt", "value": answer},
+            ]
+        entries.append({"id": str(s["image_id"]), "image": Path(s["image_path"]).name, "conversations": turns})
+    Path(path).write_text(json.dumps(entries))
+    return str(Path(s["image_path"]).parent)
+
+
 def easy_vqa_caption(questions: Iterable[Sequence[str]]) -> str | None:
     """A caption such as ``"a blue circle"`` for an easy-VQA image, derived from its questions and answers.
 

@@ -3,7 +3,6 @@ reports are the numbers a direct computation with plain transformers (or open_cl
 never fatal; the scoring follows VQA's and SQuAD's definitions."""
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -169,20 +168,6 @@ def test_shuffled_images_stand_in_for_another_image_once_each():
 # End to end: a tiny LLaVA trained on easy-VQA shards, evaluated, and checked against plain transformers
 
 
-def llava_json(split, limit, path, questions_per_image):
-    entries = []
-    for s in sample_data.easy_vqa_samples(split, limit):
-        turns = []
-        for i, (question, answer, _) in enumerate(s["questions"][:questions_per_image]):
-            turns += [
-                {"from": "human", "value": ("<image>\n" if i == 0 else "") + question},
-                {"from": "gpt", "value": answer},
-            ]
-        entries.append({"id": str(s["image_id"]), "image": os.path.basename(s["image_path"]), "conversations": turns})
-    path.write_text(json.dumps(entries))
-    return os.path.dirname(s["image_path"])
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """easy-VQA through our ingest (120 training images, 3 questions each; 8 held out with 2), and
@@ -192,7 +177,7 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval")
     for split, limit, per_image in (("train", 120, 3), ("test", 8, 2)):
-        image_root = llava_json(split, limit, root / f"{split}.json", per_image)
+        image_root = sample_data.easy_vqa_llava_json(split, limit, root / f"{split}.json", per_image)
         cfg = from_dict(
             IngestConfig,
             {

@@ -3,7 +3,6 @@ falls only on assistant tokens; stages freeze what they should; a resumed run co
 torchrun; ``chat`` answers from the checkpoint, which plain transformers loads."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -23,21 +22,6 @@ TINY_YAML = CONFIG_DIR / "train" / "llava_tiny.yaml"
 QUESTIONS_PER_IMAGE = 3  # keeps conversations near 200 tokens: fast steps on a shared CPU
 
 
-def llava_json(split, limit, path):
-    """easy-VQA as LLaVA's training JSON: one entry per image, its first questions and answers as turns."""
-    entries = []
-    for s in sample_data.easy_vqa_samples(split, limit):
-        turns = []
-        for i, (question, answer, _) in enumerate(s["questions"][:QUESTIONS_PER_IMAGE]):
-            turns += [
-                {"from": "human", "value": ("<image>\n" if i == 0 else "") + question},
-                {"from": "gpt", "value": answer},
-            ]
-        entries.append({"id": str(s["image_id"]), "image": os.path.basename(s["image_path"]), "conversations": turns})
-    path.write_text(json.dumps(entries))
-    return os.path.dirname(s["image_path"])
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Our ingest over LLaVA JSON (read.format llava, read.image_root): 3 training shards of 40, 1 held out."""
@@ -45,7 +29,7 @@ def shards(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("easyvqa-llava")
     for split, limit, shard_size in (("train", 120, 40), ("test", 40, 40)):
-        image_root = llava_json(split, limit, root / f"{split}.json")
+        image_root = sample_data.easy_vqa_llava_json(split, limit, root / f"{split}.json", QUESTIONS_PER_IMAGE)
         cfg = from_dict(
             IngestConfig,
             {

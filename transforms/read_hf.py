@@ -30,7 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 from visinstruct.configs import ReadConfig
 from visinstruct.schemas import Box, Decision, ImageTextPair, JsonDict, Turn, conversation_problems
 from visinstruct.transforms.read_bounds import EXCERPT, InputError, bad_row, excerpt, open_input, pair_problem
-from visinstruct.transforms.read_lists import listish, plain_value
+from visinstruct.transforms.read_lists import batch_rows, listish, plain_value
 from visinstruct.transforms.read_sources import resolve_location
 
 STATE_FILE = "state.json"  # what save_to_disk writes beside a Dataset's Arrow files
@@ -154,21 +154,7 @@ def hf_rows(path: str) -> Iterator[dict | Decision]:
     """The rows of one data file as dicts, in order; a row that does not convert is its ``bad_encoding`` drop."""
     with open_input(path) as f:
         _, batches = _open(path, f)
-        yield from _batch_rows(batches)
-
-
-def _batch_rows(batches: Iterator[pa.RecordBatch]) -> Iterator[dict | Decision]:
-    for batch in batches:
-        try:
-            yield from batch.to_pylist()
-            continue
-        except (ValueError, UnicodeError, pa.ArrowException):
-            pass  # one cell does not convert (invalid UTF-8 in a string column): find it row by row
-        for i in range(batch.num_rows):
-            try:
-                yield batch.slice(i, 1).to_pylist()[0]
-            except (ValueError, UnicodeError, pa.ArrowException) as e:
-                yield bad_row("bad_encoding", excerpt(f"row {i} of a batch does not convert: {e}"))
+        yield from batch_rows(batches)
 
 
 def _image(value) -> tuple[bytes | None, str | None] | str:

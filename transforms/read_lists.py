@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -179,12 +179,18 @@ def _parquet_rows(path: str, fmt: str, cfg: ReadConfig) -> Iterator[dict | Decis
         except (OSError, ValueError, pa.ArrowException) as e:
             yield bad_row("unreadable_file", excerpt(f"{path}: not a readable parquet file: {e}"))
             return
-    for batch in table.to_batches(max_chunksize=1024):
+    yield from batch_rows(table.to_batches(max_chunksize=1024))
+
+
+def batch_rows(batches: Iterable[pa.RecordBatch]) -> Iterator[dict | Decision]:
+    """The rows of arrow batches as dicts; a row with a cell that does not convert (invalid UTF-8 in a string
+    column) is a ``bad_encoding`` drop, and the batch's other rows are kept."""
+    for batch in batches:
         try:
             yield from batch.to_pylist()
             continue
         except (ValueError, UnicodeError, pa.ArrowException):
-            pass  # one cell does not convert (invalid UTF-8 in a string column): find it row by row
+            pass  # one cell does not convert: find it row by row
         for i in range(batch.num_rows):
             try:
                 yield batch.slice(i, 1).to_pylist()[0]
