@@ -250,11 +250,7 @@ def hf_row(sample: Sample) -> dict:
     """One sample as a row of an hf export: the image member's bytes as they are, named ``KEY.EXT``."""
     meta = sample.meta
     return {
-        "key": sample.key,
-        "shard": sample.shard,
-        "url": meta.url,
-        "path": meta.path,
-        "caption": meta.caption,
+        **_where(sample),
         "sha256": meta.sha256,
         "conversations": [to_row(t) for t in meta.conversations],
         "metadata": meta.to_json(),
@@ -356,15 +352,17 @@ def _unread(losses: list[Unread]) -> dict:
     return {"unread": [asdict(u) for u in losses], "unread_summary": describe_losses(losses) if losses else None}
 
 
+def _where(sample: Sample) -> dict:
+    """The columns every export row starts with: key, shard, url, path, caption."""
+    meta = sample.meta
+    return {"key": sample.key, "shard": sample.shard, "url": meta.url, "path": meta.path, "caption": meta.caption}
+
+
 def _flat_row(sample: Sample) -> dict:
     meta = sample.meta
     conversations = [to_row(t) for t in meta.conversations]
     return {
-        "key": sample.key,
-        "shard": sample.shard,
-        "url": meta.url,
-        "path": meta.path,
-        "caption": meta.caption,
+        **_where(sample),
         "width": meta.width,
         "height": meta.height,
         "original_width": meta.original_width,
