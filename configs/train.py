@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,10 +22,41 @@ def refuse_fp16(precision: str) -> None:
 
 
 @dataclass
+class BlendSource:
+    """One shard set of a read-time blend (``data.blend``) and its weight."""
+
+    shards: str = opt(
+        doc="this source's shards: a folder of .tar files, a glob, a brace pattern, or several joined by ::"
+    )
+    weight: float = opt(
+        doc="relative weight (> 0; weights need not sum to 1): each sample is from here with "
+        "probability weight / sum of weights"
+    )
+
+    def __post_init__(self):
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"'weight' must be a number > 0, got {self.weight}")
+
+
+@dataclass
 class StreamConfig:
     """Training batches streamed from our shards with webdataset (see ``visinstruct.trainer.data``)."""
 
-    shards: str = opt(doc="training shards: a folder of .tar files, a glob, or a brace pattern (00{000..099}.tar)")
+    shards: str | None = opt(
+        None,
+        "training shards: a folder of .tar files, a glob, or a brace pattern (00{000..099}.tar); "
+        "give this or blend, not both",
+    )
+    blend: list[BlendSource] | None = opt(
+        None,
+        "blend several shard sets at read time instead of shards: a list of {shards, weight}; each sample is drawn "
+        "from a source with probability proportional to its weight, sources resampled endlessly",
+    )
+    blend_epoch_samples: int | None = opt(
+        None,
+        "samples in one blended epoch, all processes and workers together; null: the written samples of every "
+        "source's shards (their stats files), which needs local shards with stats",
+    )
     caption: CaptionSource = opt(
         "auto",
         "caption source: the .txt member, the first gpt turn of the .json "
@@ -43,6 +75,16 @@ class StreamConfig:
         _positive("batch_size", self.batch_size)
         for name in ("shard_shuffle", "shuffle_buffer", "num_workers"):
             _positive(name, getattr(self, name), allow_zero=True)
+        if (self.shards is None) == (self.blend is None):
+            raise ValueError(
+                "give either 'shards' (one shard set) or 'blend' (a list of {shards, weight}), "
+                + ("not both" if self.shards is not None else "got neither")
+            )
+        if self.blend is not None and not self.blend:
+            raise ValueError("'blend' needs at least one source ({shards, weight})")
+        if self.blend_epoch_samples is not None and self.blend is None:
+            raise ValueError("'blend_epoch_samples' has no effect without 'blend'")
+        _positive("blend_epoch_samples", self.blend_epoch_samples)
 
 
 @dataclass

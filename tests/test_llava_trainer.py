@@ -359,3 +359,11 @@ def test_configs_name_one_source_per_part():
         model = load(LlavaTrainConfig, path).model  # or (the tower) from our own train-clip run
         assert model.vision.config or model.vision.clip_checkpoint, path.name
         assert model.lm.config and model.lm.tokenizer == "bytes", path.name
+
+
+def test_a_blend_of_two_shard_sets_trains_without_writing_a_mix(shards, tmp_path):
+    blend = f"data.blend=[{{shards: '{shards / 'train'}', weight: 3}}, {{shards: '{shards / 'test'}', weight: 1}}]"
+    cfg = load(LlavaTrainConfig, TINY_YAML, [f"out={tmp_path}", "data.shards=null", blend, *SHORT])
+    summary = llava_train.train(cfg)
+    assert summary["step"] == 6 and (tmp_path / "model" / "config.json").exists()
+    assert logged_losses(tmp_path).keys() == set(range(1, 7))

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from visinstruct.configs import ClipTrainConfig, LockConfig
 from visinstruct.trainer import common
 from visinstruct.trainer.clip_eval import embed, evaluate_embeddings
-from visinstruct.trainer.data import ShardStream, iterate_once, shard_list
+from visinstruct.trainer.data import ShardStream, iterate_once, shard_list, stream_sources
 from visinstruct.trainer.losses import clamp_logit_scale, clip_loss
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def setup(cfg: ClipTrainConfig, procs: common.Processes) -> Run:
     model.to(procs.device)
     d = cfg.data
     stream = ShardStream(
-        shard_list(d.shards),
+        stream_sources(d),
         d.batch_size,
         train_transform if d.augment else eval_transform,
         tokenizer,

@@ -24,26 +24,46 @@ the same shards, seed, batch size, world size and worker count, the batches afte
 an uninterrupted run gets. With another world size or worker count the stream restarts its epochs from zero (a
 warning says so). Random augmentation (``augment``) draws from each worker's torch RNG, which is not replayed.
 
+A blend (``data.blend``; :func:`stream_sources` gives a :class:`Blend`) mixes several shard sets at read time.
+Each source is its own endless sample stream: shards drawn with replacement, samples shuffled in its share of
+``shuffle_buffer`` (``shuffle_buffer // sources`` each, so a blend holds as many samples as one stream), seeded from
+``(seed, epoch, rank, worker, source)``. Each sample a worker yields comes from source ``i`` with probability
+``weight_i / sum(weights)``, drawn by an RNG seeded from ``(seed, epoch, rank, worker)``. A blended epoch is a fixed
+number of samples: ``Blend.epoch_samples`` (``data.blend_epoch_samples``, or the written samples of every source's
+shards by their stats) divided across processes and workers, so that epochs, batches and resume mean what they mean
+without a blend. Its batches carry ``"source"``: the source (its shard spec) of each sample.
+
 webdataset's own ``WebDataset(resampled=True)`` seeds its resampler from the clock and the process id, so the
 pipeline is spelled out here with ``wds.DataPipeline`` and the same stages, seeded.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import io
 import itertools
 import json
 import logging
 import os
+import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import webdataset as wds
 from PIL import Image
 
-from visinstruct.transforms.layout import SPEC_SEPARATOR, ShardError, expand_braces, image_member, resolve_shards
+from visinstruct.transforms.layout import (
+    SPEC_SEPARATOR,
+    ShardError,
+    expand_braces,
+    image_member,
+    read_stats,
+    resolve_shards,
+    shard_files,
+)
 from visinstruct.transforms.shards import exists, is_remote
 
 log = logging.getLogger(__name__)
@@ -72,6 +92,71 @@ def shard_list(spec: str) -> list[str]:
     if not urls:
         raise FileNotFoundError(f"{spec}: no shards (.tar files) match")
     return urls
+
+
+@dataclass(frozen=True)
+class Source:
+    """One shard set of a blend: its name (the spec), its tars and its relative weight."""
+
+    name: str
+    urls: tuple[str, ...]
+    weight: float
+
+
+@dataclass(frozen=True)
+class Blend:
+    """Shard sets mixed at read time by weight, and the samples of one blended epoch (all processes and workers)."""
+
+    sources: tuple[Source, ...]
+    epoch_samples: int
+
+
+def written_samples(urls: list[str] | tuple[str, ...]) -> int | None:
+    """The samples the shards hold by their stats files (``written``), or None when any has no stats beside it
+    (remote shards, a ``pipe:``, img2dataset output without stats, a bare tar)."""
+    total = 0
+    for url in urls:
+        if url.startswith("pipe:") or is_remote(url) or not exists(stats := shard_files(url).stats):
+            return None
+        total += read_stats(stats).written
+    return total
+
+
+def blend_of(sources: list[tuple[str, float]], epoch_samples: int | None = None) -> Blend:
+    """A :class:`Blend` of ``(spec, weight)`` pairs; the epoch defaults to the sources' written samples.
+
+    Raises:
+        FileNotFoundError: a source names no shards.
+        ValueError: a weight is not > 0, or the epoch is not given and some shard has no stats to count it from.
+    """
+    built = []
+    for i, (spec, weight) in enumerate(sources):
+        if not weight > 0:
+            raise ValueError(f"blend source {i} ({spec}): weight must be > 0, got {weight}")
+        try:
+            urls = shard_list(spec)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"blend source {i}: {e}") from None
+        built.append(Source(spec, tuple(urls), float(weight)))
+    if not built:
+        raise ValueError("a blend needs at least one source")
+    if epoch_samples is None:
+        counts = [written_samples(s.urls) for s in built]
+        if None in counts:
+            spec = built[counts.index(None)].name
+            raise ValueError(
+                f"blend source {spec}: cannot count its samples (a shard without its stats file, or remote shards): "
+                "set data.blend_epoch_samples"
+            )
+        epoch_samples = sum(counts)
+    return Blend(tuple(built), epoch_samples)
+
+
+def stream_sources(data) -> list[str] | Blend:
+    """What :class:`ShardStream` reads for a ``StreamConfig``: the tars of ``data.shards``, or ``data.blend``."""
+    if data.blend is None:
+        return shard_list(data.shards)
+    return blend_of([(b.shards, b.weight) for b in data.blend], data.blend_epoch_samples)
 
 
 def caption_of(sample: dict[str, Any], source: str = "auto") -> str | None:
@@ -135,11 +220,75 @@ def _seed(*parts: int) -> int:
     return wds.utils.make_seed(*parts)  # ints only: Python's hash of an int does not vary between runs
 
 
+class _Drought:
+    """Shards drawn since a source last gave a usable sample: an endless stream of a source with none would
+    otherwise spin forever."""
+
+    def __init__(self, name: str, limit: int):
+        self.name, self.limit, self.draws = name, limit, 0
+
+    def draw(self) -> None:
+        self.draws += 1
+        if self.draws > self.limit:
+            raise ValueError(
+                f"blend source {self.name}: no usable sample (an image and a caption) in {self.limit} shard draws"
+            )
+
+
+def _draw_shards(urls: tuple[str, ...], seed: int, drought: _Drought) -> Iterator[dict[str, str]]:
+    """Shards drawn with replacement, for ever, in an order fixed by ``seed``."""
+    rng = random.Random(seed)
+    while True:
+        drought.draw()
+        yield {"url": rng.choice(urls)}
+
+
+def _rained(samples: Iterator[dict[str, Any]], drought: _Drought) -> Iterator[dict[str, Any]]:
+    for sample in samples:
+        drought.draws = 0
+        yield sample
+
+
+def source_samples(
+    source: Source, seed: int, shuffle_buffer: int, caption: str | Callable
+) -> Iterator[dict[str, Any]]:
+    """One blend source's endless usable raw samples: resampled shards, shuffled in a buffer, seeded; each sample
+    tagged ``__source__`` with the source's name.
+
+    Raises:
+        ValueError: (when iterated) when ``10 * shards + 100`` shard draws in a row give no usable sample.
+    """
+    drought = _Drought(source.name, 10 * len(source.urls) + 100)
+    samples = wds.tarfile_to_samples()(_draw_shards(source.urls, seed, drought))
+    samples = _rained(wds.select(functools.partial(_usable, caption=caption))(samples), drought)
+    if shuffle_buffer:
+        samples = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed + 1)(samples)
+    for sample in samples:
+        yield {**sample, "__source__": source.name}
+
+
+def blend_samples(sources: tuple[Source, ...], count: int, seed: int, **source_args: Any) -> Iterator[dict[str, Any]]:
+    """``count`` raw samples, each from source ``i`` with probability ``weight_i / sum(weights)``.
+
+    The draw is seeded by ``seed``; source ``i`` streams with seed ``_seed(seed, i)`` (:func:`source_samples`, which
+    opens a source only when first drawn).
+    """
+    rng = random.Random(seed)
+    bounds = list(itertools.accumulate(s.weight for s in sources))
+    streams: dict[int, Iterator[dict[str, Any]]] = {}
+    for _ in range(count):
+        i = min(bisect.bisect_right(bounds, rng.random() * bounds[-1]), len(sources) - 1)
+        if i not in streams:
+            streams[i] = source_samples(sources[i], _seed(seed, i), **source_args)
+        yield next(streams[i])
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless, seeded batches from shards for a step-counting trainer; see the module docstring.
 
     Args:
-        urls: the shards (:func:`shard_list`).
+        urls: the shards (:func:`shard_list`), or a :class:`Blend` of shard sets (:func:`stream_sources`); a blend
+            always resamples (``shard_shuffle`` and ``resampled`` do not apply) and its batches carry ``"source"``.
         batch_size: samples per batch (per process).
         image_transform: ``PIL.Image -> tensor [3, H, W]`` (applied in the workers).
         text_transform: ``list[str] -> anything`` (a tokenizer), or None to deliver the captions as they are.
@@ -155,7 +304,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        urls: list[str],
+        urls: list[str] | Blend,
         batch_size: int,
         image_transform: Callable,
         text_transform: Callable | None = None,
@@ -169,6 +318,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         world_size: int | None = None,
     ):
         super().__init__()
+        self.blend = urls if isinstance(urls, Blend) else None
+        if self.blend is not None:
+            urls, resampled = [], True
         self.urls, self.batch_size, self.caption, self.seed = list(urls), batch_size, caption, seed
         self.image_transform, self.text_transform = image_transform, text_transform
         self.shard_shuffle, self.shuffle_buffer, self.resampled = shard_shuffle, shuffle_buffer, resampled
@@ -192,6 +344,11 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _epoch_samples(self, epoch: int, worker: int) -> Iterator[dict[str, Any]]:
         """Raw samples of one worker's share of one epoch, shuffled."""
         seed = _seed(self.seed, epoch, self.rank, worker)
+        if self.blend is not None:
+            count = self.blend.epoch_samples // (self.world_size * self.workers)
+            # the sources share the buffer, so a blend holds as many samples as one stream does
+            buffer = self.shuffle_buffer and max(1, self.shuffle_buffer // len(self.blend.sources))
+            return blend_samples(self.blend.sources, count, seed, shuffle_buffer=buffer, caption=self.caption)
         if self.resampled:
             count = max(1, len(self.urls) // (self.world_size * self.workers))
             stages = [
@@ -223,6 +380,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             for raw in itertools.islice(raw_batches, skip, None):
                 done += 1
                 batch = decode_batch(raw, self.image_transform, self.text_transform, self.caption)
+                if self.blend is not None:
+                    batch["source"] = [s["__source__"] for s in raw]
                 yield {**batch, "position": (worker, epoch, done)}
             if done == 0:
                 raise ValueError(

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from visinstruct.schemas import IMAGE_TOKEN, Turn, conversation_problems
-from visinstruct.trainer.data import ShardStream, caption_of, iterate_once, shard_list
+from visinstruct.trainer.data import ShardStream, caption_of, iterate_once, shard_list, stream_sources
 
 IGNORE_INDEX = -100  # label of a token without loss (torch's cross_entropy default ignore_index)
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # LLaVA's "from" -> chat template roles
@@ -205,7 +205,7 @@ def make_stream(cfg, processor, encoder: ConversationEncoder, rank: int, world_s
     """The endless training stream of ``cfg.data``: batches ``{"key", "image", "text": encoder's batch, ...}``."""
     d = cfg.data
     return ShardStream(
-        shard_list(d.shards),
+        stream_sources(d),
         d.batch_size,
         functools.partial(pixel_values, processor.image_processor),
         encoder,
