@@ -116,7 +116,9 @@ def run_command(argv: list[str] | None) -> int:
     except Exception as e:  # the last resort: a bug (ours or a library's) is one line unless -v asks for more
         if args.verbose:
             traceback.print_exc()
-        first = (str(e).strip().splitlines() or [""])[0][:300]
+        lines = str(e).strip().splitlines() or [""]
+        # an exception from a DataLoader worker reads "Caught X in DataLoader worker process 0." then the original
+        first = (lines[-1] if lines[0].startswith("Caught ") and len(lines) > 1 else lines[0])[:300]
         print(
             f"visinstruct {args.command}: internal error: {type(e).__name__}: {first} "
             f"({'traceback above' if args.verbose else 'run with -v for the traceback'})",

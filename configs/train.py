@@ -84,6 +84,10 @@ class StreamConfig:
             raise ValueError("'blend' needs at least one source ({shards, weight})")
         if self.blend_epoch_samples is not None and self.blend is None:
             raise ValueError("'blend_epoch_samples' has no effect without 'blend'")
+        if self.blend is not None and (self.resampled or self.shard_shuffle != StreamConfig.shard_shuffle):
+            raise ValueError(
+                "'resampled' and 'shard_shuffle' do not apply to 'blend' (it always resamples): remove them"
+            )
         _positive("blend_epoch_samples", self.blend_epoch_samples)
 
 

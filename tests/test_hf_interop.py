@@ -313,3 +313,59 @@ def test_a_dataset_dict_is_read_by_split(exported, tmp_path):
     assert [p.conversations[0].value for p in pairs] == [
         t[0]["value"] for t in dataset.select(range(4, 6))["conversations"]
     ]
+
+
+@pytest.mark.parametrize(
+    "name, root, expected",
+    [
+        ("a.png", "/data/im", "/data/im/a.png"),
+        ("/data/im/b/c.png", "/data/im", "/data/im/b/c.png"),
+        ("../../etc/passwd", "/data/im", None),
+        ("/etc/passwd", "/data/im", None),
+        ("a.png", None, None),  # no root: a dataset's paths are never read from wherever it says
+        ("s3://other/secret.png", "/data/im", None),
+        ("gs://b/r/x.png", "gs://b/r", "gs://b/r/x.png"),
+        ("gs://b/other.png", "gs://b/r", None),
+        ("../s.png", "gs://b/r", None),
+    ],
+)
+def test_a_datasets_image_path_is_read_only_inside_image_root(name, root, expected):
+    from visinstruct.transforms.read_hf import contained_path
+
+    assert contained_path(name, root) == expected
+
+
+def test_a_row_naming_a_path_outside_image_root_is_an_unsafe_path_dead_letter(tmp_path):
+    outside = tmp_path / "private.png"
+    outside.write_bytes(encode_test_image("png", (32, 32)))
+    (tmp_path / "images").mkdir()
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {"image": pa.array([{"bytes": None, "path": str(outside)}], image), "text": ["escapes"]}
+    )  # an image cell that is only a path, as a dataset saved with Image(decode=False) paths holds
+    pq.write_table(table, tmp_path / "rows.parquet")
+    read = {
+        "path": str(tmp_path / "rows.parquet"),
+        "format": "hf",
+        "image_col": "image",
+        "caption_col": "text",
+        "image_root": str(tmp_path / "images"),
+    }
+    report = ingest_hf(read, tmp_path / "out")
+    assert (report["written"], report["rejected"]) == (0, 1)
+    assert dead_letters(tmp_path / "out") == {"000000000": ("read", "unsafe_path")}
+
+
+def test_a_local_image_over_max_bytes_is_too_large_and_never_read_whole(tmp_path):
+    from visinstruct.transforms.download import _read_local
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * 5000)
+    rejected = _read_local(ImageTextPair(key="000000000", path=str(big)), max_bytes=4096)
+    assert rejected.reason == "too_large" and "4096" in rejected.message
+    assert _read_local(ImageTextPair(key="000000000", path=str(big)), max_bytes=5000) == b"\0" * 5000
+
+
+def test_url_col_is_refused_for_a_dataset_found_by_format_auto(exported):
+    with pytest.raises(InputError, match="url_col"):
+        plan_units(ReadConfig(path=str(exported), url_col="img_url"))

@@ -55,6 +55,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from visinstruct.configs.loader import ConfigError
 from visinstruct.transforms.layout import (
     SPEC_SEPARATOR,
     ShardError,
@@ -144,7 +145,7 @@ def blend_of(sources: list[tuple[str, float]], epoch_samples: int | None = None)
         counts = [written_samples(s.urls) for s in built]
         if None in counts:
             spec = built[counts.index(None)].name
-            raise ValueError(
+            raise ConfigError(
                 f"blend source {spec}: cannot count its samples (a shard without its stats file, or remote shards): "
                 "set data.blend_epoch_samples"
             )
@@ -340,6 +341,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.position = dict(self.start)  # logical worker -> (epoch, batches delivered in it)
         self.delivered = 0
         self._batches: Iterator | None = None
+        if self.blend is not None and self.blend.epoch_samples // (self.world_size * self.workers) < batch_size:
+            raise ConfigError(  # said here, not as a worker's exception the DataLoader wraps
+                f"a blended epoch of {self.blend.epoch_samples} samples gives each of "
+                f"{self.world_size * self.workers} workers less than one batch of {batch_size}: raise "
+                "data.blend_epoch_samples or lower the batch"
+            )
 
     def _epoch_samples(self, epoch: int, worker: int) -> Iterator[dict[str, Any]]:
         """Raw samples of one worker's share of one epoch, shuffled."""

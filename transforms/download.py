@@ -75,16 +75,24 @@ def all_not_final(statuses: Iterable[str]) -> bool:
     return bool(statuses) and all(status in NOT_FINAL_REASONS for status in statuses)
 
 
-def read_location(location: str) -> bytes:
-    """Bytes of a local path or a Beam filesystem URL (gs://...)."""
+def read_location(location: str, max_bytes: int | None = None) -> bytes:
+    """Bytes of a local path or a Beam filesystem URL (gs://...); more than ``max_bytes`` raises ``ValueError``
+    after reading one byte past the cap (a device file or a huge file never fills memory)."""
     with FileSystems.open(location, mime_type="application/octet-stream", compression_type="uncompressed") as f:
-        return f.read()
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ValueError(f"over download.max_bytes ({max_bytes} bytes)")
+    return data
 
 
-def _read_local(pair: ImageTextPair) -> bytes | Rejection:
+def _read_local(pair: ImageTextPair, max_bytes: int) -> bytes | Rejection:
     try:
-        return read_location(pair.location)
-    except (OSError, ValueError) as e:  # Beam filesystems raise BeamIOError (an IOError) or ValueError
+        return read_location(pair.location, max_bytes)
+    except ValueError as e:
+        if "max_bytes" in str(e):
+            return Rejection("download", "too_large", f"{pair.location}: {e}", pair.key, pair.location)
+        return Rejection("download", "file_error", f"cannot read {pair.location}: {e}"[:500], pair.key, pair.location)
+    except OSError as e:  # Beam filesystems raise BeamIOError (an IOError) or ValueError
         return Rejection("download", "file_error", f"cannot read {pair.location}: {e}"[:500], pair.key, pair.location)
 
 
@@ -108,7 +116,7 @@ def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) 
             return fetched.rejection("download", pair.key, location)  # its detail: {"attempts": n}
         data = fetched.value.data
     else:  # paths come from sources the user points at (folders, COCO, LLaVA JSON): local or gs://...
-        data = guarded("download", lambda: _read_local(pair), pair.key, location)
+        data = guarded("download", lambda: _read_local(pair, cfg.download.max_bytes), pair.key, location)
         if isinstance(data, Rejection):
             return data
     return guarded("decode", lambda: _decode(pair, data, cfg), pair.key, location)

@@ -84,9 +84,13 @@ def plan_units(cfg: ReadConfig) -> list[tuple[str, list[str]]]:
 
 
 def _hf_units(cfg: ReadConfig) -> list[tuple[str, list[str]]]:
-    """One unit per data file of a Hugging Face dataset, in row order; the named columns checked in the first."""
+    """One unit per data file of a Hugging Face dataset, in row order; the named columns checked in every file (a
+    schema is a footer or a stream's first message: cheap), so no file's rows are lost to a missing column."""
+    if cfg.url_col != ReadConfig.url_col:
+        raise InputError(f"read.url_col: {cfg.path} is a Hugging Face dataset; its images come from read.image_col")
     files = hf_files(cfg)
-    resolve_columns(cfg, hf_schema(files[0]))
+    for path in files:
+        resolve_columns(cfg, hf_schema(path))
     return [("hf", [path]) for path in files]
 
 

@@ -31,7 +31,6 @@ from visinstruct.configs import ReadConfig
 from visinstruct.schemas import Box, Decision, ImageTextPair, JsonDict, Turn, conversation_problems
 from visinstruct.transforms.read_bounds import EXCERPT, InputError, bad_row, excerpt, open_input, pair_problem
 from visinstruct.transforms.read_lists import batch_rows, listish, plain_value
-from visinstruct.transforms.read_sources import resolve_location
 
 STATE_FILE = "state.json"  # what save_to_disk writes beside a Dataset's Arrow files
 DICT_FILE = "dataset_dict.json"  # ... and at the top of a DatasetDict, one folder per split
@@ -53,11 +52,19 @@ def _read_json(path: str):
         raise InputError(f"{path}: cannot read it: {type(e).__name__}: {e}"[:EXCERPT]) from None
 
 
+def _plain_name(name, where: str) -> None:
+    """A file or split name from a dataset's own JSON must name something inside its folder."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or os.path.normpath(name) != name or ".." in name:
+        raise InputError(f"{where} names {str(name)[:100]!r}, which is not a plain name inside the folder")
+
+
 def _split_folder(folder: str, split: str | None) -> str:
     """The folder of the split to read from a saved DatasetDict."""
     splits = _read_json(os.path.join(folder, DICT_FILE)).get("splits", [])
     if split is None and len(splits) == 1:
         return os.path.join(folder, splits[0])
+    for name in splits:
+        _plain_name(name, os.path.join(folder, DICT_FILE))
     if split is None or split not in splits:
         named = "names no split" if split is None else f"names split {split!r}, which is not there"
         raise InputError(f"read.split: {folder} holds splits {', '.join(splits) or 'none'}; the config {named}")
@@ -79,6 +86,8 @@ def hf_files(cfg: ReadConfig) -> list[str]:
             raise InputError(f"{folder}/{STATE_FILE} does not list the dataset's files (_data_files)") from None
         if not names:
             raise InputError(f"{folder}: the dataset holds no rows")
+        for name in names:
+            _plain_name(name, f"{folder}/{STATE_FILE}")
         return [os.path.join(folder, name) for name in names]
     if cfg.split is not None:
         raise InputError("read.split: only a saved DatasetDict folder has splits; parquet files are read as given")
@@ -88,6 +97,21 @@ def hf_files(cfg: ReadConfig) -> list[str]:
     if not files:
         raise InputError(f"{cfg.path}: no parquet files match, and it is no save_to_disk folder (format hf)")
     return files
+
+
+def contained_path(name: str, root: str | None) -> str | None:
+    """A dataset row's image path resolved under ``root`` (``read.image_root``), or None when it would leave it (an
+    absolute path elsewhere, ``..``, another filesystem) or there is no root: a downloaded dataset must not make
+    ingest read the user's own files or buckets."""
+    if not root:
+        return None
+    if "://" in root:  # a bucket: a name inside it, or a relative name joined to it, never climbing out
+        prefix = root.rstrip("/") + "/"
+        full = name if "://" in name else prefix + name
+        return full if full.startswith(prefix) and ".." not in full[len(prefix) :].split("/") else None
+    base = os.path.normpath(root)
+    full = os.path.normpath(name if os.path.isabs(name) else os.path.join(base, name))
+    return full if "://" not in name and full.startswith(base.rstrip(os.sep) + os.sep) else None
 
 
 def _open(path: str, f) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
@@ -237,9 +261,12 @@ def hf_pair(row: dict, cfg: ReadConfig) -> ImageTextPair | Decision:
     fields = dict(key="", caption=caption, conversations=turns, boxes=boxes, tags=tags, source=source)
     if data is not None:
         pair = ImageTextPair(image=data, **fields)  # the bytes are the image: nothing to fetch
+    elif name.startswith(("http://", "https://")):  # fetched by the checked HTTP(S) downloader
+        pair = ImageTextPair(url=name, **fields)
     else:
-        location = resolve_location(name, cfg)
-        remote = location.startswith(("http://", "https://"))
-        pair = ImageTextPair(url=location if remote else None, path=None if remote else location, **fields)
+        location = contained_path(name, cfg.image_root)
+        if location is None:
+            return bad_row("unsafe_path", f"image path {name[:200]!r} is not inside read.image_root", _raw(row))
+        pair = ImageTextPair(path=location, **fields)
     problem = pair_problem(pair)
     return pair if problem is None else bad_row(problem.reason, problem.message, _raw(row), problem.index.get("url"))
