@@ -63,10 +63,14 @@ class StreamConfig:
         "conversations, or auto (txt, else conversations)",
     )
     batch_size: int = opt(256, "samples per step and process; each sample meets batch_size * processes - 1 negatives")
-    shard_shuffle: int = opt(100, "shards in the shard shuffle buffer; 0 reads them in sorted order")
+    shard_shuffle: int = opt(
+        100, "shards in the shard shuffle buffer; 0 reads them in sorted order (a blend draws shards at random)"
+    )
     shuffle_buffer: int = opt(2000, "samples in the sample shuffle buffer; 0 keeps stream order")
     resampled: bool = opt(
-        False, "draw shards with replacement instead of splitting them across processes (few or unevenly sized shards)"
+        False,
+        "draw shards with replacement instead of splitting them across processes (few or unevenly sized shards); "
+        "a blend always does",
     )
     num_workers: int = opt(2, "DataLoader processes decoding images; 0 decodes in the training process")
     augment: bool = opt(False, "open_clip's training augmentation (random resized crop); off: its eval transform")
@@ -84,10 +88,6 @@ class StreamConfig:
             raise ValueError("'blend' needs at least one source ({shards, weight})")
         if self.blend_epoch_samples is not None and self.blend is None:
             raise ValueError("'blend_epoch_samples' has no effect without 'blend'")
-        if self.blend is not None and (self.resampled or self.shard_shuffle != StreamConfig.shard_shuffle):
-            raise ValueError(
-                "'resampled' and 'shard_shuffle' do not apply to 'blend' (it always resamples): remove them"
-            )
         _positive("blend_epoch_samples", self.blend_epoch_samples)
 
 

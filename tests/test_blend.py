@@ -224,12 +224,6 @@ def test_a_mistaken_blend_is_one_config_error(data, message):
     assert "\n" not in str(error.value)
 
 
-def test_blend_refuses_the_keys_it_would_ignore():
-    for key in ({"resampled": True}, {"shard_shuffle": 5}):
-        with pytest.raises(ConfigError, match="do not apply to 'blend'"):
-            from_dict(StreamConfig, {"blend": [{"shards": "a", "weight": 1}], **key})
-
-
 def test_an_epoch_shorter_than_a_batch_per_worker_is_refused_before_any_worker_starts(sources):
     cfg = config(sources, {"small": 1.0}, blend_epoch_samples=30)
     with pytest.raises(ConfigError, match="less than one batch of 20"):
