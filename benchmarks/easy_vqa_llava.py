@@ -33,7 +33,6 @@ import collections
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from visinstruct.configs import CONFIG_DIR, IngestConfig, LlavaTrainConfig, from_dict, load  # noqa: E402
 from visinstruct.pipelines.ingest import run as ingest  # noqa: E402
-from visinstruct.testing.sample_data import easy_vqa_samples  # noqa: E402
+from visinstruct.testing.sample_data import easy_vqa_samples, write_caption_folder  # noqa: E402
 
 CONFIG = CONFIG_DIR / "train" / "llava_easyvqa.yaml"
 OUR_CLIP_CONFIG = CONFIG_DIR / "train" / "llava_easyvqa_ourclip.yaml"
@@ -94,12 +93,8 @@ def build_shards(samples: list[dict], name: str, root: Path) -> Path:
 def build_caption_shards(samples: list[dict], name: str, root: Path) -> Path:
     """Shards of easy-VQA images with their captions ("a blue circle"), for ``train-clip``: our ingest over a folder
     of PNGs with .txt captions, as a user would run it; images without a caption are left out."""
-    folder = root / f"{name}-images"
-    folder.mkdir(parents=True, exist_ok=True)
     captioned = [s for s in samples if s["caption"]]
-    for s in captioned:
-        shutil.copy(s["image_path"], folder / f"{s['image_id']:05d}.png")
-        (folder / f"{s['image_id']:05d}.txt").write_text(s["caption"])
+    folder = write_caption_folder(captioned, root / f"{name}-images")
     cfg = from_dict(
         IngestConfig,
         {

@@ -17,6 +17,7 @@ import importlib
 import json
 import random
 import re
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,17 @@ def easy_vqa_llava_json(split: str, limit: int, path: Path, questions_per_image:
         entries.append({"id": str(s["image_id"]), "image": Path(s["image_path"]).name, "conversations": turns})
     Path(path).write_text(json.dumps(entries))
     return str(Path(s["image_path"]).parent)
+
+
+def write_caption_folder(samples: Iterable[dict[str, Any]], folder: Path) -> Path:
+    """A folder of images with ``.txt`` captions, as a user hands it to ingest: each easy-VQA sample's PNG as
+    ``NNNNN.png`` beside its ``caption`` as ``NNNNN.txt``; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in samples:
+        shutil.copy(s["image_path"], folder / f"{s['image_id']:05d}.png")
+        (folder / f"{s['image_id']:05d}.txt").write_text(s["caption"])
+    return folder
 
 
 def easy_vqa_caption(questions: Iterable[Sequence[str]]) -> str | None:

@@ -366,9 +366,7 @@ def caption_shards(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("clip-eval")
     samples = [s for s in sample_data.easy_vqa_samples("test", 60) if s["caption"]][:40]
-    for s in samples:
-        shutil.copy(s["image_path"], root / f"{s['image_id']:05d}.png")
-        (root / f"{s['image_id']:05d}.txt").write_text(s["caption"])
+    sample_data.write_caption_folder(samples, root)
     cfg = from_dict(IngestConfig, {"read": {"path": str(root)}, "write": {"path": str(root / "shards")}})
     assert ingest(cfg, ["--runner=FnApiRunner"])["written"] == len(samples) == 40
     return root / "shards", samples

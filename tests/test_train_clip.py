@@ -4,7 +4,6 @@ a resumed run continues exactly; negatives are gathered across DDP processes."""
 import json
 import math
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -33,10 +32,7 @@ def ingest_folder(samples, folder, out, shard_size=250):
     """Our ingest pipeline over a folder of PNGs with .txt captions (as a user would run it)."""
     from visinstruct.pipelines.ingest import run as ingest
 
-    folder.mkdir(parents=True)
-    for s in samples:
-        shutil.copy(s["image_path"], folder / f"{s['image_id']:05d}.png")
-        (folder / f"{s['image_id']:05d}.txt").write_text(s["caption"])
+    sample_data.write_caption_folder(samples, folder)
     cfg = from_dict(
         IngestConfig,
         {
