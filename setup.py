@@ -60,6 +60,7 @@ EXTRAS = {
         "accelerate",
         "easy-vqa",
         "scikit-image",
+        "megatron-energon>=7.4,<8",  # tests/test_energon.py loads our .nv-meta with energon's loader (BSD-3-Clause)
     ],
 }
 

@@ -42,4 +42,9 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     with expected_errors():
         report = run_build(cfg, beam_args, inputs)
     print(format_build_report(report))
-    return finish("build", report, report["stages"][-1]["stage"], BUILD_PREFIXES)
+    status = finish("build", report, report["stages"][-1]["stage"], BUILD_PREFIXES)
+    if status == 0 and cfg.ingest is not None and cfg.ingest.write.energon:
+        from visinstruct.cli.energon_cmd import after_run
+
+        after_run(cfg.out)
+    return status

@@ -3,16 +3,34 @@
 ``--format llava`` writes what LLaVA's ``train.py`` reads (``--data_path OUT/llava.json --image_folder
 OUT/images``)::
 
-    OUT/images/KEY.jpg          the image member as it is in the tar (jpg, jpeg, png or webp)
-    OUT/llava.json              [{"id": KEY, "image": "KEY.jpg", "conversations": [{"from", "value"}, ...]}, ...]
+    OUT/images/KEY.jpg          an image member as it is in the tar (jpg, jpeg, png or webp); KEY.I.jpg for
+                                image I of a multi-image sample
+    OUT/llava.json              [{"id": ID, "image": "KEY.jpg", "conversations": [{"from", "value"}, ...]}, ...]
 
-Only samples with a valid conversation (``conversation_problems``) are exported; with ``caption_only`` a sample
-that has none but has a caption gets ``human: <image>\\nDescribe the image briefly.`` / ``gpt: CAPTION``. The JSON
-is written last, when every image it names exists.
+Every LLaVA row shape comes back as it went in (FORMAT.md): a text-only sample is a row with no ``"image"``; a
+multi-image sample's ``"image"`` is the list of its file names in ``<image>`` order; a single-image sample's is the
+file name, or a one-element list when its source row had one (``source.llava_image_list``; an empty list for a
+text-only row that had ``"image": []``). Keys the source row had
+besides id, image and conversations (``source.llava_fields``) are written back too. Rows are in key order.
 
-``--format parquet`` writes ``OUT/samples.parquet``: one row per written sample (key, shard, url, path, caption,
+``id`` is the source row's LLaVA id (``source.llava_id``, kept by ingest) so an export of an ingested LLaVA JSON
+equals it but for image paths; a sample without one gets its key. Ids stay unique: when several rows would carry the
+same id (the source repeated it, or it equals another row's key), every one of them gets its key instead.
+
+Image files are written once per distinct content: several conversations about one image (several LLaVA rows
+naming one file, as mix665k has) are separate samples, each with its own copy in the shards, and their rows name
+one file again. A file is named after the first sample (in key order) holding those bytes; a later image whose
+bytes have the same sha256 names that file and writes nothing.
+
+Only samples with a valid conversation (``conversation_problems``, for the sample's number of images) are exported;
+with ``caption_only`` a single-image sample that has none but has a caption gets ``human: <image>\\nDescribe the
+image briefly.`` / ``gpt: CAPTION``. The JSON is written last, when every image it names exists.
+
+``--format parquet`` writes ``OUT/samples.parquet``: one flat row per written sample (key, shard, url, path, caption,
 sizes, sha256, phash, clip_score, conversations as LLaVA JSON text, the whole JSON member as ``metadata``, the
-image bytes and their format), one row group per shard.
+image bytes and their format, image_count, turns), one row group per shard. The table stays flat (no list columns),
+so ``image`` holds a single-image sample's image only: it is null for a text-only sample and for a multi-image one
+(whose images ``--format llava`` and ``--format hf`` export).
 
 ``--format hf`` writes a Hugging Face dataset (local OUT only; needs the ``datasets`` package)::
 
@@ -21,14 +39,17 @@ image bytes and their format), one row group per shard.
     OUT/parquet/data-00000-of-0000N.parquet   the same rows, for ``load_dataset("parquet", data_files=...)``
 
 Columns (:data:`HF_COLUMNS`): key, shard, url, path, caption, sha256 (of the original bytes, as in the JSON member),
-conversations (``[{"from", "value"}]``, empty when the sample has none), metadata (the whole JSON member), and
-image, an ``Image`` feature holding the tar member's bytes unchanged (``{"bytes", "path": "KEY.EXT"}``). Rows are
-in shard order. The same shards give byte-identical files: ``state.json``'s ``_fingerprint`` (which ``datasets``
-otherwise derives from temporary paths) is the sha256 of the rows as staged (an Arrow stream), cut to 16 hex
-digits. ``--overwrite`` replaces an earlier hf export's files (``data-*``, ``parquet/data-*``, the two JSON files).
+conversations (``[{"from", "value"}]``, empty when the sample has none), metadata (the whole JSON member), image, an
+``Image`` feature holding a single-image sample's tar member bytes unchanged (``{"bytes", "path": "KEY.EXT"}``; null
+for the other shapes), images, a list of ``Image`` holding a multi-image sample's members in ``<image>`` order
+(``path`` ``KEY.I.EXT``; empty for the other shapes), and image_count (0 text-only, 1, or n). No image is stored
+twice: ``images or [image]`` (without nulls) is every row's image list. Rows are in shard order. The same shards
+give byte-identical files: ``state.json``'s ``_fingerprint`` (which ``datasets`` otherwise derives from temporary
+paths) is the sha256 of the rows as staged (an Arrow stream), cut to 16 hex digits. ``--overwrite`` replaces an
+earlier hf export's files (``data-*``, ``parquet/data-*``, the two JSON files).
 
-Nothing in a tar names an output file: image files are named by keys checked to be plain digit strings, and by
-an extension from a fixed list, so nothing is written outside OUT.
+Nothing in a tar names an output file: image files are named by keys checked to be plain digit strings, an image
+number, and an extension from a fixed list, so nothing is written outside OUT.
 """
 
 from __future__ import annotations
@@ -39,17 +60,24 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from visinstruct.cli.shards import Progress, Unread, describe_losses, samples_noting_losses
+from visinstruct.cli.export_samples import (
+    Picture,
+    Sample,
+    check_out,
+    location_columns,
+    reasons,
+    unread_report,
+    written_samples,
+)
+from visinstruct.cli.shards import Progress, Unread, describe_losses
 from visinstruct.schemas import IMAGE_TOKEN, SampleMeta, Turn, conversation_problems, to_row
-from visinstruct.transforms.layout import ShardError, image_member, match_paths, shard_files
+from visinstruct.transforms.layout import ShardError
 from visinstruct.transforms.shards import atomic_write, delete, join, write_bytes
 
-MAX_KEY_CHARS = 64
 LLAVA_JSON = "llava.json"
 IMAGE_DIR = "images"
 PARQUET_FILE = "samples.parquet"
@@ -72,6 +100,8 @@ PARQUET_SCHEMA = pa.schema(
         ("metadata", pa.string()),
         ("image", pa.binary()),
         ("image_format", pa.string()),
+        ("image_count", pa.int64()),
+        ("turns", pa.int64()),
     ]
 )
 
@@ -80,88 +110,28 @@ HF_PARQUET_DIR = "parquet"
 HF_TEMPORARY = ".hf-export"  # rows staged in OUT before save_to_disk; removed at the end
 HF_BATCH_ROWS = 256  # rows a record batch of the staged file holds: bounded memory for images
 HF_MAX_SHARD_BYTES = 500 * 2**20  # save_to_disk's default shard size
-HF_COLUMNS = ("key", "shard", "url", "path", "caption", "sha256", "conversations", "metadata", "image")
-
-
-@dataclass(frozen=True)
-class Sample:
-    """A written sample as export needs it; ``key`` is safe to name a file with."""
-
-    key: str
-    shard: str
-    meta: SampleMeta
-    image: bytes
-    image_format: str
-
-
-def safe_key(key: str) -> bool:
-    """Whether a key from a tar may name a file: ASCII digits only, as our keys and img2dataset's are (img2dataset's
-    have fewer digits than ours when a shard holds fewer than 1,000 samples)."""
-    return 0 < len(key) <= MAX_KEY_CHARS and key.isascii() and key.isdigit()
-
-
-def check_out(out: str, overwrite: bool) -> None:
-    """Refuse an OUT that already holds files (an export there would mix with them) unless ``overwrite``."""
-    if "://" not in out and os.path.exists(out) and not os.path.isdir(out):
-        raise ShardError(f"{out} is a file; export writes to a folder")
-    # Locally every entry counts, a folder too (an earlier export's images/ or parquet/); a store has only files.
-    found = match_paths(join(out, "*")) if "://" in out else os.listdir(out) if os.path.isdir(out) else []
-    if found and not overwrite:
-        raise ShardError(f"{out} is not empty ({len(found)} entries); choose another folder or pass --overwrite")
-
-
-def written_samples(
-    paths: list[str], skipped: Counter, progress: Progress | None = None, losses: list[Unread] | None = None
-) -> Iterator[Sample]:
-    """Every written sample of ``paths`` in shard order; what cannot be exported is counted in ``skipped``.
-
-    Skipped: keys that are not safe file names (``unsafe_key``), a key seen in an earlier shard
-    (``duplicate_key``), no image member (``no_image``), a JSON member that does not parse (``bad_json``), and
-    samples the index lists as written but the tar does not give (``missing_in_tar``: a tar cut short), which are
-    also described shard by shard in ``losses``.
-    """
-    seen, losses = set(), losses if losses is not None else []
-    for done, tar in enumerate(paths, 1):
-        files = shard_files(tar)
-        before = len(losses)
-        for key, members in samples_noting_losses(files, losses):
-            ext = image_member(members)
-            reason = (
-                "unsafe_key"
-                if not safe_key(key)
-                else "duplicate_key"
-                if key in seen
-                else "no_image"
-                if ext is None
-                else None
-            )
-            try:
-                meta = (
-                    SampleMeta.from_json(members["json"])
-                    if "json" in members
-                    else SampleMeta(key=key, caption=members.get("txt", b"").decode("utf-8", "replace") or None)
-                )
-            except ValueError:  # includes JSON syntax errors: validate says more
-                reason = reason or "bad_json"
-            if reason:
-                skipped[reason] += 1
-                continue
-            seen.add(key)
-            yield Sample(key, files.name, meta, members[ext], ext)
-        missing = sum(u.missing or 0 for u in losses[before:])
-        if missing:
-            skipped["missing_in_tar"] += missing
-        if progress:
-            progress(done, len(paths))
+HF_COLUMNS = (
+    "key",
+    "shard",
+    "url",
+    "path",
+    "caption",
+    "sha256",
+    "conversations",
+    "metadata",
+    "image",
+    "images",
+    "image_count",
+)
 
 
 def llava_conversation(meta: SampleMeta, caption_only: bool) -> tuple[list[Turn] | None, str | None]:
     """The turns to export for a sample and ``None``, or ``None`` and why it is not exported."""
     if meta.conversations:
-        if conversation_problems(meta.conversations):
+        if conversation_problems(meta.conversations, images=meta.n_images):
             return None, "bad_conversation"
         return meta.conversations, None
-    if caption_only and meta.caption and meta.caption.strip():
+    if caption_only and meta.n_images == 1 and meta.caption and meta.caption.strip():
         return [Turn("human", BRIEF_PROMPT), Turn("gpt", meta.caption.strip())], None
     return None, "no_caption" if caption_only else "no_conversation"
 
@@ -172,23 +142,37 @@ def export_llava(
     """Write LLaVA's layout to ``out`` (see the module docstring).
 
     Returns:
-        format, out, json (its path), image_folder, exported, skipped (``{reason: n}``), shards.
+        format, out, json (its path), image_folder, exported, skipped (``{reason: n}``), shards, image_files (image
+        files written), shared_images (images that named a file an earlier sample's identical image wrote), and
+        ids_from_keys (rows given their key as id because their LLaVA id was missing or not unique).
     """
     check_out(out, overwrite)
     skipped: Counter = Counter()
-    entries, losses = [], []
+    entries, sources, losses = [], [], []
+    files: dict[str, str] = {}  # sha256 of an image's bytes -> the file holding them
+    shared = 0
     for sample in written_samples(paths, skipped, progress, losses):
         turns, reason = llava_conversation(sample.meta, caption_only)
         if turns is None:
             skipped[reason] += 1
             continue
-        image = f"{sample.key}.{sample.image_format}"  # a checked key and an extension from a fixed list
-        write_bytes(join(out, IMAGE_DIR, image), sample.image)
-        entries.append({"id": sample.key, "image": image, "conversations": [to_row(t) for t in turns]})
+        names = []
+        for picture in sample.images:
+            digest = hashlib.sha256(picture.data).hexdigest()
+            if digest in files:
+                shared += 1
+            else:
+                files[digest] = sample.file_name(picture)
+                write_bytes(join(out, IMAGE_DIR, files[digest]), picture.data)
+            names.append(files[digest])
+        entries.append(llava_entry(sample, names, turns))
+        sources.append((sample.key, sample.meta.source.get("llava_id")))
     if not entries:
         hint = " (pass --caption-only to export captions)" if skipped.get("no_conversation") else ""
         hint += f"; {describe_losses(losses)}" if losses else ""
-        raise ShardError(f"nothing to export from {len(paths)} shards: {_reasons(skipped)}{hint}")
+        raise ShardError(f"nothing to export from {len(paths)} shards: {reasons(skipped)}{hint}")
+    ids = unique_ids(sources)
+    entries = [{"id": i, **e} for i, e in zip(ids, entries)]
     json_path = join(out, LLAVA_JSON)
     # One entry a line: compact for 600k-entry files, yet greppable and diffable.
     text = "[\n" + ",\n".join(json.dumps(e, ensure_ascii=False) for e in entries) + "\n]\n"
@@ -201,8 +185,41 @@ def export_llava(
         "exported": len(entries),
         "skipped": dict(skipped.most_common()),
         "shards": len(paths),
-        **_unread(losses),
+        "image_files": len(files),
+        "shared_images": shared,
+        "ids_from_keys": sum(i == key for i, (key, _) in zip(ids, sources)),
+        **unread_report(losses),
     }
+
+
+def llava_entry(sample: Sample, names: list[str], turns: list[Turn]) -> dict:
+    """A sample's LLaVA row without its id: ``image`` in the shape its source row had (absent for a text-only
+    sample, a list for several images or when the source row listed its one image), the conversation, then the
+    source row's other keys (``source.llava_fields``)."""
+    entry: dict = {}
+    if len(names) > 1 or sample.meta.source.get("llava_image_list") is True:  # [] too: a text-only row said so
+        entry["image"] = names
+    elif names:
+        entry["image"] = names[0]
+    entry["conversations"] = [to_row(t) for t in turns]
+    others = sample.meta.source.get("llava_fields")
+    if isinstance(others, dict):
+        entry.update((k, v) for k, v in others.items() if k not in ("id", "image", "conversations"))
+    return entry
+
+
+def unique_ids(rows: list[tuple[str, object]]) -> list[object]:
+    """The id of each exported row from ``(key, LLaVA id or None)``: the LLaVA id when no other row would carry the
+    same one, else the key (keys are unique). Repeated until no two rows share an id: a key may equal another row's
+    LLaVA id, which then gets its own key."""
+    ids = [key if llava_id is None else llava_id for key, llava_id in rows]
+    while True:
+        counts = Counter(json.dumps(i) for i in ids)  # ids may be numbers or strings: compare as JSON does
+        clashing = [n for n, i in enumerate(ids) if counts[json.dumps(i)] > 1 and i != rows[n][0]]
+        if not clashing:
+            return ids
+        for n in clashing:
+            ids[n] = rows[n][0]
 
 
 def export_parquet(paths: list[str], out: str, overwrite: bool = False, progress: Progress | None = None) -> dict:
@@ -231,7 +248,7 @@ def export_parquet(paths: list[str], out: str, overwrite: bool = False, progress
         "exported": exported,
         "skipped": dict(skipped.most_common()),
         "shards": len(paths),
-        **_unread(losses),
+        **unread_report(losses),
     }
 
 
@@ -243,18 +260,26 @@ def hf_features():
     columns = {name: text for name in HF_COLUMNS}
     columns["conversations"] = datasets.List({"from": text, "value": text})
     columns["image"] = datasets.Image()
+    columns["images"] = datasets.List(datasets.Image())
+    columns["image_count"] = datasets.Value("int64")
     return datasets.Features(columns)
 
 
 def hf_row(sample: Sample) -> dict:
-    """One sample as a row of an hf export: the image member's bytes as they are, named ``KEY.EXT``."""
+    """One sample as a row of an hf export: image members' bytes as they are, named ``KEY.EXT`` (``KEY.I.EXT``)."""
     meta = sample.meta
+
+    def cell(picture: Picture) -> dict:
+        return {"bytes": picture.data, "path": sample.file_name(picture)}
+
     return {
-        **_where(sample),
+        **location_columns(sample),
         "sha256": meta.sha256,
         "conversations": [to_row(t) for t in meta.conversations],
         "metadata": meta.to_json(),
-        "image": {"bytes": sample.image, "path": f"{sample.key}.{sample.image_format}"},
+        "image": cell(sample.single) if sample.single else None,
+        "images": [cell(picture) for picture in sample.several],
+        "image_count": len(sample.images),
     }
 
 
@@ -320,7 +345,7 @@ def export_hf(paths: list[str], out: str, overwrite: bool = False, progress: Pro
         )
         if not exported:
             hint = f"; {describe_losses(losses)}" if losses else ""
-            raise ShardError(f"nothing to export from {len(paths)} shards: {_reasons(skipped)}{hint}")
+            raise ShardError(f"nothing to export from {len(paths)} shards: {reasons(skipped)}{hint}")
         info = datasets.DatasetInfo(features=features)
         dataset = datasets.Dataset.from_file(rows, info=info).select_columns(
             list(HF_COLUMNS), new_fingerprint=digest[:16]
@@ -343,26 +368,15 @@ def export_hf(paths: list[str], out: str, overwrite: bool = False, progress: Pro
         "exported": exported,
         "skipped": dict(skipped.most_common()),
         "shards": len(paths),
-        **_unread(losses),
+        **unread_report(losses),
     }
-
-
-def _unread(losses: list[Unread]) -> dict:
-    """The report's account of what could not be read: ``unread`` (per shard) and a one-line ``unread_summary``."""
-    return {"unread": [asdict(u) for u in losses], "unread_summary": describe_losses(losses) if losses else None}
-
-
-def _where(sample: Sample) -> dict:
-    """The columns every export row starts with: key, shard, url, path, caption."""
-    meta = sample.meta
-    return {"key": sample.key, "shard": sample.shard, "url": meta.url, "path": meta.path, "caption": meta.caption}
 
 
 def _flat_row(sample: Sample) -> dict:
     meta = sample.meta
     conversations = [to_row(t) for t in meta.conversations]
     return {
-        **_where(sample),
+        **location_columns(sample),
         "width": meta.width,
         "height": meta.height,
         "original_width": meta.original_width,
@@ -372,13 +386,11 @@ def _flat_row(sample: Sample) -> dict:
         "clip_score": meta.clip.score if meta.clip else None,
         "conversations": json.dumps(conversations, ensure_ascii=False) if conversations else None,
         "metadata": meta.to_json(),
-        "image": sample.image,
-        "image_format": sample.image_format,
+        "image": sample.single.data if sample.single else None,
+        "image_format": sample.single.format if sample.single else None,
+        "image_count": len(sample.images),
+        "turns": len(meta.conversations),
     }
-
-
-def _reasons(skipped: Counter) -> str:
-    return ", ".join(f"{reason} {n}" for reason, n in skipped.most_common()) or "no written samples"
 
 
 def format_export(report: dict) -> str:
@@ -391,8 +403,12 @@ def format_export(report: dict) -> str:
     else:
         where = report["parquet"]
     lines = [f"exported {report['exported']} samples from {report['shards']} shards to {where}"]
+    if report.get("shared_images"):
+        lines.append(
+            f"{report['shared_images']} images named a file an identical image wrote: {report['image_files']} files"
+        )
     if report["skipped"]:
-        lines.append(f"skipped {sum(report['skipped'].values())}: {_reasons(Counter(report['skipped']))}")
+        lines.append(f"skipped {sum(report['skipped'].values())}: {reasons(Counter(report['skipped']))}")
     if report.get("unread_summary"):
         lines.append(f"NOT READ: {report['unread_summary']}")
     return "\n".join(lines)

@@ -4,7 +4,9 @@ The page shows each picked sample's thumbnail, key, size, CLIP score, what curat
 whether they are blurred: the thumbnail shows them as written), caption, URL and conversation, then a section of
 rejected rows, every reason in turn: key, stage, reason, URL and message, from the parquet index (every input row
 has its status there) and the dead-letter tables ``rejected/*-NNNNN.parquet`` (which name the stage). A rejected
-row has no image in the tar, so none is shown (nor should an image dropped as ``nsfw`` be).
+row has no image in the tar, so none is shown (nor should an image dropped as ``nsfw`` be). A multi-image sample's
+card shows its first image with a ``+N`` badge for the others; a text-only sample's card says so in place of an
+image.
 
 The page is one self-contained file: thumbnails are embedded as ``data:`` URIs, and a Content-Security-Policy
 allows nothing else to load (captions and URLs come from the web; they are escaped too). One small inline
@@ -30,7 +32,7 @@ import pyarrow as pa
 from visinstruct.cli.shards import Progress, read_index
 from visinstruct.cli.show import _read_sample, _written_keys
 from visinstruct.schemas import IndexRow, Rejection, SampleMeta, from_table
-from visinstruct.transforms.layout import ShardError, ShardFiles, image_member, match_paths, shard_files
+from visinstruct.transforms.layout import ShardError, ShardFiles, image_members, match_paths, shard_files
 from visinstruct.transforms.shards import atomic_write, read_table
 
 SHEET_COLUMNS = 8
@@ -48,6 +50,9 @@ figure{margin:0;padding:8px;border:1px solid #ddd;border-radius:6px;background:#
 figure img{display:block;margin:0 auto 6px;max-width:100%;height:auto;image-rendering:auto}
 .key{font-family:monospace;font-weight:bold}.meta,.url{color:#666;font-size:12px;word-break:break-all}
 .turn{white-space:pre-wrap;margin:2px 0}.turn b{color:#064}.broken{color:#a00}
+.pic{position:relative}.badge{position:absolute;top:4px;right:4px;padding:1px 6px;border-radius:9px;
+background:#064;color:#fff;font-size:12px;font-weight:bold}.textonly{color:#555;font-style:italic;text-align:center;
+padding:2em 0;margin:0 0 6px;border:1px dashed #bbb}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 6px;text-align:left;
 vertical-align:top}td.url{max-width:420px}"""
 
@@ -62,6 +67,11 @@ class Card:
     caption: str | None
     thumbnail: object  # PIL.Image.Image, or None
     unread: str | None = None  # why the sample could not be read from its tar (cut short...), or None
+    images: int = 1  # image members the sample has: 0 for a text-only sample, the thumbnail is the first's
+
+    @property
+    def text_only(self) -> bool:
+        return self.images == 0 and self.unread is None
 
 
 def gallery(
@@ -85,7 +95,8 @@ def gallery(
         progress: called with ``(shards done, shards)`` while the indexes are read.
 
     Returns:
-        html, sheet, shards, written, shown, rejected (total), rejected_shown, rejected_by_reason, broken_images.
+        html, sheet, shards, written, shown, rejected (total), rejected_shown, rejected_by_reason, broken_images,
+        text_only (cards of text-only samples), unread and unread_reason.
     """
     written, rejected = [], []
     for done, tar in enumerate(paths, 1):
@@ -124,7 +135,8 @@ def gallery(
         "rejected": len(rejected),
         "rejected_shown": len(shown),
         "rejected_by_reason": dict(Counter(row.status for _, row in rejected).most_common()),
-        "broken_images": len(cards) - len(thumbnails) - len(unread),
+        "broken_images": len(cards) - len(thumbnails) - len(unread) - sum(card.text_only for card in cards),
+        "text_only": sum(card.text_only for card in cards),
         "unread": len(unread),
         "unread_reason": unread[0] if unread else None,
     }
@@ -157,8 +169,10 @@ def _card(files: ShardFiles, row: IndexRow | str, thumb: int) -> Card:
     except ValueError:  # validate reports it; the card still shows the image
         meta = None
     caption = meta.caption if meta and meta.caption else sample.get("txt", b"").decode("utf-8", "replace") or None
-    ext = image_member(sample)
-    return Card(key, files.name, meta, caption, thumbnail(sample[ext], thumb) if ext else None)
+    names = image_members(sample)
+    return Card(
+        key, files.name, meta, caption, thumbnail(sample[names[0]], thumb) if names else None, None, len(names)
+    )
 
 
 def thumbnail(data: bytes, size: int):
@@ -231,13 +245,16 @@ def _curation_facts(curation) -> list[str]:
 def _card_html(card: Card) -> str:
     esc = html.escape
     meta = card.meta
+    badge = f'<span class="badge" title="{card.images} images">+{card.images - 1}</span>' if card.images > 1 else ""
     image = (
-        f'<img src="{data_uri(card.thumbnail)}" width="{card.thumbnail.width}" '
-        f'height="{card.thumbnail.height}" alt="{esc(card.key)}">'
+        f'<div class="pic"><img src="{data_uri(card.thumbnail)}" width="{card.thumbnail.width}" '
+        f'height="{card.thumbnail.height}" alt="{esc(card.key)}">{badge}</div>'
         if card.thumbnail is not None
         else f'<p class="broken">not read from the tar: {esc(card.unread)}</p>'
         if card.unread
-        else '<p class="broken">image does not decode</p>'
+        else '<p class="textonly">text-only</p>'
+        if card.text_only
+        else f'<p class="broken">image does not decode{f" (first of {card.images})" if card.images > 1 else ""}</p>'
     )
     facts = [f"shard {esc(card.shard)}"]
     if meta and meta.width:

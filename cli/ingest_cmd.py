@@ -117,4 +117,9 @@ def run(args: argparse.Namespace, beam_args: list[str]) -> int:
     with expected_errors():
         report = run_ingest(cfg, beam_args)
     print(format_report(report))
-    return finish("ingest", report, "ingest")
+    status = finish("ingest", report, "ingest")
+    if status == 0 and cfg.write.energon:
+        from visinstruct.cli.energon_cmd import after_run
+
+        after_run(cfg.write.path)
+    return status

@@ -120,6 +120,9 @@ def print_training_eval(summary: dict) -> bool:
         return False
     if summary["eval"] is not None:
         print(json.dumps({"step": summary["step"], "seconds": round(summary["seconds"], 1), **summary["eval"]}))
+    if summary.get("skipped"):  # samples the model could not take (no image for a caption model, placeholders off)
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary["skipped"].items()))
+        print(f"skipped samples (not trained on): {reasons}")
     return True
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from visinstruct.cli.shards import Progress, read_index
 from visinstruct.schemas import Decision, IndexRow, SampleMeta, ShardStats, from_table
@@ -36,7 +36,7 @@ from visinstruct.transforms.takedown import Takedown, TakedownError
 log = logging.getLogger(__name__)
 STAGE = "remove"
 REASON = takedown_lists.REASON
-_COLUMNS = ["key", "status", "url", "path", "sha256"]
+_COLUMNS = ["key", "status", "url", "path", "sha256", "image_sha256s", "image_locations"]
 _SET_BY_REWRITE = {"key", "status", "members", "error_message"}
 
 
@@ -81,10 +81,18 @@ def remove_samples(
         for files, removals in plans
         for key, (how, url) in sorted(removals.items())
     ]
+    refreshed = []
     if not dry_run:
         for files, removals in plans:
-            stats = remove_from_shard(files, {key: how for key, (how, _) in removals.items()})
+            stats = remove_from_shard(files, {key: how for key, (how, _) in removals.items()}, takedown)
             log.info("shard %s: removed %d samples, %d written now", files.name, len(removals), stats.written)
+        from visinstruct.transforms.energon import refresh_metadata
+
+        # energon's metadata points at byte offsets the rewrite moved: written again, same splits
+        for folder in sorted({files.folder for files, _ in plans}):
+            summary = refresh_metadata(folder)
+            if summary is not None:
+                refreshed.append(summary)
     not_found = sorted(takedown.urls - seen) + sorted(d for d in takedown.sha256 if f"sha256:{d}" not in seen)
     return {
         "shards": len(paths),
@@ -93,6 +101,7 @@ def remove_samples(
         "already_absent": absent,
         "not_found": not_found,
         "dry_run": dry_run,
+        "energon": refreshed,
     }
 
 
@@ -108,16 +117,18 @@ def _plan_shard(files: ShardFiles, takedown: Takedown, seen: set[str]) -> tuple[
         raise ShardError(f"shard {files.name} has no index ({files.index}): remove finds samples through it")
     removals, absent, written = {}, 0, set()
     for row in table.to_pylist():
-        location, digest = row["url"] or row["path"], (row["sha256"] or "").strip().lower()
+        # a multi-image sample matches by any of its images' locations and digests
+        locations = [u.strip() for u in [row["url"] or row["path"], *(row["image_locations"] or [])] if u]
+        digests = [(d or "").strip().lower() for d in [row["sha256"], *(row["image_sha256s"] or [])]]
         if row["status"] == "success":
             written.add(row["key"])
-        how = takedown.match(location, digest)
+        listed = [u for u in locations if u in takedown.urls]
+        how = "url" if listed else "sha256" if any(d in takedown.sha256 for d in digests) else None
         if how is None:
             continue
-        if location is not None and location.strip() in takedown.urls:
-            seen.add(location.strip())
-        if digest in takedown.sha256:
-            seen.add(f"sha256:{digest}")
+        location = listed[0] if listed else locations[0] if locations else None
+        seen.update(listed)
+        seen.update(f"sha256:{d}" for d in digests if d in takedown.sha256)
         if row["status"] == "success":
             removals[row["key"]] = (how, location)
         else:
@@ -137,24 +148,35 @@ def _plan_shard(files: ShardFiles, takedown: Takedown, seen: set[str]) -> tuple[
     return removals, absent
 
 
-def remove_from_shard(files: ShardFiles, removals: dict[str, str]) -> ShardStats:
+def remove_from_shard(files: ShardFiles, removals: dict[str, str], takedown: Takedown | None = None) -> ShardStats:
     """Rewrite one shard in place without the samples ``removals`` names (``{key: matched_by}``); returns its new
     stats."""
     rows = {r.key: r for r in from_table(IndexRow, read_table(files.index, IndexRow))}
-    return rewrite_shard(files.tar, None, files.folder, STAGE, takedown_judge(rows, removals))
+    return rewrite_shard(files.tar, None, files.folder, STAGE, takedown_judge(rows, removals, takedown))
 
 
-def takedown_judge(rows: dict[str, IndexRow], removals: dict[str, str]) -> Judge:
+def matched_images(row: IndexRow, takedown: Takedown | None) -> IndexRow:
+    """A multi-image row with only the images ``takedown`` lists (by location or digest) in its image columns: its
+    takedown row then keeps out those images at a rebuild, not the sample's other images."""
+    if takedown is None or not (row.image_locations or row.image_sha256s):
+        return row
+    pairs = list(zip(row.image_locations, row.image_sha256s))
+    hit = [(u, d) for u, d in pairs if u.strip() in takedown.urls or d.strip().lower() in takedown.sha256]
+    return replace(row, image_locations=[u for u, _ in hit], image_sha256s=[d for _, d in hit])
+
+
+def takedown_judge(rows: dict[str, IndexRow], removals: dict[str, str], takedown: Takedown | None = None) -> Judge:
     """Drop the samples ``removals`` names as ``takedown``; keep every other sample and its index row as they are.
 
-    A removed row keeps what identifies the input (key, url, path, sha256: what a later ingest needs to honour the
-    takedown); its content (caption, sizes, hashes, embeddings) is cleared.
+    A removed row keeps what identifies the input (key, url, path, sha256, and of a multi-image sample the images
+    ``takedown`` lists: what a later ingest needs to honour the takedown); its content (caption, sizes, hashes,
+    embeddings) is cleared.
     """
 
     def judge(key: str, meta: SampleMeta, members: dict[str, bytes]) -> Decision[SampleMeta]:
         if key not in removals:  # a sample the index lacks (validate reports it) keeps the row its metadata gives
             return Decision.keep(None, **(_columns(rows[key]) if key in rows else {}))
-        row, message = rows[key], f"removed on request (matched by {removals[key]})"
+        row, message = matched_images(rows[key], takedown), f"removed on request (matched by {removals[key]})"
         detail = {"matched_by": removals[key], "sha256": row.sha256}
         return Decision.drop(REASON, message, detail, **_columns(identity_row(row, REASON, message)))
 
@@ -179,4 +201,9 @@ def format_removal(report: dict, limit: int = 50) -> str:
         f"{report['shards']} shards; {report['already_absent']} matching rows had no sample; "
         f"{len(report['not_found'])} list entries matched nothing"
     )
+    for summary in report.get("energon", []):
+        if "withdrawn" in summary:
+            lines.append(f"energon metadata of {summary['folder']} withdrawn: {summary['withdrawn']}")
+        else:
+            lines.append(f"energon metadata of {summary['folder']} written again: {summary['samples']} samples")
     return "\n".join(lines)

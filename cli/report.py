@@ -83,6 +83,10 @@ def format_build_report(report: dict) -> str:
             f"{report['completion_tokens']} of those completion tokens"
         )
     lines.append("  (busy s: seconds of work per stage summed over workers and threads; stages overlap in one graph)")
+    if report.get("cost"):
+        from visinstruct.pipelines.cost import format_estimate
+
+        lines += ["  " + line for line in format_estimate(report["cost"]).splitlines()]
     state = "ok" if report["accounted"] and report["stages_add_up"] else "MISMATCH"
     lines.append(f"  accounting: {state}; report {report_path(report['output'])}")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from visinstruct.cli.shards import read_index, tar_samples
 from visinstruct.schemas import IndexRow, SampleMeta, from_table, parse_key, shard_name
-from visinstruct.transforms.layout import ShardError, ShardFiles, image_member, shard_files
+from visinstruct.transforms.layout import ShardError, ShardFiles, image_members, shard_files
 from visinstruct.transforms.shards import exists, open_read
 
 _SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -35,9 +35,14 @@ def show_sample(
     by global ``index`` over written samples in shard order, or at random with ``random_seed``; the first sample
     when none is given.
 
+    A text-only sample writes no image; a multi-image sample writes each image, named as its member
+    (``KEY.0.jpg``, ``KEY.1.png``...).
+
     Returns:
         key, shard, index (global, when known) and total, caption, meta (the JSON member as a dict), conversation
-        (pretty-printed, or ``None``), image_path, image_size.
+        (pretty-printed, or ``None``), image_count (image members found), image_paths and image_sizes (one per
+        image, a size ``None`` when it does not decode), and image_path and image_size (the first image's, or
+        ``None``).
     """
     if key is not None:
         files, row = _find_key(paths, key)
@@ -125,22 +130,28 @@ def _describe(files: ShardFiles, key: str, sample: dict[str, bytes], out_dir: st
         meta = SampleMeta.from_json(sample["json"]) if "json" in sample else None
     except ValueError as e:
         raise ShardError(f"sample {key}: bad JSON member ({e}); run validate".splitlines()[0]) from e
-    ext = image_member(sample)
-    image_path = None
-    if ext:
+    names = image_members(sample)
+    paths = []
+    if names:
         os.makedirs(out_dir, exist_ok=True)
+    for name in names:
         # the file name comes from the key, which comes from the data: never let it leave out_dir
-        image_path = os.path.join(out_dir, f"{key if _SAFE_KEY.fullmatch(key) else 'sample'}.{ext}")
-        with open(image_path, "wb") as f:
-            f.write(sample[ext])
+        paths.append(os.path.join(out_dir, f"{key if _SAFE_KEY.fullmatch(key) else 'sample'}.{name}"))
+        with open(paths[-1], "wb") as f:
+            f.write(sample[name])
+    sizes = [_image_size(sample[name]) for name in names]
     return {
         "key": key,
         "shard": files.name,
         "caption": sample["txt"].decode("utf-8", "replace") if "txt" in sample else None,
         "meta": meta.to_dict() if meta else None,
         "conversation": format_conversation(meta) if meta else None,
-        "image_path": image_path,
-        "image_size": _image_size(sample[ext]) if ext else None,
+        "image_count": len(names),
+        "text_only": not names and meta is not None and meta.n_images == 0,
+        "image_paths": paths,
+        "image_sizes": sizes,
+        "image_path": paths[0] if paths else None,
+        "image_size": sizes[0] if sizes else None,
     }
 
 
@@ -172,11 +183,18 @@ def format_sample(sample: dict) -> str:
     where = f"shard {sample['shard']}"
     if sample["index"] is not None:
         where += f", sample {sample['index']} of {sample['total']}"
-    size = "x".join(map(str, sample["image_size"])) if sample["image_size"] else "does not decode"
-    image = f"{sample['image_path']} ({size})" if sample["image_path"] else "(no image member)"
+    shown = [
+        f"{path} ({'x'.join(map(str, size)) if size else 'does not decode'})"
+        for path, size in zip(sample.get("image_paths", []), sample.get("image_sizes", []))
+    ]
+    if len(shown) > 1:
+        images = [f"images         {len(shown)} images", *(f"  {i}  {line}" for i, line in enumerate(shown))]
+    else:
+        none = "text-only (no image)" if sample.get("text_only") else "(no image member)"
+        images = [f"image          {shown[0] if shown else none}"]
     lines = [
         f"key            {sample['key']} ({where})",
-        f"image          {image}",
+        *images,
         f"caption        {sample['caption']}",
     ]
     if sample.get("seed") is not None:

@@ -37,6 +37,8 @@ _COLUMNS = [
     "original_height",
     "clip_score",
     "conversation_kind",
+    "image_count",
+    "turns",
 ]
 
 
@@ -52,8 +54,10 @@ def dataset_stats(paths: list[str], progress: Progress | None = None) -> dict:
         shards, indexes_missing, inputs, written, rejected, rejected_by_reason (index statuses),
         rejected_by_stage (``{stage: {reason: n}}`` from the dead-letter tables), width, height,
         original_width, original_height, caption_chars, caption_words (each a distribution: count, min,
-        median, max, mean, histogram), clip_score (over every scored row, ``None`` when nothing is scored) and
-        conversation_kinds.
+        median, max, mean, histogram), clip_score (over every scored row, ``None`` when nothing is scored),
+        conversation_kinds, images_per_sample (written samples by image count, ``{"0": text-only, "1": ...}``, an
+        index that records no count counting as one image) and turns (a distribution over the written samples that
+        carry a conversation).
     """
     tables, missing = [], []
     for done, tar in enumerate(paths, 1):
@@ -72,6 +76,7 @@ def dataset_stats(paths: list[str], progress: Progress | None = None) -> dict:
     captions = [rows["caption"][i] or "" for i in ok]
     scored = [score for score in rows["clip_score"] if score is not None]
     kinds = Counter(rows["conversation_kind"][i] for i in ok if rows["conversation_kind"][i] is not None)
+    images = Counter(1 if rows["image_count"][i] is None else rows["image_count"][i] for i in ok)
     return {
         "shards": len(paths),
         "indexes_missing": missing,
@@ -88,6 +93,8 @@ def dataset_stats(paths: list[str], progress: Progress | None = None) -> dict:
         "caption_words": distribution([len(c.split()) for c in captions], POW2),
         "clip_score": distribution(scored, CLIP) if scored else None,
         "conversation_kinds": dict(kinds.most_common()),
+        "images_per_sample": {str(n): images[n] for n in sorted(images)},
+        "turns": distribution([rows["turns"][i] for i in ok if rows["turns"][i]], POW2),
     }
 
 
@@ -174,6 +181,10 @@ def format_stats(stats: dict) -> str:
     ]:
         if stats.get(name) and stats[name]["count"]:
             lines += ["", *_format_distribution(title, stats[name])]
+    if set(stats.get("images_per_sample") or {"1": 0}) != {"1"}:  # said only when some sample is not single-image
+        lines += ["", "images per sample", *(f"  {n:<28}{count}" for n, count in stats["images_per_sample"].items())]
+    if stats.get("turns") and stats["turns"]["count"]:
+        lines += ["", *_format_distribution("conversation turns", stats["turns"])]
     if stats["conversation_kinds"]:
         lines += ["", "conversation kinds", *(f"  {kind:<28}{n}" for kind, n in stats["conversation_kinds"].items())]
     return "\n".join(lines)

@@ -12,13 +12,24 @@ unsafe_name              a member name that could escape a folder (``../x``, ``/
 link_member              a symlink, hard link, device or folder member; never extracted
 members_not_adjacent     a sample's members are split by another sample's
 duplicate_member         a sample has the same member twice
-missing_member           a sample lacks its image, ``.txt`` or ``.json``
+missing_member           a sample lacks its image, ``.txt`` or ``.json`` (a text-only sample, JSON ``image_count``
+                         0, needs no image)
+image_count_mismatch     the JSON's ``image_count`` and the sample's image members disagree in kind: image
+                         members on a text-only sample, numbered members on a single-image one, a plain or
+                         no image member on a multi-image one, a negative count
+missing_image_member     a multi-image sample lacks the numbered member of an image (``KEY.2.jpg``)
+unexpected_image_member  a multi-image sample's numbered member past its ``image_count``, numbered oddly
+                         (``KEY.01.jpg``), or a second member for the same image
+mixed_image_members      a plain ``KEY.jpg`` next to numbered members (``KEY.0.jpg``...)
+image_list_mismatch      the JSON's ``images`` does not list the numbered members in order (one entry per image,
+                         ``member`` the member's name), or lists images for a sample that is not multi-image
 bad_json                 the ``.json`` member is not JSON
 bad_metadata             the JSON does not fit :class:`SampleMeta` (wrong types, bad boxes, no key)
 key_mismatch             the JSON's ``key`` is not the members' key
 bad_conversation         a conversation that is not valid training data (``conversation_problems``)
-bad_image                the image does not decode
-image_size_mismatch      the decoded size is not the JSON's ``width`` x ``height``
+bad_image                an image does not decode
+image_size_mismatch      the decoded size is not the JSON's ``width`` x ``height`` (a multi-image sample's: its
+                         ``images`` entry's)
 duplicate_key            a key appears twice, in one index or across shards
 index_missing            no parquet index beside the tar
 bad_index                the index cannot be read
@@ -29,6 +40,12 @@ incomplete               no ``_stats.json``: the shard was never finished
 bad_stats                ``_stats.json`` cannot be read or its counts do not add up
 stats_mismatch           ``_stats.json`` disagrees with the tar or the index
 =======================  ===================================================================================
+
+Sample shapes (FORMAT.md): a single image ``KEY.jpg`` (or ``jpeg``, ``png``, ``webp``) with no ``image_count`` (or
+1); a text-only sample, ``image_count`` 0 and no image member; a multi-image sample, ``image_count`` n >= 2 and the
+members ``KEY.0.EXT`` ... ``KEY.(n-1).EXT``, each decoded and checked against its ``images`` entry. Each shape's
+conversation is checked for its number of ``<image>`` placeholders. A sample whose JSON cannot be read is checked
+as its members suggest.
 """
 
 from __future__ import annotations
@@ -176,14 +193,107 @@ def _check_end(files: ShardFiles, end: int, report: Report) -> bool:
 
 def _check_sample(shard: str, key: str, sample: dict[str, bytes], report: Report) -> None:
     report.samples += 1
-    image = image_member(sample)
-    missing = [f"an image ({'/'.join(IMAGE_EXTENSIONS)})"] * (image is None)
+    meta = _check_meta(shard, key, sample["json"], report) if "json" in sample else None
+    plain, numbered = image_member(sample), _numbered_members(sample)
+    count = meta.n_images if meta is not None else len(numbered) if numbered and not plain else 1
+    missing = [f"an image ({'/'.join(IMAGE_EXTENSIONS)})"] * (count == 1 and plain is None and not numbered)
     missing += [f".{e}" for e in ("txt", "json") if e not in sample]
     if missing:
         report.add(shard, key, "missing_member", f"sample {key} has no {' and no '.join(missing)}")
-    meta = _check_meta(shard, key, sample["json"], report) if "json" in sample else None
-    if image is not None:
-        _check_image(shard, key, sample[image], meta, report)
+    if plain is not None and numbered:
+        names = ", ".join(f"{key}.{name}" for _, name in numbered)
+        report.add(shard, key, "mixed_image_members", f"sample {key} has {key}.{plain} and numbered images {names}")
+    if meta is not None:
+        _check_shape(shard, key, meta, plain, numbered, report)
+    if numbered and (count >= 2 or plain is None):
+        # A JSON that disagrees in kind is reported above: the members are then checked as they are.
+        multi = count >= 2 and meta is not None
+        _check_numbered(
+            shard, key, sample, numbered, count if multi else len(numbered), meta if multi else None, report
+        )
+    elif plain is not None:
+        size = meta and meta.width is not None and (meta.width, meta.height)
+        _check_image(shard, key, f"image of {key}", sample[plain], size or None, report)
+
+
+def _numbered_members(sample: dict[str, bytes]) -> list[tuple[str, str]]:
+    """``(index as written, member)`` of every numbered image member (``0.jpg``, ``01.png``...), sorted by index."""
+    found = []
+    for name in sample:
+        index, _, ext = name.partition(".")
+        if index.isascii() and index.isdigit() and ext in IMAGE_EXTENSIONS:
+            found.append((index, name))
+    return sorted(found, key=lambda item: (int(item[0]), item[1]))
+
+
+def _check_shape(
+    shard: str, key: str, meta: SampleMeta, plain: str | None, numbered: list[tuple[str, str]], report: Report
+) -> None:
+    """The JSON's ``image_count`` and ``images`` against the kind of image members the sample has."""
+    count, members = meta.n_images, [f"{key}.{name}" for name in [plain] * bool(plain) + [n for _, n in numbered]]
+    problem = None
+    if count < 0:
+        problem = f"{key}.json says image_count {count}"
+    elif count == 0 and members:
+        problem = f"{key}.json says image_count 0 (text-only), the sample has {', '.join(members)}"
+    elif count == 1 and numbered and plain is None:
+        problem = f"{key}.json describes one image (no image_count), the sample has numbered {', '.join(members)}"
+    elif count >= 2 and not numbered:
+        problem = f"{key}.json says image_count {count}, the sample has " + (members[0] if plain else "no image")
+    if problem:
+        report.add(shard, key, "image_count_mismatch", problem)
+    if count < 2 and meta.images:
+        report.add(
+            shard, key, "image_list_mismatch", f"{key}.json lists {len(meta.images)} images for a {count}-image sample"
+        )
+
+
+def _check_numbered(
+    shard: str,
+    key: str,
+    sample: dict[str, bytes],
+    numbered: list[tuple[str, str]],
+    count: int,
+    meta: SampleMeta | None,
+    report: Report,
+) -> None:
+    """A multi-image sample's members ``0.EXT`` .. ``(count-1).EXT``: each present once, decoding, of its size."""
+    by_index: dict[int, list[str]] = {}
+    for index, name in numbered:
+        if str(int(index)) != index or int(index) >= count:
+            why = "numbered oddly" if str(int(index)) != index else f"past image_count {count}"
+            report.add(shard, key, "unexpected_image_member", f"{key}.{name} is {why}")
+        else:
+            by_index.setdefault(int(index), []).append(name)
+    for names in by_index.values():
+        if len(names) > 1:
+            shown = " and ".join(f"{key}.{n}" for n in names)
+            report.add(
+                shard, key, "unexpected_image_member", f"image {names[0].partition('.')[0]} is stored twice: {shown}"
+            )
+    # at most len(numbered) + 1 indexes are looked at: a hostile image_count (10**12) costs nothing more
+    absent = [i for i in range(min(count, len(numbered) + 11)) if i not in by_index]
+    if absent:
+        missing = count - len(by_index)
+        shown = ", ".join(f"{key}.{i}.*" for i in absent[:10]) + (f" ({missing} in all)" if missing > 10 else "")
+        report.add(shard, key, "missing_image_member", f"sample {key} has {count} images but no {shown}")
+    listed = [image.member for image in meta.images] if meta is not None else []
+    # Each image's member: the one the JSON lists when it is there (a second member for it is reported above).
+    order = [listed[i] if i < len(listed) and listed[i] in by_index[i] else by_index[i][0] for i in sorted(by_index)]
+    if listed and not absent and listed != order:  # with members missing, the list cannot match: said above
+        report.add(
+            shard,
+            key,
+            "image_list_mismatch",
+            f"{key}.json lists images {listed}, the sample has members {order}"[:500],
+        )
+    elif meta is not None and not meta.images and count >= 2:
+        report.add(shard, key, "image_list_mismatch", f"{key}.json has image_count {count} and no images list")
+    infos = {image.member: image for image in meta.images} if meta is not None else {}
+    for i, name in zip(sorted(by_index), order):
+        info = infos.get(name)
+        size = (info.width, info.height) if info is not None and info.width is not None else None
+        _check_image(shard, key, f"image {i} of {key} ({key}.{name})", sample[name], size, report)
 
 
 def _check_meta(shard: str, key: str, data: bytes, report: Report) -> SampleMeta | None:
@@ -200,29 +310,30 @@ def _check_meta(shard: str, key: str, data: bytes, report: Report) -> SampleMeta
     if meta.key != key:
         report.add(shard, key, "key_mismatch", f"{key}.json says key {meta.key!r}")
     if meta.conversations:
-        problems = conversation_problems(meta.conversations)
+        problems = conversation_problems(meta.conversations, images=max(meta.n_images, 0))
         if problems:
             report.add(shard, key, "bad_conversation", f"{key}.json: {'; '.join(problems)}")
     return meta
 
 
-def _check_image(shard: str, key: str, data: bytes, meta: SampleMeta | None, report: Report) -> None:
+def _check_image(shard: str, key: str, what: str, data: bytes, size: tuple[int, int] | None, report: Report) -> None:
+    """One image member decodes, at the ``size`` its JSON records (when it records one)."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            size = image.size
+            decoded = image.size
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError...)
-        report.add(shard, key, "bad_image", f"image of {key} does not decode: {type(e).__name__}: {e}")
+        report.add(shard, key, "bad_image", f"{what} does not decode: {type(e).__name__}: {e}"[:500])
         return
     report.images += 1
-    if meta is not None and meta.width is not None and (meta.width, meta.height) != size:
+    if size is not None and size != decoded:
         report.add(
             shard,
             key,
             "image_size_mismatch",
-            f"image of {key} is {size[0]}x{size[1]}, its JSON says {meta.width}x{meta.height}",
+            f"{what} is {decoded[0]}x{decoded[1]}, its JSON says {size[0]}x{size[1]}",
         )
 
 

@@ -195,6 +195,11 @@ class WriteConfig:
         "retryable error (timeouts, connection errors, 5xx, 429) or one the settings "
         "caused (blocked_address, internal_error...) and rewrite those shards",
     )
+    energon: bool = opt(
+        False,
+        "at the end of a successful run, write Megatron-Energon's metadata (.nv-meta/ and NNNNN.tar.idx) from "
+        "the indexes, so energon loads the shards with no `energon prepare` (or later: visinstruct energon DIR)",
+    )
 
     def __post_init__(self):
         _positive("shard_size", self.shard_size)

@@ -27,6 +27,7 @@ from dataclasses import replace
 import apache_beam as beam
 
 from visinstruct.configs import BuildConfig, CurateConfig, GenerateConfig, OutputConfig
+from visinstruct.pipelines.cost import MILLION, Prices, estimate, gpu_stages_of
 from visinstruct.pipelines.curate import CurateShards, DecontaminateShards, add_curation
 from visinstruct.pipelines.filter import FilterShards
 from visinstruct.pipelines.generate import TOKEN_COUNTERS, GenerateShards, parts_rejected
@@ -200,5 +201,7 @@ def run(cfg: BuildConfig, beam_args: list[str] | None = None, inputs: list[str] 
             busy_seconds=round(busy_s, 3), rows_per_busy_second=round(stage["in"] / busy_s, 1) if busy_s else None
         )
     report["stages_add_up"] = report["stages"][-1]["out"] == report["written"]
+    if report["inputs"]:  # what a job of a million pairs would cost at this run's measured rates
+        report["cost"] = estimate(report, MILLION, Prices(), gpu_stages_of(cfg))
     write_report(out, report)
     return report

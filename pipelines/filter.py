@@ -57,7 +57,9 @@ class ScorePairs(beam.PTransform):
     def expand(self, paths):
         model = self.cfg.model
         handler = make_handler(model, with_embeddings=self.cfg.store_embeddings)
-        read = paths | "ReadShardSamples" >> beam.ParDo(ReadShardSamples()).with_outputs("rejected", main="samples")
+        read = paths | "ReadShardSamples" >> beam.ParDo(ReadShardSamples(carry=True)).with_outputs(
+            "rejected", main="samples"
+        )
         decoded = read.samples | "DecodeForClip" >> beam.ParDo(
             DecodeForClip(handler.preprocessor(), model.decode_threads)
         ).with_outputs("rejected", main="images")

@@ -3,7 +3,7 @@
 Graph (element shapes in comments)::
 
     ReadPairs -> DropDuplicateUrls -> SkipCompleteShards -> GroupByShard -> DownloadShard -> drafts
-    drafts -> (key, sha256, phash) -> FindDuplicateImages -> losers
+    drafts -> (key, sha256, phash, phashes) -> FindDuplicateImages -> losers
     (drafts, losers) -> CoGroupByKey(shard) -> FinalizeShard -> ShardStats
 
 Only URLs and small hash records are shuffled; image bytes stay with the worker that downloaded them (in the
@@ -20,8 +20,17 @@ import apache_beam as beam
 from visinstruct.configs import ConfigError, IngestConfig, ReadConfig
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import summarize, write_report
-from visinstruct.schemas import Decision, ImageTextPair, IndexRow, Rejection, key_for_row, parse_key, shard_name
-from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages
+from visinstruct.schemas import (
+    Decision,
+    ImageTextPair,
+    IndexRow,
+    Rejection,
+    from_table,
+    key_for_row,
+    parse_key,
+    shard_name,
+)
+from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages, hash_record
 from visinstruct.transforms.download import NOT_FINAL_REASONS, DownloadShard, all_not_final
 from visinstruct.transforms.guard import INTERNAL_ERROR, count_internal_error, guarded, internal_error
 from visinstruct.transforms.images import process_image
@@ -153,11 +162,11 @@ def complete_shards(out_dir: str, stages: set[str] | None = None) -> set[int]:
 
 
 def _index_hashes(out_dir: str, shard: int):
-    """``(key, sha256, phash)`` of the written samples of a complete shard (resume keeps dedup global)."""
-    table = read_table(shard_in(out_dir, shard).index, IndexRow)
-    for row in table.select(["key", "status", "sha256", "phash"]).to_pylist():
-        if row["status"] == "success":
-            yield row["key"], row["sha256"], row["phash"]
+    """The dedup records of the written samples of a complete shard (resume keeps dedup global)."""
+    columns = ["key", "status", "sha256", "phash", "image_phashes", "turns", "conversation_kind"]  # not embeddings
+    for row in from_table(IndexRow, read_table(shard_in(out_dir, shard).index, IndexRow, columns)):
+        if row.status == "success":
+            yield hash_record(row)
 
 
 def has_retryable_failures(out_dir: str, shard: int) -> bool:
@@ -216,7 +225,7 @@ class Ingest(beam.PTransform):
             | "DownloadShard" >> beam.ParDo(DownloadShard(cfg, retry))
         )  # ShardDraft
         new_hashes = drafts | "SuccessHashes" >> beam.FlatMap(
-            lambda d: [(r.key, r.sha256, r.phash) for r in d.rows if r.status == "success"]
+            lambda d: [hash_record(r) for r in d.rows if r.status == "success"]
         )
         complete_done = pbegin | "CompleteShards" >> beam.Create(done)  # shard
         old_hashes = complete_done | "CompleteShardHashes" >> beam.FlatMap(lambda s: _index_hashes(out, s))

@@ -53,6 +53,14 @@ class Turn:
 
 
 @dataclass(frozen=True)
+class ImageRef:
+    """One image of a multi-image input row: where to fetch it (a URL or path), or its bytes."""
+
+    location: str | None = None
+    data: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class ImageTextPair:
     """One input record as read, before any download.
 
@@ -68,6 +76,10 @@ class ImageTextPair:
         source: input columns kept as metadata (img2dataset's ``save_additional_columns``).
         image: the image's bytes, when the input row holds them (a Hugging Face dataset's ``Image`` column):
             nothing is fetched then, and ``url`` and ``path`` are ``None``.
+        images: the images of a multi-image row (two or more), in the order of the conversation's ``<image>``
+            placeholders (:class:`ImageRef`: a URL or path to fetch, or the bytes); ``url``, ``path`` and ``image``
+            are ``None``.
+        text_only: a row without any image (a LLaVA text-only conversation): nothing to fetch.
     """
 
     key: str
@@ -80,11 +92,20 @@ class ImageTextPair:
     conversations: list[Turn] = field(default_factory=list)
     source: JsonDict = field(default_factory=JsonDict)
     image: bytes | None = field(default=None, repr=False)
+    images: list[ImageRef] = field(default_factory=list, repr=False)
+    text_only: bool = False
 
     @property
     def location(self) -> str:
-        """What to fetch: the URL, or else the path."""
+        """What to fetch: the URL, or else the path (for a multi-image row, its first image's, when named)."""
+        if self.images and self.images[0].location:
+            return self.images[0].location
         return self.url or self.path or ""
+
+    @property
+    def image_count(self) -> int:
+        """0 for a text-only row, the number of ``images`` for a multi-image row, else 1."""
+        return 0 if self.text_only else len(self.images) or 1
 
 
 @dataclass(frozen=True)
@@ -162,6 +183,25 @@ class Curation:
 
 
 @dataclass(frozen=True)
+class ImageInfo:
+    """One image of a multi-image sample (``SampleMeta.images``): its tar member (``0.jpg``, ``1.png``...), where it
+    came from, and its sizes and hashes as a single-image sample records them at the top level."""
+
+    member: str
+    url: str | None = None
+    path: str | None = None
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    sha256: str | None = None
+    phash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
 class SampleMeta:
     """The ``KEY.json`` member of a sample; fields a stage has not produced are left out of the JSON.
 
@@ -188,20 +228,37 @@ class SampleMeta:
     conversations: list[Turn] = field(default_factory=list)
     generation: GenerationInfo | None = None
     curation: Curation | None = None
+    image_count: int | None = None
+    images: list[ImageInfo] = field(default_factory=list)
     extra: JsonDict = field(default_factory=JsonDict)
+
+    @property
+    def n_images(self) -> int:
+        """How many images the sample has: ``image_count`` (0 for a text-only sample, 2 or more with ``images``),
+        else 1 (a single-image sample, the image's sizes and hashes at the top level)."""
+        return 1 if self.image_count is None else self.image_count
 
     @classmethod
     def from_pair(cls, pair: ImageTextPair, image: Any = None) -> SampleMeta:
-        """The metadata of a sample made from an input pair and (optionally) its fetched image.
+        """The metadata of a sample made from an input pair and (optionally) its fetched image or images.
 
-        ``image`` is a :class:`FetchedImage` or anything with its size and hash attributes.
+        ``image`` is a :class:`FetchedImage` or anything with its size and hash attributes; for a multi-image or
+        text-only pair, a list of them (one per image, in order; empty for text-only), with their ``format``.
         """
-        sizes = {}
-        if image is not None:
-            sizes = {
-                name: getattr(image, name)
-                for name in ("width", "height", "original_width", "original_height", "sha256", "phash")
-            }
+        sizes: dict[str, Any] = {}
+        names = ("width", "height", "original_width", "original_height", "sha256", "phash")
+        if isinstance(image, list):
+            sizes["image_count"] = len(image)
+            sizes["images"] = [
+                ImageInfo(
+                    f"{i}.{one.format}",
+                    **_image_origin(pair.images[i] if i < len(pair.images) else None),
+                    **{name: getattr(one, name) for name in names},
+                )
+                for i, one in enumerate(image)
+            ]
+        elif image is not None:
+            sizes = {name: getattr(image, name) for name in names}
         return cls(
             key=pair.key,
             url=pair.url,
@@ -228,6 +285,8 @@ class SampleMeta:
                 value = asdict(value)
             elif f.name in ("generation", "curation"):
                 value = value.to_dict()
+            elif f.name == "images":
+                value = [v.to_dict() for v in value]
             out[field_key(f)] = value
         for k, v in self.extra.items():
             out.setdefault(k, v)
@@ -272,7 +331,15 @@ class SampleMeta:
         return cls.from_dict(data)
 
 
-_NON_NEGATIVE = ("width", "height", "original_width", "original_height")
+def _image_origin(ref: ImageRef | None) -> dict[str, str]:
+    """Where one image of a multi-image pair came from, as ``ImageInfo`` records it (nothing for bytes)."""
+    location = ref.location if ref is not None else None
+    if not location:
+        return {}
+    return {"url": location} if location.startswith(("http://", "https://")) else {"path": location}
+
+
+_NON_NEGATIVE = ("width", "height", "original_width", "original_height", "image_count")
 MAX_JSON_DEPTH = 100
 _INT64 = range(-(2**63), 2**63)  # every integer field lands in an int64 column of some table
 
@@ -356,11 +423,12 @@ def _check_types(meta: SampleMeta) -> None:
             raise ValueError(f"sample {meta.key!r}: conversation turns need string 'from' and 'value'")
 
 
-def conversation_problems(turns: list[Turn], max_chars: int | None = None) -> list[str]:
-    """Why a conversation is not valid LLaVA training data (empty list when it is).
+def conversation_problems(turns: list[Turn], max_chars: int | None = None, images: int = 1) -> list[str]:
+    """Why a conversation is not valid LLaVA training data for a sample with ``images`` images (empty list when it is).
 
-    Rules: at least one human/gpt exchange; turns alternate starting with ``human``; no empty turn;
-    ``<image>`` appears exactly once, in the first human turn; optional length bound per turn.
+    Rules: at least one human/gpt exchange; turns alternate starting with ``human``; no empty turn; optional length
+    bound per turn. ``<image>`` placeholders: exactly one, in the first human turn, for a single image; none for a
+    text-only sample; one per image, all in human turns, for several (the n-th placeholder is the n-th image).
     """
     problems = []
     if len(turns) < 2:
@@ -374,8 +442,14 @@ def conversation_problems(turns: list[Turn], max_chars: int | None = None) -> li
         if max_chars is not None and len(turn.value) > max_chars:
             problems.append(f"turn {i} is longer than {max_chars} characters")
     count = sum(t.value.count(IMAGE_TOKEN) for t in turns)
-    if count != 1 or (turns and IMAGE_TOKEN not in turns[0].value):
-        problems.append(f"{IMAGE_TOKEN} must appear exactly once, in the first human turn (found {count})")
+    if images == 1:
+        if count != 1 or (turns and IMAGE_TOKEN not in turns[0].value):
+            problems.append(f"{IMAGE_TOKEN} must appear exactly once, in the first human turn (found {count})")
+    elif count != images:
+        what = "no" if images == 0 else f"{images}"
+        problems.append(f"a sample with {images} images needs {what} {IMAGE_TOKEN} placeholders (found {count})")
+    elif any(IMAGE_TOKEN in t.value for t in turns if t.role != ROLES[0]):
+        problems.append(f"{IMAGE_TOKEN} placeholders belong in human turns")
     return problems
 
 
@@ -435,6 +509,12 @@ class IndexRow:
     conversation_kind: str | None = None
     nsfw_score: float | None = None  # curate's safety check (open_nsfw, 0-1)
     faces: int | None = None  # faces curate found (their boxes are in the JSON)
+    image_count: int | None = None  # images of the sample: 0 text-only, 1, or more (None: not recorded)
+    image_sha256s: list[str] = field(default_factory=list)  # each image's sha256, for multi-image samples
+    image_phashes: list[str] = field(default_factory=list)  # each image's pHash, for multi-image samples
+    image_locations: list[str] = field(default_factory=list)  # each image's URL or path, for multi-image samples
+    turns: int | None = None  # conversation turns the sample carries (None or 0: none)
+    mix_source: str | None = None  # the `visinstruct mix` source the sample was drawn from
 
 
 @dataclass(frozen=True)

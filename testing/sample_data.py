@@ -438,3 +438,77 @@ def llava_json_dataset(root: Path, entries: int, images: int, shard_size: int) -
         "write": {"path": str(root / "out"), "shard_size": shard_size},
         "resize": {"image_size": 32, "resize_mode": "border", "encode_format": "png"},
     }
+
+
+def llava_mix_dataset(out_dir: str | Path, groups: int = 2, seed: int = 0) -> tuple[Path, Path, list[dict[str, Any]]]:
+    """A LLaVA JSON shaped like LLaVA-1.5's mix665k, over :func:`shapes_samples` images; same arguments, same bytes.
+
+    Each group of six rows has: a single-image row (``"image": "coco/..."``, an integer id), a second row about the
+    same image (a VQA-style question with ``<image>`` after it), a multi-turn row whose image is a one-element
+    list, a two-image row, a three-image row whose placeholders span two human turns, and a text-only row (no
+    ``image``, an extra ``model`` key, as mix665k's ShareGPT rows). Answers come from the shapes' exact captions.
+
+    Returns:
+        ``(json path, image root, rows)``: the rows as written, image names relative to the root.
+    """
+    out = Path(out_dir)
+    samples = shapes_samples(4 * groups, seed=seed, size=(96, 96))
+    names = []
+    for i, sample in enumerate(samples):
+        folder = "gqa" if i % 4 == 3 else "coco"
+        write_images([sample], out / "images" / folder, names=[f"{i:06d}"])
+        names.append(f"{folder}/{i:06d}.jpg")
+
+    def turns(*values: str) -> list[dict[str, str]]:
+        return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
+
+    rows: list[dict[str, Any]] = []
+    for g in range(groups):
+        i0, i1, i2, i3 = (4 * g + k for k in range(4))
+        cap = [samples[i]["caption"] for i in (i0, i1, i2, i3)]
+        count = len(samples[i0]["boxes"])
+        rows += [
+            {"id": 100 * g, "image": names[i0], "conversations": turns("<image>\nDescribe the image.", cap[0])},
+            {
+                "id": f"vqa-{g}",
+                "image": names[i0],
+                "conversations": turns(
+                    "How many shapes are there?\n<image>\nAnswer the question using a single word or phrase.",
+                    str(count),
+                ),
+            },
+            {
+                "id": f"list-{g}",
+                "image": [names[i1]],
+                "conversations": turns(
+                    "<image>\nWhat do you see?", cap[1], "Name the first shape.", cap[1].split(" and ")[0]
+                ),
+            },
+            {
+                "id": f"pair-{g}",
+                "image": [names[i2], names[i3]],
+                "conversations": turns(
+                    "<image>\n<image>\nWhat is in each image?", f"First {cap[2]}; second {cap[3]}."
+                ),
+            },
+            {
+                "id": f"triple-{g}",
+                "image": [names[i0], names[i1], names[i2]],
+                "conversations": turns(
+                    "<image>\n<image>\nDescribe both images.",
+                    f"{cap[0]}; then {cap[1]}.",
+                    "And this one? <image>",
+                    cap[2],
+                ),
+            },
+            {
+                "id": f"sharegpt-{g}",
+                "model": "",
+                "conversations": turns(
+                    f"What is {g} plus two?", f"{g} plus two is {g + 2}.", "And times two?", f"{2 * g}."
+                ),
+            },
+        ]
+    path = out / "mix665k.json"
+    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path, out / "images", rows

@@ -12,6 +12,7 @@ from visinstruct.cli.report import format_build_report
 from visinstruct.cli.validate import validate
 from visinstruct.configs import BuildConfig, from_dict
 from visinstruct.pipelines.build import run as build
+from visinstruct.pipelines.cost import MILLION
 from visinstruct.schemas import SampleMeta
 from visinstruct.testing.server import ImageServer
 from visinstruct.testing.tiny_models import TINY_OPEN_CLIP_NAME
@@ -65,6 +66,12 @@ def test_build_runs_every_stage_and_the_counts_add_up_stage_by_stage(tmp_path, t
     assert stages["generate"]["out"] == report["written"] and report["accounted"] and report["stages_add_up"]
     for stage in stages.values():  # every stage reports the work it did, and its rate
         assert stage["busy_seconds"] > 0 and stage["rows_per_busy_second"] > 0
+    # ... and what a million pairs would cost at those rates (CPU only here), printed with the assumptions
+    cost = report["cost"]
+    assert [s["stage"] for s in cost["stages"]] == list(stages) and cost["gpu_hours"] == 0 and cost["dollars"] > 0
+    per_million = sum(s["busy_seconds"] for s in stages.values()) * MILLION / len(rows) / 3600 / 0.7
+    assert abs(cost["vcpu_hours"] - per_million) < 0.01 * per_million + 0.01
+    assert "GPU stages: none" in format_build_report(report)
     assert sum(stages["ingest"]["dropped_by_reason"].values()) == 8  # 7 broken URLs and one repeated
     kept_by_filter = stages["filter"]["out"]
     assert kept_by_filter == -(-3 * stages["filter"]["in"] // 4)  # the top 75%, rounded up

@@ -427,3 +427,28 @@ def test_each_model_copy_goes_to_the_gpu_with_the_most_free_memory(monkeypatch):
     assert pick_device("auto") == "cpu" and pick_dtype("auto", "cpu") == torch.float32
     with pytest.raises(RuntimeError, match="sees no CUDA device"):
         pick_device("cuda")
+
+
+def test_text_only_and_multi_image_samples_pass_the_filter_unscored(tiny_checkpoint, tmp_path):
+    """A LLaVA mix's text-only and multi-image samples have no single image to score: kept as they are, while its
+    single-image samples are scored and selected (here: the top half of them)."""
+    path, root, rows = sample_data.llava_mix_dataset(tmp_path / "src", groups=2)
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "read": {"path": str(path), "format": "llava", "image_root": str(root)},
+            "write": {"path": str(tmp_path / "in"), "shard_size": 6},
+            "resize": {"image_size": 64},
+        },
+    )
+    assert ingest(cfg, RUNNER)["written"] == 12
+    tars = sorted(str(p) for p in (tmp_path / "in").glob("*.tar"))
+    report = clip_filter.run(open_clip_cfg(tiny_checkpoint, tmp_path / "out", top_fraction=0.5), tars, RUNNER)
+    kept = written(tmp_path / "out")
+    single = {m.key for m in written(tmp_path / "in").values() if m.n_images == 1}
+    carried = {k for k, m in kept.items() if m.n_images != 1}
+    assert carried == {m.key for m in written(tmp_path / "in").values() if m.n_images != 1} and len(carried) == 6
+    assert all(kept[k].clip is None for k in carried)
+    assert len(set(kept) & single) == 3 and all(kept[k].clip is not None for k in set(kept) & single)
+    assert report["accounted"] and (report["written"], report["rejected"]) == (9, 3)
+    assert set(report["rejected_by_reason"]) == {"clip_not_top_fraction"}

@@ -171,7 +171,7 @@ def test_llava_json_keeps_conversations_and_rejects_bad_entries(tmp_path):
     conversation = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A picture."}]
     entries = [
         {"id": "a", "image": "a.png", "conversations": conversation},
-        {"id": "text-only", "conversations": conversation},
+        {"id": "text-only-with-placeholder", "conversations": conversation},
         {"id": "bad", "image": "a.png", "conversations": [{"from": "gpt", "value": "no image token"}]},
         {"id": "missing-file", "image": "nope.png", "conversations": conversation},
     ]
@@ -179,7 +179,7 @@ def test_llava_json_keeps_conversations_and_rejects_bad_entries(tmp_path):
     report, metas = ingest_local(tmp_path, tmp_path / "llava.json", image_root=str(images))
     assert [m.conversations for m in metas] == [[Turn("human", "<image>\nWhat is this?"), Turn("gpt", "A picture.")]]
     assert metas[0].source == {"llava_id": "a"}
-    assert report["rejected_by_reason"] == {"bad_conversation": 1, "file_error": 1, "missing_url": 1}
+    assert report["rejected_by_reason"] == {"bad_conversation": 2, "file_error": 1}
     assert report["inputs"] == 4 and report["accounted"]
 
 
@@ -407,7 +407,7 @@ def test_coco_llava_and_folder_entries_that_do_not_fit_cost_themselves_only(tmp_
     (tmp_path / "llava.json").write_bytes(json.dumps(entries, ensure_ascii=False).encode("utf-8", "surrogateescape"))
     assert outcomes(rows(tmp_path / "llava.json", format="llava")) == [
         "ok",
-        "missing_url",
+        "malformed_row",
         "bad_conversation",
         "bad_encoding",
     ]

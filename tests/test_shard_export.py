@@ -61,10 +61,11 @@ def test_llava_export_loads_as_llava_json_with_every_image_present(llava, tmp_pa
     entries = json.loads((tmp_path / "out" / "llava.json").read_text())
     members = tar_members(llava / "00000.tar")
     assert report["exported"] == len(entries) == 2 and report["skipped"] == {}
-    for entry in entries:
+    assert [e["id"] for e in entries] == ["s0", "s1"]  # the LLaVA ids ingest kept, in key order
+    for entry, key in zip(entries, sorted(members)):
         assert set(entry) == {"id", "image", "conversations"} and entry["conversations"] == LLAVA_CONVERSATION
         image = tmp_path / "out" / "images" / entry["image"]
-        assert image.read_bytes() == members[entry["id"]]["png"]
+        assert entry["image"] == f"{key}.png" and image.read_bytes() == members[key]["png"]
         assert Image.open(image).size == (32, 32)
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == sorted(
         ["images", "llava.json"] + [e["image"] for e in entries]

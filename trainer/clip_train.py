@@ -35,7 +35,7 @@ import torch.distributed as dist
 from visinstruct.configs import ClipTrainConfig, LockConfig
 from visinstruct.trainer import common
 from visinstruct.trainer.clip_eval import embed, evaluate_embeddings
-from visinstruct.trainer.data import ShardStream, iterate_once, shard_list, stream_sources
+from visinstruct.trainer.data import ShardStream, iterate_once, shard_list, skipped_over_processes, stream_sources
 from visinstruct.trainer.losses import clamp_logit_scale, clip_loss
 
 log = logging.getLogger(__name__)
@@ -163,9 +163,10 @@ def train(cfg: ClipTrainConfig, stop_at: int | None = None) -> dict:
         stop_at: stop after this step, saving a resume point, as if interrupted (time-sliced jobs; tests).
 
     Returns:
-        ``{"step", "seconds", "samples_per_second", "loss", "eval", "checkpoint", "config_file"}``: ``seconds`` is
-        this run's time in the loop; ``eval`` the evaluation after the last step (None without eval shards, or when
-        this run did not reach the last step).
+        ``{"step", "seconds", "samples_per_second", "loss", "skipped", "eval", "checkpoint", "config_file"}``:
+        ``seconds`` is this run's time in the loop; ``skipped`` the training samples skipped by reason (text-only
+        and multi-image samples are no caption pairs); ``eval`` the evaluation after the last step (None without
+        eval shards, or when this run did not reach the last step).
     """
     procs = common.start_processes(cfg)
     run = None
@@ -276,10 +277,14 @@ def _loop(run: Run, step: int, last: int) -> dict:
             window, window_start = 0, now
         common.after_step(run, step, last, evaluate, save_checkpoint)
     seconds = time.time() - started
+    skipped = skipped_over_processes(run.stream.skipped, procs.world_size)  # text-only, multi-image, uncaptioned
+    if skipped and procs.rank == 0:
+        log.warning("training samples skipped: %s", ", ".join(f"{r} {n}" for r, n in skipped.items()))
     return {
         "step": step,
         "seconds": seconds,
         "eval": None,
         "samples_per_second": (step - first) * cfg.data.batch_size * procs.world_size / max(seconds, 1e-9),
         "loss": None if loss is None else common.mean_over_processes(loss.detach(), procs),
+        "skipped": skipped,
     }

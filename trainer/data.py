@@ -2,7 +2,13 @@
 
 Shared by the contrastive and the LLaVA trainers. A batch is a dict::
 
-    {"key": [str], "caption": [str], "image": tensor [B, 3, H, W], "text": text_transform(captions) or captions}
+    {"key": [str], "caption": [str], "image": tensor [N, 3, H, W] or None, "image_counts": [int],
+     "text": text_transform(captions) or captions}
+
+``image`` holds every image of the batch in order (a sample's images in member order, ``KEY.jpg`` or ``KEY.0.jpg``,
+``KEY.1.png``...: :func:`~visinstruct.transforms.layout.image_members`), ``image_counts`` how many each sample gave;
+None when no sample has one. Caption pairs (``caption`` a source name: the contrastive trainer) take single-image
+samples only; a function of the sample (the LLaVA trainer's conversations) decides which shapes it takes.
 
 How the stream is cut (each DataLoader worker runs :meth:`ShardStream._worker_batches` on its own):
 
@@ -14,7 +20,10 @@ How the stream is cut (each DataLoader worker runs :meth:`ShardStream._worker_ba
 - batches never cross an epoch; a worker's last incomplete batch of an epoch is dropped (so every process's batch
   has ``batch_size`` samples, which gathering negatives across processes needs). Workers then start their next
   epoch on their own: the stream never ends, and the trainer counts steps, not epochs.
-- images are decoded only for batches that are delivered; a sample without an image or caption is skipped.
+- images are decoded only for batches that are delivered. A sample that is no training data (no caption; for
+  caption pairs a text-only or multi-image sample; what the text function refuses with a :class:`Skip`) is skipped
+  and counted by reason: each batch carries the counts since the previous one, which the stream adds up in
+  :attr:`ShardStream.skipped` (and :func:`iterate_once` in the ``Counter`` it is given).
 
 What resume restores (:meth:`ShardStream.state_dict`): for each worker, its epoch and the batches it delivered
 within it. A restored stream rebuilds that epoch and discards those batches before decoding (they are still read
@@ -40,6 +49,7 @@ pipeline is spelled out here with ``wds.DataPipeline`` and the same stages, seed
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import io
 import itertools
@@ -60,7 +70,7 @@ from visinstruct.transforms.layout import (
     SPEC_SEPARATOR,
     ShardError,
     expand_braces,
-    image_member,
+    image_members,
     read_stats,
     resolve_shards,
     shard_files,
@@ -184,32 +194,73 @@ def caption_of(sample: dict[str, Any], source: str = "auto") -> str | None:
 def decode_batch(
     raw: list[dict[str, Any]], image_transform: Callable, text_transform: Callable | None, caption: str
 ) -> dict[str, Any]:
-    """Decode and collate raw samples. A corrupt image raises, naming the sample (training data is validated)."""
-    images, captions = [], []
+    """Decode and collate raw samples (see the module docstring for the batch). A corrupt image raises, naming the
+    sample (training data is validated)."""
+    images, counts, captions = [], [], []
     for sample in raw:
-        try:
-            image = Image.open(io.BytesIO(sample[image_member(sample)])).convert("RGB")
-        except Exception as e:
-            where = f"{sample.get('__url__')}: sample {sample['__key__']}"
-            raise ValueError(f"{where}: cannot decode its image: {e}") from e
-        images.append(image_transform(image))
-        captions.append(text_of(sample, caption))
+        members = image_members(sample)
+        for member in members:
+            try:
+                image = Image.open(io.BytesIO(sample[member])).convert("RGB")
+            except Exception as e:
+                where = f"{sample.get('__url__')}: sample {sample['__key__']}"
+                raise ValueError(f"{where}: cannot decode its image {member}: {e}") from e
+            images.append(image_transform(image))
+        counts.append(len(members))
+        captions.append(sample["__text__"] if "__text__" in sample else text_of(sample, caption))
     return {
         "key": [s["__key__"] for s in raw],
         "caption": captions,
-        "image": torch.stack(images),
+        "image": torch.stack(images) if images else None,
+        "image_counts": counts,
         "text": text_transform(captions) if text_transform is not None else captions,
     }
 
 
+@dataclass(frozen=True)
+class Skip:
+    """What a text function (:class:`ShardStream`'s ``caption``) returns for a sample that is no training data:
+    the reason it is skipped, counted under that name."""
+
+    reason: str
+
+
 def text_of(sample: dict[str, Any], caption: str | Callable[[dict[str, Any]], Any]) -> Any:
     """A raw sample's text: :func:`caption_of` by source name, or ``caption(sample)`` (the LLaVA trainer's
-    conversations); None when it has none."""
+    conversations); None (or a :class:`Skip`) when it has none."""
     return caption(sample) if callable(caption) else caption_of(sample, caption)
 
 
-def _usable(sample: dict[str, Any], caption: str | Callable) -> bool:
-    return image_member(sample) is not None and text_of(sample, caption) is not None
+def skip_reason(sample: dict[str, Any], caption: str | Callable) -> str | None:
+    """Why a raw sample is no training data, or None when it is; its text is kept in ``sample["__text__"]``.
+
+    Caption pairs (``caption`` a source name) need exactly one image: ``no_image`` (a text-only sample),
+    ``multi_image``, ``no_caption``. A text function decides shapes itself: its :class:`Skip` reason, or
+    ``no_text`` for None.
+    """
+    if not callable(caption):
+        count = len(image_members(sample))
+        if count != 1:
+            return "no_image" if count == 0 else "multi_image"
+    text = text_of(sample, caption)
+    if isinstance(text, Skip):
+        return text.reason
+    if text is None:
+        return "no_text" if callable(caption) else "no_caption"
+    sample["__text__"] = text
+    return None
+
+
+def usable_samples(
+    samples: Iterator[dict[str, Any]], caption: str | Callable, skipped: collections.Counter
+) -> Iterator[dict[str, Any]]:
+    """The samples that are training data (:func:`skip_reason`); the others counted in ``skipped`` by reason."""
+    for sample in samples:
+        reason = skip_reason(sample, caption)
+        if reason is None:
+            yield sample
+        else:
+            skipped[reason] += 1
 
 
 def _every(src: Iterator, start: int, step: int) -> Iterator:
@@ -232,7 +283,8 @@ class _Drought:
         self.draws += 1
         if self.draws > self.limit:
             raise ValueError(
-                f"blend source {self.name}: no usable sample (an image and a caption) in {self.limit} shard draws"
+                f"blend source {self.name}: no usable sample (training data of the trainer's shape) in "
+                f"{self.limit} shard draws"
             )
 
 
@@ -251,17 +303,17 @@ def _rained(samples: Iterator[dict[str, Any]], drought: _Drought) -> Iterator[di
 
 
 def source_samples(
-    source: Source, seed: int, shuffle_buffer: int, caption: str | Callable
+    source: Source, seed: int, shuffle_buffer: int, caption: str | Callable, skipped: collections.Counter
 ) -> Iterator[dict[str, Any]]:
     """One blend source's endless usable raw samples: resampled shards, shuffled in a buffer, seeded; each sample
-    tagged ``__source__`` with the source's name.
+    tagged ``__source__`` with the source's name; unusable ones counted in ``skipped``.
 
     Raises:
         ValueError: (when iterated) when ``10 * shards + 100`` shard draws in a row give no usable sample.
     """
     drought = _Drought(source.name, 10 * len(source.urls) + 100)
     samples = wds.tarfile_to_samples()(_draw_shards(source.urls, seed, drought))
-    samples = _rained(wds.select(functools.partial(_usable, caption=caption))(samples), drought)
+    samples = _rained(usable_samples(samples, caption, skipped), drought)
     if shuffle_buffer:
         samples = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed + 1)(samples)
     for sample in samples:
@@ -293,8 +345,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         batch_size: samples per batch (per process).
         image_transform: ``PIL.Image -> tensor [3, H, W]`` (applied in the workers).
         text_transform: ``list[str] -> anything`` (a tokenizer), or None to deliver the captions as they are.
-        caption: ``auto``, ``txt`` or ``conversation`` (:func:`caption_of`), or a function of the raw sample giving
-            its text (None skips the sample): :func:`text_of`.
+        caption: ``auto``, ``txt`` or ``conversation`` (:func:`caption_of`; single-image samples only), or a
+            function of the raw sample giving its text, any image count (None or a :class:`Skip` skips the sample):
+            :func:`text_of`. Skipped samples are counted in :attr:`skipped`.
         seed: the whole order is a function of it.
         shard_shuffle: shards in the shard shuffle buffer (0: sorted order).
         shuffle_buffer: samples in the sample shuffle buffer (0: stream order).
@@ -340,6 +393,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.first = 0  # the logical worker that physical worker 0 plays (the one whose batch comes next)
         self.position = dict(self.start)  # logical worker -> (epoch, batches delivered in it)
         self.delivered = 0
+        self.skipped: collections.Counter = collections.Counter()  # samples skipped by reason, this process
         self._batches: Iterator | None = None
         if self.blend is not None and self.blend.epoch_samples // (self.world_size * self.workers) < batch_size:
             raise ConfigError(  # said here, not as a worker's exception the DataLoader wraps
@@ -348,14 +402,16 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "data.blend_epoch_samples or lower the batch"
             )
 
-    def _epoch_samples(self, epoch: int, worker: int) -> Iterator[dict[str, Any]]:
-        """Raw samples of one worker's share of one epoch, shuffled."""
+    def _epoch_samples(self, epoch: int, worker: int, skipped: collections.Counter) -> Iterator[dict[str, Any]]:
+        """Usable raw samples of one worker's share of one epoch, shuffled; the others counted in ``skipped``."""
         seed = _seed(self.seed, epoch, self.rank, worker)
         if self.blend is not None:
             count = self.blend.epoch_samples // (self.world_size * self.workers)
             # the sources share the buffer, so a blend holds as many samples as one stream does
             buffer = self.shuffle_buffer and max(1, self.shuffle_buffer // len(self.blend.sources))
-            return blend_samples(self.blend.sources, count, seed, shuffle_buffer=buffer, caption=self.caption)
+            return blend_samples(
+                self.blend.sources, count, seed, shuffle_buffer=buffer, caption=self.caption, skipped=skipped
+            )
         if self.resampled:
             count = max(1, len(self.urls) // (self.world_size * self.workers))
             stages = [
@@ -373,7 +429,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         stages.append(wds.tarfile_to_samples())
         if self.shuffle_buffer:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed + 1))
-        stages.append(wds.select(functools.partial(_usable, caption=self.caption)))
+        stages.append(functools.partial(usable_samples, caption=self.caption, skipped=skipped))
         return iter(wds.DataPipeline(*stages))
 
     def _worker_batches(self) -> Iterator[dict[str, Any]]:
@@ -381,14 +437,19 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = ((info.id if info else 0) + self.first) % self.workers
         epoch, skip = self.start[worker]
+        skipped = collections.Counter()  # since this worker's last batch
         while True:
-            raw_batches = _batches_of(self._epoch_samples(epoch, worker), self.batch_size)
+            raw_batches = _batches_of(self._epoch_samples(epoch, worker, skipped), self.batch_size)
             done = skip
-            for raw in itertools.islice(raw_batches, skip, None):
+            for _ in itertools.islice(raw_batches, skip):  # delivered before a resume: read again, not decoded
+                skipped.clear()  # and their skipped samples were counted then
+            for raw in raw_batches:
                 done += 1
                 batch = decode_batch(raw, self.image_transform, self.text_transform, self.caption)
                 if self.blend is not None:
                     batch["source"] = [s["__source__"] for s in raw]
+                batch["skipped"] = dict(skipped)
+                skipped.clear()
                 yield {**batch, "position": (worker, epoch, done)}
             if done == 0:
                 raise ValueError(
@@ -411,6 +472,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 )
             )
         batch = next(self._batches)
+        self.skipped.update(batch.pop("skipped"))
         worker, epoch, done = batch.pop("position")
         self.position[worker] = (epoch, done)
         self.delivered += 1
@@ -428,6 +490,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             "rank": self.rank,
             "position": {w: list(p) for w, p in self.position.items()},
             "next_worker": (self.first + self.delivered) % self.workers,
+            "skipped": dict(self.skipped),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -444,9 +507,20 @@ class ShardStream(torch.utils.data.IterableDataset):
                 self.workers,
             )
             return
+        self.skipped = collections.Counter(state.get("skipped", {}))
         self.start = {int(w): tuple(p) for w, p in state["position"].items()}
         self.position = dict(self.start)
         self.first = state["next_worker"]
+
+
+def skipped_over_processes(skipped: collections.Counter, world_size: int = 1) -> dict[str, int]:
+    """Samples skipped so far by reason (:attr:`ShardStream.skipped`), every process's added up; under torchrun
+    every process calls it."""
+    if world_size > 1:
+        counts: list = [None] * world_size
+        torch.distributed.all_gather_object(counts, dict(skipped))
+        skipped = sum(map(collections.Counter, counts), collections.Counter())
+    return dict(sorted(skipped.items()))
 
 
 def _batches_of(samples: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -462,16 +536,19 @@ def iterate_once(
     text_transform: Callable | None = None,
     caption: str = "auto",
     limit: int | None = None,
+    skipped: collections.Counter | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One pass over shards in their order, in this process (evaluation): the last batch may be smaller.
 
     Args:
         limit: stop after this many usable samples.
+        skipped: counts the samples skipped, by reason (:func:`skip_reason`), when given.
     """
+    skipped = collections.Counter() if skipped is None else skipped
     stages = [
         wds.SimpleShardList(urls),
         wds.tarfile_to_samples(),
-        wds.select(functools.partial(_usable, caption=caption)),
+        functools.partial(usable_samples, caption=caption, skipped=skipped),
     ]
     samples = itertools.islice(iter(wds.DataPipeline(*stages)), limit)
     while raw := list(itertools.islice(samples, batch_size)):

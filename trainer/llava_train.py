@@ -23,6 +23,7 @@ The learning rate is a function of the step (warm-up, then cosine), so the sched
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -39,12 +40,14 @@ import torch.nn.functional as F
 
 from visinstruct.configs import LlavaTrainConfig
 from visinstruct.trainer import common
+from visinstruct.trainer.data import skipped_over_processes
 from visinstruct.trainer.llava_data import (
     IGNORE_INDEX,
     ConversationEncoder,
     encoder_for,
     held_out_batches,
     make_stream,
+    model_inputs,
 )
 from visinstruct.trainer.llava_model import CHECKPOINT_DIR, build_llava, set_trainable
 
@@ -75,12 +78,19 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
 
 
 def batch_loss(model: torch.nn.Module, batch: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``token_loss`` of one batch from the stream (``batch["text"]`` is the encoder's padded batch)."""
-    text = {k: v.to(device) for k, v in batch["text"].items()}
-    out = model(
-        input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=batch["image"].to(device)
-    )
-    return token_loss(out.logits, text["labels"])
+    """``token_loss`` of one batch from the stream (``batch["text"]`` is the encoder's padded batch; its images,
+    any number per sample or none, are ``batch["image"]``: :func:`~visinstruct.trainer.llava_data.model_inputs`)."""
+    inputs = model_inputs(batch, device)
+    labels = inputs.pop("labels")
+    total, count = token_loss(model(**inputs).logits, labels)
+    if inputs["pixel_values"] is None and torch.is_grad_enabled():
+        # A batch without images leaves the projector (and a trained tower) out of the graph: DDP would wait for
+        # their gradients for ever, and in stage 1 the loss would not depend on a trained weight at all (backward
+        # raises). A zero term gives them a zero gradient, with one process or several alike.
+        llava = getattr(model, "module", model).model  # DDP wraps the model
+        vision = (llava.multi_modal_projector, llava.vision_tower)
+        total = total + sum(p.sum() for m in vision for p in m.parameters() if p.requires_grad) * 0.0
+    return total, count
 
 
 def setup(cfg: LlavaTrainConfig, procs: common.Processes) -> Run:
@@ -163,17 +173,22 @@ def evaluate(run: Run, step: int) -> dict:
     """Mean loss per assistant token on ``cfg.eval.shards``, logged (rank 0 calls it)."""
     cfg, procs = run.cfg, run.procs
     dtype = common.autocast_dtype(cfg, procs)
-    total, tokens, samples = 0.0, 0, 0
+    total, tokens, samples, skipped = 0.0, 0, 0, collections.Counter()
     run.model.eval()
     with torch.no_grad():
-        for batch in held_out_batches(cfg, run.processor, run.encoder):
+        for batch in held_out_batches(cfg, run.processor, run.encoder, skipped):
             with torch.autocast(device_type=procs.device_type, dtype=dtype, enabled=dtype != torch.float32):
                 loss, count = batch_loss(run.model, batch, procs.device)
             total, tokens, samples = total + float(loss), tokens + int(count), samples + len(batch["key"])
     common.train_mode(run.model, run.locked)
-    metrics = {"loss": total / max(tokens, 1), "tokens": tokens, "samples": samples}
+    metrics = {"loss": total / max(tokens, 1), "tokens": tokens, "samples": samples, "skipped": dict(skipped)}
     log.info(
-        "eval step %d: held-out loss %.4f (%d samples, %d assistant tokens)", step, metrics["loss"], samples, tokens
+        "eval step %d: held-out loss %.4f (%d samples, %d assistant tokens%s)",
+        step,
+        metrics["loss"],
+        samples,
+        tokens,
+        _skipped_text(skipped, ", skipped "),
     )
     common.write_metrics(cfg, {"step": step, "eval": metrics})
     if run.board is not None:
@@ -189,9 +204,10 @@ def train(cfg: LlavaTrainConfig, stop_at: int | None = None) -> dict:
         stop_at: stop after this step, saving a resume point, as if interrupted (time-sliced jobs; tests).
 
     Returns:
-        ``{"step", "seconds", "samples_per_second", "tokens_per_second", "loss", "eval", "checkpoint"}``:
-        ``seconds`` is this run's time in the loop; ``eval`` the evaluation after the last step (None without
-        eval shards, or when this run did not reach the last step).
+        ``{"step", "seconds", "samples_per_second", "tokens_per_second", "loss", "skipped", "eval", "checkpoint"}``:
+        ``seconds`` is this run's time in the loop; ``skipped`` the training samples skipped by reason (all
+        processes; a resumed run's include those before the interruption); ``eval`` the evaluation after the last
+        step (None without eval shards, or when this run did not reach the last step).
     """
     procs = common.start_processes(cfg)
     try:
@@ -244,6 +260,9 @@ def _loop(run: Run, step: int, last: int) -> dict:
         common.after_step(run, step, last, evaluate, save_checkpoint)
     seconds = max(time.time() - started, 1e-9)
     totals = _sum_over_processes(totals, procs)
+    skipped = skipped_over_processes(run.stream.skipped, procs.world_size)
+    if skipped and procs.rank == 0:
+        log.warning("training samples skipped: %s", _skipped_text(skipped, ""))
     return {
         "step": step,
         "seconds": seconds,
@@ -251,6 +270,7 @@ def _loop(run: Run, step: int, last: int) -> dict:
         "samples_per_second": float(totals[0]) / seconds,
         "tokens_per_second": float(totals[1]) / seconds,
         "loss": None if loss is None else common.mean_over_processes(loss, procs),
+        "skipped": skipped,
     }
 
 
@@ -268,12 +288,13 @@ def _log_step(
     cfg, procs = run.cfg, run.procs
     loss_value = common.mean_over_processes(loss, procs)
     samples, tokens = _sum_over_processes(window, procs).tolist()
+    skipped = skipped_over_processes(run.stream.skipped, procs.world_size)
     now = time.time()
     rate, token_rate = samples / (now - window_start), tokens / (now - window_start)
     eta = (now - started) / (step - first) * (cfg.steps - step)
     if procs.rank == 0:
         log.info(
-            "step %d/%d (%.0f%%) loss %.4f lr %.2e | %.1f samples/s %.0f tokens/s | elapsed %s, eta %s",
+            "step %d/%d (%.0f%%) loss %.4f lr %.2e | %.1f samples/s %.0f tokens/s | elapsed %s, eta %s%s",
             step,
             cfg.steps,
             100 * step / cfg.steps,
@@ -283,6 +304,7 @@ def _log_step(
             token_rate,
             _clock(now - started),
             _clock(eta),
+            _skipped_text(skipped, " | skipped "),
         )
         common.write_metrics(
             cfg,
@@ -293,6 +315,7 @@ def _log_step(
                 "samples_per_s": rate,
                 "tokens_per_s": token_rate,
                 "elapsed_s": now - started,
+                "skipped": skipped,
             },
         )
         if run.board is not None:
@@ -311,6 +334,13 @@ def _sum_over_processes(value: torch.Tensor, procs: common.Processes) -> torch.T
         value = value.to(procs.device)  # NCCL reduces CUDA tensors only
         dist.all_reduce(value)
     return value.cpu()
+
+
+def _skipped_text(skipped: dict[str, int], lead: str) -> str:
+    """``lead`` and the counts (``image_mismatch 3, no_conversation 1``), or nothing when none was skipped."""
+    if not skipped:
+        return ""
+    return lead + ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
 
 
 def _clock(seconds: float) -> str:

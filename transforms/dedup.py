@@ -11,6 +11,11 @@ the bundle order or the number of workers.
   when any smaller key lies within ``d`` of it.
 - Images near any image of a reference set (evaluation data that must not leak into training) are dropped
   (:func:`reference_hits`).
+
+Rows that come with a conversation (LLaVA JSON, a Hugging Face dataset's conversations) are training samples in
+their own right: several may ask about one image (mix665k does for COCO), so they take no part in the URL, exact and
+near image dedup; each of their images is still checked against the reference set (:func:`hash_record`). Multi-image
+and text-only rows have no single image hash: only the reference check applies to them.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 
-from visinstruct.schemas import Decision, ImageTextPair, JsonDict, Rejection
+from visinstruct.schemas import Decision, ImageTextPair, IndexRow, JsonDict, Rejection
 from visinstruct.transforms.images import hamming
 
+# (key, sha256 or None: no exact dedup, phash or None: no near dedup, the pHashes checked against references)
+HashRecord = tuple[str, "str | None", "str | None", tuple[str, ...]]
 Loser = tuple[str, Decision]  # (key, its drop: reason, message, detail["duplicate_of"] = winner or reference name)
 MESSAGES = {
     "duplicate_sha256": "same image bytes as {}",
@@ -38,6 +45,17 @@ def lost_to(reason: str, winner: str) -> Decision:
 def first_loss(losses: Iterable[Decision]) -> Decision:
     """A key can lose several ways; one is kept, deterministically (the smallest reason, then winner)."""
     return min(losses, key=lambda d: (d.reason, d.detail["duplicate_of"]))
+
+
+def hash_record(row: IndexRow) -> HashRecord:
+    """The dedup record of a written index row (see the module docstring for rows with conversations).
+
+    A build's later stages rewrite the index of a shard ingest finished: a conversation ``generate`` wrote
+    (``conversation_kind`` set) does not exempt its row, so a resumed build deduplicates as a fresh one does."""
+    phashes = tuple(row.image_phashes) or ((row.phash,) if row.phash else ())
+    if row.turns and row.conversation_kind is None:  # a conversation the input came with (not one generated since)
+        return row.key, None, None, phashes
+    return row.key, row.sha256, row.phash, phashes  # a multi-image or text-only row has neither: no image dedup
 
 
 def exact_losers(keys: Iterable[str]) -> Iterator[Loser]:
@@ -70,6 +88,11 @@ def near_losers(members: Iterable[tuple[str, str]], distance: int) -> Iterator[L
         first.setdefault(h, key)
 
 
+def reference_names(phashes: Iterable[str], references: list[tuple[str, str]], distance: int) -> list[str]:
+    """The sorted names of the references some image of ``phashes`` is near (one per image: its first hit)."""
+    return sorted({name for p in phashes if (name := reference_hits(p, references, distance))})
+
+
 def reference_hits(phash: str, references: list[tuple[str, str]], distance: int) -> str | None:
     """The name of the first reference image within ``distance`` bits of ``phash``, or ``None``."""
     for name, ref in references:
@@ -95,11 +118,12 @@ class _UrlWinner(beam.DoFn):
 
 
 class DropDuplicateUrls(beam.PTransform):
-    """``ImageTextPair | Rejection`` -> the same, with repeated URLs turned into ``duplicate_url`` rejections."""
+    """``ImageTextPair | Rejection`` -> the same, with repeated URLs turned into ``duplicate_url`` rejections
+    (rows carrying a conversation excepted: several may ask about one image, see the module docstring)."""
 
     def expand(self, rows):
         tagged = rows | "SplitByUrl" >> beam.Partition(
-            lambda r, _: 0 if isinstance(r, ImageTextPair) and r.url else 1, 2
+            lambda r, _: 0 if isinstance(r, ImageTextPair) and r.url and not r.conversations else 1, 2
         )
         winners = (
             tagged[0]
@@ -111,7 +135,7 @@ class DropDuplicateUrls(beam.PTransform):
 
 
 class FindDuplicateImages(beam.PTransform):
-    """``(key, sha256, phash)`` records -> ``Loser`` records (exact, and near when ``distance`` is set)."""
+    """:data:`HashRecord` records -> ``Loser`` records (exact, and near when ``distance`` is set)."""
 
     def __init__(
         self, near_distance: int | None = None, references: list[tuple[str, str]] | None = None, exact: bool = True
@@ -124,7 +148,7 @@ class FindDuplicateImages(beam.PTransform):
         if self.exact:
             outputs.append(
                 hashes
-                | "KeyBySha256" >> beam.Map(lambda h: (h[1], h[0]))  # (sha256, key)
+                | "KeyBySha256" >> beam.FlatMap(lambda h: [(h[1], h[0])] if h[1] else [])  # (sha256, key)
                 | "GroupBySha256" >> beam.GroupByKey()  # (sha256, [key])
                 | "ExactLosers" >> beam.FlatMap(lambda kv: exact_losers(kv[1]))
             )
@@ -132,7 +156,8 @@ class FindDuplicateImages(beam.PTransform):
         if d is not None:
             outputs.append(
                 hashes
-                | "KeyByBand" >> beam.FlatMap(lambda h: [(b, (h[0], h[2])) for b in band_keys(h[2], d)])
+                | "KeyByBand"
+                >> beam.FlatMap(lambda h: [(b, (h[0], h[2])) for b in band_keys(h[2], d)] if h[2] else [])
                 | "GroupByBand" >> beam.GroupByKey()  # ((band, bits), [(key, phash)])
                 | "NearLosers" >> beam.FlatMap(lambda kv: near_losers(kv[1], d))
             )
@@ -142,9 +167,7 @@ class FindDuplicateImages(beam.PTransform):
                 hashes
                 | "NearReference"
                 >> beam.FlatMap(
-                    lambda h: (
-                        [(h[0], lost_to("near_reference", name))] if (name := reference_hits(h[2], refs, dist)) else []
-                    )
+                    lambda h: [(h[0], lost_to("near_reference", n)) for n in reference_names(h[3], refs, dist)[:1]]
                 )
             )
         if not outputs:

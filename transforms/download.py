@@ -33,7 +33,7 @@ from visinstruct.transforms.fetch import Fetcher
 from visinstruct.transforms.guard import INTERNAL_ERROR, guarded
 from visinstruct.transforms.http import RETRYABLE_REASONS as HTTP_RETRYABLE_REASONS
 from visinstruct.transforms.images import ProcessedImage, process_image
-from visinstruct.transforms.layout import shard_in
+from visinstruct.transforms.layout import numbered_member, shard_in
 from visinstruct.transforms.progress import ShardProgress, map_with_progress
 from visinstruct.transforms.rewrite import index_row
 from visinstruct.transforms.shards import (
@@ -67,6 +67,8 @@ CONFIG_REASONS = frozenset(
 # ALL failed with them is not complete (a rerun redoes it; see `shard_is_final`).
 NOT_FINAL_REASONS = RETRYABLE_REASONS | CONFIG_REASONS
 Previous = dict[str, "tuple[IndexRow, dict[str, bytes]] | Rejection"]
+# A row's download: its image, its images (a multi-image row; none for a text-only one), or why not.
+Outcome = ProcessedImage | list[ProcessedImage] | Rejection
 
 
 def all_not_final(statuses: Iterable[str]) -> bool:
@@ -103,8 +105,31 @@ def _decode(pair: ImageTextPair, data: bytes, cfg: IngestConfig) -> ProcessedIma
         return Rejection("decode", e.reason, str(e)[:500], pair.key, pair.location)
 
 
-def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) -> ProcessedImage | Rejection:
-    """Fetch one pair's image and validate/resize it; every failure (any exception too) is a :class:`Rejection`."""
+def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) -> Outcome:
+    """Fetch one pair's image (or images) and validate/resize it; every failure (any exception too) is a
+    :class:`Rejection`. A multi-image pair gives a list of its processed images, a text-only pair an empty list;
+    the first image of several that fails rejects the row, its message saying which."""
+    if pair.text_only:
+        return []
+    if not pair.images:
+        return _fetch_one(pair, fetcher, cfg)
+    images = []
+    for i, image in enumerate(pair.images):
+        where = {"image": image.data} if image.data is not None else _origin(image.location or "")
+        one = replace(pair, images=[], **where)
+        outcome = _fetch_one(one, fetcher, cfg)
+        if isinstance(outcome, Rejection):
+            message = f"image {i + 1} of {len(pair.images)}: {outcome.message}"[:500]
+            return replace(outcome, message=message, url=outcome.url or pair.location)
+        images.append(outcome)
+    return images
+
+
+def _origin(location: str) -> dict:
+    return {"url": location} if location.startswith(("http://", "https://")) else {"path": location}
+
+
+def _fetch_one(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) -> ProcessedImage | Rejection:
     location = pair.location
     if pair.image is not None:  # the input row held the bytes (a Hugging Face dataset): nothing to fetch
         data = pair.image
@@ -133,11 +158,15 @@ def rejected_row(rejection: Rejection, pair: ImageTextPair | None = None) -> Ind
     )
 
 
-def sample_members(pair: ImageTextPair, image: ProcessedImage) -> list[tuple[str, bytes]]:
-    """The tar members of one sample, in FORMAT.md's order: image, caption, metadata."""
+def sample_members(pair: ImageTextPair, image: ProcessedImage | list[ProcessedImage]) -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in FORMAT.md's order: image (or numbered images), caption, metadata."""
     meta = SampleMeta.from_pair(pair, image)
+    if isinstance(image, list):
+        images = [(numbered_member(i, one.format), one.data) for i, one in enumerate(image)]
+    else:
+        images = [(image.format, image.data)]
     return [
-        (image.format, image.data),
+        *images,
         ("txt", (pair.caption or "").encode("utf-8")),
         ("json", meta.to_json().encode("utf-8")),
     ]
@@ -182,8 +211,10 @@ def _before_download(row, previous: Previous, takedown: Takedown):
     """A row as it enters the download: a pair, or its rejection (kept from ``previous``, or a listed URL)."""
     if isinstance(previous.get(row.key), Rejection):
         return previous[row.key]
-    if isinstance(row, ImageTextPair) and takedown and takedown.match(row.url, None):
-        return taken_down(row.key, row.url, "url")
+    if isinstance(row, ImageTextPair) and takedown:
+        for url in [row.url, *(i.location for i in row.images)]:  # a multi-image row: any of its images
+            if url and takedown.match(url, None):
+                return taken_down(row.key, url, "url")
     return row
 
 
@@ -191,10 +222,12 @@ def _after_download(pair: ImageTextPair, outcome, previous: Previous, takedown: 
     """A downloaded (or reused) pair's outcome: a rejection, a :class:`ProcessedImage` or a reused sample."""
     if pair.key in previous:  # a retry reuses what the shard holds: (index row, {ext: bytes})
         kept, _ = previous[pair.key]
-        return (
-            taken_down(pair.key, pair.location, "sha256") if takedown.match(None, kept.sha256) else previous[pair.key]
-        )
-    if isinstance(outcome, ProcessedImage) and takedown.match(None, outcome.sha256):
+        hashes = [kept.sha256, *kept.image_sha256s]
+        if any(takedown.match(None, sha256) for sha256 in hashes if sha256):
+            return taken_down(pair.key, pair.location, "sha256")
+        return previous[pair.key]
+    images = outcome if isinstance(outcome, list) else [outcome] if isinstance(outcome, ProcessedImage) else []
+    if any(takedown.match(None, image.sha256) for image in images):
         return taken_down(pair.key, pair.location, "sha256")
     return outcome
 
@@ -206,7 +239,7 @@ def _add_row(draft: ShardDraft, writer: TarShardWriter, row, outcome) -> None:
         kept, sample = outcome
         draft.rows.append(replace(kept, members=writer.add(pair.key, list(sample.items()))))
         return
-    if isinstance(outcome, ProcessedImage):
+    if isinstance(outcome, (ProcessedImage, list)):
         # stage "decode": making the sample is the end of turning bytes into one (and builds count it as ingest)
         members = guarded("decode", functools.partial(sample_members, pair, outcome), pair.key, pair.location)
         if not isinstance(members, Rejection):  # the row says what the sample's JSON says (one way to build both)

@@ -28,25 +28,32 @@ from visinstruct.transforms.timing import add_busy
 STAGE = "filter"
 
 
-def shard_sample(path: str, key: str, members: dict[str, bytes], stage: str = STAGE):
-    """One sample of a tar -> ``((path, key), (image bytes, caption))``, or the :class:`Rejection` saying why not."""
-    ext = image_member(members)
-    if ext is None:
-        return Rejection(stage, "no_image", f"sample has no image member ({', '.join(members)})", key, path)
+def shard_sample(path: str, key: str, members: dict[str, bytes], stage: str = STAGE, carry: bool = False):
+    """One sample of a tar -> ``((path, key), (image bytes, caption))``, or the :class:`Rejection` saying why not.
+
+    With ``carry``, a text-only or multi-image sample (no single image to score) gives ``None``: the filter's judge
+    keeps it unscored. Without, it is a ``no_image`` rejection like a sample missing its image.
+    """
     meta = read_meta(stage, key, members, path)  # anything but ValueError is left to the caller's guard
     if isinstance(meta, Rejection):
         return meta
+    if carry and meta.n_images != 1:
+        return None
+    ext = image_member(members)
+    if ext is None:
+        return Rejection(stage, "no_image", f"sample has no image member ({', '.join(members)})", key, path)
     return (path, key), (members[ext], meta.caption or "")
 
 
 class ReadShardSamples(beam.DoFn):
     """``tar path`` -> ``((path, key), (image bytes, caption))``; tagged ``rejected``: ``(path, Rejection)``.
 
-    ``stage`` names the rejections and the ``rows_read`` counter (the filter's, or curate's image checks).
+    ``stage`` names the rejections and the ``rows_read`` counter (the filter's, or curate's image checks);
+    ``carry``: text-only and multi-image samples are left to the judge (see :func:`shard_sample`).
     """
 
-    def __init__(self, stage: str = STAGE):
-        self.stage = stage
+    def __init__(self, stage: str = STAGE, carry: bool = False):
+        self.stage, self.carry = stage, carry
         self.rows_read = beam.metrics.Metrics.counter(stage, "rows_read")
 
     def process(self, path):
@@ -56,7 +63,9 @@ class ReadShardSamples(beam.DoFn):
                 yield beam.pvalue.TaggedOutput("rejected", (path, members))
                 continue
             self.rows_read.inc()
-            outcome = guarded(stage, partial(shard_sample, path, key, members, stage), key, path)
+            outcome = guarded(stage, partial(shard_sample, path, key, members, stage, self.carry), key, path)
+            if outcome is None:
+                continue
             if isinstance(outcome, Rejection):
                 yield beam.pvalue.TaggedOutput("rejected", (path, outcome))
             else:
@@ -183,7 +192,8 @@ def _bytes(vector: np.ndarray | None) -> bytes | None:
 
 def filter_judge(decisions: dict[str, Decision[ClipScore]], rejections: dict[str, Rejection]) -> Judge:
     """The filter as a judge of one shard: a scored sample keeps its decision (kept, it carries the score in its
-    JSON); one that never reached the model is dropped for the reason it did not."""
+    JSON); one that never reached the model is dropped for the reason it did not, except text-only and multi-image
+    samples, which have no single image to score: they are kept as they are."""
 
     def judge(key: str, meta: SampleMeta, members: dict[str, bytes]) -> Decision[SampleMeta]:
         decision = decisions.get(key)
@@ -191,6 +201,8 @@ def filter_judge(decisions: dict[str, Decision[ClipScore]], rejections: dict[str
             rejection = rejections.get(key)
             if rejection is not None:
                 return Decision.from_rejection(rejection)
+            if meta.n_images != 1:
+                return Decision.keep(meta)
             return Decision.drop("not_scored", "no score reached the writer")
         if decision.kept:
             return Decision.keep(replace(meta, clip=decision.value), **decision.index)

@@ -29,6 +29,8 @@ REJECTED_DIR = "rejected"
 STAGING_DIR = "_staging"
 DRAFT_SUFFIX = ".draft.json"
 REPORT_NAME = "run_report.json"
+MIX_REPORT = "mix_report.json"  # a mix folder's: what each source gave (its subfolders are the sources' datasets)
+MIX_INGEST_DIR = "_ingest"  # OUT/_ingest/<name>/: what a mix ingested for a source with an ingest section
 # Members a sample's image may be stored as, in the order a reader looks for them. We write jpg, png or webp;
 # other tools (img2dataset with another encode format, webdataset users) also write jpeg.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -175,8 +177,28 @@ def shard_stem(filename: str) -> str | None:
 
 
 def image_member(sample: Mapping[str, object]) -> str | None:
-    """The extension of a sample's image member (``jpg``, ``jpeg``, ``png``, ``webp``), or ``None``."""
+    """The extension of a single-image sample's image member (``jpg``, ``jpeg``, ``png``, ``webp``), or ``None``
+    (a text-only or multi-image sample, or none at all)."""
     return next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+
+
+def numbered_member(index: int, ext: str) -> str:
+    """The member name (after the key's dot) of the ``index``-th image of a multi-image sample: ``0.jpg``."""
+    return f"{index}.{ext}"
+
+
+def image_members(sample: Mapping[str, object]) -> list[str]:
+    """A sample's image members in image order: ``["jpg"]`` for a single image, ``["0.jpg", "1.png", ...]`` for
+    several (the n-th answers the conversation's n-th ``<image>``), ``[]`` for a text-only sample."""
+    single = image_member(sample)
+    if single is not None:
+        return [single]
+    numbered = []
+    for name in sample:
+        index, _, ext = str(name).partition(".")
+        if index.isdigit() and ext in IMAGE_EXTENSIONS and str(int(index)) == index:
+            numbered.append((int(index), str(name)))
+    return [name for _, name in sorted(numbered)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,6 +331,10 @@ def _is_folder(path: str) -> bool:
 
 def _folder_shards(folder: str) -> list[str]:
     folder = folder.rstrip("/") or "/"
+    if match_paths(f"{folder}/{MIX_REPORT}"):  # a mix: one dataset folder per source (not what it ingested first)
+        return [
+            m.path for m in match_paths(f"{folder}/*/*{TAR_SUFFIX}") if m.path.split("/")[-2] != MIX_INGEST_DIR
+        ] or _no_shards(folder)
     stems = set()
     for meta in match_paths(f"{folder}/*"):
         name = meta.path.rpartition("/")[2]
@@ -317,5 +343,9 @@ def _folder_shards(folder: str) -> list[str]:
         elif shard_stem(name) is not None:  # an index or stats whose tar is gone
             stems.add(shard_stem(name))
     if not stems:
-        raise ShardError(f"{folder} holds no shards (no {TAR_SUFFIX} files)")
+        _no_shards(folder)
     return [f"{folder}/{stem}{TAR_SUFFIX}" for stem in stems]
+
+
+def _no_shards(folder: str):
+    raise ShardError(f"{folder} holds no shards (no {TAR_SUFFIX} files)")

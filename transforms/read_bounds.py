@@ -49,18 +49,23 @@ def excerpt(text: str) -> str:
     return SURROGATE.sub("\ufffd", text[:EXCERPT])
 
 
+MAX_IMAGES_PER_ROW = 256  # a multi-image row's images (interleaved data and video frames stay far below)
+
+
 def pair_problem(pair: ImageTextPair) -> Decision | None:
-    """The drop of a pair unfit to carry on (a field over its bound, NUL in text, bad UTF-8), or ``None``."""
+    """The drop of a pair unfit to carry on (a field over its bound, NUL in text, bad UTF-8), or ``None``.
+
+    A multi-image row's every image location is held to the bounds of a row's one URL or path.
+    """
     url = excerpt(pair.url) if pair.url else None
-    if pair.url is not None:
-        if len(pair.url) > MAX_URL_CHARS:
-            return bad_row("field_too_long", f"the URL is {len(pair.url)} characters, over {MAX_URL_CHARS}", url=url)
-        if SURROGATE.search(pair.url):
-            return bad_row("bad_encoding", "the URL holds bytes that are not UTF-8", url=url)
-        if CONTROL_CHARS.search(pair.url):
-            return bad_row("bad_url", "the URL holds a control character (NUL, CR, LF, ...)", url=url)
-    if pair.path is not None and SURROGATE.search(pair.path):
-        return bad_row("bad_encoding", "the file name is not UTF-8")
+    if len(pair.images) > MAX_IMAGES_PER_ROW:
+        return bad_row("too_many_images", f"{len(pair.images)} images, over {MAX_IMAGES_PER_ROW}", url=url)
+    locations = [(pair.url, True), (pair.path, False)]
+    locations += [(i.location, i.location.startswith(("http://", "https://"))) for i in pair.images if i.location]
+    for location, is_url in locations:
+        problem = location_problem(location, is_url) if location is not None else None
+        if problem is not None:
+            return problem
     for caption in ([pair.caption] if pair.caption is not None else []) + pair.captions:
         if len(caption) > MAX_CAPTION_CHARS:
             return bad_row(
@@ -80,6 +85,24 @@ def pair_problem(pair: ImageTextPair) -> Decision | None:
         )
     if SURROGATE.search(rest):
         return bad_row("bad_encoding", "a saved column, tag or turn holds bytes that are not UTF-8", url=url)
+    return None
+
+
+def location_problem(location: str, is_url: bool) -> Decision | None:
+    """The drop of an image URL over its bound, not UTF-8 or holding a control character; of a file name that is
+    not UTF-8 or over the same bound."""
+    shown = excerpt(location) if is_url else None
+    what = "URL" if is_url else "file name"
+    if len(location) > MAX_URL_CHARS:
+        return bad_row("field_too_long", f"the {what} is {len(location)} characters, over {MAX_URL_CHARS}", url=shown)
+    if SURROGATE.search(location):
+        return bad_row(
+            "bad_encoding",
+            "the URL holds bytes that are not UTF-8" if is_url else "the file name is not UTF-8",
+            url=shown,
+        )
+    if is_url and CONTROL_CHARS.search(location):
+        return bad_row("bad_url", "the URL holds a control character (NUL, CR, LF, ...)", url=shown)
     return None
 
 

@@ -9,10 +9,18 @@ Read with pyarrow alone (``datasets`` is not needed on workers, and ``gs://`` in
 Each data file is one read unit. A row's image is ``read.image_col``: an ``Image`` feature (Arrow
 ``struct<bytes, path>``), plain bytes, or a path. Bytes become the pair's ``image`` and are never fetched; a path
 alone is read like a LLaVA JSON image (``read.image_root``; an http(s) path is fetched as a URL). Conversations are
-LLaVA's ``[{from, value}]`` (``read.conversations_col``), a list or JSON text, checked as LLaVA JSON's are.
+LLaVA's ``[{from, value}]`` (``read.conversations_col``), a list or JSON text, checked as LLaVA JSON's are, for the
+row's number of images.
 
-A row that cannot become a pair is dropped with a reason: ``missing_image`` (no bytes and no path),
-``bad_image`` (the image cell is neither), ``bad_caption``, ``bad_conversation``, ``bad_box``, and the bounds of
+Every LLaVA row shape reads back as ``export --format hf`` writes it (and as multi-image datasets on the Hub spell
+it): a list column ``images`` (a ``List(Image)`` feature, or a list of bytes or paths) holding two or more images
+makes a multi-image pair, in ``<image>`` order; holding one, a single-image pair (when the row's ``image`` cell is
+empty); a row with no image at all whose conversation has no ``<image>`` is a text-only pair. A row holding both an
+image and a non-empty ``images`` list is ``bad_image``.
+
+A row that cannot become a pair is dropped with a reason: ``missing_image`` (no bytes and no path, and a
+conversation or caption that needs an image), ``bad_image`` (the image cell is neither), ``bad_caption``,
+``bad_conversation``, ``bad_box``, ``unsafe_path``, and the bounds of
 :func:`~visinstruct.transforms.read_bounds.pair_problem`. Bytes that do not decode are the decode stage's drop.
 """
 
@@ -28,13 +36,23 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.configs import ReadConfig
-from visinstruct.schemas import Box, Decision, ImageTextPair, JsonDict, Turn, conversation_problems
+from visinstruct.schemas import (
+    IMAGE_TOKEN,
+    Box,
+    Decision,
+    ImageRef,
+    ImageTextPair,
+    JsonDict,
+    Turn,
+    conversation_problems,
+)
 from visinstruct.transforms.read_bounds import EXCERPT, InputError, bad_row, excerpt, open_input, pair_problem
 from visinstruct.transforms.read_lists import batch_rows, listish, plain_value
 
 STATE_FILE = "state.json"  # what save_to_disk writes beside a Dataset's Arrow files
 DICT_FILE = "dataset_dict.json"  # ... and at the top of a DatasetDict, one folder per split
 DEFAULT_IMAGE_COL = "image"
+IMAGES_COL = "images"  # a list of images per row (multi-image rows): what export --format hf writes
 DEFAULT_CONVERSATIONS_COL = "conversations"
 BATCH_ROWS = 256  # rows converted to Python at a time: bounded memory for image columns
 
@@ -159,6 +177,8 @@ def resolve_columns(cfg: ReadConfig, schema: pa.Schema) -> ReadConfig:
     if image_col is None:
         declared = image_columns(schema)
         image_col = declared[0] if len(declared) == 1 else DEFAULT_IMAGE_COL
+        if image_col not in names and images_column(schema) is not None:
+            image_col = None  # every row's images are in the images list column
     conversations_col = cfg.conversations_col
     if conversations_col is None and DEFAULT_CONVERSATIONS_COL in names:
         conversations_col = DEFAULT_CONVERSATIONS_COL
@@ -172,6 +192,15 @@ def resolve_columns(cfg: ReadConfig, schema: pa.Schema) -> ReadConfig:
             shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
             raise InputError(f"read.{option}: column {column!r} not in the dataset (columns: {shown})")
     return replace(cfg, image_col=image_col, conversations_col=conversations_col)
+
+
+def images_column(schema: pa.Schema) -> str | None:
+    """``images`` when the schema has it as a list column (a ``List(Image)`` feature, or a list of bytes or
+    paths), else ``None``."""
+    if IMAGES_COL not in schema.names:
+        return None
+    kind = schema.field(IMAGES_COL).type
+    return IMAGES_COL if pa.types.is_list(kind) or pa.types.is_large_list(kind) else None
 
 
 def hf_rows(path: str) -> Iterator[dict | Decision]:
@@ -233,13 +262,40 @@ def _raw(row: dict) -> str:
     return excerpt(json.dumps({k: short(v) for k, v in row.items()}, default=repr, ensure_ascii=False))
 
 
+def _images(row: dict, cfg: ReadConfig) -> list[tuple[bytes | None, str | None]] | Decision:
+    """The row's images as ``(bytes, path)`` in order: its ``image`` cell, or its ``images`` list; ``[]`` for none."""
+    single = _image(row.get(cfg.image_col)) if cfg.image_col else "missing_image"
+    several = row.get(IMAGES_COL) if cfg.image_col != IMAGES_COL else None
+    several = several if isinstance(several, list) else None  # a column of that name holding no list: not ours
+    cells = [_image(value) for value in several or []]
+    if any(isinstance(cell, str) for cell in cells):
+        return bad_row(
+            "bad_image", f"column {IMAGES_COL!r} holds a cell with neither image bytes nor a path", _raw(row)
+        )
+    if single == "bad_image":
+        return bad_row("bad_image", f"column {cfg.image_col!r} holds neither image bytes nor a path", _raw(row))
+    if single != "missing_image" and cells:
+        return bad_row("bad_image", f"columns {cfg.image_col!r} and {IMAGES_COL!r} both hold images", _raw(row))
+    return cells if single == "missing_image" else [single]
+
+
+def _location(data: bytes | None, name: str | None, cfg: ReadConfig) -> bytes | str | Decision:
+    """What a pair fetches an image from: its bytes, an http(s) URL, or a path under ``read.image_root``."""
+    if data is not None:
+        return data
+    if name.startswith(("http://", "https://")):  # fetched by the checked HTTP(S) downloader
+        return name
+    location = contained_path(name, cfg.image_root)
+    if location is None:
+        return bad_row("unsafe_path", f"image path {name[:200]!r} is not inside read.image_root")
+    return location
+
+
 def hf_pair(row: dict, cfg: ReadConfig) -> ImageTextPair | Decision:
     """One dataset row as a pair (``cfg`` as :func:`resolve_columns` filled it in)."""
-    image = _image(row.get(cfg.image_col))
-    if isinstance(image, str):
-        what = "is empty" if image == "missing_image" else "holds neither image bytes nor a path"
-        return bad_row(image, f"column {cfg.image_col!r} {what}", _raw(row))
-    data, name = image
+    images = _images(row, cfg)
+    if isinstance(images, Decision):
+        return images
     caption = row.get(cfg.caption_col) if cfg.caption_col else None
     if caption is not None and not isinstance(caption, str):
         return bad_row("bad_caption", f"column {cfg.caption_col!r} is not text", _raw(row))
@@ -247,7 +303,10 @@ def hf_pair(row: dict, cfg: ReadConfig) -> ImageTextPair | Decision:
         turns = _turns(row.get(cfg.conversations_col)) if cfg.conversations_col else []
     except (TypeError, ValueError, RecursionError) as e:
         return bad_row("bad_conversation", f"{type(e).__name__}: {e}"[:EXCERPT], _raw(row))
-    problems = conversation_problems(turns) if turns else []
+    if not images and not (turns and all(IMAGE_TOKEN not in t.value for t in turns)):
+        what = f"column {cfg.image_col!r} is empty" if cfg.image_col else f"column {IMAGES_COL!r} is empty"
+        return bad_row("missing_image", what, _raw(row))
+    problems = conversation_problems(turns, images=len(images)) if turns else []
     if problems:
         return bad_row("bad_conversation", "; ".join(problems)[:EXCERPT], _raw(row))
     try:
@@ -258,15 +317,21 @@ def hf_pair(row: dict, cfg: ReadConfig) -> ImageTextPair | Decision:
         return bad_row("bad_encoding", "a saved column holds bytes that are not UTF-8", _raw(row))
     except (KeyError, TypeError, ValueError, RecursionError) as e:
         return bad_row("bad_box", f"boxes or tags do not parse: {e}"[:EXCERPT], _raw(row))
-    fields = dict(key="", caption=caption, conversations=turns, boxes=boxes, tags=tags, source=source)
-    if data is not None:
-        pair = ImageTextPair(image=data, **fields)  # the bytes are the image: nothing to fetch
-    elif name.startswith(("http://", "https://")):  # fetched by the checked HTTP(S) downloader
-        pair = ImageTextPair(url=name, **fields)
+    locations = [_location(data, name, cfg) for data, name in images]
+    unsafe = next((loc for loc in locations if isinstance(loc, Decision)), None)
+    if unsafe is not None:
+        return bad_row(unsafe.reason, unsafe.message, _raw(row))
+    pair = ImageTextPair(key="", caption=caption, conversations=turns, boxes=boxes, tags=tags, source=source)
+    if not locations:
+        pair = replace(pair, text_only=True)
+    elif len(locations) > 1:
+        refs = [ImageRef(data=loc) if isinstance(loc, bytes) else ImageRef(location=loc) for loc in locations]
+        pair = replace(pair, images=refs)
+    elif isinstance(locations[0], bytes):
+        pair = replace(pair, image=locations[0])  # the bytes are the image: nothing to fetch
+    elif locations[0].startswith(("http://", "https://")):
+        pair = replace(pair, url=locations[0])
     else:
-        location = contained_path(name, cfg.image_root)
-        if location is None:
-            return bad_row("unsafe_path", f"image path {name[:200]!r} is not inside read.image_root", _raw(row))
-        pair = ImageTextPair(path=location, **fields)
+        pair = replace(pair, path=locations[0])
     problem = pair_problem(pair)
     return pair if problem is None else bad_row(problem.reason, problem.message, _raw(row), problem.index.get("url"))

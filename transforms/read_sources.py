@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from visinstruct.configs import ReadConfig
-from visinstruct.schemas import Box, Decision, ImageTextPair, JsonDict, Turn, conversation_problems
+from visinstruct.schemas import Box, Decision, ImageRef, ImageTextPair, JsonDict, Turn, conversation_problems
 from visinstruct.transforms.read_bounds import EXCERPT, MAX_CAPTION_CHARS, InputError, bad_row, excerpt, open_input
 
 # Files of an input folder read as images (what Pillow decodes; the written shard holds jpg, png or webp).
@@ -158,23 +158,47 @@ def _coco_box(ann: dict, image: dict, categories: dict) -> Box:
     )
 
 
+LLAVA_KEYS = ("id", "image", "conversations")
+
+
 def llava_pair(entry, cfg: ReadConfig) -> ImageTextPair | Decision:
-    """One entry of LLaVA's training JSON (``{"id", "image", "conversations"}``); conversations are kept."""
+    """One entry of LLaVA's training JSON, in any of its shapes; conversations are kept.
+
+    ``{"id", "image": "a.jpg", "conversations"}`` is a single-image row; ``"image": ["a.jpg", "b.jpg"]`` a
+    multi-image row (the n-th file answers the n-th ``<image>``); no ``image`` (mix665k's ShareGPT rows) a text-only
+    row (``"image": []`` too). Rows naming the same file are separate samples. ``source`` keeps the ``id``, that the
+    image was a list of one or none (``llava_image_list``), and any other keys of the entry (``llava_fields``), so
+    an export writes the row back as it came.
+    """
     raw = _raw(entry)
-    if not isinstance(entry, dict) or not entry.get("image"):
-        return bad_row("missing_url", "entry has no image", raw)
+    if not isinstance(entry, dict):
+        return bad_row("malformed_row", f"an entry must be an object, got {type(entry).__name__}", raw)
+    image = entry.get("image")
+    names = image if isinstance(image, list) else [] if image in (None, "") else [image]
+    if not all(isinstance(name, str) and name for name in names):
+        return bad_row("missing_url", "'image' must be a file name or a list of file names", raw)
     try:
-        turns = [Turn(str(t["from"]), str(t["value"])) for t in entry.get("conversations", [])]
+        turns = [Turn(str(t["from"]), str(t["value"])) for t in entry.get("conversations") or []]
     except (KeyError, TypeError):
         return bad_row("bad_conversation", "turns need 'from' and 'value'", raw)
-    problems = conversation_problems(turns)
+    problems = conversation_problems(turns, images=len(names))
     if problems:
         return bad_row("bad_conversation", "; ".join(problems), raw)
-    location = resolve_location(str(entry["image"]), cfg)
-    pair = ImageTextPair(key="", conversations=turns, source=JsonDict({"llava_id": entry.get("id")}))
-    if location.startswith(("http://", "https://")):
-        return replace(pair, url=location)
-    return replace(pair, path=location)
+    source = {"llava_id": entry.get("id")}
+    if isinstance(image, list) and len(names) <= 1:  # written back as a list: ["a.jpg"], or [] (text-only)
+        source["llava_image_list"] = True
+    others = {k: v for k, v in entry.items() if k not in LLAVA_KEYS}
+    if others:
+        source["llava_fields"] = others
+    pair = ImageTextPair(key="", conversations=turns, source=JsonDict(source))
+    if not names:
+        return replace(pair, text_only=True)
+    locations = [resolve_location(name, cfg) for name in names]
+    if len(locations) > 1:
+        return replace(pair, images=[ImageRef(location) for location in locations])
+    if locations[0].startswith(("http://", "https://")):
+        return replace(pair, url=locations[0])
+    return replace(pair, path=locations[0])
 
 
 def _raw(value) -> str:

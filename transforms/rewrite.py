@@ -25,6 +25,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Protocol
 
 import pyarrow as pa
 
@@ -40,6 +42,25 @@ DUPLICATE_KEY = "duplicate_key"  # a further row of a key the input index alread
 
 # key, metadata, members -> keep (new metadata, or None: members unchanged) or drop; index columns either way.
 Judge = Callable[[str, SampleMeta, dict[str, bytes]], Decision[SampleMeta]]
+
+
+class Rekey(Protocol):
+    """New keys for a shard's rows, for a stage whose output shard is numbered apart from its input
+    (``visinstruct mix``): every input row becomes one row per key :meth:`keys` gives it (a kept sample is written
+    once per key, its copies), and :meth:`copy` gives the metadata of each written copy."""
+
+    def keys(self, key: str) -> list[str]:
+        """The output keys of the input row ``key``, copy 0 first; never empty, never shared with another row."""
+        ...
+
+    def copy(self, meta: SampleMeta, key: str, n: int) -> SampleMeta:
+        """The metadata of copy ``n`` of a kept sample, written under ``key``."""
+        ...
+
+    def carried(self, row: IndexRow, key: str) -> IndexRow:
+        """The index row of an input row carried (rejected before) under ``key``, still traceable to its input."""
+        ...
+
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +136,29 @@ def index_row(meta: SampleMeta, **extra) -> IndexRow:
         conversation_kind=meta.generation.kind if meta.generation else None,
         nsfw_score=meta.curation.nsfw if meta.curation else None,
         faces=len(meta.curation.faces) if meta.curation and meta.curation.faces is not None else None,
+        image_count=meta.n_images,
+        image_sha256s=[image.sha256 for image in meta.images if image.sha256],
+        image_phashes=[image.phash for image in meta.images if image.phash],
+        image_locations=[location for image in meta.images if (location := image.url or image.path)],
+        turns=len(meta.conversations) or None,
+        mix_source=(meta.extra.get("mix") or {}).get("source") if isinstance(meta.extra.get("mix"), dict) else None,
     )
     return IndexRow(**(fields | extra))
 
 
 def identity_row(row: IndexRow, status: str, message: str) -> IndexRow:
-    """A dropped row that keeps only what identifies its input (key, url, path, sha256), with its reason."""
-    return IndexRow(row.key, status, url=row.url, path=row.path, sha256=row.sha256, error_message=message)
+    """A dropped row that keeps only what identifies its input (key, url, path, sha256, and a multi-image
+    sample's image locations and digests), with its reason."""
+    return IndexRow(
+        row.key,
+        status,
+        url=row.url,
+        path=row.path,
+        sha256=row.sha256,
+        error_message=message,
+        image_sha256s=list(row.image_sha256s),
+        image_locations=list(row.image_locations),
+    )
 
 
 def input_index(tar_path: str) -> list[IndexRow] | None:
@@ -233,6 +270,51 @@ def judge_sample(
     return row, decision.rejection(stage, key, meta.url or meta.path)
 
 
+def judge_rekeyed(
+    stage: str, judge: Judge, writer: TarShardWriter, key: str, members: dict[str, bytes], rekey: Rekey
+) -> tuple[list[IndexRow], list[Rejection]]:
+    """:func:`judge_sample` under new keys: a kept sample is written once per key of ``rekey.keys(key)`` (every
+    member renamed, ``KEY.0.jpg`` too, its JSON from ``rekey.copy``), each copy with its own row; a dropped one
+    has a row per key with its reason and one dead letter under its input key (what names it in its source)."""
+    meta = guarded(stage, lambda: read_meta(stage, key, members), key)
+    if isinstance(meta, Rejection):
+        meta, decision = SampleMeta(key=key), Decision.from_rejection(meta)
+    else:
+        decision = guarded(stage, lambda: judge(key, meta, members), key, meta.url or meta.path)
+        if isinstance(decision, Rejection):
+            decision = Decision.from_rejection(decision)
+    keys = rekey.keys(key)
+    if not decision.kept:
+        row = replace(index_row(meta, **dict(decision.index)), status=decision.reason, error_message=decision.message)
+        return [replace(row, key=k) for k in keys], [decision.rejection(stage, key, meta.url or meta.path)]
+    kept, rows, dead = decision.value or meta, [], []
+    for n, new_key in enumerate(keys):
+        copy = guarded(stage, partial(rekey.copy, kept, new_key, n), key, meta.url or meta.path)
+        add = partial(_add_copy, writer, new_key, members, meta, copy)
+        added = copy if isinstance(copy, Rejection) else guarded(stage, add, key, meta.url or meta.path)
+        if not isinstance(added, Rejection):
+            rows.append(index_row(copy, **(dict(decision.index) | {"key": new_key, "members": added})))
+            continue
+        failed = Decision.from_rejection(added, **decision.index)
+        row = index_row(meta, **(dict(failed.index) | {"key": new_key}))
+        rows.append(replace(row, status=failed.reason, error_message=failed.message))
+        dead.append(failed.rejection(stage, key, meta.url or meta.path))
+    return rows, dead
+
+
+def _add_copy(writer: TarShardWriter, key: str, members: dict[str, bytes], meta: SampleMeta, copy: SampleMeta) -> list:
+    """Write one copy of a sample under ``key``: every member renamed by the writer, its JSON and caption new."""
+    new = dict(members, json=copy.to_json().encode("utf-8"))
+    if "txt" in members and copy.caption != meta.caption:  # the .txt member is the caption (FORMAT.md)
+        new["txt"] = (copy.caption or "").encode("utf-8")
+    return writer.add(key, list(new.items()))
+
+
+def rekeyed_rows(rows: list[IndexRow], rekey: Rekey) -> list[IndexRow]:
+    """Input-keyed rows (carried, or the input index itself) as the output holds them: one per new key."""
+    return [rekey.carried(row, k) for row in rows for k in rekey.keys(row.key)]
+
+
 class AccountingError(RuntimeError):
     """A rewritten shard whose rows do not account for every input row: a bug, never committed."""
 
@@ -249,9 +331,10 @@ def check_accounting(shard: int, rows: list[IndexRow], earlier: list[IndexRow] |
 
 
 def read_and_judge(
-    path: str, stage: str, judge: Judge, writer: TarShardWriter
+    path: str, stage: str, judge: Judge, writer: TarShardWriter, rekey: Rekey | None = None
 ) -> tuple[list[IndexRow], list[Rejection], Rejection | None]:
-    """Every sample of the tar judged: index rows, dead letters, and why reading stopped early (or ``None``)."""
+    """Every sample of the tar judged: index rows, dead letters, and why reading stopped early (or ``None``);
+    with ``rekey``, each sample's rows under its new keys (:func:`judge_rekeyed`)."""
     rows, dead, error, seen = [], [], None, set()
     for key, members in iter_samples(path, stage):
         if key is None:
@@ -261,6 +344,11 @@ def read_and_judge(
             log.warning("%s: a second sample %s (members not adjacent) left out; run validate", path, key)
             continue
         seen.add(key)
+        if rekey is not None:
+            more, letters = judge_rekeyed(stage, judge, writer, key, members, rekey)
+            rows += more
+            dead += letters
+            continue
         row, rejection = judge_sample(stage, judge, writer, key, members)
         rows.append(row)
         if rejection is not None:
@@ -276,6 +364,8 @@ def rewrite_shard(
     judge: Judge,
     dropped: Counter | None = None,
     earlier: Earlier | None = None,
+    rekey: Rekey | None = None,
+    out_shard: int | None = None,
 ) -> ShardStats:
     """Write the stage's version of one input shard into ``out_dir`` (which may be its own folder); returns its
     stats. ``dropped``, when given, gains this stage's new drops by reason once they are committed. ``earlier``,
@@ -287,8 +377,14 @@ def rewrite_shard(
     before anything is committed. A tar that cannot be read to its end *and* has no index to account from is not
     written at all: only its ``unreadable_shard`` dead letter is, the shard stays incomplete (no ``_stats.json``)
     and the returned stats count nothing.
+
+    ``out_shard``, when given, numbers the output shard instead of the input's name or position; ``rekey``, when
+    given, gives every row its new keys (:class:`Rekey`): dead letters keep the input keys, which name the rows
+    in their source, and the recount checks that every new key of every input row has its row.
     """
     start, shard = time.monotonic(), shard_id(path, position)
+    if out_shard is not None:
+        shard = out_shard
     if earlier is not None:
         draft, before = earlier, {}
     else:  # the index beside the tar, and this stage's journal when the shard is rewritten in its own folder
@@ -296,7 +392,7 @@ def rewrite_shard(
     step = draft.step or stage
     (first, duplicates), writer = first_rows(draft.rows, step, path), TarShardWriter()
     try:
-        rows, dead, error = read_and_judge(path, step, judge, writer)
+        rows, dead, error = read_and_judge(path, step, judge, writer, rekey)
         if duplicates:
             log.warning(
                 "shard %05d: %d duplicated index rows dead-lettered as %s", shard, len(duplicates), DUPLICATE_KEY
@@ -310,7 +406,12 @@ def rewrite_shard(
             if dropped is not None:
                 dropped.update(drops([error]))
             return ShardStats(shard=shard, stage=stage, inputs=0, written=0, rejected=0)
-        carried, missing, kept = unread_rows(first or [], {r.key for r in rows}, step, path, error, before)
+        read = {r.key for r in rows}
+        if rekey is not None:  # the input keys whose samples were read: their first new key has a row
+            read = {r.key for r in first or [] if rekey.keys(r.key)[0] in read}
+        carried, missing, kept = unread_rows(first or [], read, step, path, error, before)
+        if rekey is not None:
+            carried = rekeyed_rows(carried, rekey)
         rows = sorted(rows + carried, key=lambda r: r.key)
         new = draft.dead + duplicates + dead + missing  # the read error is no letter of its own: missing rows name it
         if error is not None:
@@ -321,7 +422,7 @@ def rewrite_shard(
                 len(missing),
                 MISSING,
             )
-        check_accounting(shard, rows, first)
+        check_accounting(shard, rows, first if rekey is None or first is None else rekeyed_rows(first, rekey))
     except BaseException:
         writer.abort()
         raise

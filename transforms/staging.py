@@ -62,6 +62,11 @@ def _digestible(row) -> dict:
     image = fields.pop("image", None)
     if isinstance(image, bytes):
         fields["image"] = hashlib.sha256(image).hexdigest()
+    images = fields.pop("images", [])
+    if images:  # a multi-image row: locations as they are, bytes as their sha256
+        fields["images"] = [i["location"] or hashlib.sha256(i["data"]).hexdigest() for i in images]
+    if fields.pop("text_only", False):
+        fields["text_only"] = True
     return fields
 
 

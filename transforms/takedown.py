@@ -78,12 +78,11 @@ def _from_table(path: str) -> Takedown:
     columns = [c for c in ("url", "sha256") if c in table.column_names]
     if not columns:
         raise TakedownError(f"{path}: a takedown table needs a 'url' or 'sha256' column")
-    rows = table.select(columns + (["status"] if "status" in table.column_names else [])).to_pylist()
-    rows = [r for r in rows if r.get("status", REASON) == REASON]
-    return Takedown(
-        frozenset(r["url"].strip() for r in rows if r.get("url")),
-        frozenset(r["sha256"].strip().lower() for r in rows if r.get("sha256")),
-    )
+    more = [c for c in ("image_locations", "image_sha256s", "status") if c in table.column_names]  # our indexes
+    rows = [r for r in table.select(columns + more).to_pylist() if r.get("status", REASON) == REASON]
+    urls = [r.get("url") for r in rows] + [u for r in rows for u in r.get("image_locations") or []]
+    digests = [r.get("sha256") for r in rows] + [d for r in rows for d in r.get("image_sha256s") or []]
+    return Takedown(frozenset(u.strip() for u in urls if u), frozenset(d.strip().lower() for d in digests if d))
 
 
 def load_takedown_lists(specs: list[str]) -> Takedown:
