@@ -82,6 +82,29 @@ def assert_hf_round_trip(out):
         assert meta.get("conversations") == json.loads(member["json"]).get("conversations")
 
 
+def assert_energon_iterates(out):
+    """Megatron-Energon's own loader, on CPU, reads the demo's dataset from the metadata we write (no `energon
+    prepare`): one epoch yields every written sample once, with its conversation."""
+    import webdataset as wds
+    from megatron.energon import WorkerConfig, get_loader, get_train_dataset
+
+    tars = sorted(str(p) for p in (out / "dataset").glob("*.tar"))
+    written = {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(tars, shardshuffle=False)}
+    assert main(["energon", str(out / "dataset")]) == 0
+    dataset = get_train_dataset(
+        str(out / "dataset"),
+        worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0),
+        batch_size=None,
+        shuffle_buffer_size=None,
+        max_samples_per_sequence=None,
+    )
+    samples = iter(get_loader(dataset))
+    epoch = [next(samples) for _ in range(len(written))]
+    assert sorted(s.__key__ for s in epoch) == sorted(written)
+    for sample in epoch:
+        assert sample.texts == written[sample.__key__]["conversations"] and len(sample.images) == 1
+
+
 def assert_answers_are_plain_transformers(out, records):
     """A handful of eval's answers on the demo's checkpoint, recomputed: the held-out image read from its tar, the
     prompt written out in the checkpoint's ChatML, greedy decoding with plain transformers, the score by hand."""
@@ -149,6 +172,8 @@ def test_demo_runs_every_step_and_accounts_for_every_url(tmp_path, capsys):
     dataset = sorted(str(p) for p in (tmp_path / "dataset").glob("*.tar"))
     assert not validate(dataset).problems
     assert_hf_round_trip(tmp_path)
+    assert_energon_iterates(tmp_path)
+    assert "estimate for 1,000,000 input pairs" in printed and build["cost"]["vcpu_hours"] > 0
     assert reports["train"]["last_loss"] < reports["train"]["first_loss"]
     # the loop closed: the LLaVA's frozen tower is the CLIP of step 2 (64 px, 8 px patches: 64 patch tokens and the
     # class token); asked to describe held-out images neither model trained on, it does far better with the image

@@ -245,13 +245,7 @@ def judge_sample(
     reading the metadata, the judge or the writer raise becomes its ``internal_error`` row (the shared guard), so
     one odd sample costs that sample only. The row always carries the tar's key.
     """
-    meta = guarded(stage, lambda: read_meta(stage, key, members), key)
-    if isinstance(meta, Rejection):
-        meta, decision = SampleMeta(key=key), Decision.from_rejection(meta)
-    else:
-        decision = guarded(stage, lambda: judge(key, meta, members), key, meta.url or meta.path)
-        if isinstance(decision, Rejection):
-            decision = Decision.from_rejection(decision)
+    meta, decision = read_and_decide(stage, judge, key, members)
     if decision.kept:
         kept = decision.value or meta
 
@@ -270,19 +264,25 @@ def judge_sample(
     return row, decision.rejection(stage, key, meta.url or meta.path)
 
 
+def read_and_decide(
+    stage: str, judge: Judge, key: str, members: dict[str, bytes]
+) -> tuple[SampleMeta, Decision[SampleMeta]]:
+    """A sample's metadata and the judge's decision: a JSON member that does not fit is its ``bad_metadata`` drop,
+    anything reading or judging raises its ``internal_error`` drop (the shared guard)."""
+    meta = guarded(stage, lambda: read_meta(stage, key, members), key)
+    if isinstance(meta, Rejection):
+        return SampleMeta(key=key), Decision.from_rejection(meta)
+    decision = guarded(stage, lambda: judge(key, meta, members), key, meta.url or meta.path)
+    return meta, Decision.from_rejection(decision) if isinstance(decision, Rejection) else decision
+
+
 def judge_rekeyed(
     stage: str, judge: Judge, writer: TarShardWriter, key: str, members: dict[str, bytes], rekey: Rekey
 ) -> tuple[list[IndexRow], list[Rejection]]:
     """:func:`judge_sample` under new keys: a kept sample is written once per key of ``rekey.keys(key)`` (every
     member renamed, ``KEY.0.jpg`` too, its JSON from ``rekey.copy``), each copy with its own row; a dropped one
     has a row per key with its reason and one dead letter under its input key (what names it in its source)."""
-    meta = guarded(stage, lambda: read_meta(stage, key, members), key)
-    if isinstance(meta, Rejection):
-        meta, decision = SampleMeta(key=key), Decision.from_rejection(meta)
-    else:
-        decision = guarded(stage, lambda: judge(key, meta, members), key, meta.url or meta.path)
-        if isinstance(decision, Rejection):
-            decision = Decision.from_rejection(decision)
+    meta, decision = read_and_decide(stage, judge, key, members)
     keys = rekey.keys(key)
     if not decision.kept:
         row = replace(index_row(meta, **dict(decision.index)), status=decision.reason, error_message=decision.message)
