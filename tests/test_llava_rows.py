@@ -226,3 +226,32 @@ def test_hostile_multi_image_rows_cost_themselves_only_and_takedowns_reach_every
     # a rebuild honouring the removal keeps out that sample, and not the three-image one sharing its first image
     again = run_ingest("rebuilt", [str(tmp_path / "out" / "0*.parquet")])
     assert again["rejected_by_reason"]["takedown"] == 1 and again["written"] == 5
+
+
+def test_image_names_that_leave_the_image_root_are_unsafe_paths_not_reads(tmp_path):
+    """A downloaded LLaVA JSON must not make ingest read the user's own files: with read.image_root set, a name that
+    climbs out of it or points elsewhere is dead-lettered `unsafe_path`, in single- and multi-image rows alike."""
+    _, root, rows = llava_mix_dataset(tmp_path / "src", groups=1)
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes((root / rows[0]["image"]).read_bytes())  # an image the user never meant to share
+    ask = rows[0]["conversations"]
+    entries = [
+        {"id": "inside", "image": str(root / rows[0]["image"]), "conversations": ask},  # absolute, but inside
+        {"id": "climbs", "image": "../secret.jpg", "conversations": ask},
+        {"id": "elsewhere", "image": str(secret), "conversations": ask},
+        {
+            "id": "second-climbs",
+            "image": [rows[3]["image"][0], "coco/../../secret.jpg"],
+            "conversations": rows[3]["conversations"],
+        },
+    ]
+    (tmp_path / "rows.json").write_text(json.dumps(entries))
+    cfg = {
+        "read": {"path": str(tmp_path / "rows.json"), "format": "llava", "image_root": str(root)},
+        "write": {"path": str(tmp_path / "out"), "shard_size": 4},
+        "resize": {"image_size": 64},
+    }
+    report = run(from_dict(IngestConfig, cfg), RUNNER)
+    assert (report["written"], report["rejected_by_reason"]) == (1, {"unsafe_path": 3}) and report["accounted"]
+    dead = pq.read_table(tmp_path / "out" / "rejected").to_pylist()
+    assert all("is not inside read.image_root" in r["message"] for r in dead)

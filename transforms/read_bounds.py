@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from collections.abc import Iterator
 
@@ -86,6 +87,21 @@ def pair_problem(pair: ImageTextPair) -> Decision | None:
     if SURROGATE.search(rest):
         return bad_row("bad_encoding", "a saved column, tag or turn holds bytes that are not UTF-8", url=url)
     return None
+
+
+def contained_path(name: str, root: str | None) -> str | None:
+    """An input row's image path resolved under ``root`` (``read.image_root``), or None when it would leave it (an
+    absolute path elsewhere, ``..``, another filesystem) or there is no root: a downloaded dataset or annotation file
+    must not make ingest read the user's own files or buckets."""
+    if not root:
+        return None
+    if "://" in root:  # a bucket: a name inside it, or a relative name joined to it, never climbing out
+        prefix = root.rstrip("/") + "/"
+        full = name if "://" in name else prefix + name
+        return full if full.startswith(prefix) and ".." not in full[len(prefix) :].split("/") else None
+    base = os.path.normpath(root)
+    full = os.path.normpath(name if os.path.isabs(name) else os.path.join(base, name))
+    return full if "://" not in name and full.startswith(base.rstrip(os.sep) + os.sep) else None
 
 
 def location_problem(location: str, is_url: bool) -> Decision | None:

@@ -46,7 +46,15 @@ from visinstruct.schemas import (
     Turn,
     conversation_problems,
 )
-from visinstruct.transforms.read_bounds import EXCERPT, InputError, bad_row, excerpt, open_input, pair_problem
+from visinstruct.transforms.read_bounds import (
+    EXCERPT,
+    InputError,
+    bad_row,
+    contained_path,
+    excerpt,
+    open_input,
+    pair_problem,
+)
 from visinstruct.transforms.read_lists import batch_rows, listish, plain_value
 
 STATE_FILE = "state.json"  # what save_to_disk writes beside a Dataset's Arrow files
@@ -115,21 +123,6 @@ def hf_files(cfg: ReadConfig) -> list[str]:
     if not files:
         raise InputError(f"{cfg.path}: no parquet files match, and it is no save_to_disk folder (format hf)")
     return files
-
-
-def contained_path(name: str, root: str | None) -> str | None:
-    """A dataset row's image path resolved under ``root`` (``read.image_root``), or None when it would leave it (an
-    absolute path elsewhere, ``..``, another filesystem) or there is no root: a downloaded dataset must not make
-    ingest read the user's own files or buckets."""
-    if not root:
-        return None
-    if "://" in root:  # a bucket: a name inside it, or a relative name joined to it, never climbing out
-        prefix = root.rstrip("/") + "/"
-        full = name if "://" in name else prefix + name
-        return full if full.startswith(prefix) and ".." not in full[len(prefix) :].split("/") else None
-    base = os.path.normpath(root)
-    full = os.path.normpath(name if os.path.isabs(name) else os.path.join(base, name))
-    return full if "://" not in name and full.startswith(base.rstrip(os.sep) + os.sep) else None
 
 
 def _open(path: str, f) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:

@@ -14,7 +14,15 @@ from dataclasses import replace
 
 from visinstruct.configs import ReadConfig
 from visinstruct.schemas import Box, Decision, ImageRef, ImageTextPair, JsonDict, Turn, conversation_problems
-from visinstruct.transforms.read_bounds import EXCERPT, MAX_CAPTION_CHARS, InputError, bad_row, excerpt, open_input
+from visinstruct.transforms.read_bounds import (
+    EXCERPT,
+    MAX_CAPTION_CHARS,
+    InputError,
+    bad_row,
+    contained_path,
+    excerpt,
+    open_input,
+)
 
 # Files of an input folder read as images (what Pillow decodes; the written shard holds jpg, png or webp).
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -72,11 +80,18 @@ def _load_json(path: str):
         raise InputError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
-def resolve_location(name: str, cfg: ReadConfig) -> str:
-    """An image path of an annotation or dataset row, joined to ``read.image_root`` when relative."""
-    if "://" in name or os.path.isabs(name) or not cfg.image_root:
+def resolve_location(name: str, cfg: ReadConfig) -> str | None:
+    """An image name of an annotation row (COCO, LLaVA): a URL as it is; a path joined to ``read.image_root``, or
+    None when it would leave the root (an absolute path elsewhere, ``..``: a downloaded annotation file must not make
+    ingest read the user's own files). Without a root, names are the paths they say (relative to the working
+    folder): set ``read.image_root`` for files you did not write yourself."""
+    if name.startswith(("http://", "https://")) or not cfg.image_root:
         return name
-    return os.path.join(cfg.image_root, name)
+    return contained_path(name, cfg.image_root)
+
+
+def unsafe_path(name: str, raw: str) -> Decision:
+    return bad_row("unsafe_path", f"image path {name[:200]!r} is not inside read.image_root", raw)
 
 
 def _items(doc, field: str) -> list:
@@ -137,6 +152,8 @@ def coco_pair(record: tuple, cfg: ReadConfig) -> ImageTextPair | Decision:
     if url is None and not isinstance(image.get("file_name"), str):
         return bad_row("missing_url", f"image {image.get('id')} has neither coco_url nor file_name", _raw(image))
     path = None if url else resolve_location(image["file_name"], cfg)
+    if url is None and path is None:
+        return unsafe_path(image["file_name"], _raw(image))
     return ImageTextPair(
         key="",
         url=url,
@@ -194,6 +211,8 @@ def llava_pair(entry, cfg: ReadConfig) -> ImageTextPair | Decision:
     if not names:
         return replace(pair, text_only=True)
     locations = [resolve_location(name, cfg) for name in names]
+    if None in locations:
+        return unsafe_path(names[locations.index(None)], raw)
     if len(locations) > 1:
         return replace(pair, images=[ImageRef(location) for location in locations])
     if locations[0].startswith(("http://", "https://")):
