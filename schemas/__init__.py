@@ -24,6 +24,8 @@ from visinstruct.schemas.records import (
     ShardStats,
     Turn,
     conversation_problems,
+    is_url,
+    location_fields,
 )
 
 INDEX_SCHEMA = arrow_schema(IndexRow, SCHEMA_VERSION)  # NNNNN.parquet
@@ -55,6 +57,8 @@ __all__ = [
     "Turn",
     "arrow_schema",
     "conversation_problems",
+    "is_url",
+    "location_fields",
     "from_row",
     "from_table",
     "index_digits",

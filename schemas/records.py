@@ -331,12 +331,20 @@ class SampleMeta:
         return cls.from_dict(data)
 
 
+def is_url(location: str) -> bool:
+    """Whether an image location is an http(s) URL (fetched by the checked downloader), not a path."""
+    return location.startswith(("http://", "https://"))
+
+
+def location_fields(location: str) -> dict[str, str]:
+    """An image location as the field that holds it: ``{"url": ...}`` or ``{"path": ...}`` (pairs, ``ImageInfo``)."""
+    return {"url": location} if is_url(location) else {"path": location}
+
+
 def _image_origin(ref: ImageRef | None) -> dict[str, str]:
     """Where one image of a multi-image pair came from, as ``ImageInfo`` records it (nothing for bytes)."""
     location = ref.location if ref is not None else None
-    if not location:
-        return {}
-    return {"url": location} if location.startswith(("http://", "https://")) else {"path": location}
+    return location_fields(location) if location else {}
 
 
 _NON_NEGATIVE = ("width", "height", "original_width", "original_height", "image_count")

@@ -27,6 +27,7 @@ from visinstruct.schemas import (
     Rejection,
     SampleMeta,
     from_table,
+    location_fields,
     shard_name,
 )
 from visinstruct.transforms.fetch import Fetcher
@@ -115,7 +116,7 @@ def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) 
         return _fetch_one(pair, fetcher, cfg)
     images = []
     for i, image in enumerate(pair.images):
-        where = {"image": image.data} if image.data is not None else _origin(image.location or "")
+        where = {"image": image.data} if image.data is not None else location_fields(image.location or "")
         one = replace(pair, images=[], **where)
         outcome = _fetch_one(one, fetcher, cfg)
         if isinstance(outcome, Rejection):
@@ -123,10 +124,6 @@ def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) 
             return replace(outcome, message=message, url=outcome.url or pair.location)
         images.append(outcome)
     return images
-
-
-def _origin(location: str) -> dict:
-    return {"url": location} if location.startswith(("http://", "https://")) else {"path": location}
 
 
 def _fetch_one(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) -> ProcessedImage | Rejection:

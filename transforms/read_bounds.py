@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from apache_beam.io.filesystems import FileSystems
 
 from visinstruct.configs import ConfigError
-from visinstruct.schemas import Decision, ImageTextPair
+from visinstruct.schemas import Decision, ImageTextPair, is_url
 from visinstruct.transforms.fetch import CONTROL_CHARS, MAX_URL_CHARS  # the fetcher's own checks, applied early
 
 MAX_CAPTION_CHARS = 64 * 1024  # 10x the longest dense captions in public datasets
@@ -62,9 +62,9 @@ def pair_problem(pair: ImageTextPair) -> Decision | None:
     if len(pair.images) > MAX_IMAGES_PER_ROW:
         return bad_row("too_many_images", f"{len(pair.images)} images, over {MAX_IMAGES_PER_ROW}", url=url)
     locations = [(pair.url, True), (pair.path, False)]
-    locations += [(i.location, i.location.startswith(("http://", "https://"))) for i in pair.images if i.location]
-    for location, is_url in locations:
-        problem = location_problem(location, is_url) if location is not None else None
+    locations += [(i.location, is_url(i.location)) for i in pair.images if i.location]
+    for location, url_like in locations:
+        problem = location_problem(location, url_like) if location is not None else None
         if problem is not None:
             return problem
     for caption in ([pair.caption] if pair.caption is not None else []) + pair.captions:

@@ -45,6 +45,7 @@ from visinstruct.schemas import (
     JsonDict,
     Turn,
     conversation_problems,
+    location_fields,
 )
 from visinstruct.transforms.read_bounds import (
     EXCERPT,
@@ -322,9 +323,7 @@ def hf_pair(row: dict, cfg: ReadConfig) -> ImageTextPair | Decision:
         pair = replace(pair, images=refs)
     elif isinstance(locations[0], bytes):
         pair = replace(pair, image=locations[0])  # the bytes are the image: nothing to fetch
-    elif locations[0].startswith(("http://", "https://")):
-        pair = replace(pair, url=locations[0])
     else:
-        pair = replace(pair, path=locations[0])
+        pair = replace(pair, **location_fields(locations[0]))
     problem = pair_problem(pair)
     return pair if problem is None else bad_row(problem.reason, problem.message, _raw(row), problem.index.get("url"))

@@ -13,7 +13,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from visinstruct.configs import ReadConfig
-from visinstruct.schemas import Box, Decision, ImageRef, ImageTextPair, JsonDict, Turn, conversation_problems
+from visinstruct.schemas import (
+    Box,
+    Decision,
+    ImageRef,
+    ImageTextPair,
+    JsonDict,
+    Turn,
+    conversation_problems,
+    is_url,
+    location_fields,
+)
 from visinstruct.transforms.read_bounds import (
     EXCERPT,
     MAX_CAPTION_CHARS,
@@ -85,7 +95,7 @@ def resolve_location(name: str, cfg: ReadConfig) -> str | None:
     None when it would leave the root (an absolute path elsewhere, ``..``: a downloaded annotation file must not make
     ingest read the user's own files). Without a root, names are the paths they say (relative to the working
     folder): set ``read.image_root`` for files you did not write yourself."""
-    if name.startswith(("http://", "https://")) or not cfg.image_root:
+    if is_url(name) or not cfg.image_root:
         return name
     return contained_path(name, cfg.image_root)
 
@@ -215,9 +225,7 @@ def llava_pair(entry, cfg: ReadConfig) -> ImageTextPair | Decision:
         return unsafe_path(names[locations.index(None)], raw)
     if len(locations) > 1:
         return replace(pair, images=[ImageRef(location) for location in locations])
-    if locations[0].startswith(("http://", "https://")):
-        return replace(pair, url=locations[0])
-    return replace(pair, path=locations[0])
+    return replace(pair, **location_fields(locations[0]))
 
 
 def _raw(value) -> str:
