@@ -37,6 +37,10 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance
 
 GENERATOR_VERSION = 2  # bump when the image recipe changes, so cached images are rebuilt
+# Size mixes (image widths in pixels, drawn uniformly): what a crawl meets. "small": thumbnails and web images,
+# where reduced-scale JPEG decoding gains little; "photo": camera photos as sites serve them; "large": full-size
+# uploads, where decoding dominates.
+MIXES = {"small": (200, 520), "photo": (640, 1600), "large": (1800, 3200)}
 # No two images closer than this (our phash, as ingest computes it); tests use phash_max_distance 4 and 6.
 MIN_PHASH_DISTANCE = 6
 ASPECTS = [(4, 3), (3, 2), (16, 9), (1, 1), (3, 4), (2, 3)]
@@ -46,10 +50,11 @@ BIN = os.path.dirname(sys.executable)  # the venv's console scripts: visinstruct
 # -- data -------------------------------------------------------------------------------------------------------------
 
 
-def make_image(source: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """One photo-sized variant of ``source``: a random crop, 640-1600 px wide, flipped, colour-jittered, grained."""
+def make_image(source: Image.Image, rng: np.random.Generator, widths: tuple[int, int] = MIXES["photo"]) -> Image.Image:
+    """One variant of ``source``: a random crop ``widths`` px wide (inclusive range), flipped, colour-jittered,
+    grained."""
     aw, ah = ASPECTS[rng.integers(len(ASPECTS))]
-    width = int(rng.integers(640, 1601))
+    width = int(rng.integers(widths[0], widths[1] + 1))
     height = width * ah // aw
     sw, sh = source.size
     scale = min(sw / aw, sh / ah)  # the largest crop of this aspect ratio that fits the source
@@ -77,14 +82,15 @@ def _photos() -> list[dict]:
     return _PHOTO_CACHE
 
 
-def generate_one(job: tuple[str, int, int, int, int]) -> dict:
+def generate_one(job: tuple[str, int, int, int, int, str]) -> dict:
     """Writes image ``index`` (variant ``attempt``) and returns its attempt and the phash our ingest will compute."""
     from visinstruct.configs import ResizeConfig
     from visinstruct.transforms.images import process_image
 
-    folder, seed, index, attempt, image_size = job
+    folder, seed, index, attempt, image_size, mix = job
     photos = _photos()
-    img = make_image(photos[index % len(photos)]["image"], np.random.default_rng([seed, index, attempt]))
+    rng = np.random.default_rng([seed, index, attempt])
+    img = make_image(photos[index % len(photos)]["image"], rng, MIXES[mix])
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
     path = os.path.join(folder, f"{index:06d}.jpg")
@@ -95,7 +101,7 @@ def generate_one(job: tuple[str, int, int, int, int]) -> dict:
     return {"attempt": attempt, "phash": processed.phash}
 
 
-def spread_apart(folder: str, seed: int, image_size: int, entries: list[dict]) -> int:
+def spread_apart(folder: str, seed: int, image_size: int, mix: str, entries: list[dict]) -> int:
     """Regenerates, in index order, every image whose phash is within ``MIN_PHASH_DISTANCE`` of an earlier one.
 
     Crops of one photo sometimes nearly coincide; our ingest can drop those as near-duplicates, img2dataset
@@ -106,16 +112,16 @@ def spread_apart(folder: str, seed: int, image_size: int, entries: list[dict]) -
         while i and nearest_distance(int(entry["phash"], 16), kept[:i]) <= MIN_PHASH_DISTANCE:
             if entry["attempt"] >= 50:
                 raise SystemExit(f"image {i}: no variant far enough from the others after 50 attempts")
-            entry = entries[i] = generate_one((folder, seed, i, entry["attempt"] + 1, image_size))
+            entry = entries[i] = generate_one((folder, seed, i, entry["attempt"] + 1, image_size, mix))
             redone += 1
         kept[i] = int(entry["phash"], 16)
     return redone
 
 
-def generate_images(folder: str, n: int, seed: int, image_size: int) -> tuple[list[str], list[str]]:
+def generate_images(folder: str, n: int, seed: int, image_size: int, mix: str) -> tuple[list[str], list[str]]:
     """Paths and phashes of N distinct JPEGs, generated in parallel once and reused while the manifest matches."""
     manifest_path = os.path.join(folder, "manifest.json")
-    recipe = {"version": GENERATOR_VERSION, "seed": seed, "image_size": image_size}
+    recipe = {"version": GENERATOR_VERSION, "seed": seed, "image_size": image_size, "mix": mix}
     manifest = {}
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
@@ -128,10 +134,10 @@ def generate_images(folder: str, n: int, seed: int, image_size: int) -> tuple[li
     if len(entries) < n:
         print(f"generating {n - len(entries)} images in {folder} ...", flush=True)
         start = time.perf_counter()
-        jobs = [(folder, seed, i, 0, image_size) for i in range(len(entries), n)]
+        jobs = [(folder, seed, i, 0, image_size, mix) for i in range(len(entries), n)]
         with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
             entries += pool.map(generate_one, jobs, chunksize=16)
-        redone = spread_apart(folder, seed, image_size, entries)
+        redone = spread_apart(folder, seed, image_size, mix, entries)
         print(f"  done in {time.perf_counter() - start:.1f}s ({redone} regenerated as near-duplicates)", flush=True)
         manifest["images"] = entries + manifest["images"][n:]
         with open(manifest_path, "w") as f:
@@ -466,18 +472,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also time a run of this many images (one shard per process) to separate start-up "
         "cost from throughput; 0 to skip (default 16)",
     )
+    parser.add_argument(
+        "--mix",
+        choices=sorted(MIXES),
+        default="photo",
+        help="image widths: " + ", ".join(f"{k} {a}-{b} px" for k, (a, b) in MIXES.items()) + " (default photo)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="image generator seed (default 0)")
     parser.add_argument("--workdir", default="/tmp/visinstruct-bench-ingest", help="cache, URL list, outputs, logs")
-    parser.add_argument("--json", help="result file (default WORKDIR/result-N<n>.json)")
+    parser.add_argument("--json", help="result file (default WORKDIR/result-<mix>-N<n>.json)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     work = os.path.abspath(args.workdir)
-    image_dir, log_dir = os.path.join(work, "images"), os.path.join(work, "logs")
+    image_dir, log_dir = os.path.join(work, f"images-{args.mix}"), os.path.join(work, "logs")
     os.makedirs(log_dir, exist_ok=True)
-    paths, phashes = generate_images(image_dir, args.n, args.seed, args.image_size)
+    paths, phashes = generate_images(image_dir, args.n, args.seed, args.image_size, args.mix)
     data = describe_images(paths, phashes)
     print(f"data: {json.dumps(data)}", flush=True)
     photos = _photos()
@@ -522,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary,
         "runs": runs,
     }
-    json_path = args.json or os.path.join(work, f"result-N{args.n}.json")
+    json_path = args.json or os.path.join(work, f"result-{args.mix}-N{args.n}.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
     print_summary(summary, args.n, json_path)

@@ -28,6 +28,8 @@ IMG2DATASET = {
     "max_aspect_ratio": "resize.max_aspect_ratio",
     "encode_format": "resize.encode_format",
     "encode_quality": "resize.encode_quality",
+    "downscale_interpolation": "resize.downscale_interpolation",
+    "upscale_interpolation": "resize.upscale_interpolation",
     "number_sample_per_shard": "write.shard_size",
     "timeout": "download.timeout",
     "retries": "download.retries",
@@ -54,8 +56,6 @@ REFUSED = {
     "max_shard_retry": "Beam retries failed bundles; write.retry_failed re-downloads retryable failures",
     "skip_reencode": "images are always decoded and re-encoded (the check that they are images)",
     "disable_all_reencoding": "images are always decoded and re-encoded (the check that they are images)",
-    "upscale_interpolation": "resizing uses Pillow's LANCZOS (resize.resize_only_if_bigger to never upscale)",
-    "downscale_interpolation": "resizing uses Pillow's LANCZOS",
 }
 
 

@@ -15,6 +15,8 @@ from visinstruct.configs.loader import opt
 InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "txt", "folder", "coco", "llava", "hf"]
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 ImageFormat = Literal["jpg", "png", "webp"]
+# img2dataset's names (OpenCV's): nearest, linear, cubic, area (box averaging) and lanczos4
+Interpolation = Literal["nearest", "linear", "cubic", "area", "lanczos4"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 # What a user_agent_token may hold: printable ASCII without the parentheses that would end its comment.
@@ -95,14 +97,27 @@ class DownloadConfig:
         "img2dataset's token (--user_agent_token): appended to the User-Agent as '(compatible; TOKEN)', and "
         "X-Robots-Tag directives addressed to it are honoured too",
     )
-    per_host_rps: float | None = opt(10.0, "requests per second to one host; null for no limit")
+    per_host_rps: float | None = opt(
+        10.0,
+        "requests per second to one host across the whole job (each host's URLs go to a bounded set of fetch "
+        "partitions); null for no limit (and no routing: each shard fetched where it is written, the fastest path)",
+    )
+    fetch_partitions: int = opt(
+        64, "with per_host_rps: how many fetch partitions hosts are spread over (the fetch step's parallelism)"
+    )
+    large_host_urls: int = opt(
+        2000,
+        "with per_host_rps: a host with more URLs in the job than this is split over ceil(urls / this) fetch "
+        "partitions (at most fetch_partitions), each with an equal share of per_host_rps",
+    )
     respect_optout: bool = opt(True, "skip images whose X-Robots-Tag opts out (see optout_values)")
     optout_values: list[str] = opt(
         factory=lambda: ["noai", "noimageai", "noindex", "noml"], doc="X-Robots-Tag directives that opt an image out"
     )
     check_robots_txt: bool = opt(
         True,
-        "honour each host's robots.txt (one cached request per host and worker; 5xx or no answer: disallow, RFC 9309)",
+        "honour each host's robots.txt (one cached request per host: per job with per_host_rps, else per worker; "
+        "5xx or no answer: disallow, RFC 9309)",
     )
     allow_loopback: bool = opt(False, "allow 127.0.0.0/8 and ::1 (tests and demos only)")
     allow_private: bool = opt(False, "allow private, link-local and cloud-metadata addresses")
@@ -111,7 +126,7 @@ class DownloadConfig:
     )
 
     def __post_init__(self):
-        for name in ("threads", "timeout", "max_bytes"):
+        for name in ("threads", "timeout", "max_bytes", "fetch_partitions", "large_host_urls"):
             _positive(name, getattr(self, name))
         for name in ("retries", "backoff", "max_backoff", "max_redirects", "progress_interval"):
             _positive(name, getattr(self, name), allow_zero=True)
@@ -129,6 +144,12 @@ class ResizeConfig:
     image_size: int = opt(256, "target size in pixels")
     resize_mode: ResizeMode = opt("border", "no, keep_ratio, keep_ratio_largest, center_crop or border")
     resize_only_if_bigger: bool = opt(False, "never upscale")
+    downscale_interpolation: Interpolation = opt(
+        "area", "filter when shrinking: nearest, linear, cubic, area or lanczos4 (img2dataset's names and default)"
+    )
+    upscale_interpolation: Interpolation = opt(
+        "lanczos4", "filter when enlarging: nearest, linear, cubic, area or lanczos4 (img2dataset's default)"
+    )
     border_color: str = opt(
         "white", "what 'border' pads with: a colour name, #rrggbb or rgb(r, g, b) (img2dataset: white)"
     )
@@ -169,6 +190,12 @@ class DedupConfig:
         "files (a URL or sha256 per line) or parquet tables with url/sha256 columns, "
         "such as an earlier dataset's indexes (their rows with status takedown)",
     )
+
+    @property
+    def uses_phash(self) -> bool:
+        """Whether a step compares images by their looks (near dedup, reference images): else ingest skips the
+        perceptual hash."""
+        return self.phash_max_distance is not None or bool(self.reference_dir)
 
     def __post_init__(self):
         if self.phash_max_distance is not None and not 0 <= self.phash_max_distance <= 64:

@@ -2,12 +2,26 @@
 
 Graph (element shapes in comments)::
 
-    ReadPairs -> DropDuplicateUrls -> SkipCompleteShards -> GroupByShard -> DownloadShard -> drafts
+    ReadPairs -> DropDuplicateUrls -> SkipCompleteShards -> GroupByShard -> Download -> drafts
     drafts -> (key, sha256, phash, phashes) -> FindDuplicateImages -> losers
     (drafts, losers) -> CoGroupByKey(shard) -> FinalizeShard -> ShardStats
 
-Only URLs and small hash records are shuffled; image bytes stay with the worker that downloaded them (in the
-shard's staging tar) until that shard is finalized.
+``Download`` is one of two paths (:class:`PoliteDownload`):
+
+- ``download.per_host_rps: null``: ``DownloadShard``, each shard's worker fetches its own URLs (no limit to keep);
+- ``per_host_rps`` set (the default), so that the budget holds per host for the whole job::
+
+      (shard, rows) -> PlanShard -> drafts (reused, or built: nothing to fetch) | pending | requests (pair)
+      requests -> CountPerHost -> host table {host: k} (side input; only hosts split over k > 1 partitions)
+      host table -> origins of split hosts -> FetchRobots -> {origin: robots verdict} (side input)
+      requests -> RouteToPartition -> GroupByKey(partition) -> FetchPartition -> (shard, (key, outcome))
+      (pending (shard, (digest, rows)), fetched) -> CoGroupByKey(shard) -> BuildShard -> drafts
+
+On the direct path only URLs and small hash records are shuffled; image bytes stay with the worker that
+downloaded them (in the shard's staging tar) until that shard is finalized. The routed path shuffles the processed
+images once more, from the fetch partitions to the shard builders (ARCHITECTURE.md, "Politeness"), and builds a
+shard with URLs only after every fetch partition has finished (a batch ``CoGroupByKey`` is a barrier): a run
+killed while fetching redoes its fetching; shards that need no network are built at once by ``PlanShard``.
 """
 
 from __future__ import annotations
@@ -32,11 +46,14 @@ from visinstruct.schemas import (
 )
 from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages, hash_record
 from visinstruct.transforms.download import NOT_FINAL_REASONS, DownloadShard, all_not_final
+from visinstruct.transforms.fetch import Fetcher
 from visinstruct.transforms.guard import INTERNAL_ERROR, count_internal_error, guarded, internal_error
+from visinstruct.transforms.hosts import fetch_partition, first_url, host_of, origin_of, split_count
 from visinstruct.transforms.images import process_image
 from visinstruct.transforms.layout import read_stats, shard_in, shard_stem, staging_dir, stats_pattern
 from visinstruct.transforms.read import plan_units, read_unit
 from visinstruct.transforms.read_bounds import InputError, bad_row
+from visinstruct.transforms.routed import FETCHED, BuildShard, FetchPartition, FetchRobots, PlanShard
 from visinstruct.transforms.shards import match, read_table
 from visinstruct.transforms.staging import remove_staging
 from visinstruct.transforms.takedown import TakedownError, load_takedown_lists
@@ -195,15 +212,16 @@ def reference_hashes(folder: str | None, cfg: IngestConfig) -> list[tuple[str, s
 class Ingest(beam.PTransform):
     """The whole ingest stage as one composable transform: ``PBegin`` -> ``ShardStats`` per shard written."""
 
-    def __init__(self, cfg: IngestConfig, complete_at: set[str] | None = None):
+    def __init__(self, cfg: IngestConfig, complete_at: set[str] | None = None, fetcher_factory=Fetcher):
         """``complete_at``: the stages whose stats mark a shard complete (a build: only its last stage).
+        ``fetcher_factory``: makes each worker's fetcher (see :class:`DownloadShard`).
 
         ``write.path`` is optional in a config (a build sets it): without one, one line here, not an error in Beam.
         """
         if not cfg.write.path:
             raise ConfigError("ingest needs write.path (the output folder)")
         super().__init__()
-        self.cfg, self.complete_at = cfg, complete_at
+        self.cfg, self.complete_at, self.fetcher_factory = cfg, complete_at, fetcher_factory
 
     def expand(self, pbegin):
         cfg, out = self.cfg, self.cfg.write.path
@@ -222,7 +240,7 @@ class Ingest(beam.PTransform):
             | "SkipCompleteShards" >> beam.Filter(lambda r, done: parse_key(r.key)[0] not in done, set(done))
             | "KeyByShard" >> beam.Map(lambda r: (parse_key(r.key)[0], r))  # (shard, pair | rejection)
             | "GroupByShard" >> beam.GroupByKey()  # (shard, [pair | rejection])
-            | "DownloadShard" >> beam.ParDo(DownloadShard(cfg, retry))
+            | "Download" >> PoliteDownload(cfg, retry, self.fetcher_factory)
         )  # ShardDraft
         new_hashes = drafts | "SuccessHashes" >> beam.FlatMap(
             lambda d: [hash_record(r) for r in d.rows if r.status == "success"]
@@ -247,6 +265,59 @@ class Ingest(beam.PTransform):
             | "JoinByShard" >> beam.CoGroupByKey()  # (shard, {"draft": [..], "losers": [..]})
             | "FinalizeShard" >> beam.ParDo(FinalizeShard(out))
         )  # ShardStats
+
+
+class PoliteDownload(beam.PTransform):
+    """``(shard, [pair | rejection])`` -> :class:`ShardDraft`, keeping ``download.per_host_rps`` per host for the
+    whole job (see the module docstring; without a limit, ``DownloadShard`` as it always was)."""
+
+    def __init__(self, cfg: IngestConfig, retry: frozenset[int], fetcher_factory=Fetcher):
+        super().__init__()
+        self.cfg, self.retry, self.fetcher_factory = cfg, retry, fetcher_factory
+
+    def expand(self, shards):
+        cfg, factory = self.cfg, self.fetcher_factory
+        if cfg.download.per_host_rps is None:
+            return shards | "DownloadShard" >> beam.ParDo(DownloadShard(cfg, self.retry, factory))
+        dl = cfg.download
+        planned = shards | "PlanShard" >> beam.ParDo(PlanShard(cfg, self.retry, factory)).with_outputs(
+            PlanShard.PENDING, PlanShard.REQUESTS, main="reused"
+        )
+        requests = planned[PlanShard.REQUESTS]  # pair
+        by_origin = (
+            requests
+            | "HostAndOrigin" >> beam.Map(lambda p: ((host_of(first_url(p)), origin_of(first_url(p))), 1))
+            | "CountPerOrigin" >> beam.CombinePerKey(sum)
+        )  # ((host, origin), urls)
+        shares = beam.pvalue.AsDict(
+            by_origin
+            | "HostOf" >> beam.Map(lambda x: (x[0][0], x[1]))
+            | "CountPerHost" >> beam.CombinePerKey(sum)  # (host, urls)
+            | "SplitCount" >> beam.Map(lambda x: (x[0], split_count(x[1], dl.large_host_urls, dl.fetch_partitions)))
+            | "LargeHosts" >> beam.Filter(lambda x: x[1] > 1)
+        )  # the host table: {host: k}, split hosts only
+        robots = beam.pvalue.AsDict(
+            by_origin
+            | "SplitHostOrigins" >> beam.FlatMap(lambda x, table: [x[0][1]] if x[0][0] in table else [], shares)
+            | "FetchRobots" >> beam.ParDo(FetchRobots(dl, factory))
+        )  # {origin: RobotsRecord}
+        fetched = (
+            requests
+            | "RouteToPartition"
+            >> beam.Map(
+                lambda p, table: (fetch_partition(host_of(first_url(p)), p.key, table, dl.fetch_partitions), p),
+                shares,
+            )  # (partition, pair)
+            | "GroupByPartition" >> beam.GroupByKey()  # (partition, [pair])
+            | "FetchPartition" >> beam.ParDo(FetchPartition(cfg, factory), shares, robots)
+        )  # (shard, (key, outcome))
+        built = (
+            {PlanShard.PENDING: planned[PlanShard.PENDING], FETCHED: fetched}
+            | "JoinFetched"
+            >> beam.CoGroupByKey()  # (shard, {"pending": [(digest, rows)], "fetched": [(key, outcome)]})
+            | "BuildShard" >> beam.ParDo(BuildShard(cfg, self.retry, factory))
+        )  # ShardDraft
+        return (planned.reused, built) | "Drafts" >> beam.Flatten()
 
 
 def remove_empty_staging(out_dir: str) -> None:

@@ -27,6 +27,7 @@ import functools
 import json
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -104,59 +105,102 @@ def arrow_schema(cls: type, schema_version: int | None = None) -> pa.Schema:
     return pa.schema(fields, metadata=metadata)
 
 
-def _encode(value: Any, tp: Any) -> Any:
-    tp, _ = _unwrap_optional(tp)
-    if value is None:
-        return None
-    if tp is JsonDict:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return [_encode(v, item) for v in value]
-    if origin is dict:
-        _, vtp = typing.get_args(tp)
-        return [(k, _encode(v, vtp)) for k, v in sorted(value.items())]
-    if dataclasses.is_dataclass(tp):
-        return to_row(value)
-    return value
+def _step(convert: Callable[[Any], Any] | None, value: Any) -> Any:
+    return value if convert is None else convert(value)
 
 
-def _decode(value: Any, tp: Any) -> Any:
+# Rows are converted by the million (every index row and dead letter of a run), so each annotation is analysed once
+# into a converter (``None``: the value as it is) instead of once per value.
+
+
+@functools.cache
+def _encoder(tp: Any) -> Callable[[Any], Any] | None:
+    """How a non-None value annotated ``tp`` becomes a row cell; ``None`` when it is the cell as it is."""
     tp, _ = _unwrap_optional(tp)
-    if value is None:
-        return None
     if tp is JsonDict:
-        return json.loads(value) if isinstance(value, str) else dict(value)
+        return _json_text
     origin = typing.get_origin(tp)
     if origin is list:
-        (item,) = typing.get_args(tp)
-        return [_decode(v, item) for v in value]
+        item = _encoder(typing.get_args(tp)[0])
+        return list if item is None else functools.partial(_each, item)
     if origin is dict:
-        _, vtp = typing.get_args(tp)
-        pairs = value.items() if isinstance(value, dict) else value
-        return {k: _decode(v, vtp) for k, v in pairs}
+        return functools.partial(_sorted_pairs, _encoder(typing.get_args(tp)[1]))
     if dataclasses.is_dataclass(tp):
-        return from_row(tp, value)
-    if tp is float and isinstance(value, int):
-        return float(value)
-    return value
+        return to_row
+    return None
+
+
+@functools.cache
+def _decoder(tp: Any) -> Callable[[Any], Any] | None:
+    """How a non-None row cell becomes a value annotated ``tp``; ``None`` when it is the value as it is."""
+    tp, _ = _unwrap_optional(tp)
+    if tp is JsonDict:
+        return _json_value
+    origin = typing.get_origin(tp)
+    if origin is list:
+        item = _decoder(typing.get_args(tp)[0])
+        return list if item is None else functools.partial(_each, item)
+    if origin is dict:
+        return functools.partial(_mapping, _decoder(typing.get_args(tp)[1]))
+    if dataclasses.is_dataclass(tp):
+        return functools.partial(from_row, tp)
+    if tp is float:
+        return _float
+    return None
+
+
+def _json_text(value: Any) -> str:
+    if isinstance(value, dict) and not value:  # most detail and source cells: no call into the encoder
+        return "{}"
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _json_value(value: Any) -> dict:
+    return json.loads(value) if isinstance(value, str) else dict(value)
+
+
+def _each(convert: Callable[[Any], Any], values: Any) -> list:
+    return [None if v is None else convert(v) for v in values]
+
+
+def _sorted_pairs(convert: Callable[[Any], Any] | None, value: dict) -> list[tuple]:
+    return [(k, _step(convert, v) if v is not None else None) for k, v in sorted(value.items())]
+
+
+def _mapping(convert: Callable[[Any], Any] | None, value: Any) -> dict:
+    pairs = value.items() if isinstance(value, dict) else value
+    return {k: _step(convert, v) if v is not None else None for k, v in pairs}
+
+
+def _float(value: Any) -> Any:
+    return float(value) if isinstance(value, int) else value
+
+
+@functools.cache
+def _plan(cls: type) -> tuple[tuple[str, str, Callable[[Any], Any] | None, Callable[[Any], Any] | None], ...]:
+    """Per field of a record class: its name, its row key, its encoder and its decoder."""
+    hints = type_hints(cls)
+    return tuple(
+        (f.name, field_key(f), _encoder(hints[f.name]), _decoder(hints[f.name])) for f in dataclasses.fields(cls)
+    )
 
 
 def to_row(record: Any) -> dict[str, Any]:
     """A record as a plain dict that ``pa.Table.from_pylist(..., schema=arrow_schema(cls))`` accepts."""
-    hints = type_hints(type(record))
-    return {field_key(f): _encode(getattr(record, f.name), hints[f.name]) for f in dataclasses.fields(record)}
+    row = {}
+    for name, key, encode, _ in _plan(type(record)):
+        value = getattr(record, name)
+        row[key] = value if encode is None or value is None else encode(value)
+    return row
 
 
 def from_row(cls: type[T], row: dict[str, Any]) -> T:
     """Rebuild a record from a row (as ``Table.to_pylist()`` or ``to_row`` give it); missing keys take defaults."""
-    hints = type_hints(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        key = field_key(f)
+    for name, key, _, decode in _plan(cls):
         if key in row:
-            kwargs[f.name] = _decode(row[key], hints[f.name])
+            value = row[key]
+            kwargs[name] = value if decode is None or value is None else decode(value)
     return cls(**kwargs)
 
 

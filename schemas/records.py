@@ -16,8 +16,11 @@ and its table cannot drift apart. Shapes:
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import reprlib
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
@@ -29,8 +32,45 @@ IMAGE_TOKEN = "<image>"
 ROLES = ("human", "gpt")
 
 
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+@functools.cache
+def _field_values(cls: type) -> Callable[[Any], tuple]:
+    """A record's field values as a tuple, in field order (``attrgetter``: no Python loop per record)."""
+    names = _field_names(cls)
+    if len(names) == 1:
+        return lambda record: (getattr(record, names[0]),)
+    return operator.attrgetter(*names)
+
+
+def _restore(cls: type, values: tuple) -> Any:
+    """A record unpickled from its field values; like pickle's default, without calling ``__init__``."""
+    record = object.__new__(cls)
+    record.__dict__.update(zip(_field_names(cls), values))
+    return record
+
+
+class Record:
+    """Base of every record here: pickles as its class and its field values, in field order.
+
+    Beam moves records between stages as pickles (its fallback coder), one pickle per element: pickle's default
+    form spells every field name in each of them, which made a dead-letter row or an input pair nearly twice as
+    big, in every shuffle and in the local runner's memory. (Field order is the class's: pickles never outlive a
+    run, nothing stores them.)
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        cls = type(self)
+        return _restore, (cls, _field_values(cls)(self))
+
+
 @dataclass(frozen=True)
-class Box:
+class Box(Record):
     """An object in an image: a category and a normalised ``[x1, y1, x2, y2]`` box (0 <= x1 <= x2 <= 1)."""
 
     category: str
@@ -45,7 +85,7 @@ class Box:
 
 
 @dataclass(frozen=True)
-class Turn:
+class Turn(Record):
     """One turn of a LLaVA conversation; ``role`` is written as LLaVA's ``from``."""
 
     role: str = field(metadata={"key": "from"})
@@ -53,7 +93,7 @@ class Turn:
 
 
 @dataclass(frozen=True)
-class ImageRef:
+class ImageRef(Record):
     """One image of a multi-image input row: where to fetch it (a URL or path), or its bytes."""
 
     location: str | None = None
@@ -61,7 +101,7 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
-class ImageTextPair:
+class ImageTextPair(Record):
     """One input record as read, before any download.
 
     Attributes:
@@ -109,7 +149,7 @@ class ImageTextPair:
 
 
 @dataclass(frozen=True)
-class FetchedImage:
+class FetchedImage(Record):
     """An image after download, validation and resizing. ``format`` is the member extension (jpg/png/webp)."""
 
     key: str
@@ -124,7 +164,7 @@ class FetchedImage:
 
 
 @dataclass(frozen=True)
-class ClipScore:
+class ClipScore(Record):
     """Cosine similarity of normalised CLIP embeddings, with the model that produced it."""
 
     score: float
@@ -133,7 +173,7 @@ class ClipScore:
 
 
 @dataclass(frozen=True)
-class GenerationInfo:
+class GenerationInfo(Record):
     """Provenance of a generated conversation.
 
     ``kind`` names the kinds whose turns the conversation holds, joined by ``+`` when several were asked for one
@@ -162,7 +202,7 @@ class GenerationInfo:
 
 
 @dataclass(frozen=True)
-class Curation:
+class Curation(Record):
     """What curation found in a sample's image: its NSFW score (0-1, open_nsfw), its face boxes (category
     ``face``; an empty list: looked, found none; None: not looked for), and whether those faces were blurred in the
     written image. Fields left at None are not written."""
@@ -183,7 +223,7 @@ class Curation:
 
 
 @dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(Record):
     """One image of a multi-image sample (``SampleMeta.images``): its tar member (``0.jpg``, ``1.png``...), where it
     came from, and its sizes and hashes as a single-image sample records them at the top level."""
 
@@ -202,7 +242,7 @@ class ImageInfo:
 
 
 @dataclass(frozen=True)
-class SampleMeta:
+class SampleMeta(Record):
     """The ``KEY.json`` member of a sample; fields a stage has not produced are left out of the JSON.
 
     Keys found in a JSON member that this class does not know (img2dataset writes ``status``, ``exif``...)
@@ -462,7 +502,7 @@ def conversation_problems(turns: list[Turn], max_chars: int | None = None, image
 
 
 @dataclass(frozen=True)
-class Rejection:
+class Rejection(Record):
     """A dead-letter row: a record some stage dropped, and why (made from its :class:`~visinstruct.schemas.Decision`).
 
     Attributes:
@@ -483,7 +523,7 @@ class Rejection:
 
 
 @dataclass(frozen=True)
-class Member:
+class Member(Record):
     """Where one member of a sample lies in its tar: the bytes ``[offset, offset + size)`` of the file data."""
 
     name: str
@@ -492,7 +532,7 @@ class Member:
 
 
 @dataclass(frozen=True)
-class IndexRow:
+class IndexRow(Record):
     """One row of a shard's parquet index: one per input row of the shard, written or not.
 
     ``status`` is ``success`` or the reason code the row was rejected with.
@@ -526,7 +566,7 @@ class IndexRow:
 
 
 @dataclass(frozen=True)
-class ShardStats:
+class ShardStats(Record):
     """The ``NNNNN_stats.json`` of a shard, written last: its presence marks the shard complete."""
 
     shard: int

@@ -91,7 +91,9 @@ def test_ingest_translates_for_dataflow(tmp_path):
     _ = p | "Ingest" >> Ingest(cfg)
     assert p.run().state == "DONE"
     names = set(leaf_hints(p))
-    for stage in ("ReadUnits", "GroupByShard", "DownloadShard", "FindDuplicateImages", "FinalizeShard"):
+    # per_host_rps is set by default: downloads are routed by host (pipelines/ingest.py, PoliteDownload)
+    routed = ("PlanShard", "CountPerHost", "FetchRobots", "FetchPartition", "BuildShard")
+    for stage in ("ReadUnits", "GroupByShard", *routed, "FindDuplicateImages", "FinalizeShard"):
         assert any(stage in name for name in names), stage
 
 
@@ -126,7 +128,7 @@ def test_build_translates_with_every_stage_and_gpus_only_on_model_steps(tmp_path
     hints = leaf_hints(p)
     for stage in (
         "Ingest/",
-        "DownloadShard",
+        "FetchPartition",  # per_host_rps is set: downloads are routed by host
         "Filter/",
         "ScoreWithClip",
         "Generate/",
@@ -137,6 +139,15 @@ def test_build_translates_with_every_stage_and_gpus_only_on_model_steps(tmp_path
     gpu = {name for name, h in hints.items() if h.get("beam:resources:accelerator:v1")}
     assert gpu and all("ScoreWithClip" in name or "GenerateWithLLM" in name for name in gpu)
     dofns = unpickled_dofns(p)  # every DoFn comes back from its pickle, ours among them
-    ours_all = ("DownloadShard", "FinalizeShard", "ReadShardSamples", "DecodeForClip", "PlanSamples", "RewriteShard")
+    ours_all = (
+        "PlanShard",
+        "FetchPartition",
+        "BuildShard",
+        "FinalizeShard",
+        "ReadShardSamples",
+        "DecodeForClip",
+        "PlanSamples",
+        "RewriteShard",
+    )
     for ours in ours_all:
         assert ours in dofns, (ours, sorted(set(dofns)))

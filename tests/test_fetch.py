@@ -182,9 +182,9 @@ def test_robots_txt_is_honoured_by_default_and_fetched_once(server):
     f, entered = fetcher(), threading.Semaphore(0)
     verdict = f._robots_verdict
 
-    def counted(origin):
+    def counted(origin, *limiter):
         entered.release()
-        return verdict(origin)
+        return verdict(origin, *limiter)
 
     f._robots_verdict = counted
     server.robots_gate = threading.Event()
@@ -210,11 +210,11 @@ def test_a_robots_txt_load_that_raises_costs_that_url_only_and_is_tried_again(se
     f = fetcher()
     load, calls = f._load_robots, []
 
-    def planted(origin):
+    def planted(origin, *limiter):
         calls.append(origin)
         if len(calls) == 1:
             raise RuntimeError("planted bug")
-        return load(origin)
+        return load(origin, *limiter)
 
     monkeypatch.setattr(f, "_load_robots", planted)
     first = f.fetch(server.url("/image.jpg"))
@@ -247,7 +247,7 @@ def test_a_failed_robots_verdict_is_tried_again_after_its_time_and_a_good_one_is
 def test_a_bug_anywhere_in_a_fetch_is_that_urls_internal_error_logged_by_the_guard(server, monkeypatch, caplog):
     f = fetcher()
 
-    def planted(url, image=True):
+    def planted(url, image=True, limiter=None):
         raise KeyError("planted")
 
     monkeypatch.setattr(f, "_attempt", planted)
@@ -472,10 +472,10 @@ def test_an_internal_error_of_a_fetch_is_counted_once_in_a_pipeline(server, monk
 
     attempt = Fetcher._attempt
 
-    def planted(self, url, image=True):
+    def planted(self, url, image=True, limiter=None):
         if "boom" in url:
             raise KeyError("planted")
-        return attempt(self, url, image)
+        return attempt(self, url, image, limiter)
 
     monkeypatch.setattr(Fetcher, "_attempt", planted)
     cfg = from_dict(

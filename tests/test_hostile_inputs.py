@@ -170,3 +170,52 @@ def test_near_dedup_of_many_copies_of_a_few_placeholders_is_fast_and_keeps_the_s
     losers = list(near_losers(copies, 4))
     assert len(losers) == 99_998
     assert {loss.detail["duplicate_of"] for _, loss in losers} == {"000000000", "000050000"}
+
+
+def test_near_dedup_of_a_band_every_image_shares_is_linear_and_exact():
+    import random
+
+    from visinstruct.transforms.dedup import near_losers
+    from visinstruct.transforms.hamming_index import HammingIndex
+
+    rng = random.Random(7)
+    shared = 0xABC << 52  # the top 12 bits (a whole band at distance 4) the same in every hash
+    hashes = [shared | rng.getrandbits(52) for _ in range(2_000)]
+    hashes += [h ^ (1 << rng.randrange(52)) ^ (1 << rng.randrange(52)) for h in hashes[:300]]  # near copies
+    members = [(f"{i:09d}", f"{h:016x}") for i, h in enumerate(hashes)]
+    brute = {}
+    for i, (key, h) in enumerate(members):
+        near = [k for k, oh in members[:i] if (int(h, 16) ^ int(oh, 16)).bit_count() <= 4]
+        if near:
+            brute[key] = min(near)
+    found = {key: loss.detail["duplicate_of"] for key, loss in near_losers(members, 4)}
+    assert found == brute and len(found) >= 300
+
+    def checked(n: int) -> int:
+        index = HammingIndex(4)
+        for _ in range(n):
+            value = shared | rng.getrandbits(52)
+            index.near(value)
+            index.add(value)
+        return index.checked
+
+    small, large = checked(20_000), checked(80_000)
+    assert large < 4 * small * 1.5  # 4x the hashes, about 4x the comparisons (a scan would make it 16x)
+    assert large < 80_000 * 50  # tens of comparisons per hash, not tens of thousands
+
+
+def test_the_hamming_index_finds_exactly_what_a_scan_finds_at_every_distance():
+    import random
+
+    from visinstruct.transforms.hamming_index import HammingIndex
+
+    rng = random.Random(3)
+    for distance in (0, 1, 4, 8, 16):
+        index, stored = HammingIndex(distance), []
+        for _ in range(1_500):
+            base = rng.choice(stored) if stored and rng.random() < 0.5 else rng.getrandbits(64)
+            value = base ^ sum(1 << rng.randrange(64) for _ in range(rng.randrange(distance + 2)))
+            assert sorted(index.near(value)) == sorted(h for h in stored if (h ^ value).bit_count() <= distance)
+            if value not in stored:
+                index.add(value)
+                stored.append(value)

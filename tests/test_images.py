@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from visinstruct.configs import ConfigError, ResizeConfig, from_dict
 from visinstruct.schemas import Dropped
-from visinstruct.transforms.images import hamming, phash, process_image, target_size
+from visinstruct.transforms.images import FILTERS, hamming, phash, process_image, resize, target_size
 
 
 def photo(size=(400, 300), fmt="JPEG", mode="RGB") -> bytes:
@@ -94,6 +94,45 @@ def test_resize_only_if_bigger_never_upscales():
     cfg = ResizeConfig(image_size=1024, resize_mode="keep_ratio", resize_only_if_bigger=True)
     assert target_size(400, 300, cfg) == (400, 300)
     assert target_size(400, 300, ResizeConfig(image_size=600, resize_mode="keep_ratio")) == (800, 600)
+
+
+def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_shrinking_averages_areas_as_img2dataset_does_and_enlarging_uses_lanczos():
+    import cv2
+
+    cfg = ResizeConfig(image_size=100, resize_mode="keep_ratio_largest")
+    img = noise((400, 300))
+    small = resize(img, cfg, img.size)
+    assert small.tobytes() == img.resize((100, 75), Image.Resampling.BOX).tobytes()  # default: area
+    theirs = cv2.resize(np.asarray(img), (100, 75), interpolation=cv2.INTER_AREA)  # img2dataset's default
+    assert np.abs(np.asarray(small, dtype=np.int16) - theirs).max() <= 1  # the same averaging, rounding aside
+    tiny = noise((40, 30))
+    big = resize(tiny, cfg, tiny.size)
+    assert big.tobytes() == tiny.resize((100, 75), Image.Resampling.LANCZOS).tobytes()
+
+
+@pytest.mark.parametrize("name", sorted(FILTERS))
+def test_interpolation_is_configurable_both_ways_with_img2datasets_names(name):
+    down = ResizeConfig(image_size=50, resize_mode="keep_ratio_largest", downscale_interpolation=name)
+    up = ResizeConfig(image_size=50, resize_mode="keep_ratio_largest", upscale_interpolation=name)
+    img, tiny = noise((200, 100)), noise((20, 10))
+    assert resize(img, down, img.size).tobytes() == img.resize((50, 25), FILTERS[name]).tobytes()
+    assert resize(tiny, up, tiny.size).tobytes() == tiny.resize((50, 25), FILTERS[name]).tobytes()
+
+
+def test_an_unknown_interpolation_is_a_config_error():
+    with pytest.raises(ConfigError, match="downscale_interpolation"):
+        from_dict(ResizeConfig, {"downscale_interpolation": "lanczos"})
+
+
+def test_the_perceptual_hash_is_skipped_when_not_asked_for():
+    cfg = ResizeConfig(image_size=64)
+    with_hash, without = process_image(photo(), cfg), process_image(photo(), cfg, with_phash=False)
+    assert without.phash is None and len(with_hash.phash) == 16
+    assert without.data == with_hash.data and without.sha256 == with_hash.sha256
 
 
 def test_big_jpeg_downscale_uses_draft_and_keeps_original_size():

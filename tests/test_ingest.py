@@ -178,6 +178,17 @@ def test_duplicates_are_written_once_keeping_the_smallest_key(server, tmp_path):
     assert statuses(out)["000010000"] == "near_duplicate"  # the PNG of photo0: other bytes, same picture
 
 
+def test_the_perceptual_hash_is_computed_only_when_a_step_compares_looks(server, tmp_path):
+    urls = [server.url("/photo2.jpg"), server.url("/photo3.jpg")]
+    _, plain = ingest(tmp_path, urls, out="plain")  # exact dedup only: no pHash
+    _, near = ingest(tmp_path, urls, out="near", dedup={"phash_max_distance": 4})
+    for out, computed in [(plain, False), (near, True)]:
+        index = pq.read_table(sorted(out.glob("*.parquet"))).to_pylist()
+        assert [row["phash"] is not None for row in index] == [computed, computed]
+        assert ["phash" in json.loads(sample["json"]) for sample in read_shards(out)] == [computed, computed]
+    assert [s["jpg"] for s in read_shards(plain)] == [s["jpg"] for s in read_shards(near)]  # same images either way
+
+
 def test_reference_images_are_kept_out(server, tmp_path):
     reference = tmp_path / "eval"
     reference.mkdir()
@@ -380,10 +391,10 @@ def test_a_planted_bug_in_one_record_costs_that_record_only(server, tmp_path, mo
     poisoned_bytes = encode_test_image("jpeg", (100, 50))  # what /photo2.jpg serves
     real_process, real_from_pair = download.process_image, SampleMeta.from_pair
 
-    def process_image(data, cfg):
+    def process_image(data, cfg, **options):
         if data == poisoned_bytes:
             raise ZeroDivisionError("planted in decoding")
-        return real_process(data, cfg)
+        return real_process(data, cfg, **options)
 
     def from_pair(cls, pair, image):
         if pair.url == urls[4]:

@@ -388,3 +388,31 @@ def test_dropped_is_the_same_decision_raised():
         raise Dropped("not_an_image", "the bytes are not an image", {"bytes": 12})
     assert str(raised.value) == "the bytes are not an image"
     assert raised.value.decision == Decision.drop("not_an_image", "the bytes are not an image", {"bytes": 12})
+
+
+def test_every_record_survives_pickle_copy_and_deepcopy_equal_and_smaller_than_field_names_would_make_it():
+    import pickle
+
+    from visinstruct.schemas import ImageRef
+
+    pair = ImageTextPair(
+        url="http://example.com/a.jpg",
+        caption="a dog",
+        boxes=[Box("dog", [0.1, 0.2, 0.5, 0.9])],
+        conversations=[Turn("human", "<image>\nWhat?"), Turn("gpt", "A dog.")],
+        images=[ImageRef(location="a.jpg"), ImageRef(data=b"\xff\xd8")],
+        source={"license": "cc-by", "nested": [1, {"a": 2}]},
+        key="000000001",
+    )
+    records = [
+        pair,
+        IndexRow("000000001", "success", url=pair.url, members=[Member("000000001.jpg", 512, 10)], image_count=1),
+        Rejection("download", "http_404", "not found", "000000002", "http://x/y", JsonDict({"attempts": 1})),
+        ShardStats(shard=0, stage="ingest", inputs=2, written=1, rejected=1, rejected_by_reason={"http_404": 1}),
+        SampleMeta(key="000000001", caption="a dog", clip=ClipScore(0.3, "ViT-B-32", "openai")),
+    ]
+    for record in records:
+        for twin in (pickle.loads(pickle.dumps(record)), copy.copy(record), copy.deepcopy(record)):
+            assert twin == record and type(twin) is type(record)
+        names = [f.name for f in dataclasses.fields(record)]
+        assert not all(name.encode() in pickle.dumps(record) for name in names)  # values only, not field names

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 import apache_beam as beam
 
 from visinstruct.schemas import Decision, ImageTextPair, IndexRow, JsonDict, Rejection
+from visinstruct.transforms.hamming_index import HammingIndex
 from visinstruct.transforms.images import hamming
 
 # (key, sha256 or None: no exact dedup, phash or None: no near dedup, the pHashes checked against references)
@@ -79,13 +80,20 @@ def near_losers(members: Iterable[tuple[str, str]], distance: int) -> Iterator[L
     smallest key), not with every smaller key: a web crawl holds many copies of a few placeholder images, and
     when two of them share a band without being near, every copy of one would be compared with every copy of
     the other (50,000 of each: 2.5e9 comparisons).
+
+    The distinct hashes are kept in a :class:`HammingIndex`, so a band every image shares (a million distinct
+    hashes in one group) costs time linear in the group, not quadratic.
     """
-    first: dict[str, str] = {}  # phash -> the smallest key with it so far
+    first: dict[int, str] = {}  # phash -> the smallest key with it so far
+    index = HammingIndex(distance)
     for key, h in sorted(set(members)):
-        winners = [other for oh, other in first.items() if hamming(h, oh) <= distance]
+        value = int(h, 16)
+        winners = [first[other] for other in index.near(value)]
         if winners:
             yield key, lost_to("near_duplicate", min(winners))
-        first.setdefault(h, key)
+        if value not in first:
+            first[value] = key
+            index.add(value)
 
 
 def reference_names(phashes: Iterable[str], references: list[tuple[str, str]], distance: int) -> list[str]:

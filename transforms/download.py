@@ -1,10 +1,22 @@
 """Download, validate and resize the images of one URL shard, and write them to a staging tar.
 
-One worker handles one shard, as img2dataset does: URLs are shuffled between workers, image bytes never are.
-:func:`fetch_and_process` is the plain per-pair function; :class:`DownloadShard` is the Beam stage around it.
-Every per-row step runs through the guard (:mod:`visinstruct.transforms.guard`): what one row raises becomes
-that row's ``internal_error`` rejection. A finished shard is committed to staging (:mod:`.staging`) so that a
-killed run does not download it again, and reports progress while it runs (:mod:`.progress`).
+Two paths make a shard's draft. Without a rate limit (``download.per_host_rps: null``) one worker handles one
+shard, as img2dataset does: URLs are shuffled between workers, image bytes never are (:class:`DownloadShard`).
+With one, URLs are fetched by host so that the limit holds for the whole job: the steps of that routed path are
+in :mod:`.routed`, the plain functions in :mod:`.hosts`. Both paths share :func:`build_draft` and
+:class:`_ShardStep` (reusing committed drafts, building and committing new ones).
+:func:`fetch_and_process` is the plain per-pair function. Every per-row step runs through the guard
+(:mod:`visinstruct.transforms.guard`): what one row raises becomes that row's ``internal_error`` rejection.
+
+A finished shard is committed to staging (:mod:`.staging`) so that a killed run does not download it again, and
+reports progress while it runs (:mod:`.progress`). On the direct path a killed run keeps every shard already
+built; on the routed path a shard with URLs to fetch is built only after every fetch partition has finished (its
+outcomes cross a batch ``CoGroupByKey``, a barrier), so a run killed while fetching redoes its fetching; shards
+that need no network are built (and committed) at once.
+
+Fetchers: every step that fetches makes one per worker with ``fetcher_factory(cfg.download)``
+(:class:`FetcherStep`); what such a fetcher must do is :class:`FetcherLike` (the real one is
+:class:`~visinstruct.transforms.fetch.Fetcher`).
 """
 
 from __future__ import annotations
@@ -13,14 +25,16 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
+from typing import Protocol
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from visinstruct.configs import IngestConfig
+from visinstruct.configs import DownloadConfig, IngestConfig
 from visinstruct.schemas import (
+    Decision,
     Dropped,
     ImageTextPair,
     IndexRow,
@@ -30,8 +44,9 @@ from visinstruct.schemas import (
     location_fields,
     shard_name,
 )
-from visinstruct.transforms.fetch import Fetcher
-from visinstruct.transforms.guard import INTERNAL_ERROR, guarded
+from visinstruct.transforms.fetch import Fetcher, HostRateLimiter, RobotsRecord
+from visinstruct.transforms.guard import INTERNAL_ERROR, count_internal_error, guarded
+from visinstruct.transforms.hosts import first_url
 from visinstruct.transforms.http import RETRYABLE_REASONS as HTTP_RETRYABLE_REASONS
 from visinstruct.transforms.images import ProcessedImage, process_image
 from visinstruct.transforms.layout import numbered_member, shard_in
@@ -72,6 +87,28 @@ Previous = dict[str, "tuple[IndexRow, dict[str, bytes]] | Rejection"]
 Outcome = ProcessedImage | list[ProcessedImage] | Rejection
 
 
+class FetcherLike(Protocol):
+    """What ``fetcher_factory(cfg.download)`` must return: :class:`~visinstruct.transforms.fetch.Fetcher`, or a
+    stand-in with the same methods (``visinstruct.testing.responder.Responder`` answers from memory)."""
+
+    def fetch(self, url: str, limiter: HostRateLimiter | None = None) -> Decision:
+        """One URL's answer, never an exception: kept with a value carrying ``data``, ``url`` and ``attempts``
+        (:class:`~visinstruct.transforms.fetch.Fetched`), or dropped with a reason. ``limiter``: the one to pace
+        with (a fetch partition's), ``None`` for the fetcher's own. Called from ``map``'s threads."""
+
+    def map(self, fn: Callable, items: list) -> list:
+        """``[fn(item) for item in items]`` on the fetcher's threads (``download.threads`` of them)."""
+
+    def robots_record(self, origin: str, limiter: HostRateLimiter | None = None) -> RobotsRecord:
+        """``origin``'s robots.txt as plain data (:data:`~visinstruct.transforms.fetch.RobotsRecord`)."""
+
+    def seed_robots(self, records: dict[str, RobotsRecord]) -> int:
+        """Take verdicts fetched elsewhere into the robots.txt cache; how many origins were added."""
+
+    def close(self) -> None:
+        """Release the threads and connections (the step's teardown)."""
+
+
 def all_not_final(statuses: Iterable[str]) -> bool:
     """Whether there are rows and every one failed for a reason a rerun may fix (none written, none final)."""
     statuses = list(statuses)
@@ -101,24 +138,27 @@ def _read_local(pair: ImageTextPair, max_bytes: int) -> bytes | Rejection:
 
 def _decode(pair: ImageTextPair, data: bytes, cfg: IngestConfig) -> ProcessedImage | Rejection:
     try:
-        return process_image(data, cfg.resize)
+        return process_image(data, cfg.resize, with_phash=cfg.dedup.uses_phash)
     except Dropped as e:
         return Rejection("decode", e.reason, str(e)[:500], pair.key, pair.location)
 
 
-def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) -> Outcome:
+def fetch_and_process(
+    pair: ImageTextPair, fetcher: FetcherLike, cfg: IngestConfig, limiter: HostRateLimiter | None = None
+) -> Outcome:
     """Fetch one pair's image (or images) and validate/resize it; every failure (any exception too) is a
     :class:`Rejection`. A multi-image pair gives a list of its processed images, a text-only pair an empty list;
-    the first image of several that fails rejects the row, its message saying which."""
+    the first image of several that fails rejects the row, its message saying which. ``limiter``: the fetch
+    partition's (:class:`~visinstruct.transforms.routed.FetchPartition`), else the fetcher paces with its own."""
     if pair.text_only:
         return []
     if not pair.images:
-        return _fetch_one(pair, fetcher, cfg)
+        return _fetch_one(pair, fetcher, cfg, limiter)
     images = []
     for i, image in enumerate(pair.images):
         where = {"image": image.data} if image.data is not None else location_fields(image.location or "")
         one = replace(pair, images=[], **where)
-        outcome = _fetch_one(one, fetcher, cfg)
+        outcome = _fetch_one(one, fetcher, cfg, limiter)
         if isinstance(outcome, Rejection):
             message = f"image {i + 1} of {len(pair.images)}: {outcome.message}"[:500]
             return replace(outcome, message=message, url=outcome.url or pair.location)
@@ -126,12 +166,14 @@ def fetch_and_process(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) 
     return images
 
 
-def _fetch_one(pair: ImageTextPair, fetcher: Fetcher, cfg: IngestConfig) -> ProcessedImage | Rejection:
+def _fetch_one(
+    pair: ImageTextPair, fetcher: FetcherLike, cfg: IngestConfig, limiter: HostRateLimiter | None = None
+) -> ProcessedImage | Rejection:
     location = pair.location
     if pair.image is not None:  # the input row held the bytes (a Hugging Face dataset): nothing to fetch
         data = pair.image
     elif pair.url is not None:  # URLs come from untrusted lists: only the checked HTTP(S) fetcher reads them
-        fetched = guarded("download", lambda: fetcher.fetch(location), pair.key, location)
+        fetched = guarded("download", lambda: fetcher.fetch(location, limiter=limiter), pair.key, location)
         if isinstance(fetched, Rejection):
             return fetched
         if not fetched.kept:
@@ -248,30 +290,58 @@ def _add_row(draft: ShardDraft, writer: TarShardWriter, row, outcome) -> None:
     draft.rejections.append(outcome)
 
 
+def entering(rows: list, previous: Previous, takedown: Takedown) -> list[ImageTextPair | Rejection]:
+    """A shard's rows as they enter the download, in key order: pairs, and rejections (read's, kept from
+    ``previous``, or URLs ``takedown`` lists). ``build_draft`` and ``PlanShard`` both start here."""
+    return [
+        guarded("dedup", functools.partial(_before_download, r, previous, takedown), r.key, r.url)
+        for r in sorted(rows, key=lambda r: r.key)
+    ]
+
+
+def _lost_fetch(pair: ImageTextPair) -> Rejection:
+    """The rejection of a pair whose fetch partition sent no outcome (a bug of ours: never lose the row)."""
+    message = "its outcome never came back from its fetch partition"
+    return Rejection("download", INTERNAL_ERROR, message, pair.key, pair.location)
+
+
 def build_draft(
     shard: int,
     rows: list[ImageTextPair | Rejection],
-    fetcher: Fetcher,
+    fetcher: FetcherLike,
     cfg: IngestConfig,
     tar_path: str,
     previous: Previous | None = None,
     takedown: Takedown | None = None,
     progress: ShardProgress | None = None,
+    prefetched: dict[str, Outcome] | None = None,
 ) -> ShardDraft:
     """Fetch and process a shard's pairs concurrently, write the staging tar, account for every row.
 
     Rows found in ``previous`` (a retry of a complete shard) are reused instead of downloaded. Pairs whose URL
     ``takedown`` lists are not downloaded; images whose sha256 it lists are dropped (also reused ones).
     ``progress`` hears of each row as it finishes.
+
+    ``prefetched`` (the routed path: outcomes by key from the fetch partitions) replaces the fetch of the pairs
+    it holds; they were counted where they were fetched, so ``progress`` does not hear of them again. A pair that
+    needs the network but has no outcome there becomes an ``internal_error`` rejection, never a lost row;
+    pairs of paths or bytes are still read here.
     """
     start = time.monotonic()
     previous, takedown = previous or {}, takedown or Takedown()
     progress = progress or ShardProgress(shard, len(rows), cfg.download.progress_interval)
-    rows = [
-        guarded("dedup", functools.partial(_before_download, r, previous, takedown), r.key, r.url)
-        for r in sorted(rows, key=lambda r: r.key)
-    ]
+    rows = entering(rows, previous, takedown)
     pairs = [r for r in rows if isinstance(r, ImageTextPair) and r.key not in previous]
+    outcomes: dict[str, Outcome] = {}
+    if prefetched is not None:
+        outcomes = {p.key: prefetched[p.key] for p in pairs if p.key in prefetched}
+        for pair in pairs:
+            if pair.key not in outcomes and first_url(pair) is not None:
+                outcomes[pair.key] = _lost_fetch(pair)
+                log.warning("shard %s: %s: %s", shard_name(shard), pair.key, outcomes[pair.key].message)
+                count_internal_error("download")
+                progress.row(outcomes[pair.key])
+        pairs = [p for p in pairs if p.key not in outcomes]
     for row in rows:  # rows that need no download are done already
         if not isinstance(row, ImageTextPair) or row.key in previous:
             progress.row(row)
@@ -281,7 +351,7 @@ def build_draft(
         pairs,
         progress,
     )
-    outcomes = dict(zip((p.key for p in pairs), fetched))
+    outcomes.update(zip((p.key for p in pairs), fetched))
     draft = ShardDraft(shard, tar_path)
     writer = TarShardWriter()
     try:
@@ -310,8 +380,111 @@ def takedown_digest(takedown: Takedown) -> str:
     ).hexdigest()
 
 
-class DownloadShard(beam.DoFn):
+class FetcherStep(beam.DoFn):
+    """A step with one fetcher per worker: made in ``setup`` by ``fetcher_factory(download)``, closed in
+    ``teardown``. ``fetcher_factory`` returns a :class:`FetcherLike` (tests and the scale simulation pass an
+    importable one that answers without a network)."""
+
+    def __init__(self, download: DownloadConfig, fetcher_factory: Callable[[DownloadConfig], FetcherLike] = Fetcher):
+        self.download, self.fetcher_factory = download, fetcher_factory
+
+    def setup(self):
+        self.fetcher = self.fetcher_factory(self.download)
+
+    def teardown(self):
+        if getattr(self, "fetcher", None) is not None:
+            self.fetcher.close()
+
+
+class _ShardStep(FetcherStep):
+    """What the steps that make a shard's draft share: the fetcher, the takedown lists, reusing a committed draft,
+    building and committing a new one, and the closing log line."""
+
+    def __init__(
+        self,
+        cfg: IngestConfig,
+        retry_shards: frozenset[int] = frozenset(),
+        fetcher_factory: Callable[[DownloadConfig], FetcherLike] = Fetcher,
+    ):
+        super().__init__(cfg.download, fetcher_factory)
+        self.cfg, self.retry_shards = cfg, retry_shards
+        self.reused = beam.metrics.Metrics.counter("ingest", "rows_reused_from_staging")
+
+    def setup(self):
+        super().setup()
+        self.takedown = load_takedown_lists(self.cfg.dedup.takedown_lists)
+        self.takedown_digest = takedown_digest(self.takedown)
+
+    def committed(self, shard: int, digest: str) -> ShardDraft | None:
+        """The draft an earlier run (or attempt) committed from the rows of ``digest`` (:meth:`digest`), when it
+        may be reused, else None.
+
+        Deletes the shard's ``_stats.json`` first: until the new stats land, the shard is incomplete.
+        """
+        stats = shard_in(self.cfg.write.path, shard).stats
+        if exists(stats):  # a retry, or a build redoing a shard its later stages never finished
+            FileSystems.delete([stats])
+        if shard in self.retry_shards:
+            return None
+        draft = load_draft(self.cfg.write.path, shard, digest)
+        if draft is None or all_not_final(r.status for r in draft.rows):
+            return None
+        log.info(
+            "shard %s: reusing its download staged by an earlier run (%d rows)",
+            shard_name(shard),
+            len(draft.rows),
+        )
+        self.reused.inc(len(draft.rows))
+        return draft
+
+    def digest(self, rows: list) -> str:
+        """What a draft of ``rows`` depends on (:func:`~visinstruct.transforms.staging.input_digest`)."""
+        return input_digest(rows, self.cfg, self.takedown_digest)
+
+    def previous(self, shard: int) -> Previous | None:
+        """What a complete shard ``write.retry_failed`` redoes already holds (None for any other shard)."""
+        return load_previous(self.cfg.write.path, shard) if shard in self.retry_shards else None
+
+    def build(self, shard: int, rows: list, digest: str, prefetched: dict[str, Outcome] | None = None) -> ShardDraft:
+        """Build the shard's draft (:func:`build_draft`; ``prefetched``: the routed path's outcomes) and commit it
+        to staging under ``digest`` (:meth:`digest` of ``rows``): from then on a kill does not cost this shard's
+        download. Rows already counted where they were fetched are not counted again."""
+        fetched = len({r.key for r in rows} & prefetched.keys()) if prefetched else 0
+        progress = ShardProgress(shard, len(rows) - fetched, self.cfg.download.progress_interval)
+        out = self.cfg.write.path
+        draft = build_draft(
+            shard,
+            rows,
+            self.fetcher,
+            self.cfg,
+            staging_path(out, shard),
+            self.previous(shard),
+            self.takedown,
+            progress,
+            prefetched,
+        )
+        commit_draft(out, draft, digest)
+        add_busy("ingest", draft.duration_s)
+        return draft
+
+    @staticmethod
+    def done(draft: ShardDraft) -> ShardDraft:
+        """``draft``, after the shard's closing log line."""
+        ok = sum(r.status == "success" for r in draft.rows)  # rows_ok / rows_rejected: counted by the progress
+        log.info(
+            "shard %s downloaded: %d ok, %d rejected in %.1fs",
+            shard_name(draft.shard),
+            ok,
+            len(draft.rows) - ok,
+            draft.duration_s,
+        )
+        return draft
+
+
+class DownloadShard(_ShardStep):
     """``(shard, [ImageTextPair | Rejection])`` -> :class:`ShardDraft`; images go to a staging tar.
+
+    The direct path (``download.per_host_rps: null``): the shard's worker fetches its URLs itself.
 
     A draft committed to staging by an earlier (killed) run from the same inputs is reused, not downloaded
     again; so is one committed by an earlier attempt of this bundle, so a retried bundle neither loses nor
@@ -320,45 +493,9 @@ class DownloadShard(beam.DoFn):
     inputs, same digest) holds the very failures ``write.retry_failed`` is meant to try again.
     """
 
-    def __init__(self, cfg: IngestConfig, retry_shards: frozenset[int] = frozenset()):
-        self.cfg, self.retry_shards = cfg, retry_shards
-        self.reused = beam.metrics.Metrics.counter("ingest", "rows_reused_from_staging")
-
-    def setup(self):
-        self.fetcher = Fetcher(self.cfg.download)
-        self.takedown = load_takedown_lists(self.cfg.dedup.takedown_lists)
-        self.takedown_digest = takedown_digest(self.takedown)
-
-    def teardown(self):
-        self.fetcher.close()
-
     def process(self, element):
         shard, rows = element
-        rows, out = list(rows), self.cfg.write.path
-        stats = shard_in(out, shard).stats
-        if exists(stats):  # a retry, or a build redoing a shard its later stages never finished
-            FileSystems.delete([stats])  # until the new stats land, the shard is incomplete
-        digest = input_digest(rows, self.cfg, self.takedown_digest)
-        draft = None if shard in self.retry_shards else load_draft(out, shard, digest)
-        if draft is not None and not all_not_final(r.status for r in draft.rows):
-            log.info(
-                "shard %s: reusing its download staged by an earlier run (%d rows)", shard_name(shard), len(draft.rows)
-            )
-            self.reused.inc(len(draft.rows))
-        else:
-            previous = load_previous(out, shard) if shard in self.retry_shards else None
-            progress = ShardProgress(shard, len(rows), self.cfg.download.progress_interval)
-            draft = build_draft(
-                shard, rows, self.fetcher, self.cfg, staging_path(out, shard), previous, self.takedown, progress
-            )
-            commit_draft(out, draft, digest)  # from here on a kill does not cost this shard's download
-            add_busy("ingest", draft.duration_s)
-        ok = sum(r.status == "success" for r in draft.rows)  # rows_ok / rows_rejected: counted by the progress
-        log.info(
-            "shard %s downloaded: %d ok, %d rejected in %.1fs",
-            shard_name(shard),
-            ok,
-            len(draft.rows) - ok,
-            draft.duration_s,
-        )
-        yield draft
+        rows = list(rows)
+        digest = self.digest(rows)
+        draft = self.committed(shard, digest)
+        yield self.done(draft if draft is not None else self.build(shard, rows, digest))

@@ -8,14 +8,16 @@ What a crawler fed arbitrary URLs needs, and img2dataset users asked for:
   multicast addresses are refused unless the config allows them; the socket connects to the address that was
   checked, so DNS cannot change its answer in between;
 - a body size cap (``max_bytes``, reason ``too_large``), a redirect cap with loop detection;
-- a per-host request rate limit, on by default, and connection reuse per host;
+- a per-host request rate limit, on by default, and connection reuse per host; a caller may pass the limiter a
+  fetch uses (ingest's fetch partitions each pace their hosts with their own, so the limit holds per job);
 - opt-outs honoured: ``X-Robots-Tag`` directives (noai, noimageai, noindex, noml) addressed to everyone or
   to us (our agent name, img2dataset, or ``download.user_agent_token`` as img2dataset does), and each host's
-  robots.txt (on by default; fetched once per origin and cached; RFC 9309: a 4xx answer allows everything, a
-  5xx or no answer disallows everything, reason ``robots_unreachable``). A verdict read from a robots.txt is
-  kept for the fetcher's life; a failed one (unreachable, DNS error...) for
-  :data:`ROBOTS_FAILURE_TTL_S` seconds, then the next URL of that origin asks again, so a transient outage does
-  not block a host for a worker's lifetime; a bug while loading it is not kept at all.
+  robots.txt (on by default; fetched once per origin and cached, or seeded from a verdict fetched elsewhere:
+  :meth:`Fetcher.robots_record`, :meth:`Fetcher.seed_robots`; RFC 9309: a 4xx answer allows everything, a
+  5xx or no answer disallows everything, reason ``robots_unreachable``; a file over 500 KiB is cut there, as
+  RFC 9309 allows). A verdict read from a robots.txt is kept for the fetcher's life; a failed one (unreachable,
+  DNS error...) for :data:`ROBOTS_FAILURE_TTL_S` seconds, then the next URL of that origin asks again, so a
+  transient outage does not block a host for a worker's lifetime; a bug while loading it is not kept at all.
 
 Connections, the time limit per attempt, retries (backoff, Retry-After) and reason codes come from the HTTP core
 (``http.py``). Every URL ends as a
@@ -30,6 +32,7 @@ import random
 import re
 import threading
 import time
+import urllib.parse
 import urllib.robotparser
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +60,7 @@ from visinstruct.transforms.http import (
 REDIRECTS = {301, 302, 303, 307, 308}
 # RFC 9309 2.3.1.4: a robots.txt that cannot be reached reads as complete disallow
 UNREACHABLE_ROBOTS = {"timeout", "connection_error", "truncated"}
+ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 2.5: parsers must read at least 500 KiB; a longer file is cut there
 ROBOTS_FAILURE_TTL_S = 120.0  # how long a failed robots.txt verdict stands before the origin's next URL asks again
 MAX_URL_CHARS = 8192  # what browsers and CDNs accept; longer (in a list, or a redirect's Location) is junk or attack
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # CR/LF in a URL would inject headers; NUL truncates in C code
@@ -72,22 +76,43 @@ class Fetched:
 
 
 class HostRateLimiter:
-    """Spaces requests to one host at least ``1/rps`` seconds apart, across all threads."""
+    """Spaces requests to one host at least ``1/rps`` seconds apart, across all threads.
 
-    def __init__(self, rps: float | None):
+    ``shares`` divides the budget of some hosts: a host fetched from ``k`` places at once (a large host split over
+    ``k`` fetch partitions, :mod:`visinstruct.transforms.hosts`) is spaced ``k/rps`` apart here, so the ``k``
+    limiters together keep it to ``rps``.
+
+    The spacing is measured from when each request was let go, not from when it was scheduled: the threads
+    waiting for one host queue on that host's lock, and the next one's time is set only once the previous one
+    has woken. Scheduling slots in advance would let a thread that wakes late (a busy machine) go at almost the
+    same moment as the next one, so a host would see bursts above its budget.
+    """
+
+    def __init__(self, rps: float | None, shares: dict[str, int] | None = None):
         self.interval = 0.0 if not rps else 1.0 / rps
+        self.shares = dict(shares or {})
         self._next: dict[str, float] = {}
+        self._host_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+
+    def interval_of(self, host: str) -> float:
+        """Seconds between two requests to ``host`` through this limiter."""
+        return self.interval * self.shares.get(host, 1)
 
     def wait(self, host: str) -> None:
         if not self.interval:
             return
         with self._lock:
-            now = time.monotonic()
-            slot = max(now, self._next.get(host, now))
-            self._next[host] = slot + self.interval
-        if slot > now:
-            time.sleep(slot - now)
+            host_lock = self._host_locks.setdefault(host, threading.Lock())
+        with host_lock:  # one thread of this host at a time: the others queue behind it
+            delay = self._next.get(host, 0.0) - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self._next[host] = time.monotonic() + self.interval_of(host)
+
+    def next_slot(self, host: str) -> float:
+        """The ``time.monotonic()`` before which no further request to ``host`` goes (0 when none has gone)."""
+        return self._next.get(host, 0.0)
 
 
 def optout_directive(header_values: list[str], agents: set[str], optouts: set[str]) -> str | None:
@@ -143,41 +168,48 @@ class Fetcher:
         """``[fn(item) for item in items]`` on the fetch threads (fetch, decode and resize overlap there)."""
         return list(self._executor.map(fn, items))
 
-    def fetch(self, url: str) -> Decision[Fetched]:
+    def fetch(self, url: str, limiter: HostRateLimiter | None = None) -> Decision[Fetched]:
         """Fetch one URL with retries; never raises: a bug or an undocumented library error is this URL's
-        ``internal_error`` (the guard logs it; its counter is counted where the result reaches the DoFn thread)."""
-        outcome = guarded("download", lambda: self._fetch(url, image=True), url=url)
+        ``internal_error`` (the guard logs it; its counter is counted where the result reaches the DoFn thread).
+
+        ``limiter`` paces this URL's requests (robots.txt and redirect hops included) instead of the fetcher's own:
+        a fetch partition passes its own (:mod:`visinstruct.transforms.hosts`).
+        """
+        limiter = limiter or self.limiter  # resolved here once: the methods below take the one to use
+        outcome = guarded("download", lambda: self._fetch(url, image=True, limiter=limiter), url=url)
         return Decision.from_rejection(outcome) if isinstance(outcome, Rejection) else outcome
 
-    def _fetch(self, url: str, image: bool) -> Decision[Fetched]:
+    def _fetch(self, url: str, image: bool, limiter: HostRateLimiter) -> Decision[Fetched]:
         """``fetch`` without its last-resort guard; ``image=False`` skips robots.txt and opt-outs (robots.txt)."""
         try:
-            attempts, (data, final_url) = retrying(lambda n: (n, self._attempt(url, image)), self.policy, self._rng)
+            attempts, (data, final_url) = retrying(
+                lambda n: (n, self._attempt(url, image, limiter)), self.policy, self._rng
+            )
         except HttpError as e:
             return Decision.drop(e.reason, str(e), {"attempts": e.attempts})
         return Decision.keep(Fetched(data, final_url, attempts))
 
-    def _attempt(self, url: str, image: bool = True) -> tuple[bytes, str]:
+    def _attempt(self, url: str, image: bool, limiter: HostRateLimiter) -> tuple[bytes, str]:
         """One attempt, redirects included, within ``timeout``: the body and the URL it came from.
 
         A timeout's message names the key to raise (``download.timeout``), as ``too_large``'s does.
         """
         try:
-            return self._redirects(url, image)
+            return self._redirects(url, image, limiter)
         except HttpError as e:
             if e.reason != "timeout":
                 raise
             raise e.with_message(f"no complete answer within download.timeout={self.cfg.timeout:g}s ({e})") from None
 
-    def _redirects(self, url: str, image: bool) -> tuple[bytes, str]:
-        """Follow redirects up to ``max_redirects`` within the attempt's deadline."""
+    def _redirects(self, url: str, image: bool, limiter: HostRateLimiter) -> tuple[bytes, str]:
+        """Follow redirects up to ``max_redirects`` within the attempt's deadline, each hop paced by ``limiter``."""
         seen = {url}
         with attempt_deadline(self.cfg.timeout):
             for _ in range(self.cfg.max_redirects + 1):
                 parts = self._checked_parts(url)
                 if image and self.cfg.check_robots_txt:
-                    self._check_robots(url, parts)
-                self.limiter.wait(parts.hostname)
+                    self._check_robots(url, parts, limiter)
+                limiter.wait(parts.hostname)
                 location = self._request(url, image)
                 if isinstance(location, bytes):
                     return location, url
@@ -239,15 +271,17 @@ class Fetcher:
         finally:
             resp.release_conn()
 
-    def _check_robots(self, url: str, parts) -> None:
+    def _check_robots(self, url: str, parts, limiter: HostRateLimiter) -> None:
         """Raise unless the host's robots.txt (fetched once per origin, cached) lets us fetch ``url``."""
-        verdict = self._robots_verdict(f"{parts.scheme}://{parts.netloc}")
+        verdict = self._robots_verdict(f"{parts.scheme}://{parts.netloc}", limiter)
         if isinstance(verdict, HttpError):
             raise HttpError(verdict.reason, str(verdict))  # a fresh exception: threads share the cached one
         if verdict is not None and not verdict.can_fetch(self.agent, url):
             raise HttpError("robots_txt", f"robots.txt of {parts.hostname} disallows {parts.path or '/'}")
 
-    def _robots_verdict(self, origin: str) -> urllib.robotparser.RobotFileParser | HttpError | None:
+    def _robots_verdict(
+        self, origin: str, limiter: HostRateLimiter
+    ) -> urllib.robotparser.RobotFileParser | HttpError | None:
         """The origin's rules, ``None`` for allow-all, or the error every URL of the origin fails with.
 
         Concurrent threads asking for the same new origin wait for one fetch instead of each sending their own.
@@ -262,7 +296,7 @@ class Fetcher:
                 self._robots[origin] = (future, float("inf"))
         if owner:
             try:
-                verdict = self._load_robots(origin)
+                verdict = self._load_robots(origin, limiter)
             except BaseException as e:
                 self._set_robots_expiry(origin, future, None)
                 future.set_exception(e)
@@ -281,20 +315,96 @@ class Fetcher:
                 else:
                     self._robots[origin] = (future, expires)
 
-    def _load_robots(self, origin: str) -> urllib.robotparser.RobotFileParser | HttpError | None:
-        """Fetch and read robots.txt as RFC 9309 says: 4xx allows all; 5xx or no answer disallows all."""
-        result = self._fetch(origin + "/robots.txt", image=False)
+    def seed_robots(self, records: dict[str, RobotsRecord]) -> int:
+        """Take verdicts fetched elsewhere (:meth:`robots_record`, once per origin of a split host) into the cache.
+
+        Origins whose verdict in the cache has not expired keep it (an expired failure is replaced); a failure
+        seeded here expires after :data:`ROBOTS_FAILURE_TTL_S` from now, as one fetched here would. A record that
+        does not parse is skipped (the origin's URLs then load robots.txt here, as if never seeded). Returns how
+        many origins were added.
+        """
+        added = 0
+        for origin, record in records.items():
+            try:
+                verdict = robots_verdict(record)
+            except Exception:  # a hostile robots.txt that urllib's parser cannot read: not seeded
+                continue
+            with self._robots_lock:
+                if origin in self._robots and self._robots[origin][1] > self._clock():
+                    continue
+                future: Future = Future()
+                future.set_result(verdict)
+                failed = isinstance(verdict, HttpError)
+                self._robots[origin] = (future, self._clock() + ROBOTS_FAILURE_TTL_S if failed else float("inf"))
+                added += 1
+        return added
+
+    def robots_record(self, origin: str, limiter: HostRateLimiter | None = None) -> RobotsRecord:
+        """Fetch ``origin``'s robots.txt and judge the answer as RFC 9309 says (4xx allows all; 5xx or no answer
+        disallows all), as plain data a step can hand on; :func:`robots_verdict` parses it. A body over
+        :data:`ROBOTS_MAX_BYTES` is cut at the last line end before that size. ``limiter``: as in :meth:`fetch`."""
+        result = self._fetch(origin + "/robots.txt", image=False, limiter=limiter or self.limiter)
         if result.kept:
-            parser = urllib.robotparser.RobotFileParser()
-            parser.parse(result.value.data.decode("utf-8", "replace").splitlines())
-            return parser
+            return ("rules", capped_robots(result.value.data).decode("utf-8", "replace"), "")
         reason = result.reason
         if reason in ("blocked_address", "dns_error", "ssl_error", "invalid_url"):  # the image would fail the same way
-            return HttpError(reason, result.message)
+            return ("error", reason, result.message)
         status = int(reason[5:]) if reason.startswith("http_") and reason[5:].isdigit() else None
         if reason in UNREACHABLE_ROBOTS or (status is not None and (status >= 500 or status == 429)):
-            return HttpError(
-                "robots_unreachable",
-                f"robots.txt of {origin} is unreachable ({result.message}); RFC 9309 says to treat that as disallow",
+            message = (
+                f"robots.txt of {origin} is unreachable ({result.message}); RFC 9309 says to treat that as disallow"
             )
-        return None  # 4xx, an empty body, too many redirects...: no usable robots.txt, everything is allowed
+            return ("error", "robots_unreachable", message)
+        return ("allow", "", "")  # 4xx, an empty body, too many redirects...: no usable robots.txt, all allowed
+
+    def _load_robots(
+        self, origin: str, limiter: HostRateLimiter
+    ) -> urllib.robotparser.RobotFileParser | HttpError | None:
+        """Fetch and read robots.txt (:meth:`robots_record`), then parse it (:func:`robots_verdict`)."""
+        return robots_verdict(self.robots_record(origin, limiter))
+
+
+# A robots.txt verdict as plain data (it crosses Beam steps): ("rules", text, ""), ("allow", "", "") or
+# ("error", reason, message).
+RobotsRecord = tuple[str, str, str]
+
+
+def capped_robots(data: bytes) -> bytes:
+    """``data`` cut to :data:`ROBOTS_MAX_BYTES`, at the last line end before it (no rule is read half cut)."""
+    if len(data) <= ROBOTS_MAX_BYTES:
+        return data
+    return data[:ROBOTS_MAX_BYTES].rsplit(b"\n", 1)[0]
+
+
+def readable_robots_lines(lines: list[str]) -> list[str]:
+    """``lines`` without the Allow/Disallow rules whose path urllib cannot parse (it raises on them)."""
+    kept = []
+    for line in lines:
+        field, _, value = line.partition("#")[0].partition(":")
+        if field.strip().lower() in ("allow", "disallow"):
+            try:
+                urllib.parse.urlunparse(urllib.parse.urlparse(urllib.parse.unquote(value.strip())))
+            except ValueError:
+                continue
+        kept.append(line)
+    return kept
+
+
+def robots_verdict(record: RobotsRecord) -> urllib.robotparser.RobotFileParser | HttpError | None:
+    """The cached form of a :data:`RobotsRecord`: parsed rules, ``None`` (allow all) or the error to fail with.
+
+    urllib's parser raises on some hostile files (``ValueError`` for a rule such as ``Disallow: //[x``): the lines
+    it cannot read are left out (:func:`readable_robots_lines`), as RFC 9309 has parsers ignore malformed lines."""
+    kind, first, second = record
+    if kind == "rules":
+        parser = urllib.robotparser.RobotFileParser()
+        lines = first.splitlines()
+        try:
+            parser.parse(lines)
+        except ValueError:
+            parser = urllib.robotparser.RobotFileParser()
+            parser.parse(readable_robots_lines(lines))
+        return parser
+    if kind == "error":
+        return HttpError(first, second)
+    return None

@@ -173,13 +173,16 @@ def listish(row: dict, column: str | None) -> list:
 
 
 def _parquet_rows(path: str, fmt: str, cfg: ReadConfig) -> Iterator[dict | Decision]:
+    """A parquet file's rows, read a batch at a time: a list of millions of URLs never sits in memory whole (the
+    reading worker's memory stays flat). Damage found past the footer ends the file with an ``unreadable_file``
+    row after the rows before it (:func:`~visinstruct.transforms.read.read_unit`)."""
     with open_input(path) as f:
         try:
-            table = pq.read_table(f)
+            batches = pq.ParquetFile(f).iter_batches(batch_size=1024)
         except (OSError, ValueError, pa.ArrowException) as e:
             yield bad_row("unreadable_file", excerpt(f"{path}: not a readable parquet file: {e}"))
             return
-    yield from batch_rows(table.to_batches(max_chunksize=1024))
+        yield from batch_rows(batches)
 
 
 def batch_rows(batches: Iterable[pa.RecordBatch]) -> Iterator[dict | Decision]:

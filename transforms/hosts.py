@@ -1,0 +1,129 @@
+"""Job-wide politeness: which fetch partition fetches a URL, so that ``download.per_host_rps`` holds per job.
+
+A limiter in each worker holds a host to ``per_host_rps`` only within that worker: rows are grouped by *shard*,
+and one host's URLs are spread over every shard, so on 100 workers a host would get 100 times the budget. When
+``per_host_rps`` is set, ingest therefore fetches by *host*:
+
+- every host goes to one **fetch partition**, ``stable_hash(host) % fetch_partitions``: one place in the job
+  paces it, at ``per_host_rps``, and asks for each of its origins' robots.txt once (again if that partition is
+  retried, and again when a failed verdict expires, as the fetcher's cache says);
+- a **large host** (more URLs in the job than ``download.large_host_urls``) is split over
+  ``k = min(fetch_partitions, ceil(urls / large_host_urls))`` partitions (a URL's sub-partition comes from a stable
+  hash of its row key), each pacing it at ``per_host_rps / k``: :func:`split_count`, :func:`fetch_partition`;
+  its robots.txt is asked once per origin by a step of its own and handed to its partitions;
+- a row is routed by its **first URL's host** (:func:`first_url`). The other images of a multi-image row, and
+  redirect targets, are fetched within that partition, each at its host's own interval (``k / per_host_rps``
+  when the host is split), but their hosts may be fetched in other partitions too: for them the budget is per
+  partition, not per job. So the limit holds per job for every request to the host a row is routed by: the
+  image of a one-image row (nearly all rows), unless a redirect takes it to another host.
+
+Host names are compared as the URL spells them, lowercased: ``Example.com.`` (trailing dot) or a Unicode name and
+its IDNA form count as different hosts (a known limit).
+
+The functions here are plain; the Beam steps that use them are in :mod:`visinstruct.transforms.routed`
+(``PlanShard``, ``FetchRobots``, ``FetchPartition``, ``BuildShard``) and the graph in ``pipelines/ingest.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from urllib.parse import urlsplit
+
+from visinstruct.schemas import ImageTextPair, is_url
+from visinstruct.transforms.progress import ShardProgress
+
+log = logging.getLogger(__name__)
+
+
+def stable_hash(text: str) -> int:
+    """A hash of ``text`` that every process and every run agrees on (Python's ``hash`` is salted per process)."""
+    return zlib.crc32(text.encode("utf-8", "surrogatepass"))
+
+
+def host_of(url: str) -> str:
+    """The host a URL's requests go to, as the fetcher's limiter names it (lowercase); ``""`` when unparsable."""
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+
+
+def origin_of(url: str) -> str:
+    """``scheme://netloc`` of a URL, as the fetcher keys its robots.txt cache; ``""`` when unparsable."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ""
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+
+
+def network_urls(pair: ImageTextPair) -> list[str]:
+    """The URLs the fetcher would request for ``pair`` (before redirects), in its order: none for a text-only row
+    or one whose images are bytes or paths (those are read where the shard is written)."""
+    if pair.text_only:
+        return []
+    if pair.images:
+        return [i.location for i in pair.images if i.data is None and i.location and is_url(i.location)]
+    if pair.image is None and pair.url is not None:
+        return [pair.url]
+    return []
+
+
+def first_url(pair: ImageTextPair) -> str | None:
+    """The URL a row is routed by (its first), or ``None`` when it needs no network."""
+    urls = network_urls(pair)
+    return urls[0] if urls else None
+
+
+def split_count(urls: int, large_host_urls: int, fetch_partitions: int) -> int:
+    """How many fetch partitions share a host with ``urls`` URLs in the job: 1 up to ``large_host_urls``, else
+    ``ceil(urls / large_host_urls)``, at most ``fetch_partitions``."""
+    if urls <= large_host_urls:
+        return 1
+    return min(fetch_partitions, math.ceil(urls / large_host_urls))
+
+
+def fetch_partition(host: str, key: str, shares: dict[str, int], fetch_partitions: int) -> int:
+    """The fetch partition of a row whose first URL is on ``host``.
+
+    A host not in ``shares`` (the host table: split hosts and their ``k``) has one partition; a split host's
+    rows go to ``k`` consecutive partitions (distinct, since ``k <= fetch_partitions``), by a stable hash of the
+    row's key: deterministic, and balanced however the host's URLs are laid out in the input.
+    """
+    k = shares.get(host, 1)
+    sub = stable_hash(key) % k if k > 1 else 0
+    return (stable_hash(host) + sub) % fetch_partitions
+
+
+def interleave(pairs: list[ImageTextPair]) -> list[ImageTextPair]:
+    """The pairs in key order within each host, hosts taken round-robin (hosts sorted by name): consecutive
+    fetches go to different hosts, so the fetch threads do not all sleep on one host's next slot."""
+    by_host: dict[str, list[ImageTextPair]] = {}
+    for pair in sorted(pairs, key=lambda p: p.key):
+        by_host.setdefault(host_of(first_url(pair) or ""), []).append(pair)
+    queues = [by_host[host] for host in sorted(by_host)]
+    out: list[ImageTextPair] = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
+
+
+class PartitionProgress(ShardProgress):
+    """:class:`ShardProgress` of one fetch partition: the same counters (``ingest/rows_done``, ``rows_ok``,
+    ``rows_rejected``), log lines that name the partition. ``total``: the rows read so far (a partition reads its
+    rows a window at a time)."""
+
+    def log(self) -> None:
+        rate = self.done / max(time.monotonic() - self._start, 1e-9)
+        log.info(
+            "fetch partition %d: %d of %d rows read so far done, %d ok, %d rejected, %.1f rows/s",
+            self.shard,
+            self.done,
+            self.total,
+            self.ok,
+            self.rejected,
+            rate,
+        )
