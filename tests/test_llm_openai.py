@@ -93,7 +93,9 @@ def test_content_parts_no_seed_and_a_cut_answer(server):
     ],
 )
 def test_each_fault_ends_answered_after_retry_or_with_its_reason(server, marker, reason, attempts):
-    with client(server) as c:
+    # none of these faults waits for the client's timeout: a generous one keeps a slow, busy machine from turning
+    # an answer into a timeout and one attempt more
+    with client(server, timeout=10.0) as c:
         result = c.complete(ask(f"Describe it {marker}"))
     assert (result.reason, result.attempts) == (reason, attempts), result.message
     assert server.calls == attempts
