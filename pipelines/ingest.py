@@ -44,6 +44,7 @@ from visinstruct.schemas import (
     parse_key,
     shard_name,
 )
+from visinstruct.transforms import worker
 from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages, hash_record
 from visinstruct.transforms.download import NOT_FINAL_REASONS, DownloadShard, all_not_final
 from visinstruct.transforms.fetch import Fetcher
@@ -101,6 +102,7 @@ class _NumberRows(beam.DoFn):
         self.rows_read = beam.metrics.Metrics.counter("ingest", "rows_read")
 
     def setup(self):
+        worker.settle()
         self._offsets = None
 
     def process(self, element, counts):

@@ -44,6 +44,7 @@ from visinstruct.schemas import (
     location_fields,
     shard_name,
 )
+from visinstruct.transforms import worker
 from visinstruct.transforms.fetch import Fetcher, HostRateLimiter, RobotsRecord
 from visinstruct.transforms.guard import INTERNAL_ERROR, count_internal_error, guarded
 from visinstruct.transforms.hosts import first_url
@@ -389,6 +390,7 @@ class FetcherStep(beam.DoFn):
         self.download, self.fetcher_factory = download, fetcher_factory
 
     def setup(self):
+        worker.settle()
         self.fetcher = self.fetcher_factory(self.download)
 
     def teardown(self):

@@ -18,6 +18,7 @@ import apache_beam as beam
 import numpy as np
 
 from visinstruct.schemas import ClipScore, Decision, Dropped, Rejection, SampleMeta
+from visinstruct.transforms import worker
 from visinstruct.transforms.guard import guarded
 from visinstruct.transforms.images import decode_rgb
 from visinstruct.transforms.layout import image_member
@@ -90,6 +91,7 @@ class DecodeForClip(beam.DoFn):
         self.preprocess, self.threads, self.stage = preprocess, threads, stage
 
     def setup(self):
+        worker.settle()
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
 
     def teardown(self):

@@ -21,6 +21,7 @@ import apache_beam as beam
 
 from visinstruct.configs import GenerateConfig
 from visinstruct.schemas import IMAGE_TOKEN, Decision, Dropped, GenerationInfo, Rejection, SampleMeta, Turn
+from visinstruct.transforms import worker
 from visinstruct.transforms.guard import guarded
 from visinstruct.transforms.layout import image_member
 from visinstruct.transforms.llm import PartReply, Reply
@@ -170,6 +171,7 @@ class PlanSamples(beam.DoFn):
         self.rows_read = beam.metrics.Metrics.counter(STAGE, "rows_read")
 
     def setup(self):
+        worker.settle()
         self.templates = load_templates(self.cfg.templates)
         self.vision = needs_image(self.cfg, self.templates)
 

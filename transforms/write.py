@@ -19,6 +19,7 @@ from dataclasses import fields, replace
 import apache_beam as beam
 
 from visinstruct.schemas import Decision, IndexRow, Rejection, SampleMeta, ShardStats, parse_key, shard_name
+from visinstruct.transforms import worker
 from visinstruct.transforms.commit import commit_shard, committed_drops, drops
 from visinstruct.transforms.dedup import Loser
 from visinstruct.transforms.guard import internal_error
@@ -176,6 +177,9 @@ class FinalizeShard(beam.DoFn):
         self.out_dir, self.stage = out_dir, stage
         self.written = beam.metrics.Metrics.counter(stage, "written")
         self.rejected = beam.metrics.Metrics.counter(stage, "rejected")
+
+    def setup(self):
+        worker.settle()
 
     def process(self, element):
         shard, groups = element
