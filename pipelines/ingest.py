@@ -47,9 +47,9 @@ from visinstruct.schemas import (
 from visinstruct.transforms import worker
 from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages, hash_record
 from visinstruct.transforms.download import NOT_FINAL_REASONS, DownloadShard, all_not_final
-from visinstruct.transforms.fetch import Fetcher
+from visinstruct.transforms.fetch import Fetcher, origin_of
 from visinstruct.transforms.guard import INTERNAL_ERROR, count_internal_error, guarded, internal_error
-from visinstruct.transforms.hosts import fetch_partition, first_url, host_of, origin_of, split_count
+from visinstruct.transforms.hosts import fetch_partition, first_url, host_of, split_count
 from visinstruct.transforms.images import process_image
 from visinstruct.transforms.layout import read_stats, shard_in, shard_stem, staging_dir, stats_pattern
 from visinstruct.transforms.read import plan_units, read_unit

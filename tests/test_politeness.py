@@ -35,6 +35,8 @@ from visinstruct.transforms.fetch import (
     Fetcher,
     HostRateLimiter,
     capped_robots,
+    host_name,
+    origin_of,
     robots_verdict,
 )
 from visinstruct.transforms.hosts import (
@@ -42,7 +44,6 @@ from visinstruct.transforms.hosts import (
     first_url,
     host_of,
     interleave,
-    origin_of,
     split_count,
     stable_hash,
 )
@@ -102,13 +103,45 @@ def test_a_row_is_routed_by_its_first_url_and_rows_without_urls_are_not_routed()
         "https://A.example:8443/x.jpg"
     )
     assert host_of("https://A.example:8443/x.jpg") == "a.example"
-    assert origin_of("https://A.example:8443/x.jpg") == "https://A.example:8443"  # as the robots cache keys it
+    assert origin_of("https://A.example:8443/x.jpg") == "https://a.example:8443"  # as the robots cache keys it
     for pair in (
         ImageTextPair(key="000000003", path="/data/x.jpg"),
         ImageTextPair(key="000000004", image=b"bytes"),
         ImageTextPair(key="000000005", text_only=True),
     ):
         assert first_url(pair) is None
+
+
+def test_every_spelling_of_a_host_name_is_one_host_and_every_spelling_of_an_origin_one_origin():
+    assert host_name("Example.COM.") == host_name("example.com") == "example.com"  # case, trailing dot
+    assert host_name("bücher.example") == host_name("xn--bcher-kva.example") == "xn--bcher-kva.example"  # IDNA
+    assert host_of("http://BÜCHER.example./a.jpg") == "xn--bcher-kva.example"
+    assert fetch_partition(host_of("http://Example.COM./a.jpg"), "k", {}, 64) == fetch_partition(
+        host_of("http://example.com/b.jpg"), "k", {}, 64
+    )
+    # the origin drops user info and the scheme's default port; another port is another origin
+    assert (
+        origin_of("HTTP://user:secret@Example.COM.:80/a.jpg")
+        == origin_of("http://example.com/b")
+        == ("http://example.com")
+    )
+    assert origin_of("https://example.com:443/") == "https://example.com"
+    assert origin_of("https://example.com:8443/") == "https://example.com:8443"
+    assert origin_of("http://[::1]:8080/a.jpg") == "http://[::1]:8080"
+    assert origin_of("not a url") == origin_of("http://[::1/a.jpg") == ""
+
+
+def test_two_spellings_of_one_host_share_its_budget_and_its_robots_txt(server):
+    f = Fetcher(DownloadConfig(allow_loopback=True, per_host_rps=1000.0, retries=0, threads=2))
+    try:
+        server.reset_log()
+        lower = server.url("/image.jpg").replace("127.0.0.1", "localhost")
+        upper = server.url("/image.jpg").replace("127.0.0.1", "LOCALHOST")
+        assert f.fetch(lower).kept and f.fetch(upper).kept
+        assert server.hits("/robots.txt") == 1  # one origin, one robots.txt
+        assert f.limiter.next_slot("localhost") > 0  # paced under the one name the limiter knows it by
+    finally:
+        f.close()
 
 
 def test_the_shares_of_a_split_host_add_up_to_its_budget():

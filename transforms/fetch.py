@@ -58,6 +58,7 @@ from visinstruct.transforms.http import (
 )
 
 REDIRECTS = {301, 302, 303, 307, 308}
+DEFAULT_PORTS = {"http": 80, "https": 443}
 # RFC 9309 2.3.1.4: a robots.txt that cannot be reached reads as complete disallow
 UNREACHABLE_ROBOTS = {"timeout", "connection_error", "truncated"}
 ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 2.5: parsers must read at least 500 KiB; a longer file is cut there
@@ -113,6 +114,35 @@ class HostRateLimiter:
     def next_slot(self, host: str) -> float:
         """The ``time.monotonic()`` before which no further request to ``host`` goes (0 when none has gone)."""
         return self._next.get(host, 0.0)
+
+
+def host_name(host: str | None) -> str:
+    """The name requests to ``host`` are paced and counted under, everywhere in a job: lowercase, IDNA A-labels, no
+    trailing dot. ``Example.COM.`` and ``example.com`` are one host, as are ``bücher.example`` and
+    ``xn--bcher-kva.example``. A name IDNA refuses stays as lowercase text (its URL is refused as ``invalid_url``)."""
+    name = (host or "").lower().rstrip(".")
+    if name and not name.isascii():
+        try:
+            name = idna.encode(name, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError):
+            pass
+    return name
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of a URL: the host as :func:`host_name` names it, no user info, the scheme's default
+    port left out. The fetcher's robots.txt cache is keyed by it (and robots.txt asked there); ``""`` when the URL
+    has no scheme or host, or an authority that does not parse."""
+    try:
+        parts = urlsplit(url)
+        host, port = host_name(parts.hostname), parts.port
+    except ValueError:
+        return ""
+    scheme = parts.scheme.lower()
+    if not scheme or not host:
+        return ""
+    host = f"[{host}]" if ":" in host else host  # an IPv6 literal
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != DEFAULT_PORTS.get(scheme) else "")
 
 
 def optout_directive(header_values: list[str], agents: set[str], optouts: set[str]) -> str | None:
@@ -209,7 +239,7 @@ class Fetcher:
                 parts = self._checked_parts(url)
                 if image and self.cfg.check_robots_txt:
                     self._check_robots(url, parts, limiter)
-                limiter.wait(parts.hostname)
+                limiter.wait(host_name(parts.hostname))
                 location = self._request(url, image)
                 if isinstance(location, bytes):
                     return location, url
@@ -273,7 +303,7 @@ class Fetcher:
 
     def _check_robots(self, url: str, parts, limiter: HostRateLimiter) -> None:
         """Raise unless the host's robots.txt (fetched once per origin, cached) lets us fetch ``url``."""
-        verdict = self._robots_verdict(f"{parts.scheme}://{parts.netloc}", limiter)
+        verdict = self._robots_verdict(origin_of(url), limiter)
         if isinstance(verdict, HttpError):
             raise HttpError(verdict.reason, str(verdict))  # a fresh exception: threads share the cached one
         if verdict is not None and not verdict.can_fetch(self.agent, url):

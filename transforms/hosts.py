@@ -17,8 +17,10 @@ and one host's URLs are spread over every shard, so on 100 workers a host would 
   partition, not per job. So the limit holds per job for every request to the host a row is routed by: the
   image of a one-image row (nearly all rows), unless a redirect takes it to another host.
 
-Host names are compared as the URL spells them, lowercased: ``Example.com.`` (trailing dot) or a Unicode name and
-its IDNA form count as different hosts (a known limit).
+Host names are compared as the fetcher paces them (:func:`~visinstruct.transforms.fetch.host_name`): lowercase,
+IDNA A-labels, no trailing dot, so ``Example.COM.`` and ``example.com``, or a Unicode name and its IDNA form, are one
+host with one budget; origins (robots.txt) also leave out user info and the scheme's default port. Two names of
+one server (``www.`` and not, an IP and its name) are still two hosts: telling them apart would need DNS.
 
 The functions here are plain; the Beam steps that use them are in :mod:`visinstruct.transforms.routed`
 (``PlanShard``, ``FetchRobots``, ``FetchPartition``, ``BuildShard``) and the graph in ``pipelines/ingest.py``.
@@ -33,6 +35,7 @@ import zlib
 from urllib.parse import urlsplit
 
 from visinstruct.schemas import ImageTextPair, is_url
+from visinstruct.transforms.fetch import host_name
 from visinstruct.transforms.progress import ShardProgress
 
 log = logging.getLogger(__name__)
@@ -44,20 +47,12 @@ def stable_hash(text: str) -> int:
 
 
 def host_of(url: str) -> str:
-    """The host a URL's requests go to, as the fetcher's limiter names it (lowercase); ``""`` when unparsable."""
+    """The host a URL's requests go to, as the fetcher's limiter names it (:func:`host_name`); ``""`` when
+    unparsable."""
     try:
-        return urlsplit(url).hostname or ""
+        return host_name(urlsplit(url).hostname)
     except ValueError:
         return ""
-
-
-def origin_of(url: str) -> str:
-    """``scheme://netloc`` of a URL, as the fetcher keys its robots.txt cache; ``""`` when unparsable."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return ""
-    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
 
 
 def network_urls(pair: ImageTextPair) -> list[str]:

@@ -33,9 +33,9 @@ from visinstruct.transforms.download import (
     entering,
     fetch_and_process,
 )
-from visinstruct.transforms.fetch import Fetcher, HostRateLimiter, RobotsRecord, robots_verdict
+from visinstruct.transforms.fetch import Fetcher, HostRateLimiter, RobotsRecord, origin_of, robots_verdict
 from visinstruct.transforms.guard import INTERNAL_ERROR, count_internal_error, guarded
-from visinstruct.transforms.hosts import PartitionProgress, first_url, interleave, network_urls, origin_of
+from visinstruct.transforms.hosts import PartitionProgress, first_url, interleave, network_urls
 from visinstruct.transforms.takedown import Takedown
 from visinstruct.transforms.timing import add_busy
 
