@@ -160,11 +160,11 @@ def test_slow_body_takes_at_least_the_given_time(srv, client):
 
 
 def test_slow_body_trips_a_client_read_timeout(srv, client):
-    # Two pieces 0.6 s apart: the headers come at once, then the body stalls longer than the 0.3 s read timeout.
+    # Two pieces 5 s apart: the headers come at once, then the body stalls far longer than the 0.3 s read timeout.
     start = time.monotonic()
     with pytest.raises(requests.exceptions.ConnectionError, match="(?i)timed out"):
-        client.get(srv.fault_url("slow", seconds=1.2, pieces=2), timeout=0.3)
-    assert time.monotonic() - start < 1.0
+        client.get(srv.fault_url("slow", seconds=10, pieces=2), timeout=0.3)
+    assert time.monotonic() - start < 4.0  # well before the second piece
 
 
 def test_hang_times_the_client_out(srv, client):
@@ -202,7 +202,7 @@ def test_stop_returns_quickly_with_hang_and_slow_in_flight():
     assert len(server.requests) == 2
     start = time.monotonic()
     server.stop()
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 10.0  # not the 20 s the slow answer would take
     for client in clients:
         client.join(timeout=3)
     # Both clients were cut off (no response, a short body) long before their 20 s timeout.

@@ -118,7 +118,8 @@ def test_429_asking_for_more_than_max_backoff_gives_up_at_once(server):
     with client(server, max_backoff=5.0) as c:
         result = c.complete(ask("Describe it [[fault:429:1:60]]"))
     assert (result.reason, result.attempts, server.calls) == ("http_429", 1, 1)
-    assert "Retry-After 60s exceeds max_backoff" in result.message and time.monotonic() - start < 0.5
+    assert "Retry-After 60s exceeds max_backoff" in result.message
+    assert time.monotonic() - start < 3.0  # no wait at all: neither the 60 s asked nor the 5 s max_backoff
 
 
 @pytest.mark.parametrize("marker", ["[[fault:hang]]", "[[fault:slow:3]]"])
@@ -272,7 +273,7 @@ def test_server_lists_models_and_stops_quickly_with_a_hanging_answer():
     srv = OpenAIServer(model="tiny-chat").start()
     models = urllib3.request("GET", f"{srv.base_url}/models", retries=False).json()
     assert [m["id"] for m in models["data"]] == ["tiny-chat"]
-    c = client(srv, timeout=5.0, retries=0)
+    c = client(srv, timeout=30.0, retries=0)
     outcome = []
     waiter = threading.Thread(target=lambda: outcome.append(c.complete(ask("[[fault:hang]]"))))
     waiter.start()
@@ -280,7 +281,7 @@ def test_server_lists_models_and_stops_quickly_with_a_hanging_answer():
         time.sleep(0.01)
     start = time.monotonic()
     srv.stop()
-    waiter.join(timeout=2.0)
-    assert time.monotonic() - start < 1.0
-    assert outcome and outcome[0].reason == "connection_error"  # the cut connection, well before the 5 s limit
+    waiter.join(timeout=15.0)
+    assert time.monotonic() - start < 10.0
+    assert outcome and outcome[0].reason == "connection_error"  # the cut connection, well before the 30 s limit
     c.close()
