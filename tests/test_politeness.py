@@ -40,10 +40,10 @@ from visinstruct.transforms.fetch import (
     robots_verdict,
 )
 from visinstruct.transforms.hosts import (
+    HostSchedule,
     fetch_partition,
     first_url,
     host_of,
-    interleave,
     split_count,
     stable_hash,
 )
@@ -80,18 +80,59 @@ def test_a_split_hosts_rows_spread_deterministically_over_k_distinct_partitions(
     assert all(800 <= routed.count(p) <= 1200 for p in set(routed))  # about 1000 each (hash of the key)
 
 
-def test_pairs_are_interleaved_across_hosts_in_key_order_within_each():
-    pairs = [ImageTextPair(key=f"{i:09d}", url=f"http://{h}.example/{i}.jpg") for i, h in enumerate("aaaabbc")]
-    order = [(host_of(p.url), p.key[-1]) for p in interleave(list(reversed(pairs)))]
+class FakeClock:
+    """Time that passes only when the schedule sleeps: decisions, not timings, are what the tests check."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _pairs(hosts: str) -> list[ImageTextPair]:
+    return [ImageTextPair(key=f"{i:09d}", url=f"http://{h}.example/{i}.jpg") for i, h in enumerate(hosts)]
+
+
+def test_free_threads_take_the_host_whose_slot_comes_due_first():
+    clock = FakeClock()
+    intervals = {"a.example": 1.0, "b.example": 1.0, "c.example": 4.0}  # c: a split host's share, k times slower
+    schedule = HostSchedule(
+        _pairs("aaaaabbc" + "c"), intervals.__getitem__, 100, clock=lambda: clock.now, sleep=clock.sleep
+    )
+    order = []
+    for pair in schedule:
+        order.append((round(clock.now, 6), host_of(pair.url)[0]))
+    # a and b alternate at their pace, c comes once per 4 s; nothing is taken before its host is due, and no thread
+    # sleeps on a's slot while b or c is due (a fixed order would send a's last three back to back)
     assert order == [
-        ("a.example", "0"),
-        ("b.example", "4"),
-        ("c.example", "6"),
-        ("a.example", "1"),
-        ("b.example", "5"),
-        ("a.example", "2"),
-        ("a.example", "3"),
-    ]
+        (0.0, "a"), (0.0, "b"), (0.0, "c"),
+        (1.0, "a"), (1.0, "b"),
+        (2.0, "a"), (3.0, "a"), (4.0, "c"), (4.0, "a"),  # a tie: the host that has waited longer goes first
+    ]  # fmt: skip
+    assert clock.slept == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_the_schedule_reads_a_window_at_a_time_and_hands_out_every_pair_once():
+    pairs = _pairs("abcd" * 25)
+    read: list[int] = []
+    consumed = iter(pairs)
+
+    def counted():
+        for pair in consumed:
+            read.append(1)
+            yield pair
+
+    batches: list[list[str]] = []
+    schedule = HostSchedule(counted(), lambda host: 0.0, 20, on_read=lambda b: batches.append([p.key for p in b]))
+    first = next(schedule)
+    assert len(read) == 20 and schedule.waiting == 19  # only a window read, not all 100
+    seen = [first.key] + [p.key for p in schedule]
+    assert sorted(seen) == [p.key for p in pairs]  # each pair exactly once: none lost, none twice
+    assert sorted(k for batch in batches for k in batch) == sorted(seen)  # every pair heard of before it went out
+    assert all(len(batch) == 2 for batch in batches)  # a tenth of the window at a time
 
 
 def test_a_row_is_routed_by_its_first_url_and_rows_without_urls_are_not_routed():

@@ -28,10 +28,14 @@ The functions here are plain; the Beam steps that use them are in :mod:`visinstr
 
 from __future__ import annotations
 
+import collections
+import heapq
+import itertools
 import logging
 import math
 import time
 import zlib
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from visinstruct.schemas import ImageTextPair, is_url
@@ -93,17 +97,78 @@ def fetch_partition(host: str, key: str, shares: dict[str, int], fetch_partition
     return (stable_hash(host) + sub) % fetch_partitions
 
 
-def interleave(pairs: list[ImageTextPair]) -> list[ImageTextPair]:
-    """The pairs in key order within each host, hosts taken round-robin (hosts sorted by name): consecutive
-    fetches go to different hosts, so the fetch threads do not all sleep on one host's next slot."""
-    by_host: dict[str, list[ImageTextPair]] = {}
-    for pair in sorted(pairs, key=lambda p: p.key):
-        by_host.setdefault(host_of(first_url(pair) or ""), []).append(pair)
-    queues = [by_host[host] for host in sorted(by_host)]
-    out: list[ImageTextPair] = []
-    for i in range(max((len(q) for q in queues), default=0)):
-        out.extend(q[i] for q in queues if i < len(q))
-    return out
+class HostSchedule:
+    """The pairs of one fetch partition in the order their hosts' slots come due: an iterator for the fetch threads.
+
+    Pairs wait in a queue per host (the host of their first URL), in the order they were read. A host is *due*
+    when its next request may leave: its previous dispatch plus ``interval_of(host)`` (the limiter's spacing,
+    ``k`` times longer for a host split over ``k`` partitions). ``next()`` gives the pair of the host due earliest
+    (ties: the host that has waited longer), so while one host waits for its slot the threads serve others,
+    instead of all sleeping on one host's slot as a fixed order does once the window holds nothing else. When no
+    host is due yet, ``next()`` sleeps until the earliest is: the caller takes pairs one thread at a time
+    (``completed`` holds a lock around ``next``), so no thread commits to a slot far ahead while a pair read later
+    could go sooner.
+
+    Memory stays bounded: pairs are read from ``pairs`` only to keep ``window`` of them waiting, ``on_read`` hearing
+    of each batch read before any of it is handed out (the partition seeds robots.txt verdicts and counts rows
+    there). The limiter still paces every request (and the other images and redirects of a row, which this does
+    not schedule); the schedule only decides which pair a free thread takes. ``clock`` and ``sleep`` are for tests.
+    """
+
+    def __init__(
+        self,
+        pairs: Iterable[ImageTextPair],
+        interval_of: Callable[[str], float],
+        window: int,
+        on_read: Callable[[list[ImageTextPair]], None] = lambda batch: None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self._source, self._interval_of, self._window = iter(pairs), interval_of, max(1, window)
+        self._on_read, self._clock, self._sleep = on_read, clock, sleep
+        self._queues: dict[str, collections.deque] = {}
+        self._heap: list[tuple[float, int, str]] = []  # (due, order met, host) of every host with pairs waiting
+        self._due: dict[str, float] = {}  # hosts met so far: when each is next due (kept once its queue empties)
+        self._order = itertools.count()
+        self.waiting = 0
+
+    def __iter__(self) -> HostSchedule:
+        return self
+
+    def __next__(self) -> ImageTextPair:
+        self._read()
+        if not self._heap:
+            raise StopIteration
+        due, _, host = heapq.heappop(self._heap)
+        now = self._clock()
+        if due > now:
+            self._sleep(due - now)
+            now = self._clock()
+        queue = self._queues[host]
+        pair = queue.popleft()
+        self.waiting -= 1
+        self._due[host] = max(due, now) + self._interval_of(host)
+        if queue:
+            heapq.heappush(self._heap, (self._due[host], next(self._order), host))
+        else:
+            del self._queues[host]
+        return pair
+
+    def _read(self) -> None:
+        """Top the waiting pairs up to ``window`` from the source (a tenth of a window at a time)."""
+        while self.waiting < self._window:
+            batch = list(itertools.islice(self._source, max(1, self._window // 10)))
+            if not batch:
+                return
+            self._on_read(batch)
+            for pair in batch:
+                host = host_of(first_url(pair) or "")
+                queue = self._queues.get(host)
+                if queue is None:
+                    queue = self._queues[host] = collections.deque()
+                    heapq.heappush(self._heap, (self._due.get(host, 0.0), next(self._order), host))
+                queue.append(pair)
+            self.waiting += len(batch)
 
 
 class PartitionProgress(ShardProgress):

@@ -14,12 +14,11 @@ redoes its fetching. Shards that need no network are built by :class:`PlanShard`
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import apache_beam as beam
 
@@ -35,12 +34,12 @@ from visinstruct.transforms.download import (
 )
 from visinstruct.transforms.fetch import Fetcher, HostRateLimiter, RobotsRecord, origin_of, robots_verdict
 from visinstruct.transforms.guard import INTERNAL_ERROR, count_internal_error, guarded
-from visinstruct.transforms.hosts import PartitionProgress, first_url, interleave, network_urls
+from visinstruct.transforms.hosts import HostSchedule, PartitionProgress, first_url, network_urls
 from visinstruct.transforms.takedown import Takedown
 from visinstruct.transforms.timing import add_busy
 
 log = logging.getLogger(__name__)
-WINDOW_PAIRS = 10_000  # a fetch partition reads its pairs this many at a time (never all of them in memory)
+WINDOW_PAIRS = 10_000  # a fetch partition keeps at most this many pairs read and waiting (never all in memory)
 FETCHED = "fetched"  # the outcomes' tag in BuildShard's CoGroupByKey
 _END = object()
 
@@ -160,12 +159,13 @@ class FetchPartition(FetcherStep):
     """``(partition, [ImageTextPair])`` -> ``(shard, (key, Outcome))`` for each pair: one fetch partition.
 
     A fresh limiter per partition paces each host at ``per_host_rps`` (``k / per_host_rps`` apart for a host split
-    over ``k`` partitions: the side input ``shares``). The pairs are read :data:`WINDOW_PAIRS` at a time, each
-    window interleaved across hosts (:func:`~visinstruct.transforms.hosts.interleave`) and fetched and processed on
-    the fetcher's threads, ``download.threads`` in flight, each outcome emitted as it completes (:func:`completed`;
-    its counters counted on this thread). ``robots`` (side input): verdicts of split hosts' robots.txt; only the
-    origins a window meets seed the worker's fetcher's cache, once per worker (a verdict depends on its origin
-    only; a seeded failure then expires as a fetched one does); the limiter never outlives its partition.
+    over ``k`` partitions: the side input ``shares``). The fetcher's threads, ``download.threads`` in flight, take
+    the pairs in the order their hosts' slots come due (:class:`~visinstruct.transforms.hosts.HostSchedule`, which
+    keeps at most :data:`WINDOW_PAIRS` read and waiting), fetch and process them, and each outcome is emitted as it
+    completes (:func:`completed`; its counters counted on this thread). ``robots`` (side input): verdicts of split
+    hosts' robots.txt; only the origins of the pairs read seed the worker's fetcher's cache, before any of them is
+    fetched, once per worker (a verdict depends on its origin only; a seeded failure then expires as a fetched one
+    does); the limiter never outlives its partition.
     """
 
     def __init__(self, cfg: IngestConfig, fetcher_factory=Fetcher):
@@ -197,15 +197,16 @@ class FetchPartition(FetcherStep):
                 "download", lambda: fetch_and_process(pair, self.fetcher, cfg, limiter), pair.key, pair.location
             )
 
-        source: Iterable = iter(pairs)
-        while window := list(itertools.islice(source, WINDOW_PAIRS)):
-            progress.total += len(window)
-            self.seed(window, robots)
-            for pair, outcome in completed(self.fetcher.map, one, interleave(window), cfg.download.threads):
-                if isinstance(outcome, Rejection) and outcome.reason == INTERNAL_ERROR:
-                    count_internal_error(outcome.stage)  # the guard ran on a fetch thread, where it cannot count
-                progress.row(outcome)
-                yield parse_key(pair.key)[0], (pair.key, outcome)
+        def read(batch: list[ImageTextPair]) -> None:  # on a fetch thread, before any pair of the batch is fetched
+            progress.total += len(batch)
+            self.seed(batch, robots)
+
+        schedule = HostSchedule(pairs, limiter.interval_of, WINDOW_PAIRS, read)
+        for pair, outcome in completed(self.fetcher.map, one, schedule, cfg.download.threads):
+            if isinstance(outcome, Rejection) and outcome.reason == INTERNAL_ERROR:
+                count_internal_error(outcome.stage)  # the guard ran on a fetch thread, where it cannot count
+            progress.row(outcome)
+            yield parse_key(pair.key)[0], (pair.key, outcome)
         add_busy("ingest", time.monotonic() - start)
 
 
