@@ -11,6 +11,7 @@ import io
 import json
 import random
 import tarfile
+import threading
 import time
 import zlib
 from dataclasses import replace
@@ -99,12 +100,10 @@ def _pairs(hosts: str) -> list[ImageTextPair]:
 def test_free_threads_take_the_host_whose_slot_comes_due_first():
     clock = FakeClock()
     intervals = {"a.example": 1.0, "b.example": 1.0, "c.example": 4.0}  # c: a split host's share, k times slower
-    schedule = HostSchedule(
-        _pairs("aaaaabbc" + "c"), intervals.__getitem__, 100, clock=lambda: clock.now, sleep=clock.sleep
-    )
-    order = []
-    for pair in schedule:
-        order.append((round(clock.now, 6), host_of(pair.url)[0]))
+    schedule = HostSchedule(intervals.__getitem__, clock=lambda: clock.now, sleep=clock.sleep)
+    schedule.add(_pairs("aaaaabbcc"))
+    schedule.close()
+    order = [(round(clock.now, 6), host_of(pair.url)[0]) for pair in schedule]
     # a and b alternate at their pace, c comes once per 4 s; nothing is taken before its host is due, and no thread
     # sleeps on a's slot while b or c is due (a fixed order would send a's last three back to back)
     assert order == [
@@ -115,24 +114,31 @@ def test_free_threads_take_the_host_whose_slot_comes_due_first():
     assert clock.slept == [1.0, 1.0, 1.0, 1.0]
 
 
-def test_the_schedule_reads_a_window_at_a_time_and_hands_out_every_pair_once():
-    pairs = _pairs("abcd" * 25)
-    read: list[int] = []
-    consumed = iter(pairs)
+def test_a_host_added_later_goes_before_a_busy_host_and_each_pair_goes_once():
+    clock = FakeClock()
+    schedule = HostSchedule(lambda host: 10.0, clock=lambda: clock.now, sleep=clock.sleep)
+    schedule.add(_pairs("aaa"))
+    assert host_of(next(schedule).url) == "a.example" and schedule.waiting == 2
+    schedule.add(_pairs("bb"))  # read while a waits for its next slot, 10 s away
+    assert (host_of(next(schedule).url), clock.now) == ("b.example", 0.0)  # b is due at once
+    schedule.close()
+    rest = list(schedule)
+    assert [host_of(p.url) for p in rest] == ["a.example", "b.example", "a.example"]
+    assert schedule.waiting == 0
 
-    def counted():
-        for pair in consumed:
-            read.append(1)
-            yield pair
 
-    batches: list[list[str]] = []
-    schedule = HostSchedule(counted(), lambda host: 0.0, 20, on_read=lambda b: batches.append([p.key for p in b]))
-    first = next(schedule)
-    assert len(read) == 20 and schedule.waiting == 19  # only a window read, not all 100
-    seen = [first.key] + [p.key for p in schedule]
-    assert sorted(seen) == [p.key for p in pairs]  # each pair exactly once: none lost, none twice
-    assert sorted(k for batch in batches for k in batch) == sorted(seen)  # every pair heard of before it went out
-    assert all(len(batch) == 2 for batch in batches)  # a tenth of the window at a time
+def test_threads_waiting_for_pairs_end_when_the_schedule_closes():
+    schedule = HostSchedule(lambda host: 0.0)
+    taken: list[str] = []
+    threads = [threading.Thread(target=lambda: taken.extend(p.key for p in schedule)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    schedule.add(_pairs("abcabc"))
+    schedule.close()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert sorted(taken) == [p.key for p in _pairs("abcabc")]  # each pair taken once, by some thread
 
 
 def test_a_row_is_routed_by_its_first_url_and_rows_without_urls_are_not_routed():

@@ -33,6 +33,7 @@ import heapq
 import itertools
 import logging
 import math
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -98,77 +99,89 @@ def fetch_partition(host: str, key: str, shares: dict[str, int], fetch_partition
 
 
 class HostSchedule:
-    """The pairs of one fetch partition in the order their hosts' slots come due: an iterator for the fetch threads.
+    r"""The pairs of one fetch partition in the order their hosts' slots come due: an iterator for the fetch threads.
 
-    Pairs wait in a queue per host (the host of their first URL), in the order they were read. A host is *due*
+    Pairs wait in a queue per host (the host of their first URL), in the order they were added. A host is *due*
     when its next request may leave: its previous dispatch plus ``interval_of(host)`` (the limiter's spacing,
     ``k`` times longer for a host split over ``k`` partitions). ``next()`` gives the pair of the host due earliest
     (ties: the host that has waited longer), so while one host waits for its slot the threads serve others,
-    instead of all sleeping on one host's slot as a fixed order does once the window holds nothing else. When no
-    host is due yet, ``next()`` sleeps until the earliest is: the caller takes pairs one thread at a time
-    (``completed`` holds a lock around ``next``), so no thread commits to a slot far ahead while a pair read later
+    instead of all sleeping on one host's slot as a fixed order does once the pairs at hand hold nothing else.
+    When no host is due yet, ``next()`` waits until the earliest is, or until pairs are added (a new host is due at
+    once); when none is waiting it waits for more, until :meth:`close`. The caller takes pairs one thread at a time
+    (``completed`` holds a lock around ``next``), so no thread commits to a slot far ahead while a pair added later
     could go sooner.
 
-    Memory stays bounded: pairs are read from ``pairs`` only to keep ``window`` of them waiting, ``on_read`` hearing
-    of each batch read before any of it is handed out (the partition seeds robots.txt verdicts and counts rows
-    there). The limiter still paces every request (and the other images and redirects of a row, which this does
-    not schedule); the schedule only decides which pair a free thread takes. ``clock`` and ``sleep`` are for tests.
+    The partition's own thread :meth:`add`\ s pairs as the waiting drain (Beam's iterables are read on the thread of
+    the bundle) and closes the schedule when its input ends or it stops. The limiter still paces every request
+    (and the other images and redirects of a row, which this does not schedule); the schedule only decides which
+    pair a free thread takes. ``clock`` and ``sleep`` are for tests (``sleep`` replaces the wait for a due time).
     """
 
     def __init__(
         self,
-        pairs: Iterable[ImageTextPair],
         interval_of: Callable[[str], float],
-        window: int,
-        on_read: Callable[[list[ImageTextPair]], None] = lambda batch: None,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ):
-        self._source, self._interval_of, self._window = iter(pairs), interval_of, max(1, window)
-        self._on_read, self._clock, self._sleep = on_read, clock, sleep
+        self._interval_of, self._clock = interval_of, clock
+        self._cond = threading.Condition()
+        self._sleep = sleep or (lambda seconds: self._cond.wait(seconds))
         self._queues: dict[str, collections.deque] = {}
-        self._heap: list[tuple[float, int, str]] = []  # (due, order met, host) of every host with pairs waiting
+        self._heap: list[tuple[float, int, str]] = []  # (due, order pushed, host) of every host with pairs waiting
         self._due: dict[str, float] = {}  # hosts met so far: when each is next due (kept once its queue empties)
         self._order = itertools.count()
-        self.waiting = 0
+        self._waiting, self._closed = 0, False
 
-    def __iter__(self) -> HostSchedule:
-        return self
+    @property
+    def waiting(self) -> int:
+        """Pairs added and not yet taken."""
+        return self._waiting
 
-    def __next__(self) -> ImageTextPair:
-        self._read()
-        if not self._heap:
-            raise StopIteration
-        due, _, host = heapq.heappop(self._heap)
-        now = self._clock()
-        if due > now:
-            self._sleep(due - now)
-            now = self._clock()
-        queue = self._queues[host]
-        pair = queue.popleft()
-        self.waiting -= 1
-        self._due[host] = max(due, now) + self._interval_of(host)
-        if queue:
-            heapq.heappush(self._heap, (self._due[host], next(self._order), host))
-        else:
-            del self._queues[host]
-        return pair
-
-    def _read(self) -> None:
-        """Top the waiting pairs up to ``window`` from the source (a tenth of a window at a time)."""
-        while self.waiting < self._window:
-            batch = list(itertools.islice(self._source, max(1, self._window // 10)))
-            if not batch:
-                return
-            self._on_read(batch)
-            for pair in batch:
+    def add(self, pairs: Iterable[ImageTextPair]) -> None:
+        """Queue ``pairs`` behind their hosts' (new hosts are due at once)."""
+        with self._cond:
+            for pair in pairs:
                 host = host_of(first_url(pair) or "")
                 queue = self._queues.get(host)
                 if queue is None:
                     queue = self._queues[host] = collections.deque()
                     heapq.heappush(self._heap, (self._due.get(host, 0.0), next(self._order), host))
                 queue.append(pair)
-            self.waiting += len(batch)
+                self._waiting += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """No more pairs: ``next()`` ends once the waiting ones are taken (at once, for threads already waiting)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __iter__(self) -> HostSchedule:
+        return self
+
+    def __next__(self) -> ImageTextPair:
+        with self._cond:
+            while True:
+                if not self._heap:
+                    if self._closed:
+                        raise StopIteration
+                    self._cond.wait()
+                    continue
+                due, _, host = self._heap[0]
+                now = self._clock()
+                if due <= now:
+                    break
+                self._sleep(due - now)  # woken early by add(): a new host may be due sooner
+            heapq.heappop(self._heap)
+            queue = self._queues[host]
+            pair = queue.popleft()
+            self._waiting -= 1
+            self._due[host] = max(due, now) + self._interval_of(host)
+            if queue:
+                heapq.heappush(self._heap, (self._due[host], next(self._order), host))
+            else:
+                del self._queues[host]
+            return pair
 
 
 class PartitionProgress(ShardProgress):

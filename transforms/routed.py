@@ -14,6 +14,7 @@ redoes its fetching. Shards that need no network are built by :class:`PlanShard`
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -39,7 +40,7 @@ from visinstruct.transforms.takedown import Takedown
 from visinstruct.transforms.timing import add_busy
 
 log = logging.getLogger(__name__)
-WINDOW_PAIRS = 10_000  # a fetch partition keeps at most this many pairs read and waiting (never all in memory)
+WINDOW_PAIRS = 10_000  # a fetch partition keeps about this many pairs read and waiting (never all in memory)
 FETCHED = "fetched"  # the outcomes' tag in BuildShard's CoGroupByKey
 _END = object()
 
@@ -197,16 +198,28 @@ class FetchPartition(FetcherStep):
                 "download", lambda: fetch_and_process(pair, self.fetcher, cfg, limiter), pair.key, pair.location
             )
 
-        def read(batch: list[ImageTextPair]) -> None:  # on a fetch thread, before any pair of the batch is fetched
-            progress.total += len(batch)
-            self.seed(batch, robots)
+        source, schedule = iter(pairs), HostSchedule(limiter.interval_of)
 
-        schedule = HostSchedule(pairs, limiter.interval_of, WINDOW_PAIRS, read)
-        for pair, outcome in completed(self.fetcher.map, one, schedule, cfg.download.threads):
-            if isinstance(outcome, Rejection) and outcome.reason == INTERNAL_ERROR:
-                count_internal_error(outcome.stage)  # the guard ran on a fetch thread, where it cannot count
-            progress.row(outcome)
-            yield parse_key(pair.key)[0], (pair.key, outcome)
+        def top_up() -> None:  # on this thread (Beam's iterables are read where the bundle runs)
+            while schedule.waiting < WINDOW_PAIRS:
+                batch = list(itertools.islice(source, WINDOW_PAIRS // 10))
+                if not batch:
+                    schedule.close()
+                    return
+                progress.total += len(batch)
+                self.seed(batch, robots)  # before any pair of the batch can be fetched
+                schedule.add(batch)
+
+        try:
+            top_up()
+            for pair, outcome in completed(self.fetcher.map, one, schedule, cfg.download.threads):
+                if isinstance(outcome, Rejection) and outcome.reason == INTERNAL_ERROR:
+                    count_internal_error(outcome.stage)  # the guard ran on a fetch thread, where it cannot count
+                progress.row(outcome)
+                yield parse_key(pair.key)[0], (pair.key, outcome)
+                top_up()  # a pair taken is an outcome to come: the schedule never waits with nothing in flight
+        finally:
+            schedule.close()  # threads waiting for pairs end
         add_busy("ingest", time.monotonic() - start)
 
 
