@@ -9,6 +9,7 @@ logs; then the routed path against the direct one (same bytes) and a resumed run
 
 import io
 import json
+import math
 import random
 import tarfile
 import threading
@@ -117,9 +118,12 @@ def test_free_threads_take_the_host_whose_slot_comes_due_first():
 def test_a_host_added_later_goes_before_a_busy_host_and_each_pair_goes_once():
     clock = FakeClock()
     schedule = HostSchedule(lambda host: 10.0, clock=lambda: clock.now, sleep=clock.sleep)
+    assert schedule.due_in() == math.inf  # nothing waiting
     schedule.add(_pairs("aaa"))
     assert host_of(next(schedule).url) == "a.example" and schedule.waiting == 2
+    assert schedule.due_in() == 10.0  # every waiting host waits for its slot: the partition reads ahead then
     schedule.add(_pairs("bb"))  # read while a waits for its next slot, 10 s away
+    assert schedule.due_in() == 0.0
     assert (host_of(next(schedule).url), clock.now) == ("b.example", 0.0)  # b is due at once
     schedule.close()
     rest = list(schedule)

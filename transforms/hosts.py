@@ -137,6 +137,11 @@ class HostSchedule:
         """Pairs added and not yet taken."""
         return self._waiting
 
+    def due_in(self) -> float:
+        """Seconds until the earliest waiting host is due: 0 when one is due now, ``inf`` when none is waiting."""
+        with self._cond:
+            return max(0.0, self._heap[0][0] - self._clock()) if self._heap else math.inf
+
     def add(self, pairs: Iterable[ImageTextPair]) -> None:
         """Queue ``pairs`` behind their hosts' (new hosts are due at once)."""
         with self._cond:

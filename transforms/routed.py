@@ -41,6 +41,7 @@ from visinstruct.transforms.timing import add_busy
 
 log = logging.getLogger(__name__)
 WINDOW_PAIRS = 10_000  # a fetch partition keeps about this many pairs read and waiting (never all in memory)
+READ_AHEAD_PAIRS = 4 * WINDOW_PAIRS  # and reads on up to this many while no waiting host is due
 FETCHED = "fetched"  # the outcomes' tag in BuildShard's CoGroupByKey
 _END = object()
 
@@ -201,7 +202,8 @@ class FetchPartition(FetcherStep):
         source, schedule = iter(pairs), HostSchedule(limiter.interval_of)
 
         def top_up() -> None:  # on this thread (Beam's iterables are read where the bundle runs)
-            while schedule.waiting < WINDOW_PAIRS:
+            # a window waiting, and more while every waiting host waits for its slot (a host read later may be due)
+            while schedule.waiting < WINDOW_PAIRS or (schedule.waiting < READ_AHEAD_PAIRS and schedule.due_in() > 0):
                 batch = list(itertools.islice(source, WINDOW_PAIRS // 10))
                 if not batch:
                     schedule.close()
