@@ -143,7 +143,7 @@ class HostSchedule:
             return max(0.0, self._heap[0][0] - self._clock()) if self._heap else math.inf
 
     def add(self, pairs: Iterable[ImageTextPair]) -> None:
-        """Queue ``pairs`` behind their hosts' (new hosts are due at once)."""
+        """Queue ``pairs`` behind their hosts' (a host not met before is due at once)."""
         with self._cond:
             for pair in pairs:
                 host = host_of(first_url(pair) or "")
