@@ -29,6 +29,7 @@ from visinstruct.pipelines.ingest import Ingest, run
 from visinstruct.pipelines.options import pipeline_options
 from visinstruct.pipelines.report import counter_value, summarize
 from visinstruct.schemas import ImageRef, ImageTextPair, key_for_row
+from visinstruct.testing.responder import Responder
 from visinstruct.testing.server import ImageServer, encode_test_image
 from visinstruct.transforms import write
 from visinstruct.transforms.fetch import (
@@ -49,6 +50,7 @@ from visinstruct.transforms.hosts import (
     split_count,
     stable_hash,
 )
+from visinstruct.transforms.routed import FetchPartition
 
 pytestmark = pytest.mark.timeout(300)
 RUNNER = ["--runner=FnApiRunner"]
@@ -143,6 +145,14 @@ def test_threads_waiting_for_pairs_end_when_the_schedule_closes():
         thread.join(timeout=30)
     assert not any(thread.is_alive() for thread in threads)
     assert sorted(taken) == [p.key for p in _pairs("abcabc")]  # each pair taken once, by some thread
+
+
+def test_a_failed_partition_discards_its_waiting_pairs_so_no_further_request_goes():
+    schedule = HostSchedule(lambda host: 0.0)
+    schedule.add(_pairs("abcabc"))
+    assert next(schedule).key == "000000000"
+    schedule.close(discard=True)
+    assert schedule.waiting == 0 and list(schedule) == []
 
 
 def test_a_row_is_routed_by_its_first_url_and_rows_without_urls_are_not_routed():
@@ -624,3 +634,31 @@ def test_a_shard_with_nothing_to_fetch_is_built_by_plan_shard_itself(tmp_path):
     assert [o.tag for o in routed] == [PlanShard.PENDING, PlanShard.REQUESTS]
     shard, (digest, rows) = routed[0].value
     assert shard == 2 and len(digest) == 64 and [r.key for r in rows] == ["000000004", "000000008"]
+
+
+class CountingResponder(Responder):
+    """The in-memory fetcher, counting the URLs it was asked for."""
+
+    asked: list[str] = []
+
+    def fetch(self, url: str, limiter=None):
+        CountingResponder.asked.append(url)
+        return super().fetch(url, limiter)
+
+
+def test_a_partition_whose_bundle_fails_sends_no_further_request(tmp_path):
+    cfg = ingest_config(tmp_path, ["http://a.example/x.jpg"], "out", shard_size=8, per_host_rps=1000.0)
+    step = FetchPartition(cfg, fetcher_factory=CountingResponder)
+    step.setup()
+    CountingResponder.asked = []
+    pairs = _pairs("ab" * 500)
+    outputs = step.process((0, pairs), {}, {})
+    try:
+        next(outputs)
+        with pytest.raises(RuntimeError):
+            outputs.throw(RuntimeError("a later step of the bundle failed"))
+        time.sleep(0.5)  # were the fetch threads still at work, they would have asked for most of the 1,000 by now
+        # the outcome consumed, and at most what the 8 threads had taken when the bundle failed
+        assert len(CountingResponder.asked) <= 1 + 2 * cfg.download.threads
+    finally:
+        step.teardown()

@@ -155,10 +155,18 @@ class HostSchedule:
                 self._waiting += 1
             self._cond.notify_all()
 
-    def close(self) -> None:
-        """No more pairs: ``next()`` ends once the waiting ones are taken (at once, for threads already waiting)."""
+    def close(self, discard: bool = False) -> None:
+        """No more pairs: ``next()`` ends once the waiting ones are taken (at once, for threads already waiting).
+
+        ``discard``: drop the waiting pairs too, so that ``next()`` ends at once (a failed partition sends no
+        further request; the retry of its bundle asks again).
+        """
         with self._cond:
             self._closed = True
+            if discard:
+                self._queues.clear()
+                self._heap.clear()
+                self._waiting = 0
             self._cond.notify_all()
 
     def __iter__(self) -> HostSchedule:

@@ -212,16 +212,22 @@ class FetchPartition(FetcherStep):
                 self.seed(batch, robots)  # before any pair of the batch can be fetched
                 schedule.add(batch)
 
+        outcomes = completed(self.fetcher.map, one, schedule, cfg.download.threads)
         try:
             top_up()
-            for pair, outcome in completed(self.fetcher.map, one, schedule, cfg.download.threads):
+            for pair, outcome in outcomes:
                 if isinstance(outcome, Rejection) and outcome.reason == INTERNAL_ERROR:
                     count_internal_error(outcome.stage)  # the guard ran on a fetch thread, where it cannot count
                 progress.row(outcome)
                 yield parse_key(pair.key)[0], (pair.key, outcome)
                 top_up()  # a pair taken is an outcome to come: the schedule never waits with nothing in flight
+        except BaseException:
+            # a failed bundle sends no further request: its retry asks again, and both together would double the pace
+            schedule.close(discard=True)
+            raise
         finally:
             schedule.close()  # threads waiting for pairs end
+            outcomes.close()  # and the fetch loops stop after their current pair
         add_busy("ingest", time.monotonic() - start)
 
 
