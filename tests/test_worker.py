@@ -8,19 +8,22 @@ import sys
 
 import pytest
 
-SCRIPT = """
+FREEZE = """
 import gc
 from visinstruct.transforms import worker
 before = gc.get_freeze_count()
-first, second = worker.settle(), worker.settle()
+first, second = worker.freeze_once(), worker.freeze_once()
 print(before, first, second, gc.get_freeze_count() > before)
 """
 
 
-def test_settle_freezes_the_process_once():
-    # in a fresh interpreter: freezing is for the life of a process, and the test run's own heap is not ours to keep
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["0", "True", "False", "True"]
+def run_python(script: str) -> list[str]:
+    # a fresh interpreter: freezing is for the life of a process, and the test run's own heap must stay collectable
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_a_process_is_frozen_once():
+    assert run_python(FREEZE) == ["0", "True", "False", "True"]
 
 
 STEPS = {
@@ -32,11 +35,37 @@ STEPS = {
 
 
 @pytest.mark.parametrize("name", sorted(STEPS))
-def test_a_stage_settles_its_worker_at_set_up(name):
-    script = f"import gc\n{STEPS[name]}\nbefore = gc.get_freeze_count()\nstep.setup()\n"
-    script += "print(before == 0, gc.get_freeze_count() > 0)\nstep.teardown()"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "True"]
+def test_a_stage_settles_an_sdk_worker_at_set_up_and_leaves_a_driver_alone(name):
+    script = f"import gc\nfrom visinstruct.transforms import worker\n{STEPS[name]}\n"
+    script += "step.setup()\ndriver = gc.get_freeze_count()\nstep.teardown()\n"
+    script += "worker.in_sdk_worker = lambda: True  # as in python -m apache_beam.runners.worker.sdk_worker_main\n"
+    script += "step.setup()\nprint(driver == 0, gc.get_freeze_count() > 0)\nstep.teardown()"
+    assert run_python(script) == ["True", "True"]
+
+
+def test_only_beams_sdk_worker_main_counts_as_an_sdk_worker():
+    script = "import sys, types\nfrom visinstruct.transforms import worker\nprint(worker.in_sdk_worker())\n"
+    script += "sys.modules['__main__'].__spec__ = types.SimpleNamespace(name=worker.SDK_WORKER_MAIN)\n"
+    script += "print(worker.in_sdk_worker())"
+    assert run_python(script) == ["False", "True"]
+
+
+def test_the_local_runners_worker_processes_are_sdk_workers(tmp_path):
+    """What the gate looks for is what Beam's worker processes run (else no worker would ever be settled)."""
+    import apache_beam as beam
+
+    from visinstruct.pipelines.options import pipeline_options
+    from visinstruct.transforms import worker
+
+    options = ["--runner=FnApiRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=1"]
+    with beam.Pipeline(options=pipeline_options(options)) as p:
+        _ = (
+            p
+            | beam.Create([0])
+            | beam.Map(lambda _, ask=worker.in_sdk_worker: str(ask()))
+            | beam.io.WriteToText(str(tmp_path / "out"))
+        )
+    assert [line for f in sorted(tmp_path.glob("out*")) for line in f.read_text().split()] == ["True"]
 
 
 def test_image_work_waits_for_a_slot_while_fetches_stay_in_flight(monkeypatch, tmp_path):

@@ -35,6 +35,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
@@ -98,6 +99,19 @@ def fetch_partition(host: str, key: str, shares: dict[str, int], fetch_partition
     return (stable_hash(host) + sub) % fetch_partitions
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every schedule not yet collected (see _discard_all)
+
+
+def _discard_all() -> None:
+    """At exit, before ``concurrent.futures`` joins its threads: a schedule whose partition stopped feeding it (a
+    later step of its bundle failed) must not keep its fetch threads waiting for pairs, and the process alive."""
+    for schedule in list(_LIVE):
+        schedule.close(discard=True)
+
+
+threading._register_atexit(_discard_all)  # runs before the executors' join (registered after theirs)
+
+
 class HostSchedule:
     r"""The pairs of one fetch partition in the order their hosts' slots come due: an iterator for the fetch threads.
 
@@ -123,6 +137,7 @@ class HostSchedule:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
     ):
+        _LIVE.add(self)
         self._interval_of, self._clock = interval_of, clock
         self._cond = threading.Condition()
         self._sleep = sleep or (lambda seconds: self._cond.wait(seconds))

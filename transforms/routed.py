@@ -162,12 +162,12 @@ class FetchPartition(FetcherStep):
 
     A fresh limiter per partition paces each host at ``per_host_rps`` (``k / per_host_rps`` apart for a host split
     over ``k`` partitions: the side input ``shares``). The fetcher's threads, ``download.threads`` in flight, take
-    the pairs in the order their hosts' slots come due (:class:`~visinstruct.transforms.hosts.HostSchedule`, which
-    keeps at most :data:`WINDOW_PAIRS` read and waiting), fetch and process them, and each outcome is emitted as it
-    completes (:func:`completed`; its counters counted on this thread). ``robots`` (side input): verdicts of split
-    hosts' robots.txt; only the origins of the pairs read seed the worker's fetcher's cache, before any of them is
-    fetched, once per worker (a verdict depends on its origin only; a seeded failure then expires as a fetched one
-    does); the limiter never outlives its partition.
+    the pairs in the order their hosts' slots come due (:class:`~visinstruct.transforms.hosts.HostSchedule`; about
+    :data:`WINDOW_PAIRS` read and waiting, up to :data:`READ_AHEAD_PAIRS` while no waiting host is due), fetch and
+    process them, and each outcome is emitted as it completes (:func:`completed`; its counters counted on this
+    thread). ``robots`` (side input): verdicts of split hosts' robots.txt; only the origins of the pairs read seed
+    the worker's fetcher's cache, before any of them is fetched, once per worker (a verdict depends on its origin
+    only; a seeded failure then expires as a fetched one does); the limiter never outlives its partition.
     """
 
     def __init__(self, cfg: IngestConfig, fetcher_factory=Fetcher):
@@ -177,6 +177,15 @@ class FetchPartition(FetcherStep):
     def setup(self):
         super().setup()
         self.seeded: set[str] = set()
+        self.schedule: HostSchedule | None = None
+
+    def teardown(self):
+        # A later step of the bundle may fail while this generator waits at its ``yield``: Beam then never resumes
+        # it, and its fetch threads would take every pair waiting, then wait for more for good. Beam tears the
+        # steps of a failed bundle down: the schedule is discarded here (and at exit, see ``HostSchedule``).
+        if getattr(self, "schedule", None) is not None:
+            self.schedule.close(discard=True)
+        super().teardown()
 
     def seed(self, pairs: list[ImageTextPair], robots: dict[str, RobotsRecord]) -> None:
         """Seed the fetcher with the verdicts of the origins ``pairs`` will ask, not seeded before here."""
@@ -199,7 +208,8 @@ class FetchPartition(FetcherStep):
                 "download", lambda: fetch_and_process(pair, self.fetcher, cfg, limiter), pair.key, pair.location
             )
 
-        source, schedule = iter(pairs), HostSchedule(limiter.interval_of)
+        source = iter(pairs)
+        schedule = self.schedule = HostSchedule(limiter.interval_of)
 
         def top_up() -> None:  # on this thread (Beam's iterables are read where the bundle runs)
             # a window waiting, and more while every waiting host waits for its slot (a host read later may be due)
