@@ -31,7 +31,8 @@ def api_key(monkeypatch):
 
 
 def client(srv: OpenAIServer, **overrides) -> OpenAIChatClient:
-    settings = dict(timeout=1.0, retries=2, backoff=0.01, max_backoff=5.0, concurrency=4) | overrides
+    # a generous default limit: a loopback answer takes milliseconds, but a busy CI machine can stall it for seconds
+    settings = dict(timeout=10.0, retries=2, backoff=0.01, max_backoff=5.0, concurrency=4) | overrides
     return OpenAIChatClient(srv.base_url, "tiny-chat", **settings)
 
 
@@ -139,8 +140,8 @@ def test_timeouts_are_retried_and_a_slow_answer_within_the_limit_lands(server):
     with client(server, timeout=0.3, retries=1) as c:
         hung = c.complete(ask("Describe it [[fault:hang]]"))
     # the limit bounds the whole answer, not less: an answer dripping for 0.9 s (a piece every 0.3 s, longer than the
-    # hung request's whole limit) lands within 4 s, with room to spare on a busy machine
-    with client(server, timeout=4.0, retries=0) as c:
+    # hung request's whole limit) lands within a 30 s limit (4 s was once too little for two CI runs on 2 cores)
+    with client(server, timeout=30.0, retries=0) as c:
         slow = c.complete(ChatRequest("k", [{"role": "user", "content": "go [[fault:slow:0.9]]"}]))
     assert (hung.reason, hung.attempts) == ("timeout", 2)
     assert (slow.text, slow.attempts) == ("Echo: go", 1)
@@ -211,7 +212,7 @@ def test_api_key_is_sent_but_never_written(server, api_key, caplog, capsys):
         "[[fault:drop]]",
         "[[fault:429:1:99]]",
     ]
-    c = client(server, timeout=0.3, retries=1)
+    c = client(server, timeout=3.0, retries=1)  # the hang costs 2 x 3 s; the other answers come at once
     results = c.complete_all([ask(t, key=f"s{i}") for i, t in enumerate(texts)])
     server.stop()  # now nothing listens: connection refused
     results.append(c.complete(ask("after stop", key="refused")))
