@@ -16,7 +16,9 @@ counter. Without ``N`` every such request fails.
 
   ``[[fault:STATUS[:N[:S]]]]``  that HTTP status (any three digits: 400, 401, 429, 500, 503, ...) with an
                                OpenAI-style JSON error; ``Retry-After: S`` when S is given (429 defaults to 1)
-  ``[[fault:slow:S[:N]]]``      status and headers at once, then the answer's bytes in 10 pieces over S seconds
+  ``[[fault:slow:S[:N]]]``      status and headers at once, then the answer's bytes in pieces over S seconds: at least
+                               10, and at most 0.25 s apart (as far as the answer's bytes go), so a per-read timeout
+                               longer than that never trips while the whole answer takes S seconds
   ``[[fault:hang[:N]]]``        reads the request and never answers, until ``stop()``
   ``[[fault:drop[:N]]]``        closes the connection without answering
   ``[[fault:malformed[:N]]]``   200 with a body that is not valid JSON
@@ -41,6 +43,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import math
 import re
 import threading
 import time
@@ -51,6 +54,7 @@ from visinstruct.testing.loopback import CLIENT_GONE, LoopbackService, QuietHand
 
 FAULT_MARKER = re.compile(r"\[\[fault:([a-z0-9]+)((?::[0-9.]+)*)\]\]")
 _SLOW_PIECES = 10
+_SLOW_MAX_GAP = 0.25
 
 
 @dataclasses.dataclass
@@ -190,10 +194,12 @@ class _Handler(QuietHandler):
     def _fault_slow(self, app: OpenAIServer, body: dict, kind: str, args: list[str]) -> None:
         data = json.dumps(app._completion(body)).encode()
         seconds = float(args[0]) if args else 3.0
-        step = -(-len(data) // _SLOW_PIECES)
+        pieces = max(_SLOW_PIECES, math.ceil(seconds / _SLOW_MAX_GAP))
+        step = -(-len(data) // pieces)
+        starts = range(0, len(data), step)
         self._start(200, len(data))
-        for i in range(0, len(data), step):
-            if app._stopping.wait(seconds / _SLOW_PIECES):
+        for i in starts:
+            if app._stopping.wait(seconds / len(starts)):
                 self.close_connection = True
                 return
             self.wfile.write(data[i : i + step])

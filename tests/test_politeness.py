@@ -214,15 +214,15 @@ def test_the_shares_of_a_split_host_add_up_to_its_budget():
 
 
 def test_a_partitions_limiter_spaces_a_split_host_by_its_share():
-    limiter = HostRateLimiter(1000.0, {"big.example": 50})  # 50 ms apart for big, 1 ms for the others
-    start = time.monotonic()
+    clock = FakeClock()
+    clock.now = 100.0
+    limiter = HostRateLimiter(1000.0, {"big.example": 50}, clock=lambda: clock.now, sleep=clock.sleep)
     for _ in range(3):
         limiter.wait("big.example")
-    elapsed = time.monotonic() - start
-    assert elapsed >= 0.1  # the second and third waited for their slots (sleeps never end early)
-    assert limiter.next_slot("big.example") >= start + 0.15  # the fourth slot is three intervals on
-    limiter.wait("small.example")  # another host does not wait for big's slots
-    assert limiter.next_slot("small.example") < limiter.next_slot("big.example")
+    assert clock.slept == pytest.approx([0.05, 0.05])  # the second and third waited 50 ms each for their slots
+    assert limiter.next_slot("big.example") == pytest.approx(100.15)  # the fourth slot is three intervals on
+    limiter.wait("small.example")  # another host does not wait for big's slots: 1 ms from now
+    assert len(clock.slept) == 2 and limiter.next_slot("small.example") == pytest.approx(100.101)
     assert limiter.next_slot("never.example") == 0.0
 
 

@@ -89,9 +89,17 @@ class HostRateLimiter:
     same moment as the next one, so a host would see bursts above its budget.
     """
 
-    def __init__(self, rps: float | None, shares: dict[str, int] | None = None):
+    def __init__(
+        self,
+        rps: float | None,
+        shares: dict[str, int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        """``clock`` and ``sleep`` are the real ones but for tests, which pass a fake clock and its sleep."""
         self.interval = 0.0 if not rps else 1.0 / rps
         self.shares = dict(shares or {})
+        self._clock, self._sleep = clock, sleep
         self._next: dict[str, float] = {}
         self._host_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -106,13 +114,13 @@ class HostRateLimiter:
         with self._lock:
             host_lock = self._host_locks.setdefault(host, threading.Lock())
         with host_lock:  # one thread of this host at a time: the others queue behind it
-            delay = self._next.get(host, 0.0) - time.monotonic()
+            delay = self._next.get(host, 0.0) - self._clock()
             if delay > 0:
-                time.sleep(delay)
-            self._next[host] = time.monotonic() + self.interval_of(host)
+                self._sleep(delay)
+            self._next[host] = self._clock() + self.interval_of(host)
 
     def next_slot(self, host: str) -> float:
-        """The ``time.monotonic()`` before which no further request to ``host`` goes (0 when none has gone)."""
+        """The time on the limiter's clock before which no further request to ``host`` goes (0 when none has gone)."""
         return self._next.get(host, 0.0)
 
 
