@@ -2,7 +2,9 @@
 
 Graph (element shapes in comments)::
 
-    ReadPairs -> DropDuplicateUrls -> SkipCompleteShards -> GroupByShard -> Download -> drafts
+    ReadPairs -> rows
+    (rows -> SkipCompleteShards, rows -> FindDuplicateUrls) -> CoGroupByKey(shard) -> DropDuplicateUrls
+      -> Download -> drafts
     drafts -> (key, sha256, phash, phashes) -> FindDuplicateImages -> losers
     (drafts, losers) -> CoGroupByKey(shard) -> FinalizeShard -> ShardStats
 
@@ -17,11 +19,13 @@ Graph (element shapes in comments)::
       requests -> RouteToPartition -> GroupByKey(partition) -> FetchPartition -> (shard, (key, outcome))
       (pending (shard, (digest, rows)), fetched) -> CoGroupByKey(shard) -> BuildShard -> drafts
 
-On the direct path only URLs and small hash records are shuffled; image bytes stay with the worker that
-downloaded them (in the shard's staging tar) until that shard is finalized. The routed path shuffles the processed
-images once more, from the fetch partitions to the shard builders (ARCHITECTURE.md, "Politeness"), and builds a
-shard with URLs only after every fetch partition has finished (a batch ``CoGroupByKey`` is a barrier): a run
-killed while fetching redoes its fetching; shards that need no network are built at once by ``PlanShard``.
+URL dedup shuffles ``(url hash, key)`` records only: a pair crosses one shuffle before it is downloaded, the shard
+grouping, where the URL losers meet their rows. On the direct path only pairs and small hash records are
+shuffled; image bytes stay with the worker that downloaded them (in the shard's staging tar) until that shard is
+finalized. The routed path shuffles the processed images once more, from the fetch partitions to the shard
+builders (ARCHITECTURE.md, "Politeness"), and builds a shard with URLs only after every fetch partition has
+finished (a batch ``CoGroupByKey`` is a barrier): a run killed while fetching redoes its fetching; shards that need
+no network are built at once by ``PlanShard``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from visinstruct.schemas import (
     shard_name,
 )
 from visinstruct.transforms import worker
-from visinstruct.transforms.dedup import DropDuplicateUrls, FindDuplicateImages, hash_record
+from visinstruct.transforms.dedup import FindDuplicateImages, FindDuplicateUrls, drop_url_losers, hash_record
 from visinstruct.transforms.download import NOT_FINAL_REASONS, DownloadShard, all_not_final
 from visinstruct.transforms.fetch import Fetcher, origin_of
 from visinstruct.transforms.guard import INTERNAL_ERROR, count_internal_error, guarded, internal_error
@@ -232,18 +236,28 @@ class Ingest(beam.PTransform):
         except TakedownError as e:
             raise ConfigError(f"dedup.takedown_lists: {e}") from None
         rows = pbegin | "ReadPairs" >> ReadPairs(cfg.read, cfg.write.shard_size)
-        if cfg.dedup.urls:
-            rows = rows | "DropDuplicateUrls" >> DropDuplicateUrls()
         complete = complete_shards(out, self.complete_at) if cfg.write.resume else set()
         retry = frozenset(s for s in complete if cfg.write.retry_failed and has_retryable_failures(out, s))
         done = sorted(complete - retry)
-        drafts = (
+        by_shard = (
             rows
             | "SkipCompleteShards" >> beam.Filter(lambda r, done: parse_key(r.key)[0] not in done, set(done))
             | "KeyByShard" >> beam.Map(lambda r: (parse_key(r.key)[0], r))  # (shard, pair | rejection)
-            | "GroupByShard" >> beam.GroupByKey()  # (shard, [pair | rejection])
-            | "Download" >> PoliteDownload(cfg, retry, self.fetcher_factory)
-        )  # ShardDraft
+        )
+        if cfg.dedup.urls:  # over every row, those of complete shards too: a winner there still wins
+            url_losers = (
+                rows
+                | "FindDuplicateUrls" >> FindDuplicateUrls()  # (key, winner)
+                | "UrlLoserByShard" >> beam.Map(lambda x: (parse_key(x[0])[0], x))
+            )
+            shards = (
+                {"rows": by_shard, "url_losers": url_losers}
+                | "GroupByShard" >> beam.CoGroupByKey()  # (shard, {"rows": [..], "url_losers": [..]})
+                | "DropDuplicateUrls" >> beam.FlatMap(_without_url_losers)
+            )
+        else:
+            shards = by_shard | "GroupByShard" >> beam.GroupByKey()
+        drafts = shards | "Download" >> PoliteDownload(cfg, retry, self.fetcher_factory)  # ShardDraft
         new_hashes = drafts | "SuccessHashes" >> beam.FlatMap(
             lambda d: [hash_record(r) for r in d.rows if r.status == "success"]
         )
@@ -267,6 +281,14 @@ class Ingest(beam.PTransform):
             | "JoinByShard" >> beam.CoGroupByKey()  # (shard, {"draft": [..], "losers": [..]})
             | "FinalizeShard" >> beam.ParDo(FinalizeShard(out))
         )  # ShardStats
+
+
+def _without_url_losers(element) -> list:
+    """``(shard, {"rows", "url_losers"})`` -> ``[(shard, [pair | rejection])]``: URL losers rejected; nothing for a
+    shard with no rows to do (a complete shard's losers)."""
+    shard, groups = element
+    rows = list(groups["rows"])
+    return [(shard, drop_url_losers(rows, dict(groups["url_losers"])))] if rows else []
 
 
 class PoliteDownload(beam.PTransform):

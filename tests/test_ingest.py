@@ -178,6 +178,42 @@ def test_duplicates_are_written_once_keeping_the_smallest_key(server, tmp_path):
     assert statuses(out)["000010000"] == "near_duplicate"  # the PNG of photo0: other bytes, same picture
 
 
+def test_url_dedup_shuffles_small_records_and_rejects_each_loser_in_its_own_shard():
+    from visinstruct.schemas import ImageTextPair, Rejection
+    from visinstruct.transforms.dedup import drop_url_losers, url_losers, url_record
+
+    long_url = "https://a.example/" + "x" * 5000
+    rows = [
+        ImageTextPair(key="000000000", url=long_url),
+        ImageTextPair(key="000000001", url="https://b.example/1.jpg"),
+        ImageTextPair(key="000010002", url=long_url),  # another shard
+        ImageTextPair(key="000010003", url=long_url, conversations=[{"from": "human", "value": "<image>?"}]),
+        Rejection("read", "missing_url", "no URL", "000010004", None),
+        ImageTextPair(key="000010005", path="/data/x.jpg"),
+    ]
+    records = [record for row in rows for record in url_record(row)]
+    # a record per pair fetched by URL without a conversation; 16 bytes stand for the URL, however long
+    assert [(len(url_hash), key) for url_hash, key in records] == [
+        (16, "000000000"),
+        (16, "000000001"),
+        (16, "000010002"),
+    ]
+    groups: dict[bytes, list[str]] = {}
+    for url_hash, key in records:
+        groups.setdefault(url_hash, []).append(key)
+    losers = dict(loser for keys in groups.values() for loser in url_losers(reversed(keys)))
+    assert losers == {"000010002": "000000000"}  # the smallest key wins, whatever order the shuffle gives
+    kept = drop_url_losers(rows[2:], losers)  # the second shard's rows and its losers
+    assert kept[1:] == rows[3:]
+    assert (kept[0].key, kept[0].reason, kept[0].message, kept[0].url) == (
+        "000010002",
+        "duplicate_url",
+        "same URL as 000000000",
+        long_url,
+    )
+    assert kept[0].detail == {"duplicate_of": "000000000"} and kept[0].stage == "dedup"
+
+
 def test_the_perceptual_hash_is_computed_only_when_a_step_compares_looks(server, tmp_path):
     urls = [server.url("/photo2.jpg"), server.url("/photo3.jpg")]
     _, plain = ingest(tmp_path, urls, out="plain")  # exact dedup only: no pHash

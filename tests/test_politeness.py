@@ -133,6 +133,19 @@ def test_a_host_added_later_goes_before_a_busy_host_and_each_pair_goes_once():
     assert schedule.waiting == 0
 
 
+def test_a_schedule_forgets_hosts_whose_slot_has_passed_but_not_one_still_to_wait_for():
+    clock = FakeClock()
+    schedule = HostSchedule(lambda host: 1.0, clock=lambda: clock.now, sleep=clock.sleep)
+    pairs = [ImageTextPair(key=f"{i:09d}", url=f"http://h{i}.example/x.jpg") for i in range(20_000)]
+    for pair in pairs:  # 20,000 hosts with a pair each, taken 1 ms apart
+        schedule.add([pair])
+        assert next(schedule) is pair
+        clock.now += 0.001
+    assert len(schedule._due) < 10_000  # not every host met: those whose slot has passed were forgotten
+    schedule.add([replace(pairs[-1], key="000099999")])  # the last host's slot is still ahead: 1 s after its pair
+    assert next(schedule).key == "000099999" and clock.slept == [pytest.approx(1.0 - 0.001)]
+
+
 def test_threads_waiting_for_pairs_end_when_the_schedule_closes():
     schedule = HostSchedule(lambda host: 0.0)
     taken: list[str] = []

@@ -3,7 +3,7 @@
 The winner of a group of duplicates is always the smallest key, so the result does not depend on the runner,
 the bundle order or the number of workers.
 
-- Duplicate URLs are dropped before downloading (:class:`DropDuplicateUrls`).
+- Duplicate URLs are dropped before downloading (:class:`FindDuplicateUrls`, :func:`drop_url_losers`).
 - Exact duplicate images share a sha256 (:func:`exact_losers`).
 - Near-duplicates share a perceptual hash within a Hamming distance ``d``. By the pigeonhole principle two
   64-bit hashes within distance ``d`` agree exactly on at least one of ``d + 1`` bands, so grouping by
@@ -20,6 +20,7 @@ and text-only rows have no single image hash: only the reference check applies t
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
@@ -31,6 +32,7 @@ from visinstruct.transforms.images import hamming
 # (key, sha256 or None: no exact dedup, phash or None: no near dedup, the pHashes checked against references)
 HashRecord = tuple[str, "str | None", "str | None", tuple[str, ...]]
 Loser = tuple[str, Decision]  # (key, its drop: reason, message, detail["duplicate_of"] = winner or reference name)
+UrlLoser = tuple[str, str]  # (key, the smallest key with the same URL)
 MESSAGES = {
     "duplicate_sha256": "same image bytes as {}",
     "near_duplicate": "near-identical to {}",
@@ -109,37 +111,54 @@ def reference_hits(phash: str, references: list[tuple[str, str]], distance: int)
     return None
 
 
-class _UrlWinner(beam.DoFn):
-    def process(self, element):
-        _, pairs = element
-        pairs = sorted(pairs, key=lambda p: p.key)
-        yield pairs[0]
-        for pair in pairs[1:]:
-            yield Rejection(
-                "dedup",
-                "duplicate_url",
-                f"same URL as {pairs[0].key}",
-                pair.key,
-                pair.url,
-                JsonDict({"duplicate_of": pairs[0].key}),
-            )
+def url_id(url: str) -> bytes:
+    """What stands for a URL in the URL dedup shuffle: 16 bytes of BLAKE2b, whatever the URL's length (a chance
+    collision between two of a billion URLs is about 1e-21)."""
+    return hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-class DropDuplicateUrls(beam.PTransform):
-    """``ImageTextPair | Rejection`` -> the same, with repeated URLs turned into ``duplicate_url`` rejections
-    (rows carrying a conversation excepted: several may ask about one image, see the module docstring)."""
+def url_record(row: ImageTextPair | Rejection) -> list[tuple[bytes, str]]:
+    """``[(url_id, key)]`` of a row that takes part in URL dedup (a pair fetched by URL that brings no conversation:
+    see the module docstring), else ``[]``."""
+    if isinstance(row, ImageTextPair) and row.url and not row.conversations:
+        return [(url_id(row.url), row.key)]
+    return []
+
+
+def url_losers(keys: Iterable[str]) -> Iterator[UrlLoser]:
+    """Within one URL's keys: every key but the smallest, with the smallest (its winner)."""
+    ordered = sorted(set(keys))
+    for key in ordered[1:]:
+        yield key, ordered[0]
+
+
+def drop_url_losers(rows: Iterable[ImageTextPair | Rejection], losers: dict[str, str]) -> list:
+    """``rows`` (one shard's) with each pair that lost to a smaller key of its URL as a ``duplicate_url`` rejection."""
+    out = []
+    for row in rows:
+        winner = losers.get(row.key) if isinstance(row, ImageTextPair) else None
+        if winner is None:
+            out.append(row)
+        else:
+            detail = JsonDict({"duplicate_of": winner})
+            out.append(Rejection("dedup", "duplicate_url", f"same URL as {winner}", row.key, row.url, detail))
+    return out
+
+
+class FindDuplicateUrls(beam.PTransform):
+    """Input rows -> :data:`UrlLoser` ``(key, winner)`` of every pair whose URL a smaller key has too.
+
+    Only ``(url_id, key)`` records are shuffled: the pairs themselves cross one shuffle, the shard grouping, where
+    :func:`drop_url_losers` turns the losers into rejections (``pipelines/ingest.py``).
+    """
 
     def expand(self, rows):
-        tagged = rows | "SplitByUrl" >> beam.Partition(
-            lambda r, _: 0 if isinstance(r, ImageTextPair) and r.url and not r.conversations else 1, 2
+        return (
+            rows
+            | "UrlRecords" >> beam.FlatMap(url_record)  # (url_id, key)
+            | "GroupByUrl" >> beam.GroupByKey()  # (url_id, [key])
+            | "UrlLosers" >> beam.FlatMap(lambda kv: url_losers(kv[1]))
         )
-        winners = (
-            tagged[0]
-            | "KeyByUrl" >> beam.Map(lambda p: (p.url, p))  # (url, pair)
-            | "GroupByUrl" >> beam.GroupByKey()  # (url, [pair])
-            | "KeepFirstKey" >> beam.ParDo(_UrlWinner())
-        )
-        return (winners, tagged[1]) | "MergeRows" >> beam.Flatten()
 
 
 class FindDuplicateImages(beam.PTransform):

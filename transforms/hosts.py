@@ -99,6 +99,7 @@ def fetch_partition(host: str, key: str, shares: dict[str, int], fetch_partition
     return (stable_hash(host) + sub) % fetch_partitions
 
 
+_PRUNE_MIN = 4096  # hosts whose due times a schedule keeps before it first forgets those that have passed
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # every schedule not yet collected (see _discard_all)
 
 
@@ -143,7 +144,10 @@ class HostSchedule:
         self._sleep = sleep or (lambda seconds: self._cond.wait(seconds))
         self._queues: dict[str, collections.deque] = {}
         self._heap: list[tuple[float, int, str]] = []  # (due, order pushed, host) of every host with pairs waiting
-        self._due: dict[str, float] = {}  # hosts met so far: when each is next due (kept once its queue empties)
+        # when each host met is next due; kept once its queue empties while that time is still ahead (a pair added
+        # later must wait for it), pruned of the hosts whose time has passed once it doubles (many hosts, one each)
+        self._due: dict[str, float] = {}
+        self._prune_at = _PRUNE_MIN
         self._order = itertools.count()
         self._waiting, self._closed = 0, False
 
@@ -209,7 +213,14 @@ class HostSchedule:
                 heapq.heappush(self._heap, (self._due[host], next(self._order), host))
             else:
                 del self._queues[host]
+                if len(self._due) >= self._prune_at:
+                    self._prune(now)
             return pair
+
+    def _prune(self, now: float) -> None:
+        """Forget the due times that have passed of hosts with nothing waiting: such a host is due at once anyway."""
+        self._due = {h: due for h, due in self._due.items() if due > now or h in self._queues}
+        self._prune_at = max(_PRUNE_MIN, 2 * len(self._due))
 
 
 class PartitionProgress(ShardProgress):
