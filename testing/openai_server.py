@@ -57,6 +57,13 @@ _SLOW_PIECES = 10
 _SLOW_MAX_GAP = 0.25
 
 
+def drip_pieces(data: bytes, seconds: float) -> list[bytes]:
+    """``data`` cut into the near-equal pieces a ``slow`` fault sends over ``seconds``: at least 10, and enough for
+    one every 0.25 s, as far as the bytes go (a piece holds one byte at least)."""
+    n = min(len(data), max(_SLOW_PIECES, math.ceil(seconds / _SLOW_MAX_GAP)))
+    return [data[len(data) * i // n : len(data) * (i + 1) // n] for i in range(n)]
+
+
 @dataclasses.dataclass
 class ChatRequestRecord:
     """One request as the server saw it.
@@ -194,15 +201,13 @@ class _Handler(QuietHandler):
     def _fault_slow(self, app: OpenAIServer, body: dict, kind: str, args: list[str]) -> None:
         data = json.dumps(app._completion(body)).encode()
         seconds = float(args[0]) if args else 3.0
-        pieces = max(_SLOW_PIECES, math.ceil(seconds / _SLOW_MAX_GAP))
-        step = -(-len(data) // pieces)
-        starts = range(0, len(data), step)
+        pieces = drip_pieces(data, seconds)
         self._start(200, len(data))
-        for i in starts:
-            if app._stopping.wait(seconds / len(starts)):
+        for piece in pieces:
+            if app._stopping.wait(seconds / len(pieces)):
                 self.close_connection = True
                 return
-            self.wfile.write(data[i : i + step])
+            self.wfile.write(piece)
             self.wfile.flush()
 
     def _fault_hang(self, app: OpenAIServer, body: dict, kind: str, args: list[str]) -> None:

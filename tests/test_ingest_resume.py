@@ -215,6 +215,20 @@ def test_a_damaged_stats_file_makes_its_shard_incomplete_not_a_failed_plan(serve
     assert any("00001: its stats cannot be read (JSONDecodeError" in r.getMessage() for r in caplog.records)
 
 
+def test_a_redone_shards_url_that_a_complete_shard_holds_is_still_a_duplicate_url(server, tmp_path):
+    urls = [server.url(f"/img{i}.jpg") for i in range(4)] + [server.url(f"/img{i}.jpg") for i in (4, 0, 5, 6)]
+    out = tmp_path / "out"
+    run(config(tmp_path, urls), RUNNER)
+    (out / "00001_stats.json").write_text('{"shard": 1, "inp')  # shard 1 is redone, shard 0 stays complete
+    server.reset_log()
+    report = run(config(tmp_path, urls), RUNNER)
+    # the winner of img0's URL is in the skipped shard 0: the redone row loses to it without a request
+    assert requested(server) == ["/img4.jpg", "/img5.jpg", "/img6.jpg"] and report["accounted"]
+    assert statuses(out)["000010001"] == "duplicate_url"
+    (rejection,) = pq.read_table(out / "rejected" / "ingest-00001.parquet").to_pylist()
+    assert (rejection["key"], rejection["message"]) == ("000010001", "same URL as 000000000")
+
+
 def test_a_staged_download_of_other_inputs_is_not_reused(server, tmp_path, monkeypatch, reference):
     urls = urls_of(server)
     killed_while_finalizing(

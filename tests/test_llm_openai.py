@@ -10,7 +10,7 @@ import time
 import pytest
 import urllib3
 
-from visinstruct.testing.openai_server import OpenAIServer
+from visinstruct.testing.openai_server import OpenAIServer, drip_pieces
 from visinstruct.transforms.llm_openai import ChatRequest, ChatResult, OpenAIChatClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -124,6 +124,14 @@ def test_429_asking_for_more_than_max_backoff_gives_up_at_once(server):
     assert time.monotonic() - start < 15.0
 
 
+def test_a_slow_answer_drips_its_bytes_at_most_a_quarter_second_apart():
+    answer = bytes(range(256)) + b"x" * 21  # as long as the server's answer to the test below (277 bytes)
+    pieces = drip_pieces(answer, 60.0)
+    assert b"".join(pieces) == answer and all(pieces)
+    assert 60.0 / len(pieces) <= 0.5 / 2  # a client waiting 0.5 s per read would never time out
+    assert len(drip_pieces(answer, 0.9)) == 10 and len(drip_pieces(b"ab", 60.0)) == 2
+
+
 @pytest.mark.parametrize("marker", ["[[fault:hang]]", "[[fault:slow:60]]"])
 def test_hanging_and_dripping_answers_end_as_timeout_at_the_limit(server, marker):
     start = time.monotonic()
@@ -132,8 +140,8 @@ def test_hanging_and_dripping_answers_end_as_timeout_at_the_limit(server, marker
     elapsed = time.monotonic() - start
     assert (result.reason, result.attempts) == ("timeout", 1), result.message
     assert result.message == "no complete answer within openai.timeout=0.5s"  # the key to raise
-    # one total limit, although the slow answer sends a piece every 0.25 s at most (for 30 s or more, as many as its
-    # bytes allow): a per-read timeout would wait for all of them. The bound leaves a stalled CI machine 14 s.
+    # one total limit, although the slow answer sends a piece every 0.25 s for 60 s (the test above): a per-read
+    # timeout would wait for all of them. The bound leaves a stalled CI machine 14 s.
     assert 0.45 <= elapsed < 15.0
 
 

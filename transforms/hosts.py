@@ -219,7 +219,7 @@ class HostSchedule:
 
     def _prune(self, now: float) -> None:
         """Forget the due times that have passed of hosts with nothing waiting: such a host is due at once anyway."""
-        self._due = {h: due for h, due in self._due.items() if due > now or h in self._queues}
+        self._due = {h: due for h, due in self._due.items() if due > now}  # a waiting host's is set when taken
         self._prune_at = max(_PRUNE_MIN, 2 * len(self._due))
 
 
