@@ -239,6 +239,18 @@ def test_a_partitions_limiter_spaces_a_split_host_by_its_share():
     assert limiter.next_slot("never.example") == 0.0
 
 
+def test_a_limiter_forgets_hosts_whose_slot_has_passed_but_still_spaces_one_whose_slot_is_ahead():
+    clock = FakeClock()
+    limiter = HostRateLimiter(1.0, clock=lambda: clock.now, sleep=clock.sleep)  # a request a second per host
+    for i in range(20_000):  # 20,000 hosts of one request each, 1 ms apart
+        limiter.wait(f"h{i}.example")
+        clock.now += 0.001
+    assert len(limiter._hosts) < 10_000 and clock.slept == []  # not every host met is kept
+    limiter.wait("h19999.example")  # its slot is 1 s after its request, 1 ms ago: it still waits
+    assert clock.slept == [pytest.approx(0.999)]
+    assert limiter.next_slot("h0.example") == 0.0  # forgotten: due at once, as it was anyway
+
+
 def test_only_url_rows_still_to_fetch_are_sent_to_the_fetch_partitions():
     from visinstruct.schemas import Rejection
     from visinstruct.transforms.routed import network_pairs

@@ -100,8 +100,8 @@ class HostRateLimiter:
         self.interval = 0.0 if not rps else 1.0 / rps
         self.shares = dict(shares or {})
         self._clock, self._sleep = clock, sleep
-        self._next: dict[str, float] = {}
-        self._host_locks: dict[str, threading.Lock] = {}
+        self._hosts: dict[str, _HostSlot] = {}
+        self._prune_at = _LIMITER_PRUNE_MIN
         self._lock = threading.Lock()
 
     def interval_of(self, host: str) -> float:
@@ -112,16 +112,45 @@ class HostRateLimiter:
         if not self.interval:
             return
         with self._lock:
-            host_lock = self._host_locks.setdefault(host, threading.Lock())
-        with host_lock:  # one thread of this host at a time: the others queue behind it
-            delay = self._next.get(host, 0.0) - self._clock()
-            if delay > 0:
-                self._sleep(delay)
-            self._next[host] = self._clock() + self.interval_of(host)
+            slot = self._hosts.get(host)
+            if slot is None:
+                slot = self._hosts[host] = _HostSlot()
+            slot.users += 1  # kept while in use
+        try:
+            with slot.lock:  # one thread of this host at a time: the others queue behind it
+                delay = slot.next - self._clock()
+                if delay > 0:
+                    self._sleep(delay)
+                slot.next = self._clock() + self.interval_of(host)
+        finally:
+            with self._lock:
+                slot.users -= 1
+                if len(self._hosts) >= self._prune_at:
+                    self._prune()
+
+    def _prune(self) -> None:
+        """Forget the hosts no thread is waiting for whose next slot has passed: a request to one goes at once
+        anyway (a partition meets many hosts of a few URLs each; each would otherwise be kept for its life)."""
+        now = self._clock()
+        self._hosts = {h: slot for h, slot in self._hosts.items() if slot.users or slot.next > now}
+        self._prune_at = max(_LIMITER_PRUNE_MIN, 2 * len(self._hosts))
 
     def next_slot(self, host: str) -> float:
-        """The time on the limiter's clock before which no further request to ``host`` goes (0 when none has gone)."""
-        return self._next.get(host, 0.0)
+        """The time on the limiter's clock before which no further request to ``host`` goes (0 when none is due)."""
+        slot = self._hosts.get(host)
+        return slot.next if slot else 0.0
+
+
+class _HostSlot:
+    """One host's place in a :class:`HostRateLimiter`: its lock, when its next request may go, threads using it."""
+
+    __slots__ = ("lock", "next", "users")
+
+    def __init__(self):
+        self.lock, self.next, self.users = threading.Lock(), 0.0, 0
+
+
+_LIMITER_PRUNE_MIN = 4096  # hosts a limiter keeps before it first forgets those whose slot has passed
 
 
 def host_name(host: str | None) -> str:
