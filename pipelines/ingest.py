@@ -6,7 +6,7 @@ Graph (element shapes in comments)::
     (rows -> SkipCompleteShards, rows -> FindDuplicateUrls) -> CoGroupByKey(shard) -> DropDuplicateUrls
       -> Download -> drafts
     drafts -> (key, sha256, phash, phashes) -> FindDuplicateImages -> losers
-    (drafts, losers) -> CoGroupByKey(shard) -> FinalizeShard -> ShardStats
+    (drafts by reference (shard, digest), losers) -> CoGroupByKey(shard) -> FinalizeShard -> ShardStats
 
 ``Download`` is one of two paths (:class:`PoliteDownload`):
 
@@ -275,7 +275,7 @@ class Ingest(beam.PTransform):
         )  # (key, reason, winner)
         return (
             {
-                "draft": drafts | "DraftByShard" >> beam.Map(lambda d: (d.shard, d)),
+                "draft": drafts | "DraftByShard" >> beam.Map(lambda d: (d.shard, d.digest)),  # by reference
                 "losers": losers | "LoserByShard" >> beam.Map(lambda x: (parse_key(x[0])[0], x)),
             }
             | "JoinByShard" >> beam.CoGroupByKey()  # (shard, {"draft": [..], "losers": [..]})

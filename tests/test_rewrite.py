@@ -40,8 +40,8 @@ from visinstruct.transforms.layout import read_stats, resolve_shards, shard_in
 from visinstruct.transforms.rewrite import Earlier, rewrite_shard
 from visinstruct.transforms.rewrite_stage import RewriteShard
 from visinstruct.transforms.shards import ShardReadError, TarShardWriter, read_table
-from visinstruct.transforms.staging import ShardDraft
-from visinstruct.transforms.write import FinalizeShard, dedup_judge, finalize_shard
+from visinstruct.transforms.staging import ShardDraft, commit_draft
+from visinstruct.transforms.write import FinalizeShard, dedup_judge, finalize_shard, finalize_staged
 
 KEYS = ["000000000", "000000001", "000000002"]  # written; 000000003 was rejected by ingest (http_404)
 IMAGES = [encode_test_image("jpeg", (40 + 8 * i, 32)) for i in range(3)]
@@ -209,6 +209,39 @@ def test_ingest_finalize_raises_for_a_cut_staging_tar_and_commits_nothing(tmp_pa
         finalize_shard(draft, losers, str(out))
     assert not (out / "00000_stats.json").exists() and not (out / "00000.parquet").exists()
     assert (out / "_staging" / "00000.a1.tar").exists()  # left for a rerun to download the shard again
+
+
+def test_ingest_finalize_by_reference_reads_the_committed_draft_and_makes_the_same_shard(tmp_path):
+    by_value, by_reference = tmp_path / "value", tmp_path / "reference"
+    losers = [("000000002", lost_to("duplicate_sha256", "000000000"))]
+    expected = finalize_shard(staged_draft(by_value), losers, str(by_value))
+    commit_draft(str(by_reference), staged_draft(by_reference), "d1")
+    stats = finalize_staged(0, "d1", losers, str(by_reference))
+    assert replace(stats, duration_s=0) == replace(expected, duration_s=0)
+    assert (by_reference / "00000.tar").read_bytes() == (by_value / "00000.tar").read_bytes()
+    assert index(by_reference) == index(by_value) and not list((by_reference / "_staging").iterdir())
+
+
+@pytest.mark.parametrize("damage", ["gone", "other inputs", "cut tar"])
+def test_ingest_finalize_by_reference_raises_for_a_draft_it_cannot_trust_and_commits_nothing(tmp_path, damage):
+    out = tmp_path / "out"
+    draft = staged_draft(out)
+    commit_draft(str(out), draft, "d1")
+    if damage == "gone":
+        (out / "_staging" / "00000.draft.json").unlink()
+    elif damage == "cut tar":
+        Path(draft.staging_tar).write_bytes(Path(draft.staging_tar).read_bytes()[:1024])
+    digest = "d2" if damage == "other inputs" else "d1"
+    with pytest.raises(ShardReadError, match="shard 00000: its committed draft is gone, damaged or from other"):
+        finalize_staged(0, digest, [], str(out))
+    assert not (out / "00000_stats.json").exists() and not (out / "00000.tar").exists()
+
+
+def test_ingest_finalize_by_reference_of_a_finished_shard_returns_its_stats_without_its_draft(tmp_path):
+    out = tmp_path / "out"
+    stats = finalize_shard(staged_draft(out), [], str(out))  # its staging files are gone now
+    dropped = Counter()
+    assert finalize_staged(0, "any", [], str(out), dropped=dropped) == stats and dropped == Counter(http_404=1)
 
 
 def test_ingest_finalize_places_a_written_sample_whose_draft_row_lacks_its_members(tmp_path):
@@ -412,7 +445,7 @@ def test_a_retried_finalize_of_a_committed_shard_still_counts_its_drops_in_a_rea
     p = beam.Pipeline(runner="FnApiRunner")
     _ = (
         p
-        | beam.Create([(0, {"draft": [draft], "losers": losers})])
+        | beam.Create([(0, {"draft": ["its digest"], "losers": losers})])
         | "FinalizeShard" >> beam.ParDo(FinalizeShard(str(out)))
     )
     result = p.run()

@@ -481,6 +481,7 @@ class _ShardStep(FetcherStep):
             progress,
             prefetched,
         )
+        draft.digest = digest
         commit_draft(out, draft, digest)
         add_busy("ingest", draft.duration_s)
         return draft

@@ -8,6 +8,9 @@ committed on its own, in two files under ``OUT/_staging/``:
 - ``NNNNN.draft.json``: the draft's index rows and rejections, the tar's name and size, and a digest of what
   the download depended on. Written last, to a temporary name then renamed: its presence commits the draft.
 
+The finalize reads the draft from here too (:func:`~visinstruct.transforms.write.finalize_staged`): the join
+before it carries ``(shard, digest)``, not every row a second time.
+
 A rerun reuses a committed draft only when its digest matches (same input rows, same download, resize and
 takedown settings, same schema) and its tar is there with the recorded size; anything else is downloaded again.
 "Its tar" is the staging tar, or the shard's final tar when finalizing renamed the staging tar to it (a kill
@@ -58,6 +61,7 @@ class ShardDraft:
     rejections: list[Rejection] = field(default_factory=list)
     duration_s: float = 0.0
     tar_bytes: int = 0
+    digest: str = ""  # of the inputs it was made from (:func:`input_digest`), once committed
 
 
 def staging_path(out_dir: str, shard: int) -> str:
@@ -158,6 +162,7 @@ def load_draft(out_dir: str, shard: int, digest: str) -> ShardDraft | None:
             [from_row(Rejection, r) for r in document["rejections"]],
             document["duration_s"],
             document["tar_bytes"],
+            digest,
         )
     except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged draft is only a lost shortcut
         log.warning(

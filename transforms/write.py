@@ -27,7 +27,7 @@ from visinstruct.transforms.layout import REJECTED_DIR, read_stats, shard_in
 from visinstruct.transforms.rewrite import Earlier, Judge, rewrite_shard
 from visinstruct.transforms.rewrite_stage import count_drops
 from visinstruct.transforms.shards import ShardReadError, delete, exists, join, match, open_read, tar_end_problem
-from visinstruct.transforms.staging import ShardDraft, remove_staging
+from visinstruct.transforms.staging import ShardDraft, load_draft, remove_staging
 from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,36 @@ def remove_leftover_temps(out_dir: str, shard: int, stage: str = "ingest") -> No
         delete(found)
 
 
+def _finished(files, stage: str, dropped: Counter | None) -> ShardStats | None:
+    """The stats of a shard already finished (a retried bundle: ``dropped`` gains what its first attempt
+    committed, whose counters Beam discarded), else None."""
+    if not exists(files.stats):
+        return None
+    if dropped is not None:
+        dropped.update(committed_drops(files, stage))
+    return read_stats(files.stats)
+
+
+def finalize_staged(
+    shard: int, digest: str, losers: list[Loser], out_dir: str, stage: str = "ingest", dropped: Counter | None = None
+) -> ShardStats:
+    """:func:`finalize_shard` of the draft committed to staging from the inputs of ``digest``.
+
+    Drafts travel to the finalize by reference (the join carries a shard and a digest, not every row twice: on
+    Beam's local runner whatever crosses a shuffle is held in the controller process). A draft that is gone or no
+    longer matches, for a shard not finished, raises :class:`ShardReadError`: Beam retries the bundle, and a rerun
+    downloads the shard again.
+    """
+    files = shard_in(out_dir, shard)
+    finished = _finished(files, stage, dropped)
+    if finished is not None:
+        return finished
+    draft = load_draft(out_dir, shard, digest)
+    if draft is None:
+        raise ShardReadError(f"shard {shard_name(shard)}: its committed draft is gone, damaged or from other inputs")
+    return finalize_shard(draft, losers, out_dir, stage, dropped)
+
+
 def finalize_shard(
     draft: ShardDraft,
     losers: list[Loser],
@@ -145,10 +175,9 @@ def finalize_shard(
     committed (a retried bundle counts what its first attempt did, whose counters Beam discarded).
     """
     start, files = time.monotonic(), shard_in(out_dir, draft.shard)
-    if exists(files.stats):
-        if dropped is not None:
-            dropped.update(committed_drops(files, stage))
-        return read_stats(files.stats)
+    finished = _finished(files, stage, dropped)
+    if finished is not None:
+        return finished
     source = draft.staging_tar if exists(draft.staging_tar) else files.tar  # a retry after the rename
     staged = staged_keys(source)
     rows, dead = unstaged_as_errors(draft.rows, draft.rejections, staged)
@@ -171,7 +200,8 @@ def finalize_shard(
 
 
 class FinalizeShard(beam.DoFn):
-    """``(shard, {"draft": [ShardDraft], "losers": [Loser]})`` -> :class:`ShardStats`."""
+    """``(shard, {"draft": [digest], "losers": [Loser]})`` -> :class:`ShardStats`: the shard's committed draft
+    (:func:`finalize_staged`) finalized."""
 
     def __init__(self, out_dir: str, stage: str = "ingest"):
         self.out_dir, self.stage = out_dir, stage
@@ -189,7 +219,7 @@ class FinalizeShard(beam.DoFn):
         losers = [loser for loser in groups["losers"] if parse_key(loser[0])[0] == shard]
         dropped = Counter()
         with busy(self.stage):
-            stats = finalize_shard(drafts[0], losers, self.out_dir, self.stage, dropped)
+            stats = finalize_staged(shard, drafts[0], losers, self.out_dir, self.stage, dropped)
         self.written.inc(stats.written)
         self.rejected.inc(stats.rejected)
         count_drops(self.stage, dropped)
