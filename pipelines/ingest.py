@@ -6,7 +6,7 @@ Graph (element shapes in comments)::
     (rows -> SkipCompleteShards, rows -> FindDuplicateUrls) -> CoGroupByKey(shard) -> DropDuplicateUrls
       -> Download -> drafts
     drafts -> (key, sha256, phash, phashes) -> FindDuplicateImages -> losers
-    (drafts by reference (shard, digest), losers) -> CoGroupByKey(shard) -> FinalizeShard -> ShardStats
+    (drafts by reference (shard, (digest, attempt)), losers) -> CoGroupByKey(shard) -> FinalizeShard -> ShardStats
 
 ``Download`` is one of two paths (:class:`PoliteDownload`):
 
@@ -275,7 +275,8 @@ class Ingest(beam.PTransform):
         )  # (key, reason, winner)
         return (
             {
-                "draft": drafts | "DraftByShard" >> beam.Map(lambda d: (d.shard, d.digest)),  # by reference
+                # drafts by reference: the finalize reads the one its attempt committed
+                "draft": drafts | "DraftByShard" >> beam.Map(lambda d: (d.shard, (d.digest, d.attempt))),
                 "losers": losers | "LoserByShard" >> beam.Map(lambda x: (parse_key(x[0])[0], x)),
             }
             | "JoinByShard" >> beam.CoGroupByKey()  # (shard, {"draft": [..], "losers": [..]})

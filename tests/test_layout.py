@@ -76,7 +76,9 @@ def test_only_files_named_like_a_shards_belong_to_one():
 def test_staging_and_report_paths():
     assert layout.staging_dir("out") == "out/_staging"
     assert layout.staging_tar("out", 1, "abc123") == "out/_staging/00001.abc123.tar"
-    assert layout.draft_path("out", 1) == "out/_staging/00001.draft.json"
+    assert layout.draft_path("out", 1, "abc123") == "out/_staging/00001.abc123.draft.json"
+    assert layout.draft_pattern("out", 1) == "out/_staging/00001.*.draft.json"
+    assert layout.draft_attempt("out/_staging/00001.abc123.draft.json") == "abc123"
     assert layout.staging_patterns("out", 1) == ["out/_staging/00001.*", "out/_staging/.00001.*"]
     assert layout.report_path("out") == "out/run_report.json"
 

@@ -97,18 +97,18 @@ SCORED = [(key, scored(key)) for key in KEYS]  # the filter's CoGroupByKey group
 filter_judge = filter_stages.filter_judge(dict(SCORED), {})
 
 
-def staged_draft(out: Path, sha256: str = "same", staged: list[str] = KEYS) -> ShardDraft:
-    """Shard 00000 as ingest's download leaves it: three written rows (their samples in the staging tar: those of
-    ``staged``), and a ``http_404`` row."""
-    staging = out / "_staging" / "00000.a1.tar"
-    staging.parent.mkdir(parents=True)
+def staged_draft(out: Path, sha256: str = "same", staged: list[str] = KEYS, attempt: str = "a1") -> ShardDraft:
+    """Shard 00000 as ingest's download attempt ``attempt`` leaves it: three written rows (their samples in the
+    staging tar: those of ``staged``), and a ``http_404`` row; made from inputs of digest ``d1``."""
+    staging = out / "_staging" / f"00000.{attempt}.tar"
+    staging.parent.mkdir(parents=True, exist_ok=True)
     writer, rows = TarShardWriter(), []
     for key in KEYS:
         placed = writer.add(key, list(members_of(key).items())) if key in staged else [Member(f"{key}.jpg", 512, 9)]
         rows.append(IndexRow(key, "success", url=f"https://img.test/{key}.jpg", sha256=sha256, members=placed))
     rows.append(IndexRow("000000003", "http_404", url="https://img.test/gone.jpg", error_message="404"))
     dead = [Rejection("download", "http_404", "404", "000000003", "https://img.test/gone.jpg")]
-    return ShardDraft(0, str(staging), rows, dead, 1.25, writer.finish(str(staging)))
+    return ShardDraft(0, str(staging), rows, dead, 1.25, writer.finish(str(staging)), "d1", attempt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,25 +215,42 @@ def test_ingest_finalize_by_reference_reads_the_committed_draft_and_makes_the_sa
     by_value, by_reference = tmp_path / "value", tmp_path / "reference"
     losers = [("000000002", lost_to("duplicate_sha256", "000000000"))]
     expected = finalize_shard(staged_draft(by_value), losers, str(by_value))
-    commit_draft(str(by_reference), staged_draft(by_reference), "d1")
-    stats = finalize_staged(0, "d1", losers, str(by_reference))
+    commit_draft(str(by_reference), staged_draft(by_reference))
+    stats = finalize_staged(0, ("d1", "a1"), losers, str(by_reference))
     assert replace(stats, duration_s=0) == replace(expected, duration_s=0)
     assert (by_reference / "00000.tar").read_bytes() == (by_value / "00000.tar").read_bytes()
     assert index(by_reference) == index(by_value) and not list((by_reference / "_staging").iterdir())
 
 
-@pytest.mark.parametrize("damage", ["gone", "other inputs", "cut tar"])
+def test_ingest_finalize_by_reference_reads_its_own_attempts_draft_when_another_attempt_committed_later(tmp_path):
+    """Two attempts of one download bundle (a retry, or a zombie on Dataflow) each commit a draft; Beam keeps the
+    output of one of them, whose rows dedup saw: the finalize uses that attempt's draft and tar, and removes both
+    attempts' staging files."""
+    expected = finalize_shard(staged_draft(tmp_path / "value"), [], str(tmp_path / "value"))
+    out = tmp_path / "out"
+    commit_draft(str(out), staged_draft(out, attempt="a1"))
+    other = staged_draft(out, staged=KEYS[:1], attempt="b2")  # this attempt's fetches of two images failed
+    other.rows[1:3] = [replace(r, status="http_500", members=[]) for r in other.rows[1:3]]
+    commit_draft(str(out), other)
+    stats = finalize_staged(0, ("d1", "a1"), [], str(out))
+    assert replace(stats, duration_s=0) == replace(expected, duration_s=0) and stats.written == 3
+    assert (out / "00000.tar").read_bytes() == (tmp_path / "value" / "00000.tar").read_bytes()
+    assert not list((out / "_staging").iterdir())
+
+
+@pytest.mark.parametrize("damage", ["gone", "other inputs", "cut tar", "other attempt"])
 def test_ingest_finalize_by_reference_raises_for_a_draft_it_cannot_trust_and_commits_nothing(tmp_path, damage):
     out = tmp_path / "out"
     draft = staged_draft(out)
-    commit_draft(str(out), draft, "d1")
+    commit_draft(str(out), draft)
     if damage == "gone":
-        (out / "_staging" / "00000.draft.json").unlink()
+        (out / "_staging" / "00000.a1.draft.json").unlink()
     elif damage == "cut tar":
         Path(draft.staging_tar).write_bytes(Path(draft.staging_tar).read_bytes()[:1024])
-    digest = "d2" if damage == "other inputs" else "d1"
-    with pytest.raises(ShardReadError, match="shard 00000: its committed draft is gone, damaged or from other"):
-        finalize_staged(0, digest, [], str(out))
+    reference = {"other inputs": ("d2", "a1"), "other attempt": ("d1", "b2")}.get(damage, ("d1", "a1"))
+    reason = {"other inputs": "made from other inputs", "cut tar": "staging tar is missing or cut short"}
+    with pytest.raises(ShardReadError, match=f"shard 00000: cannot finalize: .*{reason.get(damage, 'is gone')}"):
+        finalize_staged(0, reference, [], str(out))
     assert not (out / "00000_stats.json").exists() and not (out / "00000.tar").exists()
 
 
@@ -241,7 +258,8 @@ def test_ingest_finalize_by_reference_of_a_finished_shard_returns_its_stats_with
     out = tmp_path / "out"
     stats = finalize_shard(staged_draft(out), [], str(out))  # its staging files are gone now
     dropped = Counter()
-    assert finalize_staged(0, "any", [], str(out), dropped=dropped) == stats and dropped == Counter(http_404=1)
+    assert finalize_staged(0, ("d1", "a1"), [], str(out), dropped=dropped) == stats
+    assert dropped == Counter(http_404=1)
 
 
 def test_ingest_finalize_places_a_written_sample_whose_draft_row_lacks_its_members(tmp_path):
@@ -445,7 +463,7 @@ def test_a_retried_finalize_of_a_committed_shard_still_counts_its_drops_in_a_rea
     p = beam.Pipeline(runner="FnApiRunner")
     _ = (
         p
-        | beam.Create([(0, {"draft": ["its digest"], "losers": losers})])
+        | beam.Create([(0, {"draft": [("d1", "a1")], "losers": losers})])
         | "FinalizeShard" >> beam.ParDo(FinalizeShard(str(out)))
     )
     result = p.run()

@@ -52,7 +52,7 @@ from visinstruct.transforms.guard import INTERNAL_ERROR, count_internal_error, g
 from visinstruct.transforms.hosts import first_url
 from visinstruct.transforms.http import RETRYABLE_REASONS as HTTP_RETRYABLE_REASONS
 from visinstruct.transforms.images import ProcessedImage, process_image
-from visinstruct.transforms.layout import numbered_member, shard_in
+from visinstruct.transforms.layout import numbered_member, shard_in, staging_tar
 from visinstruct.transforms.progress import ShardProgress, map_with_progress
 from visinstruct.transforms.rewrite import index_row
 from visinstruct.transforms.shards import (
@@ -65,9 +65,9 @@ from visinstruct.transforms.shards import (
 from visinstruct.transforms.staging import (
     ShardDraft,
     commit_draft,
+    committed_drafts,
     input_digest,
-    load_draft,
-    staging_path,
+    new_attempt,
 )
 from visinstruct.transforms.takedown import REASON as TAKEDOWN
 from visinstruct.transforms.takedown import Takedown, load_takedown_lists
@@ -444,8 +444,9 @@ class _ShardStep(FetcherStep):
             FileSystems.delete([stats])
         if shard in self.retry_shards:
             return None
-        draft = load_draft(self.cfg.write.path, shard, digest)
-        if draft is None or all_not_final(r.status for r in draft.rows):
+        drafts = committed_drafts(self.cfg.write.path, shard, digest)
+        draft = next((d for d in drafts if not all_not_final(r.status for r in d.rows)), None)
+        if draft is None:
             return None
         log.info(
             "shard %s: reusing its download staged by an earlier run (%d rows)",
@@ -469,20 +470,20 @@ class _ShardStep(FetcherStep):
         download. Rows already counted where they were fetched are not counted again."""
         fetched = len({r.key for r in rows} & prefetched.keys()) if prefetched else 0
         progress = ShardProgress(shard, len(rows) - fetched, self.cfg.download.progress_interval)
-        out = self.cfg.write.path
+        out, attempt = self.cfg.write.path, new_attempt()
         draft = build_draft(
             shard,
             rows,
             self.fetcher,
             self.cfg,
-            staging_path(out, shard),
+            staging_tar(out, shard, attempt),
             self.previous(shard),
             self.takedown,
             progress,
             prefetched,
         )
-        draft.digest = digest
-        commit_draft(out, draft, digest)
+        draft.digest, draft.attempt = digest, attempt
+        commit_draft(out, draft)
         add_busy("ingest", draft.duration_s)
         return draft
 

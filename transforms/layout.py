@@ -154,9 +154,19 @@ def staging_tar(folder: str, shard: int, attempt: str) -> str:
     return join(folder, STAGING_DIR, f"{shard_name(shard)}.{attempt}{TAR_SUFFIX}")
 
 
-def draft_path(folder: str, shard: int) -> str:
-    """A shard's committed draft: ``_staging/NNNNN.draft.json``."""
-    return join(folder, STAGING_DIR, f"{shard_name(shard)}{DRAFT_SUFFIX}")
+def draft_path(folder: str, shard: int, attempt: str) -> str:
+    """The committed draft of one download attempt of a shard: ``_staging/NNNNN.<attempt>.draft.json``."""
+    return join(folder, STAGING_DIR, f"{shard_name(shard)}.{attempt}{DRAFT_SUFFIX}")
+
+
+def draft_pattern(folder: str, shard: int) -> str:
+    """A glob matching the committed drafts of every download attempt of a shard."""
+    return join(folder, STAGING_DIR, f"{shard_name(shard)}.*{DRAFT_SUFFIX}")
+
+
+def draft_attempt(path: str) -> str:
+    """The attempt a draft's path names (:func:`draft_path`)."""
+    return path.rpartition("/")[2].removesuffix(DRAFT_SUFFIX).partition(".")[2]
 
 
 def staging_patterns(folder: str, shard: int) -> list[str]:

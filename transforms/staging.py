@@ -1,15 +1,16 @@
 """A shard's finished download, committed to the staging folder so that a killed ingest does not redo it.
 
 Global dedup is a barrier: no shard is finalized before every shard is downloaded. So each shard's download is
-committed on its own, in two files under ``OUT/_staging/``:
+committed on its own, in two files under ``OUT/_staging/``, both named by the download attempt (two attempts of
+one bundle, even at once, never write the same file):
 
-- ``NNNNN.<attempt>.tar``: the staging tar (a name per attempt, so two attempts of one bundle never write the
-  same file and each draft points at the tar its own offsets describe);
-- ``NNNNN.draft.json``: the draft's index rows and rejections, the tar's name and size, and a digest of what
-  the download depended on. Written last, to a temporary name then renamed: its presence commits the draft.
+- ``NNNNN.<attempt>.tar``: the staging tar;
+- ``NNNNN.<attempt>.draft.json``: the draft's index rows and rejections, the tar's name and size, and a digest of
+  what the download depended on. Written last, to a temporary name then renamed: its presence commits the draft.
 
-The finalize reads the draft from here too (:func:`~visinstruct.transforms.write.finalize_staged`): the join
-before it carries ``(shard, digest)``, not every row a second time.
+The finalize reads the draft of the attempt whose output Beam kept (:func:`~visinstruct.transforms.write.
+finalize_staged`): the join before it carries ``(shard, (digest, attempt))``, not every row a second time, and the
+rows dedup saw are the rows finalized, whatever another attempt of the same bundle committed.
 
 A rerun reuses a committed draft only when its digest matches (same input rows, same download, resize and
 takedown settings, same schema) and its tar is there with the recorded size; anything else is downloaded again.
@@ -29,8 +30,15 @@ from dataclasses import dataclass, field
 
 from visinstruct.configs import IngestConfig
 from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, from_row, shard_name, to_row
-from visinstruct.transforms.layout import draft_path, shard_in, staging_dir, staging_patterns, staging_tar
-from visinstruct.transforms.shards import delete, exists, join, match, read_bytes, write_bytes
+from visinstruct.transforms.layout import (
+    draft_attempt,
+    draft_path,
+    draft_pattern,
+    shard_in,
+    staging_dir,
+    staging_patterns,
+)
+from visinstruct.transforms.shards import delete, join, match, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 # Download settings that change how fast rows are fetched, not what a fetched row becomes: changing them
@@ -61,12 +69,17 @@ class ShardDraft:
     rejections: list[Rejection] = field(default_factory=list)
     duration_s: float = 0.0
     tar_bytes: int = 0
-    digest: str = ""  # of the inputs it was made from (:func:`input_digest`), once committed
+    digest: str = ""  # of the inputs it was made from (:func:`input_digest`)
+    attempt: str = ""  # the download attempt that made it (:func:`new_attempt`), naming its staging files
 
 
-def staging_path(out_dir: str, shard: int) -> str:
-    """A fresh staging tar name for one download attempt of ``shard``."""
-    return staging_tar(out_dir, shard, uuid.uuid4().hex[:12])
+class StaleDraft(ValueError):
+    """A committed draft that cannot be used: gone, made from other inputs, damaged, or its tar missing or cut."""
+
+
+def new_attempt() -> str:
+    """A fresh name for one download attempt of a shard (its staging tar's and its draft's)."""
+    return uuid.uuid4().hex[:12]
 
 
 def _digestible(row) -> dict:
@@ -111,10 +124,11 @@ def input_digest(rows: list, cfg: IngestConfig, takedown_digest: str = "") -> st
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def commit_draft(out_dir: str, draft: ShardDraft, digest: str) -> None:
-    """Record a draft whose staging tar is written; after this a kill no longer costs its download."""
+def commit_draft(out_dir: str, draft: ShardDraft) -> None:
+    """Record a draft (its ``digest`` and ``attempt`` set) whose staging tar is written; after this a kill no
+    longer costs its download."""
     document = {
-        "digest": digest,
+        "digest": draft.digest,
         "shard": draft.shard,
         "staging_tar": draft.staging_tar.rsplit("/", 1)[-1],
         "tar_bytes": draft.tar_bytes,
@@ -123,7 +137,7 @@ def commit_draft(out_dir: str, draft: ShardDraft, digest: str) -> None:
         "rejections": [to_row(r) for r in draft.rejections],
     }
     # ASCII escapes: a caption holding a lone surrogate (undecodable input) must not fail the whole shard here
-    write_bytes(draft_path(out_dir, draft.shard), json.dumps(document).encode("ascii"))
+    write_bytes(draft_path(out_dir, draft.shard, draft.attempt), json.dumps(document).encode("ascii"))
 
 
 def _size(path: str) -> int | None:
@@ -132,29 +146,23 @@ def _size(path: str) -> int | None:
     return found[0].size if found else None
 
 
-def load_draft(out_dir: str, shard: int, digest: str) -> ShardDraft | None:
-    """The committed draft of ``shard`` when it was made from the same inputs and its tar is whole, else None.
+def load_draft(out_dir: str, shard: int, digest: str, attempt: str) -> ShardDraft:
+    """The draft that download ``attempt`` of ``shard`` committed, when made from the inputs of ``digest`` and its
+    tar is whole; else raises :class:`StaleDraft` saying why.
 
     Its tar is the staging tar, or else the shard's final tar when that has the recorded size: finalizing renames
     the staging tar to the final name (nothing dropped) before it writes ``_stats.json``.
     """
-    path = draft_path(out_dir, shard)
-    if not exists(path):
-        return None
+    path = draft_path(out_dir, shard, attempt)
     try:
         document = json.loads(read_bytes(path))
         if document["digest"] != digest:
-            log.info(
-                "shard %s: its staged download was made from other inputs or settings; downloading again",
-                shard_name(shard),
-            )
-            return None
+            raise StaleDraft("its staged download was made from other inputs or settings")
         tar = join(staging_dir(out_dir), document["staging_tar"])
         if _size(tar) != document["tar_bytes"]:
             tar = shard_in(out_dir, shard).tar  # renamed by a finalize killed before its stats
             if _size(tar) != document["tar_bytes"]:
-                log.warning("shard %s: its staging tar is missing or cut short; downloading again", shard_name(shard))
-                return None
+                raise StaleDraft("its staging tar is missing or cut short")
         return ShardDraft(
             shard,
             tar,
@@ -163,23 +171,35 @@ def load_draft(out_dir: str, shard: int, digest: str) -> ShardDraft | None:
             document["duration_s"],
             document["tar_bytes"],
             digest,
+            attempt,
         )
+    except StaleDraft:
+        raise
+    except FileNotFoundError:
+        raise StaleDraft(f"its staged draft {path} is gone") from None
     except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged draft is only a lost shortcut
-        log.warning(
-            "shard %s: cannot read its staged draft (%s: %s); downloading again",
-            shard_name(shard),
-            type(e).__name__,
-            e,
-        )
-        return None
+        raise StaleDraft(f"cannot read its staged draft ({type(e).__name__}: {e})") from None
+
+
+def committed_drafts(out_dir: str, shard: int, digest: str) -> list[ShardDraft]:
+    """Every committed draft of ``shard`` a rerun may reuse (:func:`load_draft`), in attempt order; the others
+    are logged and left for the finalize to remove."""
+    drafts = []
+    for info in sorted(match(draft_pattern(out_dir, shard)), key=lambda i: i.path):
+        try:
+            drafts.append(load_draft(out_dir, shard, digest, draft_attempt(info.path)))
+        except StaleDraft as e:
+            log.info("shard %s: %s; not reused", shard_name(shard), e)
+    return drafts
 
 
 def remove_staging(out_dir: str, shard: int) -> None:
-    """Delete every staging file of ``shard``: its draft first (a kill midway leaves no draft whose tar is gone),
-    then the tars of all its attempts and the temporary files of writes a kill cut short (``.NNNNN.*.tmp``)."""
-    draft = draft_path(out_dir, shard)
-    if exists(draft):
-        delete([draft])
+    """Delete every staging file of ``shard``: the drafts of all its attempts first (a kill midway leaves no
+    draft whose tar is gone), then their tars and the temporary files of writes a kill cut short
+    (``.NNNNN.*.tmp``)."""
+    drafts = [info.path for info in match(draft_pattern(out_dir, shard))]
+    if drafts:
+        delete(drafts)
     found = [info.path for pattern in staging_patterns(out_dir, shard) for info in match(pattern)]
     if found:
         delete(found)

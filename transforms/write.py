@@ -27,7 +27,7 @@ from visinstruct.transforms.layout import REJECTED_DIR, read_stats, shard_in
 from visinstruct.transforms.rewrite import Earlier, Judge, rewrite_shard
 from visinstruct.transforms.rewrite_stage import count_drops
 from visinstruct.transforms.shards import ShardReadError, delete, exists, join, match, open_read, tar_end_problem
-from visinstruct.transforms.staging import ShardDraft, load_draft, remove_staging
+from visinstruct.transforms.staging import ShardDraft, StaleDraft, load_draft, remove_staging
 from visinstruct.transforms.timing import busy
 
 log = logging.getLogger(__name__)
@@ -139,22 +139,33 @@ def _finished(files, stage: str, dropped: Counter | None) -> ShardStats | None:
 
 
 def finalize_staged(
-    shard: int, digest: str, losers: list[Loser], out_dir: str, stage: str = "ingest", dropped: Counter | None = None
+    shard: int,
+    reference: tuple[str, str],
+    losers: list[Loser],
+    out_dir: str,
+    stage: str = "ingest",
+    dropped: Counter | None = None,
 ) -> ShardStats:
-    """:func:`finalize_shard` of the draft committed to staging from the inputs of ``digest``.
+    """:func:`finalize_shard` of the draft that download attempt ``reference = (digest, attempt)`` committed to
+    staging: the attempt whose rows dedup saw, whatever another attempt of the same bundle committed.
 
-    Drafts travel to the finalize by reference (the join carries a shard and a digest, not every row twice: on
-    Beam's local runner whatever crosses a shuffle is held in the controller process). A draft that is gone or no
-    longer matches, for a shard not finished, raises :class:`ShardReadError`: Beam retries the bundle, and a rerun
+    Drafts travel to the finalize by reference (the join carries a digest and an attempt, not every row twice: on
+    Beam's local runner whatever crosses a shuffle is held in the controller process). For a shard not finished, a
+    draft that is gone, damaged or from other inputs raises :class:`ShardReadError`: the run fails, and a rerun
     downloads the shard again.
     """
     files = shard_in(out_dir, shard)
     finished = _finished(files, stage, dropped)
     if finished is not None:
         return finished
-    draft = load_draft(out_dir, shard, digest)
-    if draft is None:
-        raise ShardReadError(f"shard {shard_name(shard)}: its committed draft is gone, damaged or from other inputs")
+    digest, attempt = reference
+    try:
+        draft = load_draft(out_dir, shard, digest, attempt)
+    except StaleDraft as e:
+        finished = _finished(files, stage, dropped)  # another attempt of this bundle finished it meanwhile
+        if finished is not None:
+            return finished
+        raise ShardReadError(f"shard {shard_name(shard)}: cannot finalize: {e}; a rerun downloads it again") from None
     return finalize_shard(draft, losers, out_dir, stage, dropped)
 
 
@@ -200,8 +211,8 @@ def finalize_shard(
 
 
 class FinalizeShard(beam.DoFn):
-    """``(shard, {"draft": [digest], "losers": [Loser]})`` -> :class:`ShardStats`: the shard's committed draft
-    (:func:`finalize_staged`) finalized."""
+    """``(shard, {"draft": [(digest, attempt)], "losers": [Loser]})`` -> :class:`ShardStats`: the shard's
+    committed draft (:func:`finalize_staged`) finalized."""
 
     def __init__(self, out_dir: str, stage: str = "ingest"):
         self.out_dir, self.stage = out_dir, stage
