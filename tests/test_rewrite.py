@@ -32,7 +32,7 @@ from visinstruct.schemas import (
 )
 from visinstruct.testing.server import encode_test_image
 from visinstruct.transforms import commit as commit_module
-from visinstruct.transforms import filter_stages, generate_stages
+from visinstruct.transforms import filter_stages, generate_stages, write
 from visinstruct.transforms.commit import commit_shard
 from visinstruct.transforms.dedup import lost_to
 from visinstruct.transforms.download import NOT_FINAL_REASONS
@@ -252,6 +252,26 @@ def test_ingest_finalize_by_reference_raises_for_a_draft_it_cannot_trust_and_com
     with pytest.raises(ShardReadError, match=f"shard 00000: cannot finalize: .*{reason.get(damage, 'is gone')}"):
         finalize_staged(0, reference, [], str(out))
     assert not (out / "00000_stats.json").exists() and not (out / "00000.tar").exists()
+
+
+def test_ingest_finalize_by_reference_whose_draft_another_attempt_finished_meanwhile_returns_its_stats(
+    tmp_path, monkeypatch
+):
+    """Two finalize attempts at once: the other one commits the shard and removes its staging files between this
+    one's check for stats and its read of the draft; this one then finds the stats, not an error."""
+    out = tmp_path / "out"
+    commit_draft(str(out), staged_draft(out))
+    real = write.load_draft
+
+    def finished_meanwhile(out_dir, shard, digest, attempt):
+        finalize_shard(real(out_dir, shard, digest, attempt), [], out_dir)
+        return real(out_dir, shard, digest, attempt)  # gone now: raises StaleDraft
+
+    monkeypatch.setattr(write, "load_draft", finished_meanwhile)
+    dropped = Counter()
+    stats = finalize_staged(0, ("d1", "a1"), [], str(out), dropped=dropped)
+    assert stats == read_stats(str(out / "00000_stats.json")) and stats.written == 3
+    assert dropped == Counter(http_404=1)
 
 
 def test_ingest_finalize_by_reference_of_a_finished_shard_returns_its_stats_without_its_draft(tmp_path):

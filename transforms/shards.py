@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import os
 import posixpath
@@ -65,9 +66,17 @@ def exists(path: str) -> bool:
 
 
 def open_read(path: str, mime_type: str = "application/octet-stream") -> BinaryIO:
-    """``path`` opened for reading bytes, never decompressed."""
+    """``path`` opened for reading bytes, never decompressed. A file that does not exist raises
+    ``FileNotFoundError``, local or remote (Beam's GCS reader raises the client's own ``NotFound``, which is not
+    even an ``OSError``)."""
     if is_remote(path):
-        return _beam_filesystems().open(path, mime_type=mime_type, compression_type="uncompressed")
+        filesystems = _beam_filesystems()
+        try:
+            return filesystems.open(path, mime_type=mime_type, compression_type="uncompressed")
+        except Exception as e:
+            if not filesystems.exists(path):
+                raise FileNotFoundError(errno.ENOENT, "no such file", path) from e
+            raise
     return open(path, "rb")  # the caller closes it
 
 

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -77,9 +78,10 @@ class StaleDraft(ValueError):
     """A committed draft that cannot be used: gone, made from other inputs, damaged, or its tar missing or cut."""
 
 
-def new_attempt() -> str:
-    """A fresh name for one download attempt of a shard (its staging tar's and its draft's)."""
-    return uuid.uuid4().hex[:12]
+def new_attempt(now_ns: int | None = None) -> str:
+    """A fresh name for one download attempt of a shard (its staging tar's and its draft's): the time, then a
+    random part, so that names sort by when attempts began (:func:`committed_drafts` prefers the newest)."""
+    return f"{time.time_ns() if now_ns is None else now_ns:016x}{uuid.uuid4().hex[:8]}"
 
 
 def _digestible(row) -> dict:
@@ -182,10 +184,11 @@ def load_draft(out_dir: str, shard: int, digest: str, attempt: str) -> ShardDraf
 
 
 def committed_drafts(out_dir: str, shard: int, digest: str) -> list[ShardDraft]:
-    """Every committed draft of ``shard`` a rerun may reuse (:func:`load_draft`), in attempt order; the others
-    are logged and left for the finalize to remove."""
+    """Every committed draft of ``shard`` a rerun may reuse (:func:`load_draft`), the newest attempt first (a
+    ``write.retry_failed`` attempt, killed before its finalize, supersedes the draft it retried); the others are
+    logged and left for the finalize to remove."""
     drafts = []
-    for info in sorted(match(draft_pattern(out_dir, shard)), key=lambda i: i.path):
+    for info in sorted(match(draft_pattern(out_dir, shard)), key=lambda i: i.path, reverse=True):
         try:
             drafts.append(load_draft(out_dir, shard, digest, draft_attempt(info.path)))
         except StaleDraft as e:
