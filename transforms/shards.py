@@ -117,6 +117,8 @@ def match(pattern: str) -> list[FileInfo]:
     # folders deeper than that (a shard folder's rejected/ and _staging/) need no walk.
     depth = None if ("**" in pattern or "?" in pattern or "[" in pattern) else pattern.count("/")
     found = []
+    if depth is not None and os.path.dirname(pattern) == folder:  # only the folder's own files can match
+        return _match_in(folder, os.path.basename(prefix), regex)
     for parent, folders, files in os.walk(folder):
         if depth is not None:  # a file in a subfolder has one slash more than the subfolder's path
             folders[:] = [d for d in folders if os.path.join(parent, d).count("/") < depth]
@@ -125,6 +127,25 @@ def match(pattern: str) -> list[FileInfo]:
             if regex.match(path):
                 with contextlib.suppress(OSError):  # gone since it was listed, or a broken link
                     found.append(FileInfo(path, os.path.getsize(path)))
+    return found
+
+
+def _match_in(folder: str, start: str, regex: re.Pattern) -> list[FileInfo]:
+    """The files of ``folder`` (not of its subfolders) whose names begin with ``start`` and whose paths match
+    ``regex``, as ``os.walk`` lists them; a name is tested only when it begins with ``start`` (one shard's files
+    among thousands in ``_staging/``: a test per name, no path built and matched per name)."""
+    found = []
+    try:
+        entries = os.scandir(folder)
+    except OSError:  # not a folder, or unreadable: nothing, as os.walk gives
+        return found
+    with entries:
+        for entry in entries:
+            if entry.name.startswith(start) and not entry.is_dir():
+                path = os.path.join(folder, entry.name)
+                if regex.match(path):
+                    with contextlib.suppress(OSError):  # gone since it was listed, or a broken link
+                        found.append(FileInfo(path, os.path.getsize(path)))
     return found
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from visinstruct.configs import IngestConfig
 from visinstruct.schemas import SCHEMA_VERSION, IndexRow, Rejection, from_row, shard_name, to_row
 from visinstruct.transforms.layout import (
+    DRAFT_SUFFIX,
     draft_attempt,
     draft_path,
     draft_pattern,
@@ -200,9 +201,8 @@ def remove_staging(out_dir: str, shard: int) -> None:
     """Delete every staging file of ``shard``: the drafts of all its attempts first (a kill midway leaves no
     draft whose tar is gone), then their tars and the temporary files of writes a kill cut short
     (``.NNNNN.*.tmp``)."""
-    drafts = [info.path for info in match(draft_pattern(out_dir, shard))]
-    if drafts:
-        delete(drafts)
     found = [info.path for pattern in staging_patterns(out_dir, shard) for info in match(pattern)]
-    if found:
-        delete(found)
+    drafts = [path for path in found if path.endswith(DRAFT_SUFFIX)]  # temporary files end in .tmp
+    for batch in (drafts, [path for path in found if not path.endswith(DRAFT_SUFFIX)]):
+        if batch:
+            delete(batch)
