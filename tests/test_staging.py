@@ -37,12 +37,12 @@ def test_a_rerun_reuses_the_newest_committed_draft_of_its_inputs_first(tmp_path)
     committed(tmp_path, new_attempt(now_ns=1), "d1", "http_500")
     committed(tmp_path, new_attempt(now_ns=2), "d1", "success")
     committed(tmp_path, new_attempt(now_ns=3), "other inputs", "success")
-    drafts = committed_drafts(str(tmp_path), 3, "d1")
+    drafts = list(committed_drafts(str(tmp_path), 3, "d1"))
     assert [(d.attempt[:16], d.rows[0].status) for d in drafts] == [
         (f"{2:016x}", "success"),
         (f"{1:016x}", "http_500"),
     ]
-    assert committed_drafts(str(tmp_path / "nothing here"), 3, "d1") == []
+    assert list(committed_drafts(str(tmp_path / "nothing here"), 3, "d1")) == []
 
 
 class _RemoteStore:

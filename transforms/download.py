@@ -444,7 +444,7 @@ class _ShardStep(FetcherStep):
             FileSystems.delete([stats])
         if shard in self.retry_shards:
             return None
-        drafts = committed_drafts(self.cfg.write.path, shard, digest)
+        drafts = committed_drafts(self.cfg.write.path, shard, digest)  # read one by one, until one is usable
         draft = next((d for d in drafts if not all_not_final(r.status for r in d.rows)), None)
         if draft is None:
             return None

@@ -116,9 +116,9 @@ def match(pattern: str) -> list[FileInfo]:
     # Only "**", "?" and "[...]" can match a "/": without them a match has as many slashes as the pattern, so
     # folders deeper than that (a shard folder's rejected/ and _staging/) need no walk.
     depth = None if ("**" in pattern or "?" in pattern or "[" in pattern) else pattern.count("/")
-    found = []
     if depth is not None and os.path.dirname(pattern) == folder:  # only the folder's own files can match
         return _match_in(folder, os.path.basename(prefix), regex)
+    found = []
     for parent, folders, files in os.walk(folder):
         if depth is not None:  # a file in a subfolder has one slash more than the subfolder's path
             folders[:] = [d for d in folders if os.path.join(parent, d).count("/") < depth]

@@ -27,6 +27,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from visinstruct.configs import IngestConfig
@@ -75,7 +76,7 @@ class ShardDraft:
     attempt: str = ""  # the download attempt that made it (:func:`new_attempt`), naming its staging files
 
 
-class StaleDraft(ValueError):
+class StaleDraft(Exception):
     """A committed draft that cannot be used: gone, made from other inputs, damaged, or its tar missing or cut."""
 
 
@@ -176,25 +177,21 @@ def load_draft(out_dir: str, shard: int, digest: str, attempt: str) -> ShardDraf
             digest,
             attempt,
         )
-    except StaleDraft:
-        raise
     except FileNotFoundError:
         raise StaleDraft(f"its staged draft {path} is gone") from None
     except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged draft is only a lost shortcut
         raise StaleDraft(f"cannot read its staged draft ({type(e).__name__}: {e})") from None
 
 
-def committed_drafts(out_dir: str, shard: int, digest: str) -> list[ShardDraft]:
+def committed_drafts(out_dir: str, shard: int, digest: str) -> Iterator[ShardDraft]:
     """Every committed draft of ``shard`` a rerun may reuse (:func:`load_draft`), the newest attempt first (a
-    ``write.retry_failed`` attempt, killed before its finalize, supersedes the draft it retried); the others are
-    logged and left for the finalize to remove."""
-    drafts = []
+    ``write.retry_failed`` attempt, killed before its finalize, supersedes the draft it retried), each read only
+    when asked for; the others are logged and left for the finalize to remove."""
     for info in sorted(match(draft_pattern(out_dir, shard)), key=lambda i: i.path, reverse=True):
         try:
-            drafts.append(load_draft(out_dir, shard, digest, draft_attempt(info.path)))
+            yield load_draft(out_dir, shard, digest, draft_attempt(info.path))
         except StaleDraft as e:
             log.info("shard %s: %s; not reused", shard_name(shard), e)
-    return drafts
 
 
 def remove_staging(out_dir: str, shard: int) -> None:
